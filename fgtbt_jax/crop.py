@@ -1,0 +1,122 @@
+"""The face crop convention, defined once for conversion, training and prediction.
+
+HRNet-style face alignment code describes a face by the centre of its box and a
+scale `s = max(w, h) / 200`; the network input is the square of side
+`s * 200 * crop_enlarge` (crop_enlarge = 1.25) around the centre, resized to
+S x S pixels. Augmentation multiplies the side by a random factor, rotates the
+square about the centre and mirrors it.
+
+Coordinates follow the pixel-centre convention: pixel (i, j) is the unit square
+centred on the integer point (x=j, y=i), so an image of width W spans
+[-0.5, W - 0.5] in x. A crop square of side L around centre c, resized to S
+pixels, maps c to the output's centre (S - 1) / 2 and the square's edges to
+-0.5 and S - 0.5:
+
+    u = (S / L) * R(theta) (x - c) + (S - 1) / 2
+
+and a horizontal flip mirrors the output, u_x -> S - 1 - u_x. cv2.warpAffine
+samples output pixel u at input point M^-1 u with integer coordinates at pixel
+centres, so the matrices here are exact for it (no half-pixel shift, unlike
+HRNet's own `get_transform`, which maps the centre to S / 2).
+
+All matrices are 2x3 float64 numpy arrays mapping input points (x, y) to output
+points: `apply_affine(points, m) = points @ m[:, :2].T + m[:, 2]`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# HRNet's unit: scale 1.0 is a 200 px face box.
+SCALE_UNIT = 200.0
+# The network crop is the face box enlarged 1.25x (HRNet, FGTBT).
+CROP_ENLARGE = 1.25
+
+
+def center_scale_from_box(box) -> tuple[np.ndarray, float]:
+  """Centre (2,) and HRNet scale max(w, h) / 200 of a box (x1, y1, x2, y2)."""
+  x1, y1, x2, y2 = np.asarray(box, np.float64).reshape(4)
+  if not (x2 > x1 and y2 > y1):
+    raise ValueError(f"face box must have x2 > x1 and y2 > y1, got {box!r}")
+  center = np.array([(x1 + x2) / 2.0, (y1 + y2) / 2.0])
+  return center, float(max(x2 - x1, y2 - y1) / SCALE_UNIT)
+
+
+def crop_affine(center, scale: float, output_size: int, rotation_deg: float = 0.0,
+                flip: bool = False, extra_scale: float = 1.0) -> np.ndarray:
+  """2x3 matrix mapping image points into an S x S crop (S = output_size).
+
+  Args:
+    center: (2,) crop centre (x, y) in the input image.
+    scale: crop scale: the square has side `scale * 200 * extra_scale` input
+      pixels. Pass the face scale already enlarged by `crop_enlarge` (see
+      `face_crop_affine`).
+    output_size: S, the side of the output crop in pixels.
+    rotation_deg: rotates the image content counter-clockwise on screen (x
+      right, y down) by this angle about the centre, like
+      cv2.getRotationMatrix2D.
+    flip: mirror the crop horizontally (after rotation). Point identities are
+      not touched here: permute left/right points with the protocol's
+      flip_permutation.
+    extra_scale: multiplies the crop side (augmentation: > 1 zooms out).
+
+  Returns:
+    (2, 3) float64 matrix from input points to crop points.
+  """
+  center = np.asarray(center, np.float64).reshape(2)
+  side = float(scale) * SCALE_UNIT * float(extra_scale)
+  if not (np.isfinite(side) and side > 0):
+    raise ValueError(f"crop side must be positive and finite, got scale={scale}, "
+                     f"extra_scale={extra_scale}")
+  if int(output_size) <= 0:
+    raise ValueError(f"output_size must be positive, got {output_size}")
+  size = float(output_size)
+  theta = np.deg2rad(float(rotation_deg))
+  cos, sin = np.cos(theta), np.sin(theta)
+  linear = (size / side) * np.array([[cos, sin], [-sin, cos]])
+  if flip:
+    linear = np.array([[-1.0, 0.0], [0.0, 1.0]]) @ linear
+  out_center = np.full(2, (size - 1.0) / 2.0)
+  return np.concatenate([linear, (out_center - linear @ center)[:, None]], axis=1)
+
+
+def face_crop_affine(center, scale: float, output_size: int, *,
+                     crop_enlarge: float = CROP_ENLARGE, rotation_deg: float = 0.0,
+                     flip: bool = False, extra_scale: float = 1.0) -> np.ndarray:
+  """The network crop of a face with HRNet centre/scale: side 200 * scale * crop_enlarge."""
+  return crop_affine(center, float(scale) * float(crop_enlarge), output_size,
+                     rotation_deg=rotation_deg, flip=flip, extra_scale=extra_scale)
+
+
+def invert_affine(matrix) -> np.ndarray:
+  """Inverse of a (..., 2, 3) affine matrix (maps crop points back)."""
+  matrix = np.asarray(matrix, np.float64)
+  linear, shift = matrix[..., :2], matrix[..., 2:]
+  inverse = np.linalg.inv(linear)
+  return np.concatenate([inverse, -inverse @ shift], axis=-1)
+
+
+def compose_affine(outer, inner) -> np.ndarray:
+  """The (..., 2, 3) matrix of `outer(inner(x))`."""
+  outer = np.asarray(outer, np.float64)
+  inner = np.asarray(inner, np.float64)
+  linear = outer[..., :2] @ inner[..., :2]
+  shift = outer[..., :2] @ inner[..., 2:] + outer[..., 2:]
+  return np.concatenate([linear, shift], axis=-1)
+
+
+def apply_affine(points, matrix):
+  """Maps (..., N, 2) points with a (..., 2, 3) matrix (batch dims broadcast).
+
+  Works on numpy and jax arrays alike (only @, + and swapaxes are used), so
+  predictions can be mapped back on device. NaN points stay NaN. numpy points
+  keep their floating dtype (float32 in, float32 out).
+  """
+  if isinstance(points, (list, tuple)):
+    points = np.asarray(points, np.float64)
+  if isinstance(matrix, (list, tuple)):
+    matrix = np.asarray(matrix, np.float64)
+  out = points @ matrix[..., :2].swapaxes(-1, -2) + matrix[..., None, :, 2]
+  if isinstance(points, np.ndarray) and np.issubdtype(points.dtype, np.floating):
+    out = out.astype(points.dtype, copy=False)
+  return out

@@ -1,0 +1,110 @@
+"""The crop convention: matrices, inverses and exactness for cv2.warpAffine."""
+
+import cv2
+import numpy as np
+import pytest
+
+from fgtbt_jax import crop
+
+
+def test_center_scale_from_box():
+  center, scale = crop.center_scale_from_box([10, 20, 110, 70])
+  np.testing.assert_allclose(center, [60, 45])
+  assert scale == pytest.approx(0.5)
+  with pytest.raises(ValueError, match="x2 > x1"):
+    crop.center_scale_from_box([10, 20, 5, 70])
+
+
+def test_center_and_edges_land_on_pixel_centre_convention():
+  size = 64
+  m = crop.crop_affine([100.0, 50.0], 0.4, size)  # side 80 px
+  out = crop.apply_affine(np.array([[100.0, 50.0], [60.0, 10.0], [140.0, 90.0]]), m)
+  np.testing.assert_allclose(out[0], [(size - 1) / 2] * 2, atol=1e-9)
+  np.testing.assert_allclose(out[1], [-0.5, -0.5], atol=1e-9)
+  np.testing.assert_allclose(out[2], [size - 0.5, size - 0.5], atol=1e-9)
+
+
+def test_face_crop_enlarges_by_crop_enlarge():
+  a = crop.face_crop_affine([0, 0], 1.0, 100, crop_enlarge=1.25)
+  b = crop.crop_affine([0, 0], 1.25, 100)
+  np.testing.assert_allclose(a, b)
+  assert a[0, 0] == pytest.approx(100 / 250)
+
+
+def test_rotation_is_counter_clockwise_on_screen_and_flip_mirrors():
+  size = 101
+  right_of_centre = np.array([[60.0, 50.0]])
+  m = crop.crop_affine([50.0, 50.0], 0.505, size, rotation_deg=90)  # 1:1 scale
+  np.testing.assert_allclose(crop.apply_affine(right_of_centre, m), [[50.0, 40.0]], atol=1e-9)
+  # Agrees with OpenCV's own rotation matrix (positive = counter-clockwise).
+  np.testing.assert_allclose(m, cv2.getRotationMatrix2D((50.0, 50.0), 90, 1.0), atol=1e-9)
+  plain = crop.crop_affine([50.0, 50.0], 0.3, size, rotation_deg=17)
+  flipped = crop.crop_affine([50.0, 50.0], 0.3, size, rotation_deg=17, flip=True)
+  pts = np.random.default_rng(0).uniform(0, 100, (10, 2))
+  a, b = crop.apply_affine(pts, plain), crop.apply_affine(pts, flipped)
+  np.testing.assert_allclose(b[:, 0], size - 1 - a[:, 0], atol=1e-9)
+  np.testing.assert_allclose(b[:, 1], a[:, 1], atol=1e-9)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_round_trip_within_a_hundredth_of_a_pixel(flip):
+  rng = np.random.default_rng(1)
+  for _ in range(50):
+    center = rng.uniform(0, 2000, 2)
+    m = crop.crop_affine(center, rng.uniform(0.2, 5.0), 480,
+                         rotation_deg=rng.uniform(-30, 30), flip=flip,
+                         extra_scale=rng.uniform(1.0, 1.25))
+    points = center + rng.uniform(-300, 300, (20, 2))
+    back = crop.apply_affine(crop.apply_affine(points, m), crop.invert_affine(m))
+    np.testing.assert_allclose(back, points, atol=0.01)
+    np.testing.assert_allclose(crop.compose_affine(crop.invert_affine(m), m),
+                               np.eye(2, 3), atol=1e-9)
+
+
+def test_matrix_is_exact_for_warp_affine():
+  """A linear ramp warped bilinearly must equal the ramp at M^-1(u) exactly."""
+  h, w = 90, 120
+  ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+  ramp = 0.7 * xs + 0.3 * ys + 5.0
+  size = 40
+  m = crop.crop_affine([61.3, 42.8], 0.25, size, rotation_deg=23.0, flip=True,
+                       extra_scale=1.1)
+  warped = cv2.warpAffine(ramp, m, (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=-1)
+  uv = np.stack(np.meshgrid(np.arange(size), np.arange(size)), -1).reshape(-1, 2)
+  src = crop.apply_affine(uv.astype(np.float64), crop.invert_affine(m))
+  expected = (0.7 * src[:, 0] + 0.3 * src[:, 1] + 5.0).reshape(size, size)
+  # The whole crop lies inside the ramp, so every pixel is interpolated.
+  assert (warped > 0).all()
+  # Bilinear weights are quantised to 1/32 px in OpenCV: 0.7 / 32 worst case.
+  np.testing.assert_allclose(warped, expected, atol=0.7 / 32 + 1e-3)
+
+
+def test_apply_affine_batched_and_dtype():
+  rng = np.random.default_rng(2)
+  mats = np.stack([crop.crop_affine(rng.uniform(0, 99, 2), 0.5, 64, rotation_deg=a)
+                   for a in (0, 10, -20)])
+  pts = rng.uniform(0, 99, (3, 7, 2)).astype(np.float32)
+  out = crop.apply_affine(pts, mats)
+  assert out.dtype == np.float32 and out.shape == (3, 7, 2)
+  for i in range(3):
+    np.testing.assert_allclose(out[i], crop.apply_affine(pts[i], mats[i]), rtol=1e-6)
+  inv = crop.invert_affine(mats)
+  np.testing.assert_allclose(crop.apply_affine(out, inv), pts, atol=1e-3)
+  nan = crop.apply_affine(np.array([[np.nan, 1.0]]), mats[1])
+  assert np.isnan(nan).all()
+
+
+def test_apply_affine_on_jax_arrays():
+  import jax.numpy as jnp
+  m = crop.crop_affine([30.0, 40.0], 0.5, 64, rotation_deg=12)
+  pts = np.array([[1.0, 2.0], [30.0, 40.0]], np.float32)
+  out = crop.apply_affine(jnp.asarray(pts), jnp.asarray(m, jnp.float32))
+  np.testing.assert_allclose(np.asarray(out), crop.apply_affine(pts, m), atol=1e-4)
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="crop side"):
+    crop.crop_affine([0, 0], 0.0, 10)
+  with pytest.raises(ValueError, match="output_size"):
+    crop.crop_affine([0, 0], 1.0, 0)
