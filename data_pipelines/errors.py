@@ -1,0 +1,28 @@
+"""The one error type for bad dataset files.
+
+Every reader and the image loader raise `DataError` for anything wrong with
+the user's data (a missing image, a line with the wrong number of fields, a
+NaN coordinate, ...). The message always starts with where the problem is
+(`file:line`, `file[index]` or `file:key`), and `kind` is a short category
+that `ReadReport` counts skipped samples by.
+"""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+  """A problem with a dataset file, located by `where`.
+
+  Attributes:
+    where: the file and line, index or key the problem was found at.
+    reason: what is wrong, without the location.
+    kind: a short category, e.g. "missing_image", "field_count",
+      "bad_coordinates", "zero_box", "missing_key", "empty_file",
+      "corrupt_image".
+  """
+
+  def __init__(self, where: str, reason: str, kind: str = "invalid"):
+    super().__init__(f"{where}: {reason}")
+    self.where = where
+    self.reason = reason
+    self.kind = kind

@@ -1,0 +1,171 @@
+"""Image decoding and encoding for the data pipelines (OpenCV, no TensorFlow).
+
+`load_image` turns whatever a `FaceRecord.image` holds (a path, encoded bytes
+or a decoded array) into one thing: an H x W x 3 uint8 RGB array. It accepts
+grayscale, RGBA, 16-bit and palette images, and raises `DataError` naming the
+file for a missing, empty, truncated or undecodable one. A JPEG cut short is
+the common failure of copied datasets, and OpenCV decodes it "successfully"
+into a half-grey picture with only a warning on stderr, so JPEGs are checked
+for their end-of-image marker before decoding.
+
+EXIF orientation is not applied: landmark annotations refer to the stored
+pixel grid (as PIL's `Image.open` reads it), not to the rotated display.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Union
+
+import cv2
+import numpy as np
+
+from data_pipelines.errors import DataError
+
+ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
+
+_JPEG_SOI = b"\xff\xd8"
+_JPEG_EOI = b"\xff\xd9"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def load_image(source: ImageInput, where: str | None = None) -> np.ndarray:
+  """Decodes `source` into an H x W x 3 uint8 RGB array.
+
+  Args:
+    source: a path to an image file, the encoded bytes of one (JPEG, PNG, BMP,
+      ... anything OpenCV decodes), or a decoded array that is already RGB
+      (H x W, H x W x 1, H x W x 3 or H x W x 4; uint8, uint16 or bool).
+    where: how to name the image in error messages; defaults to the path,
+      or "<bytes>" / "<array>".
+
+  Grayscale is repeated into three channels, 16-bit values are scaled to 8
+  bit (round(v / 257)), an alpha channel is composited over black (an opaque
+  image keeps its colours exactly), palette images are expanded.
+
+  Raises:
+    DataError: the file is missing, empty, truncated, not an image, or the
+      array has an unsupported shape or dtype.
+  """
+  if isinstance(source, np.ndarray):
+    return to_rgb_uint8(source, where or "<array>", bgr=False)
+  if isinstance(source, (str, os.PathLike)):
+    path = os.fspath(source)
+    where = where or path
+    if not os.path.isfile(path):
+      raise DataError(where, "image file not found", "missing_image")
+    with open(path, "rb") as f:
+      data = f.read()
+  elif isinstance(source, (bytes, bytearray, memoryview)):
+    data = bytes(source)
+    where = where or "<bytes>"
+  else:
+    raise DataError(where or "<image>",
+                    f"cannot load an image from a {type(source).__name__}",
+                    "corrupt_image")
+  return decode_image(data, where)
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+  """Decodes encoded image bytes into H x W x 3 uint8 RGB; see `load_image`."""
+  if not data:
+    raise DataError(where, "image file is empty", "corrupt_image")
+  if data.startswith(_JPEG_SOI) and not _jpeg_is_complete(data):
+    raise DataError(where, "truncated JPEG: no end-of-image marker after the "
+                    "image data (the file was cut short)", "corrupt_image")
+  if data.startswith(_PNG_SIGNATURE) and data.rfind(b"IEND") < 0:
+    raise DataError(where, "truncated PNG: no IEND chunk (the file was cut "
+                    "short)", "corrupt_image")
+  decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+  if decoded is None or decoded.size == 0:
+    raise DataError(where, "not a decodable image (corrupt data or not an "
+                    "image file)", "corrupt_image")
+  return to_rgb_uint8(decoded, where, bgr=True)
+
+
+def _jpeg_is_complete(data: bytes) -> bool:
+  """Whether a JPEG has an end-of-image marker after its first scan starts.
+
+  Walks the marker segments from the start of the file to the first
+  start-of-scan (so an EXIF thumbnail's own end marker in APP1 is skipped),
+  then looks for FF D9 in the rest: entropy-coded data stuffs every FF byte
+  with 00, so FF D9 there can only be the real end marker.
+  """
+  pos = 2
+  n = len(data)
+  while pos + 4 <= n:
+    if data[pos] != 0xFF:
+      return False  # Lost sync in the headers: corrupt, not a valid JPEG.
+    marker = data[pos + 1]
+    if marker == 0xFF:  # Fill byte before a marker.
+      pos += 1
+      continue
+    if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # Markers without length.
+      pos += 2
+      continue
+    if marker == 0xD9:
+      return False  # End of image before any scan: no image data.
+    length = (data[pos + 2] << 8) | data[pos + 3]
+    if marker == 0xDA:  # Start of scan: the entropy-coded data follows.
+      return data.find(_JPEG_EOI, pos + 2 + length) >= 0
+    pos += 2 + length
+  return False
+
+
+def to_rgb_uint8(array: np.ndarray, where: str, bgr: bool = False) -> np.ndarray:
+  """Converts a decoded image array to H x W x 3 uint8 RGB.
+
+  `bgr` says the channels are in OpenCV's BGR(A) order rather than RGB(A).
+  """
+  array = np.asarray(array)
+  if array.ndim == 3 and array.shape[2] == 1:
+    array = array[..., 0]
+  if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+    raise DataError(where, f"unsupported image shape {array.shape}; expected "
+                    "H x W, H x W x 1, H x W x 3 or H x W x 4", "corrupt_image")
+  if array.shape[0] == 0 or array.shape[1] == 0:
+    raise DataError(where, f"image of zero size {array.shape}", "corrupt_image")
+  if array.dtype == np.uint8:
+    pass
+  elif array.dtype == np.uint16:
+    array = np.round(array.astype(np.float32) / 257.0).astype(np.uint8)
+  elif array.dtype == np.bool_:
+    array = array.astype(np.uint8) * 255
+  else:
+    raise DataError(where, f"unsupported image dtype {array.dtype}; expected "
+                    "uint8, uint16 or bool", "corrupt_image")
+  if array.ndim == 2:
+    return np.repeat(array[:, :, None], 3, axis=2)
+  if array.shape[2] == 4:
+    alpha = array[..., 3:4].astype(np.uint16)
+    # Composite over black: exact for opaque pixels (alpha 255).
+    array = ((array[..., :3].astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
+  if bgr:
+    array = array[..., ::-1]
+  return np.ascontiguousarray(array)
+
+
+def encode_image(array: np.ndarray, format: str = "jpeg", quality: int = 95) -> bytes:  # pylint: disable=redefined-builtin
+  """Encodes an H x W x 3 (or H x W) uint8 RGB array as JPEG or PNG bytes.
+
+  `quality` (1-100) applies to JPEG only; PNG is lossless.
+  """
+  array = np.asarray(array)
+  if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
+      array.ndim == 3 and array.shape[2] != 3):
+    raise ValueError(f"encode_image expects H x W x 3 or H x W uint8, got "
+                     f"{array.shape} {array.dtype}")
+  if array.ndim == 3:
+    array = np.ascontiguousarray(array[..., ::-1])
+  fmt = format.lower()
+  if fmt in ("jpeg", "jpg"):
+    if not 1 <= int(quality) <= 100:
+      raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
+    ok, buf = cv2.imencode(".jpg", array, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+  elif fmt == "png":
+    ok, buf = cv2.imencode(".png", array)
+  else:
+    raise ValueError(f"unknown image format {format!r}; expected 'jpeg' or 'png'")
+  if not ok:
+    raise ValueError(f"OpenCV could not encode a {array.shape} image as {fmt}")
+  return buf.tobytes()
