@@ -1,0 +1,340 @@
+"""grain input pipelines: mixed augmented training batches and padded eval batches.
+
+Training (`make_train_iterator`), per dataset d in `config.datasets`:
+
+    stored crops (TFDS ArrayRecord, random access)
+      -> this process's slice  ds[process_index::process_count]
+      -> shuffle (new permutation every epoch) -> repeat forever
+      -> random_map(TrainAugment): one cv2.warpAffine per sample combining
+         the random scale, rotation and flip; landmarks through the same
+         matrix, flip-permuted, scattered into the unified 124-point order
+      -> batch(k_local)
+  zip over datasets -> concatenate -> one process-local batch in which
+  samples are grouped by dataset in config order (k_local of each)
+  -> to_iter_dataset (reading threads) -> mp_prefetch (worker processes).
+
+Every step is index-based (grain MapDataset), so the iterator's state is a
+position: `get_state()`/`set_state()` (or grain.checkpoint.CheckpointSave /
+CheckpointRestore in an Orbax checkpoint) resume the exact sequence.
+
+TRAIN BATCH (numpy; B = k_local * len(datasets), k_local = k / process_count):
+  "image"      uint8   (B, S, S, 3) RGB, not normalised
+  "landmarks"  float32 (B, 124, 2) input pixels, unified order, 0 where absent
+  "mask"       bool    (B, 124) the sample's protocol has the point and it is finite
+  "dataset_id" int32   (B,) position in landmarks.PROTOCOL_NAMES
+
+EVAL BATCH for one dataset and split (`make_eval_iterator`; B = eval_batch_size
+/ process_count, the last batches padded with valid=False so every process
+runs the same number of steps):
+  "image"            uint8   (B, S, S, 3) centre crop, no augmentation
+  "inverse_affine"   float32 (B, 2, 3) input pixels -> stored-crop pixels
+  "original_to_crop" float32 (B, 2, 3) original-image pixels -> stored-crop pixels
+  "landmarks"        float32 (B, N, 2) ground truth in stored-crop pixels, own order
+  "box_size"         float32 (B,) AFLW's normaliser, else sqrt(w * h) of the box
+  "subset/<name>"    bool    (B,) for each of `eval_subsets(dataset)`
+  "valid"            bool    (B,)
+  "dataset_id"       int32   (B,)
+NME is invariant to the crop's translation and uniform scale, so NME in
+stored-crop pixels equals NME in original pixels.
+
+Heatmaps are not built here: the train step renders them on device.
+grain's worker processes need absl flags parsed (run under absl.app.run, or
+`flags.FLAGS.mark_as_parsed()`); close iterators (`iterator.close()`) when done.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import cv2
+import grain
+import ml_collections
+import numpy as np
+
+from data_pipelines import tfds_builders
+from fgtbt_jax import crop
+from fgtbt_jax import landmarks as lm
+
+_JPEG_START = b"\xff\xd8"
+_REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                  (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+def eval_subsets(dataset: str) -> tuple[str, ...]:
+  """Names of a dataset's evaluation subsets (batch keys "subset/<name>")."""
+  return tfds_builders.SUBSETS[lm.get_protocol(dataset).name]
+
+
+def _derive_seed(*parts: int) -> int:
+  """A 32-bit seed for one (base seed, dataset, process, purpose) combination."""
+  return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def decode_and_warp(image: bytes, matrix: np.ndarray, size: int,
+                    reduced_decode: bool = True) -> np.ndarray:
+  """Decodes encoded `image` and warps it with `matrix` into an S x S RGB crop.
+
+  When the warp shrinks by 2x or more, JPEGs are decoded at 1/2, 1/4 or 1/8
+  size (libjpeg's scaled IDCT, far cheaper than decoding in full); the
+  reduced image's pixel centres sit at x_full = r (x + 0.5) - 0.5, which is
+  folded into the matrix, so the result matches full decoding.
+  """
+  data = np.frombuffer(image, np.uint8)
+  zoom = math.sqrt(abs(float(np.linalg.det(matrix[:, :2]))))
+  flag, factor = cv2.IMREAD_COLOR, 1
+  if reduced_decode and image[:2] == _JPEG_START:
+    for r, reduced in _REDUCED_FLAGS:
+      if zoom * r <= 1.0:
+        flag, factor = reduced, r
+        break
+  decoded = cv2.imdecode(data, flag)
+  if decoded is None:
+    raise ValueError("stored image could not be decoded")
+  if factor > 1:
+    from_reduced = np.array([[factor, 0.0, 0.5 * factor - 0.5],
+                             [0.0, factor, 0.5 * factor - 0.5]])
+    matrix = crop.compose_affine(matrix, from_reduced)
+  warped = cv2.warpAffine(decoded, matrix, (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+  return cv2.cvtColor(warped, cv2.COLOR_BGR2RGB)
+
+
+def to_unified(points: np.ndarray, protocol: lm.Protocol) -> tuple[np.ndarray, np.ndarray]:
+  """(N, 2) own-order points -> (124, 2) unified points (0 where absent) and mask."""
+  unified = np.zeros((lm.NUM_UNIFIED, 2), np.float32)
+  mask = np.zeros((lm.NUM_UNIFIED,), bool)
+  finite = np.isfinite(points).all(-1)
+  unified[protocol.unified_index] = np.where(finite[:, None], points, 0.0)
+  mask[protocol.unified_index] = finite
+  return unified, mask
+
+
+class TrainAugment(grain.transforms.RandomMap):
+  """Random scale, rotation and flip of a stored crop in one warp (SPEC 4).
+
+  The crop side is 200 * scale * crop_enlarge * U(scale_range) stored-crop
+  pixels around the face centre; with probability `rotation_prob` it rotates
+  by U(-rotation_deg, rotation_deg); with probability `flip_prob` it is
+  mirrored and the landmarks permuted with the protocol's flip_permutation.
+  Every draw is made for every sample, so the random stream per element is
+  fixed whatever the outcomes.
+  """
+
+  def __init__(self, dataset: str, image_size: int, crop_enlarge: float,
+               scale_range: Sequence[float], rotation_deg: float,
+               rotation_prob: float, flip_prob: float, reduced_decode: bool = True):
+    self.protocol = lm.get_protocol(dataset)
+    self.image_size = int(image_size)
+    self.crop_enlarge = float(crop_enlarge)
+    self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+    if not 0 < self.scale_range[0] <= self.scale_range[1]:
+      raise ValueError(f"scale_range must be 0 < low <= high, got {tuple(scale_range)}")
+    self.rotation_deg = float(rotation_deg)
+    self.rotation_prob = float(rotation_prob)
+    self.flip_prob = float(flip_prob)
+    self.reduced_decode = bool(reduced_decode)
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, dataset: str) -> "TrainAugment":
+    return cls(dataset, config.image_size, config.crop_enlarge, config.scale_range,
+               config.rotation_deg, config.rotation_prob, config.flip_prob,
+               config.reduced_decode)
+
+  def draw(self, rng: np.random.Generator) -> tuple[float, float, bool]:
+    """(extra_scale, rotation_deg, flip) for one sample."""
+    extra_scale = rng.uniform(*self.scale_range)
+    rotate = rng.random() < self.rotation_prob
+    angle = rng.uniform(-self.rotation_deg, self.rotation_deg)
+    flip = rng.random() < self.flip_prob
+    return float(extra_scale), float(angle) if rotate else 0.0, bool(flip)
+
+  def matrix(self, example: Mapping[str, Any], extra_scale: float, rotation: float,
+             flip: bool) -> np.ndarray:
+    """Stored-crop pixels -> network input pixels."""
+    return crop.face_crop_affine(
+        example["center"], float(example["scale"]), self.image_size,
+        crop_enlarge=self.crop_enlarge, rotation_deg=rotation, flip=flip,
+        extra_scale=extra_scale)
+
+  def random_map(self, element, rng: np.random.Generator):
+    extra_scale, rotation, flip = self.draw(rng)
+    matrix = self.matrix(element, extra_scale, rotation, flip)
+    image = decode_and_warp(element["image"], matrix, self.image_size, self.reduced_decode)
+    points = crop.apply_affine(np.asarray(element["landmarks"], np.float64), matrix)
+    if flip:
+      points = points[self.protocol.flip_permutation]
+    unified, mask = to_unified(points.astype(np.float32), self.protocol)
+    return {"image": image, "landmarks": unified, "mask": mask,
+            "dataset_id": np.int32(self.protocol.dataset_id)}
+
+
+def _concat_batches(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def _check_datasets(datasets: Sequence[str]) -> tuple[str, ...]:
+  names = tuple(lm.get_protocol(d).name for d in datasets)
+  if not names or len(set(names)) != len(names):
+    raise ValueError(f"data.datasets must name distinct datasets, got {tuple(datasets)}")
+  return names
+
+
+def local_samples_per_dataset(config: ml_collections.ConfigDict, process_count: int) -> int:
+  """k_local = k / process_count, with a clear error when it does not divide."""
+  k = int(config.samples_per_dataset)
+  if k <= 0 or k % process_count:
+    raise ValueError(f"data.samples_per_dataset={k} must be a positive multiple of "
+                     f"the process count {process_count}: every process contributes "
+                     "the same number of samples of every dataset to a global batch")
+  return k // process_count
+
+
+def open_source(config: ml_collections.ConfigDict, dataset: str, split: str):
+  """Random-access source of a converted split (images left encoded)."""
+  if not config.data_dir:
+    raise ValueError("data.data_dir is empty: set it to the --out folder of "
+                     "python -m data_pipelines.convert")
+  return tfds_builders.open_split(config.data_dir, dataset, split, config.crop_config)
+
+
+def dataset_samples(config: ml_collections.ConfigDict, dataset: str, *,
+                    process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """One dataset's stored training examples: process slice, shuffled, repeated."""
+  protocol = lm.get_protocol(dataset)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
+  source = open_source(config, protocol.name, config.train_split)
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if len(ds) == 0:
+    raise ValueError(f"{protocol.name} {config.train_split}: {len(source)} samples "
+                     f"leave none for process {process_index} of {process_count}")
+  seed = _derive_seed(config.seed, protocol.dataset_id, process_index, 0)
+  return ds.shuffle(seed=seed).repeat()
+
+
+def augmented_samples(config: ml_collections.ConfigDict, dataset: str, *,
+                      process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """One dataset's augmented training samples (unbatched, unified landmarks)."""
+  protocol = lm.get_protocol(dataset)
+  seed = _derive_seed(config.seed, protocol.dataset_id, process_index, 1)
+  return dataset_samples(config, dataset, process_index=process_index,
+                         process_count=process_count).random_map(
+                             TrainAugment.from_config(config, dataset), seed=seed)
+
+
+def train_dataset(config: ml_collections.ConfigDict, *, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+  """Infinite MapDataset of process-local mixed batches (see module docstring)."""
+  datasets = _check_datasets(config.datasets)
+  k_local = local_samples_per_dataset(config, process_count)
+  per_dataset = [
+      augmented_samples(config, name, process_index=process_index,
+                        process_count=process_count).batch(k_local, drop_remainder=True)
+      for name in datasets]
+  return grain.experimental.ZipMapDataset(per_dataset).map(_concat_batches)
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+  del worker_index, worker_count
+  # Parallelism comes from the worker processes; OpenCV's own threads would
+  # only compete with them.
+  cv2.setNumThreads(1)
+
+
+def _to_iterator(ds: grain.MapDataset, config: ml_collections.ConfigDict,
+                 num_workers: int) -> grain.DatasetIterator:
+  iter_ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=int(config.read_threads),
+      prefetch_buffer_size=int(config.prefetch_buffer_size)))
+  if num_workers > 0:
+    iter_ds = iter_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=num_workers,
+                                     per_worker_buffer_size=int(config.worker_buffer_size)),
+        worker_init_fn=_worker_init)
+  return iter(iter_ds)
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, *, process_index: int = 0,
+                        process_count: int = 1) -> grain.DatasetIterator:
+  """Checkpointable iterator of process-local training batches."""
+  ds = train_dataset(config, process_index=process_index, process_count=process_count)
+  return _to_iterator(ds, config, int(config.num_workers))
+
+
+class _PaddedSplit:
+  """A process's share of a split, padded to whole batches.
+
+  Position j of process p is global sample j * process_count + p; positions
+  past the end repeat sample 0 and are marked invalid.
+  """
+
+  def __init__(self, source, process_index: int, process_count: int, batch_size: int):
+    self._source = source
+    self._process_index = process_index
+    self._process_count = process_count
+    per_process = -(-len(source) // process_count)
+    self._length = -(-per_process // batch_size) * batch_size
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int):
+    g = int(index) * self._process_count + self._process_index
+    valid = g < len(self._source)
+    return self._source[g if valid else 0], valid
+
+
+class EvalCrop(grain.transforms.Map):
+  """The deterministic centre crop of a stored example, with its eval annotations."""
+
+  def __init__(self, dataset: str, image_size: int, crop_enlarge: float,
+               reduced_decode: bool = True):
+    self.protocol = lm.get_protocol(dataset)
+    self.subsets = eval_subsets(dataset)
+    self.image_size = int(image_size)
+    self.crop_enlarge = float(crop_enlarge)
+    self.reduced_decode = bool(reduced_decode)
+
+  def map(self, element):
+    example, valid = element
+    matrix = crop.face_crop_affine(example["center"], float(example["scale"]),
+                                   self.image_size, crop_enlarge=self.crop_enlarge)
+    out = {
+        "image": decode_and_warp(example["image"], matrix, self.image_size,
+                                 self.reduced_decode),
+        "inverse_affine": crop.invert_affine(matrix).astype(np.float32),
+        "original_to_crop": np.asarray(example["original_to_crop"], np.float32),
+        "landmarks": np.asarray(example["landmarks"], np.float32),
+        "box_size": np.float32(example["box_size"]),
+        "valid": np.bool_(valid),
+        "dataset_id": np.int32(self.protocol.dataset_id),
+    }
+    for name in self.subsets:
+      out[f"subset/{name}"] = np.bool_(example["subsets"][name])
+    return out
+
+
+def eval_dataset(config: ml_collections.ConfigDict, dataset: str, split: str | None = None,
+                 *, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """Finite MapDataset of padded eval batches for one dataset and split."""
+  protocol = lm.get_protocol(dataset)
+  batch = int(config.eval_batch_size)
+  if batch <= 0 or batch % process_count:
+    raise ValueError(f"data.eval_batch_size={batch} must be a positive multiple of "
+                     f"the process count {process_count}")
+  local_batch = batch // process_count
+  source = open_source(config, protocol.name, split or config.eval_split)
+  padded = _PaddedSplit(source, process_index, process_count, local_batch)
+  transform = EvalCrop(protocol.name, config.image_size, config.crop_enlarge,
+                       config.reduced_decode)
+  return grain.MapDataset.source(padded).map(transform).batch(local_batch)
+
+
+def make_eval_iterator(config: ml_collections.ConfigDict, dataset: str,
+                       split: str | None = None, process_index: int = 0,
+                       process_count: int = 1) -> grain.DatasetIterator:
+  """Iterator over one dataset's eval batches (threads only, no worker processes)."""
+  ds = eval_dataset(config, dataset, split, process_index=process_index,
+                    process_count=process_count)
+  return _to_iterator(ds, config, num_workers=0)

@@ -1,0 +1,482 @@
+"""TFDS builders that store each dataset as loose face crops in ArrayRecord files.
+
+One builder per dataset (`fgtbt_wflw`, `fgtbt_300w`, `fgtbt_cofw`,
+`fgtbt_aflw`), sharing `FaceCropBuilder`. Every example is one annotated face:
+
+* "image": the loose crop, a square of `LOOSE_CROP_FACTOR` (2) times the
+  HRNet crop side (200 * scale) around the face centre, resized only when its
+  side exceeds `max_side` (a builder config, default 512 px), re-encoded as
+  JPEG (quality 95) or PNG. Parts outside the original image are black.
+* "landmarks" (N, 2) float32, "box" (4,), "center" (2,), "scale", "box_size":
+  all in stored-crop pixels (pixel-centre convention, see fgtbt_jax/crop.py).
+  `scale` is the HRNet scale of the face in the crop (before the 1.25
+  enlargement); `box_size` is the NME box normaliser: the format's own (AFLW)
+  or sqrt(w * h) of the face box, scaled into the crop.
+* "original_to_crop" (2, 3) float64: the affine map from original-image
+  pixels to stored-crop pixels (invert it to map predictions back), and
+  "original_size" (height, width) of the original image.
+* "point_flags/<name>": per-point booleans (COFW "occlusion", AFLW
+  "visibility"), empty where the source format does not give them.
+* "subsets/<name>": one boolean per evaluation subset of the dataset.
+* "image_name", "source": where the face came from (for messages).
+
+Building and reading need no TensorFlow (tensorflow-datasets 4.9.10), with
+these rules, which this module follows:
+
+* Images are handed to `tfds.features.Image` already encoded (bytes);
+  a numpy array would make TFDS encode it with TensorFlow.
+* `DatasetInfo` is built directly, not with `dataset_info_from_configs`, which
+  looks for metadata files beside the module.
+* `try_download_gcs=False`, and reading goes through
+  `tfds.builder_from_directory` (`open_split`), never through a name lookup
+  such as `tfds.builder(name)` or `tfds.list_builders()`, which consult the
+  community registry on GCS and need TensorFlow there.
+* Reading with `as_data_source` decodes features with numpy (images with
+  OpenCV); `open_split` skips image decoding so the pipeline can decode at
+  reduced size (cv2.IMREAD_REDUCED_*).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import os
+import pathlib
+from typing import Callable, Iterator, Mapping, Sequence
+
+import cv2
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_pipelines import images
+from data_pipelines.errors import DataError
+from data_pipelines.records import FaceRecord
+from fgtbt_jax import crop
+from fgtbt_jax import landmarks as lm
+
+# The stored crop is this many times the HRNet crop side (200 * scale) of the
+# face: room for the 1.25 enlargement, 1.25x scale augmentation and rotation.
+LOOSE_CROP_FACTOR = 2.0
+DEFAULT_MAX_SIDE = 512
+DEFAULT_JPEG_QUALITY = 95
+
+# TFDS name of each protocol's builder.
+BUILDER_NAMES: Mapping[str, str] = {
+    "WFLW": "fgtbt_wflw", "300W": "fgtbt_300w",
+    "COFW": "fgtbt_cofw", "AFLW": "fgtbt_aflw"}
+
+# Evaluation subsets of each dataset, in the order reports list them.
+SUBSETS: Mapping[str, tuple[str, ...]] = {
+    "WFLW": ("pose", "expression", "illumination", "makeup", "occlusion", "blur"),
+    "300W": ("common", "challenging"),
+    "COFW": (),
+    "AFLW": ("frontal",),
+}
+
+# Per-point flags each dataset's formats can carry.
+POINT_FLAGS: Mapping[str, tuple[str, ...]] = {
+    "WFLW": (), "300W": (), "COFW": ("occlusion",), "AFLW": ("visibility",)}
+
+SPLITS = ("train", "test")
+
+MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+The face datasets cannot be downloaded automatically (their licences require
+registration). Download them yourself and pass the folder as the manual
+directory (`python -m data_pipelines.convert --dataset NAME --src DIR`); the
+layouts each reader understands are described in data_pipelines/readers.py:
+WFLW: list_98pt_rect_attr_{train,test}.txt and WFLW_images/ (or the HRNet
+  CSVs); 300W: image folders with .pts files (or HRNet CSVs / STAR TSVs);
+COFW: COFW_{train,test}_color.mat; AFLW: AFLWinfo_release.mat with the
+  flickr/ image folders (or the HRNet CSVs).
+"""
+
+
+@dataclasses.dataclass
+class CropConfig(tfds.core.BuilderConfig):
+  """How the loose crops are stored: longest side cap and image encoding."""
+
+  max_side: int = DEFAULT_MAX_SIDE
+  image_format: str = "jpeg"
+  jpeg_quality: int = DEFAULT_JPEG_QUALITY
+
+
+def _image_format(image_format: str) -> str:
+  fmt = {"jpg": "jpeg"}.get(str(image_format).lower(), str(image_format).lower())
+  if fmt not in ("jpeg", "png"):
+    raise ValueError(f"unknown image format {image_format!r}; expected 'jpeg' or 'png'")
+  return fmt
+
+
+def crop_config_name(max_side: int = DEFAULT_MAX_SIDE, image_format: str = "jpeg",
+                     jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> str:
+  """Directory name of a crop config, e.g. "jpeg95_512" or "png_512"."""
+  fmt = _image_format(image_format)
+  return f"{fmt}{jpeg_quality if fmt == 'jpeg' else ''}_{int(max_side)}"
+
+
+_DEFAULT_CONFIG = CropConfig(name=crop_config_name(), version=tfds.core.Version("1.0.0"),
+                             description="JPEG quality 95, longest side 512 px")
+
+
+def crop_config(max_side: int = DEFAULT_MAX_SIDE, image_format: str = "jpeg",
+                jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> CropConfig:
+  """The builder config for these storage settings (the default one if they match)."""
+  fmt = _image_format(image_format)
+  if int(max_side) < 16:
+    raise ValueError(f"max_side must be at least 16 px, got {max_side}")
+  if not 1 <= int(jpeg_quality) <= 100:
+    raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
+  name = crop_config_name(max_side, fmt, jpeg_quality)
+  if name == _DEFAULT_CONFIG.name:
+    return _DEFAULT_CONFIG
+  return CropConfig(name=name, version=_DEFAULT_CONFIG.version,
+                    description=f"{fmt}, longest side {max_side} px",
+                    max_side=int(max_side), image_format=fmt,
+                    jpeg_quality=int(jpeg_quality))
+
+
+# Reads one split from the manual directory: (src, split) -> (records, report),
+# the contract of data_pipelines.readers.read_dataset.
+ReadSplit = Callable[[pathlib.Path, str], tuple[Sequence[FaceRecord], object]]
+
+
+@dataclasses.dataclass
+class SplitStats:
+  """What one split's build wrote and skipped."""
+
+  records: int = 0
+  written: int = 0
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  skipped_examples: list[str] = dataclasses.field(default_factory=list)
+  read_report: object = None
+
+
+class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Shared builder: reads a dataset's records and stores loose face crops.
+
+  Subclasses set `PROTOCOL`. The dataset files are read from the manual
+  directory with data_pipelines.readers (`source_format` None detects the
+  format), or with `read_split(src, split) -> (records, report)` when given.
+  `on_error` applies to the reader and to images that fail to load ("skip"
+  counts them in `split_stats`); `num_threads` threads decode, crop and encode
+  images (OpenCV releases the GIL).
+  """
+
+  PROTOCOL = ""
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Loose face crops with landmarks, boxes and transforms."}
+  BUILDER_CONFIGS = [_DEFAULT_CONFIG]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+
+  def __init__(self, *, source_format: str | None = None,
+               read_split: ReadSplit | None = None, splits: Sequence[str] = SPLITS,
+               on_error: str = "raise", num_threads: int = 4, **kwargs):
+    super().__init__(**kwargs)
+    if on_error not in ("raise", "skip"):
+      raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or not splits:
+      raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits}")
+    self._source_format = source_format
+    self._read_split = read_split or self._read_with_readers
+    self._splits = tuple(splits)
+    self._on_error = on_error
+    self._num_threads = max(1, int(num_threads))
+    self.split_stats: dict[str, SplitStats] = {}
+
+  # TFDS looks for a checksums file beside the builder's source through
+  # `importlib_resources`, an optional etils dependency that is not installed;
+  # these builders download nothing, so they have no code path to look in.
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> None:
+    return None
+
+  @property
+  def protocol(self) -> lm.Protocol:
+    return lm.get_protocol(self.PROTOCOL)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    n = self.protocol.num_landmarks
+    cfg = self.builder_config
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3),
+                                     encoding_format=cfg.image_format),
+        "landmarks": tfds.features.Tensor(shape=(n, 2), dtype=np.float32),
+        "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+        "center": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+        "scale": tfds.features.Scalar(dtype=np.float32),
+        "box_size": tfds.features.Scalar(dtype=np.float32),
+        "original_to_crop": tfds.features.Tensor(shape=(2, 3), dtype=np.float64),
+        "original_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+        "point_flags": tfds.features.FeaturesDict({
+            name: tfds.features.Tensor(shape=(None,), dtype=np.bool_)
+            for name in POINT_FLAGS[self.PROTOCOL]}),
+        "subsets": tfds.features.FeaturesDict({
+            name: tfds.features.Scalar(dtype=np.bool_)
+            for name in SUBSETS[self.PROTOCOL]}),
+        "image_name": tfds.features.Text(),
+        "source": tfds.features.Text(),
+    })
+    metadata = tfds.core.MetadataDict(
+        protocol=self.PROTOCOL, loose_crop_factor=LOOSE_CROP_FACTOR,
+        max_side=cfg.max_side, image_format=cfg.image_format,
+        jpeg_quality=cfg.jpeg_quality)
+    return tfds.core.DatasetInfo(
+        builder=self, features=features, metadata=metadata,
+        description=f"{self.PROTOCOL} faces as loose crops for FGTBT "
+                    f"({self.protocol.num_landmarks} landmarks).",
+        # Keep the annotation files' order (evaluation lists follow it); the
+        # training pipeline shuffles on its own.
+        disable_shuffling=True)
+
+  def _read_with_readers(self, src: pathlib.Path, split: str):
+    from data_pipelines import readers  # pylint: disable=g-import-not-at-top
+    return readers.read_dataset(self.PROTOCOL, os.fspath(src), split,
+                                fmt=self._source_format, on_error=self._on_error)
+
+  def _split_generators(self, dl_manager):
+    src = pathlib.Path(dl_manager.manual_dir)
+    generators = {}
+    for split in self._splits:
+      records, report = self._read_split(src, split)
+      stats = SplitStats(records=len(records), read_report=report)
+      self.split_stats[split] = stats
+      if not records:
+        raise DataError(f"{src} ({self.PROTOCOL} {split})", "no samples to convert",
+                        "empty_split")
+      generators[split] = self._generate_examples(records, split, stats)
+    return generators
+
+  def _generate_examples(self, records: Sequence[FaceRecord], split: str,
+                         stats: SplitStats):
+    cfg = self.builder_config
+    convert = lambda r: _try_example(r, cfg, self.protocol, self._on_error)  # pylint: disable=unnecessary-lambda-assignment
+    for index, (example, error) in enumerate(
+        _ordered_thread_map(convert, records, self._num_threads)):
+      if error is not None:
+        stats.skipped[error.kind] += 1
+        if len(stats.skipped_examples) < 10:
+          stats.skipped_examples.append(str(error))
+        continue
+      stats.written += 1
+      yield index, example
+    if stats.written == 0:
+      raise DataError(f"{self.PROTOCOL} {split}", f"all {stats.records} samples "
+                      f"failed to convert; first: {stats.skipped_examples[0]}",
+                      "empty_split")
+    self.info.metadata[f"{split}_conversion"] = {
+        "records": stats.records, "written": stats.written,
+        "skipped": dict(stats.skipped)}
+
+
+def _ordered_thread_map(fn, items: Sequence, num_threads: int) -> Iterator:
+  """fn over items on a thread pool, in order, holding a bounded window."""
+  if num_threads <= 1:
+    yield from map(fn, items)
+    return
+  window = collections.deque()
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    for item in items:
+      window.append(pool.submit(fn, item))
+      if len(window) >= 4 * num_threads:
+        yield window.popleft().result()
+    while window:
+      yield window.popleft().result()
+
+
+def _try_example(record: FaceRecord, cfg: CropConfig, protocol: lm.Protocol,
+                 on_error: str) -> tuple[dict | None, DataError | None]:
+  try:
+    return face_example(record, cfg, protocol), None
+  except DataError as error:
+    if on_error == "raise":
+      raise
+    return None, error
+
+
+def face_example(record: FaceRecord, cfg: CropConfig, protocol: lm.Protocol) -> dict:
+  """One stored example for `record`: the loose crop and its annotations.
+
+  Raises:
+    DataError: naming `record.source`, when the image does not load or the
+      annotations do not fit the protocol.
+  """
+  where = record.source or record.image_name or "<record>"
+  n = protocol.num_landmarks
+  if record.landmarks.shape != (n, 2):
+    raise DataError(where, f"{protocol.name} needs {n} landmarks, got shape "
+                    f"{record.landmarks.shape}", "field_count")
+  scale = float(record.scale)
+  center = np.asarray(record.center, np.float64)
+  if not (np.isfinite(scale) and scale > 0 and np.isfinite(center).all()):
+    raise DataError(where, f"invalid crop centre {center.tolist()} or scale {scale}",
+                    "bad_box")
+  unknown = set(record.subsets) - set(SUBSETS[protocol.name])
+  if unknown:
+    raise DataError(where, f"unknown {protocol.name} subsets {sorted(unknown)}; "
+                    f"known: {SUBSETS[protocol.name]}", "invalid")
+  flags = {}
+  for name, values in record.point_flags.items():
+    if name not in POINT_FLAGS[protocol.name]:
+      raise DataError(where, f"unknown {protocol.name} point flag {name!r}; "
+                      f"known: {POINT_FLAGS[protocol.name]}", "invalid")
+    values = np.asarray(values).reshape(-1)
+    if values.shape != (n,):
+      raise DataError(where, f"point flag {name!r} has {values.size} values, "
+                      f"expected {n}", "field_count")
+    flags[name] = values.astype(bool)
+
+  image = images.load_image(record.image, where=where)
+  side_px = LOOSE_CROP_FACTOR * crop.SCALE_UNIT * scale
+  out_size = int(min(cfg.max_side, max(16, round(side_px))))
+  to_crop = crop.crop_affine(center, scale, out_size, extra_scale=LOOSE_CROP_FACTOR)
+  crop_image = _warp_downscaled(image, to_crop, out_size)
+
+  factor = out_size / side_px  # Stored-crop pixels per original pixel.
+  x1, y1, x2, y2 = np.asarray(record.box, np.float64)
+  box_size = (float(record.box_size) if record.box_size is not None
+              else float(np.sqrt(max(x2 - x1, 0.0) * max(y2 - y1, 0.0))))
+  corners = crop.apply_affine(np.array([[x1, y1], [x2, y2]]), to_crop)
+  encoded = images.encode_image(crop_image, cfg.image_format, cfg.jpeg_quality)
+  return {
+      "image": encoded,
+      "landmarks": crop.apply_affine(record.landmarks.astype(np.float64),
+                                     to_crop).astype(np.float32),
+      "box": corners.reshape(4).astype(np.float32),
+      "center": crop.apply_affine(center[None], to_crop)[0].astype(np.float32),
+      "scale": np.float32(scale * factor),
+      "box_size": np.float32(box_size * factor),
+      "original_to_crop": to_crop,
+      "original_size": np.asarray(image.shape[:2], np.int32),
+      "point_flags": {name: flags.get(name, np.zeros((0,), bool))
+                      for name in POINT_FLAGS[protocol.name]},
+      "subsets": {name: name in record.subsets for name in SUBSETS[protocol.name]},
+      "image_name": record.image_name,
+      "source": record.source,
+  }
+
+
+def _warp_downscaled(image: np.ndarray, to_crop: np.ndarray, out_size: int) -> np.ndarray:
+  """Warps `image` into the crop, area-averaging first when shrinking > 2x.
+
+  Bilinear warping alone aliases when it skips pixels; a whole-image
+  INTER_AREA resize to about twice the target resolution comes first, and its
+  exact pixel-centre map (x' = r (x + 0.5) - 0.5) is folded into the matrix.
+  """
+  shrink = float(np.sqrt(abs(np.linalg.det(to_crop[:, :2]))))
+  if shrink < 0.5:
+    h, w = image.shape[:2]
+    new_w, new_h = max(1, round(w * shrink * 2)), max(1, round(h * shrink * 2))
+    image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    rx, ry = new_w / w, new_h / h
+    resize = np.array([[rx, 0, 0.5 * rx - 0.5], [0, ry, 0.5 * ry - 0.5]])
+    to_crop = crop.compose_affine(to_crop, crop.invert_affine(resize))
+  return cv2.warpAffine(image, to_crop, (out_size, out_size), flags=cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+
+
+class FgtbtWflw(FaceCropBuilder):
+  """WFLW, 98 landmarks, six attribute subsets."""
+  name = BUILDER_NAMES["WFLW"]
+  PROTOCOL = "WFLW"
+
+
+class Fgtbt300w(FaceCropBuilder):
+  """300W, 68 landmarks, common/challenging test subsets."""
+  name = BUILDER_NAMES["300W"]
+  PROTOCOL = "300W"
+
+
+class FgtbtCofw(FaceCropBuilder):
+  """COFW, 29 landmarks with occlusion flags."""
+  name = BUILDER_NAMES["COFW"]
+  PROTOCOL = "COFW"
+
+
+class FgtbtAflw(FaceCropBuilder):
+  """AFLW, 19 landmarks with visibility flags, frontal test subset."""
+  name = BUILDER_NAMES["AFLW"]
+  PROTOCOL = "AFLW"
+
+
+BUILDERS: Mapping[str, type[FaceCropBuilder]] = {
+    b.PROTOCOL: b for b in (FgtbtWflw, Fgtbt300w, FgtbtCofw, FgtbtAflw)}
+
+
+def builder_class(dataset: str) -> type[FaceCropBuilder]:
+  """The builder class of a dataset named like a protocol (case-insensitive)."""
+  return BUILDERS[lm.get_protocol(dataset).name]
+
+
+def converted_dir(data_dir: str | os.PathLike, dataset: str, config_name: str = "") -> pathlib.Path:
+  """The version directory of a converted dataset under `data_dir`.
+
+  `config_name` "" picks the only crop config converted; several converted
+  configs must be told apart by name.
+
+  Raises:
+    FileNotFoundError: nothing converted there, with the command that does it.
+  """
+  protocol = lm.get_protocol(dataset).name
+  root = pathlib.Path(data_dir) / BUILDER_NAMES[protocol]
+  hint = (f"convert it with `python -m data_pipelines.convert --dataset "
+          f"{protocol.lower()} --src DIR --out {data_dir}`")
+  # TFDS keeps its own bookkeeping in hidden folders (".config").
+  configs = sorted(p.name for p in root.iterdir()
+                   if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+  if config_name:
+    if config_name not in configs:
+      raise FileNotFoundError(f"{root / config_name}: no converted {protocol} data "
+                              f"with crop config {config_name!r} (found {configs}); {hint}")
+  elif len(configs) == 1:
+    config_name = configs[0]
+  elif not configs:
+    raise FileNotFoundError(f"{root}: no converted {protocol} data; {hint}")
+  else:
+    raise ValueError(f"{root}: several crop configs converted {configs}; "
+                     "choose one with data.crop_config")
+  versions = sorted((p for p in (root / config_name).iterdir()
+                     if (p / "dataset_info.json").is_file()),
+                    key=lambda p: tfds.core.Version(p.name))
+  if not versions:
+    raise FileNotFoundError(f"{root / config_name}: no finished conversion "
+                            f"(dataset_info.json missing); {hint}")
+  return versions[-1]
+
+
+def open_split(data_dir: str | os.PathLike, dataset: str, split: str,
+               config_name: str = "", decode_image: bool = False):
+  """Random-access source of a converted split (a grain-compatible data source).
+
+  With `decode_image=False` the "image" feature stays encoded bytes.
+  """
+  builder = tfds.builder_from_directory(os.fspath(converted_dir(data_dir, dataset, config_name)))
+  if split not in builder.info.splits:
+    raise KeyError(f"{builder.data_dir}: no split {split!r}; "
+                   f"converted splits: {list(builder.info.splits)}")
+  decoders = None if decode_image else {"image": tfds.decode.SkipDecoding()}
+  return builder.as_data_source(split, decoders=decoders)
+
+
+def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
+          source_format: str | None = None, read_split: ReadSplit | None = None,
+          splits: Sequence[str] = SPLITS, config: CropConfig | None = None,
+          on_error: str = "raise", num_threads: int = 4,
+          overwrite: bool = False) -> FaceCropBuilder:
+  """Builds one dataset from `src` into ArrayRecord files under `out_dir`.
+
+  An existing finished conversion is kept unless `overwrite`. Returns the
+  builder; its `split_stats` say what was written and skipped (empty when
+  the conversion existed already).
+  """
+  cls = builder_class(dataset)
+  builder = cls(data_dir=os.fspath(out_dir), config=config or _DEFAULT_CONFIG,
+                source_format=source_format, read_split=read_split, splits=splits,
+                on_error=on_error, num_threads=num_threads, file_format="array_record")
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=os.fspath(src), download_mode=mode, try_download_gcs=False))
+  return builder
