@@ -1,8 +1,9 @@
 """Converts a face dataset into TFDS ArrayRecord files of loose face crops.
 
     python -m data_pipelines.convert --dataset wflw --src ~/data/WFLW \\
-        --out ~/fgtbt_data [--format raw] [--on-error skip] [--max-side 512] \\
-        [--image-format jpeg] [--splits train,test] [--overwrite]
+        --out ~/fgtbt_data [--format wflw_txt] [--image-root DIR] \\
+        [--on-error skip] [--max-side 512] [--image-format jpeg] \\
+        [--splits train,test] [--overwrite]
 
 reads the dataset with data_pipelines.readers (the format is detected unless
 `--format` names it), crops every face (data_pipelines/tfds_builders.py) and
@@ -82,12 +83,17 @@ class ConversionSummary:
 
 
 def convert_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike, *,
-                    fmt: str | None = None, splits: Sequence[str] = tfds_builders.SPLITS,
+                    fmt: str | None = None, image_root: str | None = None,
+                    splits: Sequence[str] = tfds_builders.SPLITS,
                     on_error: str = "raise", max_side: int = tfds_builders.DEFAULT_MAX_SIDE,
                     image_format: str = "jpeg",
                     jpeg_quality: int = tfds_builders.DEFAULT_JPEG_QUALITY,
                     num_threads: int = 4, overwrite: bool = False) -> ConversionSummary:
-  """Reads `dataset` from `src` and writes its crops under `out`.
+  """Reads `dataset` from `src` (a folder or annotation file) into crops under `out`.
+
+  `fmt` names the source format (None: detected), `image_root` where the
+  annotation's image paths are relative to (None: the format's default); see
+  data_pipelines.readers.read_dataset.
 
   Raises:
     FileNotFoundError: `src` does not exist.
@@ -95,9 +101,10 @@ def convert_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike
     DataError: a bad file, or a bad sample with `on_error="raise"`.
   """
   protocol = lm.get_protocol(dataset)
-  if not os.path.isdir(src):
-    raise FileNotFoundError(f"{src}: source folder of {protocol.name} not found")
-  return _build(protocol.name, src, out, read_split=None, fmt=fmt, splits=splits,
+  if not os.path.exists(src):
+    raise FileNotFoundError(f"{src}: {protocol.name} source not found")
+  return _build(protocol.name, src, out, read_split=None, fmt=fmt,
+                image_root=image_root, splits=splits,
                 on_error=on_error, max_side=max_side, image_format=image_format,
                 jpeg_quality=jpeg_quality, num_threads=num_threads, overwrite=overwrite)
 
@@ -113,19 +120,22 @@ def convert_records(dataset: str, records: Mapping[str, Sequence[FaceRecord]],
   for split, split_records in records.items():
     for r in split_records:
       if lm.get_protocol(r.dataset).name != protocol.name:
-        raise ValueError(f"{r.source}: a {r.dataset} record among {protocol.name} {split} records")
+        raise ValueError(f"{r.source}: a {r.dataset} record among "
+                         f"{protocol.name} {split} records")
   os.makedirs(out, exist_ok=True)
   return _build(protocol.name, out, out, read_split=lambda _, split: (records[split], None),
-                fmt=None, splits=tuple(records), on_error=on_error, max_side=max_side,
-                image_format=image_format, jpeg_quality=jpeg_quality,
+                fmt=None, image_root=None, splits=tuple(records), on_error=on_error,
+                max_side=max_side, image_format=image_format, jpeg_quality=jpeg_quality,
                 num_threads=num_threads, overwrite=overwrite)
 
 
-def _build(dataset, src, out, *, read_split, fmt, splits, on_error, max_side,
-           image_format, jpeg_quality, num_threads, overwrite) -> ConversionSummary:
+def _build(dataset, src, out, *, read_split, fmt, image_root, splits, on_error,
+           max_side, image_format, jpeg_quality, num_threads,
+           overwrite) -> ConversionSummary:
   config = tfds_builders.crop_config(max_side, image_format, jpeg_quality)
   builder = tfds_builders.build(
-      dataset, src, out, source_format=fmt, read_split=read_split, splits=splits,
+      dataset, src, out, source_format=fmt, image_root=image_root,
+      read_split=read_split, splits=splits,
       config=config, on_error=on_error, num_threads=num_threads, overwrite=overwrite)
   path = pathlib.Path(builder.data_dir)
   if not builder.split_stats:  # An existing conversion was reused.
@@ -193,10 +203,13 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
       description="Convert a face landmark dataset to TFDS ArrayRecord crops.")
   parser.add_argument("--dataset", required=True,
                       help=f"one of {', '.join(n.lower() for n in lm.PROTOCOL_NAMES)}")
-  parser.add_argument("--src", required=True, help="folder holding the dataset files")
+  parser.add_argument("--src", required=True,
+                      help="folder holding the dataset files, or an annotation file")
   parser.add_argument("--out", required=True, help="root folder of converted datasets")
   parser.add_argument("--format", default=None,
                       help="source format (default: detected from the files)")
+  parser.add_argument("--image-root", default=None,
+                      help="folder the annotation's image paths are relative to")
   parser.add_argument("--splits", default=",".join(tfds_builders.SPLITS),
                       help="comma-separated splits to convert")
   parser.add_argument("--on-error", default="raise", choices=("raise", "skip"),
@@ -217,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   try:
     summary = convert_dataset(
-        args.dataset, args.src, args.out, fmt=args.format,
+        args.dataset, args.src, args.out, fmt=args.format, image_root=args.image_root,
         splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
         on_error=args.on_error, max_side=args.max_side,
         image_format=args.image_format, jpeg_quality=args.jpeg_quality,

@@ -15,8 +15,8 @@ One builder per dataset (`fgtbt_wflw`, `fgtbt_300w`, `fgtbt_cofw`,
 * "original_to_crop" (2, 3) float64: the affine map from original-image
   pixels to stored-crop pixels (invert it to map predictions back), and
   "original_size" (height, width) of the original image.
-* "point_flags/<name>": per-point booleans (COFW "occlusion", AFLW
-  "visibility"), empty where the source format does not give them.
+* "point_flags/<name>": per-point booleans (COFW "occluded", AFLW
+  "visible"), empty where the source format does not give them.
 * "subsets/<name>": one boolean per evaluation subset of the dataset.
 * "image_name", "source": where the face came from (for messages).
 
@@ -41,6 +41,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import pathlib
 from typing import Callable, Iterator, Mapping, Sequence
@@ -74,9 +75,9 @@ SUBSETS: Mapping[str, tuple[str, ...]] = {
     "AFLW": ("frontal",),
 }
 
-# Per-point flags each dataset's formats can carry.
+# Per-point flags each dataset's formats can carry (the readers' names).
 POINT_FLAGS: Mapping[str, tuple[str, ...]] = {
-    "WFLW": (), "300W": (), "COFW": ("occlusion",), "AFLW": ("visibility",)}
+    "WFLW": (), "300W": (), "COFW": ("occluded",), "AFLW": ("visible",)}
 
 SPLITS = ("train", "test")
 
@@ -84,7 +85,7 @@ MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 The face datasets cannot be downloaded automatically (their licences require
 registration). Download them yourself and pass the folder as the manual
 directory (`python -m data_pipelines.convert --dataset NAME --src DIR`); the
-layouts each reader understands are described in data_pipelines/readers.py:
+layouts each reader understands are described in data_pipelines/readers/:
 WFLW: list_98pt_rect_attr_{train,test}.txt and WFLW_images/ (or the HRNet
   CSVs); 300W: image folders with .pts files (or HRNet CSVs / STAR TSVs);
 COFW: COFW_{train,test}_color.mat; AFLW: AFLWinfo_release.mat with the
@@ -156,9 +157,10 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared builder: reads a dataset's records and stores loose face crops.
 
   Subclasses set `PROTOCOL`. The dataset files are read from the manual
-  directory with data_pipelines.readers (`source_format` None detects the
-  format), or with `read_split(src, split) -> (records, report)` when given.
-  `on_error` applies to the reader and to images that fail to load ("skip"
+  directory (or annotation file) with data_pipelines.readers
+  (`source_format` None detects the format; `image_root` overrides where
+  images are), or with `read_split(src, split) -> (records, report)` when
+  given. `on_error` applies to the reader and to images that fail to load ("skip"
   counts them in `split_stats`); `num_threads` threads decode, crop and encode
   images (OpenCV releases the GIL).
   """
@@ -169,7 +171,7 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   BUILDER_CONFIGS = [_DEFAULT_CONFIG]
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
-  def __init__(self, *, source_format: str | None = None,
+  def __init__(self, *, source_format: str | None = None, image_root: str | None = None,
                read_split: ReadSplit | None = None, splits: Sequence[str] = SPLITS,
                on_error: str = "raise", num_threads: int = 4, **kwargs):
     super().__init__(**kwargs)
@@ -179,6 +181,7 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if unknown or not splits:
       raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits}")
     self._source_format = source_format
+    self._image_root = image_root
     self._read_split = read_split or self._read_with_readers
     self._splits = tuple(splits)
     self._on_error = on_error
@@ -234,7 +237,8 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _read_with_readers(self, src: pathlib.Path, split: str):
     from data_pipelines import readers  # pylint: disable=g-import-not-at-top
     return readers.read_dataset(self.PROTOCOL, os.fspath(src), split,
-                                fmt=self._source_format, on_error=self._on_error)
+                                fmt=self._source_format, on_error=self._on_error,
+                                image_root=self._image_root)
 
   def _split_generators(self, dl_manager):
     src = pathlib.Path(dl_manager.manual_dir)
@@ -251,8 +255,8 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, records: Sequence[FaceRecord], split: str,
                          stats: SplitStats):
-    cfg = self.builder_config
-    convert = lambda r: _try_example(r, cfg, self.protocol, self._on_error)  # pylint: disable=unnecessary-lambda-assignment
+    convert = functools.partial(_try_example, cfg=self.builder_config,
+                                protocol=self.protocol, on_error=self._on_error)
     for index, (example, error) in enumerate(
         _ordered_thread_map(convert, records, self._num_threads)):
       if error is not None:
@@ -461,9 +465,9 @@ def open_split(data_dir: str | os.PathLike, dataset: str, split: str,
 
 
 def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
-          source_format: str | None = None, read_split: ReadSplit | None = None,
-          splits: Sequence[str] = SPLITS, config: CropConfig | None = None,
-          on_error: str = "raise", num_threads: int = 4,
+          source_format: str | None = None, image_root: str | None = None,
+          read_split: ReadSplit | None = None, splits: Sequence[str] = SPLITS,
+          config: CropConfig | None = None, on_error: str = "raise", num_threads: int = 4,
           overwrite: bool = False) -> FaceCropBuilder:
   """Builds one dataset from `src` into ArrayRecord files under `out_dir`.
 
@@ -473,7 +477,8 @@ def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
   """
   cls = builder_class(dataset)
   builder = cls(data_dir=os.fspath(out_dir), config=config or _DEFAULT_CONFIG,
-                source_format=source_format, read_split=read_split, splits=splits,
+                source_format=source_format, image_root=image_root,
+                read_split=read_split, splits=splits,
                 on_error=on_error, num_threads=num_threads, file_format="array_record")
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)

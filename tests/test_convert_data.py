@@ -1,0 +1,259 @@
+"""Conversion to TFDS ArrayRecord crops: geometry, stored fields, error policy, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from data_pipelines import convert
+from data_pipelines import images
+from data_pipelines import tfds_builders
+from data_pipelines.errors import DataError
+from data_pipelines.records import FaceRecord
+from fgtbt_jax import crop
+from fgtbt_jax import landmarks as lm
+
+tfds.disable_progress_bar()
+
+MARK = (255, 0, 255)
+
+
+def _face_image(points, shape=(300, 400), radius=3):
+  """A smooth grey background with magenta discs at the landmarks."""
+  h, w = shape
+  ys, xs = np.mgrid[0:h, 0:w]
+  image = np.stack([(xs * 0.2 + 40), (ys * 0.2 + 40), np.full_like(xs, 60.0)], -1)
+  image = image.astype(np.uint8)
+  for x, y in points:
+    cv2.circle(image, (int(round(x)), int(round(y))), radius, MARK, -1)
+  return image
+
+
+def _record(dataset, split, index, box, image_kind="bytes", shape=(300, 400), radius=3,
+            **kwargs):
+  protocol = lm.get_protocol(dataset)
+  x1, y1, x2, y2 = box
+  face = lm.mean_face()[protocol.unified_index]
+  points = face * [x2 - x1, y2 - y1] + [x1, y1]
+  image = _face_image(points, shape, radius)
+  if image_kind == "bytes":
+    source = images.encode_image(image, "png")
+  elif image_kind == "array":
+    source = image
+  else:  # A path given as image_kind.
+    cv2.imwrite(image_kind, image[..., ::-1])
+    source = image_kind
+  return FaceRecord(dataset, split, source, points, box, f"fixture.txt:{index + 1}",
+                    f"img_{index}.png", **kwargs)
+
+
+def _read_back(out, dataset, split, config_name=""):
+  return tfds_builders.open_split(out, dataset, split, config_name, decode_image=True)
+
+
+def test_stored_crop_geometry_and_fields(tmp_path):
+  box = (120.0, 80.0, 220.0, 200.0)  # 100 x 120: scale 0.6, loose side 240 px.
+  records = {
+      "train": [_record("COFW", "train", 0, box, "array",
+                        point_flags={"occluded": np.arange(29) % 3 == 0})],
+      "test": [_record("COFW", "test", 0, box, str(tmp_path / "face.png"))],
+  }
+  summary = convert.convert_records("COFW", records, tmp_path / "out")
+  assert not summary.reused
+  assert {s: (v.read, v.written, v.skipped) for s, v in summary.splits.items()} == {
+      "train": (1, 1, 0), "test": (1, 1, 0)}
+  assert summary.path.name == "1.0.0" and summary.path.parent.name == "jpeg95_512"
+  ex = _read_back(tmp_path / "out", "COFW", "train")[0]
+  assert ex["image"].shape == (240, 240, 3) and ex["image"].dtype == np.uint8
+  record = records["train"][0]
+  np.testing.assert_allclose(ex["original_to_crop"],
+                             crop.crop_affine(record.center, record.scale, 240,
+                                              extra_scale=2.0), atol=1e-9)
+  np.testing.assert_allclose(ex["landmarks"],
+                             crop.apply_affine(record.landmarks, ex["original_to_crop"]),
+                             atol=1e-4)
+  # Unscaled crop: the face centre sits at the crop centre, offsets kept.
+  np.testing.assert_allclose(ex["center"], [119.5, 119.5], atol=1e-4)
+  np.testing.assert_allclose(ex["box"], [69.5, 59.5, 169.5, 179.5], atol=1e-4)
+  assert ex["scale"] == pytest.approx(0.6)
+  assert ex["box_size"] == pytest.approx(np.sqrt(100 * 120), rel=1e-5)
+  np.testing.assert_array_equal(ex["original_size"], [300, 400])
+  np.testing.assert_array_equal(ex["point_flags"]["occluded"], np.arange(29) % 3 == 0)
+  assert ex["image_name"] == b"img_0.png" and ex["source"] == b"fixture.txt:1"
+  # The pixels moved with the landmarks: every landmark sits on its mark.
+  for x, y in np.round(ex["landmarks"]).astype(int):
+    np.testing.assert_allclose(ex["image"][y, x], MARK, atol=40)
+  test = _read_back(tmp_path / "out", "COFW", "test")[0]
+  assert test["point_flags"]["occluded"].shape == (0,)  # Not given: empty.
+
+
+def test_large_faces_are_capped_at_max_side(tmp_path):
+  box = (100.0, 100.0, 700.0, 700.0)  # Loose side 1200 px -> max_side 256.
+  record = _record("AFLW", "test", 0, box, shape=(800, 800), radius=12,
+                   box_size=555.0, subsets=("frontal",),
+                   point_flags={"visible": np.ones(19, np.uint8)})
+  summary = convert.convert_records("AFLW", {"test": [record]}, tmp_path,
+                                    max_side=256, image_format="png")
+  assert summary.path.parent.name == "png_256"
+  ex = _read_back(tmp_path, "AFLW", "test", "png_256")[0]
+  assert ex["image"].shape == (256, 256, 3)
+  factor = 256 / 1200
+  assert ex["scale"] == pytest.approx(3.0 * factor)
+  assert ex["box_size"] == pytest.approx(555.0 * factor)  # The format's normaliser.
+  assert ex["subsets"] == {"frontal": True}
+  assert ex["point_flags"]["visible"].all()
+  for x, y in np.round(ex["landmarks"]).astype(int):
+    np.testing.assert_allclose(ex["image"][y, x], MARK, atol=40)
+  meta = json.loads((summary.path / "metadata.json").read_text())
+  assert meta["protocol"] == "AFLW" and meta["max_side"] == 256
+
+
+def test_area_averaging_of_a_fine_pattern(tmp_path):
+  """Shrinking a 1-pixel checkerboard 4.7x gives flat grey (bilinear aliases)."""
+  checker = (np.indices((800, 800)).sum(0) % 2 * 255).astype(np.uint8)
+  image = np.repeat(checker[..., None], 3, 2)
+  points = lm.mean_face()[lm.get_protocol("COFW").unified_index] * 600 + 100
+  record = FaceRecord("COFW", "test", images.encode_image(image, "png"), points,
+                      [100, 100, 700, 700], "checker[0]")
+  convert.convert_records("COFW", {"test": [record]}, tmp_path, max_side=128,
+                          image_format="png")
+  stored = _read_back(tmp_path, "COFW", "test", "png_128")[0]["image"]
+  inside = stored[40:88, 40:88].astype(float)  # Well inside the original image.
+  assert abs(inside.mean() - 127.5) < 3 and inside.std() < 6
+
+
+def test_subsets_are_stored_per_name(tmp_path):
+  box = (100.0, 60.0, 260.0, 220.0)
+  records = [_record("WFLW", "test", i, box, subsets=subsets) for i, subsets in
+             enumerate([("pose", "blur"), (), ("makeup",)])]
+  convert.convert_records("WFLW", {"test": records}, tmp_path)
+  source = _read_back(tmp_path, "WFLW", "test")
+  assert len(source) == 3
+  got = [source[i]["subsets"] for i in range(3)]  # Annotation order is kept.
+  assert got[0] == {"pose": True, "expression": False, "illumination": False,
+                    "makeup": False, "occlusion": False, "blur": True}
+  assert not any(got[1].values()) and got[2]["makeup"] and sum(got[2].values()) == 1
+
+
+def test_skip_policy_counts_bad_images_and_raise_names_them(tmp_path):
+  box = (120.0, 80.0, 220.0, 200.0)
+  good = [_record("300W", "train", i, box) for i in range(3)]
+  missing = _record("300W", "train", 3, box)
+  missing.image = str(tmp_path / "no_such.png")
+  missing.source = "lfpw/trainset/x.pts"
+  truncated = _record("300W", "train", 4, box)
+  truncated.image = images.encode_image(_face_image([]), "jpeg")[:500]
+  wrong_count = _record("300W", "train", 5, box)
+  wrong_count.landmarks = wrong_count.landmarks[:60]
+  records = {"train": good + [missing, truncated, wrong_count]}
+  summary = convert.convert_records("300W", records, tmp_path / "skip", on_error="skip")
+  split = summary.splits["train"]
+  assert (split.read, split.written, split.skipped) == (6, 3, 3)
+  assert split.skipped_images == {"missing_image": 1, "corrupt_image": 1, "field_count": 1}
+  assert any("lfpw/trainset/x.pts" in line for line in split.skipped_examples)
+  assert "skipped while cropping: 1 x missing_image" in summary.text()
+  assert len(_read_back(tmp_path / "skip", "300W", "train")) == 3
+  with pytest.raises(DataError, match="lfpw/trainset/x.pts: image file not found"):
+    convert.convert_records("300W", records, tmp_path / "raise")
+
+
+def test_bad_annotations_raise_with_the_source(tmp_path):
+  box = (120.0, 80.0, 220.0, 200.0)
+  bad_subset = _record("WFLW", "test", 0, box, subsets=("sunglasses",))
+  with pytest.raises(DataError, match=r"fixture.txt:1: unknown WFLW subsets \['sunglasses'\]"):
+    convert.convert_records("WFLW", {"test": [bad_subset]}, tmp_path / "a")
+  bad_flag = _record("COFW", "test", 0, box, point_flags={"occluded": np.zeros(28)})
+  with pytest.raises(DataError, match="fixture.txt:1: point flag 'occluded' has 28 values"):
+    convert.convert_records("COFW", {"test": [bad_flag]}, tmp_path / "b")
+  other = _record("COFW", "test", 0, box)
+  with pytest.raises(ValueError, match="a COFW record among AFLW test records"):
+    convert.convert_records("AFLW", {"test": [other]}, tmp_path / "c")
+  all_bad = _record("COFW", "test", 0, box)
+  all_bad.image = b"not an image"
+  with pytest.raises(DataError, match="all 1 samples failed to convert"):
+    convert.convert_records("COFW", {"test": [all_bad]}, tmp_path / "d", on_error="skip")
+
+
+def test_existing_conversion_is_reused_unless_overwritten(tmp_path):
+  box = (120.0, 80.0, 220.0, 200.0)
+  first = {"test": [_record("COFW", "test", i, box) for i in range(2)]}
+  convert.convert_records("COFW", first, tmp_path)
+  second = {"test": [_record("COFW", "test", i, box) for i in range(3)]}
+  reused = convert.convert_records("COFW", second, tmp_path)
+  assert reused.reused and reused.splits["test"].written == 2
+  assert reused.splits["test"].read == 2  # From the stored metadata.
+  rebuilt = convert.convert_records("COFW", second, tmp_path, overwrite=True)
+  assert not rebuilt.reused and len(_read_back(tmp_path, "COFW", "test")) == 3
+
+
+def test_converted_dir_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no converted WFLW data.*python -m data_pipelines.convert"):
+    tfds_builders.converted_dir(tmp_path, "wflw")
+  box = (120.0, 80.0, 220.0, 200.0)
+  for side in (128, 256):
+    convert.convert_records("COFW", {"test": [_record("COFW", "test", 0, box)]}, tmp_path,
+                            max_side=side)
+  with pytest.raises(ValueError, match=r"several crop configs converted \['jpeg95_128', 'jpeg95_256'\]"):
+    tfds_builders.converted_dir(tmp_path, "COFW")
+  assert tfds_builders.converted_dir(tmp_path, "COFW", "jpeg95_128").parent.name == "jpeg95_128"
+  with pytest.raises(FileNotFoundError, match="crop config 'png_9'"):
+    tfds_builders.converted_dir(tmp_path, "COFW", "png_9")
+  with pytest.raises(KeyError, match="no split 'train'"):
+    tfds_builders.open_split(tmp_path, "COFW", "train", "jpeg95_128")
+  with pytest.raises(ValueError, match="unknown image format 'gif'"):
+    tfds_builders.crop_config(image_format="gif")
+
+
+def _write_wflw_line(path, good=True):
+  """One raw WFLW annotation line (207 fields) for the readers."""
+  face = lm.mean_face()[lm.get_protocol("WFLW").unified_index] * 100 + 50
+  fields = [f"{v:.2f}" for v in face.reshape(-1)] + ["50", "50", "150", "150"]
+  fields += ["1", "0", "0", "0", "0", "1", "faces/a.jpg"]
+  if not good:
+    fields = fields[:-3] + fields[-1:]
+  path.write_text(" ".join(fields) + "\n")
+
+
+def test_convert_dataset_reads_with_the_readers(tmp_path):
+  src = tmp_path / "WFLW"
+  (src / "WFLW_images" / "faces").mkdir(parents=True)
+  cv2.imwrite(str(src / "WFLW_images" / "faces" / "a.jpg"), _face_image([], (220, 220)))
+  _write_wflw_line(src / "list_98pt_rect_attr_test.txt")
+  summary = convert.convert_dataset("wflw", src, tmp_path / "out", splits=("test",))
+  assert summary.splits["test"].written == 1
+  ex = _read_back(tmp_path / "out", "WFLW", "test")[0]
+  assert ex["subsets"]["pose"] and ex["subsets"]["blur"] and not ex["subsets"]["makeup"]
+  # One face where 2,500 are published: the reader's warning reaches the summary.
+  assert any("2500" in w for w in summary.splits["test"].warnings)
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+  assert convert.main(["--dataset", "wflw", "--src", str(tmp_path / "nope"),
+                       "--out", str(tmp_path / "out")]) == 1
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and "nope: WFLW source not found" in err
+  assert convert.main(["--dataset", "helen", "--src", str(tmp_path),
+                       "--out", str(tmp_path / "out")]) == 1
+  assert "unknown protocol 'helen'" in capsys.readouterr().err
+  src = tmp_path / "WFLW"
+  (src / "WFLW_images").mkdir(parents=True)
+  _write_wflw_line(src / "list_98pt_rect_attr_test.txt", good=False)
+  assert convert.main(["--dataset", "wflw", "--src", str(src), "--out",
+                       str(tmp_path / "out"), "--splits", "test"]) == 1
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and "list_98pt_rect_attr_test.txt:1" in err
+
+
+def test_cli_runs_as_a_module(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "data_pipelines.convert", "--dataset", "cofw",
+       "--src", str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
+      capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+      check=False)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith("convert: error: ")
