@@ -192,13 +192,15 @@ def test_existing_conversion_is_reused_unless_overwritten(tmp_path):
 
 
 def test_converted_dir_errors(tmp_path):
-  with pytest.raises(FileNotFoundError, match="no converted WFLW data.*python -m data_pipelines.convert"):
+  with pytest.raises(FileNotFoundError,
+                     match="no converted WFLW data.*python -m data_pipelines.convert"):
     tfds_builders.converted_dir(tmp_path, "wflw")
   box = (120.0, 80.0, 220.0, 200.0)
   for side in (128, 256):
     convert.convert_records("COFW", {"test": [_record("COFW", "test", 0, box)]}, tmp_path,
                             max_side=side)
-  with pytest.raises(ValueError, match=r"several crop configs converted \['jpeg95_128', 'jpeg95_256'\]"):
+  with pytest.raises(ValueError,
+                     match=r"several crop configs converted \['jpeg95_128', 'jpeg95_256'\]"):
     tfds_builders.converted_dir(tmp_path, "COFW")
   assert tfds_builders.converted_dir(tmp_path, "COFW", "jpeg95_128").parent.name == "jpeg95_128"
   with pytest.raises(FileNotFoundError, match="crop config 'png_9'"):
