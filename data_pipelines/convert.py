@@ -35,12 +35,6 @@ from data_pipelines.errors import DataError
 from data_pipelines.records import FaceRecord
 from fgtbt_jax import landmarks as lm
 
-# Synthetic stand-ins (samples per split) small enough to build in seconds.
-DEFAULT_SYNTHETIC_SIZES: Mapping[str, Mapping[str, int]] = {
-    name: {"train": 64, "test": 32} for name in lm.PROTOCOL_NAMES}
-SYNTHETIC_IMAGE_SIZE = 256
-
-
 @dataclasses.dataclass
 class SplitSummary:
   """What the conversion of one split read, wrote and left out."""
@@ -166,18 +160,29 @@ def _existing_summary(dataset: str, path: pathlib.Path, info) -> ConversionSumma
 
 
 def convert_synthetic(out_root: str | os.PathLike,
-                      sizes: Mapping[str, Mapping[str, int]] | None = None,
-                      seed: int = 0, image_size: int = SYNTHETIC_IMAGE_SIZE,
+                      sizes: Mapping[str, tuple[int, int]] | None = None,
+                      seed: int = 0, image_size: int = 256,
                       max_side: int = tfds_builders.DEFAULT_MAX_SIDE,
+                      render_workers: int | None = None,
                       num_threads: int = 4) -> dict[str, ConversionSummary]:
   """Writes the four synthetic datasets in their real formats and converts them.
 
-  Raw files go to `out_root/raw`, converted data to `out_root` (use it as
-  `data.data_dir`). Datasets already converted there are kept as they are.
+  Args:
+    out_root: raw files go to `out_root/raw`, converted data to `out_root`
+      (use it as `data.data_dir`).
+    sizes: {dataset: (num_train, num_test)}; default
+      data_pipelines.synthetic.DEFAULT_SIZES.
+    seed, image_size: of the synthetic generator.
+    max_side: the stored crops' longest side.
+    render_workers: processes rendering faces (default: the CPU count).
+    num_threads: threads cropping and encoding during conversion.
+
+  Datasets already converted under `out_root` with this `max_side` are kept
+  as they are (and not rendered again).
   """
   from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
   out_root = pathlib.Path(out_root)
-  sizes = dict(sizes or DEFAULT_SYNTHETIC_SIZES)
+  sizes = dict(synthetic.DEFAULT_SIZES if sizes is None else sizes)
   config = tfds_builders.crop_config_name(max_side)
   summaries = {}
   for name in lm.PROTOCOL_NAMES:
@@ -190,7 +195,8 @@ def convert_synthetic(out_root: str | os.PathLike,
   missing = [name for name in lm.PROTOCOL_NAMES if name not in summaries]
   if missing:
     paths = synthetic.write_synthetic_datasets(
-        out_root / "raw", {name: sizes[name] for name in missing}, seed, image_size)
+        os.fspath(out_root / "raw"), {name: tuple(sizes[name]) for name in missing},
+        seed=seed, image_size=image_size, num_workers=render_workers)
     for name in missing:
       summaries[name] = convert_dataset(name, paths[name], out_root, max_side=max_side,
                                         num_threads=num_threads)

@@ -259,3 +259,23 @@ def test_cli_runs_as_a_module(tmp_path):
       check=False)
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1].startswith("convert: error: ")
+
+
+def test_convert_synthetic_end_to_end(tmp_path):
+  sizes = {"WFLW": (4, 3), "300W": (4, 3), "COFW": (3, 2), "AFLW": (4, 3)}
+  summaries = convert.convert_synthetic(tmp_path, sizes, seed=1, image_size=160,
+                                        render_workers=0)
+  assert list(summaries) == list(lm.PROTOCOL_NAMES)
+  for name, summary in summaries.items():
+    assert not summary.reused
+    assert [summary.splits[s].written for s in ("train", "test")] == list(sizes[name])
+    assert summary.splits["test"].skipped == 0
+    ex = _read_back(tmp_path, name, "test")[0]
+    n = lm.get_protocol(name).num_landmarks
+    assert ex["landmarks"].shape == (n, 2)
+    # The synthetic faces fill the middle of the loose crop.
+    side = ex["image"].shape[0]
+    assert (ex["landmarks"] > 0.1 * side).all() and (ex["landmarks"] < 0.9 * side).all()
+  assert _read_back(tmp_path, "COFW", "train")[0]["point_flags"]["occluded"].shape == (29,)
+  again = convert.convert_synthetic(tmp_path, sizes, seed=1, image_size=160, render_workers=0)
+  assert all(s.reused for s in again.values())
