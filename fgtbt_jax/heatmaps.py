@@ -193,7 +193,8 @@ def decode(heatmaps, method: str = "argmax", smoothing_sigma: float = 0.0):
   if method not in DECODERS:
     raise ValueError(f"unknown heatmap decoder {method!r}; expected one of {list(DECODERS)}")
   if smoothing_sigma and method != "subpixel":
-    raise ValueError(f"smoothing_sigma applies to the 'subpixel' decoder only, got method {method!r}")
+    raise ValueError(
+        f"smoothing_sigma applies to the 'subpixel' decoder only, got method {method!r}")
   heatmaps = jnp.asarray(heatmaps)
   _check_heatmaps(heatmaps, "decode")
   height, width = heatmaps.shape[-3], heatmaps.shape[-2]

@@ -3,9 +3,10 @@
 A perfect network would output exactly its training targets. Rendering those
 targets for known landmarks, decoding them and mapping the result back to
 input pixels measures the error that the heatmap resolution and the decoder
-add on their own, independent of any training. HIH (seeds/003) reports this
-for integer argmax decoding; here it is measured for every decoder in
-`heatmaps.DECODERS`, on mean-face landmarks placed at random in the input.
+add on their own, independent of any training. HIH (Heatmap In Heatmap)
+reports this for integer argmax decoding; here it is measured for every
+decoder in `heatmaps.DECODERS`, on mean-face landmarks placed at random in
+the input.
 
 Run `python -m fgtbt_jax.quantization` for the Markdown table in
 docs/quantization.md.
@@ -137,7 +138,8 @@ def markdown_table(rows: Sequence[tuple[tuple[int, int, float], bool, dict[str, 
   for (input_size, heatmap_size, sigma), rounded, result in rows:
     cells = " | ".join(f"{100 * result[m]:.4f}" for m in methods)
     target = "rounded" if rounded else "exact"
-    lines.append(f"| {input_size} | {heatmap_size}x{heatmap_size} | {sigma:g} | {target} | {cells} |")
+    size = f"{heatmap_size}x{heatmap_size}"
+    lines.append(f"| {input_size} | {size} | {sigma:g} | {target} | {cells} |")
   return "\n".join(lines)
 
 
@@ -150,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> str:
   parser.add_argument("--num_faces", type=int, default=500)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--protocol", default="WFLW", choices=["WFLW", "300W", "COFW"],
-                      help="protocol whose points and default normaliser are used (AFLW's box normaliser needs annotated boxes)")
+                      help="protocol whose points and default normaliser are used "
+                           "(not AFLW: its box normaliser needs annotated boxes)")
   parser.add_argument("--methods", nargs="+", default=list(heatmaps.DECODERS),
                       choices=list(heatmaps.DECODERS))
   args = parser.parse_args(argv)

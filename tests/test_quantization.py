@@ -89,7 +89,8 @@ def test_main_prints_markdown_table(capsys):
   assert capsys.readouterr().out.strip() == table.strip()
   lines = table.splitlines()
   assert lines[0].startswith("WFLW inter_ocular NME (%)")
-  assert lines[2] == "| input | heatmap | sigma | targets | argmax NME % | quarter NME % | subpixel NME % |"
+  assert lines[2] == ("| input | heatmap | sigma | targets | "
+                      "argmax NME % | quarter NME % | subpixel NME % |")
   rows = [line.split("|")[1:-1] for line in lines[4:]]
   assert [(r[0].strip(), r[1].strip(), r[2].strip(), r[3].strip()) for r in rows] == [
       ("64", "16x16", "1.5", "exact"), ("64", "16x16", "1.5", "rounded"),
