@@ -75,6 +75,8 @@ def render_gaussian(points, mask, height: int, width: int, sigma,
   points = jnp.asarray(points)
   mask = jnp.asarray(mask)
   _check_points_and_mask(points, mask)
+  if isinstance(sigma, (int, float)) and not sigma > 0:
+    raise ValueError(f"render_gaussian: sigma must be positive, got {sigma}")
   points = points.astype(jnp.float32)
   x, y = points[..., 0], points[..., 1]
   inside = (x >= -0.5) & (x < width - 0.5) & (y >= -0.5) & (y < height - 0.5)

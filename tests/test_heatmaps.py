@@ -229,6 +229,8 @@ def test_bad_inputs_raise_clear_errors():
     H.render_gaussian(np.zeros((4, 3)), mask, 8, 8, 1.0)
   with pytest.raises(ValueError, match=r"mask shape \(3,\)"):
     H.render_gaussian(points, np.ones(3, bool), 8, 8, 1.0)
+  with pytest.raises(ValueError, match="sigma must be positive, got 0"):
+    H.render_gaussian(points, mask, 8, 8, 0)
   render = jax.jit(functools.partial(H.render_gaussian, height=8, width=8, sigma=1.0))
   with pytest.raises(ValueError, match="mask shape"):  # At trace time under jit.
     render(points, np.ones((2, 4), bool))
