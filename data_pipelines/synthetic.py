@@ -98,34 +98,41 @@ def _contour_orders(mean: np.ndarray) -> dict[str, np.ndarray]:
     chain = wflw[start:stop].tolist()
     closed = part in _CLOSED_PARTS
     for u in _part_ids(part):
-      if u in chain:
-        continue
-      p = mean[u]
-      ends = [mean[c] for c in chain]
-      if closed:
-        costs = [np.linalg.norm(p - ends[i]) + np.linalg.norm(p - ends[(i + 1) % len(ends)])
-                 - np.linalg.norm(ends[i] - ends[(i + 1) % len(ends)]) for i in range(len(ends))]
-        chain.insert(int(np.argmin(costs)) + 1, u)
-      else:
-        costs = ([np.linalg.norm(p - ends[0])]
-                 + [np.linalg.norm(p - ends[i]) + np.linalg.norm(p - ends[i + 1])
-                    - np.linalg.norm(ends[i] - ends[i + 1]) for i in range(len(ends) - 1)]
-                 + [np.linalg.norm(p - ends[-1])])
-        chain.insert(int(np.argmin(costs)), u)
+      if u not in chain:
+        _insert_where_shortest(chain, int(u), mean, closed)
     orders[part] = np.asarray(chain)
   return orders
+
+
+def _insert_where_shortest(chain: list[int], u: int, mean: np.ndarray, closed: bool) -> None:
+  """Inserts point `u` into `chain` where it adds the least length."""
+  pts = mean[chain]
+  to_u = np.linalg.norm(pts - mean[u], axis=1)
+  # Detour through u between point i and point i + 1 (wrapping round).
+  detour = to_u + np.roll(to_u, -1) - np.linalg.norm(np.roll(pts, -1, 0) - pts, axis=1)
+  if closed:
+    chain.insert(int(np.argmin(detour)) + 1, u)
+  else:  # Also allowed: before the first or after the last point.
+    costs = np.concatenate([to_u[:1], detour[:-1], to_u[-1:]])
+    chain.insert(int(np.argmin(costs)), u)
 
 
 _MEAN = landmarks.mean_face()
 _ORDER = _contour_orders(_MEAN)
 _ID = {part: _part_ids(part) for part in PART_NAMES}
-# Upper/lower inner lip points paired left to right (closing the mouth).
-_INNER_UPPER = np.asarray([i for i in _ID["inner_lip"] if _MEAN[i, 1] < 0.71 and
-                           0.38 < _MEAN[i, 0] < 0.62])
-_INNER_LOWER = np.asarray([i for i in _ID["inner_lip"] if _MEAN[i, 1] > 0.71])
-_OUTER_LOWER = np.asarray([i for i in _ID["outer_lip"] if _MEAN[i, 1] > 0.705])
-_MOUTH_CORNERS = np.asarray([i for i in np.concatenate([_ID["outer_lip"], _ID["inner_lip"]])
-                             if _MEAN[i, 0] < 0.36 or _MEAN[i, 0] > 0.64])
+
+
+def _wflw(*own: int) -> np.ndarray:
+  """Unified ids of WFLW points (WFLW's layout names the mouth's parts)."""
+  return landmarks.get_protocol("WFLW").unified_index[list(own)]
+
+
+# WFLW mouth: outer lip 76 (corner), 77-81 upper, 82 (corner), 83-87 lower;
+# inner lip 88 (corner), 89-91 upper, 92 (corner), 93-95 lower.
+_INNER_UPPER = _wflw(89, 90, 91)  # right to left
+_INNER_LOWER = _wflw(95, 94, 93)  # right to left, paired with the upper ones
+_OUTER_LOWER = _wflw(83, 84, 85, 86, 87)
+_MOUTH_CORNERS = _wflw(76, 82, 88, 92)
 
 _SHIFT = 4  # cv2 sub-pixel bits: coordinates are drawn at 1/16 px.
 _AA = cv2.LINE_AA
@@ -138,6 +145,12 @@ _IRIS_COLORS = np.asarray([[70, 45, 25], [40, 25, 15], [70, 110, 150], [80, 110,
                            [110, 100, 60]], np.float64)
 
 
+def _sometimes(rng: np.random.Generator, probability: float, low: float, high: float) -> float:
+  """uniform(low, high) with `probability`, else 0; always two draws."""
+  happens, value = rng.uniform() < probability, rng.uniform(low, high)
+  return float(value) if happens else 0.0
+
+
 def _sample(rng: np.random.Generator) -> dict:
   """All random choices of one face, drawn in a fixed order."""
   u = rng.uniform
@@ -145,7 +158,7 @@ def _sample(rng: np.random.Generator) -> dict:
       "face_width": u(0.88, 1.12), "face_length": u(0.92, 1.08),
       "eye_spacing": u(-0.015, 0.015), "nose_length": u(-0.02, 0.02),
       "mouth_width": u(0.88, 1.12),
-      "mouth_open": float(np.where(u() < 0.4, 0.0, u(0.0, 0.11))),
+      "mouth_open": _sometimes(rng, 0.6, 0.0, 0.11),
       "smile": u(-0.4, 1.0), "brow_raise": u(-0.025, 0.04),
       "brow_tilt": u(-0.01, 0.01),
       "eye_open": u(0.6, 1.3), "gaze": rng.uniform(-0.25, 0.25, 2),
@@ -162,7 +175,7 @@ def _sample(rng: np.random.Generator) -> dict:
       "brightness": u(0.75, 1.15),
       "num_occluders": int(rng.choice(3, p=(0.7, 0.22, 0.08))),
       "occluder_seed": int(rng.integers(2**31)),
-      "blur_sigma": float(np.where(u() < 0.25, u(1.0, 2.2), 0.0)),
+      "blur_sigma": _sometimes(rng, 0.25, 1.0, 2.2),
       "noise_sigma": u(0.5, 5.0), "noise_seed": int(rng.integers(2**31)),
   }
   p["roll"] = float(np.clip(p["roll"], -40, 40))
@@ -185,8 +198,8 @@ def _deform(p: dict) -> np.ndarray:
     pts[tilt, 1] += sign * p["brow_tilt"] - p["brow_raise"]
   lower = np.concatenate([_ID["nose_base"], _ID["outer_lip"], _ID["inner_lip"]])
   pts[lower, 1] += p["nose_length"]
-  pts[_ID["nose_ridge"], 1] += p["nose_length"] * np.linspace(0, 1, 4)[
-      np.argsort(np.argsort(pts[_ID["nose_ridge"], 1]))]
+  ridge = _ORDER["nose_ridge"]
+  pts[ridge, 1] += p["nose_length"] * np.linspace(0, 1, len(ridge))
   # Mouth: width and smile (corners up and out).
   mouth = np.concatenate([_ID["outer_lip"], _ID["inner_lip"]])
   centre = pts[mouth].mean(0)
@@ -195,13 +208,11 @@ def _deform(p: dict) -> np.ndarray:
   pts[_MOUTH_CORNERS, 0] += 0.012 * p["smile"] * corner_sign
   pts[_MOUTH_CORNERS, 1] -= 0.02 * p["smile"]
   # Close the inner lips, then open the jaw by mouth_open.
-  upper = _INNER_UPPER[np.argsort(pts[_INNER_UPPER, 0])]
-  lower_ids = _INNER_LOWER[np.argsort(pts[_INNER_LOWER, 0])]
-  seam = (pts[upper, 1] + pts[lower_ids, 1]) / 2
-  pts[upper, 1] = seam
-  pts[lower_ids, 1] = seam
+  seam = (pts[_INNER_UPPER, 1] + pts[_INNER_LOWER, 1]) / 2
+  pts[_INNER_UPPER, 1] = seam
+  pts[_INNER_LOWER, 1] = seam
   opening = p["mouth_open"]
-  pts[lower_ids, 1] += opening
+  pts[_INNER_LOWER, 1] += opening
   pts[_OUTER_LOWER, 1] += opening
   jaw = _ID["jaw"]
   pts[jaw, 1] += opening * np.clip((pts[jaw, 1] - 0.6) / 0.3, 0, 1)
@@ -221,12 +232,16 @@ def _deform(p: dict) -> np.ndarray:
 
 
 def _depth(pts: np.ndarray) -> np.ndarray:
-  """A shallow face surface: a cylinder-like head plus the nose and lips."""
-  z = 0.25 * np.sqrt(np.clip(1.0 - ((pts[:, 0] - 0.5) / 0.5) ** 2, 0.0, 1.0))
-  return z
+  """Depth of a shallow cylinder-like head at unit coordinates `pts`.
+
+  Points at the face's sides have depth 0 and the middle 0.25 face widths,
+  so a yaw rotation foreshortens the far side and moves the middle most.
+  """
+  return 0.25 * np.sqrt(np.clip(1.0 - ((pts[:, 0] - 0.5) / 0.5) ** 2, 0.0, 1.0))
 
 
 def _landmark_depth(pts: np.ndarray) -> np.ndarray:
+  """The head's depth plus the nose and lips standing out of it."""
   z = _depth(pts)
   ridge = _ORDER["nose_ridge"]
   z[ridge] += np.linspace(0.03, 0.1, len(ridge))
@@ -337,7 +352,8 @@ def _draw_face(image: np.ndarray, p: dict, shapes: dict[str, np.ndarray]) -> Non
   """Draws the face onto the background in place (uint8 RGB)."""
   lm = shapes["landmarks"]
   skin = _skin(p)
-  eye_width = np.linalg.norm(lm[78] - lm[84])
+  outer, inner = _wflw(60, 64)  # the right eye's corners
+  eye_width = np.linalg.norm(lm[outer] - lm[inner])
   line_w = max(1, int(round(eye_width / 14)))
   if p["hair"]:
     _fill(image, shapes["hair"], p["hair_rgb"])
@@ -366,6 +382,8 @@ def _draw_face(image: np.ndarray, p: dict, shapes: dict[str, np.ndarray]) -> Non
   base = lm[_ORDER["nose_base"]]
   _line(image, base, skin * 0.45, line_w + 1)
   nostril_r = 0.09 * eye_width
+  # The base runs wing, 5 points of WFLW's nostril line, wing: a nostril sits
+  # above each of the 2nd and 5th segments.
   for a, b in ((1, 2), (4, 5)):
     _disc(image, (base[a] + base[b]) / 2 - (0, 0.6 * nostril_r), nostril_r, skin * 0.3)
   for wing, toward in ((base[0], base[1]), (base[-1], base[-2])):

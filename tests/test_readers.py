@@ -309,6 +309,34 @@ def test_star_tsv_first_row_with_a_bad_value_is_not_a_header(tmp_path):
   assert len(records) == 1 and report.skipped_by_kind() == {"bad_value": 1}
 
 
+def test_star_tsv_short_first_row_is_a_broken_sample_not_a_header(tmp_path):
+  lines = ["img/0.jpg\t1,2"] + [_star_line("300W", 1, "img/1.jpg")]
+  _write_image(str(tmp_path / "img" / "1.jpg"))
+  (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
+  with pytest.raises(DataError, match=r"train.tsv:1: expected 6 or 7 tab-separated columns"):
+    readers.read_star_tsv("300W", str(tmp_path), "train")
+  records, report = readers.read_star_tsv("300W", str(tmp_path), "train", on_error="skip")
+  assert len(records) == 1 and report.skipped_by_kind() == {"field_count": 1}
+  assert not report.notes
+
+
+def test_hrnet_csv_without_header_and_bad_first_row(tmp_path):
+  names = ["0.jpg", "1.jpg"]
+  for name in names:
+    _write_image(str(tmp_path / "images" / name))
+  rows = _hrnet_rows("300W", names)
+  path = tmp_path / "face_landmarks_300w_train.csv"
+  with open(path, "w", newline="") as f:
+    csv.writer(f).writerows(rows)  # no header row: both rows are samples
+  records, _ = readers.read_hrnet_csv("300W", str(tmp_path), "train")
+  assert [r.image_name for r in records] == names
+  rows[0][1] = "n/a"  # a first row with one bad value is still a sample
+  with open(path, "w", newline="") as f:
+    csv.writer(f).writerows(rows)
+  with pytest.raises(DataError, match=r"face_landmarks_300w_train.csv:1: numeric columns: value 0 is not a number"):
+    readers.read_hrnet_csv("300W", str(tmp_path), "train")
+
+
 # ------------------------------------------------------------------ COFW
 
 

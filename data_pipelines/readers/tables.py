@@ -89,7 +89,9 @@ def _read_csv_rows(path: str) -> list[tuple[int, list[str]]]:
   with open(path, newline="", encoding="utf-8-sig") as f:
     rows = [(i, row) for i, row in enumerate(csv.reader(f), 1)
             if any(field.strip() for field in row)]
-  if rows and len(rows[0][1]) > 1 and not _is_number(rows[0][1][1]):
+  # The header row has no numbers; a first sample with one bad value still
+  # has its other numbers, so it is read (and reported) as a sample.
+  if rows and not any(_is_number(field) for field in rows[0][1][1:]):
     rows = rows[1:]
   if not rows:
     raise DataError(path, "CSV annotation file has no data rows", "empty_file")
@@ -191,10 +193,15 @@ def _parse_list(text: str, where: str, what: str) -> np.ndarray:
 
 
 def _looks_like_header(fields: list[str]) -> bool:
-  """A header row has no numbers where a sample has its numeric columns."""
-  numeric = fields[2:6]
-  return not any(all(_is_number(t) for t in f.split(",") if t.strip()) and f.strip()
-                 for f in numeric)
+  """A header row has a sample's columns but no numbers in the numeric ones.
+
+  A row with the wrong number of columns, or with any numeric column that
+  parses, is read as a sample (and reported if it is broken), never dropped.
+  """
+  if len(fields) not in (6, 7):
+    return False
+  return not any(f.strip() and all(_is_number(t) for t in f.split(",") if t.strip())
+                 for f in fields[1:6])
 
 
 def _locate_tsv(dataset: str, src: str, name: str) -> str:
