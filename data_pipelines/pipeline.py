@@ -95,9 +95,12 @@ def decode_and_warp(image: bytes, matrix: np.ndarray, size: int,
     from_reduced = np.array([[factor, 0.0, 0.5 * factor - 0.5],
                              [0.0, factor, 0.5 * factor - 0.5]])
     matrix = crop.compose_affine(matrix, from_reduced)
-  warped = cv2.warpAffine(decoded, matrix, (size, size), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-  return cv2.cvtColor(warped, cv2.COLOR_BGR2RGB)
+  # OpenCV's bilinear warp has a vector path for 4 channels that is about
+  # twice as fast as its 3-channel one; the extra colour conversions are cheap.
+  warped = cv2.warpAffine(cv2.cvtColor(decoded, cv2.COLOR_BGR2BGRA), matrix, (size, size),
+                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=(0, 0, 0, 255))
+  return cv2.cvtColor(warped, cv2.COLOR_BGRA2RGB)
 
 
 def to_unified(points: np.ndarray, protocol: lm.Protocol) -> tuple[np.ndarray, np.ndarray]:
