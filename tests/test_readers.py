@@ -290,9 +290,12 @@ def test_star_tsv_with_and_without_header(tmp_path, header):
   assert [r.image_name for r in records] == [f"img/{i}.jpg" for i in range(4)]
   assert bool(report.notes) == header
   np.testing.assert_allclose(records[0].landmarks, _points("300W", 0), atol=1e-3)
-  # STAR gives centre and scale; the box is the square of side scale * 200.
+  # STAR gives centre and scale; the box is the square of side scale * 200,
+  # with the STAR scale (1.0x crop) turned into the HRNet one (1.25x crop).
   r = records[2]
   np.testing.assert_allclose(r.box[2:] - r.box[:2], [r.scale * 200] * 2, rtol=1e-5)
+  star_scale = float(lines[3 if header else 2].split("\t")[3])
+  assert r.scale == pytest.approx(star_scale / 1.25, rel=1e-6)
 
 
 def test_star_tsv_first_row_with_a_bad_value_is_not_a_header(tmp_path):

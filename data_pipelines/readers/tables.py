@@ -23,6 +23,11 @@ looked up under `image_root`, else beside the TSV, its parent and `src`.
 
 Both give a centre and scale but no box; the record's box is the square of
 side `scale * 200` around the centre. Coordinates are used as given.
+
+STAR/ADNet code crops `scale * 200 * 1.0` where HRNet-style code (and this
+project's pipeline) crops `scale * 200 * 1.25`. The record's `scale` is the
+HRNet one, so a STAR scale is divided by `STAR_TO_HRNET_SCALE` = 1.25: the
+same pixels end up in the crop whichever file a user has.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from fgtbt_jax import landmarks
 
 HRNET_FMT = "hrnet_csv"
 STAR_FMT = "star_tsv"
+# A STAR scale s crops s * 200 px; an HRNet scale s crops s * 200 * 1.25 px.
+STAR_TO_HRNET_SCALE = 1.25
 
 HRNET_FILES = {
     "WFLW": {"train": "face_landmarks_wflw_train.csv", "test": "face_landmarks_wflw_test.csv"},
@@ -264,6 +271,7 @@ def read_star_tsv(dataset: str, src: str, split: str, on_error: str = "raise",
         raise DataError(where, f"expected {2 * n} landmark values ({n} points) "
                         f"for {protocol.name}, found {coords.size}", "point_count")
       scale, cx, cy = common.parse_floats(fields[3:6], where, "scale/center")
+      scale = float(scale) / STAR_TO_HRNET_SCALE
       center = np.asarray([cx, cy], np.float32)
       box = common.box_from_center_scale(center, float(scale), where)
       points = common.check_points(coords.reshape(n, 2), n, box, where)
