@@ -72,13 +72,14 @@ def _derive_seed(*parts: int) -> int:
 
 
 def decode_and_warp(image: bytes, matrix: np.ndarray, size: int,
-                    reduced_decode: bool = True) -> np.ndarray:
+                    reduced_decode: bool = True, where: str = "stored image") -> np.ndarray:
   """Decodes encoded `image` and warps it with `matrix` into an S x S RGB crop.
 
   When the warp shrinks by 2x or more, JPEGs are decoded at 1/2, 1/4 or 1/8
   size (libjpeg's scaled IDCT, far cheaper than decoding in full); the
   reduced image's pixel centres sit at x_full = r (x + 0.5) - 0.5, which is
-  folded into the matrix, so the result matches full decoding.
+  folded into the matrix, so the result matches full decoding up to the
+  difference between r x r block means and bilinear point samples.
   """
   data = np.frombuffer(image, np.uint8)
   zoom = math.sqrt(abs(float(np.linalg.det(matrix[:, :2]))))
@@ -90,7 +91,7 @@ def decode_and_warp(image: bytes, matrix: np.ndarray, size: int,
         break
   decoded = cv2.imdecode(data, flag)
   if decoded is None:
-    raise ValueError("stored image could not be decoded")
+    raise ValueError(f"{where}: the stored image could not be decoded")
   if factor > 1:
     from_reduced = np.array([[factor, 0.0, 0.5 * factor - 0.5],
                              [0.0, factor, 0.5 * factor - 0.5]])
@@ -101,6 +102,11 @@ def decode_and_warp(image: bytes, matrix: np.ndarray, size: int,
                           flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                           borderValue=(0, 0, 0, 255))
   return cv2.cvtColor(warped, cv2.COLOR_BGRA2RGB)
+
+
+def _source_name(example: Mapping[str, Any]) -> str:
+  source = example.get("source", b"stored image")
+  return source.decode(errors="replace") if isinstance(source, bytes) else str(source)
 
 
 def to_unified(points: np.ndarray, protocol: lm.Protocol) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +169,8 @@ class TrainAugment(grain.transforms.RandomMap):
   def random_map(self, element, rng: np.random.Generator):
     extra_scale, rotation, flip = self.draw(rng)
     matrix = self.matrix(element, extra_scale, rotation, flip)
-    image = decode_and_warp(element["image"], matrix, self.image_size, self.reduced_decode)
+    image = decode_and_warp(element["image"], matrix, self.image_size, self.reduced_decode,
+                            _source_name(element))
     points = crop.apply_affine(np.asarray(element["landmarks"], np.float64), matrix)
     if flip:
       points = points[self.protocol.flip_permutation]
@@ -305,7 +312,7 @@ class EvalCrop(grain.transforms.Map):
                                    self.image_size, crop_enlarge=self.crop_enlarge)
     out = {
         "image": decode_and_warp(example["image"], matrix, self.image_size,
-                                 self.reduced_decode),
+                                 self.reduced_decode, _source_name(example)),
         "inverse_affine": crop.invert_affine(matrix).astype(np.float32),
         "original_to_crop": np.asarray(example["original_to_crop"], np.float32),
         "landmarks": np.asarray(example["landmarks"], np.float32),

@@ -168,3 +168,11 @@ def test_reduced_jpeg_decoding_matches_full_decoding():
     inner = (slice(4, -4), slice(4, -4))
     good, bad = np.abs(full - fast)[inner].mean(), np.abs(full - shifted)[inner].mean()
     assert good < bad / 3, (zoom, good, bad)
+
+
+def test_undecodable_stored_image_names_its_source():
+  example = {"image": b"\xff\xd8garbage", "landmarks": np.zeros((19, 2), np.float32),
+             "center": np.array([50.0, 50.0], np.float32), "scale": np.float32(0.5),
+             "source": b"aflw.csv:7"}
+  with pytest.raises(ValueError, match="aflw.csv:7: the stored image could not be decoded"):
+    _augment("AFLW").random_map(example, np.random.default_rng(0))
