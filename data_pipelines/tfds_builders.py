@@ -27,10 +27,14 @@ these rules, which this module follows:
   a numpy array would make TFDS encode it with TensorFlow.
 * `DatasetInfo` is built directly, not with `dataset_info_from_configs`, which
   looks for metadata files beside the module.
-* `try_download_gcs=False`, and reading goes through
-  `tfds.builder_from_directory` (`open_split`), never through a name lookup
-  such as `tfds.builder(name)` or `tfds.list_builders()`, which consult the
-  community registry on GCS and need TensorFlow there.
+* `try_download_gcs=False` when building. `tfds.list_builders()` consults
+  the community registry on GCS and fails without TensorFlow; name lookups
+  work with a local data_dir and `try_gcs=False`, e.g.
+  `tfds.data_source("fgtbt_cofw/jpeg95_512", split="test", data_dir=DIR,
+  try_gcs=False)`. `open_split` reads through `tfds.builder_from_directory`,
+  which needs neither the builder classes nor any registry.
+* The builders report no `code_path`: TFDS would look for a checksums file
+  beside the source with `importlib_resources`, which is not installed.
 * Reading with `as_data_source` decodes features with numpy (images with
   OpenCV); `open_split` skips image decoding so the pipeline can decode at
   reduced size (cv2.IMREAD_REDUCED_*).
