@@ -1,0 +1,22 @@
+"""FGTBT network: MiT encoder, FGSA, heatmap decoder, config, sharding names.
+
+Public API:
+  model_config(variant="paper", **overrides) -> ConfigDict
+  build_model(config) -> FGTBT;  build_encoder(config) -> MixTransformer
+  normalize_images(images) -> ImageNet-normalised float32 images
+  LOGICAL_AXIS_NAMES, logical_axis_rules(mode), variable_shardings(...)
+  count_macs(config, input_size=None) -> multiply-adds of the forward pass
+"""
+
+from fgtbt_jax.models.config import ENCODERS, VARIANTS, model_config, validate_model_config
+from fgtbt_jax.models.fgtbt import (
+    FGTBT, IMAGENET_MEAN, IMAGENET_STD, abstract_variables, build_encoder, build_model,
+    normalize_images, parameter_count)
+from fgtbt_jax.models.sharding import LOGICAL_AXIS_NAMES, logical_axis_rules, variable_shardings
+
+__all__ = [
+    "ENCODERS", "VARIANTS", "model_config", "validate_model_config",
+    "FGTBT", "IMAGENET_MEAN", "IMAGENET_STD", "abstract_variables", "build_encoder",
+    "build_model", "normalize_images", "parameter_count",
+    "LOGICAL_AXIS_NAMES", "logical_axis_rules", "variable_shardings",
+]

@@ -1,0 +1,156 @@
+"""Model variants and the model config (one place for every model field).
+
+`model_config(variant, **overrides)` returns an `ml_collections.ConfigDict`
+with every field the model reads; `fgtbt_jax.models.build_model(config)`
+builds the network from it. Example:
+
+  config = model_config("paper", dtype="bfloat16", remat=True)
+  model = build_model(config)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from fgtbt_jax.models.fgsa import FREQUENCY_EXTRACTORS
+from fgtbt_jax.models.mit import ATTENTION_IMPLEMENTATIONS, PATCH_EMBEDDINGS
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+  """Per-stage shape of a four-stage MiT encoder."""
+
+  dims: tuple[int, int, int, int]
+  depths: tuple[int, int, int, int]
+  num_heads: tuple[int, int, int, int] = (1, 2, 5, 8)
+  sr_ratios: tuple[int, int, int, int] = (8, 4, 2, 1)
+  patch_sizes: tuple[int, int, int, int] = (7, 3, 3, 3)
+  strides: tuple[int, int, int, int] = (4, 2, 2, 2)
+
+
+_MIT_WIDE = (64, 128, 320, 512)
+
+ENCODERS: dict[str, EncoderSpec] = {
+    # The paper's encoder: mit_b4 widths with shortened depths.
+    "paper": EncoderSpec(_MIT_WIDE, (3, 6, 18, 3)),
+    "b0": EncoderSpec((32, 64, 160, 256), (2, 2, 2, 2)),
+    "b1": EncoderSpec(_MIT_WIDE, (2, 2, 2, 2)),
+    "b2": EncoderSpec(_MIT_WIDE, (3, 4, 6, 3)),
+    "b3": EncoderSpec(_MIT_WIDE, (3, 4, 18, 3)),
+    "b4": EncoderSpec(_MIT_WIDE, (3, 8, 27, 3)),
+    "b5": EncoderSpec(_MIT_WIDE, (3, 6, 40, 3)),
+    # Test/smoke-run size: one block per stage, 16-wide heads.
+    "tiny": EncoderSpec((16, 32, 64, 128), (1, 1, 1, 1), num_heads=(1, 2, 4, 8)),
+}
+
+# Per-variant defaults beyond the encoder: input size and head widths. The
+# paper's head (768 / 256 / 128) is the default for the paper and b0..b5;
+# "small" and "tiny" are CPU-sized variants of the full architecture.
+_PRESETS: dict[str, dict] = {
+    "paper": dict(encoder="paper"),
+    **{f"b{i}": dict(encoder=f"b{i}") for i in range(6)},
+    "small": dict(encoder="b0", input_size=128, decoder_dim=128, head_channels=64,
+                  upsample_channels=32),
+    "tiny": dict(encoder="tiny", input_size=64, decoder_dim=64, head_channels=32,
+                 upsample_channels=16),
+}
+
+VARIANTS: tuple[str, ...] = tuple(_PRESETS)
+
+
+def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDict:
+  """The model config of a named variant, with field overrides.
+
+  Args:
+    variant: "paper" (the FGTBT paper network), "b0".."b5" (standard MiT
+      encoders with the paper's head), "small" (b0 encoder, light head, 128
+      input: trains on a CPU) or "tiny" (unit tests and smoke runs, 64 input).
+    **overrides: any field below, e.g. `fgsa=False, dtype="bfloat16"`.
+
+  Returns:
+    ConfigDict with the fields
+      variant: the preset name (informational).
+      encoder: encoder shape, a key of ENCODERS.
+      input_size: square input side in pixels (multiple of 32); used for
+        cost counts and by the data pipeline (the model accepts any multiple
+        of 32).
+      patch_embed: "conv_stem" (paper) or "plain" (MiT; loads ImageNet weights).
+      fgsa: FGSA branch on/off (off = the paper's "w/o FGSA" ablation).
+      frequency_extractor: "fft" (paper), "srm" or "wavelet".
+      frequency_sigma: FFT high-pass sigma at a 480 input (20); scaled by
+        input side / 480 at other sizes.
+      fgsa_reduction: r, prompt width divisor (4).
+      decoder_dim, head_channels, upsample_channels: head widths (768/256/128).
+      num_points: output heatmaps (124 unified landmarks).
+      dtype: compute dtype "float32" or "bfloat16" (parameters stay float32).
+      drop_path_rate: stochastic depth of the last block (0.1).
+      head_dropout: dropout after the head's fusion (0.1).
+      remat: recompute every Transformer block in the backward pass.
+      attention_impl: "xla", "cudnn" (NVIDIA GPU, bfloat16) or "einsum".
+      norm_epsilon: block and stage LayerNorm epsilon (1e-6).
+      embed_norm_epsilon: patch-embedding / spatial-reduction LayerNorm
+        epsilon (1e-5; set both to 1e-5 to match transformers' SegFormer).
+
+  Raises:
+    ValueError: unknown variant or invalid field value.
+    KeyError: an override names no field.
+  """
+  if variant not in _PRESETS:
+    raise ValueError(f"unknown model variant {variant!r}; expected one of {VARIANTS}")
+  config = ml_collections.ConfigDict()
+  config.variant = variant
+  config.encoder = "paper"
+  config.input_size = 480
+  config.patch_embed = "conv_stem"
+  config.fgsa = True
+  config.frequency_extractor = "fft"
+  config.frequency_sigma = 20.0
+  config.fgsa_reduction = 4
+  config.decoder_dim = 768
+  config.head_channels = 256
+  config.upsample_channels = 128
+  config.num_points = 124
+  config.dtype = "float32"
+  config.drop_path_rate = 0.1
+  config.head_dropout = 0.1
+  config.remat = False
+  config.attention_impl = "xla"
+  config.norm_epsilon = 1e-6
+  config.embed_norm_epsilon = 1e-5
+  config.update(_PRESETS[variant])
+  for key, value in overrides.items():
+    if key not in config:
+      raise KeyError(f"model_config: unknown field {key!r}; fields are {sorted(config.keys())}")
+    config[key] = value
+  validate_model_config(config)
+  return config
+
+
+def validate_model_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first field with an invalid value."""
+  choices = {
+      "encoder": tuple(ENCODERS),
+      "patch_embed": PATCH_EMBEDDINGS,
+      "frequency_extractor": FREQUENCY_EXTRACTORS,
+      "dtype": DTYPES,
+      "attention_impl": ATTENTION_IMPLEMENTATIONS,
+  }
+  for field, allowed in choices.items():
+    if config[field] not in allowed:
+      raise ValueError(f"model config: {field}={config[field]!r}; expected one of {allowed}")
+  if config.input_size <= 0 or config.input_size % 32:
+    raise ValueError(f"model config: input_size={config.input_size} must be a positive multiple of 32")
+  spec = ENCODERS[config.encoder]
+  for dim in spec.dims:
+    if dim % config.fgsa_reduction:
+      raise ValueError(
+          f"model config: fgsa_reduction={config.fgsa_reduction} does not divide stage width {dim}")
+  if config.frequency_sigma <= 0:
+    raise ValueError(f"model config: frequency_sigma={config.frequency_sigma} must be > 0")
+  for field in ("drop_path_rate", "head_dropout"):
+    if not 0.0 <= config[field] < 1.0:
+      raise ValueError(f"model config: {field}={config[field]} must be in [0, 1)")

@@ -1,0 +1,229 @@
+"""FGSA: the frequency-guided structure-aware model (FGTBT paper section 3.3).
+
+Two parts:
+* a fixed (parameter-free) high-frequency extractor turning the normalised
+  input image into a 3-channel structure image: the FFT Gaussian high-pass
+  of the paper (eq. 17-20), or the two alternatives of its Table 7 (SRM
+  filters, Haar wavelet high band);
+* per encoder stage, an `FGSAStage` that refines the structure features to
+  the stage's grid, builds the stage's prompt, and injects it before every
+  Transformer block of the stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fgtbt_jax.models import layers
+from fgtbt_jax.models.mit import OverlapPatchEmbed
+
+Dtype = Any
+
+FREQUENCY_EXTRACTORS = ("fft", "srm", "wavelet")
+
+# The frequency sigma of the paper is in frequency-index units for a 480 x 480
+# input; a fixed cut-off in cycles per pixel scales with the image size.
+SIGMA_REFERENCE_SIZE = 480
+
+# The three 5x5 SRM residual kernels of steganalysis rich models (Fridrich and
+# Kodovsky 2012) as used on summed RGB in RGB-N style detectors: the "KV"
+# second-order kernel, the 5x5 "square" kernel and a horizontal second
+# difference.
+SRM_KERNELS = np.stack([
+    np.array([[0, 0, 0, 0, 0],
+              [0, -1, 2, -1, 0],
+              [0, 2, -4, 2, 0],
+              [0, -1, 2, -1, 0],
+              [0, 0, 0, 0, 0]], np.float32) / 4.0,
+    np.array([[-1, 2, -2, 2, -1],
+              [2, -6, 8, -6, 2],
+              [-2, 8, -12, 8, -2],
+              [2, -6, 8, -6, 2],
+              [-1, 2, -2, 2, -1]], np.float32) / 12.0,
+    np.array([[0, 0, 0, 0, 0],
+              [0, 0, 0, 0, 0],
+              [0, 1, -2, 1, 0],
+              [0, 0, 0, 0, 0],
+              [0, 0, 0, 0, 0]], np.float32) / 2.0,
+])
+
+
+def gaussian_highpass_mask(height: int, width: int, sigma_h: float, sigma_w: float) -> np.ndarray:
+  """M_h(i, j) = 1 - exp(-((i - H//2)^2 / (2 sigma_h^2) + (j - W//2)^2 / (2 sigma_w^2))).
+
+  The centred (fftshift-ed) Gaussian high-pass of paper eq. 19; with
+  sigma_h = sigma_w it is exactly the paper's isotropic mask.
+  """
+  i = np.arange(height, dtype=np.float64)[:, None] - height // 2
+  j = np.arange(width, dtype=np.float64)[None, :] - width // 2
+  return 1.0 - np.exp(-(i**2 / (2 * sigma_h**2) + j**2 / (2 * sigma_w**2)))
+
+
+def fft_high_frequency(images: jax.Array, sigma: float) -> jax.Array:
+  """|Re(IFFT2(ifftshift(fftshift(FFT2(I)) * M_h)))| per channel (paper eq. 17-20).
+
+  Args:
+    images: (B, H, W, C) float images (normalised input).
+    sigma: the Gaussian's sigma at a 480 x 480 input, in frequency-index
+      units; it is scaled by H / 480 and W / 480 so the cut-off frequency in
+      cycles per pixel is the same at every input size.
+
+  Returns:
+    (B, H, W, C) float32 high-frequency magnitude.
+  """
+  _, h, w, _ = images.shape
+  scale = sigma / SIGMA_REFERENCE_SIZE
+  mask = gaussian_highpass_mask(h, w, scale * h, scale * w)
+  # ifftshift(fftshift(F) * M) == F * ifftshift(M): one precomputed mask.
+  unshifted_mask = jnp.asarray(np.fft.ifftshift(mask), jnp.float32)[None, :, :, None]
+  spectrum = jnp.fft.fft2(images.astype(jnp.float32), axes=(1, 2))
+  filtered = jnp.fft.ifft2(spectrum * unshifted_mask, axes=(1, 2))
+  return jnp.abs(jnp.real(filtered))
+
+
+def srm_high_frequency(images: jax.Array) -> jax.Array:
+  """The three SRM residuals of the summed RGB channels ('same' zero padding).
+
+  Returns (B, H, W, 3) float32 residual maps (signed, as in SRM layers).
+  """
+  gray = jnp.sum(images.astype(jnp.float32), axis=-1, keepdims=True)
+  kernel = jnp.asarray(SRM_KERNELS.transpose(1, 2, 0)[:, :, None, :])  # (5, 5, 1, 3)
+  return jax.lax.conv_general_dilated(
+      gray, kernel, window_strides=(1, 1), padding=((2, 2), (2, 2)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST)
+
+
+def wavelet_high_frequency(images: jax.Array) -> jax.Array:
+  """|single-level Haar reconstruction from the detail bands only| per channel.
+
+  Zeroing the LL band of a one-level orthonormal Haar transform and inverting
+  leaves I - (2x2 block mean of I, repeated over the block): the LH, HL and
+  HH content at full resolution. H and W must be even.
+  """
+  b, h, w, c = images.shape
+  if h % 2 or w % 2:
+    raise ValueError(f"wavelet extractor needs even height and width, got {h}x{w}")
+  x = images.astype(jnp.float32)
+  blocks = x.reshape(b, h // 2, 2, w // 2, 2, c)
+  low = jnp.mean(blocks, axis=(2, 4), keepdims=True)
+  return jnp.abs(blocks - low).reshape(b, h, w, c)
+
+
+def high_frequency_image(images: jax.Array, extractor: str, sigma: float) -> jax.Array:
+  """The 3-channel structure image fed to FGSA, by extractor name."""
+  if extractor == "fft":
+    return fft_high_frequency(images, sigma)
+  if extractor == "srm":
+    return srm_high_frequency(images)
+  if extractor == "wavelet":
+    return wavelet_high_frequency(images)
+  raise ValueError(
+      f"unknown frequency_extractor {extractor!r}; expected one of {FREQUENCY_EXTRACTORS}")
+
+
+class ChannelAttention(nn.Module):
+  """CBAM channel attention, pooled per sample.
+
+  Average- and max-pooled descriptors over the tokens of each sample go
+  through one shared MLP (bottleneck width / reduction, no biases); their sum
+  through a sigmoid rescales the channels.
+  """
+
+  reduction: int = 16
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    hidden = max(1, channels // self.reduction)
+    squeeze = layers.dense(hidden, "fused", "prompt", use_bias=False, dtype=self.dtype,
+                           name="squeeze")
+    excite = layers.dense(channels, "prompt", "fused", use_bias=False, dtype=self.dtype,
+                          name="excite")
+    mlp = lambda d: excite(nn.relu(squeeze(d)))
+    logits = mlp(jnp.mean(x, axis=1)) + mlp(jnp.max(x, axis=1))
+    return x * nn.sigmoid(logits)[:, None, :]
+
+
+class FGSAStage(nn.Module):
+  """FGSA for one encoder stage of width C (paper eq. 21-25).
+
+  `prompt` runs once per stage: Refine (a patch embedding of the stage's
+  shape with C / r channels) turns the previous structure map into structure
+  tokens F_s on the stage's grid; Linear(C, C / r) turns the freshly
+  embedded image tokens into F_pa; the prompt is concat(F_pa, F_s) (C / 2).
+  `inject` runs before every block j:
+  f = concat(x, prompt) (1.5 C); f = f + Conv1x1(ReLU(BN(CA(f))));
+  x = x + Linear_s(GELU(Linear_us_j(f))) where channel attention CA, BN,
+  Conv1x1 and Linear_s(C / r -> C) are shared by the stage and
+  Linear_us_j(1.5 C -> C / r) belongs to block j.
+
+  Attributes:
+    dim: C.
+    depth: blocks in the stage.
+    patch_size, stride, patch_embed: the stage's patch-embedding shape.
+    reduction: r (4 in the paper).
+    attention_reduction: CA bottleneck reduction (16).
+    embed_norm_epsilon: epsilon of Refine's LayerNorm.
+    dtype: compute dtype.
+  """
+
+  dim: int
+  depth: int
+  patch_size: int
+  stride: int
+  patch_embed: str = "conv_stem"
+  reduction: int = 4
+  attention_reduction: int = 16
+  embed_norm_epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    narrow = self.dim // self.reduction
+    fused = self.dim + 2 * narrow
+    self.refine = OverlapPatchEmbed(
+        narrow, self.patch_size, self.stride, kind=self.patch_embed,
+        norm_epsilon=self.embed_norm_epsilon, axis="prompt", dtype=self.dtype)
+    self.image_proj = layers.dense(narrow, "embed", "prompt", dtype=self.dtype)
+    self.channel_attention = ChannelAttention(self.attention_reduction, dtype=self.dtype)
+    self.norm = layers.batch_norm(dtype=self.dtype)
+    self.conv = layers.dense(fused, "conv_in", "fused", dtype=self.dtype)
+    self.reduce = [layers.dense(narrow, "fused", "prompt", dtype=self.dtype)
+                   for _ in range(self.depth)]
+    self.expand = layers.dense(self.dim, "prompt", "embed", dtype=self.dtype)
+
+  def prompt(self, tokens: jax.Array, structure: jax.Array,
+             train: bool) -> tuple[jax.Array, jax.Array]:
+    """The stage prompt F_p and the structure map for the next stage.
+
+    Args:
+      tokens: (B, h * w, C) image tokens right after the patch embedding.
+      structure: (B, H', W', C') previous structure map (the high-frequency
+        image for stage 1).
+      train: batch-norm mode.
+
+    Returns:
+      prompt (B, h * w, C / 2) and structure map (B, h, w, C / r).
+    """
+    structure_tokens, (h, w) = self.refine(structure, train)
+    if structure_tokens.shape[1] != tokens.shape[1]:
+      raise ValueError(
+          f"FGSA: structure grid {h}x{w} does not match {tokens.shape[1]} image tokens")
+    prompt = jnp.concatenate([self.image_proj(tokens), structure_tokens], axis=-1)
+    b = structure_tokens.shape[0]
+    return prompt, structure_tokens.reshape(b, h, w, -1)
+
+  def inject(self, x: jax.Array, prompt: jax.Array, block: int, train: bool) -> jax.Array:
+    """x + FGSA(x, prompt) before block `block` of the stage."""
+    f = jnp.concatenate([x, prompt.astype(x.dtype)], axis=-1)
+    g = self.channel_attention(f)
+    g = nn.relu(self.norm(g, use_running_average=not train))
+    f = f + self.conv(g)
+    f = self.expand(nn.gelu(self.reduce[block](f), approximate=False))
+    return x + f

@@ -1,0 +1,125 @@
+"""The FGTBT network and its factory.
+
+Calling convention:
+  variables = model.init(rng, images, train=False)
+  heatmaps = model.apply(variables, images, train=False)
+  heatmaps, updates = model.apply(variables, images, train=True,
+                                  rngs={"dropout": key}, mutable=["batch_stats"])
+with `images` float (B, H, W, 3), H and W multiples of 32, already normalised
+by `normalize_images`; `heatmaps` is float32 (B, H / 2, W / 2, num_points).
+Parameters are boxed in `nn.Partitioned` (logical axis names); unbox with
+`flax.linen.meta.unbox(variables)` where plain arrays are needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fgtbt_jax.models.config import ENCODERS, validate_model_config
+from fgtbt_jax.models.decoder import DecoderHead
+from fgtbt_jax.models.encoder import MixTransformer
+from fgtbt_jax.models.fgsa import high_frequency_image
+
+Dtype = Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Total stride of the encoder: inputs must divide by it.
+ENCODER_STRIDE = 32
+
+
+def normalize_images(images) -> jax.Array:
+  """uint8 or float 0-255 (..., H, W, 3) RGB -> ImageNet-normalised float32."""
+  images = jnp.asarray(images)
+  if images.shape[-1] != 3:
+    raise ValueError(f"normalize_images: expected RGB channels last, got shape {images.shape}")
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
+  inv_std = 1.0 / (jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0)
+  return (images.astype(jnp.float32) - mean) * inv_std
+
+
+class FGTBT(nn.Module):
+  """Frequency-guided MiT encoder + heatmap decoder (FGTBT paper, Fig. 2).
+
+  Attributes:
+    encoder: the `MixTransformer` (FGSA is on when `encoder.fgsa`); its
+      parameters are the 'encoder' subtree.
+    decoder: the `DecoderHead`; parameters under 'decoder'.
+    frequency_extractor: "fft", "srm" or "wavelet".
+    frequency_sigma: FFT high-pass sigma at a 480 input.
+  """
+
+  encoder: MixTransformer
+  decoder: DecoderHead
+  frequency_extractor: str = "fft"
+  frequency_sigma: float = 20.0
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"FGTBT: expected (B, H, W, 3) images, got shape {images.shape}")
+    _, h, w, _ = images.shape
+    if h % ENCODER_STRIDE or w % ENCODER_STRIDE:
+      raise ValueError(f"FGTBT: input {h}x{w} is not a multiple of {ENCODER_STRIDE}")
+    images = nn.with_logical_constraint(images, ("batch", "height", "width", None))
+    structure = None
+    if self.encoder.fgsa:
+      structure = high_frequency_image(images, self.frequency_extractor, self.frequency_sigma)
+    features = self.encoder(images, structure, train)
+    heatmaps = self.decoder(features, train)
+    return heatmaps.astype(jnp.float32)
+
+
+def _dtype(name: str) -> Dtype:
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def build_encoder(config: ml_collections.ConfigDict) -> MixTransformer:
+  """The encoder of `build_model(config)` as a standalone module.
+
+  Its parameters are the 'encoder' subtree of the full model's parameters;
+  with FGSA on, call it with the structure image as second argument.
+  """
+  validate_model_config(config)
+  spec = ENCODERS[config.encoder]
+  return MixTransformer(
+      dims=spec.dims, depths=spec.depths, num_heads=spec.num_heads,
+      sr_ratios=spec.sr_ratios, patch_sizes=spec.patch_sizes, strides=spec.strides,
+      patch_embed=config.patch_embed, fgsa=config.fgsa,
+      fgsa_reduction=config.fgsa_reduction, drop_path_rate=config.drop_path_rate,
+      norm_epsilon=config.norm_epsilon, embed_norm_epsilon=config.embed_norm_epsilon,
+      remat=config.remat, attention_impl=config.attention_impl,
+      dtype=_dtype(config.dtype), parent=None)
+
+
+def build_model(config: ml_collections.ConfigDict) -> FGTBT:
+  """The FGTBT network described by a `model_config(...)` ConfigDict."""
+  encoder = build_encoder(config)
+  decoder = DecoderHead(
+      decoder_dim=config.decoder_dim, head_channels=config.head_channels,
+      upsample_channels=config.upsample_channels, num_points=config.num_points,
+      dropout=config.head_dropout, dtype=_dtype(config.dtype), parent=None)
+  return FGTBT(encoder=encoder, decoder=decoder,
+               frequency_extractor=config.frequency_extractor,
+               frequency_sigma=float(config.frequency_sigma))
+
+
+def parameter_count(tree: Any) -> int:
+  """Number of scalars in a (boxed or plain, abstract or concrete) tree."""
+  leaves = jax.tree.leaves(nn.meta.unbox(tree))
+  return int(sum(np.prod(x.shape) for x in leaves))
+
+
+def abstract_variables(model: nn.Module, input_size: int | Sequence[int], batch: int = 1):
+  """`jax.eval_shape` of `model.init`: the variables' shapes without computing them."""
+  if isinstance(input_size, int):
+    input_size = (input_size, input_size)
+  images = jax.ShapeDtypeStruct((batch, *input_size, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)

@@ -1,0 +1,141 @@
+"""Layer constructors with logical axis names, and stochastic depth.
+
+Every parameter the model creates goes through one of these constructors so
+that it carries logical axis names (see `sharding.py`) and the model-wide
+initialisation: truncated normal (std 0.02) for linear layers as in MiT, and
+He normal over fan-out (`sqrt(2 / (k * k * out / groups))`) for
+convolutions, as in the MiT and SegFormer PyTorch code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# PyTorch BatchNorm momentum 0.1 means new = 0.9 old + 0.1 batch in Flax terms.
+BATCH_NORM_MOMENTUM = 0.9
+BATCH_NORM_EPSILON = 1e-5
+
+_LINEAR_INIT = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def _named(init, names: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(init, names)
+
+
+def dense(features: int, in_axis: str, out_axis: str, *, dtype: Dtype,
+          use_bias: bool = True, name: str | None = None) -> nn.Dense:
+  """Linear layer with (in_axis, out_axis) kernel names and (out_axis,) bias."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=_named(_LINEAR_INIT, (in_axis, out_axis)),
+      bias_init=_named(nn.initializers.zeros_init(), (out_axis,)),
+      name=name)
+
+
+def _conv_init(kernel_size: Sequence[int], features: int, groups: int):
+  fan_out = math.prod(kernel_size) * features // groups
+  return nn.initializers.normal(stddev=math.sqrt(2.0 / fan_out))
+
+
+def conv(features: int, kernel_size: int, out_axis: str, *, dtype: Dtype,
+         strides: int = 1, padding: int | str = 0, groups: int = 1,
+         use_bias: bool = True, name: str | None = None) -> nn.Conv:
+  """Square 2-D convolution on NHWC maps, PyTorch-style symmetric padding.
+
+  Args:
+    features: output channels.
+    kernel_size: k of the k x k kernel.
+    out_axis: logical name of the output-channel dimension.
+    dtype: compute dtype.
+    strides: stride in both directions.
+    padding: symmetric zero padding in pixels, or "VALID".
+    groups: feature groups (= channels for a depthwise convolution).
+    use_bias: whether to add a bias.
+    name: module name.
+  """
+  kernel = (kernel_size, kernel_size)
+  pad = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
+  return nn.Conv(
+      features, kernel, strides=(strides, strides), padding=pad,
+      feature_group_count=groups, use_bias=use_bias, dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=_named(_conv_init(kernel, features, groups),
+                         ("conv_height", "conv_width", "conv_in", out_axis)),
+      bias_init=_named(nn.initializers.zeros_init(), (out_axis,)),
+      name=name)
+
+
+def conv_transpose(features: int, kernel_size: int, stride: int, padding: int,
+                   out_axis: str, *, dtype: Dtype, name: str | None = None) -> nn.ConvTranspose:
+  """Transposed convolution with PyTorch `ConvTranspose2d` semantics.
+
+  PyTorch's `ConvTranspose2d(k, stride=s, padding=p)` gives an output of
+  `(H - 1) s - 2 p + k` pixels; it equals a plain convolution over the input
+  dilated by s and zero-padded by `k - 1 - p` on each side, with the
+  spatially flipped kernel. Flax's `ConvTranspose` (with
+  `transpose_kernel=False`) is exactly that dilated convolution without the
+  flip, so a PyTorch weight `w` of shape (in, out, k, k) maps to the Flax
+  kernel `w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)`. For k = 4, s = 2,
+  p = 1 the output is exactly 2 H x 2 W.
+  """
+  kernel = (kernel_size, kernel_size)
+  edge = kernel_size - 1 - padding
+  return nn.ConvTranspose(
+      features, kernel, strides=(stride, stride),
+      padding=((edge, edge), (edge, edge)), dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=_named(_conv_init(kernel, features, 1),
+                         ("conv_height", "conv_width", "conv_in", out_axis)),
+      bias_init=_named(nn.initializers.zeros_init(), (out_axis,)),
+      name=name)
+
+
+def layer_norm(epsilon: float, *, dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm over the last axis (statistics in float32)."""
+  return nn.LayerNorm(
+      epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
+      scale_init=_named(nn.initializers.ones_init(), ("norm",)),
+      bias_init=_named(nn.initializers.zeros_init(), ("norm",)),
+      name=name)
+
+
+def batch_norm(*, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
+  """BatchNorm over all but the last axis with PyTorch's defaults.
+
+  The running statistics live in the 'batch_stats' collection; pass
+  `use_running_average=not train` when calling. Under `jax.jit` with a
+  batch-sharded input the statistics are global batch statistics (XLA
+  reduces across devices), so no `axis_name` is needed.
+  """
+  return nn.BatchNorm(
+      momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, dtype=dtype,
+      param_dtype=jnp.float32,
+      scale_init=_named(nn.initializers.ones_init(), ("norm",)),
+      bias_init=_named(nn.initializers.zeros_init(), ("norm",)),
+      name=name)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch of a sample.
+
+  Kept samples are scaled by 1 / (1 - rate) so the expectation is unchanged.
+  Needs the 'dropout' rng in training mode.
+  """
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if not train or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, mask_shape)
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))

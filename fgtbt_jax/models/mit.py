@@ -1,0 +1,196 @@
+"""Mix Transformer (SegFormer "MiT") building blocks (FGTBT paper section 3.1).
+
+Tokens are (batch, height * width, channels) in row-major spatial order, so
+`tokens.reshape(B, H, W, C)` is the feature map (channels last); no transposes
+are needed between the two views.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fgtbt_jax.models import layers
+
+Dtype = Any
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "einsum")
+PATCH_EMBEDDINGS = ("conv_stem", "plain")
+
+
+def attention_core(query: jax.Array, key: jax.Array, value: jax.Array,
+                   implementation: str) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v for (B, T, heads, d) queries and (B, S, heads, d) keys/values.
+
+  Args:
+    query, key, value: per-head projections.
+    implementation: "xla" or "cudnn" use the fused `jax.nn.dot_product_attention`
+      ("cudnn" needs an NVIDIA GPU and float16/bfloat16 inputs); "einsum" is
+      the plain two-matmul form with a float32 softmax, kept as a reference.
+
+  Returns:
+    (B, T, heads, d) attention output in the query's dtype.
+  """
+  if implementation == "einsum":
+    scale = query.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+                        preferred_element_type=jnp.float32) * scale
+    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+  if implementation in ("xla", "cudnn"):
+    return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
+  raise ValueError(
+      f"unknown attention_impl {implementation!r}; expected one of {ATTENTION_IMPLEMENTATIONS}")
+
+
+class OverlapPatchEmbed(nn.Module):
+  """Overlapping patch embedding: feature map -> tokens at stride `stride`.
+
+  "plain" (MiT): conv(k, s, padding k // 2) then LayerNorm.
+  "conv_stem" (the FGTBT authors' variant):
+  BN-ReLU-1x1conv(no bias)-BN-ReLU-conv(k, s)-BN-ReLU-1x1conv(no bias), then
+  LayerNorm, with every hidden width equal to `features` (this choice
+  reproduces the paper's parameter count, 47.3 M for the paper encoder).
+
+  Attributes:
+    features: output channels C.
+    patch_size: k.
+    stride: s.
+    kind: "plain" or "conv_stem".
+    norm_epsilon: epsilon of the final LayerNorm (1e-5 in MiT).
+    axis: logical axis name of the output width ("embed"; "prompt" for the
+      FGSA structure branch).
+    dtype: compute dtype.
+  """
+
+  features: int
+  patch_size: int
+  stride: int
+  kind: str = "plain"
+  norm_epsilon: float = 1e-5
+  axis: str = "embed"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, tuple[int, int]]:
+    """Maps (B, H, W, C_in) to tokens (B, h * w, features) and the grid (h, w)."""
+    c, k, s = self.features, self.patch_size, self.stride
+    if self.kind == "plain":
+      x = layers.conv(c, k, self.axis, strides=s, padding=k // 2, dtype=self.dtype,
+                      name="proj")(x)
+    elif self.kind == "conv_stem":
+      def bn_relu(y, name):
+        y = layers.batch_norm(dtype=self.dtype, name=name)(y, use_running_average=not train)
+        return nn.relu(y)
+      x = bn_relu(x, "norm_in")
+      x = layers.conv(c, 1, self.axis, use_bias=False, dtype=self.dtype, name="conv_in")(x)
+      x = bn_relu(x, "norm_mid")
+      x = layers.conv(c, k, self.axis, strides=s, padding=k // 2, dtype=self.dtype,
+                      name="proj")(x)
+      x = bn_relu(x, "norm_out")
+      x = layers.conv(c, 1, self.axis, use_bias=False, dtype=self.dtype, name="conv_out")(x)
+    else:
+      raise ValueError(f"unknown patch_embed {self.kind!r}; expected one of {PATCH_EMBEDDINGS}")
+    b, h, w, _ = x.shape
+    tokens = x.reshape(b, h * w, c)
+    tokens = layers.layer_norm(self.norm_epsilon, dtype=self.dtype, name="norm")(tokens)
+    return tokens, (h, w)
+
+
+class EfficientSelfAttention(nn.Module):
+  """Multi-head self-attention with spatially reduced keys and values.
+
+  Keys and values come from the token map reduced by a conv (kernel and
+  stride `sr_ratio`) + LayerNorm when `sr_ratio > 1`, which divides the
+  attention cost by sr_ratio^2. k and v share one fused projection kv
+  (k first), as in the MiT reference code.
+
+  Attributes:
+    dim: channels C.
+    num_heads: attention heads (C must divide).
+    sr_ratio: spatial reduction ratio.
+    grid: (h, w) of the tokens.
+    sr_norm_epsilon: epsilon of the reduction LayerNorm (1e-5 in MiT).
+    implementation: attention core, see `attention_core`.
+    dtype: compute dtype.
+  """
+
+  dim: int
+  num_heads: int
+  sr_ratio: int
+  grid: tuple[int, int]
+  sr_norm_epsilon: float = 1e-5
+  implementation: str = "xla"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, n, c = x.shape
+    if c % self.num_heads:
+      raise ValueError(f"attention: {c} channels do not split into {self.num_heads} heads")
+    head_dim = c // self.num_heads
+    q = layers.dense(c, "embed", "qkv", dtype=self.dtype, name="q")(x)
+    source = x
+    if self.sr_ratio > 1:
+      h, w = self.grid
+      m = x.reshape(b, h, w, c)
+      m = layers.conv(c, self.sr_ratio, "embed", strides=self.sr_ratio, padding="VALID",
+                      dtype=self.dtype, name="sr")(m)
+      source = m.reshape(b, -1, c)
+      source = layers.layer_norm(self.sr_norm_epsilon, dtype=self.dtype, name="sr_norm")(source)
+    kv = layers.dense(2 * c, "embed", "qkv", dtype=self.dtype, name="kv")(source)
+    k, v = kv[..., :c], kv[..., c:]
+    heads = lambda t: t.reshape(b, t.shape[1], self.num_heads, head_dim)
+    out = attention_core(heads(q), heads(k), heads(v), self.implementation)
+    out = out.reshape(b, n, c)
+    return layers.dense(c, "qkv", "embed", dtype=self.dtype, name="proj")(out)
+
+
+class MixFFN(nn.Module):
+  """Linear(C, rC) -> depthwise 3x3 conv (bias) -> GELU (exact) -> Linear(rC, C)."""
+
+  dim: int
+  grid: tuple[int, int]
+  ratio: int = 4
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, n, _ = x.shape
+    hidden = self.ratio * self.dim
+    x = layers.dense(hidden, "embed", "mlp", dtype=self.dtype, name="fc1")(x)
+    m = x.reshape(b, *self.grid, hidden)
+    m = layers.conv(hidden, 3, "mlp", padding=1, groups=hidden, dtype=self.dtype,
+                    name="dwconv")(m)
+    x = nn.gelu(m.reshape(b, n, hidden), approximate=False)
+    return layers.dense(self.dim, "mlp", "embed", dtype=self.dtype, name="fc2")(x)
+
+
+class Block(nn.Module):
+  """x = x + DropPath(Attn(LN(x))); x = x + DropPath(MixFFN(LN(x)))."""
+
+  dim: int
+  num_heads: int
+  sr_ratio: int
+  grid: tuple[int, int]
+  drop_path: float = 0.0
+  norm_epsilon: float = 1e-6
+  sr_norm_epsilon: float = 1e-5
+  attention_impl: str = "xla"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = layers.layer_norm(self.norm_epsilon, dtype=self.dtype, name="norm1")(x)
+    y = EfficientSelfAttention(
+        self.dim, self.num_heads, self.sr_ratio, self.grid,
+        sr_norm_epsilon=self.sr_norm_epsilon, implementation=self.attention_impl,
+        dtype=self.dtype, name="attention")(y)
+    x = x + layers.DropPath(self.drop_path)(y, train)
+    y = layers.layer_norm(self.norm_epsilon, dtype=self.dtype, name="norm2")(x)
+    y = MixFFN(self.dim, self.grid, dtype=self.dtype, name="mlp")(y)
+    x = x + layers.DropPath(self.drop_path)(y, train)
+    return nn.with_logical_constraint(x, ("batch", "tokens", "embed"))
