@@ -1,0 +1,319 @@
+"""Face detectors for the predictor: the detector protocol, box checks, Haar cascade.
+
+A face detector is any callable `image -> boxes`: `image` an H x W x 3 uint8
+RGB array, `boxes` a float array (F, 4) of face boxes x1, y1, x2, y2 in that
+image's pixel coordinates (pixel centres at integers, as in
+`fgtbt_jax.crop`), F >= 0. The predictor turns each box into the network
+crop with the crop convention (centre of the box, scale max(w, h) / 200,
+enlarged 1.25x), so a detector should return boxes in the style of the
+training annotations: the landmarks' bounding box padded by about 5% of its
+longer side (`landmark_box`), which covers the brows and the chin.
+
+`detect_faces` runs a detector on a downscaled copy of a huge image and maps
+the boxes back to the original pixels; `check_boxes` rejects zero-size,
+non-finite and out-of-image boxes with an error naming the box.
+
+Default detector: OpenCV's Haar frontal-face cascade (`HaarCascadeDetector`).
+OpenCV 5 moved `CascadeClassifier` and the cascade XML files out of the main
+package into opencv_contrib (module xobjdetect), so the pinned
+opencv-python-headless 5.0 has neither; the detector then raises
+`DetectorUnavailableError` saying so, and callers pass face boxes or their
+own detector. With an OpenCV that has the cascade (4.x, or a contrib build),
+its boxes, which sit tighter and higher on the face than annotation boxes,
+are mapped to annotation style by a `BoxAdjustment` fitted on synthetic
+faces (`calibrate_box_adjustment`) unless one is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pathlib
+from typing import Callable, Protocol
+
+import cv2
+import numpy as np
+
+# Detection runs on a copy whose longer side is at most this (pixels): a
+# face detector needs no more, and huge photos would make it slow.
+DEFAULT_MAX_DETECTION_SIDE = 1024
+HAAR_CASCADE_FILE = "haarcascade_frontalface_default.xml"
+# Padding of the annotation-style box, as a fraction of the landmarks' extent.
+LANDMARK_BOX_PAD = 0.05
+
+
+class FaceDetector(Protocol):
+  """image (H, W, 3) uint8 RGB -> (F, 4) float boxes x1, y1, x2, y2."""
+
+  def __call__(self, image: np.ndarray) -> np.ndarray:
+    ...
+
+
+class DetectorUnavailableError(RuntimeError):
+  """The requested face detector cannot run in this installation."""
+
+
+def landmark_box(points, pad: float = LANDMARK_BOX_PAD) -> np.ndarray:
+  """(4,) annotation-style face box of (N, 2) landmarks.
+
+  The landmarks' bounding box grown on every side by `pad` times its longer
+  side (the box style of the training data; NaN points are ignored).
+  """
+  points = np.asarray(points, np.float64).reshape(-1, 2)
+  low, high = np.nanmin(points, 0), np.nanmax(points, 0)
+  margin = pad * float((high - low).max())
+  return np.concatenate([low - margin, high + margin])
+
+
+def check_boxes(boxes, image_shape, where: str = "<image>") -> np.ndarray:
+  """Validates face boxes for an image; returns them as (F, 4) float64.
+
+  Accepts one box (4,) or several (F, 4). A box must be finite, have
+  x2 > x1 and y2 > y1, and overlap the image (which spans [-0.5, W - 0.5] x
+  [-0.5, H - 0.5]); a box partly outside is fine (a face at the border).
+
+  Raises:
+    ValueError: naming `where`, the box's index and its values.
+  """
+  array = np.asarray(boxes, np.float64)
+  if array.shape == (4,):
+    array = array[None]
+  if array.ndim != 2 or array.shape[1] != 4:
+    raise ValueError(f"{where}: face boxes must have shape (F, 4) (x1, y1, x2, y2), "
+                     f"got shape {np.shape(boxes)}")
+  height, width = int(image_shape[0]), int(image_shape[1])
+  for i, (x1, y1, x2, y2) in enumerate(array):
+    box = [float(v) for v in (x1, y1, x2, y2)]
+    if not np.isfinite(box).all():
+      raise ValueError(f"{where}: face box {i} {box} is not finite")
+    if not (x2 > x1 and y2 > y1):
+      raise ValueError(f"{where}: face box {i} {box} has zero or negative size "
+                       "(needs x2 > x1 and y2 > y1)")
+    if x2 < -0.5 or y2 < -0.5 or x1 > width - 0.5 or y1 > height - 0.5:
+      raise ValueError(f"{where}: face box {i} {box} lies outside the "
+                       f"{width} x {height} image")
+  return array
+
+
+def _check_detector_output(boxes, detector) -> np.ndarray:
+  array = np.asarray(boxes, np.float64)
+  if array.size == 0:
+    return np.zeros((0, 4), np.float64)
+  if array.ndim != 2 or array.shape[1] != 4:
+    raise ValueError(f"face detector {detector!r} returned shape {array.shape}; "
+                     "expected (F, 4) boxes x1, y1, x2, y2")
+  return array
+
+
+def detect_faces(image: np.ndarray, detector: FaceDetector,
+                 max_side: int = DEFAULT_MAX_DETECTION_SIDE) -> np.ndarray:
+  """Runs `detector` on `image`, downscaled first when it is larger than `max_side`.
+
+  The copy is resized with area averaging to longer side <= `max_side`; its
+  boxes are mapped back with the exact pixel-centre relation of a resize by
+  r = new / old: x = (x' + 0.5) / r - 0.5. Returns (F, 4) float64 boxes in
+  `image`'s pixels.
+  """
+  height, width = image.shape[:2]
+  if max(height, width) <= max_side:
+    return _check_detector_output(detector(image), detector)
+  factor = max_side / max(height, width)
+  new_w, new_h = max(1, round(width * factor)), max(1, round(height * factor))
+  small = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+  boxes = _check_detector_output(detector(small), detector)
+  ratio = np.array([new_w / width, new_h / height] * 2)
+  return (boxes + 0.5) / ratio - 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxAdjustment:
+  """Maps a detector's boxes to annotation-style boxes.
+
+  The centre moves by (shift_x * w, shift_y * h) and both sides are
+  multiplied by `scale`, where w and h are the detected box's size.
+  """
+
+  scale: float = 1.0
+  shift_x: float = 0.0
+  shift_y: float = 0.0
+
+  def apply(self, boxes) -> np.ndarray:
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    size = boxes[:, 2:] - boxes[:, :2]
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2 + size * np.array([self.shift_x, self.shift_y])
+    half = size * self.scale / 2
+    return np.concatenate([centre - half, centre + half], axis=1)
+
+
+def fit_box_adjustment(detected, reference) -> BoxAdjustment:
+  """The `BoxAdjustment` taking `detected` (M, 4) boxes closest to `reference` (M, 4).
+
+  Medians over the pairs (robust to a few poor detections) of the ratio of
+  the longer sides (what the crop scale depends on) and of the centre
+  offsets relative to the detected size.
+  """
+  detected = np.asarray(detected, np.float64).reshape(-1, 4)
+  reference = np.asarray(reference, np.float64).reshape(-1, 4)
+  if len(detected) == 0 or detected.shape != reference.shape:
+    raise ValueError(f"fit_box_adjustment: need matching non-empty (M, 4) boxes, got "
+                     f"{detected.shape} and {reference.shape}")
+  det_size = detected[:, 2:] - detected[:, :2]
+  ref_size = reference[:, 2:] - reference[:, :2]
+  offset = ((reference[:, :2] + reference[:, 2:]) - (detected[:, :2] + detected[:, 2:])) / 2
+  return BoxAdjustment(
+      scale=float(np.median(ref_size.max(1) / det_size.max(1))),
+      shift_x=float(np.median(offset[:, 0] / det_size[:, 0])),
+      shift_y=float(np.median(offset[:, 1] / det_size[:, 1])))
+
+
+def _best_match(boxes: np.ndarray, reference: np.ndarray) -> int | None:
+  """Index of the box whose centre lies in `reference` and whose size is closest, or None."""
+  if len(boxes) == 0:
+    return None
+  centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+  inside = ((centre >= reference[:2]) & (centre <= reference[2:])).all(1)
+  side_ratio = (boxes[:, 2:] - boxes[:, :2]).max(1) / (reference[2:] - reference[:2]).max()
+  plausible = inside & (side_ratio > 0.4) & (side_ratio < 2.5)
+  if not plausible.any():
+    return None
+  return int(np.argmin(np.where(plausible, np.abs(np.log(side_ratio)), np.inf)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+  """A fitted adjustment and how often the detector found the synthetic face."""
+
+  adjustment: BoxAdjustment
+  num_faces: int
+  num_matched: int
+
+
+def calibrate_box_adjustment(detector: Callable[[np.ndarray], np.ndarray], *,
+                             num_faces: int = 48, image_size: int = 384, seed: int = 0,
+                             min_matched: int = 8) -> Calibration:
+  """Fits the box adjustment of `detector` on clean synthetic faces.
+
+  Renders `num_faces` faces (`data_pipelines.synthetic.render_face`), runs
+  the raw detector, pairs each face with the plausible detection nearest in
+  size whose centre lies in the face's annotation-style box
+  (`landmark_box` of its 124 landmarks), and fits the adjustment to those
+  pairs.
+
+  Raises:
+    ValueError: fewer than `min_matched` faces were detected.
+  """
+  from data_pipelines import synthetic  # Only needed for calibration.
+  detected, reference = [], []
+  for index in range(num_faces):
+    image, points, _ = synthetic.render_face(seed, index, image_size, clean=True)
+    box = landmark_box(points)
+    boxes = _check_detector_output(detector(image), detector)
+    match = _best_match(boxes, box)
+    if match is not None:
+      detected.append(boxes[match])
+      reference.append(box)
+  if len(detected) < min_matched:
+    raise ValueError(
+        f"calibrate_box_adjustment: the detector found only {len(detected)} of {num_faces} "
+        f"synthetic faces (need {min_matched}); pass an explicit BoxAdjustment instead")
+  return Calibration(fit_box_adjustment(detected, reference), num_faces, len(detected))
+
+
+def _cascade_classifier_class():
+  """OpenCV's CascadeClassifier, wherever this build has it, or None."""
+  found = getattr(cv2, "CascadeClassifier", None)
+  if found is None:
+    found = getattr(getattr(cv2, "xobjdetect", None), "CascadeClassifier", None)
+  return found
+
+
+def bundled_cascade_path(name: str = HAAR_CASCADE_FILE) -> pathlib.Path | None:
+  """The cascade XML shipped with the installed OpenCV package, or None.
+
+  Looks in `cv2.data.haarcascades` first, then anywhere inside the cv2
+  package directory (contrib builds have kept the files in other folders).
+  """
+  folders = []
+  data = getattr(cv2, "data", None)
+  if data is not None and getattr(data, "haarcascades", None):
+    folders.append(pathlib.Path(data.haarcascades))
+  package = pathlib.Path(cv2.__file__).resolve().parent
+  for folder in folders:
+    if (folder / name).is_file():
+      return folder / name
+  return next(iter(sorted(package.rglob(name))), None)
+
+
+@functools.lru_cache(maxsize=None)
+def _calibrated_adjustment(cascade_path: str, scale_factor: float,
+                           min_neighbors: int) -> BoxAdjustment:
+  raw = HaarCascadeDetector(cascade_path, adjustment=BoxAdjustment(),
+                            scale_factor=scale_factor, min_neighbors=min_neighbors)
+  return calibrate_box_adjustment(raw).adjustment
+
+
+class HaarCascadeDetector:
+  """OpenCV's Haar cascade frontal-face detector with annotation-style boxes.
+
+  Args:
+    cascade_path: the cascade XML; default the frontal-face cascade shipped
+      with OpenCV (`bundled_cascade_path`).
+    adjustment: maps the cascade's boxes to annotation style; default: fitted
+      once per cascade file on synthetic faces (`calibrate_box_adjustment`,
+      cached for the process).
+    scale_factor, min_neighbors: `detectMultiScale` settings.
+    min_face_fraction: smallest face side searched, as a fraction of the
+      image's shorter side.
+
+  Raises:
+    DetectorUnavailableError: this OpenCV has no CascadeClassifier (OpenCV 5
+      moved it to opencv_contrib), no bundled cascade file, or the file does
+      not load.
+  """
+
+  def __init__(self, cascade_path: str | os.PathLike | None = None, *,
+               adjustment: BoxAdjustment | None = None, scale_factor: float = 1.1,
+               min_neighbors: int = 5, min_face_fraction: float = 0.08):
+    classifier = _cascade_classifier_class()
+    if classifier is None:
+      raise DetectorUnavailableError(
+          f"OpenCV {cv2.__version__} has no CascadeClassifier: OpenCV 5 moved the Haar "
+          "cascades to opencv_contrib (xobjdetect). Pass face boxes (box=/boxes=) or "
+          "another detector (any callable image -> (F, 4) boxes x1, y1, x2, y2), or "
+          "install an OpenCV build that has the cascade.")
+    path = bundled_cascade_path() if cascade_path is None else pathlib.Path(cascade_path)
+    if path is None or not path.is_file():
+      raise DetectorUnavailableError(
+          f"Haar cascade file {HAAR_CASCADE_FILE if path is None else path} not found in "
+          f"the installed OpenCV {cv2.__version__}; pass cascade_path= or face boxes")
+    self.cascade_path = path
+    self._classifier = classifier(str(path))
+    if self._classifier.empty():
+      raise DetectorUnavailableError(f"{path}: not a loadable OpenCV cascade file")
+    self.scale_factor = float(scale_factor)
+    self.min_neighbors = int(min_neighbors)
+    self.min_face_fraction = float(min_face_fraction)
+    self.adjustment = (adjustment if adjustment is not None else
+                       _calibrated_adjustment(str(path), self.scale_factor, self.min_neighbors))
+
+  def __call__(self, image: np.ndarray) -> np.ndarray:
+    """(F, 4) annotation-style boxes, largest face first."""
+    gray = cv2.equalizeHist(cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY))
+    side = max(1, int(self.min_face_fraction * min(gray.shape)))
+    found = self._classifier.detectMultiScale(
+        gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
+        minSize=(side, side))
+    rects = np.asarray(found, np.float64).reshape(-1, 4)
+    # (x, y, w, h) of whole pixels -> corners in the pixel-centre convention.
+    boxes = np.concatenate([rects[:, :2] - 0.5, rects[:, :2] + rects[:, 2:] - 0.5], axis=1)
+    boxes = boxes[np.argsort(-(rects[:, 2] * rects[:, 3]), kind="stable")]
+    return self.adjustment.apply(boxes)
+
+  def __repr__(self) -> str:
+    return f"HaarCascadeDetector({str(self.cascade_path)!r}, adjustment={self.adjustment})"
+
+
+def default_detector() -> FaceDetector:
+  """The default face detector (`HaarCascadeDetector`); see its Raises."""
+  return HaarCascadeDetector()

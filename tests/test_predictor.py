@@ -1,0 +1,381 @@
+"""Tests of the predictor, the face detector helpers and the overlays / file prediction.
+
+Two kinds of model:
+* the tiny FGTBT with random weights (consistency: batch vs single image,
+  protocol subsets, grey / RGBA inputs);
+* `TargetModel`, which outputs perfect Gaussian heatmaps of known landmarks,
+  so that the whole path (crop warp, batching, flip merge, decoding, mapping
+  back) must recover the landmarks in original image pixels. Each test face
+  is painted as two flat patches left and right of its box centre; their
+  grey levels tell the model which face a crop shows and whether it is
+  mirrored (so the flip test sees mirrored heatmaps for mirrored crops).
+"""
+
+import json
+
+import cv2
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data_pipelines import synthetic
+from data_pipelines.errors import DataError
+from fgtbt_jax import crop
+from fgtbt_jax import detector as detector_lib
+from fgtbt_jax import heatmaps
+from fgtbt_jax import landmarks
+from fgtbt_jax import models
+from fgtbt_jax import visualization
+from fgtbt_jax.predictor import Predictor, warp_to_crop
+
+SIZE = 64  # Crop side of the tiny model; heatmaps are 32 x 32.
+HEATMAP = SIZE // 2
+
+
+def random_variables(config, seed: int = 0):
+  """Random but well-scaled variables of a model config (no slow `model.init`).
+
+  Kernels ~ N(0, 1 / fan_in), small biases, LayerNorm/BatchNorm scales near
+  1, BatchNorm statistics mean 0 and variance 1.
+  """
+  model = models.build_model(config)
+  abstract = nn.meta.unbox(models.abstract_variables(model, config.input_size))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == "kernel":
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      value = rng.normal(0.0, 1.0 / np.sqrt(fan_in), leaf.shape)
+    elif name == "scale":
+      value = 1.0 + 0.1 * rng.normal(size=leaf.shape)
+    elif name == "var":
+      value = np.ones(leaf.shape)
+    elif name == "mean":
+      value = np.zeros(leaf.shape)
+    else:
+      value = 0.02 * rng.normal(size=leaf.shape)
+    return np.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor():
+  config = models.model_config("tiny")
+  return Predictor(config, random_variables(config), batch_size=4)
+
+
+def face_image(seed_index: int, size: int):
+  image, points, _ = synthetic.render_face(7, seed_index, size, clean=True)
+  return image, detector_lib.landmark_box(points)
+
+
+# -- the tiny network with random weights ------------------------------------------
+
+
+def test_batch_prediction_equals_one_image_at_a_time(tiny_predictor):
+  (a, box_a), (b, box_b), (c, box_c) = face_image(0, 96), face_image(1, 128), face_image(2, 80)
+  # Image b twice over with a second, shifted box: 5 faces -> 2 batches of 4.
+  boxes_b = np.stack([box_b, box_b + [6, -4, 6, -4]])
+  together = tiny_predictor.predict([a, b, c], boxes=[box_a, boxes_b, np.stack([box_c, box_c])])
+  assert [r.num_faces for r in together] == [1, 2, 2]
+  singles = [tiny_predictor.predict(a, boxes=box_a)[0],
+             tiny_predictor.predict(b, boxes=boxes_b)[0],
+             tiny_predictor.predict(c, boxes=[box_c, box_c])[0]]
+  for joint, single in zip(together, singles):
+    assert joint.landmarks.shape == (joint.num_faces, 124, 2)
+    np.testing.assert_allclose(joint.landmarks, single.landmarks, atol=1e-3)
+    np.testing.assert_allclose(joint.confidence, single.confidence, atol=1e-5)
+  # The same box on the same image gives the same face twice.
+  np.testing.assert_allclose(together[2].landmarks[0], together[2].landmarks[1], atol=1e-4)
+
+
+def test_protocol_subsets_are_the_unified_output_gathered(tiny_predictor):
+  image, box = face_image(3, 112)
+  unified = tiny_predictor.predict(image, boxes=box)[0]
+  assert unified.protocol == "unified" and unified.landmarks.shape == (1, 124, 2)
+  for name in landmarks.PROTOCOL_NAMES:
+    own = tiny_predictor.predict(image, boxes=box, protocol=name.lower())[0]
+    index = landmarks.get_protocol(name).unified_index
+    assert own.protocol == name
+    np.testing.assert_array_equal(own.landmarks, unified.landmarks[:, index])
+    np.testing.assert_array_equal(own.confidence, unified.confidence[:, index])
+
+
+def test_grey_and_rgba_images_match_their_rgb_equivalents(tiny_predictor):
+  image, box = face_image(4, 96)
+  grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+  rgba = np.concatenate([image, np.full(image.shape[:2] + (1,), 255, np.uint8)], axis=2)
+  results = tiny_predictor.predict([grey, np.repeat(grey[..., None], 3, 2), rgba, image],
+                                   boxes=[box] * 4)
+  np.testing.assert_array_equal(results[0].landmarks, results[1].landmarks)
+  np.testing.assert_array_equal(results[2].landmarks, results[3].landmarks)
+  assert results[0].image_size == (96, 96)
+
+
+# -- perfect heatmaps: mapping back to the original image ----------------------------
+
+
+class TargetModel(nn.Module):
+  """Outputs the stored target heatmaps of the face a crop shows (mirrored if the crop is)."""
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    targets = self.get_variable("params", "targets")
+    red = images[..., 0] * (models.IMAGENET_STD[0] * 255) + models.IMAGENET_MEAN[0] * 255
+    left, right = red[:, SIZE // 2, SIZE // 4], red[:, SIZE // 2, 3 * SIZE // 4]
+    face = jnp.round((jnp.minimum(left, right) - 10) / 20).astype(jnp.int32)
+    maps = targets[jnp.clip(face, 0, targets.shape[0] - 1)]
+    mirrored = heatmaps.flip_heatmaps(maps, landmarks.UNIFIED_FLIP_PERMUTATION)
+    return jnp.where((left > right)[:, None, None, None], mirrored, maps)
+
+
+class Scene:
+  """Images with painted test faces, their landmarks and the target heatmaps."""
+
+  def __init__(self):
+    self.targets, self.points, self.boxes = [], [], []
+
+  def paint(self, image: np.ndarray, box) -> int:
+    """Paints face number n at `box` into `image`; returns n."""
+    n = len(self.boxes)
+    box = np.asarray(box, np.float64)
+    centre, scale = crop.center_scale_from_box(box)
+    side = scale * crop.SCALE_UNIT * crop.CROP_ENLARGE
+    half = side / 8
+    for offset, level in ((-side / 4, 10 + 20 * n), (side / 4, 130 + 20 * n)):
+      x, y = centre[0] + offset, centre[1]
+      image[int(y - half):int(y + half) + 1, int(x - half):int(x + half) + 1] = level
+    points = box[:2] + landmarks.mean_face() * (box[2:] - box[:2])
+    to_crop = crop.face_crop_affine(centre, scale, SIZE)
+    in_heatmap = heatmaps.input_to_heatmap(crop.apply_affine(points, to_crop), 2.0)
+    self.targets.append(np.asarray(heatmaps.render_gaussian(
+        in_heatmap, np.ones(124, bool), HEATMAP, HEATMAP, sigma=1.0)))
+    self.points.append(points)
+    self.boxes.append(box)
+    return n
+
+  def predictor(self, **kwargs) -> Predictor:
+    variables = {"params": {"targets": np.stack(self.targets)}}
+    return Predictor(models.model_config("tiny"), variables, model=TargetModel(), **kwargs)
+
+
+@pytest.mark.parametrize("flip_test", [True, False])
+def test_landmarks_map_back_to_original_pixels_at_any_scale(flip_test):
+  scene = Scene()
+  small = np.zeros((70, 90, 3), np.uint8)
+  scene.paint(small, [20.3, 10.7, 61.9, 55.2])
+  medium = np.zeros((480, 640, 3), np.uint8)
+  scene.paint(medium, [40.5, 60.25, 240.0, 270.0])
+  scene.paint(medium, [380.0, 150.0, 560.5, 330.0])
+  huge = np.zeros((3800, 5000, 3), np.uint8)  # Face crops shrink ~50x.
+  scene.paint(huge, [1200.4, 700.8, 3900.1, 3350.6])
+  predictor = scene.predictor(batch_size=3)
+  results = predictor.predict([small, medium, huge],
+                              boxes=[scene.boxes[0], scene.boxes[1:3], scene.boxes[3]],
+                              flip_test=flip_test)
+  found = np.concatenate([r.landmarks for r in results])
+  assert found.shape == (4, 124, 2)
+  error = np.abs(found - np.stack(scene.points)).max(axis=(1, 2))
+  assert (error < 0.1).all(), error
+  # Peaks are off pixel centres by at most half a pixel per axis (sigma 1).
+  assert (np.concatenate([r.confidence for r in results]) > np.exp(-0.25) - 1e-4).all()
+  assert results[2].image_size == (3800, 5000)
+  np.testing.assert_allclose(results[1].boxes, np.stack(scene.boxes[1:3]), atol=1e-3)
+
+
+def test_detector_sees_huge_images_downscaled_and_boxes_map_back():
+  scene = Scene()
+  huge = np.zeros((3000, 4000, 3), np.uint8)
+  scene.paint(huge, [1000.0, 900.0, 2600.0, 2500.0])
+  seen = []
+
+  def detector(image):
+    seen.append(image.shape)
+    # The face box in the 1024 x 768 copy (scale 0.256 exactly).
+    return np.array([[1000.0, 900.0, 2600.0, 2500.0]]) * 0.256 + 0.256 * 0.5 - 0.5
+
+  predictor = scene.predictor(detector=detector, max_detection_side=1024)
+  [result] = predictor.predict(huge)
+  assert seen == [(768, 1024, 3)]
+  np.testing.assert_allclose(result.boxes[0], scene.boxes[0], atol=1e-3)
+  assert np.abs(result.landmarks[0] - scene.points[0]).max() < 0.1
+
+
+def test_image_without_a_face_gives_an_empty_result():
+  scene = Scene()
+  image = np.zeros((50, 60, 3), np.uint8)
+  scene.paint(image, [10, 10, 40, 40])
+  predictor = scene.predictor(detector=lambda image: np.zeros((0, 4)), batch_size=2)
+  [empty, found] = predictor.predict([image, image], boxes=[None, [10, 10, 40, 40]],
+                                     protocol="300W")
+  assert empty.num_faces == 0
+  assert empty.landmarks.shape == (0, 68, 2) and empty.confidence.shape == (0, 68)
+  assert found.num_faces == 1
+  assert empty.to_json()["faces"] == []
+
+
+def test_warp_to_crop_area_averages_big_shrinks():
+  # A fine checkerboard averages to grey; bilinear point sampling would not.
+  board = (np.indices((2000, 2000)).sum(0) % 2 * 255).astype(np.uint8)
+  image = np.repeat(board[..., None], 3, 2)
+  to_crop = crop.face_crop_affine([999.5, 999.5], 1000 / 200, SIZE)
+  warped = warp_to_crop(image, to_crop, SIZE)
+  inner = warped[8:-8, 8:-8].astype(np.float64)
+  assert abs(inner.mean() - 127.5) < 2 and inner.std() < 3
+
+
+# -- bad inputs ---------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+  scene = Scene()
+  image = np.zeros((100, 120, 3), np.uint8)
+  scene.paint(image, [20, 20, 80, 80])
+  predictor = scene.predictor()
+  not_an_image = tmp_path / "notes.jpg"
+  not_an_image.write_text("not an image")
+  with pytest.raises(DataError, match="notes.jpg"):
+    predictor.predict(str(not_an_image), boxes=[0, 0, 10, 10])
+  with pytest.raises(ValueError, match=r"face box 1 \[30.0, 30.0, 30.0, 50.0\] has zero"):
+    predictor.predict(image, boxes=[[20, 20, 80, 80], [30, 30, 30, 50]])
+  with pytest.raises(ValueError, match=r"face box 0 \[200.0, 10.0, 260.0, 70.0\] lies outside "
+                                       r"the 120 x 100 image"):
+    predictor.predict(image, boxes=[200, 10, 260, 70])
+  with pytest.raises(ValueError, match="not finite"):
+    predictor.predict(image, boxes=[np.nan, 0, 10, 10])
+  with pytest.raises(ValueError, match="2 box entries for 1 images"):
+    predictor.predict([image], boxes=[None, None])
+  with pytest.raises(KeyError, match="unknown protocol"):
+    predictor.predict(image, boxes=[20, 20, 80, 80], protocol="LFW")
+  with pytest.raises(ValueError, match=r"returned shape \(3,\)"):
+    scene.predictor(detector=lambda image: np.zeros(3)).predict(image)
+
+
+def test_default_haar_detector_reports_whether_it_can_run():
+  """OpenCV 5 moved the Haar cascades to opencv_contrib: the pinned build has none."""
+  if detector_lib._cascade_classifier_class() is None:
+    with pytest.raises(detector_lib.DetectorUnavailableError, match="opencv_contrib"):
+      detector_lib.default_detector()
+    config = models.model_config("tiny")
+    predictor = Predictor(config, {}, model=TargetModel())
+    with pytest.raises(detector_lib.DetectorUnavailableError, match="Pass face boxes"):
+      predictor.predict(np.zeros((64, 64, 3), np.uint8))
+  else:
+    image, points, _ = synthetic.render_face(7, 0, 384, clean=True)
+    boxes = detector_lib.default_detector()(image)
+    assert detector_lib._best_match(boxes, detector_lib.landmark_box(points)) is not None
+
+
+# -- detector helpers -----------------------------------------------------------------
+
+
+def test_calibration_recovers_a_known_box_adjustment():
+  images, faces = [], {}
+  for index in range(10):
+    image, points, _ = synthetic.render_face(0, index, 192, clean=True)
+    images.append(image)
+    faces[image.tobytes()] = detector_lib.landmark_box(points)
+
+  def tight_detector(image):
+    """Boxes 0.8x the annotation box, centred 10% of their height higher."""
+    box = faces[image.tobytes()]
+    centre, size = (box[:2] + box[2:]) / 2, (box[2:] - box[:2]) * 0.8
+    centre = centre - [0.0, 0.1 * size[1]]
+    return np.array([np.concatenate([centre - size / 2, centre + size / 2])])
+
+  calibration = detector_lib.calibrate_box_adjustment(
+      tight_detector, num_faces=10, image_size=192, seed=0, min_matched=10)
+  assert calibration.num_matched == 10
+  adjustment = calibration.adjustment
+  assert adjustment.scale == pytest.approx(1.25)
+  assert adjustment.shift_x == pytest.approx(0.0, abs=1e-9)
+  assert adjustment.shift_y == pytest.approx(0.1)
+  np.testing.assert_allclose(adjustment.apply(tight_detector(images[3])),
+                             faces[images[3].tobytes()][None], atol=1e-9)
+  with pytest.raises(ValueError, match="found only 0 of 3"):
+    detector_lib.calibrate_box_adjustment(lambda image: np.zeros((0, 4)), num_faces=3,
+                                          image_size=64, min_matched=1)
+
+
+def test_landmark_box_pads_the_longer_side():
+  box = detector_lib.landmark_box([[10, 20], [110, 70], [np.nan, np.nan]])
+  np.testing.assert_allclose(box, [5, 15, 115, 75])
+
+
+# -- overlays and file prediction ----------------------------------------------------------
+
+
+def test_draw_landmarks_colours_points_by_face_part():
+  image = np.zeros((200, 200, 3), np.uint8)
+  protocol = landmarks.get_protocol("WFLW")
+  points = 20 + 160 * landmarks.mean_face()[protocol.unified_index]
+  overlay = visualization.draw_landmarks(image, points, "WFLW", radius=1.5,
+                                         boxes=[[10, 10, 190, 190]])
+  assert not image.any()  # The input is not drawn on.
+  for own, (x, y) in ((0, points[0]), (96, points[96]), (51, points[51]), (33, points[33])):
+    part = synthetic.FACE_PARTS[int(protocol.unified_index[own])]
+    np.testing.assert_array_equal(overlay[int(round(y)), int(round(x))],
+                                  visualization.PART_COLORS[part])
+  assert overlay[10, 50].min() > 200 and not overlay[14, 50].any()  # The box's top edge.
+  with pytest.raises(ValueError, match="WFLW has 98 points"):
+    visualization.draw_landmarks(image, points[:68], "WFLW")
+
+
+def test_predict_files_writes_json_and_overlays_and_reports_failures(tmp_path):
+  scene = Scene()
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  frames = []
+  for name in ("a.png", "b.png"):
+    image = np.zeros((120, 150, 3), np.uint8)
+    scene.paint(image, [30, 20, 110, 100])
+    cv2.imwrite(str(inputs / name), image)
+  cv2.imwrite(str(inputs / "c_empty.png"), np.full((60, 60, 3), 250, np.uint8))
+  (inputs / "d_broken.jpg").write_bytes(b"\xff\xd8 this is no jpeg")
+  (inputs / "notes.txt").write_text("skipped: not an image extension")
+  writer = cv2.VideoWriter(str(inputs / "e_clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 5,
+                           (150, 120))
+  for _ in range(3):
+    frame = np.zeros((120, 150, 3), np.uint8)
+    scene.paint(frame, [30, 20, 110, 100])
+    frames.append(frame)
+    writer.write(frame)
+  writer.release()
+  # Faces 0 and 1 are the images; the video frames (re-encoded as MJPG) carry
+  # faces 2..4's grey levels only approximately, so the model maps them to the
+  # nearest painted face id.
+
+  def detector(image):
+    return np.zeros((0, 4)) if image.mean() > 200 else np.array([[30.0, 20.0, 110.0, 100.0]])
+
+  predictor = scene.predictor(detector=detector, batch_size=2)
+  out = tmp_path / "out"
+  report = visualization.predict_files(predictor, inputs, out, protocol="COFW")
+  by_name = {f.source.split("/")[-1]: f for f in report.files}
+  assert sorted(by_name) == ["a.png", "b.png", "c_empty.png", "d_broken.jpg", "e_clip.avi"]
+  assert by_name["c_empty.png"].error.endswith("c_empty.png: no face found")
+  assert "truncated JPEG" in by_name["d_broken.jpg"].error
+  assert {f.source for f in report.failed} == {by_name["c_empty.png"].source,
+                                               by_name["d_broken.jpg"].source}
+  content = json.loads((out / "a.png.json").read_text())
+  assert content["protocol"] == "COFW" and content["image_size"] == {"height": 120, "width": 150}
+  assert content["flip_test"] is True and content["decoder"] == "subpixel"
+  [face] = content["faces"]
+  cofw = landmarks.get_protocol("COFW").unified_index
+  np.testing.assert_allclose(face["landmarks"], scene.points[0][cofw], atol=0.1)
+  assert face["box"] == [30.0, 20.0, 110.0, 100.0] and len(face["confidence"]) == 29
+  overlay = cv2.imread(str(out / "a.png.overlay.png"))
+  assert overlay.shape == (120, 150, 3) and overlay.any()
+  video = by_name["e_clip.avi"]
+  assert video.error is None and video.num_frames == 3 and video.num_faces == 3
+  for index in range(3):
+    frame_json = json.loads((out / f"e_clip.avi.frame{index:06d}.json").read_text())
+    assert frame_json["frame"] == index and len(frame_json["faces"]) == 1
+  capture = cv2.VideoCapture(str(out / "e_clip.avi.overlay.avi"))
+  assert capture.get(cv2.CAP_PROP_FRAME_COUNT) == 3
+  capture.release()
+  assert "3 of 5 files done" in report.summary()
