@@ -1,0 +1,145 @@
+"""The inference function as a standalone StableHLO artifact (`jax.export`).
+
+`export_inference(predictor, ...)` serialises the device side of prediction
+for a fixed batch B and crop size S: uint8 RGB crops (B, S, S, 3) in (ImageNet
+normalisation inside), the model on the crops and, with the flip test, on
+their mirrors, the flip merge, and either the merged heatmaps or the decoded
+landmarks (points (B, 124, 2) in crop pixels and their confidence (B, 124)).
+The weights are constants inside the artifact, so loading it needs neither
+the model code nor a checkpoint, only JAX (and flatbuffers):
+
+    import jax, numpy as np
+    exported = jax.export.deserialize(open("fgtbt.stablehlo", "rb").read())
+    points, confidence = exported.call(crops)   # crops: uint8 (B, S, S, 3)
+
+`save_exported` writes the bytes of `Exported.serialize()` and, beside them,
+`<file>.json` with what a caller needs to make crops and read the outputs
+(shapes, the crop convention, each protocol's unified index). Command line:
+
+    python -m fgtbt_jax.export --workdir runs/paper --out fgtbt.stablehlo --batch_size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from fgtbt_jax import crop
+from fgtbt_jax import landmarks
+from fgtbt_jax import predictor as predictor_lib
+
+OUTPUTS = ("landmarks", "heatmaps")
+DEFAULT_PLATFORMS = ("cpu", "cuda")
+
+
+def export_inference(predictor: predictor_lib.Predictor, *, batch_size: int | None = None,
+                     flip_test: bool = True, output: str = "landmarks",
+                     decoder: str = "subpixel",
+                     platforms: Sequence[str] = DEFAULT_PLATFORMS) -> jax.export.Exported:
+  """Exports the predictor's inference function for uint8 crops (B, S, S, 3).
+
+  Args:
+    predictor: supplies the model, its variables (baked in as constants) and
+      the crop size S.
+    batch_size: B; default the predictor's batch size.
+    flip_test: merge with the mirrored crops' heatmaps inside the function.
+    output: "landmarks" -> (points (B, 124, 2) float32 in crop pixels,
+      confidence (B, 124)); "heatmaps" -> merged heatmaps (B, S/2, S/2, 124).
+    decoder: heatmap decoder for "landmarks" ("argmax", "quarter", "subpixel").
+    platforms: lowering platforms; one artifact runs on any of them.
+  """
+  batch = predictor.batch_size if batch_size is None else int(batch_size)
+  if batch < 1:
+    raise ValueError(f"export: batch_size must be at least 1, got {batch}")
+  model, variables = predictor.model, predictor.variables
+  infer = predictor_lib.make_inference_fn(
+      lambda v, images: model.apply(v, images, train=False), flip_test=flip_test,
+      output=output, decoder=decoder)
+  size = predictor.image_size
+  crops = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
+  return jax.export.export(jax.jit(lambda x: infer(variables, x)),
+                           platforms=tuple(platforms))(crops)
+
+
+def artifact_metadata(exported: jax.export.Exported, *, flip_test: bool, output: str,
+                      decoder: str, crop_enlarge: float) -> dict:
+  """The sidecar description of an exported artifact (see `save_exported`)."""
+  (crops,) = exported.in_avals
+  return {
+      "format": "jax.export serialized Exported (StableHLO); load with "
+                "jax.export.deserialize(bytes).call(crops)",
+      "platforms": list(exported.platforms),
+      "input": {"shape": list(crops.shape), "dtype": str(crops.dtype),
+                "meaning": "RGB face crops, uint8 0-255 (normalised inside)"},
+      "outputs": [{"shape": list(a.shape), "dtype": str(a.dtype)} for a in exported.out_avals],
+      "output": output,
+      "output_meaning": (
+          "points (B, 124, 2) x, y in crop pixels (pixel centres at integers) and "
+          "confidence (B, 124) heatmap peaks" if output == "landmarks" else
+          "flip-merged heatmaps (B, H, W, 124), heatmap pixel h = (x + 0.5) / stride - 0.5"),
+      "flip_test": bool(flip_test),
+      "decoder": decoder if output == "landmarks" else None,
+      "crop": {"scale_unit": crop.SCALE_UNIT, "crop_enlarge": float(crop_enlarge),
+               "convention": "centre = box centre, side = max(w, h) * crop_enlarge, "
+                             "u = (S / side) (x - centre) + (S - 1) / 2"},
+      "unified_index": {name: landmarks.get_protocol(name).unified_index.tolist()
+                        for name in landmarks.PROTOCOL_NAMES},
+  }
+
+
+def save_exported(exported: jax.export.Exported, path: str | os.PathLike,
+                  metadata: dict | None = None) -> pathlib.Path:
+  """Writes `exported.serialize()` to `path` (and `metadata` to `<path>.json`)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(bytes(exported.serialize()))
+  if metadata is not None:
+    path.with_name(path.name + ".json").write_text(json.dumps(metadata, indent=1) + "\n")
+  return path
+
+
+def load_exported(path: str | os.PathLike) -> jax.export.Exported:
+  """The `Exported` saved at `path` (callable with `.call(crops)`)."""
+  path = pathlib.Path(path)
+  data = bytearray(path.read_bytes())
+  try:
+    return jax.export.deserialize(data)
+  except Exception as e:  # The deserialiser raises assorted errors on bad bytes.
+    raise ValueError(f"{path}: not a serialized jax.export artifact: {e}") from e
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m fgtbt_jax.export", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", required=True, help="training workdir (config.json, checkpoints/)")
+  parser.add_argument("--out", required=True, help="artifact file to write")
+  parser.add_argument("--which", default="best", choices=("best", "latest"))
+  parser.add_argument("--dataset", default=None, help="whose best checkpoint (default: first)")
+  parser.add_argument("--batch_size", type=int, default=predictor_lib.DEFAULT_BATCH_SIZE)
+  parser.add_argument("--output", default="landmarks", choices=OUTPUTS)
+  parser.add_argument("--decoder", default="subpixel", choices=("argmax", "quarter", "subpixel"))
+  parser.add_argument("--no_flip_test", action="store_true")
+  parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
+                      help="comma-separated lowering platforms")
+  args = parser.parse_args(argv)
+  predictor = predictor_lib.Predictor.from_checkpoint(args.workdir, args.which,
+                                                      dataset=args.dataset)
+  flip_test = not args.no_flip_test
+  exported = export_inference(predictor, batch_size=args.batch_size, flip_test=flip_test,
+                              output=args.output, decoder=args.decoder,
+                              platforms=[p for p in args.platforms.split(",") if p])
+  path = save_exported(exported, args.out, artifact_metadata(
+      exported, flip_test=flip_test, output=args.output, decoder=args.decoder,
+      crop_enlarge=predictor.crop_enlarge))
+  print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {path.name}.json")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
