@@ -403,21 +403,30 @@ def restore_ema_variables(config: ml_collections.ConfigDict, workdir: str | os.P
   from fgtbt_jax import train
   if which not in ("best", "latest"):
     raise ValueError(f"which={which!r}; expected 'best' or 'latest'")
-  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), train.MESH_AXES,
-              axis_types=(AxisType.Auto,) * 2)
-  setup = train.build_setup(config, mesh=mesh)
   checkpoints = checkpointing.Checkpointer(
       pathlib.Path(workdir) / "checkpoints", datasets=list(config.data.datasets),
       max_to_keep=int(config.train.keep_checkpoints),
       save_interval_steps=int(config.train.checkpoint_every), enable_async=False)
   try:
+    if which == "best":
+      dataset = (config.data.datasets[0] if dataset is None
+                 else landmarks.get_protocol(dataset).name)
+      if dataset not in config.data.datasets:
+        raise KeyError(f"the run in {workdir} trained on {list(config.data.datasets)}; "
+                       f"it has no best checkpoint for {dataset}")
+      # Fail before building the abstract state when there is nothing to load.
+      if checkpoints.best_step(dataset) is None:
+        raise FileNotFoundError(f"no best checkpoint for {dataset} under "
+                                f"{checkpoints.directory / ('best_' + dataset)}")
+    elif checkpoints.latest_step() is None:
+      raise FileNotFoundError(f"no train-state checkpoint under {checkpoints.directory / 'latest'}")
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), train.MESH_AXES,
+                axis_types=(AxisType.Auto,) * 2)
+    abstract_state = train.build_setup(config, mesh=mesh).abstract_state
     if which == "latest":
-      state, step = checkpoints.restore(setup.abstract_state)
+      state, step = checkpoints.restore(abstract_state)
       return state.ema_variables(), step
-    dataset = config.data.datasets[0] if dataset is None else landmarks.get_protocol(dataset).name
-    abstract = {"params": setup.abstract_state.ema_params,
-                "batch_stats": setup.abstract_state.ema_batch_stats}
+    abstract = {"params": abstract_state.ema_params, "batch_stats": abstract_state.ema_batch_stats}
     return checkpoints.restore_best(dataset, abstract)
   finally:
     checkpoints.close()
-
