@@ -17,10 +17,11 @@ exit status (`predict_main` returns 1 when any file failed).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import pathlib
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from absl import logging
 import cv2
@@ -174,9 +175,11 @@ def _face_boxes(image: np.ndarray, box, predictor: predictor_lib.Predictor, wher
   return detector_lib.check_boxes(boxes, image.shape, where)
 
 
-def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
-  for start in range(0, len(items), size):
-    yield items[start:start + size]
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+  """Consecutive lists of `size` items (the last may be shorter)."""
+  iterator = iter(items)
+  while batch := list(itertools.islice(iterator, size)):
+    yield batch
 
 
 def predict_files(predictor: predictor_lib.Predictor, sources, out_dir: str | os.PathLike, *,
@@ -204,7 +207,7 @@ def predict_files(predictor: predictor_lib.Predictor, sources, out_dir: str | os
   images = [f for f in files if f.suffix.lower() not in VIDEO_EXTENSIONS]
   results = {str(f): FileResult(str(f)) for f in files}
   settings = {"flip_test": bool(flip_test), "decoder": decoder}
-  for chunk in _chunks(images, predictor.batch_size):
+  for chunk in _batches(images, predictor.batch_size):
     frames = []
     for path in chunk:
       result = results[str(path)]
@@ -284,34 +287,23 @@ def read_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
 
 def _predict_video(predictor, path: pathlib.Path, out: pathlib.Path, box, protocol, flip_test,
                    decoder, min_confidence, settings, result: FileResult) -> None:
-  writer = None
   overlay_path = out / f"{path.name}.overlay.avi"
   stem_of = lambda p, frame: out / f"{p.name}.frame{frame:06d}"
+  writer = None
   try:
-    frames, indices = [], []
-
-    def flush():
-      nonlocal writer
+    for chunk in _batches(enumerate(read_video_frames(path)), predictor.batch_size):
+      result.num_frames += len(chunk)
+      frames = [(path, image, _face_boxes(image, box, predictor, f"{path} frame {index}"))
+                for index, image in chunk]
       overlays = _predict_and_write(predictor, frames, protocol, flip_test, decoder,
                                     min_confidence, settings, stem_of, {str(path): result},
-                                    frame_indices=indices)
+                                    frame_indices=[index for index, _ in chunk])
       for overlay in overlays:
         if writer is None:
           height, width = overlay.shape[:2]
           writer = cv2.VideoWriter(str(overlay_path), cv2.VideoWriter_fourcc(*"MJPG"),
                                    _video_fps(path), (width, height))
         writer.write(np.ascontiguousarray(overlay[..., ::-1]))
-      frames.clear()
-      indices.clear()
-
-    for index, image in enumerate(read_video_frames(path)):
-      result.num_frames += 1
-      boxes = _face_boxes(image, box, predictor, f"{path} frame {index}")
-      frames.append((path, image, boxes))
-      indices.append(index)
-      if len(frames) == predictor.batch_size:
-        flush()
-    flush()
   except (DataError, ValueError) as e:
     result.error = str(e)
   finally:

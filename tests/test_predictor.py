@@ -91,6 +91,8 @@ def test_batch_prediction_equals_one_image_at_a_time(tiny_predictor):
     np.testing.assert_allclose(joint.confidence, single.confidence, atol=1e-5)
   # The same box on the same image gives the same face twice.
   np.testing.assert_allclose(together[2].landmarks[0], together[2].landmarks[1], atol=1e-4)
+  # Images of three sizes, 1 to 5 faces: one compilation (fixed padded batches).
+  assert tiny_predictor.inference_fn()._cache_size() == 1
 
 
 def test_protocol_subsets_are_the_unified_output_gathered(tiny_predictor):
@@ -359,9 +361,7 @@ def test_predict_files_writes_json_and_overlays_and_reports_failures(tmp_path):
     frames.append(frame)
     writer.write(frame)
   writer.release()
-  # Faces 0 and 1 are the images; the video frames (re-encoded as MJPG) carry
-  # faces 2..4's grey levels only approximately, so the model maps them to the
-  # nearest painted face id.
+  (inputs / "f_junk.avi").write_bytes(b"junk")
 
   def detector(image):
     return np.zeros((0, 4)) if image.mean() > 200 else np.array([[30.0, 20.0, 110.0, 100.0]])
@@ -370,11 +370,13 @@ def test_predict_files_writes_json_and_overlays_and_reports_failures(tmp_path):
   out = tmp_path / "out"
   report = visualization.predict_files(predictor, inputs, out, protocol="COFW")
   by_name = {f.source.split("/")[-1]: f for f in report.files}
-  assert sorted(by_name) == ["a.png", "b.png", "c_empty.png", "d_broken.jpg", "e_clip.avi"]
+  assert sorted(by_name) == ["a.png", "b.png", "c_empty.png", "d_broken.jpg", "e_clip.avi",
+                             "f_junk.avi"]
   assert by_name["c_empty.png"].error.endswith("c_empty.png: no face found")
   assert "truncated JPEG" in by_name["d_broken.jpg"].error
-  assert {f.source for f in report.failed} == {by_name["c_empty.png"].source,
-                                               by_name["d_broken.jpg"].source}
+  assert "f_junk.avi: not a readable video" in by_name["f_junk.avi"].error
+  assert {f.source for f in report.failed} == {by_name[n].source for n in (
+      "c_empty.png", "d_broken.jpg", "f_junk.avi")}
   content = json.loads((out / "a.png.json").read_text())
   assert content["protocol"] == "COFW" and content["image_size"] == {"height": 120, "width": 150}
   assert content["flip_test"] is True and content["decoder"] == "subpixel"
@@ -392,7 +394,7 @@ def test_predict_files_writes_json_and_overlays_and_reports_failures(tmp_path):
   capture = cv2.VideoCapture(str(out / "e_clip.avi.overlay.avi"))
   assert capture.get(cv2.CAP_PROP_FRAME_COUNT) == 3
   capture.release()
-  assert "3 of 5 files done" in report.summary()
+  assert "3 of 6 files done" in report.summary()
 
 
 # -- loading a training run ------------------------------------------------------------
