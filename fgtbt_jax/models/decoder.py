@@ -12,6 +12,10 @@ from fgtbt_jax.models import layers
 
 Dtype = Any
 
+# Name scope of the bilinear resizes: interpolation, not a learned layer, so
+# the MAC counter (`cost.py`) leaves its internal matrix products out.
+RESIZE_SCOPE = "bilinear_resize"
+
 
 def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
   """Bilinear resize with half-pixel centres (PyTorch `align_corners=False`).
@@ -19,7 +23,8 @@ def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
   Without antialiasing, so it also matches PyTorch when shrinking.
   """
   b, _, _, c = x.shape
-  return jax.image.resize(x, (b, height, width, c), method="bilinear", antialias=False)
+  with jax.named_scope(RESIZE_SCOPE):
+    return jax.image.resize(x, (b, height, width, c), method="bilinear", antialias=False)
 
 
 class ConvBlock(nn.Module):

@@ -16,6 +16,16 @@ from fgtbt_jax.models.mit import Block, OverlapPatchEmbed
 Dtype = Any
 
 
+def drop_path_rates(depths: Sequence[int], rate: float) -> tuple[tuple[float, ...], ...]:
+  """Per-stage stochastic-depth rates rising linearly from 0 to `rate` over all blocks."""
+  flat = np.linspace(0.0, rate, sum(depths)).tolist()
+  stages, first = [], 0
+  for depth in depths:
+    stages.append(tuple(flat[first:first + depth]))
+    first += depth
+  return tuple(stages)
+
+
 class EncoderStage(nn.Module):
   """Patch embedding, `depth` blocks (each preceded by FGSA when on), LayerNorm.
 
@@ -118,20 +128,18 @@ class MixTransformer(nn.Module):
     """
     if self.fgsa != (structure is not None):
       raise ValueError("MixTransformer: pass a structure image exactly when fgsa is on")
-    rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
+    rates = drop_path_rates(self.depths, self.drop_path_rate)
     x = images.astype(self.dtype)
     if structure is not None:
       structure = structure.astype(self.dtype)
     outputs = []
-    first = 0
     for i, depth in enumerate(self.depths):
       x, structure = EncoderStage(
           self.dims[i], depth, self.num_heads[i], self.sr_ratios[i],
-          self.patch_sizes[i], self.strides[i], tuple(rates[first:first + depth]),
+          self.patch_sizes[i], self.strides[i], rates[i],
           patch_embed=self.patch_embed, fgsa=self.fgsa, fgsa_reduction=self.fgsa_reduction,
           norm_epsilon=self.norm_epsilon, embed_norm_epsilon=self.embed_norm_epsilon,
           remat=self.remat, attention_impl=self.attention_impl, dtype=self.dtype,
           name=f"stage_{i}")(x, structure, train)
-      first += depth
       outputs.append(x)
     return tuple(outputs)

@@ -71,7 +71,9 @@ class FGTBT(nn.Module):
     images = nn.with_logical_constraint(images, ("batch", "height", "width", None))
     structure = None
     if self.encoder.fgsa:
-      structure = high_frequency_image(images, self.frequency_extractor, self.frequency_sigma)
+      with jax.named_scope("fgsa_high_frequency"):
+        structure = high_frequency_image(
+            images, self.frequency_extractor, self.frequency_sigma)
     features = self.encoder(images, structure, train)
     heatmaps = self.decoder(features, train)
     return heatmaps.astype(jnp.float32)

@@ -20,6 +20,10 @@ Dtype = Any
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "einsum")
 PATCH_EMBEDDINGS = ("conv_stem", "plain")
 
+# Name scope of the attention core (lets the MAC counter tell its
+# activation-by-activation products from the linear layers).
+ATTENTION_SCOPE = "attention_core"
+
 
 def attention_core(query: jax.Array, key: jax.Array, value: jax.Array,
                    implementation: str) -> jax.Array:
@@ -144,7 +148,8 @@ class EfficientSelfAttention(nn.Module):
     kv = layers.dense(2 * c, "embed", "qkv", dtype=self.dtype, name="kv")(source)
     k, v = kv[..., :c], kv[..., c:]
     heads = lambda t: t.reshape(b, t.shape[1], self.num_heads, head_dim)
-    out = attention_core(heads(q), heads(k), heads(v), self.implementation)
+    with jax.named_scope(ATTENTION_SCOPE):
+      out = attention_core(heads(q), heads(k), heads(v), self.implementation)
     out = out.reshape(b, n, c)
     return layers.dense(c, "qkv", "embed", dtype=self.dtype, name="proj")(out)
 

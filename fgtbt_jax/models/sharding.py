@@ -49,9 +49,10 @@ LOGICAL_AXIS_NAMES: tuple[str, ...] = (
 MESH_AXES: tuple[str, ...] = ("data", "fsdp")
 
 # Parameter dimensions that fully-sharded data parallelism splits over the
-# "fsdp" mesh axis, in priority order: a kernel whose first named dimension
-# takes "fsdp" leaves the other one replicated.
-_FSDP_PARAMETER_AXES = ("embed", "mlp", "qkv", "decoder")
+# "fsdp" mesh axis, in priority order: each array gets "fsdp" on the first of
+# its dimensions in this list (one mesh axis shards at most one dimension);
+# `variable_shardings` falls back to replication where a width does not divide.
+_FSDP_PARAMETER_AXES = ("embed", "mlp", "qkv", "fused", "decoder", "prompt", "conv_in")
 
 LogicalRules = tuple[tuple[str, Any], ...]
 
@@ -62,8 +63,9 @@ def logical_axis_rules(mode: str) -> LogicalRules:
   Args:
     mode: "data": pure data parallelism; the batch is split over every device
       of the mesh and all parameters are replicated. "fsdp": the batch is split
-      the same way and the large parameter matrices are split over the "fsdp"
-      axis (ZeRO-3 style; XLA gathers them where they are used).
+      the same way and every parameter matrix is split over the "fsdp" axis
+      along one of its channel dimensions (ZeRO-3 style; XLA gathers it where
+      it is used). Norm scales and other vectors named "norm" stay replicated.
 
   Returns:
     A tuple of (logical name, mesh axis or axes or None) pairs covering every
