@@ -354,14 +354,23 @@ def test_conv_transpose_matches_pytorch():
   np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def test_bilinear_resize_matches_pytorch_align_corners_false():
+@pytest.mark.parametrize("out_size", [(12, 20), (2, 3), (3, 5)])
+def test_bilinear_resize_matches_pytorch_align_corners_false(out_size):
   torch = pytest.importorskip("torch")
   x = np.random.RandomState(0).randn(1, 3, 5, 2).astype(np.float32)
-  got = decoder_lib.resize_bilinear(jnp.asarray(x), 12, 20)
+  got = decoder_lib.resize_bilinear(jnp.asarray(x), *out_size)
   expected = torch.nn.functional.interpolate(
-      torch.from_numpy(x).permute(0, 3, 1, 2), size=(12, 20), mode="bilinear",
+      torch.from_numpy(x).permute(0, 3, 1, 2), size=out_size, mode="bilinear",
       align_corners=False).permute(0, 2, 3, 1).numpy()
   np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_bilinear_matrix_rows_sum_to_one_and_upsampling_by_4_is_known():
+  weights = decoder_lib.bilinear_matrix(2, 8)
+  np.testing.assert_allclose(weights.sum(1), 1.0)
+  # Output pixel 2 sits at source 0.125: 7/8 of pixel 0, 1/8 of pixel 1.
+  np.testing.assert_allclose(weights[2], [0.875, 0.125])
+  np.testing.assert_allclose(weights[0], [1.0, 0.0])  # clamped at the border
 
 
 def test_conv_block_shapes_and_shortcut():

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fgtbt_jax.models import layers
 
@@ -17,14 +18,37 @@ Dtype = Any
 RESIZE_SCOPE = "bilinear_resize"
 
 
-def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
-  """Bilinear resize with half-pixel centres (PyTorch `align_corners=False`).
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) linear-interpolation weights with half-pixel centres.
 
-  Without antialiasing, so it also matches PyTorch when shrinking.
+  PyTorch's `interpolate(mode="bilinear", align_corners=False)` along one
+  axis: source coordinate (o + 0.5) in / out - 0.5, clamped at 0, blending
+  its floor and the next pixel (clamped at the last one). No antialiasing.
   """
-  b, _, _, c = x.shape
+  source = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+  source = np.maximum(source, 0.0)
+  low = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
+  high = np.minimum(low + 1, in_size - 1)
+  frac = source - low
+  weights = np.zeros((out_size, in_size), np.float64)
+  np.add.at(weights, (np.arange(out_size), low), 1.0 - frac)
+  np.add.at(weights, (np.arange(out_size), high), frac)
+  return weights.astype(np.float32)
+
+
+def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
+  """Bilinear resize of (B, H, W, C) maps, as PyTorch with `align_corners=False`.
+
+  Two small matrix products with weights fixed at trace time (cheaper to
+  compile than `jax.image.resize`, and exact PyTorch semantics also when
+  shrinking).
+  """
+  _, h, w, _ = x.shape
   with jax.named_scope(RESIZE_SCOPE):
-    return jax.image.resize(x, (b, height, width, c), method="bilinear", antialias=False)
+    rows = jnp.asarray(bilinear_matrix(h, height), x.dtype)
+    cols = jnp.asarray(bilinear_matrix(w, width), x.dtype)
+    x = jnp.einsum("oh,bhwc->bowc", rows, x)
+    return jnp.einsum("pw,bowc->bopc", cols, x)
 
 
 class ConvBlock(nn.Module):
