@@ -1,9 +1,8 @@
 """Full-model forward tests of the tiny variant (fgtbt_jax/models).
 
-Variables are drawn with numpy from the abstract (eval_shape) tree: compiling
-the model's own initialisers costs seconds per parameter tensor on a busy
-2-core CPU, and these tests are about the forward pass. Initialisation itself
-is tested on a single block (`test_init_is_deterministic_from_the_seed`).
+Variables are drawn with numpy (`model_helpers.numpy_variables`);
+initialisation itself is tested on a single block
+(`test_init_is_deterministic_from_the_seed`).
 """
 
 import flax.linen as nn
@@ -12,29 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
+from model_helpers import numpy_variables
 
 from fgtbt_jax.models import abstract_variables, build_model, model_config, normalize_images
 from fgtbt_jax.models import mit
 
 SIZE = 64
-
-
-def numpy_variables(abstract, seed=0):
-  """Random variables shaped like `abstract` (kernels ~ N(0, 1 / fan_in))."""
-  rng = np.random.RandomState(seed)
-  flat = flatten_dict(nn.meta.unbox(abstract))
-  out = {}
-  for path, leaf in sorted(flat.items()):
-    name = path[-1]
-    if name == "kernel":
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      value = rng.randn(*leaf.shape) / np.sqrt(fan_in)
-    elif name in ("scale", "var"):
-      value = 1.0 + 0.1 * rng.rand(*leaf.shape)
-    else:  # biases, offsets, running means
-      value = 0.05 * rng.randn(*leaf.shape)
-    out[path] = jnp.asarray(value, jnp.float32)
-  return unflatten_dict(out)
 
 
 @pytest.fixture(scope="module")
