@@ -1,0 +1,108 @@
+"""The FGTBT paper setup (Information Sciences 2026, section 4.1).
+
+Launch (after converting the four datasets into DATA, see
+data_pipelines/convert.py):
+
+  python run.py --config=configs/fgtbt_paper.py --workdir=runs/fgtbt_paper \
+      --config.data.data_dir=DATA
+
+480x480 input, the paper network (mit_b4 widths with depths 3/6/18/3,
+conv-stem patch embeddings, FGSA with the FFT high-pass at sigma 20), the
+FMB-loss (Adaptive Wing, beta 0.9), k = 2 samples of each dataset per step
+(batch 8), AdamW lr 2.5e-4 x0.8 at 40k/70k/90k steps, 100k steps, EMA with a
+half-life of 10,000 images (decay 0.5 ** (8 / 10000) per step), evaluation of
+the EMA model with the flip test and plain argmax decoding.
+
+This file declares every field of the experiment config; the other configs
+start from it and change values only.
+"""
+
+import ml_collections
+
+from data_pipelines.config import data_config
+from fgtbt_jax import models
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.model = models.model_config("paper")
+
+  config.data = data_config()
+  # Required: the --out folder of python -m data_pipelines.convert.
+  config.data.data_dir = ""
+  # One fact, two readers: the pipeline crops to the model's input size.
+  config.data.image_size = config.model.get_ref("input_size")
+  config.data.samples_per_dataset = 2
+  config.data.eval_batch_size = 16
+
+  # Synthetic stand-in datasets, generated and converted into data.data_dir
+  # on first use when `generate` is True (the embedded default run).
+  config.synthetic_data = ml_collections.ConfigDict()
+  config.synthetic_data.generate = False
+  config.synthetic_data.sizes = ml_collections.ConfigDict(
+      {"WFLW": (500, 100), "300W": (500, 100), "COFW": (300, 100), "AFLW": (500, 100)})
+  config.synthetic_data.seed = 0
+  config.synthetic_data.image_size = 256
+
+  # FMB-loss (paper section 3.2).
+  config.loss = ml_collections.ConfigDict()
+  config.loss.balancer = "fmb"       # fmb | uniform | dwa | uncertainty
+  config.loss.beta = 0.9             # FMB: weight (1 - beta) / (1 - beta ** C(p))
+  config.loss.awing_omega = 14.0
+  config.loss.awing_theta = 0.5
+  config.loss.awing_alpha = 2.1
+  config.loss.awing_epsilon = 1.0
+  config.loss.weight_threshold = 0.2  # W = scale * [maxpool3x3(y) >= threshold] + 1
+  config.loss.weight_scale = 10.0
+  config.loss.sigma = 3.0             # target Gaussian, heatmap pixels
+  config.loss.rounded_targets = False  # True: integer centres as the authors' code
+  config.loss.dwa_temperature = 2.0
+  config.loss.dwa_window = 1000       # steps per DWA loss window
+
+  # AdamW with PyTorch's defaults and the paper's step decay.
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 2.5e-4
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.eps = 1e-8
+  config.optimizer.weight_decay = 0.01
+  config.optimizer.lr_decay_steps = (40_000, 70_000, 90_000)
+  config.optimizer.lr_decay_factor = 0.8
+  config.optimizer.warmup_steps = 0
+  config.optimizer.grad_clip_norm = 0.0  # 0 = no clipping
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = 100_000
+  config.train.log_every = 100
+  config.train.checkpoint_every = 2_000
+  config.train.keep_checkpoints = 3
+  config.train.eval_every = 10_000
+  config.train.resume = True
+  # EMA decay per step = 0.5 ** (images per step / half-life).
+  config.train.ema_half_life_images = 10_000.0
+  # Fail on implicit host<->device transfers inside the step.
+  config.train.transfer_guard = True
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.decoder = "argmax"     # argmax (paper) | quarter | subpixel
+  config.eval.smoothing_sigma = 0.0  # subpixel only: blur before the fit
+  config.eval.flip_test = True
+  config.eval.failure_threshold = 0.1
+
+  # Device mesh ("data", "fsdp"); -1 = all remaining devices.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.logical_axis_rules = models.logical_axis_rules("data")
+
+  # Multi-host start-up; empty values fall back to JAX_COORDINATOR_ADDRESS,
+  # JAX_NUM_PROCESSES and JAX_PROCESS_ID. auto_detect: let JAX read a
+  # cluster environment (Cloud TPU, SLURM, ...).
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = ""
+  config.distributed.num_processes = 0
+  config.distributed.process_id = -1
+  config.distributed.auto_detect = False
+  return config
