@@ -73,9 +73,10 @@ def test_fgsa_off_network_runs_on_the_non_fgsa_parameters(tiny, images, tiny_out
   assert float(jnp.max(jnp.abs(out - tiny_output))) > 1e-3
 
 
-# bfloat16 keeps 8 significant bits; through ~30 layers the heatmaps stay within
-# this share of the float32 output's spread (measured: about 2-4 %).
-BF16_RELATIVE_TOLERANCE = 0.08
+# bfloat16 keeps 8 significant bits; the RMS difference of the heatmaps stays
+# within this share of the float32 output's spread (measured: 1.5 % for tiny at
+# 64 px, 0.9 % for small at 128 px; docs/model.md).
+BF16_RELATIVE_TOLERANCE = 0.05
 
 
 def test_bfloat16_compute_stays_close_to_float32(tiny, images, tiny_output):

@@ -43,7 +43,8 @@ ENCODERS: dict[str, EncoderSpec] = {
     "b3": EncoderSpec(_MIT_WIDE, (3, 4, 18, 3)),
     "b4": EncoderSpec(_MIT_WIDE, (3, 8, 27, 3)),
     "b5": EncoderSpec(_MIT_WIDE, (3, 6, 40, 3)),
-    # Test/smoke-run size: one block per stage, 16-wide heads.
+    # CPU sizes: 16- and 32-wide attention heads, few blocks.
+    "small": EncoderSpec((32, 64, 128, 256), (1, 1, 2, 1), num_heads=(1, 2, 4, 8)),
     "tiny": EncoderSpec((16, 32, 64, 128), (1, 1, 1, 1), num_heads=(1, 2, 4, 8)),
 }
 
@@ -53,8 +54,8 @@ ENCODERS: dict[str, EncoderSpec] = {
 _PRESETS: dict[str, dict] = {
     "paper": dict(encoder="paper"),
     **{f"b{i}": dict(encoder=f"b{i}") for i in range(6)},
-    "small": dict(encoder="b0", input_size=128, decoder_dim=128, head_channels=64,
-                  upsample_channels=32),
+    "small": dict(encoder="small", input_size=128, decoder_dim=64, head_channels=32,
+                  upsample_channels=16),
     "tiny": dict(encoder="tiny", input_size=64, decoder_dim=64, head_channels=32,
                  upsample_channels=16),
 }
@@ -67,8 +68,10 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
 
   Args:
     variant: "paper" (the FGTBT paper network), "b0".."b5" (standard MiT
-      encoders with the paper's head), "small" (b0 encoder, light head, 128
-      input: trains on a CPU) or "tiny" (unit tests and smoke runs, 64 input).
+      encoders with the paper's head), "small" (32..256-wide encoder with
+      1/1/2/1 blocks, light head, 128 input) or "tiny" (16..128 wide, one
+      block per stage, light head, 64 input: unit tests and CPU runs). See
+      docs/model.md for their CPU speed.
     **overrides: any field below, e.g. `fgsa=False, dtype="bfloat16"`.
 
   Returns:
