@@ -1,12 +1,22 @@
-"""Test setup: 8 simulated CPU devices for the sharding tests.
+"""Test setup: 8 simulated CPU devices and a persistent compilation cache.
 
-The flag must be set before JAX starts its backend, so it is set here, at
-import time of the first conftest, before any test module imports jax.
+Both are set through the environment at import time of this conftest,
+before any test module imports jax, so subprocesses started by tests
+(multi-host, resume, export) inherit them too.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+# Many tests build the same tiny model; compiling its initialiser alone takes
+# tens of seconds on a 2-core CPU (one unrolled random-bits kernel per
+# parameter). XLA's persistent cache makes every later compile of the same
+# program a file read, across test workers and subprocesses.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "fgtbt_jax_test_jit_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
