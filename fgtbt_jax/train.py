@@ -601,3 +601,54 @@ def _train_loop(config, setup: Setup, state: TrainState, start_step: int, train_
   final = evaluate.final_table(results)
   final["steps"] = final_step
   return final
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                     checkpoint: str = "latest") -> dict:
+  """Evaluates a run's EMA model from its checkpoints.
+
+  Args:
+    config: the run's config (run.py reads it from <workdir>/config.json).
+    workdir: the run's directory.
+    checkpoint: "latest" (the newest train state) or "best" (each dataset's
+      best EMA checkpoint, evaluated on that dataset).
+
+  Returns:
+    {dataset: {"nme", "baseline_nme", "fr", "auc"}} and "steps": the step
+    evaluated (for "best", {dataset: step}); also written to
+    <workdir>/eval_<checkpoint>.json.
+  """
+  if checkpoint not in ("latest", "best"):
+    raise ValueError(f"checkpoint must be 'latest' or 'best', got {checkpoint!r}")
+  initialize_distributed(config.distributed)
+  validate_config(config)
+  workdir = pathlib.Path(workdir).resolve()
+  if not (workdir / "checkpoints").is_dir():
+    raise FileNotFoundError(f"{workdir} holds no checkpoints/ directory: not a training workdir")
+  prepare_data(config)
+  setup = build_setup(config)
+  checkpoints = checkpointing.Checkpointer(
+      workdir / "checkpoints", datasets=config.data.datasets,
+      max_to_keep=config.train.keep_checkpoints,
+      save_interval_steps=config.train.checkpoint_every)
+  evaluator = evaluate.Evaluator(config, setup.model, setup.mesh, setup.rules, workdir)
+  try:
+    if checkpoint == "latest":
+      state, step = checkpoints.restore(setup.abstract_state)
+      results = evaluator.evaluate(state.ema_variables(), step)
+      steps: Any = step
+    else:
+      abstract = {"params": setup.abstract_state.ema_params,
+                  "batch_stats": setup.abstract_state.ema_batch_stats}
+      results, steps = {}, {}
+      for name in config.data.datasets:
+        variables, steps[name] = checkpoints.restore_best(name, abstract)
+        results.update(evaluator.evaluate(variables, steps[name], datasets=[name]))
+  finally:
+    checkpoints.close()
+    evaluator.close()
+  final = evaluate.final_table(results)
+  final["steps"] = steps
+  if jax.process_index() == 0:
+    (workdir / f"eval_{checkpoint}.json").write_text(json.dumps(final, indent=2) + "\n")
+  return final

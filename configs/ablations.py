@@ -1,0 +1,71 @@
+"""The paper's ablation studies as one parameterised config.
+
+  python run.py --config=configs/ablations.py:STUDY --config.data.data_dir=DATA
+
+STUDY is a comma-separated list of key=value settings applied to the paper
+config (configs/fgtbt_paper.py); the workdir defaults to
+runs/ablations_<STUDY>. The studies of the paper:
+
+  beta=0 | beta=0.3 | beta=0.6 | beta=0.9 | beta=0.999     FMB beta sweep (Table 5)
+  balancer=fmb | balancer=uniform | balancer=dwa | balancer=uncertainty
+                                                           loss balancers (Table 6)
+  frequency=fft | frequency=srm | frequency=wavelet        high-frequency extractors (Table 7)
+  fgsa=off                                                 w/o FGSA
+  fmb=off                                                  w/o FMB (uniform landmark weights)
+  fgsa=off,fmb=off                                         neither (the plain baseline)
+
+Any study can be run on the embedded synthetic data by adding
+`base=default` (e.g. configs/ablations.py:base=default,fgsa=off).
+"""
+
+import ml_collections
+
+from configs import default
+from configs import fgtbt_paper
+from fgtbt_jax import losses
+from fgtbt_jax.models import fgsa as fgsa_lib
+
+_ON_OFF = {"on": True, "off": False}
+STUDIES = (
+    "beta=0", "beta=0.3", "beta=0.6", "beta=0.9", "beta=0.999",
+    "balancer=fmb", "balancer=uniform", "balancer=dwa", "balancer=uncertainty",
+    "frequency=fft", "frequency=srm", "frequency=wavelet",
+    "fgsa=off", "fmb=off", "fgsa=off,fmb=off",
+)
+
+
+def _choice(key: str, value: str, allowed) -> str:
+  if value not in allowed:
+    raise ValueError(f"ablations: {key}={value!r}; expected one of {tuple(allowed)}")
+  return value
+
+
+def get_config(study: str = "") -> ml_collections.ConfigDict:
+  """The paper config (or the default one with base=default) with a study applied."""
+  settings = {}
+  for item in filter(None, (s.strip() for s in study.split(","))):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"ablations: {item!r} is not key=value (e.g. beta=0.3); studies: {STUDIES}")
+    settings[key.strip()] = value.strip()
+  base = _choice("base", settings.pop("base", "paper"), ("paper", "default"))
+  config = fgtbt_paper.get_config() if base == "paper" else default.get_config()
+  for key, value in settings.items():
+    if key == "beta":
+      try:
+        config.loss.beta = float(value)
+      except ValueError:
+        raise ValueError(f"ablations: beta={value!r} is not a number") from None
+    elif key == "balancer":
+      config.loss.balancer = _choice(key, value, losses.BALANCERS)
+    elif key == "frequency":
+      config.model.frequency_extractor = _choice(key, value, fgsa_lib.FREQUENCY_EXTRACTORS)
+    elif key == "fgsa":
+      config.model.fgsa = _ON_OFF[_choice(key, value, _ON_OFF)]
+    elif key == "fmb":
+      if not _ON_OFF[_choice(key, value, _ON_OFF)]:
+        config.loss.balancer = "uniform"
+    else:
+      raise ValueError(f"ablations: unknown setting {key!r}; expected base, beta, balancer, "
+                       f"frequency, fgsa or fmb (studies: {STUDIES})")
+  return config

@@ -1,0 +1,138 @@
+"""The config files: paper values, ablations, validation and flag handling."""
+
+import pathlib
+
+from absl import flags
+from ml_collections import config_flags
+import ml_collections
+import pytest
+
+from configs import ablations
+from configs import default
+from configs import fgtbt_paper
+from configs import tiny
+from fgtbt_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _valid(config):
+  train.validate_config(config, num_devices=8, process_count=1)
+
+
+def test_paper_config_matches_the_paper():
+  c = fgtbt_paper.get_config()
+  assert c.model.variant == "paper" and c.model.input_size == 480 == c.data.image_size
+  assert c.model.patch_embed == "conv_stem" and c.model.fgsa
+  assert c.model.frequency_extractor == "fft" and c.model.frequency_sigma == 20.0
+  assert (c.loss.balancer, c.loss.beta, c.loss.sigma) == ("fmb", 0.9, 3.0)
+  assert (c.loss.awing_omega, c.loss.awing_theta, c.loss.awing_alpha,
+          c.loss.awing_epsilon) == (14.0, 0.5, 2.1, 1.0)
+  assert c.data.samples_per_dataset == 2 and len(c.data.datasets) == 4
+  o = c.optimizer
+  assert (o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay) == (2.5e-4, 0.9, 0.999, 1e-8, 0.01)
+  assert tuple(o.lr_decay_steps) == (40_000, 70_000, 90_000) and o.lr_decay_factor == 0.8
+  assert c.train.steps == 100_000
+  assert train.ema_decay_per_step(c) == pytest.approx(0.5 ** (8 / 10000), rel=1e-12)
+  assert c.eval.flip_test and c.eval.decoder == "argmax"
+  c.data.data_dir = "/converted"
+  _valid(c)
+
+
+def test_paper_config_requires_a_data_dir():
+  with pytest.raises(train.ConfigError, match="data.data_dir is required"):
+    _valid(fgtbt_paper.get_config())
+
+
+def test_default_and_tiny_configs_are_valid_and_small():
+  for module in (default, tiny):
+    c = module.get_config()
+    _valid(c)
+    assert c.synthetic_data.generate and c.data.image_size == c.model.input_size <= 128
+    assert pathlib.Path(c.data.data_dir).is_relative_to(REPO / "data")
+
+
+@pytest.mark.parametrize("study", ablations.STUDIES)
+def test_every_ablation_study_builds_a_valid_config(study):
+  c = ablations.get_config(study)
+  c.data.data_dir = "/converted"
+  _valid(c)
+
+
+def test_ablations_set_what_they_name():
+  assert ablations.get_config("beta=0.3").loss.beta == 0.3
+  assert ablations.get_config("balancer=dwa").loss.balancer == "dwa"
+  assert ablations.get_config("frequency=srm").model.frequency_extractor == "srm"
+  both = ablations.get_config("fgsa=off,fmb=off")
+  assert not both.model.fgsa and both.loss.balancer == "uniform"
+  assert ablations.get_config("base=default,fgsa=off").model.variant == "tiny"
+  for bad, message in (("beta=x", "not a number"), ("color=red", "unknown setting 'color'"),
+                       ("balancer=gradnorm", "expected one of"), ("fgsa", "not key=value")):
+    with pytest.raises(ValueError, match=message):
+      ablations.get_config(bad)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("optimizer.learning_rate", -1e-3, "optimizer.learning_rate must be positive"),
+    ("loss.beta", 1.0, r"loss.beta must be in \[0, 1\)"),
+    ("loss.balancer", "gradnorm", "unknown balancer 'gradnorm'"),
+    ("train.steps", 0, "train.steps must be at least 1"),
+    ("optimizer.lr_decay_steps", (300, 100), "lr_decay_steps must be increasing"),
+    ("eval.decoder", "softargmax", "eval.decoder must be one of"),
+    ("mesh.fsdp", 3, "does not cover the 8 devices"),
+    ("data.datasets", ("WFLW", "MENPO"), "non-empty subset"),
+])
+def test_validation_names_the_bad_key(key, value, message):
+  c = tiny.get_config()
+  c.update_from_flattened_dict({key: value})
+  with pytest.raises(train.ConfigError, match=message):
+    _valid(c)
+
+
+def test_batch_must_divide_by_devices_and_processes():
+  c = tiny.get_config()  # k = 2, 4 datasets: global batch 8
+  train.validate_config(c, num_devices=4, process_count=2)
+  with pytest.raises(train.ConfigError, match=r"global batch .* = 8\) must divide by the number "
+                                              r"of devices \(3\)"):
+    train.validate_config(c, num_devices=3, process_count=1)
+  with pytest.raises(train.ConfigError, match="must divide by the number of processes"):
+    train.validate_config(c, num_devices=8, process_count=4)
+  # The config files tie data.image_size to model.input_size by reference;
+  # a config read back from JSON has two plain values that can disagree.
+  c = ml_collections.ConfigDict(c.to_dict())
+  c.model.input_size = 96
+  with pytest.raises(train.ConfigError, match="must equal model.input_size"):
+    _valid(c)
+
+
+def test_missing_data_paths_are_reported(tmp_path):
+  c = tiny.get_config()
+  c.synthetic_data.generate = False
+  c.data.data_dir = str(tmp_path / "nowhere")
+  with pytest.raises(train.ConfigError, match="nowhere.* is not a directory"):
+    train.prepare_data(c)
+  c.data.data_dir = str(tmp_path)
+  with pytest.raises(train.ConfigError, match="no converted WFLW data"):
+    train.prepare_data(c)
+
+
+def _parse(argv):
+  values = flags.FlagValues()
+  # Overrides are registered from the argv seen at definition time.
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
+                                  lock_config=True, sys_argv=["prog"] + argv)
+  values(["prog"] + argv)
+  return values.config
+
+
+def test_command_line_overrides_and_unknown_keys():
+  tiny_path = str(REPO / "configs" / "tiny.py")
+  config = _parse([f"--config={tiny_path}", "--config.train.steps=7",
+                   "--config.loss.beta=0.5"])
+  assert config.train.steps == 7 and config.loss.beta == 0.5
+  with pytest.raises((flags.Error, AttributeError), match="stepz"):
+    _parse([f"--config={tiny_path}", "--config.train.stepz=7"])
+  with pytest.raises(OSError, match="no_such_config.py"):
+    _parse([f"--config={REPO / 'configs' / 'no_such_config.py'}"]).keys()
+  ablation = _parse([f"--config={REPO / 'configs' / 'ablations.py'}:beta=0.3"])
+  assert ablation.loss.beta == 0.3
