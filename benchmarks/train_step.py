@@ -1,0 +1,259 @@
+"""Train-step throughput: the real sharded step on synthetic batches already on device.
+
+    python -m benchmarks.train_step [--config=configs/default.py] \\
+        [--batch=8,32] [--dtype=float32,bfloat16] [--steps=10] [--warmup=2] \\
+        [--breakdown] [--config.model.remat=True ...]
+
+    python -m benchmarks.train_step --config=configs/fgtbt_paper.py \\
+        --dtype=bfloat16 --batch=32 --steps=20        # the paper network at 480
+
+For each (global batch, compute dtype) it builds the run's setup
+(`train.build_setup`: mesh over all devices, sharded state), compiles the
+step of `train.make_train_step` ahead of time and times it on one random
+synthetic batch (no input pipeline, random weights), and prints one JSON
+line with:
+
+* compile_s (lowering + XLA compilation; a cache read when the persistent
+  compilation cache already holds the program), step_s (median), steps/s,
+  images/s;
+* xla_flops_per_step: FLOPs of the compiled step from XLA's cost analysis,
+  for one device's share of the batch; analytic_flops_per_step: the model's
+  multiply-adds per image (`fgtbt_jax.models.cost.count_macs`, attention
+  products included) x 2 FLOPs x 3 (forward + backward) x images on that
+  device, as a cross-check (it leaves out the loss, norms, activations,
+  optimizer and EMA, which XLA counts);
+* mfu: xla FLOPs / step time / the device's dense peak (`common.PEAK_TFLOPS`;
+  float32 against the TF32 peak on NVIDIA, JAX's default precision there);
+  on CPU, where no peak is listed, achieved_gflops_per_s instead;
+* peak_memory_bytes: the device's peak bytes in use, or on CPU the process's
+  maximum resident set (see `memory_source`), and XLA's own estimate of one
+  device's memory for the step.
+
+The batch is global and must be k x (number of datasets) (every step holds
+k samples of each dataset) and divide by the device count.
+
+--breakdown also times, on the same state and batch, the model's forward pass
+alone (train mode), forward + loss, and the gradient of the loss, to show
+where the step's time goes (the remainder is AdamW, EMA and bookkeeping).
+Not a test: numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+
+from absl import flags
+import flax.linen as nn
+import jax
+import ml_collections
+from ml_collections import config_flags
+
+from benchmarks import common
+from fgtbt_jax import losses
+from fgtbt_jax import models
+from fgtbt_jax import train
+from fgtbt_jax.models import cost
+
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/default.py", "Experiment config file; --config.x=y overrides fields.",
+    flag_values=FLAGS, lock_config=True)
+_BATCH = flags.DEFINE_list(
+    "batch", [], "Global batch sizes (k x number of datasets); default the config's.",
+    flag_values=FLAGS)
+_DTYPE = flags.DEFINE_list("dtype", ["float32"], "Compute dtypes: float32, bfloat16.",
+                           flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.", lower_bound=1, flag_values=FLAGS)
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.", lower_bound=0,
+                               flag_values=FLAGS)
+_BREAKDOWN = flags.DEFINE_bool("breakdown", False,
+                               "Also time forward, forward + loss and gradient alone.",
+                               flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random weights and batch.",
+                             flag_values=FLAGS)
+
+# validate_config wants a data directory; the benchmark reads none.
+_NO_DATA_DIR = "(none: synthetic batches on device)"
+
+
+def benchmark_config(config: ml_collections.ConfigDict, batch: int | None,
+                     dtype: str) -> ml_collections.ConfigDict:
+  """A copy of `config` with the global batch and the compute dtype set.
+
+  Raises:
+    ValueError: the batch is not a positive multiple of the number of
+      datasets, or the config fails `train.validate_config` (e.g. the batch
+      does not divide by the device count).
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  num_datasets = len(config.data.datasets)
+  if batch is not None:
+    if batch < 1 or batch % num_datasets:
+      raise ValueError(f"--batch={batch}: the global batch must be k x {num_datasets} "
+                       f"(k samples of each of {tuple(config.data.datasets)})")
+    config.data.samples_per_dataset = batch // num_datasets
+  config.model.dtype = dtype
+  models.validate_model_config(config.model)
+  if not config.data.data_dir:
+    config.data.data_dir = _NO_DATA_DIR
+  train.validate_config(config)
+  return config
+
+
+def _jitted_step(train_step):
+  """The `jax.jit` object inside `train.make_train_step`'s wrapper.
+
+  The wrapper only enters the mesh and the logical rules around the call;
+  ahead-of-time lowering (for the compile time and XLA's cost analysis of
+  the very program that runs) needs the jitted function itself.
+  """
+  jitted = inspect.getclosurevars(train_step).nonlocals.get("jitted")
+  if jitted is None or not hasattr(jitted, "lower"):
+    raise RuntimeError("benchmarks.train_step: train.make_train_step no longer wraps a "
+                       "variable named 'jitted'; update _jitted_step")
+  return jitted
+
+
+def analytic_flops_per_image(model_config: ml_collections.ConfigDict) -> float:
+  """Model multiply-adds per image x 2 FLOPs x 3 (forward + backward)."""
+  return 6.0 * cost.count_macs(model_config)["total"]
+
+
+def time_step(config: ml_collections.ConfigDict, steps: int, warmup: int, seed: int,
+              breakdown: bool = False) -> list[dict]:
+  """Compiles and times the train step of `config`; returns the result records."""
+  setup = train.build_setup(config)
+  state = common.random_train_state(setup, seed)
+  batch = common.synthetic_train_batch(config, train.batch_sharding(setup.mesh), seed)
+  train_step = train.make_train_step(setup, train.ema_decay_per_step(config))
+
+  start = time.perf_counter()
+  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    lowered = _jitted_step(train_step).lower(state, batch)
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start - lower_s
+
+  breakdown_record = (_breakdown(setup, state, batch, steps) if breakdown else None)
+
+  # The compiled step donates its state: thread it through.
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    return metrics["loss"]
+
+  common.time_calls(run, warmup)
+  seconds = common.time_calls(run, steps)
+  loss = float(run())
+  summary = common.timing_summary(seconds)
+  step_s = summary["median_s"]
+
+  device = jax.devices()[0]
+  devices = jax.device_count()
+  images = config.data.samples_per_dataset * len(config.data.datasets)
+  xla_flops = common.compiled_flops(compiled)
+  analytic = analytic_flops_per_image(config.model) * images / devices
+  precision = jax.config.jax_default_matmul_precision
+  peak, peak_source = common.peak_tflops(device.device_kind, config.model.dtype, precision)
+  record = {
+      "benchmark": "train_step",
+      "variant": config.model.variant,
+      "input_size": config.model.input_size,
+      "dtype": config.model.dtype,
+      "remat": bool(config.model.remat),
+      "batch": images,
+      "samples_per_dataset": config.data.samples_per_dataset,
+      "devices": devices,
+      "mesh": dict(setup.mesh.shape),
+      "lower_s": round(lower_s, 2),
+      "compile_s": round(compile_s, 2),
+      "steps": steps,
+      "warmup": warmup,
+      "step_s": round(step_s, 5),
+      "step_s_mean": round(summary["mean_s"], 5),
+      "step_s_min": round(summary["min_s"], 5),
+      "steps_per_s": round(1.0 / step_s, 3),
+      "images_per_s": round(images / step_s, 2),
+      "loss_after": loss,
+      "xla_flops_per_step": xla_flops,
+      "analytic_flops_per_step": analytic,
+      "xla_to_analytic": None if xla_flops is None else round(xla_flops / analytic, 3),
+      "peak_tflops": peak,
+      "peak_source": peak_source,
+      **common.peak_memory(device),
+      "xla_memory_estimate_bytes": common.compiled_memory_bytes(compiled),
+  }
+  if xla_flops is not None:
+    achieved = xla_flops / step_s  # Per device.
+    if peak is None:
+      record["achieved_gflops_per_s"] = round(achieved * devices / 1e9, 2)
+    else:
+      record["achieved_tflops_per_s_per_device"] = round(achieved / 1e12, 2)
+      record["mfu"] = round(achieved / (peak * 1e12), 4)
+  records = [record]
+  if breakdown_record is not None:
+    breakdown_record["full_step_s"] = round(step_s, 5)
+    records.append(breakdown_record)
+  return records
+
+
+def _breakdown(setup: train.Setup, state: train.TrainState, batch: dict, steps: int) -> dict:
+  """Median seconds of the forward pass, forward + loss and its gradient alone.
+
+  Mirrors the loss of `train.make_train_step` (train-mode forward with
+  batch-statistics updates, targets rendered on device, FMB-loss) without
+  the optimizer and EMA updates.
+  """
+  model, loss_config = setup.model, setup.loss_config
+
+  def forward(params, state, batch):
+    images = models.normalize_images(batch["image"])
+    heatmaps, _ = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                              train=True, rngs={"dropout": state.rng}, mutable=["batch_stats"])
+    return heatmaps
+
+  def loss(params, state, batch):
+    heatmaps = forward(params, state, batch)
+    height, width = heatmaps.shape[1:3]
+    stride = batch["image"].shape[1] / height
+    target = losses.render_targets(batch["landmarks"], batch["mask"], height, width,
+                                   loss_config.sigma, stride, loss_config.rounded_targets)
+    total, _ = losses.fmb_loss(loss_config, heatmaps, target, batch["mask"],
+                               batch["dataset_id"], state.balancer_params, state.balancer_state)
+    return total
+
+  record = {"benchmark": "train_step_breakdown", "variant": setup.config.model.variant,
+            "input_size": setup.config.model.input_size, "dtype": setup.config.model.dtype,
+            "batch": int(batch["image"].shape[0])}
+  for name, fn in (("forward", forward), ("forward_loss", loss),
+                   ("forward_backward", jax.grad(loss))):
+    start = time.perf_counter()
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+      compiled = jax.jit(fn).lower(state.params, state, batch).compile()
+    record[f"{name}_compile_s"] = round(time.perf_counter() - start, 2)
+    call = lambda: compiled(state.params, state, batch)
+    call()
+    record[f"{name}_s"] = round(common.timing_summary(common.time_calls(call, steps))["median_s"], 5)
+    record[f"{name}_xla_flops"] = common.compiled_flops(compiled)
+  return record
+
+
+def main(argv: list[str]) -> int:
+  FLAGS(argv)
+  common.emit(common.machine_record())
+  batches = common.parse_batches(_BATCH.value) or [None]
+  for dtype in _DTYPE.value:
+    for batch in batches:
+      config = benchmark_config(_CONFIG.value, batch, dtype)
+      for record in time_step(config, _STEPS.value, _WARMUP.value, _SEED.value,
+                              _BREAKDOWN.value):
+        record["config"] = config_flags.get_config_filename(FLAGS["config"])
+        common.emit(record)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
