@@ -98,6 +98,24 @@ def test_widths_that_do_not_divide_stay_replicated(tiny):
   assert all(a is None for a in stats["decoder", "fuse_norm", "mean"].spec)
 
 
+def test_sharded_init_equals_single_device_init():
+  from fgtbt_jax.models import mit
+  block = mit.Block(dim=16, num_heads=2, sr_ratio=2, grid=(4, 4))
+  x = jnp.ones((8, 16, 16))
+  init = lambda key: block.init(key, x, False)
+  expected = jax.jit(init)(jax.random.key(3))
+  mesh = _mesh(1, 8)
+  abstract = jax.eval_shape(init, jax.random.key(3))
+  shardings = variable_shardings(abstract, mesh, logical_axis_rules("fsdp"))
+  with jax.set_mesh(mesh):
+    sharded = jax.jit(lambda key: nn.meta.unbox(init(key)), out_shardings=shardings)(
+        jax.random.key(3))
+  fc1 = sharded["params"]["mlp"]["fc1"]["kernel"]
+  assert fc1.sharding.spec == P("fsdp", None)
+  for a, b in zip(jax.tree.leaves(nn.meta.unbox(expected)), jax.tree.leaves(sharded)):
+    np.testing.assert_array_equal(a, b)
+
+
 def _sharded_apply(model, rules, mesh, train):
   def apply(variables, images):
     with nn.logical_axis_rules(rules):

@@ -241,6 +241,22 @@ def test_channel_attention_pools_each_sample_separately():
 # --- module numerics ---------------------------------------------------------
 
 
+def test_initializers_have_the_requested_distributions():
+  normal = np.asarray(layers.normal(0.5)(jax.random.key(0), (400, 500)))
+  assert abs(normal.std() - 0.5) < 0.005 and abs(normal.mean()) < 0.005
+  assert abs(np.mean(np.abs(normal) > 1.0) - 0.0455) < 0.002  # beyond 2 std
+  truncated = np.asarray(layers.truncated_normal(0.02)(jax.random.key(1), (400, 500)))
+  assert abs(truncated.std() - 0.02) < 2e-4 and abs(truncated.mean()) < 2e-4
+  bound = 2 * 0.02 / 0.87962566103423978
+  assert np.abs(truncated).max() <= bound and np.abs(truncated).max() > 0.98 * bound
+  same = layers.normal(1.0)(jax.random.key(0), (400, 500))
+  np.testing.assert_array_equal(same, normal / 0.5)
+  other = np.asarray(layers.normal(1.0)(jax.random.key(2), (400, 500)))
+  assert abs(np.corrcoef(other.ravel(), normal.ravel())[0, 1]) < 0.01
+  legacy = layers.normal(1.0)(jax.random.PRNGKey(0), (3,))  # raw uint32 keys work too
+  assert legacy.shape == (3,) and np.isfinite(legacy).all()
+
+
 def _attention(impl, grid=(8, 8), sr=2):
   return mit.EfficientSelfAttention(dim=32, num_heads=2, sr_ratio=sr, grid=grid,
                                     implementation=impl)

@@ -5,6 +5,12 @@ that it carries logical axis names (see `sharding.py`) and the model-wide
 initialisation: truncated normal (std 0.02) for linear layers as in MiT, and
 He normal over fan-out (`sqrt(2 / (k * k * out / groups))`) for
 convolutions, as in the MiT and SegFormer PyTorch code.
+
+The random initialisers draw their bits with XLA's RngBitGenerator (Philox)
+seeded from the key Flax gives each parameter, instead of `jax.random`'s
+Threefry hash: the values are as random, but `jax.jit(model.init)` compiles in
+half the CPU time (one generator op per tensor instead of an unrolled hash;
+paper model: minutes on a 2-core CPU otherwise).
 """
 
 from __future__ import annotations
@@ -22,7 +28,42 @@ Dtype = Any
 BATCH_NORM_MOMENTUM = 0.9
 BATCH_NORM_EPSILON = 1e-5
 
-_LINEAR_INIT = nn.initializers.truncated_normal(stddev=0.02)
+# Standard-normal quantiles of the truncation points (-2, 2) and the std of
+# the truncated distribution, as in `nn.initializers.truncated_normal`.
+_PHI_MINUS_2 = 0.5 * math.erfc(2.0 / math.sqrt(2.0))
+_TRUNCATED_STD = 0.87962566103423978
+
+
+def _uniform(key: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """Uniform float32 in (0, 1) from Philox bits seeded by `key`."""
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  words = key.reshape(-1).astype(jnp.uint32)
+  state = jnp.concatenate([words, jnp.zeros((4,), jnp.uint32)])[:4]
+  _, bits = jax.lax.rng_bit_generator(
+      state, tuple(shape), dtype=jnp.uint32, algorithm=jax.lax.RandomAlgorithm.RNG_PHILOX)
+  mantissa = (bits >> 9).astype(jnp.float32)  # 23 random bits
+  return (mantissa + 0.5) * (1.0 / (1 << 23))
+
+
+def truncated_normal(stddev: float):
+  """N(0, stddev^2) truncated to +-2 std (rescaled to keep `stddev`), by inverse CDF."""
+  def init(key, shape, dtype=jnp.float32):
+    u = _PHI_MINUS_2 + (1.0 - 2.0 * _PHI_MINUS_2) * _uniform(key, shape)
+    z = math.sqrt(2.0) * jax.lax.erf_inv(2.0 * u - 1.0)
+    return (z * (stddev / _TRUNCATED_STD)).astype(dtype)
+  return init
+
+
+def normal(stddev: float):
+  """N(0, stddev^2) by inverse CDF."""
+  def init(key, shape, dtype=jnp.float32):
+    z = math.sqrt(2.0) * jax.lax.erf_inv(2.0 * _uniform(key, shape) - 1.0)
+    return (z * stddev).astype(dtype)
+  return init
+
+
+_LINEAR_INIT = truncated_normal(stddev=0.02)
 
 
 def _named(init, names: tuple[str | None, ...]):
@@ -41,7 +82,7 @@ def dense(features: int, in_axis: str, out_axis: str, *, dtype: Dtype,
 
 def _conv_init(kernel_size: Sequence[int], features: int, groups: int):
   fan_out = math.prod(kernel_size) * features // groups
-  return nn.initializers.normal(stddev=math.sqrt(2.0 / fan_out))
+  return normal(stddev=math.sqrt(2.0 / fan_out))
 
 
 def conv(features: int, kernel_size: int, out_axis: str, *, dtype: Dtype,
