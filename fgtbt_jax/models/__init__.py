@@ -13,10 +13,11 @@ from fgtbt_jax.models.fgtbt import (
     FGTBT, IMAGENET_MEAN, IMAGENET_STD, abstract_variables, build_encoder, build_model,
     normalize_images, parameter_count)
 from fgtbt_jax.models.sharding import LOGICAL_AXIS_NAMES, logical_axis_rules, variable_shardings
+from fgtbt_jax.models.cost import count_macs
 
 __all__ = [
     "ENCODERS", "VARIANTS", "model_config", "validate_model_config",
     "FGTBT", "IMAGENET_MEAN", "IMAGENET_STD", "abstract_variables", "build_encoder",
     "build_model", "normalize_images", "parameter_count",
-    "LOGICAL_AXIS_NAMES", "logical_axis_rules", "variable_shardings",
+    "LOGICAL_AXIS_NAMES", "logical_axis_rules", "variable_shardings", "count_macs",
 ]

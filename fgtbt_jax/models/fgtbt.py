@@ -63,6 +63,7 @@ class FGTBT(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """(B, H, W, 3) normalised images -> (B, H / 2, W / 2, num_points) float32 heatmaps."""
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"FGTBT: expected (B, H, W, 3) images, got shape {images.shape}")
     _, h, w, _ = images.shape
