@@ -1,0 +1,187 @@
+"""Smoke tests of the benchmark scripts: they run and print the records they promise.
+
+The scripts run for one or two iterations of the tiny config on the 8
+simulated CPU devices. Nothing here asserts a speed: only that every record
+is valid JSON with its keys, and that the numbers are consistent (FLOP
+counts near the analytic count, the batch layout as the pipeline makes it).
+"""
+
+import json
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import common
+from benchmarks import inference
+from benchmarks import train_step
+from configs import tiny
+from fgtbt_jax import landmarks
+from fgtbt_jax import train
+
+_TINY = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
+
+TRAIN_STEP_KEYS = {
+    "variant", "input_size", "dtype", "batch", "samples_per_dataset", "devices", "mesh",
+    "lower_s", "compile_s", "steps", "warmup", "step_s", "step_s_mean", "step_s_min",
+    "steps_per_s", "images_per_s", "loss_after", "xla_flops_per_step",
+    "analytic_flops_per_step", "xla_to_analytic", "peak_tflops", "peak_source",
+    "peak_memory_bytes", "memory_source", "xla_memory_estimate_bytes", "config"}
+BREAKDOWN_KEYS = {f"{part}{suffix}" for part in ("forward", "forward_loss", "forward_backward")
+                  for suffix in ("_s", "_compile_s", "_xla_flops")} | {"full_step_s"}
+INFERENCE_KEYS = {
+    "variant", "input_size", "dtype", "flip_test", "decoder", "batch", "compile_s",
+    "latency_ms", "latency_ms_p90", "latency_ms_min", "images_per_s", "xla_flops_per_call",
+    "analytic_flops_per_call", "peak_memory_bytes", "memory_source"}
+
+
+def _records(capsys) -> dict[str, list[dict]]:
+  """The JSON lines printed so far, grouped by their "benchmark" field."""
+  grouped: dict[str, list[dict]] = {}
+  for line in capsys.readouterr().out.splitlines():
+    record = json.loads(line)  # Every line must be one JSON object.
+    grouped.setdefault(record["benchmark"], []).append(record)
+  return grouped
+
+
+def _check_machine(record: dict) -> None:
+  assert record["backend"] == "cpu"
+  assert record["device_count"] == 8
+  assert record["jax"] == jax.__version__
+
+
+def test_train_step_prints_one_record_per_config_and_a_breakdown(capsys):
+  assert train_step.main(["train_step", f"--config={_TINY}", "--steps=1", "--warmup=1",
+                          "--breakdown"]) == 0
+  records = _records(capsys)
+  _check_machine(records["machine"][0])
+  [record] = records["train_step"]
+  assert TRAIN_STEP_KEYS <= record.keys()
+  assert record["variant"] == "tiny" and record["batch"] == 8 and record["devices"] == 8
+  assert record["mesh"] == {"data": 8, "fsdp": 1}
+  assert record["config"] == _TINY
+  assert math.isfinite(record["loss_after"])
+  assert record["step_s"] > 0 and record["images_per_s"] > 0
+  # XLA counts one device's program: the model on its sample plus the loss,
+  # norms and the (replicated) optimizer and EMA updates, so a bit more
+  # than the analytic 6 x multiply-adds, never less, never many times more.
+  assert 1.0 < record["xla_to_analytic"] < 3.0
+  # CPU: no listed peak, so achieved GFLOP/s instead of MFU.
+  assert record["peak_tflops"] is None and "mfu" not in record
+  assert record["achieved_gflops_per_s"] > 0
+  assert record["memory_source"].startswith("process max RSS")
+  assert record["peak_memory_bytes"] > record["xla_memory_estimate_bytes"] > 0
+  [breakdown] = records["train_step_breakdown"]
+  assert BREAKDOWN_KEYS <= breakdown.keys()
+  # The gradient costs more FLOPs than the forward pass with its loss,
+  # which costs more than the forward pass alone.
+  assert (breakdown["forward_backward_xla_flops"] > breakdown["forward_loss_xla_flops"]
+          > breakdown["forward_xla_flops"] > 0)
+
+
+def test_inference_prints_crop_and_end_to_end_records(capsys):
+  assert inference.main(["inference", f"--config={_TINY}", "--batch=2", "--dtype=float32",
+                         "--flip_test=false,true", "--iterations=1", "--warmup=0",
+                         "--e2e_images=2", "--e2e_iterations=1", "--e2e_batch=2",
+                         "--e2e_image_size=128"]) == 0
+  records = _records(capsys)
+  _check_machine(records["machine"][0])
+  crops = records["inference_crops"]
+  assert [r["flip_test"] for r in crops] == [False, True]
+  for record in crops:
+    assert INFERENCE_KEYS <= record.keys()
+    assert record["batch"] == 2 and record["images_per_s"] > 0
+    assert 0.8 < record["xla_flops_per_call"] / record["analytic_flops_per_call"] < 2.0
+  # The flip test runs the model on twice the images.
+  assert crops[1]["analytic_flops_per_call"] == 2 * crops[0]["analytic_flops_per_call"]
+  [with_boxes] = records["predict_with_boxes"]
+  assert with_boxes["faces_found"] == 2 and with_boxes["images_per_s"] > 0
+  [with_detector] = records["predict_with_detector"]
+  assert "skipped" in with_detector or with_detector["faces_found"] >= 0
+
+
+def test_bad_benchmark_arguments_are_named():
+  config = tiny.get_config()
+  with pytest.raises(ValueError, match=r"--batch=6: the global batch must be k x 4"):
+    train_step.benchmark_config(config, 6, "float32")
+  with pytest.raises(ValueError, match=r"dtype='float16'"):
+    train_step.benchmark_config(config, 8, "float16")
+  with pytest.raises(train.ConfigError, match=r"must divide by the number of devices \(8\)"):
+    train_step.benchmark_config(config, 4, "float32")
+  with pytest.raises(ValueError, match=r"--batch='x'"):
+    common.parse_batches(["8", "x"])
+  with pytest.raises(ValueError, match=r"--batch='0'"):
+    common.parse_batches(["0"])
+  with pytest.raises(ValueError, match=r"--flip_test='maybe'"):
+    inference.parse_flip_tests(["true", "maybe"])
+  assert inference.parse_flip_tests(["false", "ON"]) == [False, True]
+
+
+def test_benchmark_config_sets_batch_and_dtype_on_a_copy():
+  config = tiny.get_config()
+  changed = train_step.benchmark_config(config, 16, "bfloat16")
+  assert changed.data.samples_per_dataset == 4 and changed.model.dtype == "bfloat16"
+  assert config.data.samples_per_dataset == 2 and config.model.dtype == "float32"
+
+
+@pytest.mark.parametrize("kind, dtype, precision, peak", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", None, 989.4),
+    ("NVIDIA H100 80GB HBM3", "float32", None, 494.7),
+    ("NVIDIA H100 80GB HBM3", "float32", "highest", 66.9),
+    ("NVIDIA H200", "bfloat16", None, 989.4),
+    ("NVIDIA H100 PCIe", "bfloat16", None, 756.0),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", None, 312.0),
+    ("TPU v4", "bfloat16", None, 275.0),
+    ("TPU v5 lite", "bfloat16", None, 197.0),
+    ("TPU v5", "float32", None, 459.0),
+    ("TPU v6 lite", "bfloat16", None, 918.0),
+])
+def test_peak_tflops_per_device_kind(kind, dtype, precision, peak):
+  value, source = common.peak_tflops(kind, dtype, precision)
+  assert value == peak
+  assert source
+
+
+def test_peak_tflops_unknown_device_says_so():
+  value, source = common.peak_tflops("cpu", "float32")
+  assert value is None and "'cpu'" in source
+
+
+def test_random_train_state_matches_the_abstract_state():
+  config = train_step.benchmark_config(tiny.get_config(), 8, "float32")
+  setup = train.build_setup(config)
+  state = common.random_train_state(setup, seed=3)
+  leaves, structure = jax.tree.flatten(state)
+  abstract_leaves, abstract_structure = jax.tree.flatten(setup.abstract_state)
+  assert structure == abstract_structure
+  for leaf, abstract in zip(leaves, abstract_leaves):
+    assert leaf.shape == abstract.shape and leaf.dtype == abstract.dtype
+    assert leaf.sharding.is_equivalent_to(abstract.sharding, leaf.ndim)
+  # Random, not zero, weights; running variances positive; EMA = weights.
+  kernels = [np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state.params)
+             if "kernel" in jax.tree_util.keystr(p)]
+  assert all(k.std() > 0 for k in kernels)
+  variances = [np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state.batch_stats)
+               if "var" in jax.tree_util.keystr(p)]
+  assert variances and all((v > 0).all() for v in variances)
+  for weight, ema in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)):
+    np.testing.assert_array_equal(np.asarray(weight), np.asarray(ema))
+
+
+def test_synthetic_train_batch_has_the_pipeline_layout():
+  config = train_step.benchmark_config(tiny.get_config(), 16, "float32")
+  mesh = train.make_mesh(config.mesh)
+  batch = common.synthetic_train_batch(config, train.batch_sharding(mesh), seed=1)
+  size = config.data.image_size
+  assert batch["image"].shape == (16, size, size, 3) and batch["image"].dtype == np.uint8
+  ids = np.asarray(batch["dataset_id"])
+  expected = np.repeat([landmarks.PROTOCOL_NAMES.index(d) for d in config.data.datasets], 4)
+  np.testing.assert_array_equal(ids, expected)
+  mask = np.asarray(batch["mask"])
+  np.testing.assert_array_equal(mask, landmarks.PROTOCOL_MASKS[ids])
+  points = np.asarray(batch["landmarks"])
+  assert ((points[mask] > 0) & (points[mask] < size)).all()
+  assert (points[~mask] == 0).all()
+  assert len(batch["image"].sharding.device_set) == 8
