@@ -387,7 +387,7 @@ def make_train_step(setup: Setup, ema_decay: float) -> Callable:
         ema_batch_stats=_ema(state.ema_batch_stats, batch_stats, ema_decay),
         balancer_state=losses.update_balancer_state(
             loss_config, state.balancer_state, aux["dataset_loss"], aux["present"], state.step))
-    metrics = {"loss": total, "grad_norm": optax.global_norm(grads["model"]),
+    metrics = {"loss": total, "grad_norm": optax.tree.norm(grads["model"]),
                "learning_rate": schedule(state.step), **aux}
     return new_state, metrics
 
@@ -441,7 +441,9 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
-def _check_finite(metrics: Mapping[str, Any], step: int, checkpoints: checkpointing.Checkpointer):
+def _check_finite(metrics: Mapping[str, Any], step: int,
+                  checkpoints: checkpointing.Checkpointer) -> float:
+  """The loss of the step that produced train state `step`; raises if not finite."""
   loss = float(jax.device_get(metrics["loss"]))
   if not math.isfinite(loss):
     checkpoints.wait_until_finished()
@@ -569,11 +571,11 @@ def _train_loop(config, setup: Setup, state: TrainState, start_step: int, train_
       with jax.transfer_guard("disallow" if train.transfer_guard else "allow"):
         state, metrics = train_step(state, batch)
       if previous is not None:
-        _check_finite(previous, step - 1, checkpoints)
+        _check_finite(previous, step, checkpoints)
       previous = metrics
       done = step + 1
       if done % train.log_every == 0 or done == train.steps:
-        loss = _check_finite(metrics, step, checkpoints)
+        loss = _check_finite(metrics, done, checkpoints)
         host = jax.device_get(metrics)
         rate = (done - log_step) / max(time.time() - log_start, 1e-9)
         log_start, log_step = time.time(), done
@@ -587,14 +589,14 @@ def _train_loop(config, setup: Setup, state: TrainState, start_step: int, train_
                      "  ".join(f"{n} {v:.4f}" for n, v in per_dataset.items()),
                      float(host["learning_rate"]), rate)
       if done % train.checkpoint_every == 0 and done < train.steps:
-        _check_finite(metrics, step, checkpoints)
+        _check_finite(metrics, done, checkpoints)
         checkpoints.save(done, state, train_iterator)
       if done % train.eval_every == 0 and done < train.steps:
         results = evaluator.evaluate(state.ema_variables(), done)
         checkpoints.save_best(done, state.ema_variables(), evaluate.nme_by_dataset(results))
   final_step = int(jax.device_get(state.step))
   if previous is not None:
-    _check_finite(previous, final_step - 1, checkpoints)
+    _check_finite(previous, final_step, checkpoints)
   checkpoints.save(final_step, state, train_iterator, force=True)
   results = evaluator.evaluate(state.ema_variables(), final_step)
   checkpoints.save_best(final_step, state.ema_variables(), evaluate.nme_by_dataset(results))

@@ -1,0 +1,233 @@
+"""The train step and loop: sharding equivalence, optimizer, EMA, safety rails."""
+
+import os
+import signal
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from configs import tiny
+from fgtbt_jax import checkpointing
+from fgtbt_jax import landmarks
+from fgtbt_jax import models
+from fgtbt_jax import train
+
+
+def _batch(seed: int, size: int = 64, k: int = 2) -> dict:
+  """A mixed batch: k samples of each dataset, mean-face landmarks jittered."""
+  rng = np.random.default_rng(seed)
+  dataset_id = np.repeat(np.arange(4, dtype=np.int32), k)
+  face = landmarks.mean_face() * size * 0.6 + size * 0.2
+  points = face[None] + rng.normal(0, 2.0, (len(dataset_id), 124, 2))
+  mask = landmarks.PROTOCOL_MASKS[dataset_id]
+  return {"image": rng.integers(0, 256, (len(dataset_id), size, size, 3), np.uint8),
+          "landmarks": np.where(mask[..., None], points, 0).astype(np.float32),
+          "mask": mask, "dataset_id": dataset_id}
+
+
+def _config(data: int, fsdp: int, rules: str):
+  config = tiny.get_config()
+  # Biases in front of a BatchNorm get gradients that are zero in exact
+  # arithmetic; Adam with a tiny eps would blow their float noise (which
+  # differs with the reduction order) up to full-size steps. A larger eps
+  # keeps the comparison about the sharding.
+  config.optimizer.eps = 1e-3
+  config.mesh.data, config.mesh.fsdp = data, fsdp
+  config.mesh.logical_axis_rules = models.logical_axis_rules(rules)
+  return config
+
+
+def test_sharded_step_matches_single_device_and_shards_parameters():
+  config8 = _config(4, 2, "fsdp")
+  setup8 = train.build_setup(config8)
+  config1 = _config(1, 1, "data")
+  setup1 = train.build_setup(config1, mesh=train.make_mesh(config1.mesh, jax.devices()[:1]))
+  state8 = train.create_train_state(setup8, seed=0)
+  state1 = jax.device_put(jax.device_get(state8), setup1.state_shardings)
+
+  # Parameters and their Adam moments are split over "fsdp": each device
+  # holds half of such a kernel.
+  sharded = [x for x in jax.tree.leaves(state8.params) if "fsdp" in str(x.sharding.spec)]
+  assert len(sharded) > 10
+  kernel = sharded[0]
+  axis = list(kernel.sharding.spec).index("fsdp")
+  assert kernel.addressable_shards[0].data.shape[axis] == kernel.shape[axis] // 2
+  moments = [x for x in jax.tree.leaves(state8.opt_state) if "fsdp" in str(x.sharding.spec)]
+  assert len(moments) == 2 * len(sharded)
+
+  step8 = train.make_train_step(setup8, ema_decay=0.9)
+  step1 = train.make_train_step(setup1, ema_decay=0.9)
+  batches = [_batch(seed) for seed in (1, 2)]
+  for local in batches:
+    state8, metrics8 = step8(state8, train.global_batch(local, train.batch_sharding(setup8.mesh)))
+    state1, metrics1 = step1(state1, train.global_batch(local, train.batch_sharding(setup1.mesh)))
+    np.testing.assert_allclose(metrics8["loss"], metrics1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics8["dataset_loss"], metrics1["dataset_loss"], rtol=1e-5)
+  assert int(state8.step) == int(state1.step) == 2
+  assert np.asarray(metrics8["present"]).all()
+  flat8 = jax.tree_util.tree_leaves_with_path(jax.device_get(state8.params))
+  flat1 = dict(jax.tree_util.tree_leaves_with_path(jax.device_get(state1.params)))
+  for path, value in flat8:
+    np.testing.assert_allclose(value, flat1[path], rtol=1e-4, atol=2e-5,
+                               err_msg=jax.tree_util.keystr(path))
+  for a, b in zip(jax.tree.leaves(jax.device_get(state8.ema_batch_stats)),
+                  jax.tree.leaves(jax.device_get(state1.ema_batch_stats))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # The step really trained: parameters moved and the EMA lags behind them.
+  initial = jax.device_get(train.create_train_state(setup1, seed=0).params)
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(),
+                                       jax.device_get(state1.params), initial))
+  assert max(moved) > 1e-4
+  ema_gap = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(),
+                                         jax.device_get(state1.ema_params),
+                                         jax.device_get(state1.params)))
+  assert max(ema_gap) > 0
+
+
+def test_learning_rate_schedule_and_weight_decay_mask():
+  config = tiny.get_config().optimizer
+  config.learning_rate, config.lr_decay_steps, config.lr_decay_factor = 1.0, (10, 20), 0.5
+  config.weight_decay, config.warmup_steps = 0.1, 0
+  tx, schedule = train.make_optimizer(config)
+  assert [float(schedule(s)) for s in (0, 9, 10, 19, 20, 100)] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+  params = {"model": {"w": jnp.ones(3)}, "balancer": {"log_variance": jnp.ones(4)}}
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero_grads, tx.init(params), params)
+  # Zero gradients: the model decays by lr * wd, the balancer is not decayed.
+  np.testing.assert_allclose(updates["model"]["w"], -0.1 * np.ones(3), rtol=1e-6)
+  np.testing.assert_array_equal(updates["balancer"]["log_variance"], np.zeros(4))
+  config.warmup_steps = 4
+  _, warm = train.make_optimizer(config)
+  assert [float(warm(s)) for s in (0, 2, 4, 12)] == [0.0, 0.5, 1.0, 0.5]
+
+
+def test_ema_decay_follows_images_per_step():
+  config = tiny.get_config()
+  config.data.samples_per_dataset = 2
+  config.train.ema_half_life_images = 10_000.0
+  assert train.ema_decay_per_step(config) == pytest.approx(0.5 ** (8 / 10_000))
+  config.data.samples_per_dataset = 4
+  assert train.ema_decay_per_step(config) == pytest.approx(0.5 ** (16 / 10_000))
+
+
+def test_mesh_shape():
+  config = tiny.get_config().mesh
+  config.data, config.fsdp = -1, 2
+  assert train.mesh_shape(config, 8) == (4, 2)
+  config.data, config.fsdp = 2, -1
+  assert train.mesh_shape(config, 8) == (2, 4)
+  config.data, config.fsdp = 3, 1
+  with pytest.raises(train.ConfigError, match="does not cover the 8 devices"):
+    train.mesh_shape(config, 8)
+  config.data, config.fsdp = 4, 2
+  mesh = train.make_mesh(config)
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+def test_parameter_table_counts_every_parameter():
+  setup = train.build_setup(tiny.get_config())
+  table, total = train.parameter_table(setup.boxed_params)
+  assert total == models.parameter_count(setup.boxed_params)
+  assert "encoder/stage_0" in table and f"{total:,}" in table.splitlines()[-1]
+
+
+# ---- The loop's safety rails, with a stand-in step (no model compile). ----
+
+
+class _FakeEvaluator:
+
+  def __init__(self):
+    self.evaluated = []
+
+  def log_train(self, step, scalars):
+    assert np.isfinite(scalars["loss"])
+
+  def evaluate(self, variables, step, datasets=None):
+    self.evaluated.append(step)
+    return {"WFLW": {"nme": 0.1, "baseline_nme": 0.2, "fr": 0.0, "auc": 0.5}}
+
+
+class _Setup:
+
+  def __init__(self):
+    self.mesh = train.make_mesh(tiny.get_config().mesh, jax.devices()[:1])
+
+
+def _tiny_state():
+  w = jnp.zeros((3,))
+  return train.TrainState(
+      step=jnp.zeros((), jnp.int32), params={"w": w}, batch_stats={}, opt_state={},
+      ema_params={"w": w}, ema_batch_stats={}, balancer_params={}, balancer_state={},
+      rng=jax.random.PRNGKey(0))
+
+
+def _iterator():
+  def make(i):
+    batch = _batch(int(i), size=4)
+    return batch
+  return iter(grain.MapDataset.range(1000).map(make).to_iter_dataset())
+
+
+def _fake_step(loss_at_step):
+  def step_fn(state, batch):
+    done = int(state.step) + 1
+    loss = loss_at_step(done)
+    new = state.replace(step=state.step + 1, params={"w": state.params["w"] + 1.0})
+    metrics = {"loss": jnp.float32(loss), "grad_norm": jnp.float32(1.0),
+               "learning_rate": jnp.float32(0.1), "dataset_loss": jnp.zeros(4)}
+    return new, metrics
+  return step_fn
+
+
+def _loop(tmp_path, step_fn, steps=6):
+  config = tiny.get_config()
+  config.train.steps, config.train.checkpoint_every, config.train.eval_every = steps, 2, 100
+  config.train.transfer_guard = False
+  checkpoints = checkpointing.Checkpointer(tmp_path / "ckpt", datasets=["WFLW"], max_to_keep=5,
+                                           save_interval_steps=2)
+  try:
+    return train._train_loop(config, _Setup(), _tiny_state(), 0, step_fn, _iterator(),
+                             checkpoints, _FakeEvaluator(), tmp_path), checkpoints
+  finally:
+    checkpoints.close()
+
+
+@pytest.mark.parametrize("bad_step", [3, 4])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, bad_step):
+  step_fn = _fake_step(lambda done: float("nan") if done >= bad_step else 1.0)
+  with pytest.raises(train.NonFiniteLossError,
+                     match=rf"loss is nan at step {bad_step}.*last good checkpoint is step 2"):
+    _loop(tmp_path, step_fn)
+  saved = sorted(int(p.name) for p in (tmp_path / "ckpt" / "latest").iterdir()
+                 if p.name.isdigit())
+  assert saved == [2]
+
+
+def test_sigterm_saves_and_stops_cleanly(tmp_path):
+  def loss(done):
+    if done == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return 1.0
+  previous_handler = signal.getsignal(signal.SIGTERM)
+  result, checkpoints = _loop(tmp_path, _fake_step(loss))
+  assert result == {"stopped_at_step": 3}
+  assert signal.getsignal(signal.SIGTERM) is previous_handler
+  restored, step = checkpointing.Checkpointer(
+      tmp_path / "ckpt", datasets=["WFLW"], max_to_keep=5, save_interval_steps=2).restore(
+          checkpointing.abstract_like(_tiny_state()))
+  assert step == 3 and int(restored.step) == 3
+  np.testing.assert_array_equal(restored.params["w"], np.full(3, 3.0))
+
+
+def test_loop_trains_to_the_end_and_evaluates(tmp_path):
+  result, _ = _loop(tmp_path, _fake_step(lambda done: 1.0), steps=5)
+  assert result["steps"] == 5 and result["WFLW"]["nme"] == 0.1
+  saved = sorted(int(p.name) for p in (tmp_path / "ckpt" / "latest").iterdir()
+                 if p.name.isdigit())
+  assert saved == [2, 4, 5]
