@@ -1,0 +1,45 @@
+"""Shared pieces of the subprocess tests (train, resume, multi-host, run.py)."""
+
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TRAIN_HELPER = REPO / "tests" / "train_helper.py"
+SYNTHETIC_SIZES = {name: (8, 8) for name in ("WFLW", "300W", "COFW", "AFLW")}
+
+
+def subprocess_env(devices: int) -> dict:
+  """The test environment for a child process with `devices` CPU devices.
+
+  Keeps the persistent compilation cache of the test session; XLA's backend
+  optimisation is turned down because these programs run for a few steps
+  only and compiling them dominates.
+  """
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags += [f"--xla_force_host_platform_device_count={devices}",
+            "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+  env["XLA_FLAGS"] = " ".join(flags)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+  return env
+
+
+def flatten(tree) -> dict[str, np.ndarray]:
+  """{path: numpy array} of every leaf of a (restored) pytree."""
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.fixture(scope="module")
+def synthetic_data_dir(tmp_path_factory) -> pathlib.Path:
+  """Eight train and eight test synthetic faces of each dataset, converted."""
+  from data_pipelines import convert
+  out = tmp_path_factory.mktemp("synthetic")
+  convert.convert_synthetic(out, SYNTHETIC_SIZES, render_workers=0, num_threads=2)
+  return out
