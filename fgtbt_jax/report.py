@@ -349,7 +349,7 @@ def _dataset_markdown(dataset: str, table: Mapping[str, Any], real_data: bool) -
 
 def build_report(per_sample: Mapping[str, Samples], out_dir: str | pathlib.Path, *, title: str,
                  real_data: bool, studies: Mapping[str, Any] | None = None,
-                 frequency: tuple[str, float] | None = None,
+                 frequency: tuple[str, float] | None = None, face_side_px: float | None = None,
                  threshold: float = THRESHOLD) -> pathlib.Path:
   """Writes report.md, report.json, ced.png (and high_frequency.png) to `out_dir`.
 
@@ -365,6 +365,8 @@ def build_report(per_sample: Mapping[str, Samples], out_dir: str | pathlib.Path,
       quantization_study(...)}, either optional.
     frequency: (extractor, sigma) of the model's FGSA; None (or no images)
       leaves the high-frequency grid out.
+    face_side_px: the face box side in the network input (input size /
+      crop_enlarge), stated with the low-resolution study.
 
   Returns:
     The path of report.md.
@@ -417,9 +419,11 @@ def build_report(per_sample: Mapping[str, Samples], out_dir: str | pathlib.Path,
               "each scaled to its maximum.", "", "![high-frequency images](high_frequency.png)", ""]
   if "lowres" in studies:
     lowres = studies["lowres"]
+    face_side = (f" The face box side of the unchanged input is {face_side_px:.0f} px; larger "
+                 "sides leave the input as it is." if face_side_px else "")
     lines += ["## Low-resolution study", "",
               "Faces downsampled to the given face box side and upsampled back to the input "
-              "size; NME % (default normaliser).", "",
+              f"size; NME % (default normaliser).{face_side}", "",
               "| face side px | " + " | ".join(datasets) + " |",
               "|" + "---|" * (len(datasets) + 1)]
     for side, by_dataset in lowres.items():
@@ -504,4 +508,5 @@ def write_report(workdir: str | pathlib.Path, out_dir: str | pathlib.Path | None
   title = (f"FGTBT evaluation report: {workdir.name}, {checkpoint} checkpoint (step {step}), "
            f"decoder {config.eval.decoder}, flip test {'on' if config.eval.flip_test else 'off'}")
   return build_report(per_sample, out_dir or workdir / "report", title=title,
-                      real_data=real_data, studies=results, frequency=frequency)
+                      real_data=real_data, studies=results, frequency=frequency,
+                      face_side_px=config.data.image_size / config.data.crop_enlarge)

@@ -9,6 +9,7 @@ import json
 
 import cv2
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -171,6 +172,7 @@ def test_write_report_on_a_tiny_workdir(tmp_path, synthetic_data_dir):
   text = path.read_text()
   assert path == tmp_path / "report" / "report.md"
   assert "step 4" in text and "does not apply" in text
+  assert "face box side of the unchanged input is 51 px" in text
   for section in ("### WFLW", "### 300W", "### COFW", "### AFLW", "Low-resolution study",
                   "Heatmap quantization study", "C(p)"):
     assert section in text
@@ -190,3 +192,29 @@ def test_write_report_on_a_tiny_workdir(tmp_path, synthetic_data_dir):
   assert (tmp_path / "report" / "high_frequency.png").is_file()
   with pytest.raises(ValueError, match="unknown studies \\['nope'\\]"):
     report.write_report(tmp_path, studies=("nope",))
+
+
+def test_low_resolution_study_feeds_degraded_inputs_to_the_model(synthetic_data_dir):
+  """A stand-in model whose points move with the image's pixel-to-pixel contrast."""
+  from jax.sharding import AxisType, Mesh
+  from configs import tiny
+  config = tiny.get_config()
+  config.data.data_dir = str(synthetic_data_dir)
+  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"),
+              axis_types=(AxisType.Auto,) * 2)
+
+  def contrast_points(variables, images):
+    contrast = jnp.abs(jnp.diff(images.astype(jnp.float32), axis=2)).mean(axis=(1, 2, 3))
+    return jnp.broadcast_to(contrast[:, None, None] * variables, (len(images), 124, 2))
+
+  kept = report.collect_predictions(config, contrast_points, 1.0, mesh, datasets=["cofw"],
+                                    max_batches=1, keep_images=3)
+  assert set(kept) == {"COFW"} and kept["COFW"]["images"].shape == (3, 64, 64, 3)
+  assert kept["COFW"]["predictions"].shape == (8, 29, 2)
+  study = report.low_resolution_study(config, contrast_points, 1.0, mesh, sides=(16, 128),
+                                      max_batches=1)
+  full = report.default_nmes(kept)
+  assert set(study) == {16, 128} and set(study[16]) == set(config.data.datasets)
+  # 128 px is above the 51 px face of a 64 px crop: the input is unchanged.
+  assert study[128]["COFW"] == pytest.approx(full["COFW"])
+  assert study[16]["COFW"] != pytest.approx(full["COFW"])
