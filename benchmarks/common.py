@@ -158,7 +158,7 @@ def synthetic_train_batch(config: ml_collections.ConfigDict, sharding: NamedShar
       "mask": mask,
       "dataset_id": ids.astype(np.int32),
   }
-  return train.global_batch(batch, sharding)
+  return train.feed_batch(batch, sharding)
 
 
 # -----------------------------------------------------------------------------

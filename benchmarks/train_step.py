@@ -23,8 +23,14 @@ line with:
   device, as a cross-check (it leaves out the loss, norms, activations,
   optimizer and EMA, which XLA counts);
 * mfu: xla FLOPs / step time / the device's dense peak (`common.PEAK_TFLOPS`;
-  float32 against the TF32 peak on NVIDIA, JAX's default precision there);
-  on CPU, where no peak is listed, achieved_gflops_per_s instead;
+  float32 against the TF32 peak on NVIDIA, JAX's default precision there),
+  and model_mfu from the analytic FLOPs; on CPU, where no peak is listed,
+  achieved_gflops_per_s and model_achieved_gflops_per_s instead. The two
+  differ: XLA's cost analysis counts the gradient of a depthwise
+  convolution's kernel (a batch-grouped convolution) as if it were dense,
+  about C times its multiply-adds, which for the paper network's Mix-FFN
+  doubles XLA's count; model_mfu is the utilisation to compare with
+  published MFU figures;
 * peak_memory_bytes: the device's peak bytes in use, or on CPU the process's
   maximum resident set (see `memory_source`), and XLA's own estimate of one
   device's memory for the step.
@@ -40,12 +46,10 @@ Not a test: numbers depend on the machine and its load.
 
 from __future__ import annotations
 
-import inspect
 import sys
 import time
 
 from absl import flags
-import flax.linen as nn
 import jax
 import ml_collections
 from ml_collections import config_flags
@@ -53,6 +57,7 @@ from ml_collections import config_flags
 from benchmarks import common
 from fgtbt_jax import losses
 from fgtbt_jax import models
+from fgtbt_jax import sharding
 from fgtbt_jax import train
 from fgtbt_jax.models import cost
 
@@ -103,16 +108,17 @@ def benchmark_config(config: ml_collections.ConfigDict, batch: int | None,
 
 
 def _jitted_step(train_step):
-  """The `jax.jit` object inside `train.make_train_step`'s wrapper.
+  """The `jax.jit` function inside `train.make_train_step`'s result.
 
-  The wrapper only enters the mesh and the logical rules around the call;
-  ahead-of-time lowering (for the compile time and XLA's cost analysis of
-  the very program that runs) needs the jitted function itself.
+  The step is a `sharding.CompiledOnFirstCall`, which compiles on its first
+  call; ahead-of-time lowering (for the compile time and XLA's cost and
+  memory analyses of the very program that runs) needs the jitted function
+  it wraps, which it keeps as `_jitted`.
   """
-  jitted = inspect.getclosurevars(train_step).nonlocals.get("jitted")
+  jitted = getattr(train_step, "_jitted", None)
   if jitted is None or not hasattr(jitted, "lower"):
-    raise RuntimeError("benchmarks.train_step: train.make_train_step no longer wraps a "
-                       "variable named 'jitted'; update _jitted_step")
+    raise RuntimeError(f"benchmarks.train_step: {type(train_step).__name__} from "
+                       "train.make_train_step holds no jitted function '_jitted'")
   return jitted
 
 
@@ -121,43 +127,26 @@ def analytic_flops_per_image(model_config: ml_collections.ConfigDict) -> float:
   return 6.0 * cost.count_macs(model_config)["total"]
 
 
+def out_of_memory(error: jax.errors.JaxRuntimeError) -> bool:
+  """Whether a runtime error is XLA's out-of-memory (other errors propagate)."""
+  return "RESOURCE_EXHAUSTED" in str(error)
+
+
 def time_step(config: ml_collections.ConfigDict, steps: int, warmup: int, seed: int,
               breakdown: bool = False) -> list[dict]:
-  """Compiles and times the train step of `config`; returns the result records."""
+  """Compiles and times the train step of `config`; returns the result records.
+
+  A step that runs out of device memory (when compiled or run) gives a
+  record with "error" and the figures known by then (XLA's memory estimate
+  among them) instead of timings.
+  """
   setup = train.build_setup(config)
   state = common.random_train_state(setup, seed)
-  batch = common.synthetic_train_batch(config, train.batch_sharding(setup.mesh), seed)
+  batch = common.synthetic_train_batch(config, sharding.batch_sharding(setup.mesh), seed)
   train_step = train.make_train_step(setup, train.ema_decay_per_step(config))
-
-  start = time.perf_counter()
-  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-    lowered = _jitted_step(train_step).lower(state, batch)
-  lower_s = time.perf_counter() - start
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - start - lower_s
-
-  breakdown_record = (_breakdown(setup, state, batch, steps) if breakdown else None)
-
-  # The compiled step donates its state: thread it through.
-  holder = {"state": state}
-
-  def run():
-    holder["state"], metrics = compiled(holder["state"], batch)
-    return metrics["loss"]
-
-  common.time_calls(run, warmup)
-  seconds = common.time_calls(run, steps)
-  loss = float(run())
-  summary = common.timing_summary(seconds)
-  step_s = summary["median_s"]
-
   device = jax.devices()[0]
   devices = jax.device_count()
   images = config.data.samples_per_dataset * len(config.data.datasets)
-  xla_flops = common.compiled_flops(compiled)
-  analytic = analytic_flops_per_image(config.model) * images / devices
-  precision = jax.config.jax_default_matmul_precision
-  peak, peak_source = common.peak_tflops(device.device_kind, config.model.dtype, precision)
   record = {
       "benchmark": "train_step",
       "variant": config.model.variant,
@@ -168,33 +157,75 @@ def time_step(config: ml_collections.ConfigDict, steps: int, warmup: int, seed: 
       "samples_per_dataset": config.data.samples_per_dataset,
       "devices": devices,
       "mesh": dict(setup.mesh.shape),
-      "lower_s": round(lower_s, 2),
-      "compile_s": round(compile_s, 2),
+  }
+
+  start = time.perf_counter()
+  with sharding.mesh_and_rules(setup.mesh, setup.rules):
+    lowered = _jitted_step(train_step).lower(state, batch)
+  record["lower_s"] = round(time.perf_counter() - start, 2)
+  start = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if not out_of_memory(e):
+      raise
+    return [{**record, **common.peak_memory(device), "error": str(e).splitlines()[0]}]
+  record["compile_s"] = round(time.perf_counter() - start, 2)
+
+  xla_flops = common.compiled_flops(compiled)
+  analytic = analytic_flops_per_image(config.model) * images / devices
+  precision = jax.config.jax_default_matmul_precision
+  peak, peak_source = common.peak_tflops(device.device_kind, config.model.dtype, precision)
+  record.update({
       "steps": steps,
       "warmup": warmup,
+      "xla_flops_per_step": xla_flops,
+      "analytic_flops_per_step": analytic,
+      "xla_to_analytic": None if xla_flops is None else round(xla_flops / analytic, 3),
+      "peak_tflops": peak,
+      "peak_source": peak_source,
+      "xla_memory_estimate_bytes": common.compiled_memory_bytes(compiled),
+  })
+
+  # The compiled step donates its state: thread it through.
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    return metrics["loss"]
+
+  try:
+    common.time_calls(run, warmup)
+    seconds = common.time_calls(run, steps)
+    loss = float(run())
+  except jax.errors.JaxRuntimeError as e:
+    if not out_of_memory(e):
+      raise
+    return [{**record, **common.peak_memory(device), "error": str(e).splitlines()[0]}]
+  summary = common.timing_summary(seconds)
+  step_s = summary["median_s"]
+  record.update({
       "step_s": round(step_s, 5),
       "step_s_mean": round(summary["mean_s"], 5),
       "step_s_min": round(summary["min_s"], 5),
       "steps_per_s": round(1.0 / step_s, 3),
       "images_per_s": round(images / step_s, 2),
       "loss_after": loss,
-      "xla_flops_per_step": xla_flops,
-      "analytic_flops_per_step": analytic,
-      "xla_to_analytic": None if xla_flops is None else round(xla_flops / analytic, 3),
-      "peak_tflops": peak,
-      "peak_source": peak_source,
       **common.peak_memory(device),
-      "xla_memory_estimate_bytes": common.compiled_memory_bytes(compiled),
-  }
-  if xla_flops is not None:
-    achieved = xla_flops / step_s  # Per device.
+  })
+  # Per device: XLA's count of the compiled program, and the model's own.
+  rates = {"": xla_flops, "model_": analytic}
+  for prefix, flops in rates.items():
+    if flops is None:
+      continue
     if peak is None:
-      record["achieved_gflops_per_s"] = round(achieved * devices / 1e9, 2)
+      record[f"{prefix}achieved_gflops_per_s"] = round(flops * devices / step_s / 1e9, 2)
     else:
-      record["achieved_tflops_per_s_per_device"] = round(achieved / 1e12, 2)
-      record["mfu"] = round(achieved / (peak * 1e12), 4)
+      record[f"{prefix}achieved_tflops_per_s_per_device"] = round(flops / step_s / 1e12, 2)
+      record[f"{prefix}mfu"] = round(flops / step_s / (peak * 1e12), 4)
   records = [record]
-  if breakdown_record is not None:
+  if breakdown:
+    breakdown_record = _breakdown(setup, holder["state"], batch, steps)
     breakdown_record["full_step_s"] = round(step_s, 5)
     records.append(breakdown_record)
   return records
@@ -231,7 +262,7 @@ def _breakdown(setup: train.Setup, state: train.TrainState, batch: dict, steps: 
   for name, fn in (("forward", forward), ("forward_loss", loss),
                    ("forward_backward", jax.grad(loss))):
     start = time.perf_counter()
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    with sharding.mesh_and_rules(setup.mesh, setup.rules):
       compiled = jax.jit(fn).lower(state.params, state, batch).compile()
     record[f"{name}_compile_s"] = round(time.perf_counter() - start, 2)
     call = lambda: compiled(state.params, state, batch)

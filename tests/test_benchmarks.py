@@ -19,6 +19,7 @@ from benchmarks import inference
 from benchmarks import train_step
 from configs import tiny
 from fgtbt_jax import landmarks
+from fgtbt_jax import sharding
 from fgtbt_jax import train
 
 _TINY = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
@@ -70,7 +71,7 @@ def test_train_step_prints_one_record_per_config_and_a_breakdown(capsys):
   assert 1.0 < record["xla_to_analytic"] < 3.0
   # CPU: no listed peak, so achieved GFLOP/s instead of MFU.
   assert record["peak_tflops"] is None and "mfu" not in record
-  assert record["achieved_gflops_per_s"] > 0
+  assert record["achieved_gflops_per_s"] > record["model_achieved_gflops_per_s"] > 0
   assert record["memory_source"].startswith("process max RSS")
   assert record["peak_memory_bytes"] > record["xla_memory_estimate_bytes"] > 0
   [breakdown] = records["train_step_breakdown"]
@@ -79,6 +80,21 @@ def test_train_step_prints_one_record_per_config_and_a_breakdown(capsys):
   # which costs more than the forward pass alone.
   assert (breakdown["forward_backward_xla_flops"] > breakdown["forward_loss_xla_flops"]
           > breakdown["forward_xla_flops"] > 0)
+
+
+def test_train_step_out_of_memory_gives_a_record_with_the_error(monkeypatch):
+  message = "RESOURCE_EXHAUSTED: Out of memory allocating 27548222272 bytes."
+
+  def out_of_memory(fn, count):
+    raise jax.errors.JaxRuntimeError(message)
+
+  monkeypatch.setattr(common, "time_calls", out_of_memory)
+  config = train_step.benchmark_config(tiny.get_config(), 8, "float32")
+  [record] = train_step.time_step(config, steps=1, warmup=1, seed=0)
+  assert record["error"] == message
+  assert record["xla_memory_estimate_bytes"] > 0 and record["compile_s"] >= 0
+  assert "step_s" not in record
+  assert not train_step.out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: other failure"))
 
 
 def test_inference_prints_crop_and_end_to_end_records(capsys):
@@ -172,8 +188,8 @@ def test_random_train_state_matches_the_abstract_state():
 
 def test_synthetic_train_batch_has_the_pipeline_layout():
   config = train_step.benchmark_config(tiny.get_config(), 16, "float32")
-  mesh = train.make_mesh(config.mesh)
-  batch = common.synthetic_train_batch(config, train.batch_sharding(mesh), seed=1)
+  mesh = sharding.make_mesh(config.mesh)
+  batch = common.synthetic_train_batch(config, sharding.batch_sharding(mesh), seed=1)
   size = config.data.image_size
   assert batch["image"].shape == (16, size, size, 3) and batch["image"].dtype == np.uint8
   ids = np.asarray(batch["dataset_id"])
