@@ -40,6 +40,16 @@ def abstract_like(tree: Any) -> Any:
       tree)
 
 
+def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
+  """Distinct multi-process barrier names per manager.
+
+  Several managers save the same step at once (the latest state and the best
+  model of each dataset); their Orbax barriers are keyed by step and would
+  collide across processes without a prefix.
+  """
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
 class Checkpointer:
   """Saves and restores one run's checkpoints (see the module docstring).
 
@@ -62,13 +72,15 @@ class Checkpointer:
         self.directory / "latest", item_names=("state", "data"),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-            enable_async_checkpointing=enable_async, create=True))
+            enable_async_checkpointing=enable_async, create=True,
+            multiprocessing_options=_barrier_prefix("latest")))
     self._best = {
         name: ocp.CheckpointManager(
             self.directory / f"best_{name}", item_names=("model",),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1, best_fn=lambda metrics: metrics["nme"], best_mode="min",
-                enable_async_checkpointing=enable_async, create=True))
+                enable_async_checkpointing=enable_async, create=True,
+                multiprocessing_options=_barrier_prefix(f"best_{name}")))
         for name in datasets}
 
   # -- latest train states ---------------------------------------------------

@@ -35,14 +35,14 @@ import ml_collections
 import numpy as np
 import tensorboardX
 import tqdm
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from fgtbt_jax import crop
 from fgtbt_jax import heatmaps
 from fgtbt_jax import landmarks
 from fgtbt_jax import metrics
 from fgtbt_jax import models
-from fgtbt_jax.models import sharding as model_sharding
+from fgtbt_jax import sharding
 
 DECODERS = heatmaps.DECODERS
 
@@ -68,40 +68,8 @@ def make_predict_fn(model: nn.Module, mesh: Mesh, rules, *, decoder: str, flip_t
     stride = images.shape[1] / maps.shape[1]
     return heatmaps.heatmap_to_input(coords, stride)
 
-  batch = NamedSharding(mesh, PartitionSpec(model_sharding.MESH_AXES))
-  jitted = jax.jit(predict, out_shardings=batch)
-
-  def predict_fn(variables, images: jax.Array) -> jax.Array:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return jitted(variables, images)
-
-  return predict_fn
-
-
-def local_rows(array: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in local input order.
-
-  `jax.make_array_from_process_local_data` places a process's rows on its
-  devices in order of their global index, so the addressable shards sorted
-  by start index give back the local order. Shards repeated over a mesh axis
-  that does not split the batch are taken once.
-  """
-  if array.is_fully_addressable:
-    return np.asarray(array)
-  shards = {}
-  for shard in array.addressable_shards:
-    start = shard.index[0].start or 0
-    shards.setdefault(start, np.asarray(shard.data))
-  return np.concatenate([shards[k] for k in sorted(shards)])
-
-
-def _all_processes(values: np.ndarray) -> np.ndarray:
-  """Concatenation over processes of equally shaped per-process arrays."""
-  if jax.process_count() == 1:
-    return values
-  from jax.experimental import multihost_utils
-  gathered = multihost_utils.process_allgather(values)  # (P, ...)
-  return np.concatenate(list(gathered))
+  jitted = jax.jit(predict, out_shardings=sharding.batch_sharding(mesh))
+  return sharding.CompiledOnFirstCall(jitted, "predict", mesh, rules)
 
 
 def mean_face_input_points(dataset: str, image_size: int, crop_enlarge: float) -> np.ndarray:
@@ -228,7 +196,7 @@ class Evaluator:
     """Evaluates `variables` on each dataset's eval split; records and returns results."""
     from data_pipelines import pipeline
     data = self.config.data
-    sharding = NamedSharding(self.mesh, PartitionSpec(model_sharding.MESH_AXES))
+    batches = sharding.batch_sharding(self.mesh)
     results = {}
     for dataset in (datasets or data.datasets):
       iterator = pipeline.make_eval_iterator(
@@ -239,8 +207,8 @@ class Evaluator:
       subset_names = pipeline.eval_subsets(dataset)
       for batch in tqdm.tqdm(iterator, desc=f"eval {dataset} @ {step}", leave=False,
                              disable=not self._is_main):
-        images = jax.make_array_from_process_local_data(sharding, batch["image"])
-        unified = local_rows(self.predict(variables, images))
+        images = jax.make_array_from_process_local_data(batches, batch["image"])
+        unified = sharding.local_rows(self.predict(variables, images))
         own = unified[:, landmarks.get_protocol(dataset).unified_index]
         parts = {
             "pred": crop.apply_affine(own, batch["inverse_affine"]),
@@ -251,7 +219,8 @@ class Evaluator:
         for key, value in parts.items():
           collected.setdefault(key, []).append(np.asarray(value))
       getattr(iterator, "close", lambda: None)()
-      merged = {k: _all_processes(np.concatenate(v)) for k, v in collected.items()}
+      merged = {k: sharding.gather_from_processes(np.concatenate(v))
+                for k, v in collected.items()}
       valid = merged["valid"].astype(bool)
       if not valid.any():
         raise ValueError(f"{dataset} {data.eval_split}: the eval split is empty")

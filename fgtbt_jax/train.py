@@ -41,16 +41,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fgtbt_jax import checkpointing
 from fgtbt_jax import evaluate
 from fgtbt_jax import landmarks
 from fgtbt_jax import losses
 from fgtbt_jax import models
+from fgtbt_jax import sharding
 from fgtbt_jax.models import sharding as model_sharding
 
-MESH_AXES = model_sharding.MESH_AXES
 # The keys of a training batch that the step reads.
 TRAIN_BATCH_KEYS = ("image", "landmarks", "mask", "dataset_id")
 
@@ -142,7 +142,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   if data.eval_batch_size % num_devices:
     raise ConfigError(f"data.eval_batch_size ({data.eval_batch_size}) must divide by the number "
                       f"of devices ({num_devices})")
-  mesh_shape(config.mesh, num_devices)
+  try:
+    sharding.mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   if config.eval.decoder not in evaluate.DECODERS:
     raise ConfigError(f"eval.decoder must be one of {evaluate.DECODERS}, got {config.eval.decoder!r}")
   if not str(data.data_dir):
@@ -183,51 +186,9 @@ def initialize_distributed(distributed_config: ml_collections.ConfigDict) -> boo
   return True
 
 
-def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
-  """(data, fsdp) sizes; one of them may be -1 for "all remaining devices"."""
-  data, fsdp = int(mesh_config.data), int(mesh_config.fsdp)
-  if data == -1 and fsdp == -1:
-    raise ConfigError("mesh.data and mesh.fsdp cannot both be -1")
-  if fsdp == -1:
-    data, fsdp = data, num_devices // max(data, 1)
-  elif data == -1:
-    data = num_devices // max(fsdp, 1)
-  if data < 1 or fsdp < 1 or data * fsdp != num_devices:
-    raise ConfigError(f"mesh (data={mesh_config.data}, fsdp={mesh_config.fsdp}) does not "
-                      f"cover the {num_devices} devices")
-  return data, fsdp
-
-
-def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
-  """A ("data", "fsdp") mesh over `devices` (default: all), Auto axis types.
-
-  Auto axes let linen's logical sharding constraints work (Explicit axes,
-  the default of `jax.make_mesh`, do not).
-  """
-  devices = jax.devices() if devices is None else list(devices)
-  shape = mesh_shape(mesh_config, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(MESH_AXES))
-
-
-def logical_rules(config: ml_collections.ConfigDict) -> tuple:
-  """The logical-name -> mesh-axis rules from the config, as tuples."""
-  rules = []
-  for name, axes in config.mesh.logical_axis_rules:
-    rules.append((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
-  return tuple(rules)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch axis split over every device of the mesh; other axes whole."""
-  return NamedSharding(mesh, PartitionSpec(MESH_AXES))
-
-
-def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding,
-                 keys=TRAIN_BATCH_KEYS) -> dict:
-  """Global jax arrays from this process's slice of the batch."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k]))
-          for k in keys}
+def feed_batch(local_batch: Mapping[str, np.ndarray], batch_sharding: NamedSharding) -> dict:
+  """The step's global batch from this process's numpy batch (the keys it reads)."""
+  return sharding.global_batch(local_batch, batch_sharding, TRAIN_BATCH_KEYS)
 
 
 # -----------------------------------------------------------------------------
@@ -305,13 +266,13 @@ def _init_state_fn(model: nn.Module, tx, loss_config: losses.LossConfig, image_s
 
 def build_setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Setup:
   """Model, optimizer, mesh and abstract (sharded) train state for a config."""
-  mesh = make_mesh(config.mesh) if mesh is None else mesh
-  rules = logical_rules(config)
+  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+  rules = sharding.logical_rules(config.mesh.logical_axis_rules)
   model = models.build_model(config.model)
   tx, schedule = make_optimizer(config.optimizer)
   loss_config = losses.LossConfig.from_config(config.loss, len(landmarks.PROTOCOL_NAMES))
   init = _init_state_fn(model, tx, loss_config, config.data.image_size)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with sharding.mesh_and_rules(mesh, rules):
     boxed_state = jax.eval_shape(init, jax.random.PRNGKey(0))
   state_shardings = model_sharding.variable_shardings(boxed_state, mesh, rules)
   unboxed = nn.meta.unbox(boxed_state)
@@ -325,9 +286,9 @@ def build_setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> 
 def create_train_state(setup: Setup, seed: int) -> TrainState:
   """A freshly initialised train state, created directly in its shardings."""
   init = _init_state_fn(setup.model, setup.tx, setup.loss_config, setup.config.data.image_size)
-  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-    create = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=setup.state_shardings)
-    return create(jax.random.PRNGKey(seed))
+  create = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=setup.state_shardings)
+  return sharding.CompiledOnFirstCall(create, "init", setup.mesh, setup.rules)(
+      jax.random.PRNGKey(seed))
 
 
 def parameter_table(boxed_params: Any, depth: int = 2) -> tuple[str, int]:
@@ -392,15 +353,10 @@ def make_train_step(setup: Setup, ema_decay: float) -> Callable:
     return new_state, metrics
 
   replicated = NamedSharding(setup.mesh, PartitionSpec())
-  batch_shardings = {k: batch_sharding(setup.mesh) for k in TRAIN_BATCH_KEYS}
+  batch_shardings = {k: sharding.batch_sharding(setup.mesh) for k in TRAIN_BATCH_KEYS}
   jitted = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_shardings),
                    out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
-
-  def train_step(state, batch):
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-      return jitted(state, batch)
-
-  return train_step
+  return sharding.CompiledOnFirstCall(jitted, "train step", setup.mesh, setup.rules)
 
 
 # -----------------------------------------------------------------------------
@@ -430,11 +386,7 @@ class _StopSignal:
 
   def requested(self) -> bool:
     """Whether any process got a signal (all processes agree on the answer)."""
-    local = np.int32(self.received is not None)
-    if jax.process_count() == 1:
-      return bool(local)
-    from jax.experimental import multihost_utils
-    return bool(np.max(multihost_utils.process_allgather(local)))
+    return sharding.any_process(self.received is not None)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -555,7 +507,7 @@ def _train_loop(config, setup: Setup, state: TrainState, start_step: int, train_
                 train_iterator: Iterator, checkpoints: checkpointing.Checkpointer,
                 evaluator: "evaluate.Evaluator", workdir: pathlib.Path) -> dict:
   train = config.train
-  sharding = batch_sharding(setup.mesh)
+  batches = sharding.batch_sharding(setup.mesh)
   names = config.data.datasets
   log_start, log_step = time.time(), start_step
   previous = None
@@ -567,7 +519,7 @@ def _train_loop(config, setup: Setup, state: TrainState, start_step: int, train_
         logging.warning("signal %s: saved step %d to %s and stopped", stop.received, step,
                         checkpoints.directory / "latest")
         return {"stopped_at_step": step}
-      batch = global_batch(next(train_iterator), sharding)
+      batch = feed_batch(next(train_iterator), batches)
       with jax.transfer_guard("disallow" if train.transfer_guard else "allow"):
         state, metrics = train_step(state, batch)
       if previous is not None:

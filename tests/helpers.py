@@ -43,3 +43,17 @@ def synthetic_data_dir(tmp_path_factory) -> pathlib.Path:
   out = tmp_path_factory.mktemp("synthetic")
   convert.convert_synthetic(out, SYNTHETIC_SIZES, render_workers=0, num_threads=2)
   return out
+
+
+def restore_on_one_device(state_dir: pathlib.Path):
+  """A saved train-state item restored onto this process's first device.
+
+  Works whatever mesh (and however many processes) saved it.
+  """
+  import orbax.checkpoint as ocp
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(state_dir).item_metadata
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        metadata.tree)
+  return checkpointer.restore(state_dir, target)

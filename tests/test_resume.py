@@ -16,7 +16,6 @@ import subprocess
 import sys
 
 import numpy as np
-import orbax.checkpoint as ocp
 
 from tests import helpers
 from tests.helpers import synthetic_data_dir  # noqa: F401  (fixture)
@@ -36,7 +35,7 @@ def _run(tmp_path, data_dir, name, workdir_name, *extra):
 
 
 def _state(workdir: pathlib.Path, step: int):
-  return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "latest" / str(step) / "state")
+  return helpers.restore_on_one_device(workdir / "checkpoints" / "latest" / str(step) / "state")
 
 
 def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path, synthetic_data_dir):

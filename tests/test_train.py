@@ -15,6 +15,7 @@ from configs import tiny
 from fgtbt_jax import checkpointing
 from fgtbt_jax import landmarks
 from fgtbt_jax import models
+from fgtbt_jax import sharding
 from fgtbt_jax import train
 
 
@@ -46,7 +47,7 @@ def test_sharded_step_matches_single_device_and_shards_parameters():
   config8 = _config(4, 2, "fsdp")
   setup8 = train.build_setup(config8)
   config1 = _config(1, 1, "data")
-  setup1 = train.build_setup(config1, mesh=train.make_mesh(config1.mesh, jax.devices()[:1]))
+  setup1 = train.build_setup(config1, mesh=sharding.make_mesh(config1.mesh, jax.devices()[:1]))
   state8 = train.create_train_state(setup8, seed=0)
   state1 = jax.device_put(jax.device_get(state8), setup1.state_shardings)
 
@@ -64,8 +65,8 @@ def test_sharded_step_matches_single_device_and_shards_parameters():
   step1 = train.make_train_step(setup1, ema_decay=0.9)
   batches = [_batch(seed) for seed in (1, 2)]
   for local in batches:
-    state8, metrics8 = step8(state8, train.global_batch(local, train.batch_sharding(setup8.mesh)))
-    state1, metrics1 = step1(state1, train.global_batch(local, train.batch_sharding(setup1.mesh)))
+    state8, metrics8 = step8(state8, train.feed_batch(local, sharding.batch_sharding(setup8.mesh)))
+    state1, metrics1 = step1(state1, train.feed_batch(local, sharding.batch_sharding(setup1.mesh)))
     np.testing.assert_allclose(metrics8["loss"], metrics1["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics8["dataset_loss"], metrics1["dataset_loss"], rtol=1e-5)
   assert int(state8.step) == int(state1.step) == 2
@@ -118,14 +119,14 @@ def test_ema_decay_follows_images_per_step():
 def test_mesh_shape():
   config = tiny.get_config().mesh
   config.data, config.fsdp = -1, 2
-  assert train.mesh_shape(config, 8) == (4, 2)
+  assert sharding.mesh_shape(config, 8) == (4, 2)
   config.data, config.fsdp = 2, -1
-  assert train.mesh_shape(config, 8) == (2, 4)
+  assert sharding.mesh_shape(config, 8) == (2, 4)
   config.data, config.fsdp = 3, 1
-  with pytest.raises(train.ConfigError, match="does not cover the 8 devices"):
-    train.mesh_shape(config, 8)
+  with pytest.raises(ValueError, match="does not cover the 8 devices"):
+    sharding.mesh_shape(config, 8)
   config.data, config.fsdp = 4, 2
-  mesh = train.make_mesh(config)
+  mesh = sharding.make_mesh(config)
   assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
@@ -156,7 +157,7 @@ class _FakeEvaluator:
 class _Setup:
 
   def __init__(self):
-    self.mesh = train.make_mesh(tiny.get_config().mesh, jax.devices()[:1])
+    self.mesh = sharding.make_mesh(tiny.get_config().mesh, jax.devices()[:1])
 
 
 def _tiny_state():

@@ -15,6 +15,7 @@ The final metrics are printed as one JSON line prefixed with "FINAL ".
 
 import argparse
 import ast
+import faulthandler
 import hashlib
 import json
 import os
@@ -42,6 +43,8 @@ def _parse():
 
 def main():
   args = _parse()
+  # `kill -USR1 <pid>` prints every thread's stack: for diagnosing a hang.
+  faulthandler.register(signal.SIGUSR1)
   from absl import flags
   from absl import logging
   flags.FLAGS.mark_as_parsed()
@@ -66,17 +69,17 @@ def main():
     config.update_from_flattened_dict({key: ast.literal_eval(value)})
 
   if args.record:
-    feed = train.global_batch
+    feed = train.feed_batch
 
-    def recording_global_batch(local_batch, sharding, keys=train.TRAIN_BATCH_KEYS):
+    def recording_feed_batch(local_batch, batch_sharding):
       digest = hashlib.sha1()
       for key in ("image", "landmarks", "dataset_id"):
         digest.update(local_batch[key].tobytes())
       with open(args.record, "a") as f:
         f.write(digest.hexdigest() + "\n")
-      return feed(local_batch, sharding, keys)
+      return feed(local_batch, batch_sharding)
 
-    train.global_batch = recording_global_batch
+    train.feed_batch = recording_feed_batch
 
   if args.kill_after_step:
     save = checkpointing.Checkpointer.save

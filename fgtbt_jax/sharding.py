@@ -1,0 +1,139 @@
+"""The device mesh, batch placement and multi-process helpers of train and eval.
+
+The mesh has the axes ("data", "fsdp") (the model's logical axis rules map
+parameter and activation names onto them, see fgtbt_jax/models/sharding.py);
+a batch is split over both axes on its first dimension. Each process holds
+only its own slice of every batch; `global_batch` assembles the global array
+from those slices and `local_rows` takes a process's rows back out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from fgtbt_jax.models import sharding as model_sharding
+
+MESH_AXES = model_sharding.MESH_AXES
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+  """(data, fsdp) sizes from the config; one of them may be -1 for "the rest"."""
+  data, fsdp = int(mesh_config.data), int(mesh_config.fsdp)
+  if data == -1 and fsdp == -1:
+    raise ValueError("mesh.data and mesh.fsdp cannot both be -1")
+  if fsdp == -1:
+    fsdp = num_devices // max(data, 1)
+  elif data == -1:
+    data = num_devices // max(fsdp, 1)
+  if data < 1 or fsdp < 1 or data * fsdp != num_devices:
+    raise ValueError(f"mesh (data={mesh_config.data}, fsdp={mesh_config.fsdp}) does not "
+                     f"cover the {num_devices} devices")
+  return data, fsdp
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
+  """A ("data", "fsdp") mesh over `devices` (default: all), Auto axis types.
+
+  Auto axes let linen's logical sharding constraints work (Explicit axes,
+  the default of `jax.make_mesh`, do not).
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_rules(rules: Sequence[Sequence[Any]]) -> tuple:
+  """Logical-name -> mesh-axis rules as tuples (configs read back from JSON hold lists)."""
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+               for name, axes in rules)
+
+
+@contextlib.contextmanager
+def mesh_and_rules(mesh: Mesh, rules: Sequence[Sequence[Any]]):
+  """The context to trace model code in: the mesh and the logical axis rules."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batch axis split over every device of the mesh; other axes whole."""
+  return NamedSharding(mesh, PartitionSpec(MESH_AXES))
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding,
+                 keys: Sequence[str]) -> dict:
+  """Global jax arrays of `keys` from this process's slice of the batch."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k]))
+          for k in keys}
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in local input order.
+
+  `jax.make_array_from_process_local_data` places a process's rows on its
+  devices in order of their global index, so the addressable shards sorted
+  by start index give back the local order. Shards repeated over a mesh axis
+  that does not split the batch are taken once.
+  """
+  if array.is_fully_addressable:
+    return np.asarray(array)
+  shards = {}
+  for shard in array.addressable_shards:
+    start = shard.index[0].start or 0
+    shards.setdefault(start, np.asarray(shard.data))
+  return np.concatenate([shards[k] for k in sorted(shards)])
+
+
+def gather_from_processes(values: np.ndarray) -> np.ndarray:
+  """Concatenation over processes (in process order) of equally shaped arrays."""
+  if jax.process_count() == 1:
+    return values
+  return np.concatenate(list(multihost_utils.process_allgather(values)))
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is True on any process (the same answer everywhere)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+class CompiledOnFirstCall:
+  """A jitted function compiled on its first call, then run after a barrier.
+
+  With several processes, every one must enter a program's collectives
+  within the CPU collectives' (gloo) 30-second connect window; compile
+  times differ between processes (a busy host, a compilation-cache hit on
+  one side only), so all processes first compile and then meet at a barrier
+  of the coordination service before the first run. Later calls reuse the
+  compiled program (inputs keep their shapes and shardings).
+
+  Args:
+    jitted: the `jax.jit` function.
+    name: names the barrier.
+    mesh, rules: traced under this mesh and these logical axis rules.
+  """
+
+  def __init__(self, jitted, name: str, mesh: Mesh, rules: Sequence[Sequence[Any]]):
+    self._jitted = jitted
+    self._name = name
+    self._mesh = mesh
+    self._rules = rules
+    self._compiled = None
+
+  def __call__(self, *args):
+    if self._compiled is None:
+      with mesh_and_rules(self._mesh, self._rules):
+        self._compiled = self._jitted.lower(*args).compile()
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"compiled {self._name}")
+    return self._compiled(*args)
