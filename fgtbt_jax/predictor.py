@@ -46,6 +46,7 @@ from fgtbt_jax import detector as detector_lib
 from fgtbt_jax import heatmaps
 from fgtbt_jax import landmarks
 from fgtbt_jax import models
+from fgtbt_jax import sharding
 
 UNIFIED = "unified"
 PROTOCOL_CHOICES: tuple[str, ...] = landmarks.PROTOCOL_NAMES + (UNIFIED,)
@@ -420,7 +421,7 @@ def restore_ema_variables(config: ml_collections.ConfigDict, workdir: str | os.P
                                 f"{checkpoints.directory / ('best_' + dataset)}")
     elif checkpoints.latest_step() is None:
       raise FileNotFoundError(f"no train-state checkpoint under {checkpoints.directory / 'latest'}")
-    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), train.MESH_AXES,
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES,
                 axis_types=(AxisType.Auto,) * 2)
     abstract_state = train.build_setup(config, mesh=mesh).abstract_state
     if which == "latest":

@@ -43,6 +43,7 @@ from fgtbt_jax import landmarks
 from fgtbt_jax import metrics
 from fgtbt_jax import models
 from fgtbt_jax import quantization
+from fgtbt_jax import sharding
 from fgtbt_jax.models import fgsa
 from fgtbt_jax.models import sharding as model_sharding
 
@@ -249,7 +250,7 @@ def collect_predictions(config: ml_collections.ConfigDict, predict_fn: Callable,
         if max_batches is not None and index >= max_batches:
           break
         images = batch["image"] if transform is None else transform(batch["image"])
-        unified = evaluate.local_rows(predict_fn(
+        unified = sharding.local_rows(predict_fn(
             variables, jax.make_array_from_process_local_data(sharding, images)))
         own = unified[:, protocol.unified_index]
         valid = np.asarray(batch["valid"], bool)
@@ -486,9 +487,9 @@ def write_report(workdir: str | pathlib.Path, out_dir: str | pathlib.Path | None
     real_data = not bool(config.synthetic_data.generate)
   train.prepare_data(config)
   variables, step = predictor.restore_ema_variables(config, workdir, checkpoint)
-  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), train.MESH_AXES,
+  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES,
               axis_types=(AxisType.Auto,) * 2)
-  rules = train.logical_rules(config)
+  rules = sharding.logical_rules(config.mesh.logical_axis_rules)
   model = models.build_model(config.model)
   predict_fn = evaluate.make_predict_fn(
       model, mesh, rules, decoder=config.eval.decoder, flip_test=config.eval.flip_test,

@@ -27,6 +27,7 @@ from fgtbt_jax import detector as detector_lib
 from fgtbt_jax import heatmaps
 from fgtbt_jax import landmarks
 from fgtbt_jax import models
+from fgtbt_jax import sharding
 from fgtbt_jax import visualization
 from fgtbt_jax.predictor import Predictor, warp_to_crop
 
@@ -419,7 +420,7 @@ def test_from_checkpoint_loads_the_ema_variables_of_a_run(tmp_path):
   from fgtbt_jax import train
   config = tiny.get_config()
   (tmp_path / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), train.MESH_AXES,
+  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES,
               axis_types=(AxisType.Auto,) * 2)
   abstract = train.build_setup(config, mesh=mesh).abstract_state
   rng = np.random.default_rng(0)

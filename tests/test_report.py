@@ -16,6 +16,7 @@ import pytest
 from data_pipelines import pipeline
 from fgtbt_jax import landmarks
 from fgtbt_jax import report
+from fgtbt_jax import sharding
 from helpers import synthetic_data_dir  # noqa: F401 (fixture)
 
 
@@ -155,7 +156,7 @@ def test_write_report_on_a_tiny_workdir(tmp_path, synthetic_data_dir):
   config.data.data_dir = str(synthetic_data_dir)
   config.synthetic_data.generate = False
   (tmp_path / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), train.MESH_AXES,
+  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES,
               axis_types=(AxisType.Auto,) * 2)
   abstract = train.build_setup(config, mesh=mesh).abstract_state
   rng = np.random.default_rng(0)
