@@ -238,7 +238,7 @@ def collect_predictions(config: ml_collections.ConfigDict, predict_fn: Callable,
   """
   from data_pipelines import pipeline
   data = config.data
-  sharding = NamedSharding(mesh, PartitionSpec(model_sharding.MESH_AXES))
+  batch_sharding = NamedSharding(mesh, PartitionSpec(model_sharding.MESH_AXES))
   result = {}
   for dataset in (datasets or data.datasets):
     protocol = landmarks.get_protocol(dataset)
@@ -251,7 +251,7 @@ def collect_predictions(config: ml_collections.ConfigDict, predict_fn: Callable,
           break
         images = batch["image"] if transform is None else transform(batch["image"])
         unified = sharding.local_rows(predict_fn(
-            variables, jax.make_array_from_process_local_data(sharding, images)))
+            variables, jax.make_array_from_process_local_data(batch_sharding, images)))
         own = unified[:, protocol.unified_index]
         valid = np.asarray(batch["valid"], bool)
         rows = {"predictions": crop.apply_affine(own, batch["inverse_affine"]),
