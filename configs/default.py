@@ -34,13 +34,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.dwa_window = 100
   config.optimizer.learning_rate = 2e-3
   config.optimizer.warmup_steps = 100
-  config.optimizer.lr_decay_steps = (1500, 2200)
+  config.optimizer.lr_decay_steps = (800, 1050)
   config.optimizer.lr_decay_factor = 0.3
   config.optimizer.grad_clip_norm = 1.0
-  config.train.steps = 2500
+  config.train.steps = 1200
   config.train.log_every = 100
-  config.train.checkpoint_every = 500
-  config.train.eval_every = 2500
+  config.train.checkpoint_every = 400
+  config.train.eval_every = 1200
   config.train.ema_half_life_images = 1000.0
   config.eval.decoder = "subpixel"
   return config

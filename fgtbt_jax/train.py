@@ -454,7 +454,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   validate_config(config)
   workdir = pathlib.Path(workdir).resolve()
   workdir.mkdir(parents=True, exist_ok=True)
-  logging.info("workdir: %s\nconfig:\n%s", workdir, config)
+  logging.info("workdir: %s\nconfig: %s", workdir, config.to_json_best_effort(indent=2))
   _save_config(config, workdir)
   prepare_data(config)
 
