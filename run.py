@@ -29,7 +29,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 import ml_collections
 from ml_collections import config_flags
 

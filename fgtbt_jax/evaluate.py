@@ -30,13 +30,13 @@ from typing import Any, Callable, Mapping
 from absl import logging
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorboardX
 import tqdm
 from jax.sharding import Mesh
 
+from data_pipelines import pipeline
 from fgtbt_jax import crop
 from fgtbt_jax import heatmaps
 from fgtbt_jax import landmarks
@@ -194,7 +194,6 @@ class Evaluator:
 
   def evaluate(self, variables: Any, step: int, datasets=None) -> dict:
     """Evaluates `variables` on each dataset's eval split; records and returns results."""
-    from data_pipelines import pipeline
     data = self.config.data
     batches = sharding.batch_sharding(self.mesh)
     results = {}

@@ -100,6 +100,12 @@ def gather_from_processes(values: np.ndarray) -> np.ndarray:
   return np.concatenate(list(multihost_utils.process_allgather(values)))
 
 
+def barrier(name: str) -> None:
+  """All processes wait here for each other (a no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def any_process(flag: bool) -> bool:
   """Whether `flag` is True on any process (the same answer everywhere)."""
   if jax.process_count() == 1:
@@ -134,6 +140,5 @@ class CompiledOnFirstCall:
     if self._compiled is None:
       with mesh_and_rules(self._mesh, self._rules):
         self._compiled = self._jitted.lower(*args).compile()
-      if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"compiled {self._name}")
+      barrier(f"compiled {self._name}")
     return self._compiled(*args)

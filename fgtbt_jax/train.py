@@ -43,6 +43,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from data_pipelines import convert
+from data_pipelines import pipeline
+from data_pipelines import tfds_builders
 from fgtbt_jax import checkpointing
 from fgtbt_jax import evaluate
 from fgtbt_jax import landmarks
@@ -99,6 +102,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
   opt, train, data = config.optimizer, config.train, config.data
+  try:
+    models.validate_model_config(config.model)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   if not opt.learning_rate > 0:
     raise ConfigError(f"optimizer.learning_rate must be positive, got {opt.learning_rate}")
   if opt.weight_decay < 0:
@@ -154,7 +161,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
 
 
 # -----------------------------------------------------------------------------
-# Devices: distributed start-up and the mesh.
+# Devices: distributed start-up and batches.
 
 
 def initialize_distributed(distributed_config: ml_collections.ConfigDict) -> bool:
@@ -208,7 +215,11 @@ def make_optimizer(opt_config: ml_collections.ConfigDict
   if opt_config.warmup_steps > 0:
     warmup = optax.linear_schedule(0.0, float(opt_config.learning_rate), opt_config.warmup_steps)
     decayed = schedule
-    schedule = lambda step: jnp.where(step < opt_config.warmup_steps, warmup(step), decayed(step))
+
+    def schedule(step):
+      # The decay steps stay absolute (optax.join_schedules would shift them).
+      return jnp.where(step < opt_config.warmup_steps, warmup(step), decayed(step))
+
   adamw = optax.adamw(
       learning_rate=schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
       weight_decay=opt_config.weight_decay,
@@ -419,7 +430,6 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
   With `synthetic_data.generate` the synthetic stand-ins are rendered and
   converted there on first use (process 0 writes, the others wait).
   """
-  from data_pipelines import convert, tfds_builders
   data_dir = pathlib.Path(config.data.data_dir)
   if config.synthetic_data.generate:
     if jax.process_index() == 0:
@@ -427,9 +437,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
       convert.convert_synthetic(
           data_dir, {k: tuple(v) for k, v in config.synthetic_data.sizes.items()},
           seed=config.synthetic_data.seed, image_size=config.synthetic_data.image_size)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("synthetic data ready")
+    sharding.barrier("synthetic data ready")
   if not data_dir.is_dir():
     raise ConfigError(f"data.data_dir {str(data_dir)!r} is not a directory; convert the "
                       f"datasets there first (python -m data_pipelines.convert --out DIR)")
@@ -462,7 +470,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   table, total_params = parameter_table(setup.boxed_params)
   logging.info("model %s: %s parameters\n%s", config.model.variant, f"{total_params:,}", table)
 
-  from data_pipelines import pipeline
   train_iterator = pipeline.make_train_iterator(
       config.data, process_index=jax.process_index(), process_count=jax.process_count())
   checkpoints = checkpointing.Checkpointer(

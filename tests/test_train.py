@@ -7,9 +7,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import tiny
 from fgtbt_jax import checkpointing
@@ -49,7 +47,8 @@ def test_sharded_step_matches_single_device_and_shards_parameters():
   config1 = _config(1, 1, "data")
   setup1 = train.build_setup(config1, mesh=sharding.make_mesh(config1.mesh, jax.devices()[:1]))
   state8 = train.create_train_state(setup8, seed=0)
-  state1 = jax.device_put(jax.device_get(state8), setup1.state_shardings)
+  initial = jax.device_get(state8)
+  state1 = jax.device_put(initial, setup1.state_shardings)
 
   # Parameters and their Adam moments are split over "fsdp": each device
   # holds half of such a kernel.
@@ -80,9 +79,8 @@ def test_sharded_step_matches_single_device_and_shards_parameters():
                   jax.tree.leaves(jax.device_get(state1.ema_batch_stats))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   # The step really trained: parameters moved and the EMA lags behind them.
-  initial = jax.device_get(train.create_train_state(setup1, seed=0).params)
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(),
-                                       jax.device_get(state1.params), initial))
+                                       jax.device_get(state1.params), initial.params))
   assert max(moved) > 1e-4
   ema_gap = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(),
                                          jax.device_get(state1.ema_params),
@@ -105,6 +103,21 @@ def test_learning_rate_schedule_and_weight_decay_mask():
   config.warmup_steps = 4
   _, warm = train.make_optimizer(config)
   assert [float(warm(s)) for s in (0, 2, 4, 12)] == [0.0, 0.5, 1.0, 0.5]
+
+
+def test_gradient_clipping_by_global_norm():
+  config = tiny.get_config().optimizer
+  params = {"model": {"w": jnp.zeros(4)}, "balancer": {}}
+  grads = {"model": {"w": jnp.full(4, 5.0)}, "balancer": {}}  # global norm 10
+  for clip, expected_norm in ((0.0, 10.0), (1.0, 1.0)):
+    config.grad_clip_norm = clip
+    tx, _ = train.make_optimizer(config)
+    _, state = tx.update(grads, tx.init(params), params)
+    adam = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
+            if hasattr(s, "mu")][0]
+    # Adam's first moment after one step is (1 - b1) times the (clipped) gradient.
+    assert float(jnp.linalg.norm(adam.mu["model"]["w"])) == pytest.approx(
+        (1 - config.b1) * expected_norm, rel=1e-5)
 
 
 def test_ema_decay_follows_images_per_step():
