@@ -33,6 +33,44 @@ class IncompatibleCheckpointError(ValueError):
   """A checkpoint does not match the configured model or train state."""
 
 
+def _path_name(path) -> str:
+  """"params/decoder/fuse/kernel" for a tree path of dict, attribute or index keys."""
+  parts = []
+  for key in path:
+    for attribute in ("key", "name", "idx"):
+      if hasattr(key, attribute):
+        parts.append(str(getattr(key, attribute)))
+        break
+  return "/".join(parts)
+
+
+def describe_mismatch(saved_tree: Any, target: Any) -> str | None:
+  """What differs between a checkpoint's array metadata and a target tree, or None.
+
+  Compares entry names and shapes (a dataclass field, a dict key and a
+  NamedTuple field of the same name count as the same entry).
+  """
+  saved = {_path_name(p): tuple(v.shape)
+           for p, v in jax.tree_util.tree_flatten_with_path(saved_tree)[0]}
+  wanted = {_path_name(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+  missing = sorted(wanted.keys() - saved.keys())
+  extra = sorted(saved.keys() - wanted.keys())
+  reshaped = [k for k in sorted(wanted.keys() & saved.keys()) if wanted[k] != saved[k]]
+  problems = []
+  if missing:
+    problems.append(f"{len(missing)} entries of the configured state are not in it "
+                    f"(first: {missing[0]})")
+  if extra:
+    problems.append(f"{len(extra)} of its entries are not in the configured state "
+                    f"(first: {extra[0]})")
+  if reshaped:
+    key = reshaped[0]
+    problems.append(f"{len(reshaped)} entries differ in shape (first: {key}, "
+                    f"checkpoint {saved[key]} vs config {wanted[key]})")
+  return "; ".join(problems) or None
+
+
 def abstract_like(tree: Any) -> Any:
   """ShapeDtypeStructs (keeping shardings) for every array of `tree`."""
   return jax.tree.map(
@@ -48,6 +86,15 @@ def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
   collide across processes without a prefix.
   """
   return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
+def _check_compatible(metadata: Any, target: Any, where: pathlib.Path) -> None:
+  """Raises IncompatibleCheckpointError before a restore that cannot fit."""
+  problem = describe_mismatch(getattr(metadata, "tree", metadata), target)
+  if problem:
+    raise IncompatibleCheckpointError(
+        f"checkpoint {where} does not match the configured model/train state "
+        f"(was it written with another config?): {problem}")
 
 
 class Checkpointer:
@@ -70,18 +117,28 @@ class Checkpointer:
     self.directory = pathlib.Path(directory).resolve()
     self._latest = ocp.CheckpointManager(
         self.directory / "latest", item_names=("state", "data"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-            enable_async_checkpointing=enable_async, create=True,
+            max_to_keep=max_to_keep, enable_async_checkpointing=enable_async, create=True,
             multiprocessing_options=_barrier_prefix("latest")))
     self._best = {
         name: ocp.CheckpointManager(
             self.directory / f"best_{name}", item_names=("model",),
+            item_handlers={"model": ocp.StandardCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1, best_fn=lambda metrics: metrics["nme"], best_mode="min",
                 enable_async_checkpointing=enable_async, create=True,
                 multiprocessing_options=_barrier_prefix(f"best_{name}")))
         for name in datasets}
+    self._save_interval_steps = save_interval_steps
+    # Best NME per dataset so far, read once from the saved metrics (an
+    # asynchronous save's metrics only reach the disk when it commits).
+    self._best_nme = {}
+    for name, manager in self._best.items():
+      step = manager.best_step()
+      if step is not None:
+        self._best_nme[name] = float(manager.metrics(step)["nme"])
 
   # -- latest train states ---------------------------------------------------
 
@@ -96,6 +153,8 @@ class Checkpointer:
     Without `force` only at multiples of `save_interval_steps`. A step that
     is already saved is skipped. Returns whether a save was started.
     """
+    if not force and step % self._save_interval_steps:
+      return False
     if step in self._latest.all_steps():
       return False
     items = {"state": ocp.args.StandardSave(state)}
@@ -115,10 +174,11 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no train-state checkpoint under {self.directory / 'latest'}")
+    where = self.directory / "latest" / str(step)
+    _check_compatible(self._latest.item_metadata(step)["state"], abstract_state, where)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    where = self.directory / "latest" / str(step)
     try:
       restored = self._latest.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
@@ -131,11 +191,7 @@ class Checkpointer:
 
   def best_nme(self, dataset: str) -> float | None:
     """The lowest NME saved for `dataset`, or None."""
-    manager = self._best[dataset]
-    step = manager.best_step()
-    if step is None:
-      return None
-    return float(manager.metrics(step)["nme"])
+    return self._best_nme.get(dataset)
 
   def best_step(self, dataset: str) -> int | None:
     return self._best[dataset].best_step()
@@ -152,6 +208,7 @@ class Checkpointer:
         continue
       manager.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(variables)),
                    metrics={"nme": float(nme)}, force=True)
+      self._best_nme[name] = float(nme)
       improved.append(name)
     return improved
 
@@ -163,13 +220,14 @@ class Checkpointer:
     step = manager.best_step()
     if step is None:
       raise FileNotFoundError(f"no best checkpoint for {dataset} under {manager.directory}")
+    where = manager.directory / str(step)
+    _check_compatible(manager.item_metadata(step)["model"], abstract_variables, where)
     try:
       restored = manager.restore(
           step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract_variables)))
     except (ValueError, KeyError, TypeError) as e:
       raise IncompatibleCheckpointError(
-          f"checkpoint {manager.directory / str(step)} does not match the configured "
-          f"model: {e}") from e
+          f"checkpoint {where} does not match the configured model: {e}") from e
     return restored["model"], step
 
   # -- lifecycle ---------------------------------------------------------------

@@ -1,0 +1,113 @@
+"""Checkpointer: state + data iterator together, retention, best models, mismatches."""
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fgtbt_jax import checkpointing
+
+
+def _state(value: float, width: int = 3):
+  return {"step": jnp.int32(value), "params": {"w": jnp.full((width,), value, jnp.float32)},
+          "opt": ({"mu": jnp.zeros((width,))},)}
+
+
+def _iterator():
+  return iter(grain.MapDataset.range(1000).seed(3).shuffle().to_iter_dataset())
+
+
+def _checkpointer(path, **kwargs):
+  options = dict(datasets=["WFLW", "COFW"], max_to_keep=2, save_interval_steps=2)
+  options.update(kwargs)
+  return checkpointing.Checkpointer(path, **options)
+
+
+def test_state_and_data_position_are_restored_together(tmp_path):
+  iterator = _iterator()
+  seen = [next(iterator) for _ in range(5)]
+  checkpoints = _checkpointer(tmp_path)
+  assert checkpoints.save(4, _state(4.0), iterator)
+  following = [next(iterator) for _ in range(4)]
+  checkpoints.close()
+
+  fresh = _iterator()
+  restored, step = _checkpointer(tmp_path).restore(
+      checkpointing.abstract_like(_state(0.0)), fresh)
+  assert step == 4 and int(restored["step"]) == 4
+  np.testing.assert_array_equal(restored["params"]["w"], np.full(3, 4.0))
+  assert [next(fresh) for _ in range(4)] == following
+  assert seen[0] != following[0]
+
+
+def test_interval_retention_and_forced_saves(tmp_path):
+  checkpoints = _checkpointer(tmp_path)
+  iterator = _iterator()
+  started = [checkpoints.save(step, _state(float(step)), iterator) for step in (1, 2, 3, 4, 6)]
+  assert started == [False, True, False, True, True]
+  assert checkpoints.save(7, _state(7.0), iterator, force=True)
+  assert not checkpoints.save(7, _state(7.0), iterator, force=True)  # already saved
+  checkpoints.wait_until_finished()
+  assert checkpoints.latest_step() == 7
+  kept = sorted(int(p.name) for p in (tmp_path / "latest").iterdir() if p.name.isdigit())
+  assert kept == [6, 7]
+  checkpoints.close()
+
+
+def test_best_models_are_kept_per_dataset(tmp_path):
+  checkpoints = _checkpointer(tmp_path)
+  variables = lambda v: {"params": {"w": jnp.full((3,), v)}}
+  assert checkpoints.save_best(10, variables(1.0), {"WFLW": 0.08, "COFW": 0.09}) == ["WFLW", "COFW"]
+  assert checkpoints.save_best(20, variables(2.0), {"WFLW": 0.06, "COFW": 0.10}) == ["WFLW"]
+  assert checkpoints.save_best(30, variables(3.0), {"WFLW": 0.07, "300W": 0.01}) == []
+  checkpoints.wait_until_finished()
+  assert checkpoints.best_nme("WFLW") == pytest.approx(0.06)
+  assert checkpoints.best_step("COFW") == 10
+  restored, step = checkpoints.restore_best("WFLW", checkpointing.abstract_like(variables(0.0)))
+  assert step == 20
+  np.testing.assert_array_equal(restored["params"]["w"], np.full(3, 2.0))
+  assert [p.name for p in (tmp_path / "best_WFLW").iterdir() if p.name.isdigit()] == ["20"]
+  with pytest.raises(KeyError, match="no best-checkpoint slot for dataset '300W'"):
+    checkpoints.restore_best("300W", variables(0.0))
+  checkpoints.close()
+
+
+def test_incompatible_targets_are_named_before_restoring(tmp_path):
+  checkpoints = _checkpointer(tmp_path)
+  checkpoints.save(2, _state(2.0), None, force=True)
+  checkpoints.wait_until_finished()
+  with pytest.raises(checkpointing.IncompatibleCheckpointError,
+                     match=r"1 entries differ in shape \(first: opt/0/mu, checkpoint \(3,\) vs "
+                           r"config \(5,\)\)"):
+    wider = _state(0.0, width=5)
+    wider["params"]["w"] = jnp.zeros(3)
+    checkpoints.restore(checkpointing.abstract_like(wider))
+  renamed = _state(0.0)
+  renamed["params"] = {"v": renamed["params"]["w"]}
+  with pytest.raises(checkpointing.IncompatibleCheckpointError,
+                     match="not in it \\(first: params/v\\).*not in the configured state "
+                           "\\(first: params/w\\)"):
+    checkpoints.restore(checkpointing.abstract_like(renamed))
+  checkpoints.close()
+
+
+def test_describe_mismatch_treats_attributes_and_keys_alike():
+  import collections
+  Pair = collections.namedtuple("Pair", ["mu", "nu"])
+  saved = {"opt": {"mu": jax.ShapeDtypeStruct((2,), jnp.float32),
+                   "nu": jax.ShapeDtypeStruct((2,), jnp.float32)}}
+  target = {"opt": Pair(jnp.zeros(2), jnp.zeros(2))}
+  assert checkpointing.describe_mismatch(saved, target) is None
+
+
+def test_missing_checkpoints(tmp_path):
+  checkpoints = _checkpointer(tmp_path)
+  assert checkpoints.latest_step() is None and checkpoints.best_nme("WFLW") is None
+  with pytest.raises(FileNotFoundError, match="no train-state checkpoint"):
+    checkpoints.restore(checkpointing.abstract_like(_state(0.0)))
+  with pytest.raises(FileNotFoundError, match="no best checkpoint for WFLW"):
+    checkpoints.restore_best("WFLW", {"w": jnp.zeros(3)})
+  with pytest.raises(ValueError, match="max_to_keep must be at least 1"):
+    _checkpointer(tmp_path / "other", max_to_keep=0)
+  checkpoints.close()
