@@ -10,9 +10,21 @@
       Trains (resuming from the workdir's latest checkpoint) and evaluates.
       Any config field can be overridden: --config.train.steps=1000.
 
-  python run.py eval --workdir=runs/paper [--checkpoint=best]
+  python run.py eval --workdir=runs/paper [--checkpoint=best] \
+      [--studies=lowres,quantization]
       Evaluates the workdir's latest (or per-dataset best) EMA checkpoint,
-      with the config saved in the workdir unless --config is given.
+      with the config saved in the workdir unless --config is given, prints
+      the table and writes the report (report/report.md and report.json:
+      paper-style tables per dataset and subset, CED curves, error by C(p),
+      high-frequency images, the optional studies).
+
+  python run.py predict --workdir=runs/paper --image=PATH_OR_DIR \
+      [--box=x1,y1,x2,y2] [--protocol=WFLW] [--out=DIR]
+      Landmarks of images, folders of images or videos with the run's best
+      (or --checkpoint=latest) EMA model: a JSON and an overlay PNG per image
+      in --out (default <workdir>/predictions). Faces are found with OpenCV's
+      bundled Haar cascade unless --box is given. Exit status 1 when any
+      input failed (unreadable, or no face found); the others are written.
 
 Multi-host: run the same command on every host with JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or the --config.distributed.*
@@ -21,7 +33,6 @@ fields).
 
 from __future__ import annotations
 
-import json
 import logging as std_logging
 import pathlib
 import re
@@ -43,10 +54,37 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and logs "
     "(default: runs/<config file name> in the repository).")
 _CHECKPOINT = flags.DEFINE_enum(
-    "checkpoint", "latest", ["latest", "best"],
-    "eval mode: the latest train state's EMA model, or each dataset's best EMA model.")
+    "checkpoint", None, ["latest", "best"],
+    "eval and predict: the latest train state's EMA model, or the best EMA model "
+    "(eval: each dataset's own; predict: --dataset's). Default: latest for eval, best "
+    "for predict.")
+_STUDIES = flags.DEFINE_list(
+    "studies", [], "eval: report studies to run as well: lowres (faces downsampled to "
+    "16-128 px), quantization (decoding error, NME per decoder).")
+_REPORT = flags.DEFINE_bool(
+    "report", True, "eval: write <workdir>/report (Markdown, JSON, CED and other plots).")
+_MAX_BATCHES = flags.DEFINE_integer(
+    "max_batches", None, "eval: the report uses at most this many test batches per dataset.")
+_IMAGE = flags.DEFINE_multi_string(
+    "image", None, "predict: an image, a folder of images or a video; repeatable.")
+_BOX = flags.DEFINE_list(
+    "box", None, "predict: the face box x1,y1,x2,y2 in pixels, used for every input "
+    "(default: detect the faces).")
+_PROTOCOL = flags.DEFINE_enum(
+    "protocol", "unified", ["unified", "WFLW", "300W", "COFW", "AFLW"],
+    "predict: which landmarks to write: a dataset protocol or all 124 unified points.")
+_OUT = flags.DEFINE_string("out", None, "predict: output folder (default <workdir>/predictions).")
+_DATASET = flags.DEFINE_string(
+    "dataset", None, "predict with the best checkpoint: the dataset whose best model to use "
+    "(default the run's first).")
+_FLIP_TEST = flags.DEFINE_bool("flip_test", True, "predict: average with the mirrored face.")
+_DECODER = flags.DEFINE_enum("decoder", "subpixel", ["argmax", "quarter", "subpixel"],
+                             "predict: heatmap decoder.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "predict: faces per device batch.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                           "predict: compute dtype (default the run's).")
 
-MODES = ("train", "eval")
+MODES = ("train", "eval", "predict")
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -88,25 +126,27 @@ def _default_workdir() -> pathlib.Path:
   return _REPO / "runs" / name
 
 
-def _tuples(value):
-  """JSON lists back to the tuples the configs declare."""
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  return value
-
-
 def load_workdir_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
   """The config a training run saved as <workdir>/config.json."""
-  path = workdir / "config.json"
+  from fgtbt_jax import predictor
   try:
-    raw = json.loads(path.read_text())
-  except FileNotFoundError:
-    raise app.UsageError(f"{path} does not exist: pass the run's --config") from None
-  except json.JSONDecodeError as e:
-    raise app.UsageError(f"{path} is not a readable config: {e}") from None
-  return ml_collections.ConfigDict(_tuples(raw))
+    return predictor.load_run_config(workdir)
+  except FileNotFoundError as e:
+    raise app.UsageError(f"{e}; pass the run's --config") from None
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+
+
+def _parse_box(values: list[str] | None) -> list[float] | None:
+  if values is None:
+    return None
+  try:
+    box = [float(v) for v in values]
+  except ValueError:
+    box = []
+  if len(box) != 4:
+    raise app.UsageError(f"--box={','.join(values)}: expected four numbers x1,y1,x2,y2")
+  return box
 
 
 def _print_outputs(workdir: pathlib.Path, final: dict, title: str) -> None:
@@ -128,6 +168,9 @@ def main(argv):
   if len(extra) > 1 or (extra and extra[0] not in MODES):
     raise app.UsageError(f"expected an optional mode {MODES}, got {' '.join(extra)}")
   mode = extra[0] if extra else "train"
+  unknown = [s for s in _STUDIES.value if s not in ("lowres", "quantization")]
+  if unknown:
+    raise app.UsageError(f"--studies: unknown {unknown}; expected lowres and/or quantization")
   std_logging.getLogger("absl").addFilter(_QuietLibraries())
   from fgtbt_jax import checkpointing
   from fgtbt_jax import train
@@ -149,14 +192,48 @@ def main(argv):
 
   if not workdir.is_dir():
     raise app.UsageError(f"workdir {workdir} does not exist; train first or pass --workdir")
+  if mode == "predict":
+    _predict(workdir)
+    return
   config = _CONFIG.value if flags.FLAGS["config"].present else load_workdir_config(workdir)
+  which = _CHECKPOINT.value or "latest"
   try:
-    final = train.evaluate_workdir(config, workdir, checkpoint=_CHECKPOINT.value)
+    final = train.evaluate_workdir(config, workdir, checkpoint=which)
   except (train.ConfigError, checkpointing.IncompatibleCheckpointError,
           FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
-  _print_outputs(workdir, final, f"{_CHECKPOINT.value} checkpoint(s), step(s) "
+  _print_outputs(workdir, final, f"{which} checkpoint(s), step(s) "
                                  f"{final['steps']}; EMA model on the test splits:")
+  if _REPORT.value:
+    import jax
+    from fgtbt_jax import report
+    if jax.process_index() == 0:
+      path = report.write_report(workdir, checkpoint=which, studies=_STUDIES.value,
+                                 max_batches=_MAX_BATCHES.value, config=config)
+      print(f"  {'report/':<20} the report: {path} (+ report.json, ced.png)")
+
+
+def _predict(workdir: pathlib.Path) -> None:
+  """The predict mode; exits with status 1 when any input failed."""
+  from fgtbt_jax import checkpointing
+  from fgtbt_jax import visualization
+  if not _IMAGE.value:
+    raise app.UsageError("predict needs --image=PATH (an image, a folder or a video)")
+  missing = [p for p in _IMAGE.value if not pathlib.Path(p).exists()]
+  if missing:
+    raise app.UsageError(f"--image: {', '.join(missing)} does not exist")
+  box = _parse_box(_BOX.value)
+  out = pathlib.Path(_OUT.value) if _OUT.value else workdir / "predictions"
+  try:
+    status = visualization.predict_main(
+        str(workdir), _IMAGE.value, str(out), which=_CHECKPOINT.value or "best",
+        dataset=_DATASET.value, box=box, protocol=_PROTOCOL.value, flip_test=_FLIP_TEST.value,
+        decoder=_DECODER.value, batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value)
+  except (FileNotFoundError, KeyError, ValueError, checkpointing.IncompatibleCheckpointError) as e:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    raise app.UsageError(str(message)) from None
+  if status:
+    sys.exit(status)
 
 
 if __name__ == "__main__":

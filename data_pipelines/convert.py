@@ -82,12 +82,14 @@ def convert_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike
                     on_error: str = "raise", max_side: int = tfds_builders.DEFAULT_MAX_SIDE,
                     image_format: str = "jpeg",
                     jpeg_quality: int = tfds_builders.DEFAULT_JPEG_QUALITY,
-                    num_threads: int = 4, overwrite: bool = False) -> ConversionSummary:
+                    num_threads: int = 4, overwrite: bool = False,
+                    synthetic: bool = False) -> ConversionSummary:
   """Reads `dataset` from `src` (a folder or annotation file) into crops under `out`.
 
   `fmt` names the source format (None: detected), `image_root` where the
   annotation's image paths are relative to (None: the format's default); see
-  data_pipelines.readers.read_dataset.
+  data_pipelines.readers.read_dataset. `synthetic` marks the conversion as
+  generated stand-in data (`convert_synthetic` sets it).
 
   Raises:
     FileNotFoundError: `src` does not exist.
@@ -100,7 +102,8 @@ def convert_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike
   return _build(protocol.name, src, out, read_split=None, fmt=fmt,
                 image_root=image_root, splits=splits,
                 on_error=on_error, max_side=max_side, image_format=image_format,
-                jpeg_quality=jpeg_quality, num_threads=num_threads, overwrite=overwrite)
+                jpeg_quality=jpeg_quality, num_threads=num_threads, overwrite=overwrite,
+                synthetic=synthetic)
 
 
 def convert_records(dataset: str, records: Mapping[str, Sequence[FaceRecord]],
@@ -125,12 +128,13 @@ def convert_records(dataset: str, records: Mapping[str, Sequence[FaceRecord]],
 
 def _build(dataset, src, out, *, read_split, fmt, image_root, splits, on_error,
            max_side, image_format, jpeg_quality, num_threads,
-           overwrite) -> ConversionSummary:
+           overwrite, synthetic=False) -> ConversionSummary:
   config = tfds_builders.crop_config(max_side, image_format, jpeg_quality)
   builder = tfds_builders.build(
       dataset, src, out, source_format=fmt, image_root=image_root,
       read_split=read_split, splits=splits,
-      config=config, on_error=on_error, num_threads=num_threads, overwrite=overwrite)
+      config=config, on_error=on_error, num_threads=num_threads, overwrite=overwrite,
+      synthetic=synthetic)
   path = pathlib.Path(builder.data_dir)
   if not builder.split_stats:  # An existing conversion was reused.
     return _existing_summary(dataset, path, builder.info)
@@ -199,7 +203,7 @@ def convert_synthetic(out_root: str | os.PathLike,
         seed=seed, image_size=image_size, num_workers=render_workers)
     for name in missing:
       summaries[name] = convert_dataset(name, paths[name], out_root, max_side=max_side,
-                                        num_threads=num_threads)
+                                        num_threads=num_threads, synthetic=True)
   return {name: summaries[name] for name in lm.PROTOCOL_NAMES}
 
 

@@ -46,6 +46,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import json
 import os
 import pathlib
 from typing import Callable, Iterator, Mapping, Sequence
@@ -177,7 +178,9 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def __init__(self, *, source_format: str | None = None, image_root: str | None = None,
                read_split: ReadSplit | None = None, splits: Sequence[str] = SPLITS,
-               on_error: str = "raise", num_threads: int = 4, **kwargs):
+               on_error: str = "raise", num_threads: int = 4, synthetic: bool = False,
+               **kwargs):
+    self._synthetic = bool(synthetic)  # _info() may run inside the base constructor.
     super().__init__(**kwargs)
     if on_error not in ("raise", "skip"):
       raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -229,7 +232,7 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     metadata = tfds.core.MetadataDict(
         protocol=self.PROTOCOL, loose_crop_factor=LOOSE_CROP_FACTOR,
         max_side=cfg.max_side, image_format=cfg.image_format,
-        jpeg_quality=cfg.jpeg_quality)
+        jpeg_quality=cfg.jpeg_quality, synthetic=getattr(self, "_synthetic", False))
     return tfds.core.DatasetInfo(
         builder=self, features=features, metadata=metadata,
         description=f"{self.PROTOCOL} faces as loose crops for FGTBT "
@@ -454,6 +457,17 @@ def converted_dir(data_dir: str | os.PathLike, dataset: str, config_name: str = 
   return versions[-1]
 
 
+def is_synthetic(data_dir: str | os.PathLike, dataset: str, config_name: str = "") -> bool:
+  """Whether the converted `dataset` under `data_dir` is generated synthetic data."""
+  path = converted_dir(data_dir, dataset, config_name) / "metadata.json"
+  try:
+    return bool(json.loads(path.read_text()).get("synthetic", False))
+  except FileNotFoundError:
+    return False
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: unreadable conversion metadata: {e}") from e
+
+
 def open_split(data_dir: str | os.PathLike, dataset: str, split: str,
                config_name: str = "", decode_image: bool = False):
   """Random-access source of a converted split (a grain-compatible data source).
@@ -472,18 +486,21 @@ def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
           source_format: str | None = None, image_root: str | None = None,
           read_split: ReadSplit | None = None, splits: Sequence[str] = SPLITS,
           config: CropConfig | None = None, on_error: str = "raise", num_threads: int = 4,
-          overwrite: bool = False) -> FaceCropBuilder:
+          overwrite: bool = False, synthetic: bool = False) -> FaceCropBuilder:
   """Builds one dataset from `src` into ArrayRecord files under `out_dir`.
 
   An existing finished conversion is kept unless `overwrite`. Returns the
   builder; its `split_stats` say what was written and skipped (empty when
-  the conversion existed already).
+  the conversion existed already). `synthetic` marks generated stand-in
+  data in the metadata (`is_synthetic`), so reports never put the paper's
+  benchmark numbers beside results on it.
   """
   cls = builder_class(dataset)
   builder = cls(data_dir=os.fspath(out_dir), config=config or _DEFAULT_CONFIG,
                 source_format=source_format, image_root=image_root,
                 read_split=read_split, splits=splits,
-                on_error=on_error, num_threads=num_threads, file_format="array_record")
+                on_error=on_error, num_threads=num_threads, synthetic=synthetic,
+                file_format="array_record")
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(

@@ -383,13 +383,32 @@ def find_workdir(path: str | os.PathLike) -> pathlib.Path:
       "or in its parent)")
 
 
+def _tuples(value):
+  """JSON lists back to the tuples the configs declare."""
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
 def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The experiment config a run saved as `<workdir>/config.json`."""
+  """The experiment config a run saved as `<workdir>/config.json`.
+
+  Raises:
+    FileNotFoundError: there is no config.json.
+    ValueError: it is not a readable JSON config.
+  """
   path = pathlib.Path(workdir) / "config.json"
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: cannot read the run's config: {e}") from e
+    raw = json.loads(path.read_text())
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path} does not exist: not a training workdir") from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path} is not a readable config: {e}") from e
+  if not isinstance(raw, dict):
+    raise ValueError(f"{path} is not a readable config: expected a JSON object")
+  return ml_collections.ConfigDict(_tuples(raw))
 
 
 def restore_ema_variables(config: ml_collections.ConfigDict, workdir: str | os.PathLike,

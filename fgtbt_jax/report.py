@@ -285,10 +285,11 @@ def default_nmes(per_sample: Mapping[str, Samples]) -> dict[str, float]:
 
 def low_resolution_study(config: ml_collections.ConfigDict, predict_fn: Callable, variables: Any,
                          mesh: Mesh, sides: Sequence[int] = LOW_RESOLUTION_SIDES,
-                         max_batches: int | None = None) -> dict[int, dict[str, float]]:
+                         max_batches: int | None = None,
+                         datasets: Sequence[str] | None = None) -> dict[int, dict[str, float]]:
   """{face side px: {dataset: NME}} with inputs degraded by `degrade_resolution`."""
   return {int(side): default_nmes(collect_predictions(
-      config, predict_fn, variables, mesh, max_batches=max_batches,
+      config, predict_fn, variables, mesh, max_batches=max_batches, datasets=datasets,
       transform=lambda images, side=side: degrade_resolution(
           images, side, config.data.crop_enlarge)))
       for side in sides}
@@ -296,7 +297,8 @@ def low_resolution_study(config: ml_collections.ConfigDict, predict_fn: Callable
 
 def quantization_study(config: ml_collections.ConfigDict, model, mesh: Mesh, rules,
                        variables: Any, max_batches: int | None = None,
-                       measured: Mapping[str, Mapping[str, float]] | None = None) -> dict:
+                       measured: Mapping[str, Mapping[str, float]] | None = None,
+                       datasets: Sequence[str] | None = None) -> dict:
   """Ideal-heatmap decoding error and measured NME per decoder.
 
   `measured` holds {decoder: {dataset: NME}} already known (e.g. of the
@@ -318,7 +320,7 @@ def quantization_study(config: ml_collections.ConfigDict, model, mesh: Mesh, rul
         model, mesh, rules, decoder=decoder, flip_test=config.eval.flip_test,
         smoothing_sigma=config.eval.smoothing_sigma)
     measured[decoder] = default_nmes(collect_predictions(
-        config, predict_fn, variables, mesh, max_batches=max_batches))
+        config, predict_fn, variables, mesh, max_batches=max_batches, datasets=datasets))
   return {"input_size": input_size, "heatmap_size": heatmap_size, "sigma": sigma,
           "ideal": ideal, "measured": {d: measured[d] for d in heatmaps.DECODERS}}
 
@@ -459,19 +461,20 @@ def write_report(workdir: str | pathlib.Path, out_dir: str | pathlib.Path | None
                  checkpoint: str = "latest", studies: Sequence[str] = STUDIES,
                  max_batches: int | None = None, real_data: bool | None = None,
                  config: ml_collections.ConfigDict | None = None) -> pathlib.Path:
-  """Evaluates a run's EMA checkpoint and writes its report; returns report.md's path.
+  """Evaluates a run's EMA checkpoint(s) and writes its report; returns report.md's path.
 
   Args:
     workdir: the training run's directory (config.json, checkpoints/).
     out_dir: default <workdir>/report.
-    checkpoint: "latest" or "best" (the first dataset's best EMA model).
+    checkpoint: "latest" (the newest train state's EMA model, on every
+      dataset) or "best" (each dataset's best EMA model, on that dataset).
     studies: names from `STUDIES` to run as well.
     max_batches: evaluate at most this many batches per dataset and pass.
     real_data: whether the test sets are the real benchmarks (the paper
       column is shown); default: the config does not generate synthetic
-      data (`synthetic_data.generate` off). Stored synthetic data looks
-      like real data, so pass False for a run pointed at converted
-      synthetic sets.
+      data (`synthetic_data.generate` off) and no converted dataset is
+      marked synthetic (`tfds_builders.is_synthetic`; conversions made
+      before that mark existed count as real).
     config: the run's config; default <workdir>/config.json.
 
   Single process: the whole test split runs on this host's first device.
@@ -481,12 +484,23 @@ def write_report(workdir: str | pathlib.Path, out_dir: str | pathlib.Path | None
   unknown = [s for s in studies if s not in STUDIES]
   if unknown:
     raise ValueError(f"unknown studies {unknown}; expected names from {STUDIES}")
+  if checkpoint not in ("latest", "best"):
+    raise ValueError(f"checkpoint must be 'latest' or 'best', got {checkpoint!r}")
   workdir = predictor.find_workdir(workdir)
   config = predictor.load_run_config(workdir) if config is None else config
-  if real_data is None:
-    real_data = not bool(config.synthetic_data.generate)
   train.prepare_data(config)
-  variables, step = predictor.restore_ema_variables(config, workdir, checkpoint)
+  if real_data is None:
+    from data_pipelines import tfds_builders
+    real_data = not bool(config.synthetic_data.generate) and not any(
+        tfds_builders.is_synthetic(config.data.data_dir, name, config.data.crop_config)
+        for name in config.data.datasets)
+  # (datasets, variables, step) groups: one model for all, or each dataset's best.
+  if checkpoint == "latest":
+    variables, step = predictor.restore_ema_variables(config, workdir, "latest")
+    groups = [(list(config.data.datasets), variables, step)]
+  else:
+    groups = [([name], *predictor.restore_ema_variables(config, workdir, "best", dataset=name))
+              for name in config.data.datasets]
   mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES,
               axis_types=(AxisType.Auto,) * 2)
   rules = sharding.logical_rules(config.mesh.logical_axis_rules)
@@ -494,19 +508,37 @@ def write_report(workdir: str | pathlib.Path, out_dir: str | pathlib.Path | None
   predict_fn = evaluate.make_predict_fn(
       model, mesh, rules, decoder=config.eval.decoder, flip_test=config.eval.flip_test,
       smoothing_sigma=config.eval.smoothing_sigma)
-  per_sample = collect_predictions(config, predict_fn, variables, mesh,
-                                   max_batches=max_batches, keep_images=1)
+  per_sample: dict[str, Samples] = {}
+  lowres: dict[int, dict[str, float]] = {}
+  quantized: dict[str, Any] = {}
+  for datasets, variables, _ in groups:
+    part = collect_predictions(config, predict_fn, variables, mesh, datasets=datasets,
+                               max_batches=max_batches, keep_images=1)
+    per_sample.update(part)
+    if "lowres" in studies:
+      for side, nmes in low_resolution_study(config, predict_fn, variables, mesh,
+                                             max_batches=max_batches, datasets=datasets).items():
+        lowres.setdefault(side, {}).update(nmes)
+    if "quantization" in studies:
+      study = quantization_study(config, model, mesh, rules, variables, max_batches=max_batches,
+                                 measured={config.eval.decoder: default_nmes(part)},
+                                 datasets=datasets)
+      measured = quantized.get("measured", {})
+      quantized.update(study, measured={
+          d: {**measured.get(d, {}), **nmes} for d, nmes in study["measured"].items()})
   results = {}
   if "lowres" in studies:
-    results["lowres"] = low_resolution_study(config, predict_fn, variables, mesh,
-                                             max_batches=max_batches)
+    results["lowres"] = lowres
   if "quantization" in studies:
-    results["quantization"] = quantization_study(
-        config, model, mesh, rules, variables, max_batches=max_batches,
-        measured={config.eval.decoder: default_nmes(per_sample)})
+    results["quantization"] = quantized
   frequency = ((config.model.frequency_extractor, float(config.model.frequency_sigma))
                if config.model.fgsa else None)
-  title = (f"FGTBT evaluation report: {workdir.name}, {checkpoint} checkpoint (step {step}), "
+  if checkpoint == "latest":
+    which = f"latest checkpoint (step {groups[0][2]})"
+  else:
+    which = "best checkpoint per dataset (" + ", ".join(
+        f"{datasets[0]} step {step}" for datasets, _, step in groups) + ")"
+  title = (f"FGTBT evaluation report: {workdir.name}, {which}, "
            f"decoder {config.eval.decoder}, flip test {'on' if config.eval.flip_test else 'off'}")
   return build_report(per_sample, out_dir or workdir / "report", title=title,
                       real_data=real_data, studies=results, frequency=frequency,

@@ -135,7 +135,8 @@ class PredictReport:
 
   def summary(self) -> str:
     lines = [f"{len(self.files) - len(self.failed)} of {len(self.files)} files done"]
-    lines += [f"  FAILED {f.source}: {f.error}" for f in self.failed]
+    lines += [f"  FAILED {f.error if f.source in f.error else f'{f.source}: {f.error}'}"
+              for f in self.failed]
     return "\n".join(lines)
 
 
@@ -330,15 +331,17 @@ def predict_main(workdir: str, inputs: Sequence[str], out_dir: str, *, which: st
                  dtype: str | None = None) -> int:
   """The `predict` command: a run's EMA model on files; returns the exit status.
 
-  0 when every file was processed, 1 when any failed (each failure logged
-  with its reason).
+  0 when every file was processed, 1 when any failed. Prints the summary
+  (each failure with its reason) to stdout.
   """
   predictor = predictor_lib.Predictor.from_checkpoint(
       workdir, which, dataset=dataset, batch_size=batch_size, dtype=dtype)
   report = predict_files(predictor, list(inputs), out_dir, box=box, protocol=protocol,
                          flip_test=flip_test, decoder=decoder)
-  logging.info("%s", report.summary())
-  for failure in report.failed:
-    logging.error("%s: %s", failure.source, failure.error)
+  for done in report.files:
+    if done.error is None:
+      logging.info("%s: %d face(s) in %d frame(s) -> %s", done.source, done.num_faces,
+                   done.num_frames, ", ".join(done.outputs))
+  print(f"{report.summary()}\noutputs in {out_dir}", flush=True)
   return 1 if report.failed else 0
 

@@ -228,6 +228,7 @@ def test_convert_dataset_reads_with_the_readers(tmp_path):
   _write_wflw_line(src / "list_98pt_rect_attr_test.txt")
   summary = convert.convert_dataset("wflw", src, tmp_path / "out", splits=("test",))
   assert summary.splits["test"].written == 1
+  assert not tfds_builders.is_synthetic(tmp_path / "out", "WFLW")
   ex = _read_back(tmp_path / "out", "WFLW", "test")[0]
   assert ex["subsets"]["pose"] and ex["subsets"]["blur"] and not ex["subsets"]["makeup"]
   # One face where 2,500 are published: the reader's warning reaches the summary.
@@ -277,5 +278,7 @@ def test_convert_synthetic_end_to_end(tmp_path):
     side = ex["image"].shape[0]
     assert (ex["landmarks"] > 0.1 * side).all() and (ex["landmarks"] < 0.9 * side).all()
   assert _read_back(tmp_path, "COFW", "train")[0]["point_flags"]["occluded"].shape == (29,)
+  # Marked as generated data, so reports leave the paper's numbers out.
+  assert all(tfds_builders.is_synthetic(tmp_path, name) for name in lm.PROTOCOL_NAMES)
   again = convert.convert_synthetic(tmp_path, sizes, seed=1, image_size=160, render_workers=0)
   assert all(s.reused for s in again.values())

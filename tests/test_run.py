@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from fgtbt_jax import landmarks
 from tests import helpers
 from tests.helpers import synthetic_data_dir  # noqa: F401  (fixture)
 
@@ -54,13 +55,31 @@ def test_eval_mode_reevaluates_the_latest_and_best_checkpoints(trained_workdir):
   assert latest["steps"] == 2
   for name in PROTOCOLS:
     assert latest[name] == pytest.approx(final[name], rel=1e-6)
+  assert f"the report: {workdir / 'report' / 'report.md'}" in process.stdout
+  text = (workdir / "report" / "report.md").read_text()
+  assert "latest checkpoint (step 2)" in text
+  summary = json.loads((workdir / "report" / "report.json").read_text())
+  assert summary["real_data"] is False and summary["studies"] == {}
+  for name in PROTOCOLS:
+    # The report's own pass gives the table's numbers.
+    default = landmarks.get_protocol(name).default_normalizer
+    assert summary["tables"][name]["full"][default]["nme"] == pytest.approx(
+        final[name]["nme"], rel=1e-4)
+  assert (workdir / "report" / "ced.png").is_file()
 
-  process = _run("eval", f"--workdir={workdir}", "--checkpoint=best")
+  process = _run("eval", f"--workdir={workdir}", "--checkpoint=best", "--studies=lowres",
+                 "--max_batches=1")
   assert process.returncode == 0, process.stderr[-4000:]
   best = json.loads((workdir / "eval_best.json").read_text())
   assert best["steps"] == {name: 2 for name in PROTOCOLS}
   for name in PROTOCOLS:
     assert best[name]["nme"] == pytest.approx(final[name]["nme"], rel=1e-6)
+  text = (workdir / "report" / "report.md").read_text()
+  assert ("best checkpoint per dataset (WFLW step 2, 300W step 2, COFW step 2, AFLW step 2)"
+          in text)
+  summary = json.loads((workdir / "report" / "report.json").read_text())
+  assert set(summary["studies"]["lowres"]) == {"16", "32", "64", "128"}
+  assert set(summary["studies"]["lowres"]["16"]) == set(PROTOCOLS)
 
 
 def test_eval_mode_rejects_an_incompatible_checkpoint(trained_workdir, synthetic_data_dir):
@@ -81,6 +100,7 @@ def test_eval_mode_rejects_an_incompatible_checkpoint(trained_workdir, synthetic
     ((f"--config={TINY}", "--config.optimizer.learning_rate=-1.0"),
      "optimizer.learning_rate must be positive"),
     (("evaluate",), "expected an optional mode"),
+    (("eval", "--workdir=/tmp", "--studies=speed"), "--studies: unknown ['speed']"),
 ])
 def test_clear_errors(args, message):
   process = _run(*args, timeout=120)
@@ -95,3 +115,74 @@ def test_eval_of_a_directory_without_checkpoints(tmp_path):
   assert process.returncode != 0 and "is not a readable config" in process.stderr
   process = _run("eval", f"--workdir={tmp_path}", f"--config={TINY}", timeout=120)
   assert process.returncode != 0 and "holds no checkpoints" in process.stderr
+
+
+def _write_face(path, seed_index: int, size: int = 96, grey: bool = False):
+  """A clean synthetic face image; returns its annotation-style box."""
+  import cv2
+  from data_pipelines import synthetic
+  from fgtbt_jax import detector
+  image, points, _ = synthetic.render_face(7, seed_index, size, clean=True)
+  pixels = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if grey else image[..., ::-1]
+  assert cv2.imwrite(str(path), pixels)
+  return detector.landmark_box(points)
+
+
+def test_predict_writes_json_and_overlays_and_reports_bad_files(trained_workdir, tmp_path):
+  workdir, _ = trained_workdir
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  box = _write_face(inputs / "face.png", 0)
+  _write_face(inputs / "grey.png", 1, grey=True)
+  (inputs / "notes.jpg").write_text("not an image")
+  out = tmp_path / "out"
+  process = _run("predict", f"--workdir={workdir}", f"--image={inputs}", f"--out={out}",
+                 "--box=" + ",".join(f"{v:.2f}" for v in box), "--protocol=WFLW",
+                 "--checkpoint=latest")
+  # One unreadable file: exit status 1, the other images are written.
+  assert process.returncode == 1, process.stderr[-4000:]
+  assert "2 of 3 files done" in process.stdout
+  assert f"FAILED {inputs / 'notes.jpg'}: not a decodable image" in process.stdout
+  assert "Traceback" not in process.stderr
+  for name in ("face.png", "grey.png"):
+    content = json.loads((out / f"{name}.json").read_text())
+    assert content["protocol"] == "WFLW" and content["num_landmarks"] == 98
+    assert content["image_size"] == {"height": 96, "width": 96}
+    [face] = content["faces"]
+    assert face["box"] == pytest.approx(box, abs=0.01)
+    assert len(face["landmarks"]) == len(face["confidence"]) == 98
+    assert (out / f"{name}.overlay.png").stat().st_size > 0
+  assert not list(out.glob("notes*"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--box=1,2,3",), "--box=1,2,3: expected four numbers x1,y1,x2,y2"),
+    (("--box=10,10,5,5",), "face box 0 [10.0, 10.0, 5.0, 5.0] has zero or negative size"),
+    (("--box=1000,1000,1100,1100",), "lies outside the 96 x 96 image"),
+    ((), None),
+])
+def test_predict_clear_errors(trained_workdir, tmp_path, args, message):
+  workdir, _ = trained_workdir
+  image = tmp_path / "face.png"
+  _write_face(image, 2)
+  if message is None:  # no --image at all
+    process = _run("predict", f"--workdir={workdir}", timeout=120)
+    message = "predict needs --image"
+  else:
+    process = _run("predict", f"--workdir={workdir}", f"--image={image}",
+                   f"--out={tmp_path / 'out'}", *args, timeout=300)
+  assert process.returncode != 0
+  assert message in process.stdout + process.stderr
+  assert "Traceback" not in process.stderr
+
+
+def test_predict_of_missing_inputs_and_workdirs(trained_workdir, tmp_path):
+  workdir, _ = trained_workdir
+  process = _run("predict", f"--workdir={workdir}", f"--image={tmp_path / 'none.png'}",
+                 timeout=120)
+  assert process.returncode != 0 and "none.png does not exist" in process.stderr
+  (tmp_path / "face.png").write_bytes(b"")
+  process = _run("predict", f"--workdir={tmp_path}", f"--image={tmp_path / 'face.png'}",
+                 timeout=120)
+  assert process.returncode != 0 and "not a training workdir" in process.stderr
+  assert "Traceback" not in process.stderr
