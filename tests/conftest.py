@@ -20,3 +20,16 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "fgtbt_jax_test_jit_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+# The README runs the suite as `pytest -n 2 --dist loadscope`: each module
+# goes whole to one worker (so a module-scoped fixture, such as a training
+# run, is made once), in collection order. Starting the longest modules first
+# keeps the end of the run from waiting on one of them alone.
+_LONGEST_FIRST = ("test_trained_model.py", "test_multihost.py", "test_train.py",
+                  "test_benchmarks.py", "test_resume.py", "test_run.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -12,18 +12,20 @@ TRAIN_HELPER = REPO / "tests" / "train_helper.py"
 SYNTHETIC_SIZES = {name: (8, 8) for name in ("WFLW", "300W", "COFW", "AFLW")}
 
 
-def subprocess_env(devices: int) -> dict:
+def subprocess_env(devices: int, fast_compile: bool = True) -> dict:
   """The test environment for a child process with `devices` CPU devices.
 
-  Keeps the persistent compilation cache of the test session; XLA's backend
-  optimisation is turned down because these programs run for a few steps
-  only and compiling them dominates.
+  Keeps the persistent compilation cache of the test session. With
+  `fast_compile` XLA's backend optimisation is turned down, for programs
+  that run a few steps only, where compiling them dominates (a run of
+  hundreds of steps is faster without it).
   """
   env = dict(os.environ)
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
-  flags += [f"--xla_force_host_platform_device_count={devices}",
-            "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+  flags.append(f"--xla_force_host_platform_device_count={devices}")
+  if fast_compile:
+    flags += ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
   env["XLA_FLAGS"] = " ".join(flags)
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))

@@ -34,7 +34,7 @@ def trained_default(tmp_path_factory):
        f"--config.train.steps={STEPS}", "--config.optimizer.warmup_steps=50",
        "--config.optimizer.lr_decay_steps=(220,270)", "--config.train.ema_half_life_images=200",
        f"--config.train.checkpoint_every={STEPS}", f"--config.train.eval_every={STEPS}"],
-      env=helpers.subprocess_env(devices=1), capture_output=True, text=True, timeout=900,
+      env=helpers.subprocess_env(devices=1, fast_compile=False), capture_output=True, text=True, timeout=900,
       cwd=helpers.REPO)
   assert process.returncode == 0, process.stderr[-4000:]
   return workdir
