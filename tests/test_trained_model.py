@@ -104,3 +104,33 @@ def test_detector_path_on_unseen_faces_beats_the_mean_shape_baseline(trained_def
   nme = metrics.nme(predicted, truth, "WFLW").mean()
   baseline = metrics.nme(_mean_shape_in_boxes(boxes, index), truth, "WFLW").mean()
   assert nme < 0.8 * baseline, (nme, baseline)
+
+
+def test_flip_test_prediction_of_a_mirrored_image_is_the_mirrored_prediction(trained_default):
+  """With the flip test the image -> landmarks path is mirror-symmetric.
+
+  Up to the crop: OpenCV's fixed-point warp is not exactly mirror-symmetric
+  (1/32 px steps), which moves most points by thousandths of a pixel and,
+  rarely, a point whose heatmap has two near-equal peaks to the other peak.
+  Without the flip test the network alone is far from symmetric.
+  """
+  from fgtbt_jax import detector
+  from fgtbt_jax import landmarks
+  from fgtbt_jax.predictor import Predictor
+  predictor = Predictor.from_checkpoint(trained_default, "best", dataset="WFLW")
+  images, unified = _unseen_faces(4)
+  distances = {True: [], False: []}
+  for image, points in zip(images, unified):
+    box = detector.landmark_box(points)
+    width = image.shape[1]
+    mirrored_box = np.array([width - 1 - box[2], box[1], width - 1 - box[0], box[3]])
+    mirrored_image = np.ascontiguousarray(image[:, ::-1])
+    for flip_test in (True, False):
+      [plain] = predictor.predict(image, boxes=box, flip_test=flip_test)
+      [mirror] = predictor.predict(mirrored_image, boxes=mirrored_box, flip_test=flip_test)
+      expected = landmarks.flip_points(plain.landmarks[0], width)
+      distances[flip_test].append(np.linalg.norm(mirror.landmarks[0] - expected, axis=-1))
+  symmetric, one_way = np.concatenate(distances[True]), np.concatenate(distances[False])
+  assert np.median(symmetric) < 0.05 and np.percentile(symmetric, 95) < 0.25, (
+      np.median(symmetric), np.percentile(symmetric, 95))
+  assert np.median(one_way) > 0.5, np.median(one_way)
