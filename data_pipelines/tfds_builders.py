@@ -51,6 +51,7 @@ import os
 import pathlib
 from typing import Callable, Iterator, Mapping, Sequence
 
+from absl import logging
 import cv2
 import numpy as np
 import tensorflow_datasets as tfds
@@ -202,6 +203,15 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   @classmethod
   def code_path(cls) -> None:
     return None
+
+  # TFDS prints "Downloading and preparing dataset Unknown size ..." and
+  # "... downloaded and prepared" to stdout; nothing is downloaded here, so
+  # say what happens instead, in the log.
+  def _log_download_bytes(self) -> None:
+    logging.info("converting %s to face crops in %s", self.PROTOCOL, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info("%s converted to %s", self.PROTOCOL, self.data_dir)
 
   @property
   def protocol(self) -> lm.Protocol:
