@@ -207,10 +207,16 @@ def main(argv):
   if _REPORT.value:
     import jax
     from fgtbt_jax import report
-    if jax.process_index() == 0:
-      path = report.write_report(workdir, checkpoint=which, studies=_STUDIES.value,
-                                 max_batches=_MAX_BATCHES.value, config=config)
-      print(f"  {'report/':<20} the report: {path} (+ report.json, ced.png)")
+    if jax.process_count() > 1:
+      # The report restores and evaluates on one device of one process; its
+      # checkpoint and data barriers would wait for the other processes.
+      if jax.process_index() == 0:
+        print(f"  report not written: it runs in one process; run `python run.py eval "
+              f"--workdir={workdir}` on a single host for it")
+      return
+    path = report.write_report(workdir, checkpoint=which, studies=_STUDIES.value,
+                               max_batches=_MAX_BATCHES.value, config=config)
+    print(f"  {'report/':<20} the report: {path} (+ report.json, ced.png)")
 
 
 def _predict(workdir: pathlib.Path) -> None:

@@ -186,3 +186,39 @@ def test_predict_of_missing_inputs_and_workdirs(trained_workdir, tmp_path):
                  timeout=120)
   assert process.returncode != 0 and "not a training workdir" in process.stderr
   assert "Traceback" not in process.stderr
+
+
+def test_eval_mode_in_two_processes(trained_workdir, tmp_path):
+  """Multi-host eval: both processes evaluate together; the single-process report is skipped."""
+  import socket
+  workdir, _ = trained_workdir
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  processes = []
+  for process_id in range(2):
+    env = helpers.subprocess_env(devices=1)
+    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(process_id), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    # Files, not pipes: a process blocked on a full pipe would stall the other.
+    log = tmp_path / f"eval_{process_id}.log"
+    with open(log, "w") as out:
+      processes.append((subprocess.Popen(
+          [sys.executable, RUN, "eval", f"--workdir={workdir}"], env=env, cwd=helpers.REPO,
+          stdout=out, stderr=subprocess.STDOUT, text=True), log))
+  outputs = []
+  for process, log in processes:
+    try:
+      process.wait(timeout=600)
+    finally:
+      if process.poll() is None:
+        process.kill()
+    outputs.append(log.read_text())
+  processes = [process for process, _ in processes]
+  for process, output in zip(processes, outputs):
+    assert process.returncode == 0, output[-4000:]
+  assert "report not written: it runs in one process" in outputs[0]
+  latest = json.loads((workdir / "eval_latest.json").read_text())
+  final = json.loads((workdir / "final_metrics.json").read_text())
+  for name in PROTOCOLS:
+    assert latest[name] == pytest.approx(final[name], rel=1e-5)
