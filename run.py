@@ -228,6 +228,10 @@ def _predict(workdir: pathlib.Path) -> None:
   missing = [p for p in _IMAGE.value if not pathlib.Path(p).exists()]
   if missing:
     raise app.UsageError(f"--image: {', '.join(missing)} does not exist")
+  if not visualization.list_inputs(_IMAGE.value):
+    raise app.UsageError(f"--image: no image or video files in {', '.join(_IMAGE.value)} "
+                         f"(extensions {' '.join(visualization.IMAGE_EXTENSIONS)} and "
+                         f"{' '.join(visualization.VIDEO_EXTENSIONS)})")
   box = _parse_box(_BOX.value)
   out = pathlib.Path(_OUT.value) if _OUT.value else workdir / "predictions"
   try:

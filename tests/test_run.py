@@ -181,6 +181,11 @@ def test_predict_of_missing_inputs_and_workdirs(trained_workdir, tmp_path):
   process = _run("predict", f"--workdir={workdir}", f"--image={tmp_path / 'none.png'}",
                  timeout=120)
   assert process.returncode != 0 and "none.png does not exist" in process.stderr
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty" / "notes.txt").write_text("no images here")
+  process = _run("predict", f"--workdir={workdir}", f"--image={tmp_path / 'empty'}",
+                 timeout=120)
+  assert process.returncode != 0 and "--image: no image or video files in" in process.stderr
   (tmp_path / "face.png").write_bytes(b"")
   process = _run("predict", f"--workdir={tmp_path}", f"--image={tmp_path / 'face.png'}",
                  timeout=120)
