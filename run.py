@@ -64,7 +64,8 @@ _STUDIES = flags.DEFINE_list(
 _REPORT = flags.DEFINE_bool(
     "report", True, "eval: write <workdir>/report (Markdown, JSON, CED and other plots).")
 _MAX_BATCHES = flags.DEFINE_integer(
-    "max_batches", None, "eval: the report uses at most this many test batches per dataset.")
+    "max_batches", None, "eval: the report's studies use at most this many test batches per "
+    "dataset and pass.")
 _IMAGE = flags.DEFINE_multi_string(
     "image", None, "predict: an image, a folder of images or a video; repeatable.")
 _BOX = flags.DEFINE_list(
@@ -197,8 +198,11 @@ def main(argv):
     return
   config = _CONFIG.value if flags.FLAGS["config"].present else load_workdir_config(workdir)
   which = _CHECKPOINT.value or "latest"
+  # The report is made from this evaluation's per-image arrays (gathered
+  # from every process): no second pass.
+  samples = {} if _REPORT.value else None
   try:
-    final = train.evaluate_workdir(config, workdir, checkpoint=which)
+    final = train.evaluate_workdir(config, workdir, checkpoint=which, samples=samples)
   except (train.ConfigError, checkpointing.IncompatibleCheckpointError,
           FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
@@ -207,15 +211,17 @@ def main(argv):
   if _REPORT.value:
     import jax
     from fgtbt_jax import report
-    if jax.process_count() > 1:
-      # The report restores and evaluates on one device of one process; its
-      # checkpoint and data barriers would wait for the other processes.
-      if jax.process_index() == 0:
-        print(f"  report not written: it runs in one process; run `python run.py eval "
-              f"--workdir={workdir}` on a single host for it")
+    if jax.process_index() != 0:
       return
-    path = report.write_report(workdir, checkpoint=which, studies=_STUDIES.value,
-                               max_batches=_MAX_BATCHES.value, config=config)
+    studies = _STUDIES.value
+    if studies and jax.process_count() > 1:
+      # The studies' extra passes run on one device of one process.
+      print(f"  studies {','.join(studies)} skipped: they run in one process; run "
+            f"`python run.py eval --workdir={workdir} --studies=...` on a single host")
+      studies = []
+    path = report.write_report_from_samples(
+        workdir, samples, config=config, checkpoint=which, steps=final["steps"],
+        studies=studies, max_batches=_MAX_BATCHES.value)
     print(f"  {'report/':<20} the report: {path} (+ report.json, ced.png)")
 
 

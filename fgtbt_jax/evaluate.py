@@ -192,8 +192,16 @@ class Evaluator:
     with open(self.workdir / "train_metrics.jsonl", "a") as f:
       f.write(json.dumps({"step": step, **scalars}) + "\n")
 
-  def evaluate(self, variables: Any, step: int, datasets=None) -> dict:
-    """Evaluates `variables` on each dataset's eval split; records and returns results."""
+  def evaluate(self, variables: Any, step: int, datasets=None,
+               samples: dict | None = None) -> dict:
+    """Evaluates `variables` on each dataset's eval split; records and returns results.
+
+    With a `samples` dict, also stores there per dataset the per-image
+    arrays of the whole split, gathered from every process, as
+    `report.collect_predictions` returns them ("predictions",
+    "ground_truth", "box_size", "subsets", and "images": this process's
+    first input image), so a report needs no second pass.
+    """
     data = self.config.data
     batches = sharding.batch_sharding(self.mesh)
     results = {}
@@ -203,9 +211,12 @@ class Evaluator:
           process_count=jax.process_count())
       baseline_points = mean_face_input_points(dataset, data.image_size, data.crop_enlarge)
       collected: dict[str, list[np.ndarray]] = {}
+      first_images = None
       subset_names = pipeline.eval_subsets(dataset)
       for batch in tqdm.tqdm(iterator, desc=f"eval {dataset} @ {step}", leave=False,
                              disable=not self._is_main):
+        if first_images is None:
+          first_images = np.asarray(batch["image"])[np.asarray(batch["valid"], bool)][:1]
         images = jax.make_array_from_process_local_data(batches, batch["image"])
         unified = sharding.local_rows(self.predict(variables, images))
         own = unified[:, landmarks.get_protocol(dataset).unified_index]
@@ -233,6 +244,12 @@ class Evaluator:
         self._baseline[dataset] = result["baseline_nme"]
       result["baseline_nme"] = self._baseline[dataset]
       results[dataset] = result
+      if samples is not None:
+        samples[landmarks.get_protocol(dataset).name] = {
+            "predictions": merged["pred"][valid], "ground_truth": merged["gt"][valid],
+            "box_size": merged["box"][valid],
+            "subsets": {n: merged[f"subset/{n}"][valid].astype(bool) for n in subset_names},
+            "images": first_images}
     self._record(step, results)
     return results
 

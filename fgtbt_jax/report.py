@@ -457,6 +457,87 @@ def build_report(per_sample: Mapping[str, Samples], out_dir: str | pathlib.Path,
   return path
 
 
+def _real_data_default(config: ml_collections.ConfigDict) -> bool:
+  """Real benchmarks unless the config generates synthetic data or a conversion is marked so."""
+  from data_pipelines import tfds_builders
+  return not bool(config.synthetic_data.generate) and not any(
+      tfds_builders.is_synthetic(config.data.data_dir, name, config.data.crop_config)
+      for name in config.data.datasets)
+
+
+def _restore_groups(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                    checkpoint: str) -> list[tuple[list[str], Any, int]]:
+  """(datasets, EMA variables, step) groups: one model for all, or each dataset's best."""
+  from fgtbt_jax import predictor
+  if checkpoint == "latest":
+    variables, step = predictor.restore_ema_variables(config, workdir, "latest")
+    return [(list(config.data.datasets), variables, step)]
+  return [([name], *predictor.restore_ema_variables(config, workdir, "best", dataset=name))
+          for name in config.data.datasets]
+
+
+def _single_device(config: ml_collections.ConfigDict):
+  """(model, mesh, rules, predict_fn) on this process's first device."""
+  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES,
+              axis_types=(AxisType.Auto,) * 2)
+  rules = sharding.logical_rules(config.mesh.logical_axis_rules)
+  model = models.build_model(config.model)
+  predict_fn = evaluate.make_predict_fn(
+      model, mesh, rules, decoder=config.eval.decoder, flip_test=config.eval.flip_test,
+      smoothing_sigma=config.eval.smoothing_sigma)
+  return model, mesh, rules, predict_fn
+
+
+def _run_studies(config: ml_collections.ConfigDict, groups, studies: Sequence[str], device,
+                 per_sample: Mapping[str, Samples], max_batches: int | None) -> dict:
+  """The named studies, each dataset with its group's model."""
+  model, mesh, rules, predict_fn = device
+  lowres: dict[int, dict[str, float]] = {}
+  quantized: dict[str, Any] = {}
+  for datasets, variables, _ in groups:
+    if "lowres" in studies:
+      for side, nmes in low_resolution_study(config, predict_fn, variables, mesh,
+                                             max_batches=max_batches, datasets=datasets).items():
+        lowres.setdefault(side, {}).update(nmes)
+    if "quantization" in studies:
+      known = default_nmes({d: per_sample[d] for d in datasets})
+      study = quantization_study(config, model, mesh, rules, variables, max_batches=max_batches,
+                                 measured={config.eval.decoder: known}, datasets=datasets)
+      measured = quantized.get("measured", {})
+      quantized.update(study, measured={
+          d: {**measured.get(d, {}), **nmes} for d, nmes in study["measured"].items()})
+  results = {}
+  if "lowres" in studies:
+    results["lowres"] = lowres
+  if "quantization" in studies:
+    results["quantization"] = quantized
+  return results
+
+
+def _check_request(checkpoint: str, studies: Sequence[str]) -> None:
+  unknown = [s for s in studies if s not in STUDIES]
+  if unknown:
+    raise ValueError(f"unknown studies {unknown}; expected names from {STUDIES}")
+  if checkpoint not in ("latest", "best"):
+    raise ValueError(f"checkpoint must be 'latest' or 'best', got {checkpoint!r}")
+
+
+def _finish(per_sample, out_dir, workdir: pathlib.Path, config, checkpoint: str, steps,
+            real_data: bool, results: dict) -> pathlib.Path:
+  if checkpoint == "latest":
+    which = f"latest checkpoint (step {steps})"
+  else:
+    which = "best checkpoint per dataset (" + ", ".join(
+        f"{name} step {step}" for name, step in steps.items()) + ")"
+  title = (f"FGTBT evaluation report: {workdir.name}, {which}, "
+           f"decoder {config.eval.decoder}, flip test {'on' if config.eval.flip_test else 'off'}")
+  frequency = ((config.model.frequency_extractor, float(config.model.frequency_sigma))
+               if config.model.fgsa else None)
+  return build_report(per_sample, out_dir or workdir / "report", title=title,
+                      real_data=real_data, studies=results, frequency=frequency,
+                      face_side_px=config.data.image_size / config.data.crop_enlarge)
+
+
 def write_report(workdir: str | pathlib.Path, out_dir: str | pathlib.Path | None = None, *,
                  checkpoint: str = "latest", studies: Sequence[str] = STUDIES,
                  max_batches: int | None = None, real_data: bool | None = None,
@@ -478,68 +559,56 @@ def write_report(workdir: str | pathlib.Path, out_dir: str | pathlib.Path | None
     config: the run's config; default <workdir>/config.json.
 
   Single process: the whole test split runs on this host's first device.
+  `write_report_from_samples` makes the same report from an evaluation
+  already run (`python run.py eval` does that, multi-host too).
   """
   from fgtbt_jax import predictor
   from fgtbt_jax import train
-  unknown = [s for s in studies if s not in STUDIES]
-  if unknown:
-    raise ValueError(f"unknown studies {unknown}; expected names from {STUDIES}")
-  if checkpoint not in ("latest", "best"):
-    raise ValueError(f"checkpoint must be 'latest' or 'best', got {checkpoint!r}")
+  _check_request(checkpoint, studies)
   workdir = predictor.find_workdir(workdir)
   config = predictor.load_run_config(workdir) if config is None else config
   train.prepare_data(config)
-  if real_data is None:
-    from data_pipelines import tfds_builders
-    real_data = not bool(config.synthetic_data.generate) and not any(
-        tfds_builders.is_synthetic(config.data.data_dir, name, config.data.crop_config)
-        for name in config.data.datasets)
-  # (datasets, variables, step) groups: one model for all, or each dataset's best.
-  if checkpoint == "latest":
-    variables, step = predictor.restore_ema_variables(config, workdir, "latest")
-    groups = [(list(config.data.datasets), variables, step)]
-  else:
-    groups = [([name], *predictor.restore_ema_variables(config, workdir, "best", dataset=name))
-              for name in config.data.datasets]
-  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES,
-              axis_types=(AxisType.Auto,) * 2)
-  rules = sharding.logical_rules(config.mesh.logical_axis_rules)
-  model = models.build_model(config.model)
-  predict_fn = evaluate.make_predict_fn(
-      model, mesh, rules, decoder=config.eval.decoder, flip_test=config.eval.flip_test,
-      smoothing_sigma=config.eval.smoothing_sigma)
+  real_data = _real_data_default(config) if real_data is None else real_data
+  groups = _restore_groups(config, workdir, checkpoint)
+  device = _single_device(config)
   per_sample: dict[str, Samples] = {}
-  lowres: dict[int, dict[str, float]] = {}
-  quantized: dict[str, Any] = {}
   for datasets, variables, _ in groups:
-    part = collect_predictions(config, predict_fn, variables, mesh, datasets=datasets,
-                               max_batches=max_batches, keep_images=1)
-    per_sample.update(part)
-    if "lowres" in studies:
-      for side, nmes in low_resolution_study(config, predict_fn, variables, mesh,
-                                             max_batches=max_batches, datasets=datasets).items():
-        lowres.setdefault(side, {}).update(nmes)
-    if "quantization" in studies:
-      study = quantization_study(config, model, mesh, rules, variables, max_batches=max_batches,
-                                 measured={config.eval.decoder: default_nmes(part)},
-                                 datasets=datasets)
-      measured = quantized.get("measured", {})
-      quantized.update(study, measured={
-          d: {**measured.get(d, {}), **nmes} for d, nmes in study["measured"].items()})
+    per_sample.update(collect_predictions(config, device[3], variables, device[1],
+                                          datasets=datasets, max_batches=max_batches,
+                                          keep_images=1))
+  results = _run_studies(config, groups, studies, device, per_sample, max_batches)
+  steps = (groups[0][2] if checkpoint == "latest"
+           else {datasets[0]: step for datasets, _, step in groups})
+  return _finish(per_sample, out_dir, workdir, config, checkpoint, steps, real_data, results)
+
+
+def write_report_from_samples(workdir: str | pathlib.Path, per_sample: Mapping[str, Samples], *,
+                              config: ml_collections.ConfigDict, checkpoint: str, steps,
+                              studies: Sequence[str] = (), max_batches: int | None = None,
+                              real_data: bool | None = None,
+                              out_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+  """The report of an evaluation already run; returns report.md's path.
+
+  Args:
+    workdir: the training run's directory.
+    per_sample: {dataset: Samples} of the whole test splits, e.g. filled by
+      `train.evaluate_workdir(..., samples=per_sample)`.
+    config: the run's config.
+    checkpoint, steps: what was evaluated: "latest" and its step, or
+      "best" and {dataset: step}.
+    studies: names from `STUDIES`; they need more passes, which run here on
+      this process's first device (single process only).
+    max_batches, real_data, out_dir: as in `write_report`.
+  """
+  _check_request(checkpoint, studies)
+  workdir = pathlib.Path(workdir).resolve()
+  real_data = _real_data_default(config) if real_data is None else real_data
   results = {}
-  if "lowres" in studies:
-    results["lowres"] = lowres
-  if "quantization" in studies:
-    results["quantization"] = quantized
-  frequency = ((config.model.frequency_extractor, float(config.model.frequency_sigma))
-               if config.model.fgsa else None)
-  if checkpoint == "latest":
-    which = f"latest checkpoint (step {groups[0][2]})"
-  else:
-    which = "best checkpoint per dataset (" + ", ".join(
-        f"{datasets[0]} step {step}" for datasets, _, step in groups) + ")"
-  title = (f"FGTBT evaluation report: {workdir.name}, {which}, "
-           f"decoder {config.eval.decoder}, flip test {'on' if config.eval.flip_test else 'off'}")
-  return build_report(per_sample, out_dir or workdir / "report", title=title,
-                      real_data=real_data, studies=results, frequency=frequency,
-                      face_side_px=config.data.image_size / config.data.crop_enlarge)
+  if studies:
+    if jax.process_count() > 1:
+      raise ValueError("the report's studies run in a single process; "
+                       f"{jax.process_count()} processes are running")
+    groups = _restore_groups(config, workdir, checkpoint)
+    results = _run_studies(config, groups, studies, _single_device(config), per_sample,
+                           max_batches)
+  return _finish(per_sample, out_dir, workdir, config, checkpoint, steps, real_data, results)

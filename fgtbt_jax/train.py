@@ -565,7 +565,7 @@ def _train_loop(config, setup: Setup, state: TrainState, start_step: int, train_
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                     checkpoint: str = "latest") -> dict:
+                     checkpoint: str = "latest", samples: dict | None = None) -> dict:
   """Evaluates a run's EMA model from its checkpoints.
 
   Args:
@@ -573,6 +573,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
     workdir: the run's directory.
     checkpoint: "latest" (the newest train state) or "best" (each dataset's
       best EMA checkpoint, evaluated on that dataset).
+    samples: if given, filled with the per-image arrays of every dataset
+      (`Evaluator.evaluate`), for `report.build_report`.
 
   Returns:
     {dataset: {"nme", "baseline_nme", "fr", "auc"}} and "steps": the step
@@ -596,7 +598,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
   try:
     if checkpoint == "latest":
       state, step = checkpoints.restore(setup.abstract_state)
-      results = evaluator.evaluate(state.ema_variables(), step)
+      results = evaluator.evaluate(state.ema_variables(), step, samples=samples)
       steps: Any = step
     else:
       abstract = {"params": setup.abstract_state.ema_params,
@@ -604,7 +606,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
       results, steps = {}, {}
       for name in config.data.datasets:
         variables, steps[name] = checkpoints.restore_best(name, abstract)
-        results.update(evaluator.evaluate(variables, steps[name], datasets=[name]))
+        results.update(evaluator.evaluate(variables, steps[name], datasets=[name],
+                                          samples=samples))
   finally:
     checkpoints.close()
     evaluator.close()
