@@ -140,6 +140,14 @@ class Checkpointer:
       if step is not None:
         self._best_nme[name] = float(manager.metrics(step)["nme"])
 
+  @classmethod
+  def for_run(cls, config: Any, workdir: str | pathlib.Path,
+              enable_async: bool = True) -> "Checkpointer":
+    """The checkpoints of a training run: <workdir>/checkpoints, as its config sets them."""
+    return cls(pathlib.Path(workdir) / "checkpoints", datasets=list(config.data.datasets),
+               max_to_keep=int(config.train.keep_checkpoints),
+               save_interval_steps=int(config.train.checkpoint_every), enable_async=enable_async)
+
   # -- latest train states ---------------------------------------------------
 
   def latest_step(self) -> int | None:

@@ -423,10 +423,7 @@ def restore_ema_variables(config: ml_collections.ConfigDict, workdir: str | os.P
   from fgtbt_jax import train
   if which not in ("best", "latest"):
     raise ValueError(f"which={which!r}; expected 'best' or 'latest'")
-  checkpoints = checkpointing.Checkpointer(
-      pathlib.Path(workdir) / "checkpoints", datasets=list(config.data.datasets),
-      max_to_keep=int(config.train.keep_checkpoints),
-      save_interval_steps=int(config.train.checkpoint_every), enable_async=False)
+  checkpoints = checkpointing.Checkpointer.for_run(config, workdir, enable_async=False)
   try:
     if which == "best":
       dataset = (config.data.datasets[0] if dataset is None

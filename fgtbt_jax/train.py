@@ -472,10 +472,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   train_iterator = pipeline.make_train_iterator(
       config.data, process_index=jax.process_index(), process_count=jax.process_count())
-  checkpoints = checkpointing.Checkpointer(
-      workdir / "checkpoints", datasets=config.data.datasets,
-      max_to_keep=config.train.keep_checkpoints,
-      save_interval_steps=config.train.checkpoint_every)
+  checkpoints = checkpointing.Checkpointer.for_run(config, workdir)
   evaluator = evaluate.Evaluator(config, setup.model, setup.mesh, setup.rules, workdir)
   try:
     state = _restore_or_init(config, setup, checkpoints, train_iterator)
@@ -590,10 +587,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
     raise FileNotFoundError(f"{workdir} holds no checkpoints/ directory: not a training workdir")
   prepare_data(config)
   setup = build_setup(config)
-  checkpoints = checkpointing.Checkpointer(
-      workdir / "checkpoints", datasets=config.data.datasets,
-      max_to_keep=config.train.keep_checkpoints,
-      save_interval_steps=config.train.checkpoint_every)
+  checkpoints = checkpointing.Checkpointer.for_run(config, workdir)
   evaluator = evaluate.Evaluator(config, setup.model, setup.mesh, setup.rules, workdir)
   try:
     if checkpoint == "latest":
