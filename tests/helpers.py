@@ -59,3 +59,27 @@ def restore_on_one_device(state_dir: pathlib.Path):
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                         metadata.tree)
   return checkpointer.restore(state_dir, target)
+
+
+def write_random_run(workdir: pathlib.Path, config, scale: float = 1.0, step: int = 4):
+  """A workdir laid out as `train.train_and_evaluate` leaves it, with random weights.
+
+  Writes <workdir>/config.json and a train state of normal(0, scale) values
+  saved as the latest checkpoint at `step`; returns that state.
+  """
+  from jax.sharding import AxisType, Mesh
+  from fgtbt_jax import checkpointing
+  from fgtbt_jax import sharding
+  from fgtbt_jax import train
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES,
+              axis_types=(AxisType.Auto,) * 2)
+  abstract = train.build_setup(config, mesh=mesh).abstract_state
+  rng = np.random.default_rng(0)
+  state = jax.tree.map(
+      lambda s: jax.device_put((scale * rng.normal(size=s.shape)).astype(s.dtype), s.sharding),
+      abstract)
+  checkpoints = checkpointing.Checkpointer.for_run(config, workdir, enable_async=False)
+  checkpoints.save(step, state, None, force=True)
+  checkpoints.close()
+  return state

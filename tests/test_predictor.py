@@ -27,9 +27,9 @@ from fgtbt_jax import detector as detector_lib
 from fgtbt_jax import heatmaps
 from fgtbt_jax import landmarks
 from fgtbt_jax import models
-from fgtbt_jax import sharding
 from fgtbt_jax import visualization
 from fgtbt_jax.predictor import Predictor, warp_to_crop
+import helpers
 
 SIZE = 64  # Crop side of the tiny model; heatmaps are 32 x 32.
 HEATMAP = SIZE // 2
@@ -414,23 +414,12 @@ def test_predict_files_writes_json_and_overlays_and_reports_failures(tmp_path):
 
 def test_from_checkpoint_loads_the_ema_variables_of_a_run(tmp_path):
   """A workdir laid out as `train.train_and_evaluate` leaves it (config.json, checkpoints/)."""
-  from jax.sharding import AxisType, Mesh
   from configs import tiny
   from fgtbt_jax import checkpointing
-  from fgtbt_jax import train
   config = tiny.get_config()
-  (tmp_path / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES,
-              axis_types=(AxisType.Auto,) * 2)
-  abstract = train.build_setup(config, mesh=mesh).abstract_state
-  rng = np.random.default_rng(0)
-  state = jax.tree.map(
-      lambda s: jax.device_put(rng.normal(size=s.shape).astype(s.dtype), s.sharding), abstract)
+  state = helpers.write_random_run(tmp_path, config)
   best = jax.tree.map(lambda x: x + 1, state.ema_variables())
-  checkpoints = checkpointing.Checkpointer(
-      tmp_path / "checkpoints", datasets=list(config.data.datasets), max_to_keep=2,
-      save_interval_steps=2, enable_async=False)
-  checkpoints.save(4, state, None, force=True)
+  checkpoints = checkpointing.Checkpointer.for_run(config, tmp_path, enable_async=False)
   checkpoints.save_best(2, best, {"300W": 0.2})
   checkpoints.close()
 

@@ -16,7 +16,7 @@ import pytest
 from data_pipelines import pipeline
 from fgtbt_jax import landmarks
 from fgtbt_jax import report
-from fgtbt_jax import sharding
+import helpers
 from helpers import synthetic_data_dir  # noqa: F401 (fixture)
 
 
@@ -148,26 +148,11 @@ def test_degrade_resolution_blurs_below_the_face_side_and_keeps_larger_faces():
 
 
 def test_write_report_on_a_tiny_workdir(tmp_path, synthetic_data_dir):
-  from jax.sharding import AxisType, Mesh
   from configs import tiny
-  from fgtbt_jax import checkpointing
-  from fgtbt_jax import train
   config = tiny.get_config()
   config.data.data_dir = str(synthetic_data_dir)
   config.synthetic_data.generate = False
-  (tmp_path / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES,
-              axis_types=(AxisType.Auto,) * 2)
-  abstract = train.build_setup(config, mesh=mesh).abstract_state
-  rng = np.random.default_rng(0)
-  state = jax.tree.map(
-      lambda s: jax.device_put((0.05 * rng.normal(size=s.shape)).astype(s.dtype), s.sharding),
-      abstract)
-  checkpoints = checkpointing.Checkpointer(
-      tmp_path / "checkpoints", datasets=list(config.data.datasets), max_to_keep=2,
-      save_interval_steps=2, enable_async=False)
-  checkpoints.save(4, state, None, force=True)
-  checkpoints.close()
+  helpers.write_random_run(tmp_path, config, scale=0.05)
 
   path = report.write_report(tmp_path, max_batches=1, real_data=False)
   text = path.read_text()
