@@ -418,32 +418,50 @@ def restore_ema_variables(config: ml_collections.ConfigDict, workdir: str | os.P
   `which` is "best" (lowest NME on `dataset`, default the run's first
   dataset) or "latest" (EMA part of the newest train state).
   """
+  if which not in ("best", "latest"):
+    raise ValueError(f"which={which!r}; expected 'best' or 'latest'")
+  if which == "latest":
+    return _restore_ema(config, workdir, None)[0]
+  return _restore_ema(config, workdir, [config.data.datasets[0] if dataset is None else dataset])[0]
+
+
+def restore_best_ema_variables(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                               datasets) -> list[tuple[Any, int]]:
+  """(EMA variables, step) of each dataset's best model, on one device, in `datasets` order."""
+  return _restore_ema(config, workdir, list(datasets))
+
+
+def _restore_ema(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                 best_of: list[str] | None) -> list[tuple[Any, int]]:
+  """The latest state's EMA variables (`best_of` None) or the best of each dataset named.
+
+  The abstract train state is built once for all of them.
+  """
   from jax.sharding import AxisType, Mesh
   from fgtbt_jax import checkpointing
   from fgtbt_jax import train
-  if which not in ("best", "latest"):
-    raise ValueError(f"which={which!r}; expected 'best' or 'latest'")
   checkpoints = checkpointing.Checkpointer.for_run(config, workdir, enable_async=False)
   try:
-    if which == "best":
-      dataset = (config.data.datasets[0] if dataset is None
-                 else landmarks.get_protocol(dataset).name)
-      if dataset not in config.data.datasets:
+    names = []
+    for dataset in best_of or ():
+      name = landmarks.get_protocol(dataset).name
+      if name not in config.data.datasets:
         raise KeyError(f"the run in {workdir} trained on {list(config.data.datasets)}; "
-                       f"it has no best checkpoint for {dataset}")
+                       f"it has no best checkpoint for {name}")
       # Fail before building the abstract state when there is nothing to load.
-      if checkpoints.best_step(dataset) is None:
-        raise FileNotFoundError(f"no best checkpoint for {dataset} under "
-                                f"{checkpoints.directory / ('best_' + dataset)}")
-    elif checkpoints.latest_step() is None:
+      if checkpoints.best_step(name) is None:
+        raise FileNotFoundError(f"no best checkpoint for {name} under "
+                                f"{checkpoints.directory / ('best_' + name)}")
+      names.append(name)
+    if best_of is None and checkpoints.latest_step() is None:
       raise FileNotFoundError(f"no train-state checkpoint under {checkpoints.directory / 'latest'}")
     mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES,
                 axis_types=(AxisType.Auto,) * 2)
     abstract_state = train.build_setup(config, mesh=mesh).abstract_state
-    if which == "latest":
+    if best_of is None:
       state, step = checkpoints.restore(abstract_state)
-      return state.ema_variables(), step
+      return [(state.ema_variables(), step)]
     abstract = {"params": abstract_state.ema_params, "batch_stats": abstract_state.ema_batch_stats}
-    return checkpoints.restore_best(dataset, abstract)
+    return [checkpoints.restore_best(name, abstract) for name in names]
   finally:
     checkpoints.close()

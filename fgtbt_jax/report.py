@@ -472,8 +472,9 @@ def _restore_groups(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   if checkpoint == "latest":
     variables, step = predictor.restore_ema_variables(config, workdir, "latest")
     return [(list(config.data.datasets), variables, step)]
-  return [([name], *predictor.restore_ema_variables(config, workdir, "best", dataset=name))
-          for name in config.data.datasets]
+  best = predictor.restore_best_ema_variables(config, workdir, config.data.datasets)
+  return [([name], variables, step)
+          for name, (variables, step) in zip(config.data.datasets, best)]
 
 
 def _single_device(config: ml_collections.ConfigDict):
