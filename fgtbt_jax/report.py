@@ -45,7 +45,7 @@ from fgtbt_jax import models
 from fgtbt_jax import quantization
 from fgtbt_jax import sharding
 from fgtbt_jax.models import fgsa
-from fgtbt_jax.models import sharding as model_sharding
+from fgtbt_jax.models import partitioning
 
 THRESHOLD = 0.1
 LOW_RESOLUTION_SIDES: tuple[int, ...] = (16, 32, 64, 128)
@@ -238,7 +238,7 @@ def collect_predictions(config: ml_collections.ConfigDict, predict_fn: Callable,
   """
   from data_pipelines import pipeline
   data = config.data
-  batch_sharding = NamedSharding(mesh, PartitionSpec(model_sharding.MESH_AXES))
+  batch_sharding = NamedSharding(mesh, PartitionSpec(partitioning.MESH_AXES))
   result = {}
   for dataset in (datasets or data.datasets):
     protocol = landmarks.get_protocol(dataset)

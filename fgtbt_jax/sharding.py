@@ -1,7 +1,7 @@
 """The device mesh, batch placement and multi-process helpers of train and eval.
 
 The mesh has the axes ("data", "fsdp") (the model's logical axis rules map
-parameter and activation names onto them, see fgtbt_jax/models/sharding.py);
+parameter and activation names onto them, see fgtbt_jax/models/partitioning.py);
 a batch is split over both axes on its first dimension. Each process holds
 only its own slice of every batch; `global_batch` assembles the global array
 from those slices and `local_rows` takes a process's rows back out.
@@ -19,9 +19,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from fgtbt_jax.models import sharding as model_sharding
+from fgtbt_jax.models import partitioning
 
-MESH_AXES = model_sharding.MESH_AXES
+MESH_AXES = partitioning.MESH_AXES
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:

@@ -52,7 +52,7 @@ from fgtbt_jax import landmarks
 from fgtbt_jax import losses
 from fgtbt_jax import models
 from fgtbt_jax import sharding
-from fgtbt_jax.models import sharding as model_sharding
+from fgtbt_jax.models import partitioning
 
 # The keys of a training batch that the step reads.
 TRAIN_BATCH_KEYS = ("image", "landmarks", "mask", "dataset_id")
@@ -285,7 +285,7 @@ def build_setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> 
   init = _init_state_fn(model, tx, loss_config, config.data.image_size)
   with sharding.mesh_and_rules(mesh, rules):
     boxed_state = jax.eval_shape(init, jax.random.PRNGKey(0))
-  state_shardings = model_sharding.variable_shardings(boxed_state, mesh, rules)
+  state_shardings = partitioning.variable_shardings(boxed_state, mesh, rules)
   unboxed = nn.meta.unbox(boxed_state)
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, state_shardings)

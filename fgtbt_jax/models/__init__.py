@@ -12,7 +12,7 @@ from fgtbt_jax.models.config import ENCODERS, VARIANTS, model_config, validate_m
 from fgtbt_jax.models.fgtbt import (
     FGTBT, IMAGENET_MEAN, IMAGENET_STD, abstract_variables, build_encoder, build_model,
     normalize_images, parameter_count)
-from fgtbt_jax.models.sharding import LOGICAL_AXIS_NAMES, logical_axis_rules, variable_shardings
+from fgtbt_jax.models.partitioning import LOGICAL_AXIS_NAMES, logical_axis_rules, variable_shardings
 from fgtbt_jax.models.cost import count_macs
 
 __all__ = [

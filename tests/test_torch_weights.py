@@ -1,4 +1,4 @@
-"""PyTorch MiT/SegFormer weight import (fgtbt_jax/convert.py).
+"""PyTorch MiT/SegFormer weight import (fgtbt_jax/torch_weights.py).
 
 The parity test builds a transformers SegformerModel with random weights and
 requires the converted Flax encoder to reproduce its four stage outputs.
@@ -15,7 +15,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 from model_helpers import numpy_variables
 
-from fgtbt_jax import convert
+from fgtbt_jax import torch_weights
 from fgtbt_jax.models import (
     ENCODERS, abstract_variables, build_encoder, build_model, model_config, parameter_count)
 
@@ -123,7 +123,7 @@ def _to_hf_classic(state, prefix="segformer."):
 @pytest.fixture(scope="module")
 def converted(state_dict):
   config = _config()
-  return convert.mit_from_torch(state_dict, config, params=_template(config))
+  return torch_weights.mit_from_torch(state_dict, config, params=_template(config))
 
 
 def test_transformers_encoder_parity(hf_model, converted):
@@ -189,7 +189,7 @@ def _assert_same_params(a, b):
 ], ids=["nvlabs", "hf_classic", "hf_classic_no_prefix", "transformers_prefixed"])
 def test_all_namings_give_the_same_parameters(state_dict, converted, rename):
   config = _config()
-  params, report = convert.mit_from_torch(rename(state_dict), config, params=_template(config))
+  params, report = torch_weights.mit_from_torch(rename(state_dict), config, params=_template(config))
   _assert_same_params(params, converted[0])
   assert set(report.skipped) <= {"head.weight"}
   assert report.missing == converted[1].missing
@@ -197,7 +197,7 @@ def test_all_namings_give_the_same_parameters(state_dict, converted, rename):
 
 def test_conv_stem_model_skips_the_plain_patch_embedding_convolutions(state_dict):
   config = _config(patch_embed="conv_stem", fgsa=True)
-  params, report = convert.mit_from_torch(state_dict, config, params=_template(config))
+  params, report = torch_weights.mit_from_torch(state_dict, config, params=_template(config))
   skipped = {name: why for name, why in report.skipped.items()}
   for i in range(4):
     assert "shape mismatch" in skipped[f"stages.{i}.patch_embeddings.proj.weight"]
@@ -217,7 +217,7 @@ def test_unknown_names_and_half_kv_pairs_are_reported(state_dict):
   state = dict(state_dict)
   state["decode_head.linear_fuse.weight"] = np.zeros((4, 4), np.float32)
   del state["stages.3.blocks.1.attention.v_proj.weight"]
-  _, report = convert.mit_from_torch(state, config, params=_template(config))
+  _, report = torch_weights.mit_from_torch(state, config, params=_template(config))
   assert report.skipped["decode_head.linear_fuse.weight"] == "not a MiT encoder tensor"
   assert "both be present" in report.skipped["stages.3.blocks.1.attention.k_proj.weight"]
   assert "encoder/stage_3/block_1/attention/kv/kernel" in report.missing
@@ -228,7 +228,7 @@ def test_boxed_parameters_stay_boxed(state_dict):
   config = _config()
   abstract = abstract_variables(build_model(config), 64)["params"]
   boxed = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
-  params, _ = convert.mit_from_torch(state_dict, config, params=boxed)
+  params, _ = torch_weights.mit_from_torch(state_dict, config, params=boxed)
   leaf = params["encoder"]["stage_0"]["block_0"]["mlp"]["fc1"]["kernel"]
   assert isinstance(leaf, nn.LogicallyPartitioned)
   assert leaf.names == ("embed", "mlp")
@@ -239,18 +239,18 @@ def test_checkpoint_files_safetensors_and_torch(tmp_path, state_dict):
   from safetensors.numpy import save_file
   nvlabs = _to_nvlabs(state_dict)
   save_file(nvlabs, str(tmp_path / "mit.safetensors"))
-  loaded = convert.load_state_dict(tmp_path / "mit.safetensors")
+  loaded = torch_weights.load_state_dict(tmp_path / "mit.safetensors")
   assert loaded.keys() == nvlabs.keys()
   np.testing.assert_array_equal(loaded["block2.1.attn.kv.weight"], nvlabs["block2.1.attn.kv.weight"])
   torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in nvlabs.items()}},
              tmp_path / "mit.pth")
-  from_torch = convert.load_state_dict(tmp_path / "mit.pth")
+  from_torch = torch_weights.load_state_dict(tmp_path / "mit.pth")
   assert from_torch.keys() == nvlabs.keys()
   with pytest.raises(ValueError, match="unknown checkpoint type '.ckpt'"):
     (tmp_path / "x.ckpt").write_bytes(b"")
-    convert.load_state_dict(tmp_path / "x.ckpt")
+    torch_weights.load_state_dict(tmp_path / "x.ckpt")
   with pytest.raises(FileNotFoundError, match="nothing.pth"):
-    convert.load_state_dict(tmp_path / "nothing.pth")
+    torch_weights.load_state_dict(tmp_path / "nothing.pth")
 
 
 def test_plain_b1_encoder_has_as_many_parameters_as_transformers():

@@ -27,7 +27,7 @@ parameters nothing loaded into are reported as missing (the decoder and FGSA
 always are).
 
 CLI:
-  python -m fgtbt_jax.convert --input mit_b1.pth --variant b1 \\
+  python -m fgtbt_jax.torch_weights --input mit_b1.pth --variant b1 \\
       --patch-embed plain --output params.msgpack
 writes the model's full 'params' collection (fresh seeded init where nothing
 was loaded) with `flax.serialization.msgpack_serialize`; read it back with
@@ -316,7 +316,7 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m fgtbt_jax.convert",
+      prog="python -m fgtbt_jax.torch_weights",
       description="Convert PyTorch MiT/SegFormer encoder weights to FGTBT Flax params.")
   parser.add_argument("--input", required=True, help=".pth/.pt/.bin (needs torch) or .safetensors")
   parser.add_argument("--output", required=True, help="output .msgpack of the params collection")
