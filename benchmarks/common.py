@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding
 
 from fgtbt_jax import landmarks
 from fgtbt_jax import losses
+from fgtbt_jax import state as state_lib
 from fgtbt_jax import train
 
 
@@ -106,10 +107,10 @@ def random_variables(abstract: Any, seed: int = 0) -> Any:
   return unflatten_dict(out)
 
 
-def random_train_state(setup: train.Setup, seed: int = 0) -> train.TrainState:
+def random_train_state(setup: state_lib.Setup, seed: int = 0) -> state_lib.TrainState:
   """A train state with random weights, placed in the setup's shardings.
 
-  Same tree, shapes, dtypes and shardings as `train.create_train_state`;
+  Same tree, shapes, dtypes and shardings as `state_lib.create_train_state`;
   the optimizer state comes from the real `tx.init` on these weights, the
   balancer from `losses.init_balancer`, the EMA copies equal the weights.
   """
@@ -123,7 +124,7 @@ def random_train_state(setup: train.Setup, seed: int = 0) -> train.TrainState:
   balancer_on_device = put(balancer_params, shardings.balancer_params)
   init_opt = jax.jit(setup.tx.init, out_shardings=shardings.opt_state)
   opt_state = init_opt({"model": params_on_device, "balancer": balancer_on_device})
-  return train.TrainState(
+  return state_lib.TrainState(
       step=put(np.zeros((), np.int32), shardings.step),
       params=params_on_device,
       batch_stats=put(batch_stats, shardings.batch_stats),
@@ -158,7 +159,7 @@ def synthetic_train_batch(config: ml_collections.ConfigDict, sharding: NamedShar
       "mask": mask,
       "dataset_id": ids.astype(np.int32),
   }
-  return train.feed_batch(batch, sharding)
+  return sharding_lib.global_batch(batch, sharding, train.TRAIN_BATCH_KEYS)
 
 
 # -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@
         --dtype=bfloat16 --batch=32 --steps=20        # the paper network at 480
 
 For each (global batch, compute dtype) it builds the run's setup
-(`train.build_setup`: mesh over all devices, sharded state), compiles the
+(`state_lib.build_setup`: mesh over all devices, sharded state), compiles the
 step of `train.make_train_step` ahead of time and times it on one random
 synthetic batch (no input pipeline, random weights), and prints one JSON
 line with:
@@ -58,6 +58,7 @@ from benchmarks import common
 from fgtbt_jax import losses
 from fgtbt_jax import models
 from fgtbt_jax import sharding
+from fgtbt_jax import state as state_lib
 from fgtbt_jax import train
 from fgtbt_jax.models import cost
 
@@ -140,10 +141,10 @@ def time_step(config: ml_collections.ConfigDict, steps: int, warmup: int, seed: 
   record with "error" and the figures known by then (XLA's memory estimate
   among them) instead of timings.
   """
-  setup = train.build_setup(config)
+  setup = state_lib.build_setup(config)
   state = common.random_train_state(setup, seed)
   batch = common.synthetic_train_batch(config, sharding.batch_sharding(setup.mesh), seed)
-  train_step = train.make_train_step(setup, train.ema_decay_per_step(config))
+  train_step = train.make_train_step(setup, state_lib.ema_decay_per_step(config))
   device = jax.devices()[0]
   devices = jax.device_count()
   images = config.data.samples_per_dataset * len(config.data.datasets)
@@ -231,7 +232,7 @@ def time_step(config: ml_collections.ConfigDict, steps: int, warmup: int, seed: 
   return records
 
 
-def _breakdown(setup: train.Setup, state: train.TrainState, batch: dict, steps: int) -> dict:
+def _breakdown(setup: state_lib.Setup, state: state_lib.TrainState, batch: dict, steps: int) -> dict:
   """Median seconds of the forward pass, forward + loss and its gradient alone.
 
   Mirrors the loss of `train.make_train_step` (train-mode forward with

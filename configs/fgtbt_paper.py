@@ -90,6 +90,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.smoothing_sigma = 0.0  # subpixel only: blur before the fit
   config.eval.flip_test = True
   config.eval.failure_threshold = 0.1
+  # Report studies of `run.py eval` (fgtbt_jax/studies.py): "lowres", "quantization".
+  config.eval.studies = ()
+  config.eval.lowres_sides = (16, 32, 64, 128)  # face box sides of the lowres study, px
+  config.eval.study_max_batches = 0  # test batches per dataset and study pass; 0 = all
 
   # Device mesh ("data", "fsdp"); -1 = all remaining devices.
   config.mesh = ml_collections.ConfigDict()

@@ -31,9 +31,13 @@ from typing import Mapping, Sequence
 import tensorflow_datasets as tfds
 
 from data_pipelines import tfds_builders
-from data_pipelines.errors import DataError
 from data_pipelines.records import FaceRecord
 from fgtbt_jax import landmarks as lm
+
+# `convert_synthetic` renders the raw synthetic files into this subfolder of
+# its output root.
+SYNTHETIC_RAW_DIR = "raw"
+
 
 @dataclasses.dataclass
 class SplitSummary:
@@ -93,7 +97,7 @@ def convert_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike
 
   Raises:
     FileNotFoundError: `src` does not exist.
-    KeyError: unknown dataset name.
+    UnknownProtocolError: unknown dataset name.
     DataError: a bad file, or a bad sample with `on_error="raise"`.
   """
   protocol = lm.get_protocol(dataset)
@@ -172,8 +176,8 @@ def convert_synthetic(out_root: str | os.PathLike,
   """Writes the four synthetic datasets in their real formats and converts them.
 
   Args:
-    out_root: raw files go to `out_root/raw`, converted data to `out_root`
-      (use it as `data.data_dir`).
+    out_root: raw files go to `out_root/raw` (`SYNTHETIC_RAW_DIR`),
+      converted data to `out_root` (use it as `data.data_dir`).
     sizes: {dataset: (num_train, num_test)}; default
       data_pipelines.synthetic.DEFAULT_SIZES.
     seed, image_size: of the synthetic generator.
@@ -199,7 +203,7 @@ def convert_synthetic(out_root: str | os.PathLike,
   missing = [name for name in lm.PROTOCOL_NAMES if name not in summaries]
   if missing:
     paths = synthetic.write_synthetic_datasets(
-        os.fspath(out_root / "raw"), {name: tuple(sizes[name]) for name in missing},
+        os.fspath(out_root / SYNTHETIC_RAW_DIR), {name: tuple(sizes[name]) for name in missing},
         seed=seed, image_size=image_size, num_workers=render_workers)
     for name in missing:
       summaries[name] = convert_dataset(name, paths[name], out_root, max_side=max_side,
@@ -245,9 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_error=args.on_error, max_side=args.max_side,
         image_format=args.image_format, jpeg_quality=args.jpeg_quality,
         num_threads=args.threads, overwrite=args.overwrite)
-  except (DataError, FileNotFoundError, KeyError, ValueError) as error:
-    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-    print(f"convert: error: {' '.join(str(message).split())}", file=sys.stderr)
+  # DataError and UnknownProtocolError are ValueErrors with one-line messages.
+  except (FileNotFoundError, ValueError) as error:
+    print(f"convert: error: {' '.join(str(error).split())}", file=sys.stderr)
     return 1
   print(summary.text())
   return 0

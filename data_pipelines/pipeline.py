@@ -54,6 +54,7 @@ import numpy as np
 
 from data_pipelines import tfds_builders
 from fgtbt_jax import crop
+from fgtbt_jax import datasets
 from fgtbt_jax import landmarks as lm
 
 _JPEG_START = b"\xff\xd8"
@@ -63,7 +64,7 @@ _REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_
 
 def eval_subsets(dataset: str) -> tuple[str, ...]:
   """Names of a dataset's evaluation subsets (batch keys "subset/<name>")."""
-  return tfds_builders.SUBSETS[lm.get_protocol(dataset).name]
+  return datasets.get(dataset).subsets
 
 
 def _derive_seed(*parts: int) -> int:
@@ -107,16 +108,6 @@ def decode_and_warp(image: bytes, matrix: np.ndarray, size: int,
 def _source_name(example: Mapping[str, Any]) -> str:
   source = example.get("source", b"stored image")
   return source.decode(errors="replace") if isinstance(source, bytes) else str(source)
-
-
-def to_unified(points: np.ndarray, protocol: lm.Protocol) -> tuple[np.ndarray, np.ndarray]:
-  """(N, 2) own-order points -> (124, 2) unified points (0 where absent) and mask."""
-  unified = np.zeros((lm.NUM_UNIFIED, 2), np.float32)
-  mask = np.zeros((lm.NUM_UNIFIED,), bool)
-  finite = np.isfinite(points).all(-1)
-  unified[protocol.unified_index] = np.where(finite[:, None], points, 0.0)
-  mask[protocol.unified_index] = finite
-  return unified, mask
 
 
 class TrainAugment(grain.transforms.RandomMap):
@@ -174,7 +165,10 @@ class TrainAugment(grain.transforms.RandomMap):
     points = crop.apply_affine(np.asarray(element["landmarks"], np.float64), matrix)
     if flip:
       points = points[self.protocol.flip_permutation]
-    unified, mask = to_unified(points.astype(np.float32), self.protocol)
+    unified, mask = lm.to_unified(points, self.protocol)
+    # The batch carries 0, not NaN, where a point is absent: the loss masks
+    # it, and NaN would poison any arithmetic done before the mask.
+    unified = np.where(mask[:, None], unified, np.float32(0.0))
     return {"image": image, "landmarks": unified, "mask": mask,
             "dataset_id": np.int32(self.protocol.dataset_id)}
 
@@ -183,10 +177,10 @@ def _concat_batches(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.n
   return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
-def _check_datasets(datasets: Sequence[str]) -> tuple[str, ...]:
-  names = tuple(lm.get_protocol(d).name for d in datasets)
+def _check_datasets(configured: Sequence[str]) -> tuple[str, ...]:
+  names = tuple(lm.get_protocol(d).name for d in configured)
   if not names or len(set(names)) != len(names):
-    raise ValueError(f"data.datasets must name distinct datasets, got {tuple(datasets)}")
+    raise ValueError(f"data.datasets must name distinct datasets, got {tuple(configured)}")
   return names
 
 
@@ -236,12 +230,12 @@ def augmented_samples(config: ml_collections.ConfigDict, dataset: str, *,
 def train_dataset(config: ml_collections.ConfigDict, *, process_index: int = 0,
                   process_count: int = 1) -> grain.MapDataset:
   """Infinite MapDataset of process-local mixed batches (see module docstring)."""
-  datasets = _check_datasets(config.datasets)
+  names = _check_datasets(config.datasets)
   k_local = local_samples_per_dataset(config, process_count)
   per_dataset = [
       augmented_samples(config, name, process_index=process_index,
                         process_count=process_count).batch(k_local, drop_remainder=True)
-      for name in datasets]
+      for name in names]
   return grain.experimental.ZipMapDataset(per_dataset).map(_concat_batches)
 
 

@@ -21,8 +21,12 @@ readers (`data_pipelines.readers`) read them end to end:
   COFW/ COFW_{train,test}_color.mat (MATLAB v7.3 layout, written with h5py),
   AFLW/ HRNet CSVs face_landmarks_aflw_{train,test,test_frontal}.csv + images/.
 
-`FACE_PARTS` maps each unified id to its facial part, derived from the WFLW
-and 300W layouts (and COFW's nose-wing points) through their unified index.
+`calibration_faces(num_faces, image_size, seed)` yields clean faces with their
+124 landmarks, e.g. to fit a face detector's box adjustment
+(`fgtbt_jax.detector.calibrate_box_adjustment`).
+
+The facial part of each point (which contour it is drawn on) comes from
+`landmarks.FACE_PARTS`.
 """
 
 from __future__ import annotations
@@ -32,53 +36,25 @@ import math
 import multiprocessing
 import os
 import time
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import cv2
 import h5py
 import numpy as np
 
-from data_pipelines.images import encode_image
 from fgtbt_jax import landmarks
+from fgtbt_jax.images import encode_image
 
 # ---------------------------------------------------------------- face parts
 
-# Each protocol's own point ranges per part (the published layouts);
-# "right"/"left" are the subject's, i.e. "right" is on the image's left.
-_OWN_PART_RANGES = {
-    "WFLW": (("jaw", 0, 33), ("right_brow", 33, 42), ("left_brow", 42, 51),
-             ("nose_ridge", 51, 55), ("nose_base", 55, 60), ("right_eye", 60, 68),
-             ("left_eye", 68, 76), ("outer_lip", 76, 88), ("inner_lip", 88, 96),
-             ("right_pupil", 96, 97), ("left_pupil", 97, 98)),
-    "300W": (("jaw", 0, 17), ("right_brow", 17, 22), ("left_brow", 22, 27),
-             ("nose_ridge", 27, 31), ("nose_base", 31, 36), ("right_eye", 36, 42),
-             ("left_eye", 42, 48), ("outer_lip", 48, 60), ("inner_lip", 60, 68)),
-    # COFW 18 and 19 are the nose wings, the only points WFLW and 300W lack.
-    "COFW": (("nose_base", 18, 20),),
-}
-PART_NAMES = ("jaw", "right_brow", "left_brow", "nose_ridge", "nose_base",
-              "right_eye", "left_eye", "outer_lip", "inner_lip",
-              "right_pupil", "left_pupil")
-
-
-def _face_parts() -> dict[int, str]:
-  parts: dict[int, str] = {}
-  for name, ranges in _OWN_PART_RANGES.items():
-    index = landmarks.get_protocol(name).unified_index
-    for part, start, stop in ranges:
-      for u in index[start:stop].tolist():
-        if parts.setdefault(u, part) != part:
-          raise ValueError(f"unified point {u} is {parts[u]} and {part}")
-  if sorted(parts) != list(range(landmarks.NUM_UNIFIED)):
-    raise ValueError("face parts do not cover the 124 unified points")
-  return dict(sorted(parts.items()))
-
-
-FACE_PARTS: Mapping[int, str] = _face_parts()
+# The facial part of every unified id is a protocol fact (landmarks.py reads
+# it from the protocol asset). This alias is only for tests/test_predictor.py;
+# use landmarks.FACE_PARTS.
+FACE_PARTS: Mapping[int, str] = landmarks.FACE_PARTS
 
 
 def _part_ids(part: str) -> np.ndarray:
-  return np.asarray([u for u, p in FACE_PARTS.items() if p == part])
+  return np.asarray([u for u, p in landmarks.FACE_PARTS.items() if p == part])
 
 
 _CLOSED_PARTS = ("right_brow", "left_brow", "right_eye", "left_eye", "outer_lip", "inner_lip")
@@ -94,7 +70,7 @@ def _contour_orders(mean: np.ndarray) -> dict[str, np.ndarray]:
   """
   wflw = landmarks.get_protocol("WFLW").unified_index
   orders = {}
-  for part, start, stop in _OWN_PART_RANGES["WFLW"]:
+  for part, start, stop in landmarks.OWN_PART_RANGES["WFLW"]:
     chain = wflw[start:stop].tolist()
     closed = part in _CLOSED_PARTS
     for u in _part_ids(part):
@@ -119,7 +95,7 @@ def _insert_where_shortest(chain: list[int], u: int, mean: np.ndarray, closed: b
 
 _MEAN = landmarks.mean_face()
 _ORDER = _contour_orders(_MEAN)
-_ID = {part: _part_ids(part) for part in PART_NAMES}
+_ID = {part: _part_ids(part) for part in landmarks.PART_NAMES}
 
 
 def _wflw(*own: int) -> np.ndarray:
@@ -535,11 +511,28 @@ def render_face(seed: int, index: int, image_size: int = 256, clean: bool = Fals
   return image, lm.astype(np.float32), info
 
 
+def calibration_faces(num_faces: int = 48, image_size: int = 384,
+                      seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Clean synthetic faces for calibrating a face detector.
+
+  Yields `num_faces` pairs (image (S, S, 3) uint8 RGB, landmarks (124, 2)
+  float32): `render_face(seed, index, image_size, clean=True)` for index 0,
+  1, ..., rendered one at a time as they are consumed.
+  """
+  for index in range(int(num_faces)):
+    image, points, _ = render_face(seed, index, image_size, clean=True)
+    yield image, points
+
+
 # ---------------------------------------------------------------- datasets
 
 DEFAULT_SIZES: Mapping[str, tuple[int, int]] = {
     "WFLW": (500, 100), "300W": (500, 100), "COFW": (300, 100), "AFLW": (500, 100)}
 JPEG_QUALITY = 90
+# Written into `out_dir` before anything else, so that a folder holding
+# synthetic faces is recognised even when the rendering was interrupted
+# (manifest.json is written last).
+MARKER_FILE = "SYNTHETIC.txt"
 # 300W folders with their share of the real split (train: AFW 337, HELEN 2000,
 # LFPW 811; test: HELEN 330 + LFPW 224 common, IBUG 135 challenging).
 _300W_FOLDERS = {
@@ -736,6 +729,7 @@ def write_synthetic_datasets(out_dir: str, sizes: Mapping[str, tuple[int, int]] 
     {dataset: directory to pass to `readers.read_dataset`} and "manifest":
     the path of `manifest.json` (written last, so its presence means the
     datasets are complete; it records the arguments, counts and speed).
+    `MARKER_FILE` is written first, saying the folder holds synthetic faces.
   """
   sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
   for name, counts in sizes.items():
@@ -744,6 +738,10 @@ def write_synthetic_datasets(out_dir: str, sizes: Mapping[str, tuple[int, int]] 
       raise ValueError(f"sizes[{name!r}] must be (num_train, num_test) >= 0 for one "
                        f"of {list(DEFAULT_SIZES)}, got {counts!r}")
   workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, MARKER_FILE), "w") as f:
+    f.write("Synthetic stand-in faces rendered by data_pipelines.synthetic "
+            "(not benchmark data).\n")
   start = time.perf_counter()
   jobs, spans, paths = [], [], {}
   for name in DEFAULT_SIZES:

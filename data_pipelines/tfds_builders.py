@@ -1,7 +1,7 @@
 """TFDS builders that store each dataset as loose face crops in ArrayRecord files.
 
 One builder per dataset (`fgtbt_wflw`, `fgtbt_300w`, `fgtbt_cofw`,
-`fgtbt_aflw`), sharing `FaceCropBuilder`. Every example is one annotated face:
+`fgtbt_aflw`: `datasets.get(name).builder_name`), sharing `FaceCropBuilder`. Every example is one annotated face:
 
 * "image": the loose crop, a square of `LOOSE_CROP_FACTOR` (2) times the
   HRNet crop side (200 * scale) around the face centre, resized only when its
@@ -16,8 +16,10 @@ One builder per dataset (`fgtbt_wflw`, `fgtbt_300w`, `fgtbt_cofw`,
   pixels to stored-crop pixels (invert it to map predictions back), and
   "original_size" (height, width) of the original image.
 * "point_flags/<name>": per-point booleans (COFW "occluded", AFLW
-  "visible"), empty where the source format does not give them.
-* "subsets/<name>": one boolean per evaluation subset of the dataset.
+  "visible"; `datasets.get(name).point_flags`), empty where the source
+  format does not give them.
+* "subsets/<name>": one boolean per evaluation subset of the dataset
+  (`datasets.get(name).subsets`).
 * "image_name", "source": where the face came from (for messages).
 
 Building and reading need no TensorFlow (tensorflow-datasets 4.9.10), with
@@ -52,38 +54,21 @@ import pathlib
 from typing import Callable, Iterator, Mapping, Sequence
 
 from absl import logging
-import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines import images
-from data_pipelines.errors import DataError
 from data_pipelines.records import FaceRecord
 from fgtbt_jax import crop
+from fgtbt_jax import datasets
+from fgtbt_jax import images
 from fgtbt_jax import landmarks as lm
+from fgtbt_jax.errors import DataError
 
 # The stored crop is this many times the HRNet crop side (200 * scale) of the
 # face: room for the 1.25 enlargement, 1.25x scale augmentation and rotation.
 LOOSE_CROP_FACTOR = 2.0
 DEFAULT_MAX_SIDE = 512
 DEFAULT_JPEG_QUALITY = 95
-
-# TFDS name of each protocol's builder.
-BUILDER_NAMES: Mapping[str, str] = {
-    "WFLW": "fgtbt_wflw", "300W": "fgtbt_300w",
-    "COFW": "fgtbt_cofw", "AFLW": "fgtbt_aflw"}
-
-# Evaluation subsets of each dataset, in the order reports list them.
-SUBSETS: Mapping[str, tuple[str, ...]] = {
-    "WFLW": ("pose", "expression", "illumination", "makeup", "occlusion", "blur"),
-    "300W": ("common", "challenging"),
-    "COFW": (),
-    "AFLW": ("frontal",),
-}
-
-# Per-point flags each dataset's formats can carry (the readers' names).
-POINT_FLAGS: Mapping[str, tuple[str, ...]] = {
-    "WFLW": (), "300W": (), "COFW": ("occluded",), "AFLW": ("visible",)}
 
 SPLITS = ("train", "test")
 
@@ -232,10 +217,10 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "original_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
         "point_flags": tfds.features.FeaturesDict({
             name: tfds.features.Tensor(shape=(None,), dtype=np.bool_)
-            for name in POINT_FLAGS[self.PROTOCOL]}),
+            for name in datasets.get(self.PROTOCOL).point_flags}),
         "subsets": tfds.features.FeaturesDict({
             name: tfds.features.Scalar(dtype=np.bool_)
-            for name in SUBSETS[self.PROTOCOL]}),
+            for name in datasets.get(self.PROTOCOL).subsets}),
         "image_name": tfds.features.Text(),
         "source": tfds.features.Text(),
     })
@@ -334,15 +319,16 @@ def face_example(record: FaceRecord, cfg: CropConfig, protocol: lm.Protocol) -> 
   if not (np.isfinite(scale) and scale > 0 and np.isfinite(center).all()):
     raise DataError(where, f"invalid crop centre {center.tolist()} or scale {scale}",
                     "bad_box")
-  unknown = set(record.subsets) - set(SUBSETS[protocol.name])
+  spec = datasets.get(protocol.name)
+  unknown = set(record.subsets) - set(spec.subsets)
   if unknown:
     raise DataError(where, f"unknown {protocol.name} subsets {sorted(unknown)}; "
-                    f"known: {SUBSETS[protocol.name]}", "invalid")
+                    f"known: {spec.subsets}", "invalid")
   flags = {}
   for name, values in record.point_flags.items():
-    if name not in POINT_FLAGS[protocol.name]:
+    if name not in spec.point_flags:
       raise DataError(where, f"unknown {protocol.name} point flag {name!r}; "
-                      f"known: {POINT_FLAGS[protocol.name]}", "invalid")
+                      f"known: {spec.point_flags}", "invalid")
     values = np.asarray(values).reshape(-1)
     if values.shape != (n,):
       raise DataError(where, f"point flag {name!r} has {values.size} values, "
@@ -353,7 +339,10 @@ def face_example(record: FaceRecord, cfg: CropConfig, protocol: lm.Protocol) -> 
   side_px = LOOSE_CROP_FACTOR * crop.SCALE_UNIT * scale
   out_size = int(min(cfg.max_side, max(16, round(side_px))))
   to_crop = crop.crop_affine(center, scale, out_size, extra_scale=LOOSE_CROP_FACTOR)
-  crop_image = _warp_downscaled(image, to_crop, out_size)
+  # The whole image is area-averaged, as for every conversion so far, so that
+  # stored crops stay bit-identical (the region-only variant differs by a
+  # grey level or two).
+  crop_image = crop.warp_to_crop(image, to_crop, out_size, whole_image=True)
 
   factor = out_size / side_px  # Stored-crop pixels per original pixel.
   x1, y1, x2, y2 = np.asarray(record.box, np.float64)
@@ -372,53 +361,34 @@ def face_example(record: FaceRecord, cfg: CropConfig, protocol: lm.Protocol) -> 
       "original_to_crop": to_crop,
       "original_size": np.asarray(image.shape[:2], np.int32),
       "point_flags": {name: flags.get(name, np.zeros((0,), bool))
-                      for name in POINT_FLAGS[protocol.name]},
-      "subsets": {name: name in record.subsets for name in SUBSETS[protocol.name]},
+                      for name in spec.point_flags},
+      "subsets": {name: name in record.subsets for name in spec.subsets},
       "image_name": record.image_name,
       "source": record.source,
   }
 
 
-def _warp_downscaled(image: np.ndarray, to_crop: np.ndarray, out_size: int) -> np.ndarray:
-  """Warps `image` into the crop, area-averaging first when shrinking > 2x.
-
-  Bilinear warping alone aliases when it skips pixels; a whole-image
-  INTER_AREA resize to about twice the target resolution comes first, and its
-  exact pixel-centre map (x' = r (x + 0.5) - 0.5) is folded into the matrix.
-  """
-  shrink = float(np.sqrt(abs(np.linalg.det(to_crop[:, :2]))))
-  if shrink < 0.5:
-    h, w = image.shape[:2]
-    new_w, new_h = max(1, round(w * shrink * 2)), max(1, round(h * shrink * 2))
-    image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
-    rx, ry = new_w / w, new_h / h
-    resize = np.array([[rx, 0, 0.5 * rx - 0.5], [0, ry, 0.5 * ry - 0.5]])
-    to_crop = crop.compose_affine(to_crop, crop.invert_affine(resize))
-  return cv2.warpAffine(image, to_crop, (out_size, out_size), flags=cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-
-
 class FgtbtWflw(FaceCropBuilder):
   """WFLW, 98 landmarks, six attribute subsets."""
-  name = BUILDER_NAMES["WFLW"]
+  name = datasets.get("WFLW").builder_name
   PROTOCOL = "WFLW"
 
 
 class Fgtbt300w(FaceCropBuilder):
   """300W, 68 landmarks, common/challenging test subsets."""
-  name = BUILDER_NAMES["300W"]
+  name = datasets.get("300W").builder_name
   PROTOCOL = "300W"
 
 
 class FgtbtCofw(FaceCropBuilder):
   """COFW, 29 landmarks with occlusion flags."""
-  name = BUILDER_NAMES["COFW"]
+  name = datasets.get("COFW").builder_name
   PROTOCOL = "COFW"
 
 
 class FgtbtAflw(FaceCropBuilder):
   """AFLW, 19 landmarks with visibility flags, frontal test subset."""
-  name = BUILDER_NAMES["AFLW"]
+  name = datasets.get("AFLW").builder_name
   PROTOCOL = "AFLW"
 
 
@@ -441,7 +411,7 @@ def converted_dir(data_dir: str | os.PathLike, dataset: str, config_name: str = 
     FileNotFoundError: nothing converted there, with the command that does it.
   """
   protocol = lm.get_protocol(dataset).name
-  root = pathlib.Path(data_dir) / BUILDER_NAMES[protocol]
+  root = pathlib.Path(data_dir) / datasets.get(protocol).builder_name
   hint = (f"convert it with `python -m data_pipelines.convert --dataset "
           f"{protocol.lower()} --src DIR --out {data_dir}`")
   # TFDS keeps its own bookkeeping in hidden folders (".config").

@@ -16,21 +16,135 @@ directory only appears under its final name once committed, so a process
 killed mid-save leaves the previous checkpoint intact.
 
 Restores go into an abstract target (`jax.ShapeDtypeStruct` with shardings),
-so every process reads only its own shards.
+so every process reads only its own shards. Inference reads only the EMA
+variables: `restore_ema` takes the `ema_params` / `ema_batch_stats` entries
+of a train state (an Orbax partial restore: the optimizer moments are never
+read) and `restore_best` a dataset's best model.
+
+The run directory around it (`<workdir>/config.json` beside `checkpoints/`)
+is described here too: `find_workdir`, `load_run_config` and the atomic
+`write_run_config`.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
+import tempfile
 from typing import Any, Iterable, Mapping
 
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+
+from fgtbt_jax.errors import ConfigError
+
+# What `restore` and inference can be asked for: the newest train state's EMA
+# model, or the EMA model with the lowest NME on a dataset.
+CHECKPOINT_KINDS: tuple[str, ...] = ("latest", "best")
+CONFIG_FILE = "config.json"
+CHECKPOINTS_DIR = "checkpoints"
+# The train-state entries that make the deployed (EMA) model.
+_EMA_ENTRIES = {"params": "ema_params", "batch_stats": "ema_batch_stats"}
 
 
 class IncompatibleCheckpointError(ValueError):
   """A checkpoint does not match the configured model or train state."""
+
+
+class WorkdirError(FileNotFoundError):
+  """A run directory lacks what was asked of it (config.json, a checkpoint) or
+  holds an unreadable config; the message names the path."""
+
+
+def check_kind(kind: str) -> str:
+  """`kind` if it is one of CHECKPOINT_KINDS, else ValueError naming them."""
+  if kind not in CHECKPOINT_KINDS:
+    raise ValueError(f"checkpoint kind {kind!r}: expected one of {CHECKPOINT_KINDS}")
+  return kind
+
+
+# -- the run directory -----------------------------------------------------------
+
+
+def find_workdir(path: str | os.PathLike) -> pathlib.Path:
+  """The run directory holding config.json and checkpoints/, given it or its checkpoints/."""
+  path = pathlib.Path(path).resolve()
+  for candidate in (path, path.parent):
+    if (candidate / CONFIG_FILE).is_file() and (candidate / CHECKPOINTS_DIR).is_dir():
+      return candidate
+  raise WorkdirError(
+      f"{path}: not a training workdir (expected {CONFIG_FILE} and {CHECKPOINTS_DIR}/ in it "
+      "or in its parent)")
+
+
+def _tuples(value):
+  """JSON lists back to the tuples the configs declare."""
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
+def load_run_config(workdir: str | os.PathLike,
+                    overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """The experiment config a run saved as `<workdir>/config.json`, with `overrides`.
+
+  Args:
+    workdir: the run's directory.
+    overrides: {"data.data_dir": value, ...} applied on top of the saved
+      config (e.g. the command line's --config.* flags).
+
+  Raises:
+    WorkdirError: there is no config.json, or it is not a readable JSON config.
+    ConfigError: an override names a field the saved config does not have.
+  """
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  try:
+    raw = json.loads(path.read_text())
+  except FileNotFoundError:
+    raise WorkdirError(f"{path} does not exist: not a training workdir") from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise WorkdirError(f"{path} is not a readable config: {e}") from e
+  if not isinstance(raw, dict):
+    raise WorkdirError(f"{path} is not a readable config: expected a JSON object")
+  config = ml_collections.ConfigDict(_tuples(raw))
+  for key, value in (overrides or {}).items():
+    parent, _, field = key.rpartition(".")
+    try:
+      node = config
+      for part in filter(None, parent.split(".")):
+        node = node[part]
+      if field not in node:
+        raise KeyError(field)
+    except (KeyError, TypeError, AttributeError):
+      raise ConfigError(f"{key}: the run's config ({path}) has no such field") from None
+    try:
+      node[field] = _tuples(list(value)) if isinstance(value, list) else value
+    except TypeError as e:
+      raise ConfigError(f"{key}: {e}") from None
+  return config
+
+
+def write_run_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
+  """Writes `<workdir>/config.json` atomically (a temporary file, then a rename).
+
+  A full disk or a kill mid-write leaves the previous file whole.
+  """
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  text = config.to_json_best_effort(indent=2) + "\n"
+  fd, temporary = tempfile.mkstemp(prefix=".config.", suffix=".json", dir=path.parent)
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(temporary, path)
+  except BaseException:
+    pathlib.Path(temporary).unlink(missing_ok=True)
+    raise
+  return path
 
 
 def _path_name(path) -> str:
@@ -179,9 +293,7 @@ class Checkpointer:
     FileNotFoundError when there is no checkpoint and
     IncompatibleCheckpointError when it does not fit the target.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no train-state checkpoint under {self.directory / 'latest'}")
+    step = self._existing_step(step)
     where = self.directory / "latest" / str(step)
     _check_compatible(self._latest.item_metadata(step)["state"], abstract_state, where)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -194,6 +306,43 @@ class Checkpointer:
           f"checkpoint {where} does not match the configured model/train state "
           f"(was it written with another config?): {e}") from e
     return restored["state"], step
+
+  def _existing_step(self, step: int | None) -> int:
+    """`step` (default: the latest) if it is a committed train-state step."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise WorkdirError(f"no train-state checkpoint under {self.directory / 'latest'}")
+    if step not in self._latest.all_steps():
+      raise WorkdirError(f"no train-state checkpoint of step {step} under "
+                         f"{self.directory / 'latest'} (steps: {self._latest.all_steps()})")
+    return step
+
+  def restore_ema(self, abstract_variables: Any, step: int | None = None) -> tuple[Any, int]:
+    """The EMA variables {"params", "batch_stats"} of a train state, and its step.
+
+    Only the train state's `ema_params` and `ema_batch_stats` are read (an
+    Orbax partial restore into `abstract_variables`, a tree of
+    `jax.ShapeDtypeStruct` with shardings shaped like the model's variables):
+    no optimizer, loss or train-state structure is needed.
+    """
+    step = self._existing_step(step)
+    where = self.directory / "latest" / str(step)
+    metadata = self._latest.item_metadata(step)["state"]
+    saved = getattr(metadata, "tree", metadata)
+    target = {entry: abstract_variables[name] for name, entry in _EMA_ENTRIES.items()}
+    _check_compatible({entry: saved.get(entry, {}) for entry in target}, target, where)
+    reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
+        multiprocessing_options=_barrier_prefix("restore_ema")))
+    try:
+      restored = reader.restore(where / "state", args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True))
+    except (ValueError, KeyError, TypeError) as e:
+      raise IncompatibleCheckpointError(
+          f"checkpoint {where} does not match the configured model: {e}") from e
+    finally:
+      reader.close()
+    return {name: restored[entry] for name, entry in _EMA_ENTRIES.items()}, step
 
   # -- best EMA models ---------------------------------------------------------
 
@@ -227,7 +376,7 @@ class Checkpointer:
     manager = self._best[dataset]
     step = manager.best_step()
     if step is None:
-      raise FileNotFoundError(f"no best checkpoint for {dataset} under {manager.directory}")
+      raise WorkdirError(f"no best checkpoint for {dataset} under {manager.directory}")
     where = manager.directory / str(step)
     _check_compatible(manager.item_metadata(step)["model"], abstract_variables, where)
     try:

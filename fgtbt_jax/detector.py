@@ -21,7 +21,8 @@ moved `CascadeClassifier` and the cascade files out of the main package into
 opencv_contrib (module xobjdetect): with opencv-python-headless 5.x the
 detector raises `DetectorUnavailableError` saying so, and callers pass face
 boxes or their own detector (any callable image -> (F, 4) boxes; fit its
-adjustment with `calibrate_box_adjustment`).
+adjustment with `calibrate_box_adjustment` on faces with known landmarks,
+e.g. `data_pipelines.synthetic.calibration_faces`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import cv2
 import numpy as np
@@ -181,31 +182,32 @@ def _best_match(boxes: np.ndarray, reference: np.ndarray) -> int | None:
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-  """A fitted adjustment and how often the detector found the synthetic face."""
+  """A fitted adjustment and how often the detector found the given faces."""
 
   adjustment: BoxAdjustment
   num_faces: int
   num_matched: int
 
 
-def calibrate_box_adjustment(detector: Callable[[np.ndarray], np.ndarray], *,
-                             num_faces: int = 48, image_size: int = 384, seed: int = 0,
+def calibrate_box_adjustment(detector: Callable[[np.ndarray], np.ndarray],
+                             faces: Iterable[tuple[np.ndarray, np.ndarray]], *,
                              min_matched: int = 8) -> Calibration:
-  """Fits the box adjustment of `detector` on clean synthetic faces.
+  """Fits the box adjustment of `detector` on faces with known landmarks.
 
-  Renders `num_faces` faces (`data_pipelines.synthetic.render_face`), runs
-  the raw detector, pairs each face with the plausible detection nearest in
-  size whose centre lies in the face's annotation-style box
-  (`landmark_box` of its 124 landmarks), and fits the adjustment to those
-  pairs.
+  Runs the raw detector on each (image (H, W, 3) uint8 RGB, landmarks (N, 2))
+  pair of `faces`, pairs each face with the plausible detection nearest in
+  size whose centre lies in the face's annotation-style box (`landmark_box`
+  of its landmarks), and fits the adjustment to those pairs. Clean
+  synthetic faces work well:
+  `data_pipelines.synthetic.calibration_faces(num_faces, image_size, seed)`.
 
   Raises:
     ValueError: fewer than `min_matched` faces were detected.
   """
-  from data_pipelines import synthetic  # Only needed for calibration.
   detected, reference = [], []
-  for index in range(num_faces):
-    image, points, _ = synthetic.render_face(seed, index, image_size, clean=True)
+  num_faces = 0
+  for image, points in faces:
+    num_faces += 1
     box = landmark_box(points)
     boxes = _check_detector_output(detector(image), detector)
     match = _best_match(boxes, box)
@@ -215,7 +217,7 @@ def calibrate_box_adjustment(detector: Callable[[np.ndarray], np.ndarray], *,
   if len(detected) < min_matched:
     raise ValueError(
         f"calibrate_box_adjustment: the detector found only {len(detected)} of {num_faces} "
-        f"synthetic faces (need {min_matched}); pass an explicit BoxAdjustment instead")
+        f"faces (need {min_matched}); pass an explicit BoxAdjustment instead")
   return Calibration(fit_box_adjustment(detected, reference), num_faces, len(detected))
 
 

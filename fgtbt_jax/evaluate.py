@@ -1,75 +1,62 @@
-"""Evaluation of the (EMA) model on every dataset's test split.
+"""Evaluation: one pass over a test split, its consumers, and the eval-only mode.
 
-For each dataset in the config, the eval pipeline gives centre crops with the
-inverse crop transform and the ground truth in stored-crop pixels. The
-predictor runs the model on the crop (and, with the flip test, on its mirror,
-merging the two heatmap sets with the unified flip permutation), decodes the
-124 heatmaps (argmax / quarter / subpixel), maps heatmap pixels to input
-pixels and then to stored-crop pixels, and keeps the dataset's own points.
-NME uses each protocol's default normaliser, plus its alternatives (COFW
-inter-ocular, 300W inter-pupil); failure rate and AUC at 0.1; all of it per
-evaluation subset too (WFLW attributes, 300W common/challenging, AFLW
-frontal).
+One generator, `predict_split`, runs the model over one dataset's eval split:
+the eval pipeline gives this process's share of centre crops (with the
+inverse crop transform and the ground truth in stored-crop pixels), the
+batches become global arrays split over every device of the mesh, the one
+device predict function (`inference.make_predict_fn`) gives points in input
+pixels, and the dataset's own points are mapped back to stored-crop pixels.
+`collect_split` gathers a pass from every process into per-image arrays
+(`metrics.SplitPredictions`). Everything else consumes these:
+
+* `Evaluator.evaluate`: the metric tables (NME with every normaliser the
+  protocol defines, FR and AUC at `eval.failure_threshold`, per subset), the
+  mean-shape baseline, and the per-image arrays for the report;
+* the studies of `config.eval.studies` (`fgtbt_jax.studies`): the same pass
+  with a transform of the inputs or other predict settings, so they run
+  sharded and multi-process like the main pass;
+* `evaluate_workdir`: `python run.py eval`, a run's checkpoints each
+  restored once (EMA variables only), evaluated, its studies, the table and
+  the report (`fgtbt_jax.report`, pure functions of the per-image arrays).
 
 The mean-shape baseline predicts, for every image, the 124-point mean face
 (`landmarks.mean_face()`) placed in the crop by the crop convention: the
 dataset's own mean-face points scaled so that their bounding box's longer
 side is the face box side (crop side / crop_enlarge), centred in the crop.
 It needs no training and tells how much the model learned.
-
-Results are appended to `<workdir>/eval_metrics.jsonl`, written as
-TensorBoard scalars (tensorboardX) and summarised in one console line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from absl import logging
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import tensorboardX
 import tqdm
 from jax.sharding import Mesh
 
 from data_pipelines import pipeline
+from data_pipelines import prepare
+from fgtbt_jax import checkpointing
 from fgtbt_jax import crop
-from fgtbt_jax import heatmaps
+from fgtbt_jax import inference
 from fgtbt_jax import landmarks
 from fgtbt_jax import metrics
 from fgtbt_jax import models
+from fgtbt_jax import report
 from fgtbt_jax import sharding
+from fgtbt_jax import studies as studies_lib
+from fgtbt_jax import validation
+from fgtbt_jax.inference import PredictSettings
 
-DECODERS = heatmaps.DECODERS
-
-
-def make_predict_fn(model: nn.Module, mesh: Mesh, rules, *, decoder: str, flip_test: bool,
-                    smoothing_sigma: float = 0.0) -> Callable:
-  """A jitted (variables, uint8 images) -> (B, 124, 2) input-pixel predictions.
-
-  The batch is split over every device; predictions come back sharded the
-  same way.
-  """
-  if decoder not in DECODERS:
-    raise ValueError(f"eval.decoder: unknown decoder {decoder!r}; expected one of {DECODERS}")
-  flip_permutation = landmarks.UNIFIED_FLIP_PERMUTATION
-
-  def predict(variables, images):
-    inputs = models.normalize_images(images)
-    maps = model.apply(variables, inputs, train=False)
-    if flip_test:
-      mirrored = model.apply(variables, inputs[:, :, ::-1, :], train=False)
-      maps = heatmaps.merge_flipped(maps, mirrored, flip_permutation)
-    coords, _ = heatmaps.decode(maps, decoder, smoothing_sigma=smoothing_sigma)
-    stride = images.shape[1] / maps.shape[1]
-    return heatmaps.heatmap_to_input(coords, stride)
-
-  jitted = jax.jit(predict, out_shardings=sharding.batch_sharding(mesh))
-  return sharding.CompiledOnFirstCall(jitted, "predict", mesh, rules)
+# Per-image entries of a pass, as `predict_split` yields them per batch.
+_PER_IMAGE = ("predictions", "confidence", "ground_truth", "box_size", "baseline", "valid")
 
 
 def mean_face_input_points(dataset: str, image_size: int, crop_enlarge: float) -> np.ndarray:
@@ -88,38 +75,115 @@ def mean_face_input_points(dataset: str, image_size: int, crop_enlarge: float) -
   return ((points - (low + high) / 2.0) * scale + centre).astype(np.float32)
 
 
-def _summary(nmes: np.ndarray, threshold: float) -> dict[str, float]:
-  return {"nme": float(np.mean(nmes)),
-          "fr": metrics.failure_rate(nmes, threshold),
-          "auc": metrics.auc(nmes, threshold),
-          "count": int(nmes.size)}
+def predict_split(predict_fn: Callable, variables: Any, data_config: ml_collections.ConfigDict,
+                  dataset: str, mesh: Mesh, *,
+                  transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                  max_batches: int | None = None, desc: str | None = None) -> Iterator[dict]:
+  """One pass over `dataset`'s eval split; yields this process's batches of results.
 
+  Args:
+    predict_fn: (variables, global uint8 crops) -> (points in input pixels,
+      confidence), batch-sharded over `mesh` (`inference.compile_predict_fn`).
+    variables: the model variables, placed on `mesh`.
+    data_config: the `data` config.
+    dataset: whose split (`data_config.eval_split`).
+    mesh: the mesh the batches are split over.
+    transform: applied to every batch of uint8 crops before the model.
+    max_batches: stop after this many batches (every process stops at the same one).
+    desc: a progress bar's label (process 0 only); None = no bar.
 
-def summarize_dataset(dataset: str, predictions: np.ndarray, ground_truth: np.ndarray,
-                      box_size: np.ndarray, subsets: Mapping[str, np.ndarray],
-                      baseline: np.ndarray | None = None, threshold: float = 0.1) -> dict:
-  """Metrics of one dataset from own-order predictions and ground truth (valid rows).
-
-  Returns {"nme", "fr", "auc", "count"} with the default normaliser, plus
-  "normalizers": {name: {...}} for the protocol's other normalisers,
-  "subsets": {name: {...}} and, with `baseline` predictions, "baseline_nme".
-  Points that are not finite in the ground truth are left out.
+  Yields:
+    Per batch, this process's rows (padding rows included, `valid` False):
+    "predictions", "confidence", "ground_truth", "box_size", "baseline",
+    "valid", "subset/<name>" and "image" (the crops the model saw).
   """
   protocol = landmarks.get_protocol(dataset)
-  mask = np.isfinite(ground_truth).all(-1)
-  default = metrics.nme(predictions, ground_truth, protocol, box_size=box_size, mask=mask)
-  result = _summary(default, threshold)
-  result["normalizers"] = {}
-  for name in protocol.normalizers:
-    if name != protocol.default_normalizer:
-      values = metrics.nme(predictions, ground_truth, protocol, normalizer=name,
-                           box_size=box_size, mask=mask)
-      result["normalizers"][name] = _summary(values, threshold)
-  result["subsets"] = {name: _summary(default[flags], threshold)
-                       for name, flags in subsets.items() if flags.any()}
-  if baseline is not None:
-    base = metrics.nme(baseline, ground_truth, protocol, box_size=box_size, mask=mask)
-    result["baseline_nme"] = float(np.mean(base))
+  subset_names = pipeline.eval_subsets(dataset)
+  baseline = mean_face_input_points(dataset, data_config.image_size, data_config.crop_enlarge)
+  iterator = pipeline.make_eval_iterator(
+      data_config, dataset, data_config.eval_split, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  # "local_image" keeps this process's (transformed) crops on the host; "image"
+  # becomes the global array the model sees.
+  local = ({**batch, "local_image": image, "image": image} for batch in iterator
+           for image in [np.asarray(batch["image"]) if transform is None
+                         else transform(np.asarray(batch["image"]))])
+  batches = sharding.GlobalBatches(local, sharding.batch_sharding(mesh), ("image",))
+  try:
+    for index, batch in enumerate(tqdm.tqdm(batches, desc=desc, leave=False,
+                                            disable=desc is None or jax.process_index() != 0)):
+      if max_batches is not None and index >= max_batches:
+        break
+      points, confidence = predict_fn(variables, batch["image"])
+      points, confidence = sharding.local_rows(points), sharding.local_rows(confidence)
+      index_own = protocol.unified_index
+      inverse = batch["inverse_affine"]
+      own = points[:, index_own]
+      yield {"predictions": crop.apply_affine(own, inverse),
+             "confidence": confidence[:, index_own],
+             "ground_truth": np.asarray(batch["landmarks"]),
+             "box_size": np.asarray(batch["box_size"]),
+             "baseline": crop.apply_affine(np.broadcast_to(baseline, own.shape), inverse),
+             "valid": np.asarray(batch["valid"], bool),
+             "image": batch["local_image"],
+             **{f"subset/{n}": np.asarray(batch[f"subset/{n}"], bool) for n in subset_names}}
+  finally:
+    getattr(iterator, "close", lambda: None)()
+
+
+def collect_split(batches: Iterable[dict], dataset: str,
+                  keep_images: int = 0) -> metrics.SplitPredictions:
+  """The per-image arrays of a pass (`predict_split`), gathered from every process.
+
+  Padding rows are dropped. `keep_images` of this process's input crops
+  are kept (not gathered). Raises ValueError on an empty split.
+  """
+  name = landmarks.get_protocol(dataset).name
+  subset_names = pipeline.eval_subsets(name)
+  parts: dict[str, list[np.ndarray]] = {}
+  images: list[np.ndarray] = []
+  for batch in batches:
+    if sum(len(i) for i in images) < keep_images:
+      images.append(batch["image"][batch["valid"]])
+    for key in _PER_IMAGE + tuple(f"subset/{n}" for n in subset_names):
+      parts.setdefault(key, []).append(np.asarray(batch[key]))
+  if not parts:
+    raise ValueError(f"{name}: the eval split gave no batches")
+  merged = {k: sharding.gather_from_processes(np.concatenate(v)) for k, v in parts.items()}
+  valid = merged["valid"].astype(bool)
+  if not valid.any():
+    raise ValueError(f"{name}: the eval split is empty")
+  kept = (np.concatenate(images)[:keep_images] if images
+          else np.zeros((0, 0, 0, 3), np.uint8))
+  return metrics.SplitPredictions(
+      dataset=name, predictions=merged["predictions"][valid],
+      confidence=merged["confidence"][valid], ground_truth=merged["ground_truth"][valid],
+      box_size=merged["box_size"][valid], baseline=merged["baseline"][valid],
+      subsets={n: merged[f"subset/{n}"][valid].astype(bool) for n in subset_names},
+      images=kept)
+
+
+# -- metric tables ---------------------------------------------------------------
+
+
+def summarize_dataset(split: metrics.SplitPredictions, threshold: float,
+                      with_baseline: bool = True) -> dict:
+  """Metrics of one dataset: {"nme", "fr", "auc", "count"} with the default normaliser,
+  "normalizers": {other normaliser: {...}}, "subsets": {name: {...}} and, with
+  `with_baseline`, "baseline_nme" (the mean-shape baseline's NME)."""
+  protocol = landmarks.get_protocol(split.dataset)
+  table = metrics.dataset_table(protocol, split.predictions, split.ground_truth, split.box_size,
+                                split.subsets, threshold)
+  default = protocol.default_normalizer
+  result = dict(table["full"][default])
+  result["normalizers"] = {name: value for name, value in table["full"].items()
+                           if name != default}
+  result["subsets"] = {subset: by_normalizer[default]
+                       for subset, by_normalizer in table.items() if subset != "full"}
+  if with_baseline:
+    mask = np.isfinite(split.ground_truth).all(-1)
+    result["baseline_nme"] = float(np.mean(metrics.nme(
+        split.baseline, split.ground_truth, protocol, box_size=split.box_size, mask=mask)))
   return result
 
 
@@ -149,123 +213,196 @@ def final_table(results: Mapping[str, Mapping[str, Any]]) -> dict:
           for dataset, r in results.items()}
 
 
-def format_table(final: Mapping[str, Any]) -> str:
-  """The per-protocol NME table printed at the end of a run (NME in %)."""
-  lines = [f"{'protocol':<8} {'NME %':>8} {'baseline %':>11} {'FR@0.1 %':>9} {'AUC@0.1':>8}"]
+def format_table(final: Mapping[str, Any], threshold: float,
+                 synthetic: Iterable[str] = ()) -> str:
+  """The per-protocol NME table printed at the end of a run (NME in %).
+
+  The "data" column says which rows are synthetic stand-ins and which the
+  real (converted) benchmark.
+  """
+  synthetic = set(synthetic)
+  lines = [f"{'protocol':<8} {'NME %':>8} {'baseline %':>11} {f'FR@{threshold:g} %':>9} "
+           f"{f'AUC@{threshold:g}':>8}  data"]
   for dataset in landmarks.PROTOCOL_NAMES:
     if dataset in final:
       r = final[dataset]
       lines.append(f"{dataset:<8} {100 * r['nme']:>8.2f} {100 * r['baseline_nme']:>11.2f} "
-                   f"{100 * r['fr']:>9.2f} {r['auc']:>8.4f}")
+                   f"{100 * r['fr']:>9.2f} {r['auc']:>8.4f}  "
+                   f"{'synthetic' if dataset in synthetic else 'real'}")
   return "\n".join(lines)
 
 
+def log_results(step: int, results: Mapping[str, Any]) -> None:
+  logging.info("eval step %d: %s", step, "  ".join(
+      f"{d} NME {100 * r['nme']:.2f}% (baseline {100 * r['baseline_nme']:.2f}%) "
+      f"FR {100 * r['fr']:.1f}%" for d, r in results.items()))
+
+
+# -- the evaluator -------------------------------------------------------------------
+
+
 class Evaluator:
-  """Runs evaluations of a run and records them (JSON lines, TensorBoard, console).
+  """Evaluates models of a run on the test splits; sharded over a mesh, multi-process.
 
   Args:
-    config: the experiment config (reads `data`, `eval`).
+    config: the experiment config (reads `data`, `eval`, `loss`).
     model: the network.
     mesh, rules: the device mesh and logical axis rules.
-    workdir: where eval_metrics.jsonl, train_metrics.jsonl and tensorboard/ go.
+    settings: the main pass's predict settings; default the config's `eval`.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, model: nn.Module, mesh: Mesh,
-               rules, workdir: str | pathlib.Path):
+  def __init__(self, config: ml_collections.ConfigDict, model: nn.Module, mesh: Mesh, rules,
+               settings: PredictSettings | None = None):
     self.config = config
+    self.model = model
     self.mesh = mesh
-    self.workdir = pathlib.Path(workdir)
-    self.predict = make_predict_fn(model, mesh, rules, decoder=config.eval.decoder,
-                                   flip_test=config.eval.flip_test,
-                                   smoothing_sigma=config.eval.smoothing_sigma)
-    self._is_main = jax.process_index() == 0
-    self._writer = (tensorboardX.SummaryWriter(str(self.workdir / "tensorboard"))
-                    if self._is_main else None)
+    self.rules = rules
+    self.settings = PredictSettings.from_config(config.eval) if settings is None else settings
+    self.threshold = float(config.eval.failure_threshold)
+    self._predict_fns: dict[PredictSettings, Callable] = {}
     self._baseline: dict[str, float] = {}
 
-  def log_train(self, step: int, scalars: Mapping[str, float]) -> None:
-    """Records training scalars (TensorBoard and train_metrics.jsonl)."""
-    if not self._is_main:
-      return
-    for key, value in scalars.items():
-      self._writer.add_scalar(f"train/{key}", value, step)
-    with open(self.workdir / "train_metrics.jsonl", "a") as f:
-      f.write(json.dumps({"step": step, **scalars}) + "\n")
+  def predict_fn(self, settings: PredictSettings | None = None) -> Callable:
+    """The compiled predict function of `settings` (default the main pass's), made once."""
+    settings = self.settings if settings is None else settings
+    if settings not in self._predict_fns:
+      self._predict_fns[settings] = inference.compile_predict_fn(
+          self.model, self.mesh, self.rules, settings)
+    return self._predict_fns[settings]
 
-  def evaluate(self, variables: Any, step: int, datasets=None,
-               samples: dict | None = None) -> dict:
-    """Evaluates `variables` on each dataset's eval split; records and returns results.
+  def run(self, variables: Any, datasets: Sequence[str], *,
+          settings: PredictSettings | None = None,
+          transform: Callable[[np.ndarray], np.ndarray] | None = None,
+          max_batches: int | None = None, keep_images: int = 0,
+          label: str = "eval") -> dict[str, metrics.SplitPredictions]:
+    """One pass over each dataset's split: {dataset: metrics.SplitPredictions}."""
+    predict_fn = self.predict_fn(settings)
+    return {landmarks.get_protocol(d).name: collect_split(
+        predict_split(predict_fn, variables, self.config.data, d, self.mesh,
+                      transform=transform, max_batches=max_batches, desc=f"{label} {d}"),
+        d, keep_images=keep_images)
+        for d in datasets}
 
-    With a `samples` dict, also stores there per dataset the per-image
-    arrays of the whole split, gathered from every process, as
-    `report.collect_predictions` returns them ("predictions",
-    "ground_truth", "box_size", "subsets", and "images": this process's
-    first input image), so a report needs no second pass.
+  def evaluate(self, variables: Any, step: int, datasets: Sequence[str] | None = None,
+               keep_images: int = 0) -> tuple[dict, dict[str, metrics.SplitPredictions]]:
+    """(results {dataset: summary}, per-image arrays {dataset: metrics.SplitPredictions}).
+
+    Summaries as `summarize_dataset`; the baseline NME is computed once per
+    dataset and reused.
     """
-    data = self.config.data
-    batches = sharding.batch_sharding(self.mesh)
+    per_image = self.run(variables, datasets or self.config.data.datasets,
+                         keep_images=keep_images, label=f"eval @ {step}")
     results = {}
-    for dataset in (datasets or data.datasets):
-      iterator = pipeline.make_eval_iterator(
-          data, dataset, data.eval_split, process_index=jax.process_index(),
-          process_count=jax.process_count())
-      baseline_points = mean_face_input_points(dataset, data.image_size, data.crop_enlarge)
-      collected: dict[str, list[np.ndarray]] = {}
-      first_images = None
-      subset_names = pipeline.eval_subsets(dataset)
-      for batch in tqdm.tqdm(iterator, desc=f"eval {dataset} @ {step}", leave=False,
-                             disable=not self._is_main):
-        if first_images is None:
-          first_images = np.asarray(batch["image"])[np.asarray(batch["valid"], bool)][:1]
-        images = jax.make_array_from_process_local_data(batches, batch["image"])
-        unified = sharding.local_rows(self.predict(variables, images))
-        own = unified[:, landmarks.get_protocol(dataset).unified_index]
-        parts = {
-            "pred": crop.apply_affine(own, batch["inverse_affine"]),
-            "base": crop.apply_affine(np.broadcast_to(baseline_points, own.shape),
-                                      batch["inverse_affine"]),
-            "gt": batch["landmarks"], "box": batch["box_size"], "valid": batch["valid"],
-            **{f"subset/{n}": batch[f"subset/{n}"] for n in subset_names}}
-        for key, value in parts.items():
-          collected.setdefault(key, []).append(np.asarray(value))
-      getattr(iterator, "close", lambda: None)()
-      merged = {k: sharding.gather_from_processes(np.concatenate(v))
-                for k, v in collected.items()}
-      valid = merged["valid"].astype(bool)
-      if not valid.any():
-        raise ValueError(f"{dataset} {data.eval_split}: the eval split is empty")
-      with_baseline = dataset not in self._baseline
-      result = summarize_dataset(
-          dataset, merged["pred"][valid], merged["gt"][valid], merged["box"][valid],
-          {n: merged[f"subset/{n}"][valid].astype(bool) for n in subset_names},
-          baseline=merged["base"][valid] if with_baseline else None,
-          threshold=self.config.eval.failure_threshold)
-      if with_baseline:
-        self._baseline[dataset] = result["baseline_nme"]
-      result["baseline_nme"] = self._baseline[dataset]
-      results[dataset] = result
-      if samples is not None:
-        samples[landmarks.get_protocol(dataset).name] = {
-            "predictions": merged["pred"][valid], "ground_truth": merged["gt"][valid],
-            "box_size": merged["box"][valid],
-            "subsets": {n: merged[f"subset/{n}"][valid].astype(bool) for n in subset_names},
-            "images": first_images}
-    self._record(step, results)
-    return results
+    for name, split in per_image.items():
+      result = summarize_dataset(split, self.threshold, with_baseline=name not in self._baseline)
+      self._baseline.setdefault(name, result.get("baseline_nme"))
+      result["baseline_nme"] = self._baseline[name]
+      results[name] = result
+    return results, per_image
 
-  def _record(self, step: int, results: Mapping[str, Any]) -> None:
-    if not self._is_main:
-      return
-    flat = flatten(results)
-    for key, value in flat.items():
-      self._writer.add_scalar(f"eval/{key}", value, step)
-    self._writer.flush()
-    with open(self.workdir / "eval_metrics.jsonl", "a") as f:
-      f.write(json.dumps({"step": step, **flat}) + "\n")
-    logging.info("eval step %d: %s", step, "  ".join(
-        f"{d} NME {100 * r['nme']:.2f}% (baseline {100 * r['baseline_nme']:.2f}%) "
-        f"FR {100 * r['fr']:.1f}%" for d, r in results.items()))
+  def run_studies(self, names: Sequence[str], variables: Any, datasets: Sequence[str],
+                  measured: dict[str, dict[Any, dict[str, float]]],
+                  max_batches: int | None = None) -> None:
+    """Runs the passes of studies `names` for `datasets`; adds their NMEs to `measured`.
 
-  def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
+    `measured[study][pass key][dataset]` = NME; `studies.study_table` turns
+    it into the report's table once every model's datasets are in.
+    """
+    for name in names:
+      for study_pass in studies_lib.study_passes(name, self.config, self.settings):
+        passes = self.run(variables, datasets, settings=study_pass.settings,
+                          transform=study_pass.transform, max_batches=max_batches,
+                          label=f"{name} {study_pass.key}")
+        measured.setdefault(name, {}).setdefault(study_pass.key, {}).update(
+            {d: split.nme() for d, split in passes.items()})
+
+
+# -- the eval-only mode ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class WorkdirEvaluation:
+  """What `evaluate_workdir` did.
+
+  Attributes:
+    final: {dataset: {"nme", "baseline_nme", "fr", "auc"}}, "steps" (the
+      step evaluated, or {dataset: step} for "best"), "synthetic" (datasets
+      evaluated on synthetic stand-ins) and "failure_threshold"; as written
+      to <workdir>/eval_<checkpoint>.json.
+    report: report.md's path (process 0, when a report was asked for).
+  """
+
+  final: dict
+  report: pathlib.Path | None
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                     checkpoint: str = "latest", *, write_report: bool = True,
+                     out_dir: str | pathlib.Path | None = None) -> WorkdirEvaluation:
+  """`python run.py eval`: evaluates a run's EMA model(s) and writes the report.
+
+  Args:
+    config: the run's config (its saved config.json with any overrides).
+    workdir: the run's directory.
+    checkpoint: "latest" (the newest train state's EMA model, on every
+      dataset) or "best" (each dataset's best EMA model, on that dataset).
+    write_report: write <out_dir> (default <workdir>/report): tables per
+      subset and normaliser, CED curves, error by C(p), high-frequency
+      images and the studies of `config.eval.studies`.
+
+  Each checkpoint is read once (EMA variables only), every pass (the main
+  one and the studies') runs sharded over all devices of all processes,
+  and process 0 writes the files.
+  """
+  checkpointing.check_kind(checkpoint)
+  sharding.initialize_distributed(config.distributed)
+  validation.validate_config(config)
+  workdir = checkpointing.find_workdir(workdir)
+  prepare.prepare_data(config.data, config.synthetic_data)
+  synthetic = prepare.synthetic_datasets(config.data)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.mesh.logical_axis_rules)
+  restored = inference.restore_models(config, workdir, checkpoint, mesh, rules)
+  evaluator = Evaluator(config, models.build_model(config.model), mesh, rules)
+  study_names = studies_lib.check_studies(config.eval.studies)
+  max_batches = int(config.eval.study_max_batches) or None
+  results, per_image, measured = {}, {}, {}
+  for model in restored:
+    model_results, model_images = evaluator.evaluate(
+        model.variables, model.step, model.datasets, keep_images=1 if write_report else 0)
+    log_results(model.step, model_results)
+    results.update(model_results)
+    per_image.update(model_images)
+    if write_report:
+      evaluator.run_studies(study_names, model.variables, model.datasets, measured, max_batches)
+  final = final_table(results)
+  final["steps"] = (restored[0].step if checkpoint == "latest"
+                    else {m.datasets[0]: m.step for m in restored})
+  final["synthetic"] = sorted(synthetic)
+  final["failure_threshold"] = evaluator.threshold
+  path = None
+  if jax.process_index() == 0:
+    (workdir / f"eval_{checkpoint}.json").write_text(json.dumps(final, indent=2) + "\n")
+    if write_report:
+      main_nmes = {d: r["nme"] for d, r in results.items()}
+      tables = {name: studies_lib.study_table(name, config, evaluator.settings, measured[name],
+                                              main_nmes)
+                for name in study_names}
+      path = report.write_report(
+          per_image, out_dir or workdir / "report",
+          title=_report_title(workdir, checkpoint, final["steps"], evaluator.settings),
+          synthetic=synthetic, threshold=evaluator.threshold, studies=tables,
+          frequency=((config.model.frequency_extractor, float(config.model.frequency_sigma))
+                     if config.model.fgsa else None),
+          face_side_px=config.data.image_size / config.data.crop_enlarge)
+  sharding.barrier("evaluate_workdir done")
+  return WorkdirEvaluation(final=final, report=path)
+
+
+def _report_title(workdir: pathlib.Path, checkpoint: str, steps, settings: PredictSettings) -> str:
+  if checkpoint == "latest":
+    which = f"latest checkpoint (step {steps})"
+  else:
+    which = "best checkpoint per dataset (" + ", ".join(
+        f"{name} step {step}" for name, step in steps.items()) + ")"
+  return f"FGTBT evaluation report: {workdir.name}, {which}, {settings.describe()}"

@@ -1,10 +1,13 @@
 """The inference function as a standalone StableHLO artifact (`jax.export`).
 
 `export_inference(predictor, ...)` serialises the device side of prediction
+(`inference.make_predict_fn`, the function evaluation and `Predictor` run)
 for a fixed batch B and crop size S: uint8 RGB crops (B, S, S, 3) in (ImageNet
 normalisation inside), the model on the crops and, with the flip test, on
 their mirrors, the flip merge, and either the merged heatmaps or the decoded
-landmarks (points (B, 124, 2) in crop pixels and their confidence (B, 124)).
+landmarks (points (B, 124, 2) in crop pixels and their confidence (B, 124)),
+with the predictor's settings (from a run: the run's `config.eval`) unless
+others are given.
 The weights are constants inside the artifact, so loading it needs neither
 the model code nor a checkpoint, only JAX (and flatbuffers):
 
@@ -30,45 +33,46 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from fgtbt_jax import checkpointing
 from fgtbt_jax import crop
+from fgtbt_jax import heatmaps
+from fgtbt_jax import inference
 from fgtbt_jax import landmarks
 from fgtbt_jax import predictor as predictor_lib
+from fgtbt_jax.inference import PredictSettings
 
-OUTPUTS = ("landmarks", "heatmaps")
+OUTPUTS = inference.OUTPUTS
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 
 
 def export_inference(predictor: predictor_lib.Predictor, *, batch_size: int | None = None,
-                     flip_test: bool = True, output: str = "landmarks",
-                     decoder: str = "subpixel",
+                     settings: PredictSettings | None = None, output: str = "landmarks",
                      platforms: Sequence[str] = DEFAULT_PLATFORMS) -> jax.export.Exported:
   """Exports the predictor's inference function for uint8 crops (B, S, S, 3).
 
   Args:
-    predictor: supplies the model, its variables (baked in as constants) and
-      the crop size S.
+    predictor: supplies the model, its variables (baked in as constants),
+      the crop size S and the default settings.
     batch_size: B; default the predictor's batch size.
-    flip_test: merge with the mirrored crops' heatmaps inside the function.
+    settings: decoder, flip test and smoothing; default the predictor's.
     output: "landmarks" -> (points (B, 124, 2) float32 in crop pixels,
       confidence (B, 124)); "heatmaps" -> merged heatmaps (B, S/2, S/2, 124).
-    decoder: heatmap decoder for "landmarks" ("argmax", "quarter", "subpixel").
     platforms: lowering platforms; one artifact runs on any of them.
   """
   batch = predictor.batch_size if batch_size is None else int(batch_size)
   if batch < 1:
     raise ValueError(f"export: batch_size must be at least 1, got {batch}")
-  model, variables = predictor.model, predictor.variables
-  infer = predictor_lib.make_inference_fn(
-      lambda v, images: model.apply(v, images, train=False), flip_test=flip_test,
-      output=output, decoder=decoder)
+  settings = predictor.settings if settings is None else settings
+  variables = predictor.variables
+  infer = inference.make_predict_fn(inference.model_apply(predictor.model), settings, output)
   size = predictor.image_size
   crops = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
   return jax.export.export(jax.jit(lambda x: infer(variables, x)),
                            platforms=tuple(platforms))(crops)
 
 
-def artifact_metadata(exported: jax.export.Exported, *, flip_test: bool, output: str,
-                      decoder: str, crop_enlarge: float) -> dict:
+def artifact_metadata(exported: jax.export.Exported, *, settings: PredictSettings, output: str,
+                      crop_enlarge: float) -> dict:
   """The sidecar description of an exported artifact (see `save_exported`)."""
   (crops,) = exported.in_avals
   return {
@@ -83,8 +87,9 @@ def artifact_metadata(exported: jax.export.Exported, *, flip_test: bool, output:
           "points (B, 124, 2) x, y in crop pixels (pixel centres at integers) and "
           "confidence (B, 124) heatmap peaks" if output == "landmarks" else
           "flip-merged heatmaps (B, H, W, 124), heatmap pixel h = (x + 0.5) / stride - 0.5"),
-      "flip_test": bool(flip_test),
-      "decoder": decoder if output == "landmarks" else None,
+      "flip_test": bool(settings.flip_test),
+      "decoder": settings.decoder if output == "landmarks" else None,
+      "smoothing_sigma": float(settings.smoothing_sigma) if output == "landmarks" else None,
       "crop": {"scale_unit": crop.SCALE_UNIT, "crop_enlarge": float(crop_enlarge),
                "convention": "centre = box centre, side = max(w, h) * crop_enlarge, "
                              "u = (S / side) (x - centre) + (S - 1) / 2"},
@@ -119,23 +124,25 @@ def main(argv: Sequence[str] | None = None) -> int:
       prog="python -m fgtbt_jax.export", description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="training workdir (config.json, checkpoints/)")
   parser.add_argument("--out", required=True, help="artifact file to write")
-  parser.add_argument("--which", default="best", choices=("best", "latest"))
+  parser.add_argument("--which", default="best", choices=checkpointing.CHECKPOINT_KINDS)
   parser.add_argument("--dataset", default=None, help="whose best checkpoint (default: first)")
   parser.add_argument("--batch_size", type=int, default=predictor_lib.DEFAULT_BATCH_SIZE)
   parser.add_argument("--output", default="landmarks", choices=OUTPUTS)
-  parser.add_argument("--decoder", default="subpixel", choices=("argmax", "quarter", "subpixel"))
-  parser.add_argument("--no_flip_test", action="store_true")
+  parser.add_argument("--decoder", default=None, choices=heatmaps.DECODERS,
+                      help="default: the run's eval.decoder")
+  parser.add_argument("--flip_test", dest="flip_test", action="store_true", default=None,
+                      help="default: the run's eval.flip_test")
+  parser.add_argument("--no_flip_test", dest="flip_test", action="store_false")
   parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
                       help="comma-separated lowering platforms")
   args = parser.parse_args(argv)
-  predictor = predictor_lib.Predictor.from_checkpoint(args.workdir, args.which,
-                                                      dataset=args.dataset)
-  flip_test = not args.no_flip_test
-  exported = export_inference(predictor, batch_size=args.batch_size, flip_test=flip_test,
-                              output=args.output, decoder=args.decoder,
+  predictor = predictor_lib.Predictor.from_checkpoint(
+      args.workdir, args.which, dataset=args.dataset, decoder=args.decoder,
+      flip_test=args.flip_test)
+  exported = export_inference(predictor, batch_size=args.batch_size, output=args.output,
                               platforms=[p for p in args.platforms.split(",") if p])
   path = save_exported(exported, args.out, artifact_metadata(
-      exported, flip_test=flip_test, output=args.output, decoder=args.decoder,
+      exported, settings=predictor.settings, output=args.output,
       crop_enlarge=predictor.crop_enlarge))
   print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {path.name}.json")
   return 0

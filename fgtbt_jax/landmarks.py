@@ -6,12 +6,15 @@ semantically distinct points. This module is the one place that defines:
 
 * each protocol's mapping into the unified set (`Protocol.unified_index`),
 * each protocol's left/right flip permutation in its own point order,
-* the NME normalisers of each protocol,
+* the NME normalisers of each protocol and the one the paper reports,
+* the facial part of every unified point (`FACE_PARTS`),
 * the unified flip permutation and the occurrence count C(p) of every point,
 * the FMB weights derived from C(p).
 
 The tables are read from `assets/unified_124.json` (shipped with the package);
-everything else is derived and checked here at import time.
+everything else is derived and checked here at import time. A table missing
+from the asset raises a ValueError naming its key. A leaf module: it imports
+nothing from the project but `fgtbt_jax.errors`.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ from typing import Mapping
 
 import numpy as np
 
+from fgtbt_jax.errors import UnknownProtocolError
+
 NUM_UNIFIED = 124
 _ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
+_TABLES = "unified_124.json"
 
 # Fixed dataset order: the dataset id used in batches, losses and metrics is
 # the position in this tuple.
@@ -80,48 +86,123 @@ def _flip_permutation(n: int, pairs, name: str) -> np.ndarray:
   return perm
 
 
-def _normalizers(name: str, spec: Mapping) -> tuple[dict[str, Normalizer], str]:
+def _require(table: Mapping, key: str, where: str):
+  """`table[key]`, or a ValueError naming the missing key of the asset."""
+  if key not in table:
+    raise ValueError(f"{_TABLES}: {where} has no {key!r}")
+  return table[key]
+
+
+def _point_pair(value, key: str, where: str) -> tuple[int, int]:
+  if (not isinstance(value, list) or len(value) != 2
+      or not all(isinstance(v, int) for v in value)):
+    raise ValueError(f"{_TABLES}: {where}.{key} must be two point indices, got {value!r}")
+  return int(value[0]), int(value[1])
+
+
+def _normalizers(spec: Mapping, where: str) -> tuple[dict[str, Normalizer], str]:
+  """The NME normalisers of one protocol's table, and its default's name.
+
+  "nme_<kind>" (kind inter_ocular or inter_pupil) is two point indices, or a
+  text describing a rule: "nme_<kind>_centroids" (two lists of points) when
+  the protocol has one, else the protocol lacks that normaliser. "nme_box"
+  says whether the face box size is one; "default_normalizer" names the one
+  the paper reports.
+  """
   out = {}
-  io, ip = spec["nme_inter_ocular"], spec["nme_inter_pupil"]
-  if isinstance(io, list):
-    out["inter_ocular"] = Normalizer("points", (io[0],), (io[1],))
-  if isinstance(ip, list):
-    out["inter_pupil"] = Normalizer("points", (ip[0],), (ip[1],))
-  if name == "300W":
-    # Inter-pupil: centres of the two eyes' six contour points each.
-    out["inter_pupil"] = Normalizer(
-        "centroids", tuple(range(36, 42)), tuple(range(42, 48)))
-  if name == "AFLW":
+  for kind in ("inter_ocular", "inter_pupil"):
+    key = f"nme_{kind}"
+    value = _require(spec, key, where)
+    if isinstance(value, list):
+      a, b = _point_pair(value, key, where)
+      out[kind] = Normalizer("points", (a,), (b,))
+    elif f"{key}_centroids" in spec:
+      sides = spec[f"{key}_centroids"]
+      if len(sides) != 2 or not all(sides):
+        raise ValueError(f"{_TABLES}: {where}.{key}_centroids must be two non-empty "
+                         f"lists of point indices, got {sides!r}")
+      out[kind] = Normalizer("centroids", tuple(map(int, sides[0])), tuple(map(int, sides[1])))
+  box = _require(spec, "nme_box", where)
+  if not isinstance(box, bool):
+    raise ValueError(f"{_TABLES}: {where}.nme_box must be true or false, got {box!r}")
+  if box:
     out["box"] = Normalizer("box")
-  default = {"WFLW": "inter_ocular", "300W": "inter_ocular",
-             "COFW": "inter_pupil", "AFLW": "box"}[name]
+  default = _require(spec, "default_normalizer", where)
+  if default not in out:
+    raise ValueError(f"{_TABLES}: {where}.default_normalizer {default!r} is not one of "
+                     f"its normalisers {list(out)}")
   return out, default
 
 
-def _load() -> tuple[dict[str, Protocol], np.ndarray]:
-  raw = json.loads((_ASSETS / "unified_124.json").read_text())
-  if raw["num_unified"] != NUM_UNIFIED:
-    raise ValueError("unified_124.json: num_unified must be 124")
+def _parse_protocols(raw: Mapping) -> dict[str, Protocol]:
+  tables = _require(raw, "protocols", "the top level")
   protocols = {}
   for dataset_id, name in enumerate(PROTOCOL_NAMES):
-    spec = raw["protocols"][name]
-    n = spec["num_landmarks"]
-    index = np.asarray(spec["unified_index"], np.int32)
+    where = f"protocols.{name}"
+    spec = _require(tables, name, "protocols")
+    n = _require(spec, "num_landmarks", where)
+    index = np.asarray(_require(spec, "unified_index", where), np.int32)
     if index.shape != (n,) or len(set(index.tolist())) != n:
-      raise ValueError(f"unified_124.json: {name}.unified_index is not {n} distinct ids")
-    pairs = tuple((int(a), int(b)) for a, b in spec["flip_pairs"])
-    normalizers, default = _normalizers(name, spec)
+      raise ValueError(f"{_TABLES}: {where}.unified_index is not {n} distinct ids")
+    pairs = tuple((int(a), int(b)) for a, b in _require(spec, "flip_pairs", where))
+    normalizers, default = _normalizers(spec, where)
     protocols[name] = Protocol(
         name=name, dataset_id=dataset_id, num_landmarks=n,
         unified_index=index, flip_pairs=pairs,
         flip_permutation=_flip_permutation(n, pairs, name),
         normalizers=normalizers, default_normalizer=default)
-  count = np.asarray(raw["occurrence_count"], np.int32)
-  return protocols, count
+  return protocols
+
+
+def _parse_face_parts(raw: Mapping, protocols: Mapping[str, Protocol]):
+  """(part names, own point ranges per protocol, {unified id: part})."""
+  table = _require(raw, "face_parts", "the top level")
+  names = tuple(_require(table, "names", "face_parts"))
+  ranges = {}
+  for name, rows in _require(table, "own_ranges", "face_parts").items():
+    ranges[name] = tuple((str(part), int(start), int(stop)) for part, start, stop in rows)
+  parts: dict[int, str] = {}
+  for name, rows in ranges.items():
+    if name not in protocols:
+      raise ValueError(f"{_TABLES}: face_parts.own_ranges names an unknown protocol {name!r}")
+    index = protocols[name].unified_index
+    for part, start, stop in rows:
+      if part not in names:
+        raise ValueError(f"{_TABLES}: face_parts.own_ranges.{name}: {part!r} is not in "
+                         f"face_parts.names")
+      for u in index[start:stop].tolist():
+        if parts.setdefault(u, part) != part:
+          raise ValueError(f"{_TABLES}: face_parts: unified point {u} is {parts[u]} and {part}")
+  if sorted(parts) != list(range(NUM_UNIFIED)):
+    missing = sorted(set(range(NUM_UNIFIED)) - set(parts))
+    raise ValueError(f"{_TABLES}: face_parts do not cover unified points {missing}")
+  return names, ranges, dict(sorted(parts.items()))
+
+
+def _load(raw: Mapping):
+  """Every table of the parsed asset: protocols, face parts, occurrence counts."""
+  if _require(raw, "num_unified", "the top level") != NUM_UNIFIED:
+    raise ValueError(f"{_TABLES}: num_unified must be {NUM_UNIFIED}")
+  protocols = _parse_protocols(raw)
+  part_names, part_ranges, face_parts = _parse_face_parts(raw, protocols)
+  count = np.asarray(_require(raw, "occurrence_count", "the top level"), np.int32)
+  if count.shape != (NUM_UNIFIED,):
+    raise ValueError(f"{_TABLES}: occurrence_count must have {NUM_UNIFIED} entries")
+  return protocols, count, part_names, part_ranges, face_parts
+
+
+def _read_asset() -> dict:
+  return json.loads((_ASSETS / _TABLES).read_text())
 
 
 PROTOCOLS: Mapping[str, Protocol]
-PROTOCOLS, OCCURRENCE_COUNT = _load()
+# The facial part names, each protocol's own point ranges [part, start, stop)
+# per part ("right"/"left" are the subject's: "right" is on the image's left)
+# and the part of every unified id, derived through the unified index.
+PART_NAMES: tuple[str, ...]
+OWN_PART_RANGES: Mapping[str, tuple[tuple[str, int, int], ...]]
+FACE_PARTS: Mapping[int, str]
+PROTOCOLS, OCCURRENCE_COUNT, PART_NAMES, OWN_PART_RANGES, FACE_PARTS = _load(_read_asset())
 for _p in PROTOCOLS.values():
   _p.unified_index.setflags(write=False)
   _p.flip_permutation.setflags(write=False)
@@ -129,11 +210,27 @@ del _p
 
 
 def get_protocol(name: str) -> Protocol:
-  """The protocol called `name` (case-insensitive), with a clear error."""
+  """The protocol called `name` (case-insensitive).
+
+  Raises:
+    UnknownProtocolError: (a ValueError) no protocol has that name.
+  """
   key = {k.upper(): k for k in PROTOCOLS}.get(str(name).upper())
   if key is None:
-    raise KeyError(f"unknown protocol {name!r}; expected one of {list(PROTOCOLS)}")
+    raise UnknownProtocolError(name, PROTOCOLS)
   return PROTOCOLS[key]
+
+
+# The name of the whole 124-point unified set where a protocol is asked for.
+UNIFIED = "unified"
+
+
+def protocol_index(protocol: str) -> tuple[str, np.ndarray]:
+  """(canonical name, unified ids of its points in its own order) of a protocol or "unified"."""
+  if str(protocol).lower() == UNIFIED:
+    return UNIFIED, np.arange(NUM_UNIFIED)
+  found = get_protocol(protocol)
+  return found.name, np.asarray(found.unified_index)
 
 
 def _unified_flip_permutation() -> np.ndarray:
@@ -157,23 +254,6 @@ UNIFIED_FLIP_PERMUTATION.setflags(write=False)
 # (4, 124) bool: row d says which unified points dataset d annotates.
 PROTOCOL_MASKS = np.stack([PROTOCOLS[n].unified_mask for n in PROTOCOL_NAMES])
 PROTOCOL_MASKS.setflags(write=False)
-
-MAX_LANDMARKS = max(p.num_landmarks for p in PROTOCOLS.values())
-
-
-def padded_unified_index() -> tuple[np.ndarray, np.ndarray]:
-  """(4, 98) int32 unified ids per dataset padded with 0, and its (4, 98) mask.
-
-  Lets device code gather each sample's own channels by dataset id.
-  """
-  index = np.zeros((len(PROTOCOL_NAMES), MAX_LANDMARKS), np.int32)
-  valid = np.zeros((len(PROTOCOL_NAMES), MAX_LANDMARKS), bool)
-  for d, name in enumerate(PROTOCOL_NAMES):
-    p = PROTOCOLS[name]
-    index[d, :p.num_landmarks] = p.unified_index
-    valid[d, :p.num_landmarks] = True
-  return index, valid
-
 
 def fmb_weights(beta: float) -> np.ndarray:
   """FMB weight 1/E_p = (1 - beta) / (1 - beta**C(p)) of every unified point.

@@ -11,6 +11,8 @@ NME values are fractions (multiply by 100 for the % the papers report).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from fgtbt_jax import landmarks
@@ -162,3 +164,67 @@ def summarize(nmes, threshold: float = 0.1) -> dict[str, float]:
   nmes = _check_errors(nmes, threshold)
   return {"nme": float(nmes.mean()), "fr": failure_rate(nmes, threshold),
           "auc": auc(nmes, threshold), "count": int(nmes.size)}
+
+
+def dataset_table(protocol: str | Protocol, pred, gt, box_size, subsets=None,
+                  threshold: float = 0.1) -> dict[str, dict[str, dict[str, float]]]:
+  """{subset: {normaliser: {"nme", "fr", "auc", "count"}}} of one dataset's test images.
+
+  Args:
+    protocol: the dataset's protocol (name or `landmarks.Protocol`).
+    pred, gt: (B, N, 2) own-order predictions and ground truth; points not
+      finite in `gt` are left out.
+    box_size: (B,) face box sizes (the box normaliser).
+    subsets: {name: (B,) bool} evaluation subsets; subset "full" (every
+      image) comes first, subsets without images are left out.
+    threshold: failure threshold of FR and AUC.
+
+  Every normaliser the protocol defines gets a column; the default one is
+  `landmarks.Protocol.default_normalizer`.
+  """
+  protocol = _protocol(protocol)
+  gt = np.asarray(gt, np.float64)
+  mask = np.isfinite(gt).all(-1)
+  per_image = {name: nme(pred, gt, protocol, normalizer=name, box_size=box_size, mask=mask)
+               for name in protocol.normalizers}
+  rows = {"full": np.ones(len(gt), bool)}
+  for name, flags in (subsets or {}).items():
+    flags = np.asarray(flags, bool)
+    if flags.shape != (len(gt),):
+      raise ValueError(f"{protocol.name} subset {name!r}: expected flags of shape "
+                       f"({len(gt)},), got {flags.shape}")
+    rows[name] = flags
+  return {subset: {name: summarize(values[flags], threshold) for name, values in per_image.items()}
+          for subset, flags in rows.items() if flags.any()}
+
+
+@dataclasses.dataclass
+class SplitPredictions:
+  """Per-image results of one pass over a dataset's test split (every process's images).
+
+  Attributes:
+    dataset: the protocol name.
+    predictions: (B, N, 2) own-order points in stored-crop pixels.
+    confidence: (B, N) heatmap peak of each point.
+    ground_truth: (B, N, 2) in stored-crop pixels (NaN where not annotated).
+    box_size: (B,) face box sizes.
+    baseline: (B, N, 2) the mean-shape baseline's points.
+    subsets: {name: (B,) bool} evaluation subsets.
+    images: the first uint8 input crops this process saw (the report's
+      high-frequency images); may be empty.
+  """
+
+  dataset: str
+  predictions: np.ndarray
+  confidence: np.ndarray
+  ground_truth: np.ndarray
+  box_size: np.ndarray
+  baseline: np.ndarray
+  subsets: dict[str, np.ndarray]
+  images: np.ndarray
+
+  def nme(self) -> float:
+    """Mean NME with the protocol's default normaliser."""
+    mask = np.isfinite(self.ground_truth).all(-1)
+    return float(np.mean(nme(self.predictions, self.ground_truth, self.dataset,
+                             box_size=self.box_size, mask=mask)))

@@ -11,12 +11,16 @@ convention of `fgtbt_jax.crop` (box centre, scale max(w, h) / 200, enlarged
 1.25x, resized to S x S; area-averaged first when it shrinks more than 2x,
 as the stored training crops were). All crops of all images run in
 fixed-size batches (the last one padded), so the jitted function compiles
-once per batch shape. On device: the model on the crop and, with the flip
-test, on its mirror in the same batch; the two heatmap sets merged with the
-unified flip permutation; decoding (argmax / quarter / subpixel) to input
-pixels. Back on the host, the inverse crop matrix maps them to original
-image pixels; a protocol's points are the unified output gathered by its
-`unified_index`.
+once per batch shape. On device runs the one predict function of
+`fgtbt_jax.inference` (the one the evaluation runs): the model on the crop
+and, with the flip test, on its mirror; the two heatmap sets merged with the
+unified flip permutation; decoding (argmax / quarter / subpixel, optional
+smoothing) to input pixels. Back on the host, the inverse crop matrix maps
+them to original image pixels; a protocol's points are the unified output
+gathered by its `unified_index`.
+
+`Predictor.from_checkpoint` predicts the way the run was evaluated: its
+decoder, flip test and smoothing are the run's `config.eval` unless given.
 
 Face boxes come from the caller (x1, y1, x2, y2 in the training annotation
 style: landmarks' bounding box padded by ~5%) or from a face detector
@@ -28,104 +32,25 @@ An image where the detector finds no face gives a result with F = 0.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import pathlib
 from typing import Any, Callable
 
-import cv2
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from data_pipelines.images import load_image
+from fgtbt_jax import checkpointing
 from fgtbt_jax import crop
 from fgtbt_jax import detector as detector_lib
-from fgtbt_jax import heatmaps
+from fgtbt_jax import inference
 from fgtbt_jax import landmarks
 from fgtbt_jax import models
 from fgtbt_jax import sharding
+from fgtbt_jax.images import load_image
+from fgtbt_jax.inference import PredictSettings
 
-UNIFIED = "unified"
-PROTOCOL_CHOICES: tuple[str, ...] = landmarks.PROTOCOL_NAMES + (UNIFIED,)
 DEFAULT_BATCH_SIZE = 8
-# The crop is area-averaged before the bilinear warp when the warp shrinks
-# by more than this factor (bilinear sampling alone would alias).
-_AREA_SHRINK_BELOW = 0.5
-
-
-def make_inference_fn(apply_fn: Callable[[Any, jax.Array], jax.Array], *, flip_test: bool,
-                      output: str = "landmarks", decoder: str = "subpixel") -> Callable:
-  """The device side of prediction: (variables, uint8 crops) -> outputs.
-
-  Args:
-    apply_fn: (variables, normalised images (B, S, S, 3)) -> heatmaps
-      (B, S / stride, S / stride, 124), e.g. the model's eval-mode apply.
-    flip_test: also run the mirrored crops (in the same batch) and average
-      the heatmaps with the mirror's, flipped back with the unified flip
-      permutation.
-    output: "landmarks" -> (points (B, 124, 2) in crop input pixels,
-      confidence (B, 124) heatmap peaks); "heatmaps" -> the (merged)
-      heatmaps.
-    decoder: a name of `heatmaps.DECODERS`.
-
-  Returns:
-    A pure function of (variables, crops uint8 (B, S, S, 3)); jit it.
-  """
-  if output not in ("landmarks", "heatmaps"):
-    raise ValueError(f"unknown inference output {output!r}; expected 'landmarks' or 'heatmaps'")
-  if decoder not in heatmaps.DECODERS:
-    raise ValueError(f"unknown heatmap decoder {decoder!r}; expected one of {heatmaps.DECODERS}")
-  flip_permutation = landmarks.UNIFIED_FLIP_PERMUTATION
-
-  def infer(variables, crops):
-    images = models.normalize_images(crops)
-    if flip_test:
-      both = apply_fn(variables, jnp.concatenate([images, images[:, :, ::-1, :]]))
-      maps = heatmaps.merge_flipped(both[:len(images)], both[len(images):], flip_permutation)
-    else:
-      maps = apply_fn(variables, images)
-    if output == "heatmaps":
-      return maps
-    coords, confidence = heatmaps.decode(maps, decoder)
-    stride = crops.shape[1] / maps.shape[1]
-    return heatmaps.heatmap_to_input(coords, stride), confidence
-
-  return infer
-
-
-def warp_to_crop(image: np.ndarray, to_crop: np.ndarray, size: int) -> np.ndarray:
-  """Warps `image` with the 2x3 matrix `to_crop` into a size x size crop.
-
-  Bilinear, black outside the image. When the warp shrinks by more than 2x,
-  only the image region the crop covers is first area-averaged to about
-  twice the crop's resolution (cheap on huge images), and the resize's exact
-  pixel-centre map x' = r (x + 0.5) - 0.5 is folded into the matrix.
-  """
-  shrink = float(np.sqrt(abs(np.linalg.det(to_crop[:, :2]))))
-  if shrink < _AREA_SHRINK_BELOW:
-    height, width = image.shape[:2]
-    corners = np.array([[-0.5, -0.5], [size - 0.5, -0.5], [-0.5, size - 0.5], [size - 0.5, size - 0.5]])
-    covered = crop.apply_affine(corners, crop.invert_affine(to_crop))
-    margin = 2.0 / shrink  # A few crop pixels: the bilinear footprint at the edge.
-    x0 = int(np.clip(np.floor(covered[:, 0].min() - margin), 0, width))
-    y0 = int(np.clip(np.floor(covered[:, 1].min() - margin), 0, height))
-    x1 = int(np.clip(np.ceil(covered[:, 0].max() + margin) + 1, 0, width))
-    y1 = int(np.clip(np.ceil(covered[:, 1].max() + margin) + 1, 0, height))
-    if x1 <= x0 or y1 <= y0:
-      return np.zeros((size, size, 3), np.uint8)
-    region = image[y0:y1, x0:x1]
-    new_w = max(1, round((x1 - x0) * shrink * 2))
-    new_h = max(1, round((y1 - y0) * shrink * 2))
-    region = cv2.resize(region, (new_w, new_h), interpolation=cv2.INTER_AREA)
-    rx, ry = new_w / (x1 - x0), new_h / (y1 - y0)
-    # Original pixel (x, y) -> resized region pixel.
-    to_region = np.array([[rx, 0.0, rx * (0.5 - x0) - 0.5], [0.0, ry, ry * (0.5 - y0) - 0.5]])
-    image, to_crop = region, crop.compose_affine(to_crop, crop.invert_affine(to_region))
-  return cv2.warpAffine(np.ascontiguousarray(image), to_crop, (size, size), flags=cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
 
 
 @dataclasses.dataclass
@@ -168,14 +93,6 @@ class ImagePrediction:
     }
 
 
-def protocol_index(protocol: str) -> tuple[str, np.ndarray]:
-  """(canonical name, unified ids of its points in its own order) of a protocol or "unified"."""
-  if str(protocol).lower() == UNIFIED:
-    return UNIFIED, np.arange(landmarks.NUM_UNIFIED)
-  found = landmarks.get_protocol(protocol)
-  return found.name, np.asarray(found.unified_index)
-
-
 def _is_single_image(images) -> bool:
   if isinstance(images, (str, os.PathLike, bytes)):
     return True
@@ -193,6 +110,8 @@ class Predictor:
     image_size: side S of the network crop; default `model_config.input_size`.
     detector: face detector used when `predict` gets no boxes; default
       `detector.default_detector()`, created when first needed.
+    settings: decoder, flip test and smoothing (`inference.PredictSettings`);
+      default the paper's test with the sub-pixel decoder.
     dtype: compute dtype override ("float32" or "bfloat16").
     batch_size: faces per device batch (fixed: one compilation per size).
     crop_enlarge: the crop side over the face box side (1.25).
@@ -203,6 +122,7 @@ class Predictor:
 
   def __init__(self, model_config: ml_collections.ConfigDict, variables: Any, *,
                image_size: int | None = None, detector: detector_lib.FaceDetector | None = None,
+               settings: PredictSettings | None = None,
                dtype: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                crop_enlarge: float = crop.CROP_ENLARGE,
                max_detection_side: int = detector_lib.DEFAULT_MAX_DETECTION_SIDE,
@@ -222,15 +142,19 @@ class Predictor:
     self.max_detection_side = int(max_detection_side)
     self.model = models.build_model(config) if model is None else model
     self.variables = jax.device_put(nn.meta.unbox(variables))
+    self.settings = PredictSettings() if settings is None else settings
+    self.step: int | None = None  # The training step of a checkpoint's variables.
     self._detector = detector
-    self._compiled: dict[tuple[bool, str], Callable] = {}
+    self._compiled: dict[PredictSettings, Callable] = {}
 
   # -- construction from a training run ----------------------------------------
 
   @classmethod
   def from_checkpoint(cls, workdir_or_path: str | os.PathLike, which: str = "best", *,
-                      dataset: str | None = None, **kwargs) -> "Predictor":
-    """A predictor with the EMA model of a training run.
+                      dataset: str | None = None, decoder: str | None = None,
+                      flip_test: bool | None = None, smoothing_sigma: float | None = None,
+                      **kwargs) -> "Predictor":
+    """A predictor with the EMA model of a training run, set up as the run was evaluated.
 
     Args:
       workdir_or_path: the run's workdir (holding config.json and
@@ -238,15 +162,23 @@ class Predictor:
       which: "best" (the EMA model with the lowest NME on `dataset`) or
         "latest" (the EMA variables of the newest train state).
       dataset: whose best checkpoint; default the run's first dataset.
+      decoder, flip_test, smoothing_sigma: override the run's `config.eval`.
       **kwargs: passed to the constructor (image_size and crop_enlarge
         default to the run's data config).
     """
-    workdir = find_workdir(workdir_or_path)
-    config = load_run_config(workdir)
-    variables, _ = restore_ema_variables(config, workdir, which, dataset=dataset)
+    workdir = checkpointing.find_workdir(workdir_or_path)
+    config = checkpointing.load_run_config(workdir)
+    [restored] = inference.restore_models(
+        config, workdir, which, sharding.single_device_mesh(),
+        sharding.logical_rules(config.mesh.logical_axis_rules),
+        datasets=None if which == "latest" else [dataset or config.data.datasets[0]])
     kwargs.setdefault("image_size", int(config.data.image_size))
     kwargs.setdefault("crop_enlarge", float(config.data.crop_enlarge))
-    return cls(config.model, variables, **kwargs)
+    kwargs.setdefault("settings", PredictSettings.from_config(
+        config.eval, decoder=decoder, flip_test=flip_test, smoothing_sigma=smoothing_sigma))
+    predictor = cls(config.model, restored.variables, **kwargs)
+    predictor.step = restored.step
+    return predictor
 
   # -- prediction ----------------------------------------------------------------
 
@@ -256,15 +188,22 @@ class Predictor:
       self._detector = detector_lib.default_detector()
     return self._detector
 
-  def inference_fn(self, flip_test: bool = True, decoder: str = "subpixel") -> Callable:
+  def _settings(self, flip_test: bool | None, decoder: str | None) -> PredictSettings:
+    """The predictor's settings with a call's explicit overrides."""
+    changes = {}
+    if flip_test is not None:
+      changes["flip_test"] = bool(flip_test)
+    if decoder is not None:
+      changes["decoder"] = decoder
+    return self.settings.replace(**changes) if changes else self.settings
+
+  def inference_fn(self, settings: PredictSettings | None = None) -> Callable:
     """The jitted (variables, uint8 crops (B, S, S, 3)) -> (points, confidence)."""
-    key = (bool(flip_test), decoder)
-    if key not in self._compiled:
-      model = self.model
-      apply_fn = lambda variables, images: model.apply(variables, images, train=False)
-      self._compiled[key] = jax.jit(make_inference_fn(apply_fn, flip_test=flip_test,
-                                                      decoder=decoder))
-    return self._compiled[key]
+    settings = self.settings if settings is None else settings
+    if settings not in self._compiled:
+      self._compiled[settings] = jax.jit(inference.make_predict_fn(
+          inference.model_apply(self.model), settings))
+    return self._compiled[settings]
 
   def crop_faces(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Network crops (F, S, S, 3) uint8 and their (F, 2, 3) image-to-crop matrices."""
@@ -274,14 +213,15 @@ class Predictor:
       center, scale = crop.center_scale_from_box(box)
       matrices[i] = crop.face_crop_affine(center, scale, self.image_size,
                                           crop_enlarge=self.crop_enlarge)
-      crops[i] = warp_to_crop(image, matrices[i], self.image_size)
+      crops[i] = crop.warp_to_crop(image, matrices[i], self.image_size)
     return crops, matrices
 
-  def run_crops(self, crops: np.ndarray, flip_test: bool = True,
-                decoder: str = "subpixel") -> tuple[np.ndarray, np.ndarray]:
+  def run_crops(self, crops: np.ndarray, flip_test: bool | None = None,
+                decoder: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(M, 124, 2) points in crop pixels and (M, 124) confidence of (M, S, S, 3) crops.
 
     Runs fixed batches of `batch_size` crops, the last padded with zeros.
+    `flip_test` and `decoder` override the predictor's settings for this call.
     """
     crops = np.asarray(crops, np.uint8)
     size = self.image_size
@@ -292,7 +232,7 @@ class Predictor:
     if count == 0:
       return (np.zeros((0, landmarks.NUM_UNIFIED, 2), np.float32),
               np.zeros((0, landmarks.NUM_UNIFIED), np.float32))
-    infer = self.inference_fn(flip_test, decoder)
+    infer = self.inference_fn(self._settings(flip_test, decoder))
     padded = -(-count // self.batch_size) * self.batch_size
     crops = np.concatenate([crops, np.zeros((padded - count, size, size, 3), np.uint8)])
     # Dispatch every batch before fetching any: the host prepares the next
@@ -303,22 +243,23 @@ class Predictor:
     confidence = np.concatenate([np.asarray(c) for _, c in outputs])[:count]
     return points, confidence
 
-  def predict(self, images, boxes=None, protocol: str = UNIFIED, flip_test: bool = True,
-              decoder: str = "subpixel") -> list[ImagePrediction]:
+  def predict(self, images, boxes=None, protocol: str = landmarks.UNIFIED, flip_test: bool | None = None,
+              decoder: str | None = None) -> list[ImagePrediction]:
     """Landmarks of every face in `images`.
 
     Args:
       images: one image or a sequence of them; an image is a path, encoded
         bytes, or an array H x W (grey), H x W x 3 (RGB) or H x W x 4 (RGBA),
-        uint8 or uint16 (`data_pipelines.images.load_image`). A 4-D array is
+        uint8 or uint16 (`fgtbt_jax.images.load_image`). A 4-D array is
         a batch of RGB images.
       boxes: None (run the detector on every image), or per image its face
         boxes (F, 4) / one box (4,) x1, y1, x2, y2, or None to detect; for a
         single image, its boxes directly.
       protocol: "unified" (124 points) or a protocol name, whose points are
         the unified output gathered by its `unified_index`.
-      flip_test: average with the mirrored crop's heatmaps (the paper's test).
-      decoder: "argmax", "quarter" or "subpixel".
+      flip_test: average with the mirrored crop's heatmaps (the paper's test);
+        default the predictor's settings.
+      decoder: "argmax", "quarter" or "subpixel"; default the predictor's settings.
 
     Returns:
       One `ImagePrediction` per image, in order.
@@ -329,7 +270,7 @@ class Predictor:
         the image and the box); boxes do not match the images.
       DetectorUnavailableError: boxes are missing and no detector can run.
     """
-    name, index = protocol_index(protocol)
+    name, index = landmarks.protocol_index(protocol)
     single = _is_single_image(images)
     if single:
       images, boxes = [images], None if boxes is None else [boxes]
@@ -367,101 +308,3 @@ class Predictor:
           image_size=(int(shape[0]), int(shape[1])), source=where))
       start = stop
     return results
-
-
-# -- training runs -----------------------------------------------------------------
-
-
-def find_workdir(path: str | os.PathLike) -> pathlib.Path:
-  """The run directory holding config.json, given it or its checkpoints/ folder."""
-  path = pathlib.Path(path).resolve()
-  for candidate in (path, path.parent):
-    if (candidate / "config.json").is_file() and (candidate / "checkpoints").is_dir():
-      return candidate
-  raise FileNotFoundError(
-      f"{path}: not a training workdir (expected config.json and checkpoints/ in it "
-      "or in its parent)")
-
-
-def _tuples(value):
-  """JSON lists back to the tuples the configs declare."""
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  return value
-
-
-def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The experiment config a run saved as `<workdir>/config.json`.
-
-  Raises:
-    FileNotFoundError: there is no config.json.
-    ValueError: it is not a readable JSON config.
-  """
-  path = pathlib.Path(workdir) / "config.json"
-  try:
-    raw = json.loads(path.read_text())
-  except FileNotFoundError:
-    raise FileNotFoundError(f"{path} does not exist: not a training workdir") from None
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path} is not a readable config: {e}") from e
-  if not isinstance(raw, dict):
-    raise ValueError(f"{path} is not a readable config: expected a JSON object")
-  return ml_collections.ConfigDict(_tuples(raw))
-
-
-def restore_ema_variables(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                          which: str = "best", dataset: str | None = None) -> tuple[Any, int]:
-  """The EMA variables {"params", "batch_stats"} of a run and their step, on one device.
-
-  `which` is "best" (lowest NME on `dataset`, default the run's first
-  dataset) or "latest" (EMA part of the newest train state).
-  """
-  if which not in ("best", "latest"):
-    raise ValueError(f"which={which!r}; expected 'best' or 'latest'")
-  if which == "latest":
-    return _restore_ema(config, workdir, None)[0]
-  return _restore_ema(config, workdir, [config.data.datasets[0] if dataset is None else dataset])[0]
-
-
-def restore_best_ema_variables(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                               datasets) -> list[tuple[Any, int]]:
-  """(EMA variables, step) of each dataset's best model, on one device, in `datasets` order."""
-  return _restore_ema(config, workdir, list(datasets))
-
-
-def _restore_ema(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                 best_of: list[str] | None) -> list[tuple[Any, int]]:
-  """The latest state's EMA variables (`best_of` None) or the best of each dataset named.
-
-  The abstract train state is built once for all of them.
-  """
-  from jax.sharding import AxisType, Mesh
-  from fgtbt_jax import checkpointing
-  from fgtbt_jax import train
-  checkpoints = checkpointing.Checkpointer.for_run(config, workdir, enable_async=False)
-  try:
-    names = []
-    for dataset in best_of or ():
-      name = landmarks.get_protocol(dataset).name
-      if name not in config.data.datasets:
-        raise KeyError(f"the run in {workdir} trained on {list(config.data.datasets)}; "
-                       f"it has no best checkpoint for {name}")
-      # Fail before building the abstract state when there is nothing to load.
-      if checkpoints.best_step(name) is None:
-        raise FileNotFoundError(f"no best checkpoint for {name} under "
-                                f"{checkpoints.directory / ('best_' + name)}")
-      names.append(name)
-    if best_of is None and checkpoints.latest_step() is None:
-      raise FileNotFoundError(f"no train-state checkpoint under {checkpoints.directory / 'latest'}")
-    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES,
-                axis_types=(AxisType.Auto,) * 2)
-    abstract_state = train.build_setup(config, mesh=mesh).abstract_state
-    if best_of is None:
-      state, step = checkpoints.restore(abstract_state)
-      return [(state.ema_variables(), step)]
-    abstract = {"params": abstract_state.ema_params, "batch_stats": abstract_state.ema_batch_stats}
-    return [checkpoints.restore_best(name, abstract) for name in names]
-  finally:
-    checkpoints.close()

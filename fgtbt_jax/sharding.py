@@ -10,18 +10,49 @@ from those slices and `local_rows` takes a process's rows back out.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from fgtbt_jax.models import partitioning
 
 MESH_AXES = partitioning.MESH_AXES
+
+
+def initialize_distributed(distributed_config: ml_collections.ConfigDict) -> bool:
+  """Starts jax.distributed when the config or the environment asks for it.
+
+  The coordinator comes from `distributed.coordinator_address` or the
+  JAX_COORDINATOR_ADDRESS variable; the process count and id from the config
+  (> 0 / >= 0) or JAX_NUM_PROCESSES / JAX_PROCESS_ID; with
+  `distributed.auto_detect` JAX reads a supported cluster environment (TPU
+  pods, SLURM, ...). Must run before anything touches a JAX backend.
+  Returns whether the distributed system is (now) initialized.
+  """
+  if jax.distributed.is_initialized():
+    return True
+  address = distributed_config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  if not address and not distributed_config.auto_detect:
+    return False
+  num_processes = distributed_config.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", 0))
+  process_id = distributed_config.process_id
+  if process_id < 0:
+    process_id = int(os.environ.get("JAX_PROCESS_ID", -1))
+  jax.distributed.initialize(
+      coordinator_address=address or None,
+      num_processes=num_processes or None,
+      process_id=process_id if process_id >= 0 else None)
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+  return True
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
@@ -51,6 +82,17 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[Any] | N
               axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def single_device_mesh(device: Any | None = None) -> Mesh:
+  """A ("data", "fsdp") mesh of one device (default: this process's first).
+
+  For inference and tools that run on one device whatever a run's mesh
+  config says.
+  """
+  device = jax.local_devices()[0] if device is None else device
+  return Mesh(np.asarray([device]).reshape(1, 1), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
 def logical_rules(rules: Sequence[Sequence[Any]]) -> tuple:
   """Logical-name -> mesh-axis rules as tuples (configs read back from JSON hold lists)."""
   return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
@@ -74,6 +116,33 @@ def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding,
   """Global jax arrays of `keys` from this process's slice of the batch."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k]))
           for k in keys}
+
+
+class GlobalBatches:
+  """Wraps a process-local batch iterator; yields the batches as global arrays.
+
+  `keys` become global jax arrays placed with `sharding` (this process's
+  rows on its devices); every other entry stays this process's numpy slice.
+  The wrapped iterator stays the one to checkpoint (its position is the
+  data state); `close` closes it (grain worker processes).
+  """
+
+  def __init__(self, iterator: Any, sharding: NamedSharding, keys: Sequence[str]):
+    self.local = iterator
+    self._sharding = sharding
+    self._keys = tuple(keys)
+
+  def __iter__(self) -> "GlobalBatches":
+    return self
+
+  def __next__(self) -> dict:
+    local = next(self.local)
+    return {**local, **global_batch(local, self._sharding, self._keys)}
+
+  def close(self) -> None:
+    close = getattr(self.local, "close", None)
+    if close is not None:
+      close()
 
 
 def local_rows(array: jax.Array) -> np.ndarray:

@@ -9,21 +9,24 @@ statistics, and returns the loss and per-dataset losses. Around it:
   rules table in the config, and created directly sharded (abstract shapes
   first, then `jax.jit(init, out_shardings=...)`);
 * process-local batches from the grain pipeline assembled into global arrays
-  with `jax.make_array_from_process_local_data` (multi-host ready;
-  `jax.distributed.initialize` runs when the config or the environment names
-  a coordinator);
+  (`sharding.GlobalBatches`; multi-host ready: `jax.distributed.initialize`
+  runs when the config or the environment names a coordinator);
 * Orbax checkpoints of the train state and the data iterator, resumed from
   the latest on restart, saved on SIGTERM/SIGINT before a clean exit;
 * evaluation of the EMA model every `eval_every` steps and at the end, with
   the best EMA checkpoint per dataset kept;
-* safety rails: config validation before any work, a loud stop on a
-  non-finite loss (the last good checkpoint stays), a parameter table and
-  the config in the log, and the transfer guard around the step.
+* safety rails: config validation before any work (`validation`), a loud
+  stop on a non-finite loss (the last good checkpoint stays), a parameter
+  table and the config in the log, and the transfer guard around the step.
+
+The train state, optimizer and abstract shapes are built in `state`; data
+preparation (synthetic stand-ins, conversion checks) is
+`data_pipelines.prepare`; training and eval scalars go through one
+`MetricWriter`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -34,272 +37,31 @@ import time
 from typing import Any, Callable, Iterator, Mapping
 
 from absl import logging
-import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
-from data_pipelines import convert
 from data_pipelines import pipeline
-from data_pipelines import tfds_builders
+from data_pipelines import prepare
 from fgtbt_jax import checkpointing
 from fgtbt_jax import evaluate
 from fgtbt_jax import landmarks
 from fgtbt_jax import losses
 from fgtbt_jax import models
 from fgtbt_jax import sharding
-from fgtbt_jax.models import partitioning
+from fgtbt_jax.errors import ConfigError
+from fgtbt_jax.metric_writer import MetricWriter
+from fgtbt_jax.state import Setup, TrainState, build_setup, create_train_state, ema_decay_per_step
+from fgtbt_jax.validation import validate_config
 
 # The keys of a training batch that the step reads.
 TRAIN_BATCH_KEYS = ("image", "landmarks", "mask", "dataset_id")
 
 
-@flax.struct.dataclass
-class TrainState:
-  """Everything a training step reads and writes, as one pytree.
-
-  `step` counts completed steps. The optimizer updates the model `params`
-  and the loss balancer's learnable `balancer_params` together
-  (`opt_state` is over {"model": params, "balancer": balancer_params}).
-  `rng` is a fixed key; each step folds its step number in.
-  """
-
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  ema_params: Any
-  ema_batch_stats: Any
-  balancer_params: Any
-  balancer_state: Any
-  rng: jax.Array
-
-  def ema_variables(self) -> dict:
-    return {"params": self.ema_params, "batch_stats": self.ema_batch_stats}
-
-
-# -----------------------------------------------------------------------------
-# Configuration checks.
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work, named with its key."""
-
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
-                    process_count: int | None = None) -> None:
-  """Checks the config before any work starts; raises ConfigError naming the key.
-
-  Args:
-    config: the full experiment config.
-    num_devices: global device count (default: jax.device_count()).
-    process_count: number of processes (default: jax.process_count()).
-  """
-  num_devices = jax.device_count() if num_devices is None else num_devices
-  process_count = jax.process_count() if process_count is None else process_count
-  opt, train, data = config.optimizer, config.train, config.data
-  try:
-    models.validate_model_config(config.model)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-  if not opt.learning_rate > 0:
-    raise ConfigError(f"optimizer.learning_rate must be positive, got {opt.learning_rate}")
-  if opt.weight_decay < 0:
-    raise ConfigError(f"optimizer.weight_decay must be >= 0, got {opt.weight_decay}")
-  if opt.grad_clip_norm < 0:
-    raise ConfigError(f"optimizer.grad_clip_norm must be >= 0 (0 = off), got {opt.grad_clip_norm}")
-  if not 0 < opt.lr_decay_factor <= 1:
-    raise ConfigError(f"optimizer.lr_decay_factor must be in (0, 1], got {opt.lr_decay_factor}")
-  if list(opt.lr_decay_steps) != sorted(opt.lr_decay_steps) or any(
-      s <= 0 for s in opt.lr_decay_steps):
-    raise ConfigError(f"optimizer.lr_decay_steps must be increasing positive steps, "
-                      f"got {tuple(opt.lr_decay_steps)}")
-  try:
-    losses.LossConfig.from_config(config.loss, len(landmarks.PROTOCOL_NAMES))
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-  for key in ("steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):
-    if train[key] < 1:
-      raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")
-  if not train.ema_half_life_images > 0:
-    raise ConfigError(f"train.ema_half_life_images must be positive, got {train.ema_half_life_images}")
-  if config.model.input_size != data.image_size:
-    raise ConfigError(f"data.image_size ({data.image_size}) must equal model.input_size "
-                      f"({config.model.input_size})")
-  unknown = [d for d in data.datasets if d not in landmarks.PROTOCOL_NAMES]
-  if unknown or not data.datasets:
-    raise ConfigError(f"data.datasets must be a non-empty subset of {landmarks.PROTOCOL_NAMES}, "
-                      f"got {tuple(data.datasets)}")
-  if data.samples_per_dataset < 1:
-    raise ConfigError(f"data.samples_per_dataset must be at least 1, got {data.samples_per_dataset}")
-  if data.samples_per_dataset % process_count:
-    raise ConfigError(
-        f"data.samples_per_dataset ({data.samples_per_dataset}) must divide by the number of "
-        f"processes ({process_count}): each process feeds the same share of every dataset")
-  global_batch = data.samples_per_dataset * len(data.datasets)
-  if global_batch % num_devices:
-    raise ConfigError(
-        f"the global batch (data.samples_per_dataset {data.samples_per_dataset} x "
-        f"{len(data.datasets)} datasets = {global_batch}) must divide by the number of "
-        f"devices ({num_devices})")
-  if data.eval_batch_size % num_devices:
-    raise ConfigError(f"data.eval_batch_size ({data.eval_batch_size}) must divide by the number "
-                      f"of devices ({num_devices})")
-  try:
-    sharding.mesh_shape(config.mesh, num_devices)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-  if config.eval.decoder not in evaluate.DECODERS:
-    raise ConfigError(f"eval.decoder must be one of {evaluate.DECODERS}, got {config.eval.decoder!r}")
-  if not str(data.data_dir):
-    raise ConfigError("data.data_dir is required: the directory of converted datasets "
-                      "(see data_pipelines/convert.py)")
-
-
-# -----------------------------------------------------------------------------
-# Devices: distributed start-up and batches.
-
-
-def initialize_distributed(distributed_config: ml_collections.ConfigDict) -> bool:
-  """Starts jax.distributed when the config or the environment asks for it.
-
-  The coordinator comes from `distributed.coordinator_address` or the
-  JAX_COORDINATOR_ADDRESS variable; the process count and id from the config
-  (> 0 / >= 0) or JAX_NUM_PROCESSES / JAX_PROCESS_ID; with
-  `distributed.auto_detect` JAX reads a supported cluster environment (TPU
-  pods, SLURM, ...). Must run before anything touches a JAX backend.
-  Returns whether the distributed system is (now) initialized.
-  """
-  if jax.distributed.is_initialized():
-    return True
-  address = distributed_config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-  if not address and not distributed_config.auto_detect:
-    return False
-  num_processes = distributed_config.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", 0))
-  process_id = distributed_config.process_id
-  if process_id < 0:
-    process_id = int(os.environ.get("JAX_PROCESS_ID", -1))
-  jax.distributed.initialize(
-      coordinator_address=address or None,
-      num_processes=num_processes or None,
-      process_id=process_id if process_id >= 0 else None)
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
-  return True
-
-
-def feed_batch(local_batch: Mapping[str, np.ndarray], batch_sharding: NamedSharding) -> dict:
-  """The step's global batch from this process's numpy batch (the keys it reads)."""
-  return sharding.global_batch(local_batch, batch_sharding, TRAIN_BATCH_KEYS)
-
-
-# -----------------------------------------------------------------------------
-# Optimizer, EMA and state creation.
-
-
-def make_optimizer(opt_config: ml_collections.ConfigDict
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with the paper's step decay, optional warmup and gradient clipping.
-
-  The learning rate is multiplied by `lr_decay_factor` at each of
-  `lr_decay_steps`. Weight decay applies to the model (as PyTorch AdamW does
-  to every parameter) but not to the loss balancer's log-variances.
-  """
-  boundaries = {int(s): float(opt_config.lr_decay_factor) for s in opt_config.lr_decay_steps}
-  schedule = optax.piecewise_constant_schedule(float(opt_config.learning_rate), boundaries)
-  if opt_config.warmup_steps > 0:
-    warmup = optax.linear_schedule(0.0, float(opt_config.learning_rate), opt_config.warmup_steps)
-    decayed = schedule
-
-    def schedule(step):
-      # The decay steps stay absolute (optax.join_schedules would shift them).
-      return jnp.where(step < opt_config.warmup_steps, warmup(step), decayed(step))
-
-  adamw = optax.adamw(
-      learning_rate=schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
-      weight_decay=opt_config.weight_decay,
-      mask=lambda tree: {"model": jax.tree.map(lambda _: True, tree["model"]),
-                         "balancer": jax.tree.map(lambda _: False, tree["balancer"])})
-  if opt_config.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), adamw), schedule
-  return adamw, schedule
-
-
-def ema_decay_per_step(config: ml_collections.ConfigDict) -> float:
-  """0.5 ** (images per step / half-life in images) (paper: 0.5 ** (8 / 10000))."""
-  images = config.data.samples_per_dataset * len(config.data.datasets)
-  return 0.5 ** (images / config.train.ema_half_life_images)
-
-
 def _ema(average: Any, value: Any, decay: float) -> Any:
   return jax.tree.map(lambda a, v: decay * a + (1.0 - decay) * v, average, value)
-
-
-@dataclasses.dataclass
-class Setup:
-  """The pieces of a run built once from the config."""
-
-  config: ml_collections.ConfigDict
-  model: nn.Module
-  mesh: Mesh
-  rules: tuple
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
-  loss_config: losses.LossConfig
-  state_shardings: Any
-  abstract_state: Any      # ShapeDtypeStructs with shardings, unboxed
-  boxed_params: Any        # abstract params with their logical-name boxes
-
-
-def _init_state_fn(model: nn.Module, tx, loss_config: losses.LossConfig, image_size: int):
-  """A function rng -> TrainState with logical boxes on model variables."""
-
-  def init(rng):
-    params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
-    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    variables = model.init({"params": params_rng, "dropout": dropout_rng}, images, train=False)
-    params = variables["params"]
-    batch_stats = variables.get("batch_stats", {})
-    balancer_params, balancer_state = losses.init_balancer(loss_config)
-    opt_state = tx.init({"model": params, "balancer": balancer_params})
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-        opt_state=opt_state, ema_params=params, ema_batch_stats=batch_stats,
-        balancer_params=balancer_params, balancer_state=balancer_state, rng=state_rng)
-
-  return init
-
-
-def build_setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Setup:
-  """Model, optimizer, mesh and abstract (sharded) train state for a config."""
-  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-  rules = sharding.logical_rules(config.mesh.logical_axis_rules)
-  model = models.build_model(config.model)
-  tx, schedule = make_optimizer(config.optimizer)
-  loss_config = losses.LossConfig.from_config(config.loss, len(landmarks.PROTOCOL_NAMES))
-  init = _init_state_fn(model, tx, loss_config, config.data.image_size)
-  with sharding.mesh_and_rules(mesh, rules):
-    boxed_state = jax.eval_shape(init, jax.random.PRNGKey(0))
-  state_shardings = partitioning.variable_shardings(boxed_state, mesh, rules)
-  unboxed = nn.meta.unbox(boxed_state)
-  abstract_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, state_shardings)
-  return Setup(config=config, model=model, mesh=mesh, rules=rules, tx=tx, schedule=schedule,
-               loss_config=loss_config, state_shardings=state_shardings,
-               abstract_state=abstract_state, boxed_params=boxed_state.params)
-
-
-def create_train_state(setup: Setup, seed: int) -> TrainState:
-  """A freshly initialised train state, created directly in its shardings."""
-  init = _init_state_fn(setup.model, setup.tx, setup.loss_config, setup.config.data.image_size)
-  create = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=setup.state_shardings)
-  return sharding.CompiledOnFirstCall(create, "init", setup.mesh, setup.rules)(
-      jax.random.PRNGKey(seed))
 
 
 def parameter_table(boxed_params: Any, depth: int = 2) -> tuple[str, int]:
@@ -419,35 +181,6 @@ def _check_finite(metrics: Mapping[str, Any], step: int,
   return loss
 
 
-def _save_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-
-
-def prepare_data(config: ml_collections.ConfigDict) -> None:
-  """Makes sure every configured dataset is converted under data.data_dir.
-
-  With `synthetic_data.generate` the synthetic stand-ins are rendered and
-  converted there on first use (process 0 writes, the others wait).
-  """
-  data_dir = pathlib.Path(config.data.data_dir)
-  if config.synthetic_data.generate:
-    if jax.process_index() == 0:
-      logging.info("synthetic datasets: %s (generated on first use)", data_dir)
-      convert.convert_synthetic(
-          data_dir, {k: tuple(v) for k, v in config.synthetic_data.sizes.items()},
-          seed=config.synthetic_data.seed, image_size=config.synthetic_data.image_size)
-    sharding.barrier("synthetic data ready")
-  if not data_dir.is_dir():
-    raise ConfigError(f"data.data_dir {str(data_dir)!r} is not a directory; convert the "
-                      f"datasets there first (python -m data_pipelines.convert --out DIR)")
-  for name in config.data.datasets:
-    try:
-      tfds_builders.converted_dir(data_dir, name, config.data.crop_config)
-    except (FileNotFoundError, ValueError) as e:
-      raise ConfigError(f"data.data_dir: {e}") from e
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
 
@@ -458,13 +191,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   {"stopped_at_step": step} without the final evaluation.
   """
   start_time = time.time()
-  initialize_distributed(config.distributed)
+  sharding.initialize_distributed(config.distributed)
   validate_config(config)
   workdir = pathlib.Path(workdir).resolve()
   workdir.mkdir(parents=True, exist_ok=True)
   logging.info("workdir: %s\nconfig: %s", workdir, config.to_json_best_effort(indent=2))
-  _save_config(config, workdir)
-  prepare_data(config)
+  if jax.process_index() == 0:
+    checkpointing.write_run_config(config, workdir)
+  prepare.prepare_data(config.data, config.synthetic_data)
+  synthetic = prepare.synthetic_datasets(config.data)
 
   setup = build_setup(config)
   table, total_params = parameter_table(setup.boxed_params)
@@ -473,20 +208,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   train_iterator = pipeline.make_train_iterator(
       config.data, process_index=jax.process_index(), process_count=jax.process_count())
   checkpoints = checkpointing.Checkpointer.for_run(config, workdir)
-  evaluator = evaluate.Evaluator(config, setup.model, setup.mesh, setup.rules, workdir)
+  evaluator = evaluate.Evaluator(config, setup.model, setup.mesh, setup.rules)
+  writer = MetricWriter(workdir)
   try:
     state = _restore_or_init(config, setup, checkpoints, train_iterator)
     start_step = int(jax.device_get(state.step))
     train_step = make_train_step(setup, ema_decay_per_step(config))
     result = _train_loop(config, setup, state, start_step, train_step, train_iterator,
-                         checkpoints, evaluator, workdir)
+                         checkpoints, evaluator, writer)
   finally:
     checkpoints.close()
-    evaluator.close()
+    writer.close()
     close = getattr(train_iterator, "close", None)
     if close is not None:
       close()
   if "stopped_at_step" not in result:
+    result["synthetic"] = sorted(synthetic)
+    result["failure_threshold"] = float(config.eval.failure_threshold)
     result["wall_time_s"] = time.time() - start_time
     if jax.process_index() == 0:
       (workdir / "final_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -507,11 +245,23 @@ def _restore_or_init(config, setup: Setup, checkpoints: checkpointing.Checkpoint
   return create_train_state(setup, config.seed)
 
 
+def _evaluate(evaluator: "evaluate.Evaluator", writer: MetricWriter, state: TrainState,
+              step: int, checkpoints: checkpointing.Checkpointer) -> dict:
+  """Evaluates the EMA model, records the results and keeps the best models."""
+  results, _ = evaluator.evaluate(state.ema_variables(), step)
+  writer.write("eval", step, evaluate.flatten(results))
+  writer.flush()
+  evaluate.log_results(step, results)
+  checkpoints.save_best(step, state.ema_variables(), evaluate.nme_by_dataset(results))
+  return results
+
+
 def _train_loop(config, setup: Setup, state: TrainState, start_step: int, train_step,
                 train_iterator: Iterator, checkpoints: checkpointing.Checkpointer,
-                evaluator: "evaluate.Evaluator", workdir: pathlib.Path) -> dict:
+                evaluator: "evaluate.Evaluator", writer: MetricWriter) -> dict:
   train = config.train
-  batches = sharding.batch_sharding(setup.mesh)
+  batches = sharding.GlobalBatches(train_iterator, sharding.batch_sharding(setup.mesh),
+                                   TRAIN_BATCH_KEYS)
   names = config.data.datasets
   log_start, log_step = time.time(), start_step
   previous = None
@@ -523,7 +273,7 @@ def _train_loop(config, setup: Setup, state: TrainState, start_step: int, train_
         logging.warning("signal %s: saved step %d to %s and stopped", stop.received, step,
                         checkpoints.directory / "latest")
         return {"stopped_at_step": step}
-      batch = feed_batch(next(train_iterator), batches)
+      batch = next(batches)
       with jax.transfer_guard("disallow" if train.transfer_guard else "allow"):
         state, metrics = train_step(state, batch)
       if previous is not None:
@@ -537,7 +287,7 @@ def _train_loop(config, setup: Setup, state: TrainState, start_step: int, train_
         log_start, log_step = time.time(), done
         per_dataset = {n: float(host["dataset_loss"][landmarks.get_protocol(n).dataset_id])
                        for n in names}
-        evaluator.log_train(done, {"loss": loss, "grad_norm": float(host["grad_norm"]),
+        writer.write("train", done, {"loss": loss, "grad_norm": float(host["grad_norm"]),
                                    "learning_rate": float(host["learning_rate"]),
                                    "steps_per_second": rate,
                                    **{f"loss/{n}": v for n, v in per_dataset.items()}})
@@ -548,65 +298,12 @@ def _train_loop(config, setup: Setup, state: TrainState, start_step: int, train_
         _check_finite(metrics, done, checkpoints)
         checkpoints.save(done, state, train_iterator)
       if done % train.eval_every == 0 and done < train.steps:
-        results = evaluator.evaluate(state.ema_variables(), done)
-        checkpoints.save_best(done, state.ema_variables(), evaluate.nme_by_dataset(results))
+        _evaluate(evaluator, writer, state, done, checkpoints)
   final_step = int(jax.device_get(state.step))
   if previous is not None:
     _check_finite(previous, final_step, checkpoints)
   checkpoints.save(final_step, state, train_iterator, force=True)
-  results = evaluator.evaluate(state.ema_variables(), final_step)
-  checkpoints.save_best(final_step, state.ema_variables(), evaluate.nme_by_dataset(results))
+  results = _evaluate(evaluator, writer, state, final_step, checkpoints)
   final = evaluate.final_table(results)
   final["steps"] = final_step
-  return final
-
-
-def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                     checkpoint: str = "latest", samples: dict | None = None) -> dict:
-  """Evaluates a run's EMA model from its checkpoints.
-
-  Args:
-    config: the run's config (run.py reads it from <workdir>/config.json).
-    workdir: the run's directory.
-    checkpoint: "latest" (the newest train state) or "best" (each dataset's
-      best EMA checkpoint, evaluated on that dataset).
-    samples: if given, filled with the per-image arrays of every dataset
-      (`Evaluator.evaluate`), for `report.build_report`.
-
-  Returns:
-    {dataset: {"nme", "baseline_nme", "fr", "auc"}} and "steps": the step
-    evaluated (for "best", {dataset: step}); also written to
-    <workdir>/eval_<checkpoint>.json.
-  """
-  if checkpoint not in ("latest", "best"):
-    raise ValueError(f"checkpoint must be 'latest' or 'best', got {checkpoint!r}")
-  initialize_distributed(config.distributed)
-  validate_config(config)
-  workdir = pathlib.Path(workdir).resolve()
-  if not (workdir / "checkpoints").is_dir():
-    raise FileNotFoundError(f"{workdir} holds no checkpoints/ directory: not a training workdir")
-  prepare_data(config)
-  setup = build_setup(config)
-  checkpoints = checkpointing.Checkpointer.for_run(config, workdir)
-  evaluator = evaluate.Evaluator(config, setup.model, setup.mesh, setup.rules, workdir)
-  try:
-    if checkpoint == "latest":
-      state, step = checkpoints.restore(setup.abstract_state)
-      results = evaluator.evaluate(state.ema_variables(), step, samples=samples)
-      steps: Any = step
-    else:
-      abstract = {"params": setup.abstract_state.ema_params,
-                  "batch_stats": setup.abstract_state.ema_batch_stats}
-      results, steps = {}, {}
-      for name in config.data.datasets:
-        variables, steps[name] = checkpoints.restore_best(name, abstract)
-        results.update(evaluator.evaluate(variables, steps[name], datasets=[name],
-                                          samples=samples))
-  finally:
-    checkpoints.close()
-    evaluator.close()
-  final = evaluate.final_table(results)
-  final["steps"] = steps
-  if jax.process_index() == 0:
-    (workdir / f"eval_{checkpoint}.json").write_text(json.dumps(final, indent=2) + "\n")
   return final

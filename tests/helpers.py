@@ -67,14 +67,11 @@ def write_random_run(workdir: pathlib.Path, config, scale: float = 1.0, step: in
   Writes <workdir>/config.json and a train state of normal(0, scale) values
   saved as the latest checkpoint at `step`; returns that state.
   """
-  from jax.sharding import AxisType, Mesh
   from fgtbt_jax import checkpointing
   from fgtbt_jax import sharding
-  from fgtbt_jax import train
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES,
-              axis_types=(AxisType.Auto,) * 2)
-  abstract = train.build_setup(config, mesh=mesh).abstract_state
+  from fgtbt_jax import state as state_lib
+  checkpointing.write_run_config(config, workdir)
+  abstract = state_lib.build_setup(config, mesh=sharding.single_device_mesh()).abstract_state
   rng = np.random.default_rng(0)
   state = jax.tree.map(
       lambda s: jax.device_put((scale * rng.normal(size=s.shape)).astype(s.dtype), s.sharding),

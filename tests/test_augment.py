@@ -5,9 +5,9 @@ import cv2
 import numpy as np
 import pytest
 
-from data_pipelines import images
 from data_pipelines import pipeline
 from fgtbt_jax import crop
+from fgtbt_jax import images
 from fgtbt_jax import landmarks as lm
 
 STORED = 256  # Side of the fixture's stored crop.
@@ -107,11 +107,14 @@ def test_unified_scatter_and_mask():
   assert out["dataset_id"] == protocol.dataset_id and out["dataset_id"].dtype == np.int32
   np.testing.assert_array_equal(out["mask"], lm.PROTOCOL_MASKS[protocol.dataset_id])
   assert (out["landmarks"][~out["mask"]] == 0).all()
-  nan_points = points.copy()
-  nan_points[5] = np.nan
-  unified, mask = pipeline.to_unified(nan_points, protocol)
-  assert not mask[protocol.unified_index[5]] and mask.sum() == 67
-  assert np.isfinite(unified).all()
+  # A point that is not finite is masked out and carried as 0, not NaN.
+  example = _stored_example(points, _colours(68))
+  example["landmarks"] = points.copy()
+  example["landmarks"][5] = np.nan
+  out = _augment("300W").random_map(example, np.random.default_rng(1))
+  assert not out["mask"][protocol.unified_index[5]] and out["mask"].sum() == 67
+  assert np.isfinite(out["landmarks"]).all() and out["landmarks"].dtype == np.float32
+  assert (out["landmarks"][~out["mask"]] == 0).all()
 
 
 def test_crop_geometry_without_augmentation():

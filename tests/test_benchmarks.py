@@ -20,6 +20,7 @@ from benchmarks import train_step
 from configs import tiny
 from fgtbt_jax import landmarks
 from fgtbt_jax import sharding
+from fgtbt_jax import state as state_lib
 from fgtbt_jax import train
 
 _TINY = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
@@ -167,7 +168,7 @@ def test_peak_tflops_unknown_device_says_so():
 
 def test_random_train_state_matches_the_abstract_state():
   config = train_step.benchmark_config(tiny.get_config(), 8, "float32")
-  setup = train.build_setup(config)
+  setup = state_lib.build_setup(config)
   state = common.random_train_state(setup, seed=3)
   leaves, structure = jax.tree.flatten(state)
   abstract_leaves, abstract_structure = jax.tree.flatten(setup.abstract_state)

@@ -11,6 +11,7 @@ from configs import ablations
 from configs import default
 from configs import fgtbt_paper
 from configs import tiny
+from fgtbt_jax import state as state_lib
 from fgtbt_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -33,7 +34,7 @@ def test_paper_config_matches_the_paper():
   assert (o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay) == (2.5e-4, 0.9, 0.999, 1e-8, 0.01)
   assert tuple(o.lr_decay_steps) == (40_000, 70_000, 90_000) and o.lr_decay_factor == 0.8
   assert c.train.steps == 100_000
-  assert train.ema_decay_per_step(c) == pytest.approx(0.5 ** (8 / 10000), rel=1e-12)
+  assert state_lib.ema_decay_per_step(c) == pytest.approx(0.5 ** (8 / 10000), rel=1e-12)
   assert c.eval.flip_test and c.eval.decoder == "argmax"
   c.data.data_dir = "/converted"
   _valid(c)

@@ -11,12 +11,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 from data_pipelines import convert
-from data_pipelines import images
 from data_pipelines import tfds_builders
-from data_pipelines.errors import DataError
 from data_pipelines.records import FaceRecord
 from fgtbt_jax import crop
+from fgtbt_jax import images
 from fgtbt_jax import landmarks as lm
+from fgtbt_jax.errors import DataError
 
 tfds.disable_progress_bar()
 

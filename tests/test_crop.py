@@ -108,3 +108,39 @@ def test_bad_arguments():
     crop.crop_affine([0, 0], 0.0, 10)
   with pytest.raises(ValueError, match="output_size"):
     crop.crop_affine([0, 0], 1.0, 0)
+
+
+# -- warp_to_crop -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("whole_image", [False, True])
+def test_warp_to_crop_area_averages_big_shrinks(whole_image):
+  # A fine checkerboard averages to grey; bilinear point sampling would not.
+  board = (np.indices((1200, 1200)).sum(0) % 2 * 255).astype(np.uint8)
+  image = np.repeat(board[..., None], 3, 2)
+  to_crop = crop.face_crop_affine([599.5, 599.5], 600 / 200, 64)
+  warped = crop.warp_to_crop(image, to_crop, 64, whole_image=whole_image)
+  inner = warped[6:-6, 6:-6].astype(np.float64)
+  assert abs(inner.mean() - 127.5) < 2 and inner.std() < 3
+
+
+@pytest.mark.parametrize("whole_image", [False, True])
+def test_warp_to_crop_keeps_the_crop_geometry(whole_image):
+  # On a smooth image, area-then-bilinear equals plain bilinear sampling, and
+  # without a big shrink the warp is cv2.warpAffine itself.
+  y, x = np.mgrid[0:1500, 0:1800].astype(np.float64)
+  smooth = 127 + 100 * np.sin(2 * np.pi * x / 600) * np.cos(2 * np.pi * y / 500)
+  image = np.repeat(np.round(smooth).astype(np.uint8)[..., None], 3, 2)
+  for side, tolerance in ((800, 3), (40, 0)):  # Crops inside the image.
+    to_crop = crop.face_crop_affine([800.3, 700.7], side / 200, 64, rotation_deg=10.0)
+    direct = cv2.warpAffine(image, to_crop, (64, 64), flags=cv2.INTER_LINEAR)
+    warped = crop.warp_to_crop(image, to_crop, 64, whole_image=whole_image)
+    assert warped.shape == (64, 64, 3) and warped.dtype == np.uint8
+    assert np.abs(warped.astype(int) - direct.astype(int)).max() <= tolerance
+
+
+def test_warp_to_crop_outside_the_image_is_black():
+  image = np.full((400, 400, 3), 200, np.uint8)
+  to_crop = crop.face_crop_affine([5000.0, 5000.0], 1000 / 200, 32)
+  for whole_image in (False, True):
+    assert not crop.warp_to_crop(image, to_crop, 32, whole_image=whole_image).any()

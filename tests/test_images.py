@@ -1,4 +1,4 @@
-"""Tests for data_pipelines.images: decoding every image kind, bad files."""
+"""Tests for fgtbt_jax.images: decoding every image kind, bad files."""
 
 import struct
 import zlib
@@ -7,8 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from data_pipelines.errors import DataError
-from data_pipelines.images import encode_image, load_image
+from fgtbt_jax.errors import DataError
+from fgtbt_jax.images import encode_image, load_image
 
 
 def _gradient_rgb(h=24, w=32):

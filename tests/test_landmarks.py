@@ -78,7 +78,7 @@ def test_unified_round_trip_and_mask():
 
 
 def test_bad_input_errors():
-  with pytest.raises(KeyError, match="unknown protocol 'XYZ'"):
+  with pytest.raises(ValueError, match="unknown protocol 'XYZ'"):
     L.get_protocol("XYZ")
   assert L.get_protocol("wflw") is L.PROTOCOLS["WFLW"]
   with pytest.raises(ValueError, match=r"\(\.\.\., 68, 2\)"):
@@ -90,3 +90,86 @@ def test_normalizers():
   assert L.PROTOCOLS["300W"].normalizers["inter_pupil"].kind == "centroids"
   assert L.PROTOCOLS["COFW"].default_normalizer == "inter_pupil"
   assert L.PROTOCOLS["AFLW"].default_normalizer == "box"
+
+
+# -- protocol facts read from the asset -------------------------------------------------
+
+
+def test_unknown_protocol_is_a_value_error_with_a_plain_message():
+  from fgtbt_jax.errors import UnknownProtocolError
+  with pytest.raises(UnknownProtocolError) as error:
+    L.get_protocol("Helen")
+  assert isinstance(error.value, ValueError)
+  assert str(error.value) == ("unknown protocol 'Helen'; expected one of "
+                              "['WFLW', '300W', 'COFW', 'AFLW']")
+
+
+def test_asset_tables_missing_a_key_name_it():
+  import copy
+  raw = L._read_asset()
+  for path, message in ((("protocols", "300W", "default_normalizer"),
+                         "protocols.300W has no 'default_normalizer'"),
+                        (("protocols", "AFLW", "nme_box"), "protocols.AFLW has no 'nme_box'"),
+                        (("face_parts",), "the top level has no 'face_parts'")):
+    broken = copy.deepcopy(raw)
+    table = broken
+    for key in path[:-1]:
+      table = table[key]
+    del table[path[-1]]
+    with pytest.raises(ValueError, match=f"unified_124.json: {message}"):
+      L._load(broken)
+  # Without its centroid rule 300W has no inter-pupil normaliser to default to.
+  broken = copy.deepcopy(raw)
+  del broken["protocols"]["300W"]["nme_inter_pupil_centroids"]
+  broken["protocols"]["300W"]["default_normalizer"] = "inter_pupil"
+  with pytest.raises(ValueError, match="default_normalizer 'inter_pupil' is not one of"):
+    L._load(broken)
+
+
+def test_normalizers_from_the_asset():
+  p = L.PROTOCOLS["300W"].normalizers["inter_pupil"]
+  assert (p.a, p.b) == (tuple(range(36, 42)), tuple(range(42, 48)))
+  assert list(L.PROTOCOLS["AFLW"].normalizers) == ["inter_pupil", "box"]
+  assert [L.PROTOCOLS[n].default_normalizer for n in L.PROTOCOL_NAMES] == [
+      "inter_ocular", "inter_ocular", "inter_pupil", "box"]
+
+
+def test_face_parts_cover_the_unified_points_consistently():
+  assert sorted(L.FACE_PARTS) == list(range(124))
+  assert set(L.FACE_PARTS.values()) == set(L.PART_NAMES)
+  wflw = L.get_protocol("WFLW").unified_index
+  assert L.FACE_PARTS[int(wflw[96])] == "right_pupil"
+  assert L.FACE_PARTS[int(wflw[97])] == "left_pupil"
+  assert L.FACE_PARTS[int(wflw[16])] == "jaw"  # chin
+  assert L.FACE_PARTS[int(wflw[54])] == "nose_ridge"  # nose tip
+  cofw = L.get_protocol("COFW").unified_index
+  assert {L.FACE_PARTS[int(cofw[i])] for i in (18, 19)} == {"nose_base"}
+  assert L.FACE_PARTS[int(cofw[16])] == "right_pupil"
+  aflw = L.get_protocol("AFLW").unified_index
+  assert [L.FACE_PARTS[int(u)] for u in aflw[:6]] == ["right_brow"] * 3 + ["left_brow"] * 3
+  assert L.OWN_PART_RANGES["WFLW"][0] == ("jaw", 0, 33)
+  # Mirror points belong to mirrored parts.
+  for u, part in L.FACE_PARTS.items():
+    mirror = L.FACE_PARTS[int(L.UNIFIED_FLIP_PERMUTATION[u])]
+    assert mirror == part.replace("right", "@").replace("left", "right").replace("@", "left")
+
+
+def test_dataset_registry_matches_the_protocols():
+  from fgtbt_jax import datasets
+  assert tuple(datasets.DATASETS) == L.PROTOCOL_NAMES
+  for name, spec in datasets.DATASETS.items():
+    assert spec.protocol is L.get_protocol(name) and spec.dataset_id == L.PROTOCOL_NAMES.index(name)
+    assert spec.builder_name == f"fgtbt_{name.lower()}"
+    assert set(spec.expected_subset_counts) <= set(spec.subsets)
+    assert set(spec.paper_results) - {"full"} <= set(spec.subsets)
+    assert spec.default_normalizer in spec.paper_results["full"]
+  assert datasets.get("cofw").point_flags == ("occluded",)
+  assert datasets.get("300w").subsets == ("common", "challenging")
+  assert datasets.get("AFLW").expected_subset_counts == {"frontal": (1165, 1314)}
+  paper = datasets.paper_results()
+  assert paper["WFLW"]["pose"] == {"inter_ocular": 7.43}
+  assert paper["COFW"] == {"full": {"inter_pupil": 4.79, "fr": 0.59}}
+  paper["WFLW"]["pose"]["inter_ocular"] = 0.0  # A copy: the registry keeps its numbers.
+  assert datasets.get("WFLW").paper_results["pose"]["inter_ocular"] == 7.43
+  with pytest.raises(ValueError, match="unknown protocol 'LFW'"):
+    datasets.get("LFW")

@@ -110,7 +110,7 @@ def test_zero_distance_and_bad_arguments_raise():
     M.nme(gt[:2], gt, "WFLW")
   with pytest.raises(ValueError, match=r"mask: expected shape \(3, 98\)"):
     M.nme(gt, gt, "WFLW", mask=np.ones((3, 97), bool))
-  with pytest.raises(KeyError, match="unknown protocol"):
+  with pytest.raises(ValueError, match="unknown protocol"):
     M.nme(gt, gt, "LFPW")
 
 

@@ -9,11 +9,11 @@ from absl import flags
 import grain
 from data_pipelines import config as data_config_lib
 from data_pipelines import convert
-from data_pipelines import images
 from data_pipelines import pipeline
 from data_pipelines import visualize
 from data_pipelines.records import FaceRecord
 from fgtbt_jax import crop
+from fgtbt_jax import images
 from fgtbt_jax import landmarks as lm
 
 tfds.disable_progress_bar()

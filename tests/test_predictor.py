@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import synthetic
-from data_pipelines.errors import DataError
+from fgtbt_jax.errors import DataError
 from fgtbt_jax import crop
 from fgtbt_jax import detector as detector_lib
 from fgtbt_jax import heatmaps
@@ -263,7 +263,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     predictor.predict(image, boxes=[np.nan, 0, 10, 10])
   with pytest.raises(ValueError, match="2 box entries for 1 images"):
     predictor.predict([image], boxes=[None, None])
-  with pytest.raises(KeyError, match="unknown protocol"):
+  with pytest.raises(ValueError, match="unknown protocol"):
     predictor.predict(image, boxes=[20, 20, 80, 80], protocol="LFW")
   with pytest.raises(ValueError, match=r"returned shape \(3,\)"):
     scene.predictor(detector=lambda image: np.zeros(3)).predict(image)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from data_pipelines import readers
-from data_pipelines.errors import DataError
-from data_pipelines.images import encode_image, load_image
 from fgtbt_jax import landmarks
+from fgtbt_jax.errors import DataError, UnknownProtocolError
+from fgtbt_jax.images import encode_image, load_image
 
 WFLW_FLAGS = ("pose", "expression", "illumination", "makeup", "occlusion", "blur")
 
@@ -611,7 +611,7 @@ def test_detect_format_and_unknown_inputs(tmp_path):
     readers.read_dataset("COFW", str(tmp_path / "missing"), "train")
   with pytest.raises(ValueError, match="cannot be read as 'wflw_txt'"):
     readers.read_dataset("COFW", str(tmp_path), "train", fmt="wflw_txt")
-  with pytest.raises(KeyError, match="unknown protocol"):
+  with pytest.raises(UnknownProtocolError, match="unknown protocol 'helen'"):
     readers.read_dataset("helen", str(tmp_path), "train")
   _make_wflw_raw(tmp_path / "w", n=1)
   assert readers.detect_format("wflw", str(tmp_path / "w"), "train") == "wflw_txt"

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from data_pipelines import readers, synthetic
-from data_pipelines.images import load_image
 from fgtbt_jax import landmarks
+from fgtbt_jax.errors import UnknownProtocolError
+from fgtbt_jax.images import load_image
 
 
 def _gradient_near(image: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -21,28 +22,9 @@ def _gradient_near(image: np.ndarray, points: np.ndarray) -> np.ndarray:
   return local_max[ix[:, 1], ix[:, 0]]
 
 
-def test_face_parts_cover_the_unified_points_consistently():
-  assert sorted(synthetic.FACE_PARTS) == list(range(124))
-  assert set(synthetic.FACE_PARTS.values()) == set(synthetic.PART_NAMES)
-  wflw = landmarks.get_protocol("WFLW").unified_index
-  assert synthetic.FACE_PARTS[int(wflw[96])] == "right_pupil"
-  assert synthetic.FACE_PARTS[int(wflw[97])] == "left_pupil"
-  assert synthetic.FACE_PARTS[int(wflw[16])] == "jaw"  # chin
-  assert synthetic.FACE_PARTS[int(wflw[54])] == "nose_ridge"  # nose tip
-  cofw = landmarks.get_protocol("COFW").unified_index
-  assert {synthetic.FACE_PARTS[int(cofw[i])] for i in (18, 19)} == {"nose_base"}
-  assert synthetic.FACE_PARTS[int(cofw[16])] == "right_pupil"
-  aflw = landmarks.get_protocol("AFLW").unified_index
-  assert [synthetic.FACE_PARTS[int(u)] for u in aflw[:6]] == ["right_brow"] * 3 + ["left_brow"] * 3
-  # Mirror points belong to mirrored parts.
-  for u, part in synthetic.FACE_PARTS.items():
-    mirror = synthetic.FACE_PARTS[int(landmarks.UNIFIED_FLIP_PERMUTATION[u])]
-    assert mirror == part.replace("right", "@").replace("left", "right").replace("@", "left")
-
-
 def test_contour_orders_are_permutations_of_each_part():
-  for part in synthetic.PART_NAMES:
-    ids = [u for u, p in synthetic.FACE_PARTS.items() if p == part]
+  for part in landmarks.PART_NAMES:
+    ids = [u for u, p in landmarks.FACE_PARTS.items() if p == part]
     assert sorted(synthetic._ORDER[part].tolist()) == ids
   # 300W's extra eye points are inserted between WFLW's neighbours.
   eye = synthetic._ORDER["right_eye"].tolist()
@@ -52,6 +34,16 @@ def test_contour_orders_are_permutations_of_each_part():
   mean = landmarks.mean_face()
   assert mean[jaw[0], 0] < 0.2 and mean[jaw[-1], 0] > 0.8
   assert int(np.argmax(mean[jaw, 1])) in range(20, 30)
+
+
+def test_calibration_faces_are_clean_renders():
+  faces = list(synthetic.calibration_faces(3, 96, seed=2))
+  assert len(faces) == 3
+  for index, (image, points) in enumerate(faces):
+    expected_image, expected_points, _ = synthetic.render_face(2, index, 96, clean=True)
+    np.testing.assert_array_equal(image, expected_image)
+    np.testing.assert_array_equal(points, expected_points)
+    assert image.shape == (96, 96, 3) and points.shape == (124, 2)
 
 
 def test_render_is_deterministic_per_seed_and_index():
@@ -93,7 +85,7 @@ def test_every_landmark_sits_on_drawn_structure():
     glabella = (points[53] + points[58]) / 2 - 0.3 * np.linalg.norm(brow_gap) * np.asarray([0, 1])
     flat = _gradient_near(image, np.concatenate([cheeks, glabella[None]]))
     weakest = int(np.argmin(at_points))
-    assert at_points.min() > 25, (index, weakest, synthetic.FACE_PARTS[weakest])
+    assert at_points.min() > 25, (index, weakest, landmarks.FACE_PARTS[weakest])
     assert at_points.min() > 4 * max(flat.max(), 1.0), (index, flat)
 
 
@@ -191,5 +183,5 @@ def test_one_dataset_in_process_and_bad_sizes(tmp_path):
   assert len(records) == 2
   with pytest.raises(ValueError, match="sizes"):
     synthetic.write_synthetic_datasets(str(tmp_path), {"WFLW": (2,)})
-  with pytest.raises(KeyError, match="unknown protocol"):
+  with pytest.raises(UnknownProtocolError, match="unknown protocol"):
     synthetic.write_synthetic_datasets(str(tmp_path), {"Helen": (2, 2)})

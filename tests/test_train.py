@@ -14,6 +14,7 @@ from fgtbt_jax import checkpointing
 from fgtbt_jax import landmarks
 from fgtbt_jax import models
 from fgtbt_jax import sharding
+from fgtbt_jax import state as state_lib
 from fgtbt_jax import train
 
 
@@ -43,10 +44,10 @@ def _config(data: int, fsdp: int, rules: str):
 
 def test_sharded_step_matches_single_device_and_shards_parameters():
   config8 = _config(4, 2, "fsdp")
-  setup8 = train.build_setup(config8)
+  setup8 = state_lib.build_setup(config8)
   config1 = _config(1, 1, "data")
-  setup1 = train.build_setup(config1, mesh=sharding.make_mesh(config1.mesh, jax.devices()[:1]))
-  state8 = train.create_train_state(setup8, seed=0)
+  setup1 = state_lib.build_setup(config1, mesh=sharding.make_mesh(config1.mesh, jax.devices()[:1]))
+  state8 = state_lib.create_train_state(setup8, seed=0)
   initial = jax.device_get(state8)
   state1 = jax.device_put(initial, setup1.state_shardings)
 
@@ -64,8 +65,8 @@ def test_sharded_step_matches_single_device_and_shards_parameters():
   step1 = train.make_train_step(setup1, ema_decay=0.9)
   batches = [_batch(seed) for seed in (1, 2)]
   for local in batches:
-    state8, metrics8 = step8(state8, train.feed_batch(local, sharding.batch_sharding(setup8.mesh)))
-    state1, metrics1 = step1(state1, train.feed_batch(local, sharding.batch_sharding(setup1.mesh)))
+    state8, metrics8 = step8(state8, sharding.global_batch(local, sharding.batch_sharding(setup8.mesh), train.TRAIN_BATCH_KEYS))
+    state1, metrics1 = step1(state1, sharding.global_batch(local, sharding.batch_sharding(setup1.mesh), train.TRAIN_BATCH_KEYS))
     np.testing.assert_allclose(metrics8["loss"], metrics1["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics8["dataset_loss"], metrics1["dataset_loss"], rtol=1e-5)
   assert int(state8.step) == int(state1.step) == 2
@@ -92,7 +93,7 @@ def test_learning_rate_schedule_and_weight_decay_mask():
   config = tiny.get_config().optimizer
   config.learning_rate, config.lr_decay_steps, config.lr_decay_factor = 1.0, (10, 20), 0.5
   config.weight_decay, config.warmup_steps = 0.1, 0
-  tx, schedule = train.make_optimizer(config)
+  tx, schedule = state_lib.make_optimizer(config)
   assert [float(schedule(s)) for s in (0, 9, 10, 19, 20, 100)] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
   params = {"model": {"w": jnp.ones(3)}, "balancer": {"log_variance": jnp.ones(4)}}
   zero_grads = jax.tree.map(jnp.zeros_like, params)
@@ -101,7 +102,7 @@ def test_learning_rate_schedule_and_weight_decay_mask():
   np.testing.assert_allclose(updates["model"]["w"], -0.1 * np.ones(3), rtol=1e-6)
   np.testing.assert_array_equal(updates["balancer"]["log_variance"], np.zeros(4))
   config.warmup_steps = 4
-  _, warm = train.make_optimizer(config)
+  _, warm = state_lib.make_optimizer(config)
   assert [float(warm(s)) for s in (0, 2, 4, 12)] == [0.0, 0.5, 1.0, 0.5]
 
 
@@ -111,7 +112,7 @@ def test_gradient_clipping_by_global_norm():
   grads = {"model": {"w": jnp.full(4, 5.0)}, "balancer": {}}  # global norm 10
   for clip, expected_norm in ((0.0, 10.0), (1.0, 1.0)):
     config.grad_clip_norm = clip
-    tx, _ = train.make_optimizer(config)
+    tx, _ = state_lib.make_optimizer(config)
     _, state = tx.update(grads, tx.init(params), params)
     adam = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
             if hasattr(s, "mu")][0]
@@ -124,9 +125,9 @@ def test_ema_decay_follows_images_per_step():
   config = tiny.get_config()
   config.data.samples_per_dataset = 2
   config.train.ema_half_life_images = 10_000.0
-  assert train.ema_decay_per_step(config) == pytest.approx(0.5 ** (8 / 10_000))
+  assert state_lib.ema_decay_per_step(config) == pytest.approx(0.5 ** (8 / 10_000))
   config.data.samples_per_dataset = 4
-  assert train.ema_decay_per_step(config) == pytest.approx(0.5 ** (16 / 10_000))
+  assert state_lib.ema_decay_per_step(config) == pytest.approx(0.5 ** (16 / 10_000))
 
 
 def test_mesh_shape():
@@ -145,7 +146,7 @@ def test_mesh_shape():
 
 
 def test_parameter_table_counts_every_parameter():
-  setup = train.build_setup(tiny.get_config())
+  setup = state_lib.build_setup(tiny.get_config())
   table, total = train.parameter_table(setup.boxed_params)
   assert total == models.parameter_count(setup.boxed_params)
   assert "encoder/stage_0" in table and f"{total:,}" in table.splitlines()[-1]
@@ -175,7 +176,7 @@ class _Setup:
 
 def _tiny_state():
   w = jnp.zeros((3,))
-  return train.TrainState(
+  return state_lib.TrainState(
       step=jnp.zeros((), jnp.int32), params={"w": w}, batch_stats={}, opt_state={},
       ema_params={"w": w}, ema_batch_stats={}, balancer_params={}, balancer_state={},
       rng=jax.random.PRNGKey(0))

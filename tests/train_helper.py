@@ -69,17 +69,19 @@ def main():
     config.update_from_flattened_dict({key: ast.literal_eval(value)})
 
   if args.record:
-    feed = train.feed_batch
+    from fgtbt_jax import sharding
+    to_global = sharding.global_batch
 
-    def recording_feed_batch(local_batch, batch_sharding):
-      digest = hashlib.sha1()
-      for key in ("image", "landmarks", "dataset_id"):
-        digest.update(local_batch[key].tobytes())
-      with open(args.record, "a") as f:
-        f.write(digest.hexdigest() + "\n")
-      return feed(local_batch, batch_sharding)
+    def recording_global_batch(local_batch, batch_sharding, keys):
+      if "dataset_id" in keys:  # A training batch (eval batches carry images only).
+        digest = hashlib.sha1()
+        for key in ("image", "landmarks", "dataset_id"):
+          digest.update(local_batch[key].tobytes())
+        with open(args.record, "a") as f:
+          f.write(digest.hexdigest() + "\n")
+      return to_global(local_batch, batch_sharding, keys)
 
-    train.feed_batch = recording_feed_batch
+    sharding.global_batch = recording_global_batch
 
   if args.kill_after_step:
     save = checkpointing.Checkpointer.save

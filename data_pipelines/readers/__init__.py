@@ -16,7 +16,7 @@ is detected from what `src` holds when `fmt` is None:
 | `star_tsv`  | all             | `<dataset>/{split}.tsv` or `{split}.tsv`                   |
 
 When several are present the first in `FORMATS[dataset]` wins (raw formats
-before the derived tables). Each format module documents its layout and
+before the derived tables; the order is `datasets.get(name).formats`). Each format module documents its layout and
 conventions; `common` documents the checks and the error policy:
 `on_error="raise"` raises `DataError` at the first bad sample, `"skip"` skips
 it and counts it in the report. Problems with a whole file always raise.
@@ -24,52 +24,80 @@ it and counts it in the report. Problems with a whole file always raise.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Callable
 
-from data_pipelines.errors import DataError
 from data_pipelines.readers import aflw, cofw, common, tables, w300, wflw
 from data_pipelines.readers.aflw import read_aflw_mat
 from data_pipelines.readers.cofw import read_cofw_mat
-from data_pipelines.readers.common import (EXPECTED_COUNTS, EXPECTED_SUBSET_COUNTS,
-                                           ReadReport, SkippedSample)
+from data_pipelines.readers.common import ReadReport, SkippedSample
 from data_pipelines.readers.tables import read_hrnet_csv, read_star_tsv
 from data_pipelines.readers.w300 import read_300w_pts, read_pts
 from data_pipelines.readers.wflw import read_wflw_txt
 from data_pipelines.records import FaceRecord
+from fgtbt_jax import datasets
 from fgtbt_jax import landmarks
+from fgtbt_jax.errors import DataError
 
 __all__ = [
     "DataError", "ReadReport", "SkippedSample", "FaceRecord", "FORMATS",
-    "EXPECTED_COUNTS", "EXPECTED_SUBSET_COUNTS", "read_dataset", "detect_format",
+    "read_dataset", "detect_format",
     "read_wflw_txt", "read_300w_pts", "read_pts", "read_cofw_mat",
     "read_aflw_mat", "read_hrnet_csv", "read_star_tsv",
 ]
 
-# Formats each dataset can be read from, in detection order.
-FORMATS: dict[str, tuple[str, ...]] = {
-    "WFLW": (wflw.FMT, tables.HRNET_FMT, tables.STAR_FMT),
-    "300W": (w300.FMT, tables.HRNET_FMT, tables.STAR_FMT),
-    "COFW": (cofw.FMT, tables.STAR_FMT),
-    "AFLW": (aflw.FMT, tables.HRNET_FMT, tables.STAR_FMT),
+
+@dataclasses.dataclass(frozen=True)
+class _Format:
+  """How one format is recognised in a directory and read.
+
+  present(dataset, src, split): whether directory `src` holds the split.
+  read(dataset, src, split, on_error, image_root) -> (records, report).
+  image_root: whether the format takes an image_root, else why not.
+  """
+
+  present: Callable[[str, str, str], bool]
+  read: Callable[..., tuple]
+  image_root: bool | str = True
+
+
+def _star_present(dataset: str, src: str, split: str) -> bool:
+  folder = common.find_dir(src, dataset, max_depth=2)
+  return any(os.path.isfile(os.path.join(d, f"{split}.tsv")) for d in (folder, src) if d)
+
+
+_FORMATS: dict[str, _Format] = {
+    wflw.FMT: _Format(
+        present=lambda d, src, split: common.find_file(
+            src, [wflw.annotation_name(split)]) is not None,
+        read=lambda d, src, split, on_error, root: read_wflw_txt(src, split, on_error, root)),
+    w300.FMT: _Format(
+        present=lambda d, src, split: w300.find_300w_root(src) is not None,
+        read=lambda d, src, split, on_error, root: read_300w_pts(src, split, on_error),
+        image_root="its images are beside the .pts files"),
+    cofw.FMT: _Format(
+        present=lambda d, src, split: common.find_file(src, cofw.FILES[split]) is not None,
+        read=lambda d, src, split, on_error, root: read_cofw_mat(src, split, on_error),
+        image_root="its images are in the .mat file"),
+    aflw.FMT: _Format(
+        present=lambda d, src, split: common.find_file(src, [aflw.FILE]) is not None,
+        read=lambda d, src, split, on_error, root: read_aflw_mat(src, split, on_error, root)),
+    tables.HRNET_FMT: _Format(
+        present=lambda d, src, split: common.find_file(
+            src, [tables.HRNET_FILES[d][split]]) is not None,
+        read=read_hrnet_csv),
+    tables.STAR_FMT: _Format(present=_star_present, read=read_star_tsv),
 }
 
-
-def _present(fmt: str, dataset: str, src: str, split: str) -> bool:
-  """Whether directory `src` holds `dataset`'s `split` in format `fmt`."""
-  if fmt == wflw.FMT:
-    return common.find_file(src, [wflw.annotation_name(split)]) is not None
-  if fmt == w300.FMT:
-    return w300.find_300w_root(src) is not None
-  if fmt == cofw.FMT:
-    return common.find_file(src, cofw.FILES[split]) is not None
-  if fmt == aflw.FMT:
-    return common.find_file(src, [aflw.FILE]) is not None
-  if fmt == tables.HRNET_FMT:
-    return common.find_file(src, [tables.HRNET_FILES[dataset][split]]) is not None
-  if fmt == tables.STAR_FMT:
-    folder = common.find_dir(src, dataset, max_depth=2)
-    return any(os.path.isfile(os.path.join(d, f"{split}.tsv")) for d in (folder, src) if d)
-  raise ValueError(f"unknown format {fmt!r}")
+# Formats each dataset can be read from, in detection order.
+FORMATS: dict[str, tuple[str, ...]] = {
+    name: spec.formats for name, spec in datasets.DATASETS.items()}
+for _name, _formats in FORMATS.items():
+  if set(_formats) - set(_FORMATS):
+    raise ValueError(f"datasets.{_name}.formats names formats without a reader: "
+                     f"{sorted(set(_formats) - set(_FORMATS))}")
+del _name, _formats
 
 
 def detect_format(dataset: str, src: str, split: str = "train") -> str:
@@ -91,7 +119,7 @@ def detect_format(dataset: str, src: str, split: str = "train") -> str:
   if not os.path.isdir(src):
     raise DataError(src, "no such file or directory", "missing_file")
   for fmt in FORMATS[name]:
-    if _present(fmt, name, src, split):
+    if _FORMATS[fmt].present(name, src, split):
       return fmt
   raise DataError(src, f"no {name} {split} annotations found in any known format "
                   f"{FORMATS[name]}; see data_pipelines.readers for the file "
@@ -121,17 +149,7 @@ def read_dataset(dataset: str, src: str, split: str, fmt: str | None = None,
   fmt = fmt or detect_format(name, src, split)
   if fmt not in FORMATS[name]:
     raise ValueError(f"{name} cannot be read as {fmt!r}; formats: {FORMATS[name]}")
-  if image_root is not None and fmt in (w300.FMT, cofw.FMT):
-    raise ValueError(f"{fmt} takes no image_root: its images are "
-                     + ("beside the .pts files" if fmt == w300.FMT else "in the .mat file"))
-  if fmt == wflw.FMT:
-    return read_wflw_txt(src, split, on_error, image_root)
-  if fmt == w300.FMT:
-    return read_300w_pts(src, split, on_error)
-  if fmt == cofw.FMT:
-    return read_cofw_mat(src, split, on_error)
-  if fmt == aflw.FMT:
-    return read_aflw_mat(src, split, on_error, image_root)
-  if fmt == tables.HRNET_FMT:
-    return read_hrnet_csv(name, src, split, on_error, image_root)
-  return read_star_tsv(name, src, split, on_error, image_root)
+  reader = _FORMATS[fmt]
+  if image_root is not None and reader.image_root is not True:
+    raise ValueError(f"{fmt} takes no image_root: {reader.image_root}")
+  return reader.read(name, src, split, on_error, image_root)

@@ -24,14 +24,15 @@ import os
 
 import numpy as np
 
-from data_pipelines.errors import DataError
 from data_pipelines.readers import common
 from data_pipelines.readers.mat import load_mat
 from data_pipelines.records import FaceRecord
+from fgtbt_jax import datasets
+from fgtbt_jax.errors import DataError
 
 NUM_POINTS = 19
 NUM_TRAIN = 20000
-FMT = "aflw_mat"
+FMT = datasets.AFLW_MAT
 FILE = "AFLWinfo_release.mat"
 KEYS = ("bbox", "data", "mask_new", "nameList", "ra")
 

@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_pipelines.errors import DataError
-from data_pipelines.images import to_rgb_uint8
 from data_pipelines.readers import common
 from data_pipelines.readers.mat import load_mat
 from data_pipelines.records import FaceRecord
+from fgtbt_jax import datasets
+from fgtbt_jax.errors import DataError
+from fgtbt_jax.images import to_rgb_uint8
 
 NUM_POINTS = 29
-FMT = "cofw_mat"
+FMT = datasets.COFW_MAT
 KEYS = {"train": ("IsTr", "phisTr", "bboxesTr"), "test": ("IsT", "phisT", "bboxesT")}
 FILES = {"train": ("COFW_train_color.mat", "COFW_train.mat"),
          "test": ("COFW_test_color.mat", "COFW_test.mat")}

@@ -30,28 +30,16 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from data_pipelines.errors import DataError
+from fgtbt_jax import datasets
+from fgtbt_jax.errors import DataError
 
 MAX_OUTSIDE_BOX = 0.5
 MAX_NEGATIVE = 0.25
 
 ON_ERROR_CHOICES = ("raise", "skip")
 
-# Published sample counts (DATA_FORMATS): a read that finds other numbers
-# warns loudly but still returns what it read.
-EXPECTED_COUNTS: dict[str, dict[str, int]] = {
-    "WFLW": {"train": 7500, "test": 2500},
-    "300W": {"train": 3148, "test": 689},
-    "COFW": {"train": 1345, "test": 507},
-    "AFLW": {"train": 20000, "test": 4386},
-}
-# Test subsets; a tuple lists every count seen in the literature.
-EXPECTED_SUBSET_COUNTS: dict[str, dict[str, tuple[int, ...]]] = {
-    "WFLW": {"pose": (326,), "expression": (314,), "illumination": (698,),
-             "makeup": (206,), "occlusion": (736,), "blur": (773,)},
-    "300W": {"common": (554,), "challenging": (135,)},
-    "AFLW": {"frontal": (1165, 1314)},
-}
+# The six attribute flags of a WFLW annotation line, in column order (the
+# file format's order, which need not be the order reports list subsets in).
 WFLW_ATTRIBUTES = ("pose", "expression", "illumination", "makeup", "occlusion", "blur")
 
 _log = logging.getLogger("data_pipelines.readers")
@@ -145,14 +133,22 @@ class Collector:
 
 
 def warn_on_counts(report: ReadReport, records: Sequence) -> None:
-  """Adds warnings where counts differ from the published ones."""
-  expected = EXPECTED_COUNTS.get(report.dataset, {}).get(report.split)
+  """Adds warnings where counts differ from the published ones.
+
+  The published counts are `datasets.get(name).expected_counts` and
+  `.expected_subset_counts`; a read that finds other numbers warns loudly
+  but still returns what it read.
+  """
+  spec = datasets.DATASETS.get(report.dataset)
+  if spec is None:
+    return
+  expected = spec.expected_counts.get(report.split)
   if expected is not None and len(records) != expected:
     report.warn(f"read {len(records)} samples, the published {report.split} "
                 f"split has {expected}")
   if report.split != "test":
     return
-  for subset, counts in EXPECTED_SUBSET_COUNTS.get(report.dataset, {}).items():
+  for subset, counts in spec.expected_subset_counts.items():
     n = sum(subset in r.subsets for r in records)
     if n not in counts:
       report.warn(f"subset {subset!r} has {n} samples, published: "

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
-from data_pipelines.errors import DataError
 from data_pipelines.readers.common import require_file
+from fgtbt_jax.errors import DataError
 
 
 def load_mat(path: str, keys: Sequence[str]) -> dict[str, Any]:

@@ -37,13 +37,14 @@ import os
 
 import numpy as np
 
-from data_pipelines.errors import DataError
 from data_pipelines.readers import common
 from data_pipelines.records import FaceRecord
+from fgtbt_jax import datasets
 from fgtbt_jax import landmarks
+from fgtbt_jax.errors import DataError
 
-HRNET_FMT = "hrnet_csv"
-STAR_FMT = "star_tsv"
+HRNET_FMT = datasets.HRNET_CSV
+STAR_FMT = datasets.STAR_TSV
 # A STAR scale s crops s * 200 px; an HRNet scale s crops s * 200 * 1.25 px.
 STAR_TO_HRNET_SCALE = 1.25
 

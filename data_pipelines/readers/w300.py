@@ -24,12 +24,13 @@ import os
 
 import numpy as np
 
-from data_pipelines.errors import DataError
 from data_pipelines.readers import common
 from data_pipelines.records import FaceRecord
+from fgtbt_jax import datasets
+from fgtbt_jax.errors import DataError
 
 NUM_POINTS = 68
-FMT = "300w_pts"
+FMT = datasets.W300_PTS
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
 
 # split -> ((folder path parts, subset tag or None), ...)

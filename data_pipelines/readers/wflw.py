@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import os
 
-from data_pipelines.errors import DataError
 from data_pipelines.readers import common
 from data_pipelines.records import FaceRecord
+from fgtbt_jax import datasets
+from fgtbt_jax.errors import DataError
 
 NUM_POINTS = 98
 NUM_FIELDS = 2 * NUM_POINTS + 4 + 6 + 1
-FMT = "wflw_txt"
+FMT = datasets.WFLW_TXT
 
 
 def annotation_name(split: str) -> str:

@@ -1,4 +1,4 @@
-"""Image decoding and encoding for the data pipelines (OpenCV, no TensorFlow).
+"""Image decoding and encoding (OpenCV, no TensorFlow), for data and inference alike.
 
 `load_image` turns whatever a `FaceRecord.image` holds (a path, encoded bytes
 or a decoded array) into one thing: an H x W x 3 uint8 RGB array. It accepts
@@ -20,7 +20,7 @@ from typing import Union
 import cv2
 import numpy as np
 
-from data_pipelines.errors import DataError
+from fgtbt_jax.errors import DataError
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 

@@ -1,4 +1,7 @@
-"""The one error type for bad dataset files.
+"""The project's error types for bad inputs: data files, protocol names, configs.
+
+A leaf module (it imports nothing from the project), so every layer can raise
+and catch these without importing the layers above it.
 
 Every reader and the image loader raise `DataError` for anything wrong with
 the user's data (a missing image, a line with the wrong number of fields, a
@@ -26,3 +29,24 @@ class DataError(ValueError):
     self.where = where
     self.reason = reason
     self.kind = kind
+
+
+class UnknownProtocolError(ValueError):
+  """A dataset / protocol name that is none of the known ones.
+
+  The message is "unknown protocol 'X'; expected one of [...]".
+  """
+
+  def __init__(self, name, known):
+    super().__init__(f"unknown protocol {name!r}; expected one of {list(known)}")
+    self.name = name
+    self.known = tuple(known)
+
+  # The default would call the class with the message alone (worker processes
+  # pickle errors back to the parent).
+  def __reduce__(self):
+    return type(self), (self.name, self.known)
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work, named with its key."""

@@ -1,0 +1,226 @@
+"""Data preparation before a run: synthetic stand-ins on first use, then checks.
+
+`prepare_data(data_config, synthetic_config)` makes sure every dataset in
+`data.datasets` is converted under `data.data_dir`. With
+`synthetic_data.generate` it first renders and converts the synthetic
+stand-in datasets there (`convert.convert_synthetic`; process 0 writes, the
+others wait), but only into a folder that is new, empty, or holds nothing but
+earlier synthetic conversions: never beside a user's real data, which the
+synthetic faces would otherwise be mixed with (or written over).
+
+A folder counts as earlier synthetic output when every entry in it is one of:
+* `raw/` holding `synthetic.MARKER_FILE` (written before rendering starts) or
+  a synthetic `manifest.json` (written when it ends);
+* a builder folder (`fgtbt_wflw/`, ...) whose finished conversions are all
+  marked synthetic (`tfds_builders.is_synthetic`), or unfinished ones when
+  `raw/` is synthetic (an interrupted run);
+* TFDS's `downloads/` folder without files in it.
+
+`synthetic_datasets(data_config)` says which configured datasets are
+synthetic conversions, so tables can label their rows.
+
+Errors are `fgtbt_jax.errors.ConfigError`s naming the config key. This module
+needs neither the trainer nor its sharding helpers: multi-process runs
+synchronise with `jax.experimental.multihost_utils` directly.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Callable
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+
+from data_pipelines import convert
+from data_pipelines import tfds_builders
+from fgtbt_jax import datasets
+from fgtbt_jax.errors import ConfigError, UnknownProtocolError
+
+# TFDS creates this (empty, with a manual source) beside the builders.
+_TFDS_DOWNLOADS = "downloads"
+_MAX_LISTED = 5
+
+
+def _barrier(name: str) -> None:
+  """All processes wait here for each other (a no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _is_synthetic_manifest(path: pathlib.Path) -> bool:
+  """Whether `path` is the manifest.json that `write_synthetic_datasets` writes."""
+  try:
+    manifest = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return False
+  return isinstance(manifest, dict) and {"seed", "sizes", "paths"} <= set(manifest)
+
+
+def _raw_is_synthetic(raw: pathlib.Path) -> bool:
+  from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
+  return (raw / synthetic.MARKER_FILE).is_file() or _is_synthetic_manifest(raw / "manifest.json")
+
+
+def _foreign_conversions(data_dir: pathlib.Path, builder_dir: pathlib.Path, dataset: str,
+                         raw_synthetic: bool) -> list[str]:
+  """The entries of one builder folder that are not synthetic conversions."""
+  foreign = []
+  for entry in sorted(builder_dir.iterdir()):
+    if entry.name.startswith("."):
+      continue  # TFDS bookkeeping (".config").
+    if not entry.is_dir():
+      foreign.append(str(entry))
+      continue
+    try:
+      finished = tfds_builders.converted_dir(data_dir, dataset, entry.name)
+    except FileNotFoundError:
+      # Unfinished: an interrupted synthetic run when the raw faces are ours.
+      if not raw_synthetic:
+        foreign.append(f"{entry} (an unfinished {dataset} conversion)")
+      continue
+    try:
+      synthetic = tfds_builders.is_synthetic(data_dir, dataset, entry.name)
+    except ValueError as e:
+      foreign.append(f"{finished} ({e})")
+      continue
+    if not synthetic:
+      foreign.append(f"{finished} (a {dataset} conversion not marked synthetic)")
+  return foreign
+
+
+def foreign_entries(data_dir: str | pathlib.Path) -> list[str]:
+  """What in `data_dir` is not the output of earlier synthetic conversions.
+
+  Empty when synthetic data may be written there: the folder does not exist,
+  is empty, or holds only what `convert.convert_synthetic` writes (see the
+  module doc). Each entry names a path, with the reason where it helps.
+  """
+  data_dir = pathlib.Path(data_dir)
+  if not data_dir.exists():
+    return []
+  if not data_dir.is_dir():
+    return [f"{data_dir} (not a directory)"]
+  builders = {spec.builder_name: name for name, spec in datasets.DATASETS.items()}
+  raw_synthetic = _raw_is_synthetic(data_dir / convert.SYNTHETIC_RAW_DIR)
+  foreign = []
+  for entry in sorted(data_dir.iterdir()):
+    if entry.name == convert.SYNTHETIC_RAW_DIR and entry.is_dir():
+      if not raw_synthetic:
+        foreign.append(f"{entry} (no synthetic marker or manifest in it)")
+    elif entry.name == _TFDS_DOWNLOADS and entry.is_dir():
+      if any(path.is_file() for path in entry.rglob("*")):
+        foreign.append(f"{entry} (holds files)")
+    elif entry.name in builders and entry.is_dir():
+      foreign.extend(_foreign_conversions(data_dir, entry, builders[entry.name], raw_synthetic))
+    else:
+      foreign.append(str(entry))
+  return foreign
+
+
+def _configured_datasets(data_config: ml_collections.ConfigDict) -> list[str]:
+  try:
+    return [datasets.get(name).name for name in data_config.datasets]
+  except UnknownProtocolError as e:
+    raise ConfigError(f"data.datasets: {e}") from e
+
+
+def _datasets_flag(names) -> str:
+  """The command-line override that configures exactly `names`."""
+  items = ",".join(f'"{name}"' for name in names)
+  return f"--config.data.datasets='({items}{',' if len(names) == 1 else ''})'"
+
+
+def _generate_synthetic(data_dir: pathlib.Path, synthetic_config: ml_collections.ConfigDict,
+                        barrier: Callable[[str], None]) -> None:
+  # Every process looks before any writes: on a shared folder they all see
+  # the same contents and all refuse together (none is left waiting).
+  foreign = foreign_entries(data_dir)
+  if foreign:
+    listed = "; ".join(foreign[:_MAX_LISTED])
+    more = f"; and {len(foreign) - _MAX_LISTED} more" if len(foreign) > _MAX_LISTED else ""
+    raise ConfigError(
+        f"synthetic_data.generate: data.data_dir {str(data_dir)!r} holds data that is not "
+        f"synthetic ({listed}{more}); synthetic faces are only written into a new or "
+        "empty folder, or one holding only earlier synthetic conversions. Point "
+        "data.data_dir at another folder, or set synthetic_data.generate=False to use "
+        "the data there")
+  barrier("synthetic data checked")
+  if jax.process_index() == 0:
+    logging.info("synthetic datasets: %s (generated on first use)", data_dir)
+    convert.convert_synthetic(
+        data_dir, {k: tuple(v) for k, v in synthetic_config.sizes.items()},
+        seed=synthetic_config.seed, image_size=synthetic_config.image_size)
+  barrier("synthetic data ready")
+
+
+def prepare_data(data_config: ml_collections.ConfigDict,
+                 synthetic_config: ml_collections.ConfigDict, *,
+                 barrier: Callable[[str], None] | None = None) -> None:
+  """Makes sure every dataset of `data.datasets` is converted under `data.data_dir`.
+
+  Args:
+    data_config: the `data` config (data_dir, crop_config, datasets).
+    synthetic_config: the `synthetic_data` config (generate, sizes, seed,
+      image_size). With `generate` the synthetic stand-ins are rendered and
+      converted into data_dir on first use (process 0 writes, all processes
+      wait for it), unless data_dir holds other data.
+    barrier: `barrier(name)` makes all processes wait for each other;
+      default: `multihost_utils.sync_global_devices` with several processes.
+
+  Raises:
+    ConfigError: naming the config key: data_dir is empty, not a directory,
+      or (with `synthetic_data.generate`) holds data that is not synthetic;
+      a configured dataset is unknown or not converted there; several crop
+      configs are converted and `data.crop_config` does not choose one.
+  """
+  barrier = barrier or _barrier
+  names = _configured_datasets(data_config)
+  if not data_config.data_dir:
+    raise ConfigError("data.data_dir is empty: set it to the --out folder of "
+                      "python -m data_pipelines.convert")
+  data_dir = pathlib.Path(data_config.data_dir)
+  if synthetic_config.generate:
+    _generate_synthetic(data_dir, synthetic_config, barrier)
+  if not data_dir.is_dir():
+    raise ConfigError(f"data.data_dir {str(data_dir)!r} is not a directory; convert the "
+                      f"datasets there first (python -m data_pipelines.convert --out DIR)")
+  problems = []
+  for name in names:
+    try:
+      tfds_builders.converted_dir(data_dir, name, data_config.crop_config)
+    except FileNotFoundError as e:
+      problems.append((name, str(e)))
+    except ValueError as e:  # Several crop configs converted.
+      raise ConfigError(f"data.crop_config: {e}") from e
+  if problems:
+    missing = [name for name, _ in problems]
+    kept = [name for name in names if name not in missing]
+    them = "it" if len(missing) == 1 else "them"
+    narrow = (f"or leave {them} out with {_datasets_flag(kept)}" if kept else
+              "or generate synthetic stand-ins there with "
+              "--config.synthetic_data.generate=True")
+    reasons = "; ".join(reason for _, reason in problems)
+    raise ConfigError(f"data.data_dir {str(data_dir)!r} lacks {', '.join(missing)}: "
+                      f"{reasons}, {narrow}")
+
+
+def synthetic_datasets(data_config: ml_collections.ConfigDict) -> set[str]:
+  """Which configured datasets are converted under data.data_dir as synthetic data.
+
+  Protocol names ("WFLW", ...). A dataset not converted there is left out
+  (it is not known to be synthetic); `prepare_data` reports those.
+  """
+  if not data_config.data_dir:
+    return set()
+  found = set()
+  for name in _configured_datasets(data_config):
+    try:
+      if tfds_builders.is_synthetic(data_config.data_dir, name, data_config.crop_config):
+        found.add(name)
+    except FileNotFoundError:
+      continue
+  return found

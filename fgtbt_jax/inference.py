@@ -1,0 +1,232 @@
+"""The one inference core: the device predict function and the EMA-model restore.
+
+Every path that turns a model into landmarks (the training-time Evaluator,
+`run.py eval` and its studies, `Predictor`, `run.py predict` and the
+`jax.export` artifact) runs `make_predict_fn`:
+
+    uint8 crops (B, S, S, 3) -> ImageNet normalisation -> model
+      [-> the model on the mirrored crops, heatmaps merged with the unified
+         flip permutation]                                   (flip_test)
+      -> decode (argmax / quarter / subpixel, optional blur)  (decoder, smoothing_sigma)
+      -> points (B, 124, 2) in crop input pixels, confidence (B, 124) heatmap peaks
+
+with one `PredictSettings` saying how. A run's settings are its config's
+`eval` section (`PredictSettings.from_config`), so a run is predicted the
+way it was evaluated unless a caller overrides a field explicitly.
+
+`restore_models` reads a run's EMA models for inference (the newest train
+state's, or each dataset's best), built from the model config alone: the
+abstract target is `jax.eval_shape` of the model's initialiser, and only the
+EMA entries of a train state are read (`Checkpointer.restore_ema`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from fgtbt_jax import checkpointing
+from fgtbt_jax import heatmaps
+from fgtbt_jax import landmarks
+from fgtbt_jax import models
+from fgtbt_jax import sharding
+from fgtbt_jax.models import partitioning
+
+OUTPUTS: tuple[str, ...] = ("landmarks", "heatmaps")
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictSettings:
+  """How heatmaps become landmarks.
+
+  Attributes:
+    decoder: a name of `heatmaps.DECODERS`.
+    flip_test: also run the mirrored crops and average the heatmaps with
+      theirs, flipped back with the unified flip permutation (the paper's test).
+    smoothing_sigma: Gaussian blur (heatmap pixels) before the sub-pixel fit;
+      0 = off. Only for the "subpixel" decoder.
+  """
+
+  decoder: str = "subpixel"
+  flip_test: bool = True
+  smoothing_sigma: float = 0.0
+
+  def __post_init__(self):
+    if self.decoder not in heatmaps.DECODERS:
+      raise ValueError(f"decoder {self.decoder!r}: expected one of {heatmaps.DECODERS}")
+    if not self.smoothing_sigma >= 0:
+      raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
+    if self.smoothing_sigma and self.decoder != "subpixel":
+      raise ValueError(f"smoothing_sigma ({self.smoothing_sigma:g}) applies to the 'subpixel' "
+                       f"decoder only, not {self.decoder!r}")
+
+  @classmethod
+  def from_config(cls, eval_config: ml_collections.ConfigDict, *, decoder: str | None = None,
+                  flip_test: bool | None = None,
+                  smoothing_sigma: float | None = None) -> "PredictSettings":
+    """A run's settings (`config.eval`), with the fields given here overriding them.
+
+    Overriding the decoder of a run that smooths with a decoder that cannot
+    smooth turns the smoothing off (it is a sub-pixel fit option).
+    """
+    decoder = eval_config.decoder if decoder is None else decoder
+    if smoothing_sigma is None:
+      smoothing_sigma = float(eval_config.smoothing_sigma) if decoder == "subpixel" else 0.0
+    return cls(decoder=decoder,
+               flip_test=bool(eval_config.flip_test if flip_test is None else flip_test),
+               smoothing_sigma=float(smoothing_sigma))
+
+  def replace(self, **changes) -> "PredictSettings":
+    if "decoder" in changes and changes["decoder"] != "subpixel":
+      changes.setdefault("smoothing_sigma", 0.0)
+    return dataclasses.replace(self, **changes)
+
+  def describe(self) -> str:
+    smoothing = f", smoothing {self.smoothing_sigma:g}" if self.smoothing_sigma else ""
+    return f"decoder {self.decoder}, flip test {'on' if self.flip_test else 'off'}{smoothing}"
+
+
+def model_apply(model: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
+  """(variables, normalised images) -> heatmaps: the model's eval-mode forward."""
+  return lambda variables, images: model.apply(variables, images, train=False)
+
+
+def make_predict_fn(apply_fn: Callable[[Any, jax.Array], jax.Array], settings: PredictSettings,
+                    output: str = "landmarks") -> Callable:
+  """The device side of prediction: (variables, uint8 crops (B, S, S, 3)) -> outputs.
+
+  Args:
+    apply_fn: (variables, normalised images (B, S, S, 3)) -> heatmaps
+      (B, S / stride, S / stride, 124), e.g. `model_apply(model)`.
+    settings: decoder, flip test and smoothing.
+    output: "landmarks" -> (points (B, 124, 2) in crop input pixels, pixel
+      centres at integers; confidence (B, 124) heatmap peaks); "heatmaps" ->
+      the (flip-merged) heatmaps.
+
+  Returns:
+    A pure function; jit it (`compile_predict_fn` for a mesh).
+  """
+  if output not in OUTPUTS:
+    raise ValueError(f"unknown inference output {output!r}; expected one of {OUTPUTS}")
+  flip_permutation = landmarks.UNIFIED_FLIP_PERMUTATION
+
+  def predict(variables, crops):
+    images = models.normalize_images(crops)
+    maps = apply_fn(variables, images)
+    if settings.flip_test:
+      # Two forwards rather than one on a 2B batch: the mirrored half would
+      # otherwise have to move between devices of a batch-sharded input.
+      mirrored = apply_fn(variables, images[:, :, ::-1, :])
+      maps = heatmaps.merge_flipped(maps, mirrored, flip_permutation)
+    if output == "heatmaps":
+      return maps
+    coords, confidence = heatmaps.decode(maps, settings.decoder,
+                                         smoothing_sigma=settings.smoothing_sigma)
+    stride = crops.shape[1] / maps.shape[1]
+    return heatmaps.heatmap_to_input(coords, stride), confidence
+
+  return predict
+
+
+def compile_predict_fn(model: nn.Module, mesh: Mesh, rules, settings: PredictSettings,
+                       output: str = "landmarks") -> Callable:
+  """`make_predict_fn` jitted for batches split over every device of `mesh`.
+
+  Outputs come back sharded like the batch; the program compiles on the
+  first call (then all processes meet at a barrier, see
+  `sharding.CompiledOnFirstCall`).
+  """
+  jitted = jax.jit(make_predict_fn(model_apply(model), settings, output),
+                   out_shardings=sharding.batch_sharding(mesh))
+  return sharding.CompiledOnFirstCall(jitted, f"predict {settings.describe()}", mesh, rules)
+
+
+# -- restoring a run's EMA models ---------------------------------------------------
+
+
+def abstract_variables(model_config: ml_collections.ConfigDict, image_size: int, mesh: Mesh,
+                       rules) -> dict:
+  """{"params", "batch_stats"} as `jax.ShapeDtypeStruct`s with shardings over `mesh`.
+
+  From the model alone: `jax.eval_shape` of its initialiser, sharded by the
+  logical axis rules (the same shardings the train state's EMA copy has).
+  """
+  model = models.build_model(model_config)
+  with sharding.mesh_and_rules(mesh, rules):
+    boxed = models.abstract_variables(model, int(image_size))
+  boxed = {"params": boxed["params"], "batch_stats": boxed.get("batch_stats", {})}
+  shardings = partitioning.variable_shardings(boxed, mesh, rules)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      nn.meta.unbox(boxed), shardings)
+
+
+@dataclasses.dataclass
+class RestoredModel:
+  """EMA variables of a run and what they are for.
+
+  Attributes:
+    datasets: the datasets this model is evaluated on: all of the run's for
+      the latest checkpoint, one for a dataset's best.
+    variables: {"params", "batch_stats"} placed on the mesh restored into.
+    step: the training step they come from.
+    kind: "latest" or "best".
+  """
+
+  datasets: list[str]
+  variables: Any
+  step: int
+  kind: str
+
+
+def restore_models(config: ml_collections.ConfigDict, workdir: str | os.PathLike, kind: str,
+                   mesh: Mesh, rules, datasets: Sequence[str] | None = None
+                   ) -> list[RestoredModel]:
+  """A run's EMA models for inference, each checkpoint read once.
+
+  Args:
+    config: the run's config (reads `model`, `data`, `train`).
+    workdir: the run's directory.
+    kind: "latest" (one model: the newest train state's EMA variables, for
+      every dataset) or "best" (each dataset's best EMA model).
+    mesh, rules: where the variables go (`sharding.single_device_mesh()` for
+      one device).
+    datasets: default the run's `data.datasets`; for "best", whose.
+
+  Raises:
+    WorkdirError: a checkpoint asked for is not there.
+    IncompatibleCheckpointError: it does not fit the configured model.
+  """
+  checkpointing.check_kind(kind)
+  names = [landmarks.get_protocol(d).name for d in (datasets or config.data.datasets)]
+  foreign = [n for n in names if n not in config.data.datasets]
+  if foreign:
+    raise checkpointing.WorkdirError(
+        f"the run in {workdir} trained on {list(config.data.datasets)}; it has no model "
+        f"for {foreign}")
+  checkpoints = checkpointing.Checkpointer.for_run(config, workdir, enable_async=False)
+  try:
+    # Fail on a missing checkpoint before building anything.
+    if kind == "latest" and checkpoints.latest_step() is None:
+      raise checkpointing.WorkdirError(
+          f"no train-state checkpoint under {checkpoints.directory / 'latest'}")
+    for name in names if kind == "best" else ():
+      if checkpoints.best_step(name) is None:
+        raise checkpointing.WorkdirError(
+            f"no best checkpoint for {name} under {checkpoints.directory / ('best_' + name)}")
+    abstract = abstract_variables(config.model, config.data.image_size, mesh, rules)
+    if kind == "latest":
+      variables, step = checkpoints.restore_ema(abstract)
+      return [RestoredModel(names, variables, step, kind)]
+    restored = []
+    for name in names:
+      variables, step = checkpoints.restore_best(name, abstract)
+      restored.append(RestoredModel([name], variables, step, kind))
+    return restored
+  finally:
+    checkpoints.close()

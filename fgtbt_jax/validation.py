@@ -1,0 +1,109 @@
+"""Config checks before any work starts: `validate_config(config)`.
+
+Every check names the key and the value it rejects (`errors.ConfigError`),
+so a run that cannot work stops at start, not after compiling or hours in.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from fgtbt_jax import landmarks
+from fgtbt_jax import losses
+from fgtbt_jax import models
+from fgtbt_jax import sharding
+from fgtbt_jax import studies
+from fgtbt_jax.errors import ConfigError
+from fgtbt_jax.inference import PredictSettings
+
+__all__ = ["ConfigError", "validate_config"]
+
+
+def _check_eval(eval_config: ml_collections.ConfigDict) -> None:
+  try:
+    PredictSettings.from_config(eval_config)
+  except ValueError as e:
+    raise ConfigError(f"eval: {e}") from e
+  if not 0 < eval_config.failure_threshold <= 1:
+    raise ConfigError(f"eval.failure_threshold must be in (0, 1], got "
+                      f"{eval_config.failure_threshold}")
+  try:
+    studies.check_studies(eval_config.studies)
+  except ValueError as e:
+    raise ConfigError(f"eval.studies: {e}") from e
+  sides = tuple(eval_config.lowres_sides)
+  if not sides or any(int(s) != s or s < 1 for s in sides):
+    raise ConfigError(f"eval.lowres_sides must be positive face sides in pixels, got {sides}")
+  if eval_config.study_max_batches < 0:
+    raise ConfigError(f"eval.study_max_batches must be >= 0 (0 = the whole split), got "
+                      f"{eval_config.study_max_batches}")
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
+                    process_count: int | None = None) -> None:
+  """Checks the config before any work starts; raises ConfigError naming the key.
+
+  Args:
+    config: the full experiment config.
+    num_devices: global device count (default: jax.device_count()).
+    process_count: number of processes (default: jax.process_count()).
+  """
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = jax.process_count() if process_count is None else process_count
+  opt, train, data = config.optimizer, config.train, config.data
+  try:
+    models.validate_model_config(config.model)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  if not opt.learning_rate > 0:
+    raise ConfigError(f"optimizer.learning_rate must be positive, got {opt.learning_rate}")
+  if opt.weight_decay < 0:
+    raise ConfigError(f"optimizer.weight_decay must be >= 0, got {opt.weight_decay}")
+  if opt.grad_clip_norm < 0:
+    raise ConfigError(f"optimizer.grad_clip_norm must be >= 0 (0 = off), got {opt.grad_clip_norm}")
+  if not 0 < opt.lr_decay_factor <= 1:
+    raise ConfigError(f"optimizer.lr_decay_factor must be in (0, 1], got {opt.lr_decay_factor}")
+  if list(opt.lr_decay_steps) != sorted(opt.lr_decay_steps) or any(
+      s <= 0 for s in opt.lr_decay_steps):
+    raise ConfigError(f"optimizer.lr_decay_steps must be increasing positive steps, "
+                      f"got {tuple(opt.lr_decay_steps)}")
+  try:
+    losses.LossConfig.from_config(config.loss, len(landmarks.PROTOCOL_NAMES))
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  for key in ("steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):
+    if train[key] < 1:
+      raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")
+  if not train.ema_half_life_images > 0:
+    raise ConfigError(f"train.ema_half_life_images must be positive, got {train.ema_half_life_images}")
+  if config.model.input_size != data.image_size:
+    raise ConfigError(f"data.image_size ({data.image_size}) must equal model.input_size "
+                      f"({config.model.input_size})")
+  unknown = [d for d in data.datasets if d not in landmarks.PROTOCOL_NAMES]
+  if unknown or not data.datasets:
+    raise ConfigError(f"data.datasets must be a non-empty subset of {landmarks.PROTOCOL_NAMES}, "
+                      f"got {tuple(data.datasets)}")
+  if data.samples_per_dataset < 1:
+    raise ConfigError(f"data.samples_per_dataset must be at least 1, got {data.samples_per_dataset}")
+  if data.samples_per_dataset % process_count:
+    raise ConfigError(
+        f"data.samples_per_dataset ({data.samples_per_dataset}) must divide by the number of "
+        f"processes ({process_count}): each process feeds the same share of every dataset")
+  global_batch = data.samples_per_dataset * len(data.datasets)
+  if global_batch % num_devices:
+    raise ConfigError(
+        f"the global batch (data.samples_per_dataset {data.samples_per_dataset} x "
+        f"{len(data.datasets)} datasets = {global_batch}) must divide by the number of "
+        f"devices ({num_devices})")
+  if data.eval_batch_size < 1 or data.eval_batch_size % num_devices:
+    raise ConfigError(f"data.eval_batch_size ({data.eval_batch_size}) must be a positive "
+                      f"multiple of the number of devices ({num_devices})")
+  try:
+    sharding.mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  _check_eval(config.eval)
+  if not str(data.data_dir):
+    raise ConfigError("data.data_dir is required: the directory of converted datasets "
+                      "(see data_pipelines/convert.py)")
