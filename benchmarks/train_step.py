@@ -55,6 +55,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from benchmarks import common
+from fgtbt_jax import validation
 from fgtbt_jax import losses
 from fgtbt_jax import models
 from fgtbt_jax import sharding
@@ -90,7 +91,7 @@ def benchmark_config(config: ml_collections.ConfigDict, batch: int | None,
 
   Raises:
     ValueError: the batch is not a positive multiple of the number of
-      datasets, or the config fails `train.validate_config` (e.g. the batch
+      datasets, or the config fails `validation.validate_config` (e.g. the batch
       does not divide by the device count).
   """
   config = ml_collections.ConfigDict(config.to_dict())
@@ -104,7 +105,7 @@ def benchmark_config(config: ml_collections.ConfigDict, batch: int | None,
   models.validate_model_config(config.model)
   if not config.data.data_dir:
     config.data.data_dir = _NO_DATA_DIR
-  train.validate_config(config)
+  validation.validate_config(config)
   return config
 
 

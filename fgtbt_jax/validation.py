@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
+from fgtbt_jax import heatmaps
 from fgtbt_jax import landmarks
 from fgtbt_jax import losses
 from fgtbt_jax import models
@@ -21,10 +22,13 @@ __all__ = ["ConfigError", "validate_config"]
 
 
 def _check_eval(eval_config: ml_collections.ConfigDict) -> None:
+  if eval_config.decoder not in heatmaps.DECODERS:
+    raise ConfigError(f"eval.decoder must be one of {heatmaps.DECODERS}, "
+                      f"got {eval_config.decoder!r}")
   try:
     PredictSettings.from_config(eval_config)
   except ValueError as e:
-    raise ConfigError(f"eval: {e}") from e
+    raise ConfigError(f"eval.smoothing_sigma: {e}") from e
   if not 0 < eval_config.failure_threshold <= 1:
     raise ConfigError(f"eval.failure_threshold must be in (0, 1], got "
                       f"{eval_config.failure_threshold}")

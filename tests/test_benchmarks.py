@@ -18,10 +18,10 @@ from benchmarks import common
 from benchmarks import inference
 from benchmarks import train_step
 from configs import tiny
+from fgtbt_jax import errors
 from fgtbt_jax import landmarks
 from fgtbt_jax import sharding
 from fgtbt_jax import state as state_lib
-from fgtbt_jax import train
 
 _TINY = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
 
@@ -125,7 +125,7 @@ def test_bad_benchmark_arguments_are_named():
     train_step.benchmark_config(config, 6, "float32")
   with pytest.raises(ValueError, match=r"dtype='float16'"):
     train_step.benchmark_config(config, 8, "float16")
-  with pytest.raises(train.ConfigError, match=r"must divide by the number of devices \(8\)"):
+  with pytest.raises(errors.ConfigError, match=r"must divide by the number of devices \(8\)"):
     train_step.benchmark_config(config, 4, "float32")
   with pytest.raises(ValueError, match=r"--batch='x'"):
     common.parse_batches(["8", "x"])

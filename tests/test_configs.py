@@ -11,6 +11,8 @@ from configs import ablations
 from configs import default
 from configs import fgtbt_paper
 from configs import tiny
+from fgtbt_jax import validation
+from fgtbt_jax import errors
 from fgtbt_jax import state as state_lib
 from fgtbt_jax import train
 
@@ -18,7 +20,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _valid(config):
-  train.validate_config(config, num_devices=8, process_count=1)
+  validation.validate_config(config, num_devices=8, process_count=1)
 
 
 def test_paper_config_matches_the_paper():
@@ -41,7 +43,7 @@ def test_paper_config_matches_the_paper():
 
 
 def test_paper_config_requires_a_data_dir():
-  with pytest.raises(train.ConfigError, match="data.data_dir is required"):
+  with pytest.raises(errors.ConfigError, match="data.data_dir is required"):
     _valid(fgtbt_paper.get_config())
 
 
@@ -86,23 +88,23 @@ def test_ablations_set_what_they_name():
 def test_validation_names_the_bad_key(key, value, message):
   c = tiny.get_config()
   c.update_from_flattened_dict({key: value})
-  with pytest.raises(train.ConfigError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     _valid(c)
 
 
 def test_batch_must_divide_by_devices_and_processes():
   c = tiny.get_config()  # k = 2, 4 datasets: global batch 8
-  train.validate_config(c, num_devices=4, process_count=2)
-  with pytest.raises(train.ConfigError, match=r"global batch .* = 8\) must divide by the number "
+  validation.validate_config(c, num_devices=4, process_count=2)
+  with pytest.raises(errors.ConfigError, match=r"global batch .* = 8\) must divide by the number "
                                               r"of devices \(3\)"):
-    train.validate_config(c, num_devices=3, process_count=1)
-  with pytest.raises(train.ConfigError, match="must divide by the number of processes"):
-    train.validate_config(c, num_devices=8, process_count=4)
+    validation.validate_config(c, num_devices=3, process_count=1)
+  with pytest.raises(errors.ConfigError, match="must divide by the number of processes"):
+    validation.validate_config(c, num_devices=8, process_count=4)
   # The config files tie data.image_size to model.input_size by reference;
   # a config read back from JSON has two plain values that can disagree.
   c = ml_collections.ConfigDict(c.to_dict())
   c.model.input_size = 96
-  with pytest.raises(train.ConfigError, match="must equal model.input_size"):
+  with pytest.raises(errors.ConfigError, match="must equal model.input_size"):
     _valid(c)
 
 
@@ -110,10 +112,10 @@ def test_missing_data_paths_are_reported(tmp_path):
   c = tiny.get_config()
   c.synthetic_data.generate = False
   c.data.data_dir = str(tmp_path / "nowhere")
-  with pytest.raises(train.ConfigError, match="nowhere.* is not a directory"):
+  with pytest.raises(errors.ConfigError, match="nowhere.* is not a directory"):
     train.prepare_data(c)
   c.data.data_dir = str(tmp_path)
-  with pytest.raises(train.ConfigError, match="no converted WFLW data"):
+  with pytest.raises(errors.ConfigError, match="no converted WFLW data"):
     train.prepare_data(c)
 
 

@@ -74,7 +74,9 @@ def test_sharded_step_matches_single_device_and_shards_parameters():
   flat8 = jax.tree_util.tree_leaves_with_path(jax.device_get(state8.params))
   flat1 = dict(jax.tree_util.tree_leaves_with_path(jax.device_get(state1.params)))
   for path, value in flat8:
-    np.testing.assert_allclose(value, flat1[path], rtol=1e-4, atol=2e-5,
+    # Adam divides by the root of tiny second moments in the first steps, so
+    # the reduction order of a near-zero gradient shows at about 4e-5.
+    np.testing.assert_allclose(value, flat1[path], rtol=1e-4, atol=6e-5,
                                err_msg=jax.tree_util.keystr(path))
   for a, b in zip(jax.tree.leaves(jax.device_get(state8.ema_batch_stats)),
                   jax.tree.leaves(jax.device_get(state1.ema_batch_stats))):
@@ -160,12 +162,22 @@ class _FakeEvaluator:
   def __init__(self):
     self.evaluated = []
 
-  def log_train(self, step, scalars):
-    assert np.isfinite(scalars["loss"])
-
   def evaluate(self, variables, step, datasets=None):
     self.evaluated.append(step)
-    return {"WFLW": {"nme": 0.1, "baseline_nme": 0.2, "fr": 0.0, "auc": 0.5}}
+    return {"WFLW": {"nme": 0.1, "baseline_nme": 0.2, "fr": 0.0, "auc": 0.5}}, {}
+
+
+class _FakeWriter:
+
+  def __init__(self):
+    self.written = []
+
+  def write(self, prefix, step, scalars):
+    assert all(np.isfinite(v) for v in scalars.values())
+    self.written.append((prefix, step))
+
+  def flush(self):
+    pass
 
 
 class _Setup:
@@ -208,7 +220,7 @@ def _loop(tmp_path, step_fn, steps=6):
                                            save_interval_steps=2)
   try:
     return train._train_loop(config, _Setup(), _tiny_state(), 0, step_fn, _iterator(),
-                             checkpoints, _FakeEvaluator(), tmp_path), checkpoints
+                             checkpoints, _FakeEvaluator(), _FakeWriter()), checkpoints
   finally:
     checkpoints.close()
 

@@ -9,7 +9,9 @@ import pytest
 from configs import tiny
 from fgtbt_jax import evaluate
 from fgtbt_jax import heatmaps
+from fgtbt_jax import inference
 from fgtbt_jax import landmarks
+from fgtbt_jax import metrics
 from fgtbt_jax import sharding
 
 SIZE = 64          # input side
@@ -54,10 +56,12 @@ def test_predictor_maps_heatmap_peaks_to_input_pixels(flip_test):
   config = tiny.get_config()
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh.logical_axis_rules)
-  predict = evaluate.make_predict_fn(_BrightSideModel(points), mesh, rules,
-                                     decoder="subpixel", flip_test=flip_test)
+  predict = inference.compile_predict_fn(
+      _BrightSideModel(points), mesh, rules,
+      inference.PredictSettings(decoder="subpixel", flip_test=flip_test))
   images = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), _images(8))
-  predicted = sharding.local_rows(predict({}, images))
+  predicted, confidence = (sharding.local_rows(a) for a in predict({}, images))
+  assert confidence.shape == (8, 124) and (confidence > 0.8).all()  # sub-pixel peaks
   expected = heatmaps.heatmap_to_input(points, 2)
   assert predicted.shape == (8, 124, 2)
   np.testing.assert_allclose(predicted, np.broadcast_to(expected, predicted.shape), atol=2e-3)
@@ -94,6 +98,13 @@ def _gt(name, batch, seed=0):
   return (face[None] + rng.normal(0, 1, (batch, protocol.num_landmarks, 2))).astype(np.float32)
 
 
+def _split(name, pred, gt, box, subsets, baseline=None):
+  return metrics.SplitPredictions(
+      dataset=name, predictions=pred, confidence=np.ones(gt.shape[:2]), ground_truth=gt,
+      box_size=np.asarray(box, np.float64), baseline=gt if baseline is None else baseline,
+      subsets=subsets, images=np.zeros((0, SIZE, SIZE, 3), np.uint8))
+
+
 def test_summarize_dataset_known_answers():
   gt = _gt("COFW", 4)
   protocol = landmarks.get_protocol("COFW")
@@ -103,7 +114,7 @@ def test_summarize_dataset_known_answers():
   pred = gt.copy()
   pred[..., 0] += (errors * distance)[:, None]  # every point off by e * d in x
   subsets = {"odd": np.array([False, True, False, True])}
-  result = evaluate.summarize_dataset("COFW", pred, gt, np.ones(4), subsets, baseline=gt + 0.0)
+  result = evaluate.summarize_dataset(_split("COFW", pred, gt, np.ones(4), subsets, gt + 0.0), 0.1)
   assert result["nme"] == pytest.approx(0.125, rel=1e-5)
   assert result["fr"] == 0.5 and result["auc"] == pytest.approx(0.25, rel=1e-5)
   assert result["count"] == 4 and result["baseline_nme"] == 0.0
@@ -114,18 +125,20 @@ def test_summarize_dataset_known_answers():
       np.mean(errors * distance / ocular_distance), rel=1e-5)
   # Points missing from the ground truth are left out, not counted as errors.
   gt[0, 3] = np.nan
-  again = evaluate.summarize_dataset("COFW", pred, gt, np.ones(4), {})
+  again = evaluate.summarize_dataset(_split("COFW", pred, gt, np.ones(4), {}), 0.1,
+                                     with_baseline=False)
+  assert "baseline_nme" not in again
   assert again["nme"] == pytest.approx(0.125, rel=1e-5)
 
 
 def test_300w_reports_inter_pupil_next_to_inter_ocular_and_aflw_uses_the_box():
   gt = _gt("300W", 2)
-  result = evaluate.summarize_dataset("300W", gt + 1.0, gt, np.ones(2), {})
+  result = evaluate.summarize_dataset(_split("300W", gt + 1.0, gt, np.ones(2), {}), 0.1)
   assert set(result["normalizers"]) == {"inter_pupil"}
   assert result["normalizers"]["inter_pupil"]["nme"] > result["nme"]  # pupils are closer
   gt = _gt("AFLW", 2)
-  result = evaluate.summarize_dataset("AFLW", gt + np.array([3.0, 4.0]), gt,
-                                      np.array([50.0, 100.0]), {})
+  result = evaluate.summarize_dataset(
+      _split("AFLW", gt + np.array([3.0, 4.0]), gt, [50.0, 100.0], {}), 0.1)
   assert result["nme"] == pytest.approx((5 / 50 + 5 / 100) / 2, rel=1e-5)
 
 
@@ -141,9 +154,13 @@ def test_flatten_and_tables():
   assert flat["WFLW/baseline_nme"] == 0.2
   final = evaluate.final_table(results)
   assert final["COFW"] == {"nme": 0.06, "baseline_nme": 0.25, "fr": 0.0, "auc": 0.45}
-  table = evaluate.format_table(final).splitlines()
-  assert table[1].split() == ["WFLW", "5.00", "20.00", "1.00", "0.5000"]
-  assert table[2].split()[0] == "COFW"
+  table = evaluate.format_table(final, 0.1, synthetic=["COFW"]).splitlines()
+  assert table[0].split() == ["protocol", "NME", "%", "baseline", "%", "FR@0.1", "%", "AUC@0.1",
+                              "data"]
+  assert table[1].split() == ["WFLW", "5.00", "20.00", "1.00", "0.5000", "real"]
+  assert table[2].split()[0] == "COFW" and table[2].split()[-1] == "synthetic"
+  # The headers follow the configured failure threshold.
+  assert "FR@0.08 %" in evaluate.format_table(final, 0.08).splitlines()[0]
 
 
 def test_local_rows_and_process_gather_on_one_process():
