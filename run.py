@@ -178,17 +178,17 @@ def eval_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
   The command line's --config.* overrides, --studies and --max_batches
   apply on top of either.
   """
-  if flags.FLAGS["config"].present:
-    config = _CONFIG.value
-  else:
-    config = checkpointing.load_run_config(
-        workdir, config_flags.get_override_values(flags.FLAGS["config"]))
   extra = {}
   if _STUDIES.value is not None:
     try:
       extra["studies"] = studies.check_studies(_STUDIES.value)
     except ValueError as e:
       raise app.UsageError(f"--studies: {e}") from None
+  if flags.FLAGS["config"].present:
+    config = _CONFIG.value
+  else:
+    config = checkpointing.load_run_config(
+        workdir, config_flags.get_override_values(flags.FLAGS["config"]))
   if _MAX_BATCHES.value is not None:
     extra["study_max_batches"] = _MAX_BATCHES.value
   with config.unlocked():

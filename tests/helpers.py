@@ -61,21 +61,26 @@ def restore_on_one_device(state_dir: pathlib.Path):
   return checkpointer.restore(state_dir, target)
 
 
-def write_random_run(workdir: pathlib.Path, config, scale: float = 1.0, step: int = 4):
+def write_random_run(workdir: pathlib.Path, config, scale: float | None = 1.0, step: int = 4):
   """A workdir laid out as `train.train_and_evaluate` leaves it, with random weights.
 
-  Writes <workdir>/config.json and a train state of normal(0, scale) values
-  saved as the latest checkpoint at `step`; returns that state.
+  Writes <workdir>/config.json and a train state saved as the latest
+  checkpoint at `step`; returns that state. Its values are normal(0, scale),
+  or with `scale` None the model's own initialisation (outputs that depend
+  on the input, as a trained model's do).
   """
   from fgtbt_jax import checkpointing
   from fgtbt_jax import sharding
   from fgtbt_jax import state as state_lib
   checkpointing.write_run_config(config, workdir)
-  abstract = state_lib.build_setup(config, mesh=sharding.single_device_mesh()).abstract_state
-  rng = np.random.default_rng(0)
-  state = jax.tree.map(
-      lambda s: jax.device_put((scale * rng.normal(size=s.shape)).astype(s.dtype), s.sharding),
-      abstract)
+  setup = state_lib.build_setup(config, mesh=sharding.single_device_mesh())
+  if scale is None:
+    state = state_lib.create_train_state(setup, seed=0).replace(step=np.int32(step))
+  else:
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(
+        lambda s: jax.device_put((scale * rng.normal(size=s.shape)).astype(s.dtype), s.sharding),
+        setup.abstract_state)
   checkpoints = checkpointing.Checkpointer.for_run(config, workdir, enable_async=False)
   checkpoints.save(step, state, None, force=True)
   checkpoints.close()

@@ -59,7 +59,8 @@ def test_eval_mode_reevaluates_the_latest_and_best_checkpoints(trained_workdir):
   text = (workdir / "report" / "report.md").read_text()
   assert "latest checkpoint (step 2)" in text
   summary = json.loads((workdir / "report" / "report.json").read_text())
-  assert summary["real_data"] is False and summary["studies"] == {}
+  assert summary["synthetic"] == list(sorted(PROTOCOLS)) and summary["studies"] == {}
+  assert "real" not in process.stdout.split() and "synthetic" in process.stdout
   for name in PROTOCOLS:
     # The report's own pass gives the table's numbers.
     default = landmarks.get_protocol(name).default_normalizer
@@ -100,7 +101,7 @@ def test_eval_mode_rejects_an_incompatible_checkpoint(trained_workdir, synthetic
     ((f"--config={TINY}", "--config.optimizer.learning_rate=-1.0"),
      "optimizer.learning_rate must be positive"),
     (("evaluate",), "expected an optional mode"),
-    (("eval", "--workdir=/tmp", "--studies=speed"), "--studies: unknown ['speed']"),
+    (("eval", "--workdir=/tmp", "--studies=speed"), "--studies: unknown studies ['speed']"),
 ])
 def test_clear_errors(args, message):
   process = _run(*args, timeout=120)
@@ -114,7 +115,21 @@ def test_eval_of_a_directory_without_checkpoints(tmp_path):
   process = _run("eval", f"--workdir={tmp_path}", timeout=120)
   assert process.returncode != 0 and "is not a readable config" in process.stderr
   process = _run("eval", f"--workdir={tmp_path}", f"--config={TINY}", timeout=120)
-  assert process.returncode != 0 and "holds no checkpoints" in process.stderr
+  assert process.returncode != 0 and "not a training workdir" in process.stderr
+  assert "Traceback" not in process.stderr
+
+
+def test_eval_applies_command_line_overrides_to_the_saved_config(trained_workdir, tmp_path):
+  # Without --config, --config.* overrides apply on top of the run's saved
+  # config: here a data folder that does not exist, named in the error.
+  workdir, _ = trained_workdir
+  missing = tmp_path / "no_such_data"
+  process = _run("eval", f"--workdir={workdir}", f"--config.data.data_dir={missing}",
+                 timeout=120)
+  assert process.returncode != 0 and str(missing) in process.stderr
+  assert "Traceback" not in process.stderr
+  process = _run("eval", f"--workdir={workdir}", "--config.data.no_such_field=1", timeout=120)
+  assert process.returncode != 0 and "unknown config field" in process.stderr
 
 
 def _write_face(path, seed_index: int, size: int = 96, grey: bool = False):
@@ -194,7 +209,8 @@ def test_predict_of_missing_inputs_and_workdirs(trained_workdir, tmp_path):
 
 
 def test_eval_mode_in_two_processes(trained_workdir, tmp_path):
-  """Multi-host eval: both processes evaluate together; process 0 writes the report."""
+  """Multi-host eval: both processes evaluate together, the study's passes too;
+  process 0 writes the report."""
   import socket
   workdir, _ = trained_workdir
   with socket.socket() as s:
@@ -209,7 +225,8 @@ def test_eval_mode_in_two_processes(trained_workdir, tmp_path):
     log = tmp_path / f"eval_{process_id}.log"
     with open(log, "w") as out:
       processes.append((subprocess.Popen(
-          [sys.executable, RUN, "eval", f"--workdir={workdir}"], env=env, cwd=helpers.REPO,
+          [sys.executable, RUN, "eval", f"--workdir={workdir}", "--studies=lowres",
+           "--max_batches=1"], env=env, cwd=helpers.REPO,
           stdout=out, stderr=subprocess.STDOUT, text=True), log))
   outputs = []
   for process, log in processes:
@@ -233,3 +250,9 @@ def test_eval_mode_in_two_processes(trained_workdir, tmp_path):
     table = summary["tables"][name]["full"][default]
     assert table["nme"] == pytest.approx(final[name]["nme"], rel=1e-5)
     assert table["count"] == 8  # all test faces, from both processes
+  # The study ran in both processes over the same sharded pass: at 128 px the
+  # 51 px face of a 64 px crop is unchanged, so it repeats the main NME.
+  lowres = summary["studies"]["lowres"]
+  assert set(lowres) == {"16", "32", "64", "128"}
+  for name in PROTOCOLS:
+    assert lowres["128"][name] == pytest.approx(final[name]["nme"], rel=1e-5)

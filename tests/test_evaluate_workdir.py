@@ -1,0 +1,242 @@
+"""The eval-only mode and the one inference core, through their library calls.
+
+A tiny workdir with random weights (`helpers.write_random_run`) over eight
+synthetic test faces per dataset:
+* `evaluate.evaluate_workdir` restores each checkpoint once (EMA variables
+  only), runs the studies over the same sharded pass and writes the report;
+* the evaluation and `Predictor` give the same landmarks for the same faces,
+  checkpoint and settings, smoothing included;
+* the run directory's config and checkpoint errors name what is missing.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from data_pipelines import pipeline
+from fgtbt_jax import checkpointing
+from fgtbt_jax import crop
+from fgtbt_jax import errors
+from fgtbt_jax import evaluate
+from fgtbt_jax import inference
+from fgtbt_jax import landmarks
+from fgtbt_jax import models
+from fgtbt_jax import predictor as predictor_lib
+from fgtbt_jax import sharding
+from fgtbt_jax import validation
+from tests import helpers
+from tests.helpers import synthetic_data_dir  # noqa: F401  (fixture)
+
+PROTOCOLS = ("WFLW", "300W", "COFW", "AFLW")
+
+
+def _config(data_dir, **eval_fields):
+  config = tiny.get_config()
+  config.data.data_dir = str(data_dir)
+  config.synthetic_data.generate = False
+  config.eval.update(eval_fields)
+  return config
+
+
+@pytest.fixture(scope="module")
+def random_run(tmp_path_factory, synthetic_data_dir):
+  """A workdir with a random-weight latest checkpoint (step 4) and a best model per dataset."""
+  workdir = tmp_path_factory.mktemp("random_run")
+  config = _config(synthetic_data_dir)
+  state = helpers.write_random_run(workdir, config, scale=None)
+  checkpoints = checkpointing.Checkpointer.for_run(config, workdir, enable_async=False)
+  checkpoints.save_best(3, state.ema_variables(), {name: 0.5 for name in PROTOCOLS})
+  checkpoints.close()
+  return workdir, config
+
+
+class _CountingRestores:
+  """Counts the Checkpointer's restores; `restore` (the whole train state) must not run."""
+
+  def __init__(self, monkeypatch):
+    self.calls = {"restore": 0, "restore_ema": 0, "restore_best": 0}
+    for name in self.calls:
+      original = getattr(checkpointing.Checkpointer, name)
+
+      def counted(checkpointer, *args, _name=name, _original=original, **kwargs):
+        self.calls[_name] += 1
+        return _original(checkpointer, *args, **kwargs)
+
+      monkeypatch.setattr(checkpointing.Checkpointer, name, counted)
+
+
+def test_eval_restores_each_checkpoint_once_and_runs_the_studies_on_the_same_pass(
+    random_run, tmp_path, monkeypatch):
+  workdir, config = random_run
+  config = _config(config.data.data_dir, studies=("lowres", "quantization"),
+                   study_max_batches=1)
+  restores = _CountingRestores(monkeypatch)
+  done = evaluate.evaluate_workdir(config, workdir, "latest", out_dir=tmp_path / "report")
+  assert restores.calls == {"restore": 0, "restore_ema": 1, "restore_best": 0}
+  final = done.final
+  assert final["steps"] == 4 and final["synthetic"] == sorted(PROTOCOLS)
+  assert final["failure_threshold"] == 0.1
+  assert json.loads((workdir / "eval_latest.json").read_text()) == final
+  assert done.report == tmp_path / "report" / "report.md"
+  text = done.report.read_text()
+  assert "latest checkpoint (step 4)" in text and "decoder subpixel, flip test on" in text
+  assert "face box side of the unchanged input is 51 px" in text
+  for section in ("### WFLW (synthetic", "### AFLW (synthetic", "Low-resolution study",
+                  "Heatmap quantization study", "C(p)"):
+    assert section in text
+  summary = json.loads((tmp_path / "report" / "report.json").read_text())
+  for name in PROTOCOLS:
+    default = landmarks.get_protocol(name).default_normalizer
+    main = summary["tables"][name]["full"][default]
+    assert main["count"] == 8 and main["nme"] == pytest.approx(final[name]["nme"])
+    # The 128 px pass leaves the 51 px face of a 64 px crop as it is.
+    assert summary["studies"]["lowres"]["128"][name] == pytest.approx(main["nme"])
+    # The configured decoder's entry is the main pass; the others are passes of their own.
+    measured = summary["studies"]["quantization"]["measured"]
+    assert measured["subpixel"][name] == pytest.approx(main["nme"])
+    assert measured["argmax"][name] != pytest.approx(main["nme"])
+  assert (tmp_path / "report" / "high_frequency.png").is_file()
+
+  restores.calls.update(restore=0, restore_ema=0, restore_best=0)
+  best = evaluate.evaluate_workdir(_config(config.data.data_dir), workdir, "best",
+                                   write_report=False)
+  assert restores.calls == {"restore": 0, "restore_ema": 0, "restore_best": 4}
+  assert best.report is None and best.final["steps"] == {name: 3 for name in PROTOCOLS}
+  for name in PROTOCOLS:  # The best models are the same EMA weights.
+    assert best.final[name]["nme"] == pytest.approx(final[name]["nme"])
+
+
+def test_a_study_transform_reaches_the_model_through_the_sharded_pass(synthetic_data_dir):
+  """A stand-in predict function whose points move with the inputs' pixel contrast."""
+  import jax
+  import jax.numpy as jnp
+  from fgtbt_jax import studies
+  config = _config(synthetic_data_dir)
+  mesh = sharding.make_mesh(config.mesh)  # 8 devices
+
+  @jax.jit
+  def contrast_points(variables, images):
+    contrast = jnp.abs(jnp.diff(images.astype(jnp.float32), axis=2)).mean(axis=(1, 2, 3))
+    points = jnp.broadcast_to(contrast[:, None, None] * variables, (len(images), 124, 2))
+    return points, jnp.ones(points.shape[:2])
+
+  def nme(transform=None):
+    return evaluate.collect_split(evaluate.predict_split(
+        contrast_points, 1.0, config.data, "COFW", mesh, transform=transform), "COFW",
+        keep_images=3)
+
+  plain = nme()
+  assert plain.predictions.shape == (8, 29, 2) and plain.images.shape == (3, 64, 64, 3)
+  passes = {p.key: p for p in studies.study_passes("lowres", config, evaluate.Evaluator(
+      config, models.build_model(config.model), mesh, ()).settings)}
+  assert set(passes) == {16, 32, 64, 128}
+  assert nme(passes[128].transform).nme() == pytest.approx(plain.nme())
+  degraded = nme(passes[16].transform)
+  assert degraded.nme() != pytest.approx(plain.nme())
+  # The kept images are the ones the model saw.
+  np.testing.assert_array_equal(degraded.images,
+                                studies.degrade_resolution(plain.images, 16, 1.25))
+
+
+@pytest.mark.parametrize("smoothing_sigma", [0.0, 1.0])
+def test_eval_and_predictor_give_the_same_landmarks(random_run, smoothing_sigma):
+  workdir, config = random_run
+  config = _config(config.data.data_dir, smoothing_sigma=smoothing_sigma)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.mesh.logical_axis_rules)
+  [model] = inference.restore_models(config, workdir, "latest", mesh, rules)
+  evaluator = evaluate.Evaluator(config, models.build_model(config.model), mesh, rules)
+  _, per_image = evaluator.evaluate(model.variables, model.step, ["COFW"])
+
+  # The predictor takes its settings from the run (here the saved config has
+  # no smoothing: it is set as an explicit override, like --smoothing_sigma).
+  predictor = predictor_lib.Predictor.from_checkpoint(
+      workdir, "latest", smoothing_sigma=smoothing_sigma)
+  assert predictor.settings == inference.PredictSettings("subpixel", True, smoothing_sigma)
+  assert predictor.settings == evaluator.settings and predictor.step == 4
+  batch = next(iter(pipeline.make_eval_iterator(config.data, "COFW")))
+  valid = np.asarray(batch["valid"], bool)
+  points, _ = predictor.run_crops(np.asarray(batch["image"])[valid])
+  index = landmarks.get_protocol("COFW").unified_index
+  in_stored_crop = crop.apply_affine(points[:, index], np.asarray(batch["inverse_affine"])[valid])
+  np.testing.assert_allclose(in_stored_crop, per_image["COFW"].predictions, atol=1e-3)
+  if smoothing_sigma:
+    unsmoothed, _ = predictor_lib.Predictor.from_checkpoint(
+        workdir, "latest", smoothing_sigma=0.0).run_crops(np.asarray(batch["image"])[valid])
+    assert np.abs(unsmoothed - points).max() > 1e-2  # The smoothing is really applied.
+
+
+def test_predictor_defaults_come_from_the_run_config(random_run, tmp_path):
+  workdir, config = random_run
+  paper_style = tmp_path / "argmax_run"
+  paper_style.mkdir()
+  (paper_style / "checkpoints").symlink_to(workdir / "checkpoints")
+  saved = _config(config.data.data_dir, decoder="argmax", flip_test=False)
+  checkpointing.write_run_config(saved, paper_style)
+  predictor = predictor_lib.Predictor.from_checkpoint(paper_style, "best", dataset="AFLW")
+  assert predictor.settings == inference.PredictSettings("argmax", False, 0.0)
+  override = predictor_lib.Predictor.from_checkpoint(paper_style, "best", decoder="quarter")
+  assert override.settings == inference.PredictSettings("quarter", False, 0.0)
+
+
+def test_settings_validate_decoder_and_smoothing():
+  with pytest.raises(ValueError, match="decoder 'soft'"):
+    inference.PredictSettings(decoder="soft")
+  with pytest.raises(ValueError, match="'subpixel' decoder only"):
+    inference.PredictSettings(decoder="argmax", smoothing_sigma=1.0)
+  # A decoder override of a smoothing run drops the smoothing (a sub-pixel option).
+  smoothing = inference.PredictSettings("subpixel", True, 1.0)
+  assert smoothing.replace(decoder="argmax") == inference.PredictSettings("argmax", True, 0.0)
+
+
+def test_config_checks_of_the_eval_section(random_run):
+  _, config = random_run
+  for fields, message in (({"studies": ("speed",)}, "eval.studies: unknown studies"),
+                          ({"lowres_sides": (0, 16)}, "eval.lowres_sides"),
+                          ({"study_max_batches": -1}, "eval.study_max_batches"),
+                          ({"failure_threshold": 0.0}, "eval.failure_threshold"),
+                          ({"decoder": "argmax", "smoothing_sigma": 1.0}, "eval.smoothing_sigma")):
+    with pytest.raises(errors.ConfigError, match=message):
+      validation.validate_config(_config(config.data.data_dir, **fields))
+
+
+def test_run_config_overrides_and_workdir_errors(random_run, tmp_path):
+  workdir, _ = random_run
+  config = checkpointing.load_run_config(workdir, {"data.data_dir": "/data/real",
+                                                   "eval.studies": ("lowres",)})
+  assert config.data.data_dir == "/data/real" and config.eval.studies == ("lowres",)
+  with pytest.raises(errors.ConfigError, match="data.no_such_field: the run's config"):
+    checkpointing.load_run_config(workdir, {"data.no_such_field": 1})
+  with pytest.raises(errors.ConfigError, match="train.steps"):
+    checkpointing.load_run_config(workdir, {"train.steps": "many"})
+  assert checkpointing.find_workdir(workdir / "checkpoints") == workdir
+  with pytest.raises(checkpointing.WorkdirError, match="not a training workdir"):
+    checkpointing.find_workdir(tmp_path)
+  # The config is written whole or not at all (a temporary file, then a rename).
+  checkpointing.write_run_config(tiny.get_config(), tmp_path)
+  assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 4
+  assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_restore_errors_name_the_missing_checkpoint(random_run, tmp_path):
+  workdir, config = random_run
+  mesh = sharding.single_device_mesh()
+  rules = sharding.logical_rules(config.mesh.logical_axis_rules)
+  with pytest.raises(ValueError, match="checkpoint kind 'newest'"):
+    inference.restore_models(config, workdir, "newest", mesh, rules)
+  narrow = _config(config.data.data_dir)
+  narrow.data.datasets = ("WFLW", "COFW")
+  with pytest.raises(checkpointing.WorkdirError, match=r"trained on \['WFLW', 'COFW'\]"):
+    inference.restore_models(narrow, workdir, "best", mesh, rules, datasets=["AFLW"])
+  checkpointing.write_run_config(config, tmp_path)
+  (tmp_path / "checkpoints").mkdir()
+  with pytest.raises(checkpointing.WorkdirError, match="no train-state checkpoint under"):
+    inference.restore_models(config, tmp_path, "latest", mesh, rules)
+  with pytest.raises(checkpointing.WorkdirError, match="no best checkpoint for WFLW under"):
+    predictor_lib.Predictor.from_checkpoint(tmp_path, "best")
+  wider = _config(config.data.data_dir)
+  wider.model.decoder_dim = 2 * wider.model.decoder_dim
+  with pytest.raises(checkpointing.IncompatibleCheckpointError, match="does not match"):
+    inference.restore_models(wider, workdir, "latest", mesh, rules)
