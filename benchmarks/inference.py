@@ -39,6 +39,7 @@ from ml_collections import config_flags
 from benchmarks import common
 from data_pipelines import synthetic
 from fgtbt_jax import detector as detector_lib
+from fgtbt_jax import inference as inference_lib
 from fgtbt_jax import models
 from fgtbt_jax import predictor as predictor_lib
 from fgtbt_jax.models import cost
@@ -102,7 +103,8 @@ def time_crops(predictor: predictor_lib.Predictor, batch: int, flip_test: bool, 
   rng = np.random.default_rng(seed)
   crops = jax.device_put(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
   start = time.perf_counter()
-  compiled = predictor.inference_fn(flip_test, decoder).lower(predictor.variables, crops).compile()
+  settings = inference_lib.PredictSettings(decoder=decoder, flip_test=flip_test)
+  compiled = predictor.inference_fn(settings).lower(predictor.variables, crops).compile()
   compile_s = time.perf_counter() - start
   call = lambda: compiled(predictor.variables, crops)
   common.time_calls(call, warmup)

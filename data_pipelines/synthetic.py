@@ -47,11 +47,6 @@ from fgtbt_jax.images import encode_image
 
 # ---------------------------------------------------------------- face parts
 
-# The facial part of every unified id is a protocol fact (landmarks.py reads
-# it from the protocol asset). This alias is only for tests/test_predictor.py;
-# use landmarks.FACE_PARTS.
-FACE_PARTS: Mapping[int, str] = landmarks.FACE_PARTS
-
 
 def _part_ids(part: str) -> np.ndarray:
   return np.asarray([u for u, p in landmarks.FACE_PARTS.items() if p == part])

@@ -15,7 +15,8 @@ from fgtbt_jax import export
 from fgtbt_jax import heatmaps
 from fgtbt_jax import landmarks
 from fgtbt_jax import models
-from fgtbt_jax.predictor import Predictor, make_inference_fn
+from fgtbt_jax import inference
+from fgtbt_jax.predictor import Predictor
 from test_predictor import random_variables
 
 BATCH = 2
@@ -33,9 +34,8 @@ def crops_and_heatmaps(predictor):
   image, points, _ = synthetic.render_face(3, 5, 128, clean=True)
   crops, _ = predictor.crop_faces(image, detector_lib.landmark_box(points)[None])
   crops = np.concatenate([crops, crops[:, :, ::-1]])
-  model = predictor.model
-  infer = jax.jit(make_inference_fn(lambda v, x: model.apply(v, x, train=False),
-                                    flip_test=True, output="heatmaps"))
+  infer = jax.jit(inference.make_predict_fn(inference.model_apply(predictor.model),
+                                            predictor.settings, output="heatmaps"))
   return crops, np.asarray(infer(predictor.variables, crops))
 
 
@@ -68,8 +68,8 @@ def test_exported_artifacts_run_in_a_fresh_process_without_the_model_code(
   paths = {}
   for output in export.OUTPUTS:
     exported = export.export_inference(predictor, output=output, platforms=("cpu",))
-    metadata = export.artifact_metadata(exported, flip_test=True, output=output,
-                                        decoder="subpixel", crop_enlarge=predictor.crop_enlarge)
+    metadata = export.artifact_metadata(exported, settings=predictor.settings, output=output,
+                                        crop_enlarge=predictor.crop_enlarge)
     paths[output] = export.save_exported(exported, tmp_path / f"{output}.stablehlo", metadata)
   np.save(tmp_path / "crops.npy", crops)
   run = subprocess.run([sys.executable, "-c", _LOADER, str(tmp_path / "crops.npy"),
@@ -91,6 +91,7 @@ def test_exported_artifacts_run_in_a_fresh_process_without_the_model_code(
                                  {"shape": [BATCH, 124], "dtype": "float32"}]
   assert metadata["unified_index"]["COFW"] == landmarks.get_protocol("COFW").unified_index.tolist()
   assert metadata["flip_test"] is True and metadata["decoder"] == "subpixel"
+  assert metadata["smoothing_sigma"] == 0.0
 
 
 def test_load_exported_rejects_other_files(tmp_path):
@@ -99,4 +100,4 @@ def test_load_exported_rejects_other_files(tmp_path):
   with pytest.raises(ValueError, match="junk.stablehlo: not a serialized jax.export artifact"):
     export.load_exported(junk)
   with pytest.raises(ValueError, match="unknown inference output 'logits'"):
-    make_inference_fn(lambda v, x: x, flip_test=False, output="logits")
+    inference.make_predict_fn(lambda v, x: x, inference.PredictSettings(), output="logits")

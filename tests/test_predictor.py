@@ -28,7 +28,8 @@ from fgtbt_jax import heatmaps
 from fgtbt_jax import landmarks
 from fgtbt_jax import models
 from fgtbt_jax import visualization
-from fgtbt_jax.predictor import Predictor, warp_to_crop
+from fgtbt_jax.predictor import Predictor
+from fgtbt_jax import predict_files
 import helpers
 
 SIZE = 64  # Crop side of the tiny model; heatmaps are 32 x 32.
@@ -226,7 +227,7 @@ def test_warp_to_crop_area_averages_big_shrinks():
   board = (np.indices((2000, 2000)).sum(0) % 2 * 255).astype(np.uint8)
   image = np.repeat(board[..., None], 3, 2)
   to_crop = crop.face_crop_affine([999.5, 999.5], 1000 / 200, SIZE)
-  warped = warp_to_crop(image, to_crop, SIZE)
+  warped = crop.warp_to_crop(image, to_crop, SIZE)
   inner = warped[8:-8, 8:-8].astype(np.float64)
   assert abs(inner.mean() - 127.5) < 2 and inner.std() < 3
 
@@ -238,7 +239,7 @@ def test_warp_to_crop_area_path_keeps_the_crop_geometry():
   image = np.repeat(np.round(smooth).astype(np.uint8)[..., None], 3, 2)
   to_crop = crop.face_crop_affine([1400.3, 1200.7], 1600 / 200, SIZE)
   direct = cv2.warpAffine(image, to_crop, (SIZE, SIZE), flags=cv2.INTER_LINEAR)
-  warped = warp_to_crop(image, to_crop, SIZE)
+  warped = crop.warp_to_crop(image, to_crop, SIZE)
   assert np.abs(warped.astype(int) - direct.astype(int)).max() <= 3
 
 
@@ -316,7 +317,7 @@ def test_calibration_recovers_a_known_box_adjustment():
     return np.array([np.concatenate([centre - size / 2, centre + size / 2])])
 
   calibration = detector_lib.calibrate_box_adjustment(
-      tight_detector, num_faces=10, image_size=192, seed=0, min_matched=10)
+      tight_detector, synthetic.calibration_faces(10, 192, seed=0), min_matched=10)
   assert calibration.num_matched == 10
   adjustment = calibration.adjustment
   assert adjustment.scale == pytest.approx(1.25)
@@ -325,8 +326,8 @@ def test_calibration_recovers_a_known_box_adjustment():
   np.testing.assert_allclose(adjustment.apply(tight_detector(images[3])),
                              faces[images[3].tobytes()][None], atol=1e-9)
   with pytest.raises(ValueError, match="found only 0 of 3"):
-    detector_lib.calibrate_box_adjustment(lambda image: np.zeros((0, 4)), num_faces=3,
-                                          image_size=64, min_matched=1)
+    detector_lib.calibrate_box_adjustment(lambda image: np.zeros((0, 4)),
+                                          synthetic.calibration_faces(3, 64), min_matched=1)
 
 
 def test_landmark_box_pads_the_longer_side():
@@ -345,7 +346,7 @@ def test_draw_landmarks_colours_points_by_face_part():
                                          boxes=[[10, 10, 190, 190]])
   assert not image.any()  # The input is not drawn on.
   for own, (x, y) in ((0, points[0]), (96, points[96]), (51, points[51]), (33, points[33])):
-    part = synthetic.FACE_PARTS[int(protocol.unified_index[own])]
+    part = landmarks.FACE_PARTS[int(protocol.unified_index[own])]
     np.testing.assert_array_equal(overlay[int(round(y)), int(round(x))],
                                   visualization.PART_COLORS[part])
   assert overlay[10, 50].min() > 200 and not overlay[14, 50].any()  # The box's top edge.
@@ -380,7 +381,7 @@ def test_predict_files_writes_json_and_overlays_and_reports_failures(tmp_path):
 
   predictor = scene.predictor(detector=detector, batch_size=2)
   out = tmp_path / "out"
-  report = visualization.predict_files(predictor, inputs, out, protocol="COFW")
+  report = predict_files.predict_files(predictor, inputs, out, protocol="COFW")
   by_name = {f.source.split("/")[-1]: f for f in report.files}
   assert sorted(by_name) == ["a.png", "b.png", "c_empty.png", "d_broken.jpg", "e_clip.avi",
                              "f_junk.avi"]
@@ -392,6 +393,7 @@ def test_predict_files_writes_json_and_overlays_and_reports_failures(tmp_path):
   content = json.loads((out / "a.png.json").read_text())
   assert content["protocol"] == "COFW" and content["image_size"] == {"height": 120, "width": 150}
   assert content["flip_test"] is True and content["decoder"] == "subpixel"
+  assert content["smoothing_sigma"] == 0.0
   [face] = content["faces"]
   cofw = landmarks.get_protocol("COFW").unified_index
   np.testing.assert_allclose(face["landmarks"], scene.points[0][cofw], atol=0.1)
