@@ -1,0 +1,132 @@
+"""Imports point down: every module sits in a layer and imports only lower layers.
+
+Read from the source with `ast`, so imports inside functions count too. The
+layers (lowest first) are the project's architecture:
+
+  facts          error types, logical axis names, the record type, metric writer
+  protocol       the unified protocol, crop convention, image loading, heatmap
+                 maths, face detectors
+  registry       the dataset registry (subsets, counts, builder names, paper numbers)
+  maths / model  metrics, losses, quantization, overlays, the network
+  data           readers, synthetic stand-ins, conversion, the grain pipeline,
+                 data preparation (they use the three layers above only)
+  devices / run  mesh and batches, checkpoints and the run directory, the
+                 report (pure functions of per-image arrays), torch weights
+  core           the one predict function and EMA restore; the train state
+  users          studies, Predictor; config validation, export
+  entry          the evaluation pass and eval-only mode, the predict command
+  loop           the training loop
+
+`data_pipelines` may use only the leaf facts of `fgtbt_jax` (protocol,
+registry, crop, image loading, errors), and only the entry-level modules of
+`fgtbt_jax` (evaluation, predict command, training loop) use `data_pipelines`.
+"""
+
+import ast
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+PACKAGES = ("fgtbt_jax", "data_pipelines")
+
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("fgtbt_jax.errors", "fgtbt_jax.models.partitioning", "fgtbt_jax.models.layers",
+     "data_pipelines.records", "fgtbt_jax.metric_writer"),
+    ("fgtbt_jax.landmarks", "fgtbt_jax.crop", "fgtbt_jax.images", "fgtbt_jax.heatmaps",
+     "fgtbt_jax.detector"),
+    ("fgtbt_jax.datasets",),
+    ("fgtbt_jax.metrics", "fgtbt_jax.losses", "fgtbt_jax.visualization",
+     "fgtbt_jax.models", "data_pipelines.config", "data_pipelines.synthetic",
+     "data_pipelines.readers"),
+    ("data_pipelines.tfds_builders", "fgtbt_jax.quantization"),
+    ("data_pipelines.convert", "data_pipelines.pipeline"),
+    ("data_pipelines.prepare", "data_pipelines.visualize"),
+    ("fgtbt_jax.sharding", "fgtbt_jax.checkpointing", "fgtbt_jax.report",
+     "fgtbt_jax.torch_weights"),
+    ("fgtbt_jax.inference", "fgtbt_jax.state"),
+    ("fgtbt_jax.studies", "fgtbt_jax.predictor"),
+    ("fgtbt_jax.validation", "fgtbt_jax.export"),
+    ("fgtbt_jax.evaluate", "fgtbt_jax.predict_files"),
+    ("fgtbt_jax.train",),
+)
+# Subpackages whose modules form one unit of the table (imports inside them are free).
+UNITS = ("fgtbt_jax.models", "data_pipelines.readers")
+LEAF_FACTS = {"fgtbt_jax.landmarks", "fgtbt_jax.datasets", "fgtbt_jax.crop", "fgtbt_jax.images",
+              "fgtbt_jax.errors"}
+ENTRY_LEVEL = {"fgtbt_jax.evaluate", "fgtbt_jax.predict_files", "fgtbt_jax.train"}
+
+
+def _modules() -> dict[str, pathlib.Path]:
+  found = {}
+  for package in PACKAGES:
+    for path in sorted((REPO / package).rglob("*.py")):
+      parts = path.relative_to(REPO).with_suffix("").parts
+      name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+      found[name] = path
+  return found
+
+
+MODULES = _modules()
+
+
+def _unit(module: str) -> str:
+  for unit in UNITS:
+    if module == unit or module.startswith(unit + "."):
+      return unit
+  return module
+
+
+def project_imports(module: str) -> set[str]:
+  """The project modules `module` imports anywhere in its file (units collapsed)."""
+  path = MODULES[module]
+  package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+  imported = set()
+  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    if isinstance(node, ast.Import):
+      imported.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      if node.level:
+        base = package.split(".")[:len(package.split(".")) - node.level + 1]
+        source = ".".join(base + ([node.module] if node.module else []))
+      else:
+        source = node.module
+      submodules = [f"{source}.{a.name}" for a in node.names if f"{source}.{a.name}" in MODULES]
+      imported.update(submodules or [source])
+  own = _unit(module)
+  return {_unit(m) for m in imported
+          if m.split(".")[0] in PACKAGES and m in MODULES and _unit(m) != own}
+
+
+RANK = {name: rank for rank, layer in enumerate(LAYERS) for name in layer}
+
+
+def test_every_module_has_a_layer():
+  missing = sorted({_unit(m) for m in MODULES} - set(RANK) - set(PACKAGES))
+  assert not missing, f"add these modules to a layer of LAYERS: {missing}"
+
+
+@pytest.mark.parametrize("module", sorted({_unit(m) for m in MODULES} - set(PACKAGES)))
+def test_imports_point_down(module):
+  upward = sorted(m for m in project_imports(module) if m not in PACKAGES
+                  and RANK[m] >= RANK[module])
+  assert not upward, f"{module} (layer {RANK[module]}) imports {upward}, not below it"
+
+
+def test_the_two_packages_cross_only_at_the_leaf_facts_and_the_entry_level():
+  for module in MODULES:
+    if module.startswith("data_pipelines"):
+      reached = {m for m in project_imports(module) if m.startswith("fgtbt_jax")}
+      assert reached <= LEAF_FACTS | {"fgtbt_jax"}, (module, sorted(reached - LEAF_FACTS))
+    elif _unit(module) not in ENTRY_LEVEL:
+      reached = {m for m in project_imports(module) if m.startswith("data_pipelines")}
+      assert not reached, (module, sorted(reached))
+
+
+def test_the_scan_sees_function_level_imports(tmp_path, monkeypatch):
+  # The check is only as good as its scan: an import inside a function counts.
+  fake = tmp_path / "fgtbt_jax" / "fake.py"
+  fake.parent.mkdir()
+  fake.write_text("def f():\n  from fgtbt_jax import train\n  from . import evaluate\n")
+  monkeypatch.setitem(MODULES, "fgtbt_jax.fake", fake)
+  assert project_imports("fgtbt_jax.fake") == {"fgtbt_jax.train", "fgtbt_jax.evaluate"}
