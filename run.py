@@ -63,12 +63,34 @@ from fgtbt_jax import train
 
 _REPO = pathlib.Path(__file__).resolve().parent
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(_REPO / "configs" / "default.py"),
-    "Experiment config file (a Python file with get_config()); "
-    "file.py:arg passes an argument, e.g. configs/ablations.py:beta=0.3. "
-    "eval and predict use the workdir's saved config unless it is given.",
-    lock_config=True)
+
+def _override_error(error: Exception) -> str:
+  """The one-line message of a --config.* override the config cannot take."""
+  if isinstance(error, (AttributeError, KeyError)):
+    # lock_config: overriding a field the config does not declare.
+    inner = error.args[0] if error.args else error
+    if isinstance(inner, KeyError) and inner.args:
+      inner = inner.args[0]
+    message = str(inner).replace("\n", "; ")
+    return f"run.py: unknown config field in the command line: {message}"
+  return f"run.py: bad config override: {error}"
+
+
+def _define_config_flag():
+  # Without --config the default config is read, and the --config.*
+  # overrides applied, right here at definition time.
+  try:
+    return config_flags.DEFINE_config_file(
+        "config", str(_REPO / "configs" / "default.py"),
+        "Experiment config file (a Python file with get_config()); "
+        "file.py:arg passes an argument, e.g. configs/ablations.py:beta=0.3. "
+        "eval and predict use the workdir's saved config unless it is given.",
+        lock_config=True)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    sys.exit(_override_error(e))
+
+
+_CONFIG = _define_config_flag()
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and logs "
     "(default: runs/<config file name> in the repository).")
@@ -135,15 +157,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     remaining = flags.FLAGS(argv)
   except flags.Error as e:
     sys.exit(f"run.py: {e}\nPass --helpfull to list the flags.")
-  except (AttributeError, KeyError) as e:
-    # lock_config: overriding a field the config does not declare.
-    inner = e.args[0] if e.args else e
-    if isinstance(inner, KeyError) and inner.args:
-      inner = inner.args[0]
-    message = str(inner).replace("\n", "; ")
-    sys.exit(f"run.py: unknown config field in the command line: {message}")
-  except (TypeError, ValueError) as e:
-    sys.exit(f"run.py: bad config override: {e}")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    sys.exit(_override_error(e))
   try:
     _CONFIG.value.keys()
   except OSError as e:

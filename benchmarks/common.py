@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding
 
 from fgtbt_jax import landmarks
 from fgtbt_jax import losses
+from fgtbt_jax import sharding as sharding_lib
 from fgtbt_jax import state as state_lib
 from fgtbt_jax import train
 

@@ -11,6 +11,7 @@ from configs import ablations
 from configs import default
 from configs import fgtbt_paper
 from configs import tiny
+from data_pipelines import prepare
 from fgtbt_jax import validation
 from fgtbt_jax import errors
 from fgtbt_jax import state as state_lib
@@ -113,10 +114,10 @@ def test_missing_data_paths_are_reported(tmp_path):
   c.synthetic_data.generate = False
   c.data.data_dir = str(tmp_path / "nowhere")
   with pytest.raises(errors.ConfigError, match="nowhere.* is not a directory"):
-    train.prepare_data(c)
+    prepare.prepare_data(c.data, c.synthetic_data)
   c.data.data_dir = str(tmp_path)
   with pytest.raises(errors.ConfigError, match="no converted WFLW data"):
-    train.prepare_data(c)
+    prepare.prepare_data(c.data, c.synthetic_data)
 
 
 def _parse(argv):

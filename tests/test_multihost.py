@@ -13,8 +13,12 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from tests import helpers
 from tests.helpers import synthetic_data_dir  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slow  # Subprocesses: the full suite only (see README).
 
 
 def _free_port() -> int:

@@ -16,9 +16,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests import helpers
 from tests.helpers import synthetic_data_dir  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slow  # Subprocesses: the full suite only (see README).
 
 N = 2
 

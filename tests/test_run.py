@@ -10,6 +10,8 @@ from fgtbt_jax import landmarks
 from tests import helpers
 from tests.helpers import synthetic_data_dir  # noqa: F401  (fixture)
 
+pytestmark = pytest.mark.slow  # Subprocesses: the full suite only (see README).
+
 RUN = str(helpers.REPO / "run.py")
 TINY = str(helpers.REPO / "configs" / "tiny.py")
 PROTOCOLS = ("WFLW", "300W", "COFW", "AFLW")

@@ -266,7 +266,7 @@ def test_command_line_writes_params_and_prints_the_report(tmp_path, capsys):
   hf = transformers.SegformerModel(_hf_config("tiny"))
   save_file({k: v.numpy() for k, v in hf.state_dict().items()}, str(tmp_path / "tiny.safetensors"))
   out = tmp_path / "params.msgpack"
-  code = convert.main(["--input", str(tmp_path / "tiny.safetensors"), "--variant", "tiny",
+  code = torch_weights.main(["--input", str(tmp_path / "tiny.safetensors"), "--variant", "tiny",
                        "--patch-embed", "plain", "--no-fgsa", "--output", str(out)])
   assert code == 0
   printed = capsys.readouterr().out

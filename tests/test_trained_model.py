@@ -16,6 +16,8 @@ import pytest
 
 from tests import helpers
 
+pytestmark = pytest.mark.slow  # Subprocesses: the full suite only (see README).
+
 PROTOCOLS = ("WFLW", "300W", "COFW", "AFLW")
 STEPS = 300
 UNSEEN_SEED = 7  # The training data is rendered with seed 0.
