@@ -8,7 +8,7 @@
         --dtype=bfloat16 --batch=32 --steps=20        # the paper network at 480
 
 For each (global batch, compute dtype) it builds the run's setup
-(`state_lib.build_setup`: mesh over all devices, sharded state), compiles the
+(`state.build_setup`: mesh over all devices, sharded state), compiles the
 step of `train.make_train_step` ahead of time and times it on one random
 synthetic batch (no input pipeline, random weights), and prints one JSON
 line with:

@@ -330,10 +330,13 @@ class WorkdirEvaluation:
       evaluated on synthetic stand-ins) and "failure_threshold"; as written
       to <workdir>/eval_<checkpoint>.json.
     report: report.md's path (process 0, when a report was asked for).
+    per_image: {dataset: SplitPredictions} of the main pass (every
+      process's images, on every process).
   """
 
   final: dict
   report: pathlib.Path | None
+  per_image: dict[str, metrics.SplitPredictions]
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
@@ -396,7 +399,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.P
                      if config.model.fgsa else None),
           face_side_px=config.data.image_size / config.data.crop_enlarge)
   sharding.barrier("evaluate_workdir done")
-  return WorkdirEvaluation(final=final, report=path)
+  return WorkdirEvaluation(final=final, report=path, per_image=per_image)
 
 
 def _report_title(workdir: pathlib.Path, checkpoint: str, steps, settings: PredictSettings) -> str:

@@ -154,25 +154,25 @@ def test_a_study_transform_reaches_the_model_through_the_sharded_pass(synthetic_
 @pytest.mark.parametrize("smoothing_sigma", [0.0, 1.0])
 def test_eval_and_predictor_give_the_same_landmarks(random_run, smoothing_sigma):
   workdir, config = random_run
+  # `run.py eval`'s library call, on 8 devices, with smoothing from the config.
   config = _config(config.data.data_dir, smoothing_sigma=smoothing_sigma)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_rules(config.mesh.logical_axis_rules)
-  [model] = inference.restore_models(config, workdir, "latest", mesh, rules)
-  evaluator = evaluate.Evaluator(config, models.build_model(config.model), mesh, rules)
-  _, per_image = evaluator.evaluate(model.variables, model.step, ["COFW"])
+  config.data.datasets = ("COFW",)
+  done = evaluate.evaluate_workdir(config, workdir, "latest", write_report=False)
 
-  # The predictor takes its settings from the run (here the saved config has
-  # no smoothing: it is set as an explicit override, like --smoothing_sigma).
+  # The predictor on one device takes its settings from the run (the saved
+  # config has no smoothing: it is set as an explicit override, like
+  # --smoothing_sigma).
   predictor = predictor_lib.Predictor.from_checkpoint(
       workdir, "latest", smoothing_sigma=smoothing_sigma)
   assert predictor.settings == inference.PredictSettings("subpixel", True, smoothing_sigma)
-  assert predictor.settings == evaluator.settings and predictor.step == 4
+  assert predictor.settings == inference.PredictSettings.from_config(config.eval)
+  assert predictor.step == 4
   batch = next(iter(pipeline.make_eval_iterator(config.data, "COFW")))
   valid = np.asarray(batch["valid"], bool)
   points, _ = predictor.run_crops(np.asarray(batch["image"])[valid])
   index = landmarks.get_protocol("COFW").unified_index
   in_stored_crop = crop.apply_affine(points[:, index], np.asarray(batch["inverse_affine"])[valid])
-  np.testing.assert_allclose(in_stored_crop, per_image["COFW"].predictions, atol=1e-3)
+  np.testing.assert_allclose(in_stored_crop, done.per_image["COFW"].predictions, atol=1e-3)
   if smoothing_sigma:
     unsmoothed, _ = predictor_lib.Predictor.from_checkpoint(
         workdir, "latest", smoothing_sigma=0.0).run_crops(np.asarray(batch["image"])[valid])

@@ -19,7 +19,9 @@ from tests import helpers
 pytestmark = pytest.mark.slow  # Subprocesses: the full suite only (see README).
 
 PROTOCOLS = ("WFLW", "300W", "COFW", "AFLW")
-STEPS = 300
+# 450 steps: at 300 the COFW margin depended on the CPU's float rounding (NME 0.69x
+# the baseline on one machine, 0.84x on another); at 450 every split is at or below 0.5x.
+STEPS = 450
 UNSEEN_SEED = 7  # The training data is rendered with seed 0.
 
 
@@ -34,7 +36,7 @@ def trained_default(tmp_path_factory):
       [sys.executable, str(helpers.REPO / "run.py"), f"--workdir={workdir}",
        f"--config.data.data_dir={data_dir}", "--config.synthetic_data.generate=False",
        f"--config.train.steps={STEPS}", "--config.optimizer.warmup_steps=50",
-       "--config.optimizer.lr_decay_steps=(220,270)", "--config.train.ema_half_life_images=200",
+       "--config.optimizer.lr_decay_steps=(330,405)", "--config.train.ema_half_life_images=200",
        f"--config.train.checkpoint_every={STEPS}", f"--config.train.eval_every={STEPS}"],
       env=helpers.subprocess_env(devices=1, fast_compile=False), capture_output=True, text=True, timeout=900,
       cwd=helpers.REPO)
