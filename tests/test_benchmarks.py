@@ -54,6 +54,7 @@ def _check_machine(record: dict) -> None:
   assert record["jax"] == jax.__version__
 
 
+@pytest.mark.slow  # Compiles the step of several configs (over a minute with a cold cache).
 def test_train_step_prints_one_record_per_config_and_a_breakdown(capsys):
   assert train_step.main(["train_step", f"--config={_TINY}", "--steps=1", "--warmup=1",
                           "--breakdown"]) == 0

@@ -156,7 +156,7 @@ def test_eval_and_predictor_give_the_same_landmarks(random_run, smoothing_sigma)
   workdir, config = random_run
   # `run.py eval`'s library call, on 8 devices, with smoothing from the config.
   config = _config(config.data.data_dir, smoothing_sigma=smoothing_sigma)
-  config.data.datasets = ("COFW",)
+  config.data.datasets, config.data.samples_per_dataset = ("COFW",), 8  # 8 devices
   done = evaluate.evaluate_workdir(config, workdir, "latest", write_report=False)
 
   # The predictor on one device takes its settings from the run (the saved
