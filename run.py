@@ -32,7 +32,13 @@
 
 Each mode is one library call (`train.train_and_evaluate`,
 `evaluate.evaluate_workdir`, `predict_files.predict_main`); this file parses
-flags, turns the project's own errors into one-line usage errors and prints.
+flags, turns the project's own errors into one-line messages and prints.
+
+Exit status: 0 done; 1 a bad config, flag, input or checkpoint (one line on
+stderr, "run.py: ..."), or predict inputs that failed; 128 + the signal
+number (143 for SIGTERM, 130 for SIGINT) when a signal stopped training
+after it saved a checkpoint, so a scheduler does not read the stop as
+success.
 
 Multi-host: run the same command on every host with JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or the --config.distributed.*
@@ -134,9 +140,10 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
 MODES = ("train", "eval", "predict")
 # The project's own errors for bad input: shown as one-line usage errors.
 # Anything else is a bug and keeps its traceback.
-USER_ERRORS = (errors.ConfigError, errors.DataError, errors.UnknownProtocolError,
-               checkpointing.WorkdirError, checkpointing.IncompatibleCheckpointError,
-               predict_files.InputError, detector.DetectorUnavailableError)
+USER_ERRORS = (app.UsageError, errors.ConfigError, errors.DataError,
+               errors.UnknownProtocolError, checkpointing.WorkdirError,
+               checkpointing.IncompatibleCheckpointError, predict_files.InputError,
+               detector.DetectorUnavailableError, train.NonFiniteLossError)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -229,9 +236,9 @@ def run_mode(mode: str, workdir: pathlib.Path) -> int:
   if mode == "train":
     final = train.train_and_evaluate(_CONFIG.value, workdir)
     if "stopped_at_step" in final:
-      print(f"stopped by a signal at step {final['stopped_at_step']}; the checkpoint in "
-            f"{workdir / 'checkpoints'} resumes it")
-      return 0
+      print(f"stopped by signal {final['signal']} at step {final['stopped_at_step']}; the "
+            f"checkpoint in {workdir / 'checkpoints'} resumes it")
+      return 128 + int(final["signal"])
     _print_outputs(workdir, final, f"trained {final['steps']} steps in "
                                    f"{final['wall_time_s']:.0f} s; EMA model on the test splits:")
     return 0
@@ -255,14 +262,15 @@ def run_mode(mode: str, workdir: pathlib.Path) -> int:
 
 def main(argv):
   extra = argv[1:]
-  if len(extra) > 1 or (extra and extra[0] not in MODES):
-    raise app.UsageError(f"expected an optional mode {MODES}, got {' '.join(extra)}")
   std_logging.getLogger("absl").addFilter(_QuietLibraries())
   workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else _default_workdir()
   try:
+    if len(extra) > 1 or (extra and extra[0] not in MODES):
+      raise app.UsageError(f"expected an optional mode {MODES}, got {' '.join(extra)}")
     status = run_mode(extra[0] if extra else "train", workdir)
   except USER_ERRORS as e:
-    raise app.UsageError(str(e)) from None
+    # One line, not absl's usage dump of this module's docstring.
+    sys.exit(f"run.py: {e}")
   if status:
     sys.exit(status)
 

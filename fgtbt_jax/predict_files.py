@@ -6,10 +6,11 @@
 videos, and writes for every image `<name>.json` (landmarks, confidence,
 boxes, protocol, image size, the predict settings) and `<name>.overlay.png`;
 for a video `<name>.frame<NNNNNN>.json` per frame and one
-`<name>.overlay.avi` (MJPG). A file that cannot be read, or an image with no
-face found, is reported in the returned `PredictReport` and the others go
-on; the caller decides the exit status (`predict_main` returns 1 when any
-file failed).
+`<name>.overlay.avi` (MJPG). `<name>` is the input's file name, with its
+folders in front where two inputs share a name (`output_names`). A file
+that cannot be read, or an image with no face found, is reported in the
+returned `PredictReport` and the others go on; the caller decides the exit
+status (`predict_main` returns 1 when any file failed).
 """
 
 from __future__ import annotations
@@ -98,15 +99,39 @@ def list_inputs(sources) -> list[pathlib.Path]:
   """
   if isinstance(sources, (str, os.PathLike)):
     sources = [sources]
-  files = []
+  files, seen = [], set()
   for source in sources:
     path = pathlib.Path(source)
-    if path.is_dir():
-      files.extend(sorted(p for p in path.iterdir() if p.is_file() and
-                          p.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS))
-    else:
-      files.append(path)
+    found = (sorted(p for p in path.iterdir() if p.is_file() and
+                    p.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
+             if path.is_dir() else [path])
+    for file in found:  # A file named twice (or in a folder and by name) is done once.
+      if file.resolve() not in seen:
+        seen.add(file.resolve())
+        files.append(file)
   return files
+
+
+def output_names(files: Sequence[pathlib.Path]) -> dict[pathlib.Path, str]:
+  """A distinct output name for every input file: its file name where that is unique.
+
+  Files of the same name in different folders get their folders below the
+  deepest folder they share in front, joined with "__" ("a/x.png" and
+  "b/x.png" -> "a__x.png" and "b__x.png"), so no output overwrites another.
+  """
+  by_name: dict[str, list[pathlib.Path]] = {}
+  for file in files:
+    by_name.setdefault(file.name, []).append(file)
+  names = {}
+  for name, same in by_name.items():
+    if len(same) == 1:
+      names[same[0]] = name
+      continue
+    resolved = [f.resolve() for f in same]
+    common = pathlib.Path(os.path.commonpath([str(r.parent) for r in resolved]))
+    for file, full in zip(same, resolved):
+      names[file] = "__".join(full.relative_to(common).parts)
+  return names
 
 
 def _write_json(path: pathlib.Path, content: dict) -> None:
@@ -155,6 +180,7 @@ def predict_files(predictor: predictor_lib.Predictor, sources, out_dir: str | os
   videos = [f for f in files if f.suffix.lower() in VIDEO_EXTENSIONS]
   images = [f for f in files if f.suffix.lower() not in VIDEO_EXTENSIONS]
   results = {str(f): FileResult(str(f)) for f in files}
+  names = output_names(files)
   for chunk in _batches(images, predictor.batch_size):
     frames = []
     for path in chunk:
@@ -168,9 +194,10 @@ def predict_files(predictor: predictor_lib.Predictor, sources, out_dir: str | os
       result.num_frames = 1
       frames.append((path, image, boxes))
     _predict_and_write(predictor, frames, protocol, min_confidence,
-                       lambda path, _: out / path.name, results)
+                       lambda path, _: out / names[path], results)
   for path in videos:
-    _predict_video(predictor, path, out, box, protocol, min_confidence, results[str(path)])
+    _predict_video(predictor, path, out / names[path], box, protocol, min_confidence,
+                   results[str(path)])
   return PredictReport([results[str(f)] for f in files])
 
 
@@ -235,10 +262,11 @@ def read_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
     capture.release()
 
 
-def _predict_video(predictor: predictor_lib.Predictor, path: pathlib.Path, out: pathlib.Path,
+def _predict_video(predictor: predictor_lib.Predictor, path: pathlib.Path, stem: pathlib.Path,
                    box, protocol: str, min_confidence: float | None, result: FileResult) -> None:
-  overlay_path = out / f"{path.name}.overlay.avi"
-  stem_of = lambda p, frame: out / f"{p.name}.frame{frame:06d}"
+  """Predicts every frame of the video at `path`; outputs are named from `stem`."""
+  overlay_path = stem.with_name(f"{stem.name}.overlay.avi")
+  stem_of = lambda p, frame: stem.with_name(f"{stem.name}.frame{frame:06d}")
   writer = None
   try:
     for chunk in _batches(enumerate(read_video_frames(path)), predictor.batch_size):

@@ -188,7 +188,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   "auc"} (NME as a fraction), plus "steps" trained in total and
   "wall_time_s" of this call; also written to `<workdir>/final_metrics.json`.
   When stopped by SIGTERM/SIGINT it saves a checkpoint and returns
-  {"stopped_at_step": step} without the final evaluation.
+  {"stopped_at_step": step, "signal": signal number} without the final
+  evaluation.
   """
   start_time = time.time()
   sharding.initialize_distributed(config.distributed)
@@ -272,7 +273,8 @@ def _train_loop(config, setup: Setup, state: TrainState, start_step: int, train_
         checkpoints.wait_until_finished()
         logging.warning("signal %s: saved step %d to %s and stopped", stop.received, step,
                         checkpoints.directory / "latest")
-        return {"stopped_at_step": step}
+        # Another process's signal stops this one too: report it as SIGTERM.
+        return {"stopped_at_step": step, "signal": int(stop.received or signal.SIGTERM)}
       batch = next(batches)
       with jax.transfer_guard("disallow" if train.transfer_guard else "allow"):
         state, metrics = train_step(state, batch)

@@ -411,6 +411,28 @@ def test_predict_files_writes_json_and_overlays_and_reports_failures(tmp_path):
   assert "3 of 6 files done" in report.summary()
 
 
+def test_inputs_of_the_same_name_in_different_folders_get_distinct_outputs(tmp_path):
+  scene = Scene()
+  for folder in ("a", "b"):
+    (tmp_path / "in" / folder).mkdir(parents=True)
+    image = np.zeros((120, 150, 3), np.uint8)
+    scene.paint(image, [30, 20, 110, 100])
+    cv2.imwrite(str(tmp_path / "in" / folder / "x.png"), image)
+  (tmp_path / "in" / "y.png").write_bytes(cv2.imencode(".png", image)[1].tobytes())
+  inputs = [tmp_path / "in" / "a", tmp_path / "in" / "b" / "x.png", tmp_path / "in" / "y.png",
+            tmp_path / "in" / "a" / "x.png"]  # The last one twice: done once.
+  assert predict_files.output_names(predict_files.list_inputs(inputs)) == {
+      tmp_path / "in" / "a" / "x.png": "a__x.png", tmp_path / "in" / "b" / "x.png": "b__x.png",
+      tmp_path / "in" / "y.png": "y.png"}
+  predictor = scene.predictor(detector=lambda image: np.array([[30.0, 20.0, 110.0, 100.0]]))
+  report = predict_files.predict_files(predictor, inputs, tmp_path / "out")
+  assert "3 of 3 files done" in report.summary()
+  for name, source in (("a__x.png", "a/x.png"), ("b__x.png", "b/x.png"), ("y.png", "y.png")):
+    content = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+    assert content["source"] == str(tmp_path / "in" / source)
+    assert (tmp_path / "out" / f"{name}.overlay.png").is_file()
+
+
 # -- loading a training run ------------------------------------------------------------
 
 

@@ -107,9 +107,12 @@ def test_eval_mode_rejects_an_incompatible_checkpoint(trained_workdir, synthetic
 ])
 def test_clear_errors(args, message):
   process = _run(*args, timeout=120)
-  assert process.returncode != 0
+  assert process.returncode == 1
   assert message in process.stdout + process.stderr
   assert "Traceback" not in process.stderr
+  # One line, without absl's usage dump of run.py's docstring.
+  assert process.stderr.strip().splitlines()[-1].startswith("run.py: ")
+  assert "The embedded default" not in process.stderr
 
 
 def test_eval_of_a_directory_without_checkpoints(tmp_path):
@@ -132,6 +135,33 @@ def test_eval_applies_command_line_overrides_to_the_saved_config(trained_workdir
   assert "Traceback" not in process.stderr
   process = _run("eval", f"--workdir={workdir}", "--config.data.no_such_field=1", timeout=120)
   assert process.returncode != 0 and "unknown config field" in process.stderr
+
+
+def test_a_signal_saves_and_exits_with_128_plus_its_number(tmp_path, synthetic_data_dir):
+  import signal
+  import time
+  workdir = tmp_path / "run"
+  log = tmp_path / "train.log"
+  with open(log, "w") as out:
+    process = subprocess.Popen(
+        [sys.executable, RUN, f"--config={TINY}", f"--workdir={workdir}",
+         "--config.train.steps=100000", "--config.train.checkpoint_every=100000",
+         f"--config.data.data_dir={synthetic_data_dir}", "--config.synthetic_data.generate=False"],
+        env=helpers.subprocess_env(devices=1), cwd=helpers.REPO, stdout=out,
+        stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.time() + 600
+    while "step 4/100000" not in log.read_text():  # The loop (and its handler) runs.
+      assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+      time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+  finally:
+    if process.poll() is None:
+      process.kill()
+  output = log.read_text()
+  assert "stopped by signal 15 at step" in output and "resumes it" in output
+  assert any(p.name.isdigit() for p in (workdir / "checkpoints" / "latest").iterdir())
 
 
 def _write_face(path, seed_index: int, size: int = 96, grey: bool = False):

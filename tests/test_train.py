@@ -243,7 +243,7 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path):
     return 1.0
   previous_handler = signal.getsignal(signal.SIGTERM)
   result, checkpoints = _loop(tmp_path, _fake_step(loss))
-  assert result == {"stopped_at_step": 3}
+  assert result == {"stopped_at_step": 3, "signal": signal.SIGTERM}
   assert signal.getsignal(signal.SIGTERM) is previous_handler
   restored, step = checkpointing.Checkpointer(
       tmp_path / "ckpt", datasets=["WFLW"], max_to_keep=5, save_interval_steps=2).restore(
