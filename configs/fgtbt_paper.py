@@ -80,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 3
   config.train.eval_every = 10_000
   config.train.resume = True
+  # Resume even though data.datasets / samples_per_dataset / image_size /
+  # crop_enlarge or model.variant / input_size differ from the saved config.
+  config.train.resume_with_changes = False
   # EMA decay per step = 0.5 ** (images per step / half-life).
   config.train.ema_half_life_images = 10_000.0
   # Fail on implicit host<->device transfers inside the step.

@@ -129,12 +129,13 @@ def load_run_config(workdir: str | os.PathLike,
   return config
 
 
-def write_run_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
-  """Writes `<workdir>/config.json` atomically (a temporary file, then a rename).
+def write_run_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                     name: str = CONFIG_FILE) -> pathlib.Path:
+  """Writes `<workdir>/config.json` (or `name`) atomically (a temporary file, then a rename).
 
   A full disk or a kill mid-write leaves the previous file whole.
   """
-  path = pathlib.Path(workdir) / CONFIG_FILE
+  path = pathlib.Path(workdir) / name
   text = config.to_json_best_effort(indent=2) + "\n"
   fd, temporary = tempfile.mkstemp(prefix=".config.", suffix=".json", dir=path.parent)
   try:

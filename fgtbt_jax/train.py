@@ -197,8 +197,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   workdir = pathlib.Path(workdir).resolve()
   workdir.mkdir(parents=True, exist_ok=True)
   logging.info("workdir: %s\nconfig: %s", workdir, config.to_json_best_effort(indent=2))
-  if jax.process_index() == 0:
-    checkpointing.write_run_config(config, workdir)
   prepare.prepare_data(config.data, config.synthetic_data)
   synthetic = prepare.synthetic_datasets(config.data)
 
@@ -206,14 +204,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   table, total_params = parameter_table(setup.boxed_params)
   logging.info("model %s: %s parameters\n%s", config.model.variant, f"{total_params:,}", table)
 
+  checkpoints = checkpointing.Checkpointer.for_run(config, workdir)
+  try:
+    _check_resume(config, workdir, checkpoints.latest_step())
+  except ConfigError:
+    checkpoints.close()
+    raise
   train_iterator = pipeline.make_train_iterator(
       config.data, process_index=jax.process_index(), process_count=jax.process_count())
-  checkpoints = checkpointing.Checkpointer.for_run(config, workdir)
   evaluator = evaluate.Evaluator(config, setup.model, setup.mesh, setup.rules)
   writer = MetricWriter(workdir)
   try:
     state = _restore_or_init(config, setup, checkpoints, train_iterator)
     start_step = int(jax.device_get(state.step))
+    if jax.process_index() == 0:
+      _record_config(config, workdir, start_step)
     train_step = make_train_step(setup, ema_decay_per_step(config))
     result = _train_loop(config, setup, state, start_step, train_step, train_iterator,
                          checkpoints, evaluator, writer)
@@ -232,17 +237,78 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   return result
 
 
+# What a resumed run must keep: the batch, the datasets and their ids, the
+# input and the network. `train.resume_with_changes` lets a run go on anyway.
+RESUME_FIXED = ("data.datasets", "data.samples_per_dataset", "data.image_size",
+                "data.crop_enlarge", "model.variant", "model.input_size")
+
+
+def _flatten_dict(tree: Mapping, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten_dict(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def _check_resume(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                  latest: int | None) -> None:
+  """Refuses, before anything is written, a resume the config does not allow or cannot continue.
+
+  Raises ConfigError when the workdir holds checkpoints and `train.resume`
+  is off, or when a field of RESUME_FIXED differs from the run's saved
+  config (unless `train.resume_with_changes`), naming the fields.
+  """
+  if latest is None:
+    return
+  if not config.train.resume:
+    raise ConfigError(
+        f"{workdir / checkpointing.CHECKPOINTS_DIR} already holds checkpoints (latest step "
+        f"{latest}) and train.resume is False; use another workdir or --config.train.resume=True")
+  if not (workdir / checkpointing.CONFIG_FILE).is_file():
+    return
+  saved = _flatten_dict(json.loads((workdir / checkpointing.CONFIG_FILE).read_text()))
+  wanted = _flatten_dict(json.loads(config.to_json_best_effort()))
+  changed = [f"{key} {saved.get(key)!r} -> {wanted.get(key)!r}" for key in RESUME_FIXED
+             if saved.get(key) != wanted.get(key)]
+  if changed and not config.train.resume_with_changes:
+    raise ConfigError(
+        f"{workdir} resumes from step {latest}, but the config changes what the run was "
+        f"trained with: {'; '.join(changed)}. Use another workdir, or "
+        "--config.train.resume_with_changes=True to go on with the change")
+  if changed:
+    logging.warning("resuming from step %d with changes (train.resume_with_changes): %s",
+                    latest, "; ".join(changed))
+
+
+def _record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                   start_step: int) -> None:
+  """Writes config.json of a new run; a resumed run's is kept, a changed config goes beside it.
+
+  A resume whose config differs from config.json (say, more steps) writes
+  `config.resumed_at_<step>.json`, so config.json stays the config the
+  checkpoints were made with.
+  """
+  path = workdir / checkpointing.CONFIG_FILE
+  if start_step == 0 or not path.is_file():
+    checkpointing.write_run_config(config, workdir)
+    return
+  saved = _flatten_dict(json.loads(path.read_text()))
+  if saved != _flatten_dict(json.loads(config.to_json_best_effort())):
+    written = checkpointing.write_run_config(config, workdir,
+                                             name=f"config.resumed_at_{start_step}.json")
+    logging.info("resumed with another config than %s; recorded in %s", path, written)
+
+
 def _restore_or_init(config, setup: Setup, checkpoints: checkpointing.Checkpointer,
                      train_iterator) -> TrainState:
   latest = checkpoints.latest_step()
-  if config.train.resume and latest is not None:
+  if latest is not None:  # `_check_resume` allowed it.
     state, step = checkpoints.restore(setup.abstract_state, train_iterator)
     logging.info("resumed from step %d (%s)", step, checkpoints.directory / "latest")
     return state
-  if latest is not None:
-    raise ConfigError(
-        f"{checkpoints.directory} already holds checkpoints (latest step {latest}) and "
-        f"train.resume is False; use another workdir or --config.train.resume=True")
   return create_train_state(setup, config.seed)
 
 

@@ -1,12 +1,16 @@
 """Checkpointer: state + data iterator together, retention, best models, mismatches."""
 
+import json
+
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from fgtbt_jax import checkpointing
+from tests.helpers import synthetic_data_dir  # noqa: F401  (fixture)
 
 
 def _state(value: float, width: int = 3):
@@ -111,3 +115,55 @@ def test_missing_checkpoints(tmp_path):
   with pytest.raises(ValueError, match="max_to_keep must be at least 1"):
     _checkpointer(tmp_path / "other", max_to_keep=0)
   checkpoints.close()
+
+
+# ---- The run directory's config across restarts (train_and_evaluate refuses early). ----
+
+
+@pytest.fixture()
+def checkpointed_run(tmp_path, synthetic_data_dir):
+  from configs import tiny
+  from tests import helpers
+  config = tiny.get_config()
+  config.data.data_dir = str(synthetic_data_dir)
+  config.synthetic_data.generate = False
+  helpers.write_random_run(tmp_path, config, scale=0.01, step=4)
+  return tmp_path, config
+
+
+def _changed(config, **fields):
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.update_from_flattened_dict(fields)
+  return config
+
+
+def test_a_refused_resume_leaves_the_run_config_as_it_was(checkpointed_run):
+  from fgtbt_jax import errors
+  from fgtbt_jax import train
+  workdir, config = checkpointed_run
+  saved = (workdir / "config.json").read_bytes()
+  with pytest.raises(errors.ConfigError, match="latest step 4.*train.resume is False"):
+    train.train_and_evaluate(_changed(config, **{"train.resume": False}), workdir)
+  with pytest.raises(errors.ConfigError,
+                     match=r"data.samples_per_dataset 2 -> 4.*resume_with_changes=True"):
+    train.train_and_evaluate(_changed(config, **{"data.samples_per_dataset": 4}), workdir)
+  with pytest.raises(errors.ConfigError, match=r"data.datasets \['WFLW', '300W', 'COFW', "
+                                               r"'AFLW'\] -> \['WFLW', 'COFW'\]"):
+    train.train_and_evaluate(_changed(config, **{"data.datasets": ("WFLW", "COFW"),
+                                                 "data.samples_per_dataset": 4}), workdir)
+  assert (workdir / "config.json").read_bytes() == saved
+  assert sorted(p.name for p in workdir.glob("config*")) == ["config.json"]
+
+
+def test_a_resumed_run_keeps_its_config_and_records_a_change_beside_it(checkpointed_run):
+  from fgtbt_jax import train
+  workdir, config = checkpointed_run
+  saved = (workdir / "config.json").read_bytes()
+  train._record_config(config, workdir, start_step=4)  # The same config: nothing written.
+  assert sorted(p.name for p in workdir.glob("config*")) == ["config.json"]
+  train._record_config(_changed(config, **{"train.steps": 8}), workdir, start_step=4)
+  assert (workdir / "config.json").read_bytes() == saved
+  assert json.loads((workdir / "config.resumed_at_4.json").read_text())["train"]["steps"] == 8
+  # A new run (step 0) writes config.json itself.
+  train._record_config(_changed(config, **{"train.steps": 9}), workdir, start_step=0)
+  assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 9
