@@ -143,7 +143,8 @@ MODES = ("train", "eval", "predict")
 USER_ERRORS = (app.UsageError, errors.ConfigError, errors.DataError,
                errors.UnknownProtocolError, checkpointing.WorkdirError,
                checkpointing.IncompatibleCheckpointError, predict_files.InputError,
-               detector.DetectorUnavailableError, train.NonFiniteLossError)
+               detector.DetectorUnavailableError, train.NonFiniteLossError,
+               checkpointing.NonFiniteStateError)
 
 
 class _QuietLibraries(std_logging.Filter):

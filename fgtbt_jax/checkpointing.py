@@ -16,7 +16,9 @@ directory only appears under its final name once committed, so a process
 killed mid-save leaves the previous checkpoint intact.
 
 Restores go into an abstract target (`jax.ShapeDtypeStruct` with shardings),
-so every process reads only its own shards. Inference reads only the EMA
+so every process reads only its own shards. A state or model with NaN or
+infinite values is never saved, and one restored is refused
+(`NonFiniteStateError`, naming the first such array). Inference reads only the EMA
 variables: `restore_ema` takes the `ema_params` / `ema_batch_stats` entries
 of a train state (an Orbax partial restore: the optimizer moments are never
 read) and `restore_best` a dataset's best model.
@@ -36,7 +38,9 @@ from typing import Any, Iterable, Mapping
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from fgtbt_jax.errors import ConfigError
@@ -52,6 +56,32 @@ _EMA_ENTRIES = {"params": "ema_params", "batch_stats": "ema_batch_stats"}
 
 class IncompatibleCheckpointError(ValueError):
   """A checkpoint does not match the configured model or train state."""
+
+
+class NonFiniteStateError(FloatingPointError):
+  """A train state or model to save, or just restored, holds NaN or infinite values."""
+
+
+def first_non_finite(tree: Any) -> str | None:
+  """The path of the first floating-point array of `tree` with a NaN or an infinity, or None.
+
+  One jitted reduction over all arrays (sharded ones included: every
+  process gets the same answer).
+  """
+  leaves = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
+  if not leaves:
+    return None
+  finite = jax.jit(lambda xs: jnp.stack([jnp.isfinite(x).all() for x in xs]))(
+      [leaf for _, leaf in leaves])
+  bad = np.flatnonzero(~np.asarray(jax.device_get(finite)))
+  return _path_name(leaves[bad[0]][0]) if bad.size else None
+
+
+def _check_finite(tree: Any, what: str) -> None:
+  bad = first_non_finite(tree)
+  if bad is not None:
+    raise NonFiniteStateError(f"{what}: {bad} holds NaN or infinite values")
 
 
 class WorkdirError(FileNotFoundError):
@@ -280,6 +310,15 @@ class Checkpointer:
       return False
     if step in self._latest.all_steps():
       return False
+    bad = first_non_finite(state)
+    if bad is not None:
+      self.wait_until_finished()
+      last = self.latest_step()
+      raise NonFiniteStateError(
+          f"the train state of step {step} holds NaN or infinite values (first: {bad}); it "
+          "was not saved, and the last good checkpoint is "
+          + (f"step {last} in {self.directory / 'latest'}" if last is not None else "none")
+          + ". Lower optimizer.learning_rate or set optimizer.grad_clip_norm.")
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -306,6 +345,7 @@ class Checkpointer:
       raise IncompatibleCheckpointError(
           f"checkpoint {where} does not match the configured model/train state "
           f"(was it written with another config?): {e}") from e
+    _check_finite(restored["state"], f"checkpoint {where}")
     return restored["state"], step
 
   def _existing_step(self, step: int | None) -> int:
@@ -343,6 +383,7 @@ class Checkpointer:
           f"checkpoint {where} does not match the configured model: {e}") from e
     finally:
       reader.close()
+    _check_finite(restored, f"checkpoint {where}")
     return {name: restored[entry] for name, entry in _EMA_ENTRIES.items()}, step
 
   # -- best EMA models ---------------------------------------------------------
@@ -364,6 +405,7 @@ class Checkpointer:
       manager = self._best[name]
       if (best is not None and nme >= best) or step in manager.all_steps():
         continue
+      _check_finite(variables, f"the EMA model of step {step} (best for {name}, not saved)")
       manager.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(variables)),
                    metrics={"nme": float(nme)}, force=True)
       self._best_nme[name] = float(nme)
@@ -386,6 +428,7 @@ class Checkpointer:
     except (ValueError, KeyError, TypeError) as e:
       raise IncompatibleCheckpointError(
           f"checkpoint {where} does not match the configured model: {e}") from e
+    _check_finite(restored["model"], f"checkpoint {where}")
     return restored["model"], step
 
   # -- lifecycle ---------------------------------------------------------------

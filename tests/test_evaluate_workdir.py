@@ -251,3 +251,17 @@ def test_restore_errors_name_the_missing_checkpoint(random_run, tmp_path):
   wider.model.decoder_dim = 2 * wider.model.decoder_dim
   with pytest.raises(checkpointing.IncompatibleCheckpointError, match="does not match"):
     inference.restore_models(wider, workdir, "latest", mesh, rules)
+
+
+def test_eval_and_predict_refuse_a_checkpoint_with_non_finite_weights(
+    tmp_path, synthetic_data_dir, monkeypatch):
+  config = _config(synthetic_data_dir)
+  monkeypatch.setattr(checkpointing, "first_non_finite", lambda tree: None)  # Around the guard.
+  helpers.write_random_run(tmp_path, config, scale=float("nan"))
+  monkeypatch.undo()
+  with pytest.raises(checkpointing.NonFiniteStateError,
+                     match=r"checkpoint .*latest/4: ema_batch_stats/.* holds NaN"):
+    evaluate.evaluate_workdir(config, tmp_path, "latest", write_report=False)
+  with pytest.raises(checkpointing.NonFiniteStateError, match="holds NaN or infinite values"):
+    predictor_lib.Predictor.from_checkpoint(tmp_path, "latest")
+  assert not (tmp_path / "eval_latest.json").exists()

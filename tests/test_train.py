@@ -236,6 +236,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, bad_
   assert saved == [2]
 
 
+def test_weights_that_blow_up_under_a_finite_loss_are_not_checkpointed(tmp_path):
+  def step_fn(state, batch):
+    done = int(state.step) + 1
+    w = state.params["w"] + (jnp.inf if done >= 4 else 1.0)
+    metrics = {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0),
+               "learning_rate": jnp.float32(0.1), "dataset_loss": jnp.zeros(4)}
+    return state.replace(step=state.step + 1, params={"w": w}, ema_params={"w": w}), metrics
+  with pytest.raises(checkpointing.NonFiniteStateError,
+                     match=r"step 4 holds NaN or infinite values \(first: params/w\).*"
+                           r"last good checkpoint is step 2"):
+    _loop(tmp_path, step_fn)
+  saved = sorted(int(p.name) for p in (tmp_path / "ckpt" / "latest").iterdir()
+                 if p.name.isdigit())
+  assert saved == [2]
+
+
 def test_sigterm_saves_and_stops_cleanly(tmp_path):
   def loss(done):
     if done == 3:

@@ -167,3 +167,33 @@ def test_a_resumed_run_keeps_its_config_and_records_a_change_beside_it(checkpoin
   # A new run (step 0) writes config.json itself.
   train._record_config(_changed(config, **{"train.steps": 9}), workdir, start_step=0)
   assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 9
+
+
+def test_non_finite_states_are_never_saved_and_are_refused_on_restore(tmp_path, monkeypatch):
+  checkpoints = checkpointing.Checkpointer(tmp_path, datasets=["WFLW"], max_to_keep=3,
+                                           save_interval_steps=1, enable_async=False)
+  checkpoints.save(1, _state(1.0), None)
+  bad = _state(2.0)
+  bad["params"]["w"] = bad["params"]["w"].at[1].set(jnp.inf)
+  with pytest.raises(checkpointing.NonFiniteStateError,
+                     match=r"step 2 holds NaN.*first: params/w.*last good checkpoint is step 1"):
+    checkpoints.save(2, bad, None)
+
+  assert checkpoints.latest_step() == 1
+  nan_model = {"params": {"w": jnp.array([0.0, jnp.nan])}}
+  with pytest.raises(checkpointing.NonFiniteStateError, match="best for WFLW, not saved"):
+    checkpoints.save_best(2, nan_model, {"WFLW": 0.1})
+  assert checkpoints.best_step("WFLW") is None
+  # A checkpoint that holds them anyway (written around the guard) is refused
+  # on restore, naming the array.
+  monkeypatch.setattr(checkpointing, "first_non_finite", lambda tree: None)
+  checkpoints.save(3, bad, None)
+  checkpoints.save_best(3, nan_model, {"WFLW": 0.1})
+  monkeypatch.undo()
+  with pytest.raises(checkpointing.NonFiniteStateError, match=r"latest/3: params/w holds NaN"):
+    checkpoints.restore(checkpointing.abstract_like(_state(0.0)))
+  with pytest.raises(checkpointing.NonFiniteStateError, match=r"best_WFLW/3: params/w"):
+    checkpoints.restore_best("WFLW", checkpointing.abstract_like(nan_model))
+  restored, step = checkpoints.restore(checkpointing.abstract_like(_state(0.0)), step=1)
+  assert step == 1 and np.isfinite(restored["params"]["w"]).all()
+  checkpoints.close()
