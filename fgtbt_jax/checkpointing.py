@@ -33,9 +33,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import socket
 import tempfile
 from typing import Any, Iterable, Mapping
 
+from absl import logging
 import grain
 import jax
 import jax.numpy as jnp
@@ -97,6 +99,77 @@ def check_kind(kind: str) -> str:
 
 
 # -- the run directory -----------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Someone else's live process.
+    return True
+  return True
+
+
+class WorkdirLock:
+  """One trainer per workdir: `<workdir>/.lock` holds the owner's pid and host.
+
+      with WorkdirLock(workdir):
+        ...train...
+
+  A second start gets a WorkdirError naming the holder. A lock left by a
+  killed process of this host (its pid is gone) is stale: it is taken over
+  with a warning. One of another host cannot be checked and is refused
+  (remove the file once that trainer is surely gone).
+  """
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.path = pathlib.Path(workdir) / LOCK_FILE
+    self._held = False
+
+  def acquire(self) -> None:
+    owner = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = self._holder()
+        if (holder.get("host") == owner["host"] and isinstance(holder.get("pid"), int)
+            and not _alive(holder["pid"])):
+          logging.warning("%s: taking over a stale lock of pid %s (no such process)",
+                          self.path, holder["pid"])
+          self.path.unlink(missing_ok=True)
+          continue
+        raise WorkdirError(
+            f"{self.path.parent} is in use by another trainer (pid {holder.get('pid')} on host "
+            f"{holder.get('host')}, lock {self.path}); wait for it, or remove the lock file if "
+            "that process is gone") from None
+      with os.fdopen(fd, "w") as f:
+        json.dump(owner, f)
+      self._held = True
+      return
+    raise WorkdirError(f"{self.path}: could not take the workdir lock")
+
+  def _holder(self) -> dict:
+    try:
+      holder = json.loads(self.path.read_text())
+    except (OSError, ValueError):
+      return {}
+    return holder if isinstance(holder, dict) else {}
+
+  def release(self) -> None:
+    if self._held:
+      self.path.unlink(missing_ok=True)
+      self._held = False
+
+  def __enter__(self) -> "WorkdirLock":
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
 
 
 def find_workdir(path: str | os.PathLike) -> pathlib.Path:

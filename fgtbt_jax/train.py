@@ -189,13 +189,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   "wall_time_s" of this call; also written to `<workdir>/final_metrics.json`.
   When stopped by SIGTERM/SIGINT it saves a checkpoint and returns
   {"stopped_at_step": step, "signal": signal number} without the final
-  evaluation.
+  evaluation. The workdir is locked for the run (`checkpointing.WorkdirLock`):
+  a second trainer on it stops at start with the holder's pid and host.
   """
   start_time = time.time()
   sharding.initialize_distributed(config.distributed)
   validate_config(config)
   workdir = pathlib.Path(workdir).resolve()
   workdir.mkdir(parents=True, exist_ok=True)
+  lock = checkpointing.WorkdirLock(workdir)
+  if jax.process_index() == 0:  # The processes of one run are one trainer.
+    try:
+      lock.acquire()
+    except checkpointing.WorkdirError:
+      sharding.any_process(True)
+      raise
+  if sharding.any_process(False):
+    raise checkpointing.WorkdirError(f"{workdir}: process 0 could not lock the workdir")
+  try:
+    return _train_and_evaluate(config, workdir, start_time)
+  finally:
+    lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                        start_time: float) -> dict:
   logging.info("workdir: %s\nconfig: %s", workdir, config.to_json_best_effort(indent=2))
   prepare.prepare_data(config.data, config.synthetic_data)
   synthetic = prepare.synthetic_datasets(config.data)

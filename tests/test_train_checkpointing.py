@@ -197,3 +197,34 @@ def test_non_finite_states_are_never_saved_and_are_refused_on_restore(tmp_path, 
   restored, step = checkpoints.restore(checkpointing.abstract_like(_state(0.0)), step=1)
   assert step == 1 and np.isfinite(restored["params"]["w"]).all()
   checkpoints.close()
+
+
+def test_one_trainer_per_workdir_and_stale_locks_are_taken_over(tmp_path, checkpointed_run):
+  import os
+  import socket
+  import subprocess
+  import sys
+  from fgtbt_jax import train
+  workdir, config = checkpointed_run
+  saved = (workdir / "config.json").read_bytes()
+  # A live holder (this very process) on this host: refused, nothing written.
+  (workdir / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+  with pytest.raises(checkpointing.WorkdirError,
+                     match=rf"in use by another trainer \(pid {os.getpid()} on host "
+                           rf"{socket.gethostname()}"):
+    train.train_and_evaluate(config, workdir)
+  assert (workdir / "config.json").read_bytes() == saved and (workdir / ".lock").exists()
+  # A holder on another host cannot be checked: refused too.
+  (workdir / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+  with pytest.raises(checkpointing.WorkdirError, match="pid 1 on host elsewhere"):
+    checkpointing.WorkdirLock(workdir).acquire()
+  # The lock of a killed process of this host is stale: taken over, released after.
+  gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  (workdir / ".lock").write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
+  with checkpointing.WorkdirLock(workdir):
+    holder = json.loads((workdir / ".lock").read_text())
+    assert holder == {"pid": os.getpid(), "host": socket.gethostname()}
+    with pytest.raises(checkpointing.WorkdirError, match="in use by another trainer"):
+      checkpointing.WorkdirLock(workdir).acquire()
+  assert not (workdir / ".lock").exists()
