@@ -44,6 +44,27 @@ def _check_eval(eval_config: ml_collections.ConfigDict) -> None:
                       f"{eval_config.study_max_batches}")
 
 
+def _check_data(data: ml_collections.ConfigDict) -> None:
+  for key in ("flip_prob", "rotation_prob"):
+    if not 0.0 <= data[key] <= 1.0:
+      raise ConfigError(f"data.{key} must be a probability in [0, 1], got {data[key]}")
+  if data.rotation_deg < 0:
+    raise ConfigError(f"data.rotation_deg must be >= 0, got {data.rotation_deg}")
+  scale = tuple(data.scale_range)
+  if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+    raise ConfigError(f"data.scale_range must be (low, high) with 0 < low <= high, got {scale}")
+  if not data.crop_enlarge > 0:
+    raise ConfigError(f"data.crop_enlarge must be positive, got {data.crop_enlarge}")
+  if data.num_workers < 0:
+    raise ConfigError(f"data.num_workers must be >= 0 (0 = in-process), got {data.num_workers}")
+  for key in ("worker_buffer_size", "read_threads", "prefetch_buffer_size"):
+    if data[key] < 1:
+      raise ConfigError(f"data.{key} must be at least 1, got {data[key]}")
+  for key in ("train_split", "eval_split"):
+    if not str(data[key]):
+      raise ConfigError(f"data.{key} must name a split, got {data[key]!r}")
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
                     process_count: int | None = None) -> None:
   """Checks the config before any work starts; raises ConfigError naming the key.
@@ -68,6 +89,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     raise ConfigError(f"optimizer.grad_clip_norm must be >= 0 (0 = off), got {opt.grad_clip_norm}")
   if not 0 < opt.lr_decay_factor <= 1:
     raise ConfigError(f"optimizer.lr_decay_factor must be in (0, 1], got {opt.lr_decay_factor}")
+  if opt.warmup_steps < 0:
+    raise ConfigError(f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}")
   if list(opt.lr_decay_steps) != sorted(opt.lr_decay_steps) or any(
       s <= 0 for s in opt.lr_decay_steps):
     raise ConfigError(f"optimizer.lr_decay_steps must be increasing positive steps, "
@@ -88,6 +111,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   if unknown or not data.datasets:
     raise ConfigError(f"data.datasets must be a non-empty subset of {landmarks.PROTOCOL_NAMES}, "
                       f"got {tuple(data.datasets)}")
+  _check_data(data)
   if data.samples_per_dataset < 1:
     raise ConfigError(f"data.samples_per_dataset must be at least 1, got {data.samples_per_dataset}")
   if data.samples_per_dataset % process_count:

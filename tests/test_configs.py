@@ -85,6 +85,14 @@ def test_ablations_set_what_they_name():
     ("eval.decoder", "softargmax", "eval.decoder must be one of"),
     ("mesh.fsdp", 3, "does not cover the 8 devices"),
     ("data.datasets", ("WFLW", "MENPO"), "non-empty subset"),
+    ("data.flip_prob", 2.0, r"data.flip_prob must be a probability in \[0, 1\], got 2.0"),
+    ("data.rotation_prob", -1.0, "data.rotation_prob must be a probability"),
+    ("data.num_workers", -3, "data.num_workers must be >= 0"),
+    ("data.scale_range", (1.25, 1.0), "data.scale_range must be"),
+    ("data.read_threads", 0, "data.read_threads must be at least 1"),
+    ("optimizer.warmup_steps", -10, "optimizer.warmup_steps must be >= 0"),
+    ("model.variant", "foo", "variant='foo'; expected one of"),
+    ("model.variant", "b4", "variant='b4' is the b4 encoder, but encoder='tiny'"),
 ])
 def test_validation_names_the_bad_key(key, value, message):
   c = tiny.get_config()

@@ -145,6 +145,16 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
   for field, allowed in choices.items():
     if config[field] not in allowed:
       raise ValueError(f"model config: {field}={config[field]!r}; expected one of {allowed}")
+  if config.variant not in VARIANTS:
+    raise ValueError(f"model config: variant={config.variant!r}; expected one of {VARIANTS}")
+  if config.encoder != _PRESETS[config.variant]["encoder"]:
+    # The variant is a name; the fields make the network. A changed name alone
+    # would train one network and record another.
+    raise ValueError(
+        f"model config: variant={config.variant!r} is the {_PRESETS[config.variant]['encoder']} "
+        f"encoder, but encoder={config.encoder!r}; change the variant with its fields "
+        "(models.model_config(variant), e.g. configs/ablations.py or a config file), or set "
+        "encoder too")
   if config.input_size <= 0 or config.input_size % 32:
     raise ValueError(f"model config: input_size={config.input_size} must be a positive multiple of 32")
   spec = ENCODERS[config.encoder]
