@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Callable
+from typing import Callable, Sequence
 
 from absl import logging
 import jax
@@ -159,7 +159,8 @@ def _generate_synthetic(data_dir: pathlib.Path, synthetic_config: ml_collections
 
 def prepare_data(data_config: ml_collections.ConfigDict,
                  synthetic_config: ml_collections.ConfigDict, *,
-                 barrier: Callable[[str], None] | None = None) -> None:
+                 barrier: Callable[[str], None] | None = None,
+                 splits: Sequence[str] | None = None) -> None:
   """Makes sure every dataset of `data.datasets` is converted under `data.data_dir`.
 
   Args:
@@ -206,6 +207,23 @@ def prepare_data(data_config: ml_collections.ConfigDict,
     reasons = "; ".join(reason for _, reason in problems)
     raise ConfigError(f"data.data_dir {str(data_dir)!r} lacks {', '.join(missing)}: "
                       f"{reasons}, {narrow}")
+  # Every split the run reads must be there before any step (a conversion
+  # made with --splits train holds no test split).
+  needed = tuple(splits) if splits is not None else (data_config.train_split,
+                                                     data_config.eval_split)
+  for name in names:
+    try:
+      held = tfds_builders.converted_splits(data_dir, name, data_config.crop_config)
+    except ValueError as e:
+      raise ConfigError(f"data.data_dir: {e}") from e
+    absent = [split for split in needed if split not in held]
+    if absent:
+      where = tfds_builders.converted_dir(data_dir, name, data_config.crop_config)
+      raise ConfigError(
+          f"data.data_dir: {where} holds the {name} splits {held}, not {absent} "
+          f"(data.train_split / data.eval_split); convert them with `python -m "
+          f"data_pipelines.convert --dataset {name.lower()} --splits {','.join(absent)} "
+          f"--src DIR --out {data_dir}`")
 
 
 def synthetic_datasets(data_config: ml_collections.ConfigDict) -> set[str]:

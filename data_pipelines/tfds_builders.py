@@ -448,6 +448,15 @@ def is_synthetic(data_dir: str | os.PathLike, dataset: str, config_name: str = "
     raise ValueError(f"{path}: unreadable conversion metadata: {e}") from e
 
 
+def converted_splits(data_dir: str | os.PathLike, dataset: str, config_name: str = "") -> list[str]:
+  """The split names a converted dataset holds (from its dataset_info.json)."""
+  path = converted_dir(data_dir, dataset, config_name) / "dataset_info.json"
+  try:
+    return [split["name"] for split in json.loads(path.read_text()).get("splits", [])]
+  except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ValueError(f"{path}: unreadable conversion metadata: {e}") from e
+
+
 def open_split(data_dir: str | os.PathLike, dataset: str, split: str,
                config_name: str = "", decode_image: bool = False):
   """Random-access source of a converted split (a grain-compatible data source).

@@ -361,7 +361,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.P
   sharding.initialize_distributed(config.distributed)
   validation.validate_config(config)
   workdir = checkpointing.find_workdir(workdir)
-  prepare.prepare_data(config.data, config.synthetic_data)
+  prepare.prepare_data(config.data, config.synthetic_data, splits=(config.data.eval_split,))
   synthetic = prepare.synthetic_datasets(config.data)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh.logical_axis_rules)

@@ -180,3 +180,16 @@ def test_bad_data_dir_and_dataset_names(tmp_path):
     prepare.prepare_data(data, synth)
   data.crop_config = "jpeg95_256"
   prepare.prepare_data(data, synth)
+
+
+def test_a_split_the_run_needs_is_checked_before_any_step(tmp_path):
+  records = _records("COFW")
+  tfds_builders.build("COFW", tmp_path, tmp_path, splits=("train",), num_threads=1,
+                      read_split=lambda _, split: (records[split], None))
+  data, synth = _configs(tmp_path, datasets=("COFW",))
+  with pytest.raises(ConfigError, match=r"holds the COFW splits \['train'\], not \['test'\].*"
+                                        r"--dataset cofw --splits test"):
+    prepare.prepare_data(data, synth)
+  with pytest.raises(ConfigError, match=r"not \['test'\]"):
+    prepare.prepare_data(data, synth, splits=("test",))  # What eval reads.
+  prepare.prepare_data(data, synth, splits=("train",))
