@@ -170,7 +170,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     _CONFIG.value.keys()
   except OSError as e:
-    sys.exit(f"run.py: cannot read the config: {e}")
+    sys.exit(f"run.py: cannot read the config: {' '.join(str(e).split())}")
   return remaining
 
 

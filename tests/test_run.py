@@ -110,8 +110,10 @@ def test_clear_errors(args, message):
   assert process.returncode == 1
   assert message in process.stdout + process.stderr
   assert "Traceback" not in process.stderr
-  # One line, without absl's usage dump of run.py's docstring.
-  assert process.stderr.strip().splitlines()[-1].startswith("run.py: ")
+  # One line (a bad flag adds a hint to --helpfull), without absl's usage dump
+  # of run.py's docstring.
+  lines = process.stderr.strip().splitlines()
+  assert lines[0].startswith("run.py: ") and len(lines) <= 2, lines
   assert "The embedded default" not in process.stderr
 
 
