@@ -1,6 +1,9 @@
 """grain pipelines: batch contracts, exact mixing, epochs, resumption, process
 slices, padded evaluation, and the sample grid."""
 
+import pathlib
+import sys
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -268,3 +271,60 @@ def test_visualize_grid(data_dir, tmp_path):
                          "--image-size", "32", "--tile", "32"]) == 0
   assert out.stat().st_size > 0
   assert visualize.main(["--data-dir", str(tmp_path / "none"), "--out", str(out)]) == 1
+
+
+_WORKERS_THEN_WAIT = """
+import sys, time
+from absl import flags
+flags.FLAGS(sys.argv[:1])  # grain reads its flags
+from data_pipelines import config
+from data_pipelines import pipeline
+c = config.data_config()
+c.data_dir, c.image_size, c.num_workers, c.worker_buffer_size = sys.argv[1], 32, 2, 1
+c.read_threads, c.prefetch_buffer_size = 1, 1
+iterator = pipeline.make_train_iterator(c)
+next(iterator)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _children(pid: int) -> set[int]:
+  found = set()
+  for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    if int(fields[1]) == pid:
+      found.add(int(stat.parent.name))
+  return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_worker_processes_die_with_a_killed_trainer(data_dir):
+  import os
+  import signal
+  import subprocess
+  import time
+  from tests import helpers
+  trainer = subprocess.Popen([sys.executable, "-c", _WORKERS_THEN_WAIT, str(data_dir)],
+                             env=helpers.subprocess_env(devices=1), cwd=helpers.REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    assert trainer.stdout.readline().strip() == "ready", trainer.stderr.read()[-3000:]
+    workers = _children(trainer.pid)
+    assert len(workers) >= 2  # The grain workers (and a resource tracker).
+    os.kill(trainer.pid, signal.SIGKILL)
+    trainer.wait(timeout=30)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(pathlib.Path(f"/proc/{w}").exists() for w in workers):
+      time.sleep(0.2)
+    alive = [w for w in workers if pathlib.Path(f"/proc/{w}").exists()
+             and "(" in pathlib.Path(f"/proc/{w}/stat").read_text()
+             and pathlib.Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not alive, f"still running after the trainer was killed: {alive}"
+  finally:
+    if trainer.poll() is None:
+      trainer.kill()
