@@ -66,12 +66,18 @@ def landmark_box(points, pad: float = LANDMARK_BOX_PAD) -> np.ndarray:
   return np.concatenate([low - margin, high + margin])
 
 
+# The largest face box side accepted, in units of the image's longer side.
+MAX_BOX_OVER_IMAGE = 4.0
+
+
 def check_boxes(boxes, image_shape, where: str = "<image>") -> np.ndarray:
   """Validates face boxes for an image; returns them as (F, 4) float64.
 
   Accepts one box (4,) or several (F, 4). A box must be finite, have
-  x2 > x1 and y2 > y1, and overlap the image (which spans [-0.5, W - 0.5] x
-  [-0.5, H - 0.5]); a box partly outside is fine (a face at the border).
+  x2 > x1 and y2 > y1, overlap the image (which spans [-0.5, W - 0.5] x
+  [-0.5, H - 0.5]; a box partly outside is fine: a face at the border) and
+  be at most MAX_BOX_OVER_IMAGE times the image's longer side (a larger one
+  is a typo, and its crop would be all padding).
 
   Raises:
     ValueError: naming `where`, the box's index and its values.
@@ -93,6 +99,9 @@ def check_boxes(boxes, image_shape, where: str = "<image>") -> np.ndarray:
     if x2 < -0.5 or y2 < -0.5 or x1 > width - 0.5 or y1 > height - 0.5:
       raise ValueError(f"{where}: face box {i} {box} lies outside the "
                        f"{width} x {height} image")
+    if max(x2 - x1, y2 - y1) > MAX_BOX_OVER_IMAGE * max(width, height):
+      raise ValueError(f"{where}: face box {i} {box} is more than {MAX_BOX_OVER_IMAGE:g} "
+                       f"times the {width} x {height} image")
   return array
 
 

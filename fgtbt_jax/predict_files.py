@@ -176,7 +176,8 @@ def predict_files(predictor: predictor_lib.Predictor, sources, out_dir: str | os
   """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  files = list_inputs(sources)
+  # An output folder inside an input folder: its overlays are not inputs.
+  files = [f for f in list_inputs(sources) if out.resolve() not in f.resolve().parents]
   videos = [f for f in files if f.suffix.lower() in VIDEO_EXTENSIONS]
   images = [f for f in files if f.suffix.lower() not in VIDEO_EXTENSIONS]
   results = {str(f): FileResult(str(f)) for f in files}

@@ -433,6 +433,25 @@ def test_inputs_of_the_same_name_in_different_folders_get_distinct_outputs(tmp_p
     assert (tmp_path / "out" / f"{name}.overlay.png").is_file()
 
 
+def test_an_absurd_box_fails_its_file_and_outputs_inside_inputs_are_not_inputs(tmp_path):
+  scene = Scene()
+  image = np.zeros((120, 150, 3), np.uint8)
+  scene.paint(image, [30, 20, 110, 100])
+  cv2.imwrite(str(tmp_path / "a.png"), image)
+  predictor = scene.predictor()
+  report = predict_files.predict_files(predictor, tmp_path, tmp_path / "out",
+                                       box=[-1e9, -1e9, 1e9, 1e9])
+  [failed] = report.failed
+  assert "is more than 4 times the 150 x 120 image" in failed.error
+  # The overlays of a run written inside the input folder are not read back.
+  report = predict_files.predict_files(predictor, tmp_path, tmp_path / "out",
+                                       box=[30, 20, 110, 100])
+  assert [f.source for f in report.files] == [str(tmp_path / "a.png")] and not report.failed
+  again = predict_files.predict_files(predictor, [tmp_path, tmp_path / "out"], tmp_path / "out",
+                                      box=[30, 20, 110, 100])
+  assert [f.source for f in again.files] == [str(tmp_path / "a.png")]
+
+
 # -- loading a training run ------------------------------------------------------------
 
 
