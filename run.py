@@ -212,11 +212,28 @@ def eval_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
   else:
     config = checkpointing.load_run_config(
         workdir, config_flags.get_override_values(flags.FLAGS["config"]))
+    missing = sorted(set(_fields(_CONFIG.value)) - set(_fields(config)))
+    if missing:
+      raise app.UsageError(
+          f"{workdir / checkpointing.CONFIG_FILE} predates the config fields "
+          f"{', '.join(missing)}; evaluate it with --config=configs/<its config file>.py "
+          "(and the --config.* overrides it was trained with)")
   if _MAX_BATCHES.value is not None:
     extra["study_max_batches"] = _MAX_BATCHES.value
   with config.unlocked():
     config.eval.update(extra)
   return config
+
+
+def _fields(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """The dotted names of every field of a config."""
+  names = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      names += _fields(value, f"{prefix}{key}.")
+    else:
+      names.append(f"{prefix}{key}")
+  return names
 
 
 def _print_outputs(workdir: pathlib.Path, final: dict, title: str) -> None:

@@ -44,12 +44,10 @@ grain's worker processes need absl flags parsed (run under absl.app.run, or
 
 from __future__ import annotations
 
-import ctypes
-import logging
 import math
 import os
-import signal
-import sys
+import threading
+import time
 from typing import Any, Mapping, Sequence
 
 import cv2
@@ -244,19 +242,23 @@ def train_dataset(config: ml_collections.ConfigDict, *, process_index: int = 0,
   return grain.experimental.ZipMapDataset(per_dataset).map(_concat_batches)
 
 
-def _die_with_parent() -> None:
-  """Linux: the kernel kills this worker when the process that started it dies.
+def _die_with_parent(interval_s: float = 1.0) -> None:
+  """Ends this worker process once the process that started it is gone.
 
   Without it a trainer killed by SIGKILL (no chance to stop its workers)
-  leaves them running, hundreds of MB each.
+  leaves them running, hundreds of MB each. A daemon thread watches the
+  parent pid (an orphan is re-parented). Linux's PR_SET_PDEATHSIG would not
+  do: it fires when the parent *thread* that started the worker ends.
   """
-  if not sys.platform.startswith("linux"):
-    return
-  libc = ctypes.CDLL(None, use_errno=True)
-  pr_set_pdeathsig = 1
-  if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
-    logging.warning("grain worker %d: prctl(PR_SET_PDEATHSIG) failed (errno %d)",
-                    os.getpid(), ctypes.get_errno())
+  parent = os.getppid()
+
+  def watch():
+    while True:
+      time.sleep(interval_s)
+      if os.getppid() != parent:
+        os._exit(1)
+
+  threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def _worker_init(worker_index: int, worker_count: int) -> None:

@@ -302,7 +302,7 @@ def _children(pid: int) -> set[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_worker_processes_die_with_a_killed_trainer(data_dir):
   import os
   import signal

@@ -137,6 +137,16 @@ def test_eval_applies_command_line_overrides_to_the_saved_config(trained_workdir
   assert "Traceback" not in process.stderr
   process = _run("eval", f"--workdir={workdir}", "--config.data.no_such_field=1", timeout=120)
   assert process.returncode != 0 and "unknown config field" in process.stderr
+  # A config saved before a field existed is named, not a traceback.
+  old = tmp_path / "old_run"
+  old.mkdir()
+  (old / "checkpoints").symlink_to(workdir / "checkpoints")
+  saved = json.loads((workdir / "config.json").read_text())
+  del saved["eval"]["studies"]
+  (old / "config.json").write_text(json.dumps(saved))
+  process = _run("eval", f"--workdir={old}", timeout=120)
+  assert process.returncode == 1 and "predates the config fields eval.studies" in process.stderr
+  assert "Traceback" not in process.stderr
 
 
 def test_a_signal_saves_and_exits_with_128_plus_its_number(tmp_path, synthetic_data_dir):
