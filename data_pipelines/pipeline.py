@@ -242,21 +242,26 @@ def train_dataset(config: ml_collections.ConfigDict, *, process_index: int = 0,
   return grain.experimental.ZipMapDataset(per_dataset).map(_concat_batches)
 
 
+# The pid of the process that starts the grain workers; they inherit it.
+_PARENT_PID_ENV = "FGTBT_PIPELINE_PARENT_PID"
+
+
 def _die_with_parent(interval_s: float = 1.0) -> None:
   """Ends this worker process once the process that started it is gone.
 
   Without it a trainer killed by SIGKILL (no chance to stop its workers)
   leaves them running, hundreds of MB each. A daemon thread watches the
-  parent pid (an orphan is re-parented). Linux's PR_SET_PDEATHSIG would not
-  do: it fires when the parent *thread* that started the worker ends.
+  parent pid (an orphan is re-parented); the pid to expect comes from the
+  environment, so a worker whose trainer died while it was still starting
+  up ends too. Linux's PR_SET_PDEATHSIG would not do: it fires when the
+  parent *thread* that started the worker ends.
   """
-  parent = os.getppid()
+  parent = int(os.environ.get(_PARENT_PID_ENV) or os.getppid())
 
   def watch():
-    while True:
+    while os.getppid() == parent:
       time.sleep(interval_s)
-      if os.getppid() != parent:
-        os._exit(1)
+    os._exit(1)
 
   threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
@@ -275,6 +280,7 @@ def _to_iterator(ds: grain.MapDataset, config: ml_collections.ConfigDict,
       num_threads=int(config.read_threads),
       prefetch_buffer_size=int(config.prefetch_buffer_size)))
   if num_workers > 0:
+    os.environ[_PARENT_PID_ENV] = str(os.getpid())  # Read by the workers (`_die_with_parent`).
     iter_ds = iter_ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=num_workers,
                                      per_worker_buffer_size=int(config.worker_buffer_size)),
