@@ -212,7 +212,8 @@ def eval_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
   else:
     config = checkpointing.load_run_config(
         workdir, config_flags.get_override_values(flags.FLAGS["config"]))
-    missing = sorted(set(_fields(_CONFIG.value)) - set(_fields(config)))
+    missing = sorted(checkpointing.flat_config(_CONFIG.value).keys()
+                     - checkpointing.flat_config(config).keys())
     if missing:
       raise app.UsageError(
           f"{workdir / checkpointing.CONFIG_FILE} predates the config fields "
@@ -223,17 +224,6 @@ def eval_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
   with config.unlocked():
     config.eval.update(extra)
   return config
-
-
-def _fields(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-  """The dotted names of every field of a config."""
-  names = []
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      names += _fields(value, f"{prefix}{key}.")
-    else:
-      names.append(f"{prefix}{key}")
-  return names
 
 
 def _print_outputs(workdir: pathlib.Path, final: dict, title: str) -> None:

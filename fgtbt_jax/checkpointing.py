@@ -64,6 +64,10 @@ class NonFiniteStateError(FloatingPointError):
   """A train state or model to save, or just restored, holds NaN or infinite values."""
 
 
+# Jitted once at module level: a save of the same state reuses the compiled check.
+_all_finite = jax.jit(lambda xs: jnp.stack([jnp.isfinite(x).all() for x in xs]))
+
+
 def first_non_finite(tree: Any) -> str | None:
   """The path of the first floating-point array of `tree` with a NaN or an infinity, or None.
 
@@ -74,8 +78,7 @@ def first_non_finite(tree: Any) -> str | None:
             if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
   if not leaves:
     return None
-  finite = jax.jit(lambda xs: jnp.stack([jnp.isfinite(x).all() for x in xs]))(
-      [leaf for _, leaf in leaves])
+  finite = _all_finite([leaf for _, leaf in leaves])
   bad = np.flatnonzero(~np.asarray(jax.device_get(finite)))
   return _path_name(leaves[bad[0]][0]) if bad.size else None
 
@@ -230,6 +233,19 @@ def load_run_config(workdir: str | os.PathLike,
     except TypeError as e:
       raise ConfigError(f"{key}: {e}") from None
   return config
+
+
+def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{"data.data_dir": value, ...}: every field of a config by its dotted name, as JSON values."""
+  def flatten(tree: Mapping, prefix: str) -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+      if isinstance(value, Mapping):
+        flat.update(flatten(value, f"{prefix}{key}."))
+      else:
+        flat[f"{prefix}{key}"] = value
+    return flat
+  return flatten(json.loads(config.to_json_best_effort()), "")
 
 
 def write_run_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike,

@@ -75,16 +75,15 @@ class PredictSettings:
     Overriding the decoder of a run that smooths with a decoder that cannot
     smooth turns the smoothing off (it is a sub-pixel fit option).
     """
-    overridden = decoder is not None and decoder != eval_config.decoder
-    decoder = eval_config.decoder if decoder is None else decoder
-    if smoothing_sigma is None:
-      smoothing_sigma = (0.0 if overridden and decoder != "subpixel"
-                         else float(eval_config.smoothing_sigma))
-    return cls(decoder=decoder,
-               flip_test=bool(eval_config.flip_test if flip_test is None else flip_test),
-               smoothing_sigma=float(smoothing_sigma))
+    run = cls(decoder=eval_config.decoder, flip_test=bool(eval_config.flip_test),
+              smoothing_sigma=float(eval_config.smoothing_sigma))
+    changes = {name: value for name, value in (("decoder", decoder), ("flip_test", flip_test),
+                                                ("smoothing_sigma", smoothing_sigma))
+               if value is not None}
+    return run.replace(**changes) if changes else run
 
   def replace(self, **changes) -> "PredictSettings":
+    """These settings with `changes`; another decoder than "subpixel" drops the smoothing."""
     if "decoder" in changes and changes["decoder"] != "subpixel":
       changes.setdefault("smoothing_sigma", 0.0)
     return dataclasses.replace(self, **changes)

@@ -261,16 +261,6 @@ RESUME_FIXED = ("data.datasets", "data.samples_per_dataset", "data.image_size",
                 "data.crop_enlarge", "model.variant", "model.input_size")
 
 
-def _flatten_dict(tree: Mapping, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(_flatten_dict(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
 def _check_resume(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                   latest: int | None) -> None:
   """Refuses, before anything is written, a resume the config does not allow or cannot continue.
@@ -287,8 +277,8 @@ def _check_resume(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         f"{latest}) and train.resume is False; use another workdir or --config.train.resume=True")
   if not (workdir / checkpointing.CONFIG_FILE).is_file():
     return
-  saved = _flatten_dict(json.loads((workdir / checkpointing.CONFIG_FILE).read_text()))
-  wanted = _flatten_dict(json.loads(config.to_json_best_effort()))
+  saved = checkpointing.flat_config(checkpointing.load_run_config(workdir))
+  wanted = checkpointing.flat_config(config)
   changed = [f"{key} {saved.get(key)!r} -> {wanted.get(key)!r}" for key in RESUME_FIXED
              if saved.get(key) != wanted.get(key)]
   if changed and not config.train.resume_with_changes:
@@ -313,8 +303,8 @@ def _record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   if start_step == 0 or not path.is_file():
     checkpointing.write_run_config(config, workdir)
     return
-  saved = _flatten_dict(json.loads(path.read_text()))
-  if saved != _flatten_dict(json.loads(config.to_json_best_effort())):
+  saved = checkpointing.flat_config(checkpointing.load_run_config(workdir))
+  if saved != checkpointing.flat_config(config):
     written = checkpointing.write_run_config(config, workdir,
                                              name=f"config.resumed_at_{start_step}.json")
     logging.info("resumed with another config than %s; recorded in %s", path, written)
