@@ -249,8 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_error=args.on_error, max_side=args.max_side,
         image_format=args.image_format, jpeg_quality=args.jpeg_quality,
         num_threads=args.threads, overwrite=args.overwrite)
-  # DataError and UnknownProtocolError are ValueErrors with one-line messages.
-  except (FileNotFoundError, ValueError) as error:
+  # DataError and UnknownProtocolError are ValueErrors with one-line messages;
+  # an OSError (a read-only or full --out, a file where a folder goes) names
+  # its path. What was converted before stays (TFDS writes into a temporary
+  # folder and renames it when done).
+  except (OSError, ValueError) as error:
     print(f"convert: error: {' '.join(str(error).split())}", file=sys.stderr)
     return 1
   print(summary.text())

@@ -47,10 +47,12 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import fcntl
 import functools
 import json
 import os
 import pathlib
+import shutil
 from typing import Callable, Iterator, Mapping, Sequence
 
 from absl import logging
@@ -165,8 +167,11 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def __init__(self, *, source_format: str | None = None, image_root: str | None = None,
                read_split: ReadSplit | None = None, splits: Sequence[str] = SPLITS,
                on_error: str = "raise", num_threads: int = 4, synthetic: bool = False,
-               **kwargs):
+               source: str | os.PathLike | None = None, **kwargs):
     self._synthetic = bool(synthetic)  # _info() may run inside the base constructor.
+    # The folder or annotation file to read (TFDS's manual_dir must be a
+    # folder: an annotation file's own folder is passed there).
+    self._source = source
     super().__init__(**kwargs)
     if on_error not in ("raise", "skip"):
       raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -243,7 +248,7 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                 image_root=self._image_root)
 
   def _split_generators(self, dl_manager):
-    src = pathlib.Path(dl_manager.manual_dir)
+    src = pathlib.Path(self._source if self._source is not None else dl_manager.manual_dir)
     generators = {}
     for split in self._splits:
       records, report = self._read_split(src, split)
@@ -302,6 +307,61 @@ def _try_example(record: FaceRecord, cfg: CropConfig, protocol: lm.Protocol,
     return None, error
 
 
+# When a face is degenerate: the points or the box mostly off the image, a
+# point farther off than the image's own size, an HRNet crop the image covers
+# less than MIN_CROP_COVERAGE of, or one more than MAX_SCALE_TO_IMAGE times
+# the image's longest side. A face that fills its photo keeps about 100%
+# coverage, and one half out over a corner about 25%.
+MIN_INSIDE_FRACTION = 0.5
+MIN_CROP_COVERAGE = 0.2
+MAX_SCALE_TO_IMAGE = 4.0
+
+
+def check_geometry(record: FaceRecord, center: np.ndarray, scale: float,
+                   image_shape: tuple[int, int], where: str) -> None:
+  """Raises DataError (kinds below) when the face's geometry would make a garbage crop.
+
+  Kinds: "point_far_outside", "points_outside", "box_outside",
+  "scale_too_large", "crop_mostly_padding". The converter counts them under
+  its skip/raise policy like any bad sample.
+  """
+  h, w = image_shape
+  points = np.asarray(record.landmarks, np.float64)
+  far = ((points[:, 0] < -w) | (points[:, 0] > 2 * w) |
+         (points[:, 1] < -h) | (points[:, 1] > 2 * h))
+  if far.any():
+    i = int(np.flatnonzero(far)[0])
+    raise DataError(where, f"point {i} at {np.round(points[i], 1).tolist()} lies farther "
+                    f"outside the {w}x{h} image than its own size", "point_far_outside")
+  inside = ((points[:, 0] >= -0.5) & (points[:, 0] <= w - 0.5) &
+            (points[:, 1] >= -0.5) & (points[:, 1] <= h - 0.5))
+  if inside.mean() < MIN_INSIDE_FRACTION:
+    raise DataError(where, f"only {int(inside.sum())} of {len(points)} points lie on the "
+                    f"{w}x{h} image", "points_outside")
+
+  def covered(x1, y1, x2, y2) -> float:
+    """The fraction of a rectangle that lies on the image."""
+    area = max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
+    ix = max(min(x2, w - 0.5) - max(x1, -0.5), 0.0)
+    iy = max(min(y2, h - 0.5) - max(y1, -0.5), 0.0)
+    return ix * iy / area if area > 0 else 0.0
+
+  box = np.asarray(record.box, np.float64)
+  if covered(*box) < MIN_INSIDE_FRACTION:
+    raise DataError(where, f"the face box {np.round(box, 1).tolist()} lies mostly off the "
+                    f"{w}x{h} image", "box_outside")
+  side = crop.SCALE_UNIT * scale
+  if side > MAX_SCALE_TO_IMAGE * max(h, w):
+    raise DataError(where, f"scale {scale:g} makes a {side:.0f} px crop, more than "
+                    f"{MAX_SCALE_TO_IMAGE:g}x the {w}x{h} image", "scale_too_large")
+  coverage = covered(center[0] - side / 2, center[1] - side / 2,
+                     center[0] + side / 2, center[1] + side / 2)
+  if coverage < MIN_CROP_COVERAGE:
+    raise DataError(where, f"the image covers only {coverage:.0%} of the face crop "
+                    f"(centre {np.round(center, 1).tolist()}, scale {scale:g})",
+                    "crop_mostly_padding")
+
+
 def face_example(record: FaceRecord, cfg: CropConfig, protocol: lm.Protocol) -> dict:
   """One stored example for `record`: the loose crop and its annotations.
 
@@ -335,7 +395,8 @@ def face_example(record: FaceRecord, cfg: CropConfig, protocol: lm.Protocol) -> 
                       f"expected {n}", "field_count")
     flags[name] = values.astype(bool)
 
-  image = images.load_image(record.image, where=where)
+  image = images.load_image(record.image, where=where, strict=True)
+  check_geometry(record, center, scale, image.shape[:2], where)
   side_px = LOOSE_CROP_FACTOR * crop.SCALE_UNIT * scale
   out_size = int(min(cfg.max_side, max(16, round(side_px))))
   to_crop = crop.crop_affine(center, scale, out_size, extra_scale=LOOSE_CROP_FACTOR)
@@ -463,10 +524,14 @@ def open_split(data_dir: str | os.PathLike, dataset: str, split: str,
 
   With `decode_image=False` the "image" feature stays encoded bytes.
   """
-  builder = tfds.builder_from_directory(os.fspath(converted_dir(data_dir, dataset, config_name)))
+  path = converted_dir(data_dir, dataset, config_name)
+  builder = tfds.builder_from_directory(os.fspath(path))
   if split not in builder.info.splits:
-    raise KeyError(f"{builder.data_dir}: no split {split!r}; "
-                   f"converted splits: {list(builder.info.splits)}")
+    raise FileNotFoundError(
+        f"{path}: no {split!r} split converted (it holds {list(builder.info.splits)}); "
+        f"convert it with `python -m data_pipelines.convert --dataset "
+        f"{lm.get_protocol(dataset).name.lower()} --src DIR --out {data_dir} --splits "
+        f"{','.join(sorted(set(builder.info.splits) | {split}))}`")
   decoders = None if decode_image else {"image": tfds.decode.SkipDecoding()}
   return builder.as_data_source(split, decoders=decoders)
 
@@ -476,22 +541,93 @@ def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
           read_split: ReadSplit | None = None, splits: Sequence[str] = SPLITS,
           config: CropConfig | None = None, on_error: str = "raise", num_threads: int = 4,
           overwrite: bool = False, synthetic: bool = False) -> FaceCropBuilder:
-  """Builds one dataset from `src` into ArrayRecord files under `out_dir`.
+  """Builds one dataset from `src` (a folder or annotation file) into ArrayRecord files.
 
-  An existing finished conversion is kept unless `overwrite`. Returns the
-  builder; its `split_stats` say what was written and skipped (empty when
-  the conversion existed already). `synthetic` marks generated stand-in
-  data in the metadata (`is_synthetic`), so reports never put the paper's
-  benchmark numbers beside results on it.
+  An existing finished conversion that holds every split asked for is kept
+  unless `overwrite`; one that lacks some (an earlier `splits=("train",)`)
+  is rebuilt with its splits and the new ones. Returns the builder; its
+  `split_stats` say what was written and skipped (empty when the conversion
+  existed already). `synthetic` marks generated stand-in data in the
+  metadata (`is_synthetic`), so reports never put the paper's benchmark
+  numbers beside results on it.
+
+  One conversion at a time writes a dataset's crop config (a lock file in
+  `out_dir/<builder>/`); temporary folders that a killed conversion left
+  there (`incomplete.*`) are removed first.
+
+  Raises:
+    DataError: `out_dir` (or a folder in it) is a file, or another
+      conversion holds the lock.
   """
   cls = builder_class(dataset)
-  builder = cls(data_dir=os.fspath(out_dir), config=config or _DEFAULT_CONFIG,
-                source_format=source_format, image_root=image_root,
-                read_split=read_split, splits=splits,
-                on_error=on_error, num_threads=num_threads, synthetic=synthetic,
-                file_format="array_record")
-  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
-          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.fspath(src), download_mode=mode, try_download_gcs=False))
+  config = config or _DEFAULT_CONFIG
+  out_dir = pathlib.Path(out_dir)
+  root = out_dir / datasets.get(cls.PROTOCOL).builder_name
+  for folder in (out_dir, root, root / config.name):
+    if folder.exists() and not folder.is_dir():
+      raise DataError(os.fspath(folder), "is a file, not a folder; choose another --out",
+                      "bad_output")
+  root.mkdir(parents=True, exist_ok=True)
+  with _ConversionLock(root / f".{config.name}.lock"):
+    _remove_incomplete(root / config.name)
+    splits = tuple(splits)
+    if not overwrite:
+      try:
+        existing = converted_splits(out_dir, cls.PROTOCOL, config.name)
+      except FileNotFoundError:
+        existing = None
+      if existing is not None and not set(splits) <= set(existing):
+        wanted = [s for s in SPLITS if s in set(existing) | set(splits)]
+        logging.warning("%s: the conversion in %s holds splits %s, not %s; converting %s",
+                        cls.PROTOCOL, root / config.name, existing,
+                        [s for s in splits if s not in existing], wanted)
+        splits, overwrite = tuple(wanted), True
+    builder = cls(data_dir=os.fspath(out_dir), config=config,
+                  source_format=source_format, image_root=image_root,
+                  read_split=read_split, splits=splits,
+                  on_error=on_error, num_threads=num_threads, synthetic=synthetic,
+                  source=src, file_format="array_record")
+    src = pathlib.Path(src)
+    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=os.fspath(src.parent if src.is_file() else src), download_mode=mode,
+        try_download_gcs=False))
   return builder
+
+
+class _ConversionLock:
+  """An exclusive `flock` on a file: one conversion of a dataset config at a time.
+
+  The kernel drops the lock when its holder dies, so a killed conversion
+  never blocks the next one.
+  """
+
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+    self._file = None
+
+  def __enter__(self) -> "_ConversionLock":
+    self._file = open(self.path, "a+")  # pylint: disable=consider-using-with
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._file.close()
+      raise DataError(os.fspath(self.path.parent), "another conversion of this dataset is "
+                      f"writing here (lock {self.path}); wait for it to finish",
+                      "busy") from None
+    return self
+
+  def __exit__(self, *exc) -> None:
+    fcntl.flock(self._file, fcntl.LOCK_UN)
+    self._file.close()
+
+
+def _remove_incomplete(config_dir: pathlib.Path) -> None:
+  """Deletes the `incomplete.*` folders a killed conversion left (the lock is held)."""
+  if not config_dir.is_dir():
+    return
+  for leftover in sorted(config_dir.glob("incomplete.*")):
+    if leftover.is_dir():
+      logging.warning("removing %s, left by an interrupted conversion", leftover)
+      shutil.rmtree(leftover, ignore_errors=True)

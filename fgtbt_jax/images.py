@@ -6,7 +6,11 @@ grayscale, RGBA, 16-bit and palette images, and raises `DataError` naming the
 file for a missing, empty, truncated or undecodable one. A JPEG cut short is
 the common failure of copied datasets, and OpenCV decodes it "successfully"
 into a half-grey picture with only a warning on stderr, so JPEGs are checked
-for their end-of-image marker before decoding.
+for their end-of-image marker before decoding. With `strict=True` (the
+dataset converter) a JPEG whose entropy-coded data is damaged inside (the
+decoder recovers with a warning, "Corrupt JPEG data: ...", and returns a
+garbled picture) is refused too: libjpeg-turbo, through simplejpeg, decodes it
+at 1/8 scale with its warnings as errors.
 
 EXIF orientation is not applied: landmark annotations refer to the stored
 pixel grid (as PIL's `Image.open` reads it), not to the rotated display.
@@ -19,6 +23,7 @@ from typing import Union
 
 import cv2
 import numpy as np
+import simplejpeg
 
 from fgtbt_jax.errors import DataError
 
@@ -29,7 +34,8 @@ _JPEG_EOI = b"\xff\xd9"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def load_image(source: ImageInput, where: str | None = None) -> np.ndarray:
+def load_image(source: ImageInput, where: str | None = None,
+               strict: bool = False) -> np.ndarray:
   """Decodes `source` into an H x W x 3 uint8 RGB array.
 
   Args:
@@ -38,6 +44,7 @@ def load_image(source: ImageInput, where: str | None = None) -> np.ndarray:
       (H x W, H x W x 1, H x W x 3 or H x W x 4; uint8, uint16 or bool).
     where: how to name the image in error messages; defaults to the path,
       or "<bytes>" / "<array>".
+    strict: also refuse a JPEG that decodes only with a corrupt-data warning.
 
   Grayscale is repeated into three channels, 16-bit values are scaled to 8
   bit (round(v / 257)), an alpha channel is composited over black (an opaque
@@ -63,16 +70,18 @@ def load_image(source: ImageInput, where: str | None = None) -> np.ndarray:
     raise DataError(where or "<image>",
                     f"cannot load an image from a {type(source).__name__}",
                     "corrupt_image")
-  return decode_image(data, where)
+  return decode_image(data, where, strict=strict)
 
 
-def decode_image(data: bytes, where: str) -> np.ndarray:
+def decode_image(data: bytes, where: str, strict: bool = False) -> np.ndarray:
   """Decodes encoded image bytes into H x W x 3 uint8 RGB; see `load_image`."""
   if not data:
     raise DataError(where, "image file is empty", "corrupt_image")
   if data.startswith(_JPEG_SOI) and not _jpeg_is_complete(data):
     raise DataError(where, "truncated JPEG: no end-of-image marker after the "
                     "image data (the file was cut short)", "corrupt_image")
+  if strict and data.startswith(_JPEG_SOI):
+    _check_jpeg_data(data, where)
   if data.startswith(_PNG_SIGNATURE) and data.rfind(b"IEND") < 0:
     raise DataError(where, "truncated PNG: no IEND chunk (the file was cut "
                     "short)", "corrupt_image")
@@ -81,6 +90,23 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
     raise DataError(where, "not a decodable image (corrupt data or not an "
                     "image file)", "corrupt_image")
   return to_rgb_uint8(decoded, where, bgr=True)
+
+
+def _check_jpeg_data(data: bytes, where: str) -> None:
+  """Raises DataError when libjpeg decodes `data` only with a corrupt-data warning.
+
+  A JPEG that fails even without warnings as errors (say, CMYK, which the
+  RGB conversion does not take) is left to OpenCV to decode or refuse.
+  """
+  try:
+    simplejpeg.decode_jpeg(data, min_factor=8, strict=True)
+  except ValueError as warning:
+    try:
+      simplejpeg.decode_jpeg(data, min_factor=8, strict=False)
+    except ValueError:
+      return
+    raise DataError(where, f"corrupt JPEG data inside the image ({warning}); the "
+                    "decoder would return a garbled picture", "corrupt_image") from None
 
 
 def _jpeg_is_complete(data: bytes) -> bool:

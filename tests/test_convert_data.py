@@ -205,7 +205,7 @@ def test_converted_dir_errors(tmp_path):
   assert tfds_builders.converted_dir(tmp_path, "COFW", "jpeg95_128").parent.name == "jpeg95_128"
   with pytest.raises(FileNotFoundError, match="crop config 'png_9'"):
     tfds_builders.converted_dir(tmp_path, "COFW", "png_9")
-  with pytest.raises(KeyError, match="no split 'train'"):
+  with pytest.raises(FileNotFoundError, match="no 'train' split converted.*--splits test,train"):
     tfds_builders.open_split(tmp_path, "COFW", "train", "jpeg95_128")
   with pytest.raises(ValueError, match="unknown image format 'gif'"):
     tfds_builders.crop_config(image_format="gif")
@@ -282,3 +282,112 @@ def test_convert_synthetic_end_to_end(tmp_path):
   assert all(tfds_builders.is_synthetic(tmp_path, name) for name in lm.PROTOCOL_NAMES)
   again = convert.convert_synthetic(tmp_path, sizes, seed=1, image_size=160, render_workers=0)
   assert all(s.reused for s in again.values())
+
+
+# ------------------------------------------------------------------ hostile inputs
+
+
+def test_degenerate_faces_are_counted_with_a_reason(tmp_path):
+  box = (120.0, 80.0, 220.0, 200.0)
+  good = _record("300W", "train", 0, box)
+  off_image = _record("300W", "train", 1, box)  # Points and box right of the image.
+  off_image.landmarks = off_image.landmarks + [350.0, 0.0]
+  off_image.box = np.asarray(box) + [350.0, 0.0, 350.0, 0.0]
+  off_image.center, off_image.scale = crop.center_scale_from_box(off_image.box)
+  far_point = _record("300W", "train", 2, box)  # One point 5 image widths away.
+  far_point.landmarks = far_point.landmarks.copy()
+  far_point.landmarks[30] = [2000.0, 150.0]
+  huge = _record("300W", "train", 3, box, center=(170.0, 140.0), scale=40.0)
+  box_off = _record("300W", "train", 4, box)  # Points on the image, the box not.
+  box_off.box = np.asarray([300.0, 150.0, 700.0, 550.0])
+  records = {"train": [good, off_image, far_point, huge, box_off]}
+  summary = convert.convert_records("300W", records, tmp_path / "skip", on_error="skip")
+  split = summary.splits["train"]
+  assert (split.written, split.skipped) == (1, 4)
+  assert split.skipped_images == {"points_outside": 1, "point_far_outside": 1,
+                                  "scale_too_large": 1, "box_outside": 1}
+  text = summary.text()
+  assert "fixture.txt:3: point 30 at [2000.0, 150.0] lies farther outside the 400x300 image" in text
+  assert "fixture.txt:4: scale 40 makes a 8000 px crop" in text
+  with pytest.raises(DataError, match=r"fixture.txt:2: only 0 of 68 points lie on the 400x300 image"):
+    convert.convert_records("300W", {"train": [good, off_image]}, tmp_path / "raise")
+  # An HRNet crop the image hardly covers (the centre far off the face).
+  padded = _record("300W", "train", 5, box, center=(-250.0, -200.0), scale=2.0)
+  padded.box = np.asarray([0.0, 0.0, 200.0, 200.0])
+  with pytest.raises(DataError, match=r"the image covers only \d+% of the face crop") as e:
+    convert.convert_records("300W", {"train": [padded]}, tmp_path / "padded")
+  assert e.value.kind == "crop_mostly_padding"
+
+
+def test_a_jpeg_corrupt_inside_is_a_bad_sample(tmp_path):
+  box = (120.0, 80.0, 220.0, 200.0)
+  good = _record("COFW", "test", 0, box)
+  jpeg = bytearray(images.encode_image(_face_image([]), "jpeg"))
+  middle = len(jpeg) // 2  # Random bytes inside the scan; the end marker stays.
+  jpeg[middle:middle + 64] = np.random.default_rng(0).integers(0, 256, 64, np.uint8).tobytes()
+  assert jpeg.endswith(b"\xff\xd9")
+  assert cv2.imdecode(np.frombuffer(bytes(jpeg), np.uint8), cv2.IMREAD_COLOR) is not None
+  bad = _record("COFW", "test", 1, box)
+  bad.image = bytes(jpeg)
+  summary = convert.convert_records("COFW", {"test": [good, bad]}, tmp_path / "skip",
+                                    on_error="skip")
+  assert summary.splits["test"].skipped_images == {"corrupt_image": 1}
+  assert "fixture.txt:2: corrupt JPEG data inside the image" in summary.text()
+  assert images.load_image(bytes(jpeg)).shape == (300, 400, 3)  # Not strict: decodes.
+
+
+def test_a_partial_conversion_is_completed_not_reused(tmp_path):
+  box = (120.0, 80.0, 220.0, 200.0)
+  train = [_record("COFW", "train", i, box) for i in range(2)]
+  test = [_record("COFW", "test", i, box) for i in range(3)]
+  convert.convert_records("COFW", {"train": train}, tmp_path)
+  assert tfds_builders.converted_splits(tmp_path, "COFW") == ["train"]
+  summary = convert.convert_records("COFW", {"train": train, "test": test}, tmp_path)
+  assert not summary.reused and set(summary.splits) == {"train", "test"}
+  assert sorted(tfds_builders.converted_splits(tmp_path, "COFW")) == ["test", "train"]
+  assert len(_read_back(tmp_path, "COFW", "test")) == 3
+  again = convert.convert_records("COFW", {"test": test}, tmp_path)
+  assert again.reused and set(again.splits) == {"train", "test"}
+
+
+def test_leftovers_of_a_killed_conversion_are_removed_and_a_running_one_is_not_joined(tmp_path):
+  import fcntl  # pylint: disable=import-outside-toplevel
+  box = (120.0, 80.0, 220.0, 200.0)
+  records = {"test": [_record("COFW", "test", 0, box)]}
+  config_dir = tmp_path / "fgtbt_cofw" / "jpeg95_512"
+  leftover = config_dir / "incomplete.ABC123_1.0.0"
+  leftover.mkdir(parents=True)
+  (leftover / "fgtbt_cofw-test.array_record-00000-of-00001").write_bytes(b"half")
+  convert.convert_records("COFW", records, tmp_path)
+  assert not leftover.exists() and (config_dir / "1.0.0" / "dataset_info.json").is_file()
+  with open(tmp_path / "fgtbt_cofw" / ".jpeg95_512.lock", "a") as held:
+    fcntl.flock(held, fcntl.LOCK_EX)
+    with pytest.raises(DataError, match="another conversion of this dataset is writing here"):
+      convert.convert_records("COFW", records, tmp_path, overwrite=True)
+  assert len(_read_back(tmp_path, "COFW", "test")) == 1  # The finished one is intact.
+
+
+def test_src_as_an_annotation_file_and_bad_out_folders(tmp_path, capsys, monkeypatch):
+  src = tmp_path / "WFLW"
+  (src / "WFLW_images" / "faces").mkdir(parents=True)
+  cv2.imwrite(str(src / "WFLW_images" / "faces" / "a.jpg"), _face_image([], (220, 220)))
+  annotation = src / "list_98pt_rect_attr_test.txt"
+  _write_wflw_line(annotation)
+  assert convert.main(["--dataset", "wflw", "--src", str(annotation), "--out",
+                       str(tmp_path / "out"), "--splits", "test"]) == 0
+  assert len(_read_back(tmp_path / "out", "WFLW", "test")) == 1
+  capsys.readouterr()
+  (tmp_path / "a_file").write_text("keep me")
+  assert convert.main(["--dataset", "wflw", "--src", str(src), "--out",
+                       str(tmp_path / "a_file"), "--splits", "test"]) == 1
+  err = capsys.readouterr().err.strip()
+  assert err == f"convert: error: {tmp_path / 'a_file'}: is a file, not a folder; choose another --out"
+  assert (tmp_path / "a_file").read_text() == "keep me"
+  # A read-only --out (root ignores permissions, so the refusal is simulated).
+  def refuse(*args, **kwargs):
+    raise PermissionError(13, "Permission denied", str(tmp_path / "ro" / "fgtbt_wflw"))
+  monkeypatch.setattr(tfds_builders.pathlib.Path, "mkdir", refuse)
+  assert convert.main(["--dataset", "wflw", "--src", str(src), "--out",
+                       str(tmp_path / "ro"), "--splits", "test"]) == 1
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and "Permission denied" in err and "ro/fgtbt_wflw" in err

@@ -615,3 +615,78 @@ def test_detect_format_and_unknown_inputs(tmp_path):
     readers.read_dataset("helen", str(tmp_path), "train")
   _make_wflw_raw(tmp_path / "w", n=1)
   assert readers.detect_format("wflw", str(tmp_path / "w"), "train") == "wflw_txt"
+
+
+# ------------------------------------------------------------------ hostile inputs
+
+
+def _non_utf8(path, line_index):
+  """Puts a Latin-1 byte (0xe9) at the start of line `line_index` of a text file."""
+  lines = path.read_bytes().split(b"\n")
+  lines[line_index] = b"\xe9" + lines[line_index]
+  path.write_bytes(b"\n".join(lines))
+
+
+def test_non_utf8_lines_name_the_line_and_skip_only_it(tmp_path):
+  ann, _ = _make_wflw_raw(tmp_path, n=3)
+  path = ann / "list_98pt_rect_attr_train.txt"
+  _non_utf8(path, 1)
+  with pytest.raises(DataError, match=r"list_98pt_rect_attr_train.txt:2: not UTF-8 text "
+                     r"\(byte 0xe9 at column 1\)") as e:
+    readers.read_wflw_txt(str(path), "train")
+  assert e.value.kind == "encoding"
+  records, report = readers.read_wflw_txt(str(path), "train", on_error="skip")
+  assert len(records) == 2 and report.skipped_by_kind() == {"encoding": 1}
+  # TSV and CSV rows, and .pts files (one sample each), the same way.
+  tsv = tmp_path / "train.tsv"
+  tsv.write_text("\n".join(_star_line("WFLW", i, "a.jpg") for i in range(3)) + "\n")
+  _write_image(str(tmp_path / "a.jpg"))
+  _non_utf8(tsv, 2)
+  records, report = readers.read_star_tsv("WFLW", str(tsv), "train", on_error="skip")
+  assert len(records) == 2 and report.skipped[0].where == f"{tsv}:3"
+  root, _ = _make_300w_tree(tmp_path / "w")
+  _non_utf8(root / "afw" / "img_0.pts", 4)
+  with pytest.raises(DataError, match=r"img_0.pts:5: not UTF-8 text"):
+    readers.read_300w_pts(str(tmp_path / "w"), "train")
+  records, report = readers.read_300w_pts(str(tmp_path / "w"), "train", on_error="skip")
+  assert report.skipped_by_kind() == {"encoding": 1}
+
+
+def test_image_paths_may_not_leave_the_image_folder(tmp_path):
+  ann, _ = _make_wflw_raw(tmp_path, n=2)
+  _write_image(str(tmp_path / "outside.jpg"))
+  path = ann / "list_98pt_rect_attr_train.txt"
+  lines = path.read_text().splitlines()
+  lines[1] = lines[1].rsplit(" ", 1)[0] + " 0--Event/../../outside.jpg"
+  path.write_text("\n".join(lines) + "\n")
+  with pytest.raises(DataError, match=r"train.txt:2: image path '0--Event/../../outside.jpg' "
+                     "leads out of the image folder") as e:
+    readers.read_wflw_txt(str(path), "train")
+  assert e.value.kind == "bad_path"
+
+
+def test_symlink_loops_in_the_source_tree_are_walked_past(tmp_path):
+  _make_wflw_raw(tmp_path, n=2)
+  os.symlink("b", tmp_path / "a")
+  os.symlink("a", tmp_path / "b")  # a -> b -> a: ELOOP on every stat.
+  os.symlink(tmp_path, tmp_path / "WFLW_images" / "up")  # A loop through a parent.
+  records, _ = readers.read_dataset("WFLW", str(tmp_path), "train")
+  assert len(records) == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"MATLAB 5.0 MAT-file, but this is just text\n",
+     "not a readable MATLAB .mat file"),
+    (None, r"not a readable MATLAB v7.3 file \(truncated or damaged\?\)"),
+])
+def test_text_and_truncated_mat_files_name_the_file(tmp_path, content, message):
+  path = tmp_path / "COFW_train_color.mat"
+  if content is None:  # A v7.3 file cut short.
+    images, phis, boxes = _cofw_arrays(2)
+    _mat73(path, {"phisTr": phis, "bboxesTr": boxes}, {"IsTr": images})
+    content = path.read_bytes()[:4000]
+  path.write_bytes(content)
+  for on_error in ("raise", "skip"):
+    with pytest.raises(DataError, match=f"COFW_train_color.mat: {message}") as e:
+      readers.read_cofw_mat(str(tmp_path), "train", on_error=on_error)
+    assert e.value.kind == "corrupt_file"

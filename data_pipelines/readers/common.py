@@ -244,9 +244,17 @@ def require_file(path: str, what: str) -> str:
 
 
 def resolve_image(name: str, roots: Sequence[str], where: str) -> str:
-  """The first existing `root/name` (or `name` itself when absolute)."""
+  """The first existing `root/name` (or `name` itself when absolute).
+
+  A relative name that climbs out of its root (`../x.jpg`, `a/../../x.jpg`)
+  is refused: annotation files name images inside the dataset.
+  """
   if os.path.isabs(name):
     candidates = [name]
+  elif os.path.normpath(name).split(os.sep)[0] == os.pardir:
+    raise DataError(where, f"image path {name!r} leads out of the image folder "
+                    f"({', '.join(repr(r) for r in roots)}); annotation paths must stay "
+                    "inside it", "bad_path")
   else:
     candidates = [os.path.join(root, name) for root in roots]
   for path in candidates:
@@ -254,6 +262,14 @@ def resolve_image(name: str, roots: Sequence[str], where: str) -> str:
       return os.path.abspath(path)
   raise DataError(where, f"image file not found: {name!r} (looked in "
                   f"{', '.join(repr(c) for c in candidates)})", "missing_image")
+
+
+def _is(test) -> bool:
+  """A directory entry's is_file / is_dir, False for a broken link or a symlink loop."""
+  try:
+    return test()
+  except OSError:
+    return False
 
 
 def find_file(root: str, names: Sequence[str], max_depth: int = 3) -> str | None:
@@ -272,9 +288,9 @@ def find_file(root: str, names: Sequence[str], max_depth: int = 3) -> str | None
       except OSError:
         continue
       for e in entries:
-        if e.name in wanted and e.is_file():
+        if e.name in wanted and _is(e.is_file):
           return e.path
-      next_level.extend(e.path for e in entries if e.is_dir())
+      next_level.extend(e.path for e in entries if _is(e.is_dir))
     level = next_level
   return None
 
@@ -286,7 +302,7 @@ def find_dir(root: str, name: str, max_depth: int = 3) -> str | None:
     next_level = []
     for d in level:
       try:
-        entries = sorted((e for e in os.scandir(d) if e.is_dir()), key=lambda e: e.name)
+        entries = sorted((e for e in os.scandir(d) if _is(e.is_dir)), key=lambda e: e.name)
       except OSError:
         continue
       for e in entries:
@@ -297,14 +313,36 @@ def find_dir(root: str, name: str, max_depth: int = 3) -> str | None:
   return None
 
 
-def read_lines(path: str, what: str) -> list[str]:
-  """The lines of a text annotation file; raises if it has none."""
+def read_lines(path: str, what: str, per_line: bool = False) -> list[str]:
+  """The lines of a text annotation file; raises if it has none.
+
+  Text must be UTF-8. A line that is not raises a DataError naming
+  `path:line`, unless `per_line`: then its undecodable bytes are kept as
+  surrogates and the caller checks each sample's line with `check_text`
+  inside its `Collector.sample()` block, so `on_error="skip"` skips only
+  that sample.
+  """
   require_file(path, what)
-  with open(path, encoding="utf-8-sig") as f:
-    lines = f.read().splitlines()
+  try:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+      lines = f.read().splitlines()
+  except IsADirectoryError:
+    raise DataError(path, f"{what} is a directory", "missing_file") from None
+  if not per_line:
+    for line_no, line in enumerate(lines, 1):
+      check_text(line, f"{path}:{line_no}")
   if not any(line.strip() for line in lines):
     raise DataError(path, f"{what} has no lines", "empty_file")
   return lines
+
+
+def check_text(text: str, where: str) -> str:
+  """`text` if it decoded as UTF-8, else a DataError naming `where` and the first bad byte."""
+  for column, char in enumerate(text, 1):
+    if "\udc80" <= char <= "\udcff":
+      raise DataError(where, f"not UTF-8 text (byte 0x{ord(char) - 0xdc00:02x} at column "
+                      f"{column}); save the file as UTF-8", "encoding")
+  return text
 
 
 def locate(src: str, names: Sequence[str], what: str) -> str:

@@ -35,13 +35,21 @@ def load_mat(path: str, keys: Sequence[str]) -> dict[str, Any]:
 
 
 def _load_v73(path: str, keys: Sequence[str]) -> dict[str, Any]:
-  with h5py.File(path, "r") as f:
-    available = sorted(k for k in f.keys() if not k.startswith("#"))
-    missing = [k for k in keys if k not in f]
-    if missing:
-      raise DataError(path, f"missing key(s) {missing}; the file has {available}",
-                      "missing_key")
-    return {k: _h5_value(f, f[k], f"{path}:{k}") for k in keys}
+  try:
+    with h5py.File(path, "r") as f:
+      available = sorted(k for k in f.keys() if not k.startswith("#"))
+      missing = [k for k in keys if k not in f]
+      if missing:
+        raise DataError(path, f"missing key(s) {missing}; the file has {available}",
+                        "missing_key")
+      return {k: _h5_value(f, f[k], f"{path}:{k}") for k in keys}
+  # h5py reports a cut-short or damaged file as OSError (or KeyError / ValueError
+  # for a broken object inside it) with its own wording; name the file.
+  except (OSError, KeyError, ValueError, RuntimeError) as e:
+    if isinstance(e, DataError):
+      raise
+    raise DataError(path, f"not a readable MATLAB v7.3 file (truncated or damaged?): "
+                    f"{' '.join(str(e).split())}", "corrupt_file") from None
 
 
 def _h5_value(f: h5py.File, node, where: str):
@@ -73,7 +81,10 @@ def _load_v5(path: str, keys: Sequence[str]) -> dict[str, Any]:
                     "corrupt_file") from None
   try:
     contents = scipy.io.loadmat(path, variable_names=list(keys))
-  except (ValueError, TypeError, OSError) as e:
+  # scipy's parser fails on a text or cut-short file with whatever its code
+  # hits (MatReadError, IndexError, struct.error, ...): any of them means the
+  # file is unreadable.
+  except Exception as e:  # pylint: disable=broad-except
     raise DataError(path, f"not a readable MATLAB .mat file: {e}", "corrupt_file") from None
   missing = [k for k in keys if k not in contents]
   if missing:

@@ -94,7 +94,7 @@ def _hrnet_key(row: list[str], dataset: str) -> tuple:
 def _read_csv_rows(path: str) -> list[tuple[int, list[str]]]:
   """(line number, fields) of every non-empty row, the header row left out."""
   common.require_file(path, "CSV annotation file")
-  with open(path, newline="", encoding="utf-8-sig") as f:
+  with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
     rows = [(i, row) for i, row in enumerate(csv.reader(f), 1)
             if any(field.strip() for field in row)]
   # The header row has no numbers; a first sample with one bad value still
@@ -138,6 +138,7 @@ def read_hrnet_csv(dataset: str, src: str, split: str, on_error: str = "raise",
   for line_no, row in _read_csv_rows(path):
     where = f"{path}:{line_no}"
     with collect.sample():
+      common.check_text(",".join(row), where)
       if len(row) != num_columns:
         raise DataError(where, f"expected {num_columns} columns for "
                         f"{protocol.name}, found {len(row)}", "field_count")
@@ -226,7 +227,8 @@ def _locate_tsv(dataset: str, src: str, name: str) -> str:
 def _read_tsv_rows(path: str, report: common.ReadReport | None):
   """(line number, fields) of every non-empty line; a header row is noted."""
   rows = [(i, line.split("\t")) for i, line in
-          enumerate(common.read_lines(path, "TSV annotation file"), 1) if line.strip()]
+          enumerate(common.read_lines(path, "TSV annotation file", per_line=True), 1)
+          if line.strip()]
   if rows and _looks_like_header(rows[0][1]):
     if report is not None:
       report.notes.append(f"{path}:{rows[0][0]} is a header row, not a sample")
@@ -263,6 +265,7 @@ def read_star_tsv(dataset: str, src: str, split: str, on_error: str = "raise",
   for line_no, fields in _read_tsv_rows(path, report):
     where = f"{path}:{line_no}"
     with collect.sample():
+      common.check_text("\t".join(fields), where)
       if len(fields) not in (6, 7):
         raise DataError(where, f"expected 6 or 7 tab-separated columns (path, "
                         f"5 points, {n} points, scale, center_w, center_h"

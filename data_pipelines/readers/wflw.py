@@ -52,11 +52,13 @@ def read_wflw_txt(src: str, split: str, on_error: str = "raise",
     image_root = _find_image_root(path, os.fspath(src))
   report = common.ReadReport("WFLW", split, FMT, path)
   collect = common.Collector(report, on_error)
-  for line_no, line in enumerate(common.read_lines(path, "WFLW annotation file"), 1):
+  for line_no, line in enumerate(
+      common.read_lines(path, "WFLW annotation file", per_line=True), 1):
     if not line.strip():
       continue
     with collect.sample():
-      collect.add(_parse_line(line, f"{path}:{line_no}", split, image_root))
+      where = f"{path}:{line_no}"
+      collect.add(_parse_line(common.check_text(line, where), where, split, image_root))
   return collect.finish()
 
 
