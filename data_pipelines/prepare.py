@@ -177,6 +177,8 @@ def prepare_data(data_config: ml_collections.ConfigDict,
       or (with `synthetic_data.generate`) holds data that is not synthetic;
       a configured dataset is unknown or not converted there; several crop
       configs are converted and `data.crop_config` does not choose one.
+    DataError: naming the file, when a converted file is missing, damaged or
+      cut short.
   """
   barrier = barrier or _barrier
   names = _configured_datasets(data_config)
@@ -224,6 +226,8 @@ def prepare_data(data_config: ml_collections.ConfigDict,
           f"(data.train_split / data.eval_split); convert them with `python -m "
           f"data_pipelines.convert --dataset {name.lower()} --splits {','.join(absent)} "
           f"--src DIR --out {data_dir}`")
+    for split in needed:  # Each file opened: a truncated one fails here, named.
+      tfds_builders.open_split(data_dir, name, split, data_config.crop_config)
 
 
 def synthetic_datasets(data_config: ml_collections.ConfigDict) -> set[str]:

@@ -532,8 +532,78 @@ def open_split(data_dir: str | os.PathLike, dataset: str, split: str,
         f"convert it with `python -m data_pipelines.convert --dataset "
         f"{lm.get_protocol(dataset).name.lower()} --src DIR --out {data_dir} --splits "
         f"{','.join(sorted(set(builder.info.splits) | {split}))}`")
+  files = _check_split_files(path, lm.get_protocol(dataset).name, builder.info.splits[split])
   decoders = None if decode_image else {"image": tfds.decode.SkipDecoding()}
-  return builder.as_data_source(split, decoders=decoders)
+  return SplitSource(builder.as_data_source(split, decoders=decoders), files,
+                     lm.get_protocol(dataset).name)
+
+
+def _damaged(path: str, dataset: str, reason: str) -> DataError:
+  return DataError(path, f"converted {dataset} data file is damaged or cut short ({reason}); "
+                   f"convert {dataset} again with --overwrite", "corrupt_file")
+
+
+def _check_split_files(path: pathlib.Path, dataset: str, split_info) -> list[str]:
+  """The split's ArrayRecord files, each opened and its record count checked.
+
+  Raises:
+    DataError: naming the first file that is missing, unreadable or holds
+      another number of records than dataset_info.json says.
+  """
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  files = [os.fspath(f) for f in split_info.filepaths]
+  for file, expected in zip(files, split_info.shard_lengths):
+    if not os.path.isfile(file):
+      raise DataError(file, f"converted {dataset} data file is missing (listed in "
+                      f"{path / 'dataset_info.json'}); convert {dataset} again with "
+                      "--overwrite", "corrupt_file")
+    try:
+      reader = array_record_module.ArrayRecordReader(file)
+      count = reader.num_records()
+      reader.close()
+    except (RuntimeError, OSError, ValueError) as e:
+      raise _damaged(file, dataset, " ".join(str(e).split())) from None
+    if count != expected:
+      raise _damaged(file, dataset, f"it holds {count} records, dataset_info.json "
+                     f"says {expected}")
+  return files
+
+
+class SplitSource:
+  """A converted split's random-access source (what `as_data_source` gives) whose
+  read errors name the split's files (a record damaged inside a file)."""
+
+  def __init__(self, source, files: Sequence[str], dataset: str):
+    self._source = source
+    self.files = list(files)
+    self.dataset = dataset
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def _error(self, index, error: Exception) -> DataError:
+    return _damaged(", ".join(self.files), self.dataset,
+                    f"record {index}: {' '.join(str(error).split())}")
+
+  def __getitem__(self, index):
+    try:
+      return self._source[index]
+    except RuntimeError as e:
+      raise self._error(index, e) from None
+
+  def __getitems__(self, indices):
+    try:
+      return self._source.__getitems__(indices)
+    except RuntimeError as e:
+      raise self._error(list(indices)[:3], e) from None
+
+  def __getattr__(self, name):
+    if name.startswith("__") or name in ("_source", "files", "dataset"):
+      raise AttributeError(name)
+    return getattr(self._source, name)
+
+  def __repr__(self) -> str:
+    return f"SplitSource({self.files})"
 
 
 def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,

@@ -15,7 +15,7 @@ from data_pipelines import tfds_builders
 from data_pipelines.records import FaceRecord
 from fgtbt_jax import images
 from fgtbt_jax import landmarks as lm
-from fgtbt_jax.errors import ConfigError
+from fgtbt_jax.errors import ConfigError, DataError
 
 tfds.disable_progress_bar()
 
@@ -193,3 +193,29 @@ def test_a_split_the_run_needs_is_checked_before_any_step(tmp_path):
   with pytest.raises(ConfigError, match=r"not \['test'\]"):
     prepare.prepare_data(data, synth, splits=("test",))  # What eval reads.
   prepare.prepare_data(data, synth, splits=("train",))
+
+
+def test_a_damaged_converted_file_is_named_at_start_and_at_read(tmp_path):
+  records = _records("COFW", n=6)
+  tfds_builders.build("COFW", tmp_path, tmp_path, splits=("train", "test"), num_threads=1,
+                      read_split=lambda _, split: (records[split], None))
+  data, synth = _configs(tmp_path, datasets=("COFW",))
+  prepare.prepare_data(data, synth)
+  test_file = next(tfds_builders.converted_dir(tmp_path, "COFW").glob("*-test.array_record*"))
+  intact = test_file.read_bytes()
+  # A record damaged inside the file: found when it is read, the files named.
+  damaged = bytearray(intact)
+  damaged[200:264] = bytes(64)
+  test_file.write_bytes(bytes(damaged))
+  source = tfds_builders.open_split(tmp_path, "COFW", "test")
+  with pytest.raises(DataError, match=rf"{test_file}: converted COFW data file is damaged or "
+                                      r"cut short \(record 0: .*\); convert COFW again"):
+    source[0]
+  # Cut short: refused before any step, naming the file.
+  test_file.write_bytes(intact[:len(intact) // 2])
+  with pytest.raises(DataError, match=rf"{test_file}: converted COFW data file is damaged or "
+                                      "cut short"):
+    prepare.prepare_data(data, synth)
+  test_file.unlink()
+  with pytest.raises(DataError, match=rf"{test_file}: converted COFW data file is missing"):
+    prepare.prepare_data(data, synth)
