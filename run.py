@@ -144,7 +144,8 @@ USER_ERRORS = (app.UsageError, errors.ConfigError, errors.DataError,
                errors.UnknownProtocolError, checkpointing.WorkdirError,
                checkpointing.IncompatibleCheckpointError, predict_files.InputError,
                detector.DetectorUnavailableError, train.NonFiniteLossError,
-               checkpointing.NonFiniteStateError)
+               checkpointing.NonFiniteStateError, checkpointing.CorruptCheckpointError,
+               train.DiskFullError)
 
 
 class _QuietLibraries(std_logging.Filter):

@@ -15,6 +15,16 @@ the accelerator and Orbax commits the step in the background; a step
 directory only appears under its final name once committed, so a process
 killed mid-save leaves the previous checkpoint intact.
 
+Every committed step is sealed with `fgtbt_checksums.json` (the size and
+CRC-32 of each of its files, written by process 0 once Orbax has committed
+the step). A restore checks the seal first: a file cut short, emptied,
+deleted or changed in place (zeroed bytes restore silently as garbage
+weights otherwise) makes the step broken. Without a step named, a restore
+falls back to the newest intact step with a warning naming the broken ones,
+and a resumed run moves them to `checkpoints/broken/` so its next saves are
+not taken for them; `CorruptCheckpointError` (one line) when none is intact.
+A step killed before its seal is checked by Orbax's own reads only.
+
 Restores go into an abstract target (`jax.ShapeDtypeStruct` with shardings),
 so every process reads only its own shards. A state or model with NaN or
 infinite values is never saved, and one restored is refused
@@ -33,8 +43,10 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import socket
 import tempfile
+import zlib
 from typing import Any, Iterable, Mapping
 
 from absl import logging
@@ -58,6 +70,85 @@ _EMA_ENTRIES = {"params": "ema_params", "batch_stats": "ema_batch_stats"}
 
 class IncompatibleCheckpointError(ValueError):
   """A checkpoint does not match the configured model or train state."""
+
+
+class CorruptCheckpointError(OSError):
+  """A checkpoint step's files are damaged (its seal, its metadata or its reads fail)."""
+
+
+CHECKSUM_FILE = "fgtbt_checksums.json"
+BROKEN_DIR = "broken"
+_CHUNK = 1 << 22
+
+
+def _file_checksum(path: pathlib.Path) -> tuple[int, int]:
+  """(size, CRC-32) of a file."""
+  crc, size = 0, 0
+  with open(path, "rb") as f:
+    while chunk := f.read(_CHUNK):
+      crc = zlib.crc32(chunk, crc)
+      size += len(chunk)
+  return size, crc
+
+
+def _step_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+  return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
+
+
+def seal_step(step_dir: str | os.PathLike) -> pathlib.Path:
+  """Writes `<step_dir>/fgtbt_checksums.json` for a committed step (atomically)."""
+  step_dir = pathlib.Path(step_dir)
+  files = {}
+  for path in _step_files(step_dir):
+    size, crc = _file_checksum(path)
+    files[str(path.relative_to(step_dir))] = {"size": size, "crc32": crc}
+  target = step_dir / CHECKSUM_FILE
+  fd, temporary = tempfile.mkstemp(prefix=".checksums.", dir=step_dir)
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump({"files": files}, f)
+    os.replace(temporary, target)
+  except BaseException:
+    pathlib.Path(temporary).unlink(missing_ok=True)
+    raise
+  return target
+
+
+def _part(relative: str) -> str:
+  """What a step's file belongs to, for messages."""
+  top = relative.split(os.sep, 1)[0]
+  return {"data": "the data-iterator state", "state": "the train state",
+          "model": "the model"}.get(top, "the step's metadata")
+
+
+def verify_step(step_dir: str | os.PathLike) -> str | None:
+  """What is wrong with a sealed step's files, None if intact or not sealed."""
+  step_dir = pathlib.Path(step_dir)
+  seal = step_dir / CHECKSUM_FILE
+  if not seal.exists():
+    return None
+  try:
+    files = json.loads(seal.read_text())["files"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f"its seal {seal} is unreadable ({e})"
+  for relative, expected in sorted(files.items()):
+    path = step_dir / relative
+    try:
+      size, crc = _file_checksum(path)
+    except FileNotFoundError:
+      return f"{path} ({_part(relative)}) is missing"
+    except OSError as e:
+      return f"{path} ({_part(relative)}) is unreadable: {e}"
+    if size != expected["size"]:
+      return (f"{path} ({_part(relative)}) has {size} bytes where {expected['size']} "
+              "were written")
+    if crc != expected["crc32"]:
+      return f"{path} ({_part(relative)}) changed since it was written (checksum mismatch)"
+  return None
+
+
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split())[:300]
 
 
 class NonFiniteStateError(FloatingPointError):
@@ -411,29 +502,128 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    # Orbax waits for the previous asynchronous save before it starts this
+    # one; waiting here first lets the committed steps be sealed.
+    self._latest.wait_until_finished()
+    self._seal(self._latest)
     return self._latest.save(step, args=ocp.args.Composite(**items), force=force)
 
+  def _seal(self, manager: ocp.CheckpointManager) -> None:
+    """Seals the committed steps of `manager` that have no seal yet (process 0)."""
+    if jax.process_index() != 0:
+      return
+    for step in manager.all_steps():
+      step_dir = pathlib.Path(manager.directory) / str(step)
+      if step_dir.is_dir() and not (step_dir / CHECKSUM_FILE).exists():
+        try:
+          seal_step(step_dir)
+        except FileNotFoundError:  # Deleted by retention meanwhile.
+          continue
+
+  def _try_steps(self, what: pathlib.Path, steps: list[int], attempt, explicit: bool):
+    """attempt(step) for the newest step that is not broken; (result, broken steps).
+
+    A broken step (CorruptCheckpointError) is skipped with a warning unless
+    `explicit` (a step the caller named); none intact raises one error
+    naming every broken step.
+    """
+    problems = []
+    for step in steps:
+      try:
+        result = attempt(step)
+      except CorruptCheckpointError as e:
+        if explicit:
+          raise
+        logging.warning("%s; trying an older step", e)
+        problems.append((step, str(e)))
+        continue
+      if problems:
+        logging.warning("restored step %d from %s: the newer steps %s are broken", step, what,
+                        [broken for broken, _ in problems])
+      return result, [broken for broken, _ in problems]
+    raise CorruptCheckpointError(
+        f"no intact checkpoint under {what}: " + "; ".join(problem for _, problem in problems))
+
+  def _checked_metadata(self, manager: ocp.CheckpointManager, step: int, item: str):
+    """A step's item metadata, after its seal is verified."""
+    where = pathlib.Path(manager.directory) / str(step)
+    problem = verify_step(where)
+    if problem:
+      raise CorruptCheckpointError(f"checkpoint {where} is broken: {problem}")
+    try:
+      metadata = manager.item_metadata(step)[item]
+    except Exception as e:  # pylint: disable=broad-except
+      raise CorruptCheckpointError(
+          f"checkpoint {where} is broken: its metadata is unreadable ({_one_line(e)})") from e
+    if metadata is None:
+      raise CorruptCheckpointError(f"checkpoint {where} is broken: no {item} metadata")
+    return metadata, where
+
+  def _quarantine(self, steps: list[int]) -> None:
+    """Moves broken latest steps to checkpoints/broken/ (kept, out of Orbax's way)."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      broken = self.directory / BROKEN_DIR
+      broken.mkdir(exist_ok=True)
+      for step in steps:
+        target = broken / f"latest_{step}"
+        suffix = 0
+        while target.exists():
+          suffix += 1
+          target = broken / f"latest_{step}.{suffix}"
+        shutil.move(os.fspath(self.directory / "latest" / str(step)), os.fspath(target))
+        logging.warning("moved the broken checkpoint of step %d to %s", step, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("fgtbt_quarantine")
+    self._latest.reload()
+
   def restore(self, abstract_state: Any, data_iterator: Any | None = None,
-              step: int | None = None) -> tuple[Any, int]:
-    """Restores the train state of `step` (default: latest) into the target.
+              step: int | None = None, quarantine: bool = False) -> tuple[Any, int]:
+    """Restores the train state of `step` (default: the newest intact one) into the target.
 
     `abstract_state` is a tree of `jax.ShapeDtypeStruct` with shardings. With
-    `data_iterator`, its position is restored in place too. Raises
-    FileNotFoundError when there is no checkpoint and
-    IncompatibleCheckpointError when it does not fit the target.
+    `data_iterator`, its position is restored in place too. Without `step`,
+    broken steps are skipped with a warning; `quarantine` (a resuming
+    trainer) moves them to `checkpoints/broken/`.
+
+    Raises:
+      WorkdirError: no checkpoint (of that step).
+      IncompatibleCheckpointError: it does not fit the target.
+      CorruptCheckpointError: the step (or, without `step`, every step) is broken.
+      NonFiniteStateError: the restored state holds NaN or infinite values.
     """
-    step = self._existing_step(step)
-    where = self.directory / "latest" / str(step)
-    _check_compatible(self._latest.item_metadata(step)["state"], abstract_state, where)
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    steps = ([self._existing_step(step)] if step is not None
+             else sorted(self._latest.all_steps(), reverse=True))
+    if not steps:
+      self._existing_step(None)  # Raises WorkdirError.
+    (state, restored_step), broken = self._try_steps(
+        self.directory / "latest", steps,
+        lambda s: self._restore_latest(s, abstract_state, data_iterator), step is not None)
+    if quarantine:
+      self._quarantine(broken)
+    return state, restored_step
+
+  def _restore_latest(self, step: int, abstract_state: Any, data_iterator: Any | None):
+    metadata, where = self._checked_metadata(self._latest, step, "state")
+    _check_compatible(metadata, abstract_state, where)
     try:
-      restored = self._latest.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, TypeError) as e:
-      raise IncompatibleCheckpointError(
-          f"checkpoint {where} does not match the configured model/train state "
-          f"(was it written with another config?): {e}") from e
+      restored = self._latest.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    except Exception as e:  # pylint: disable=broad-except
+      # The metadata fits the target, so a failing read is a damaged file.
+      raise CorruptCheckpointError(
+          f"checkpoint {where} is broken: the train state does not read back "
+          f"({_one_line(e)})") from e
+    if data_iterator is not None:
+      try:
+        self._latest.restore(step, args=ocp.args.Composite(
+            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      except Exception as e:  # pylint: disable=broad-except
+        raise CorruptCheckpointError(
+            f"checkpoint {where} is broken: the data-iterator state ({where / 'data'}) does "
+            f"not read back ({_one_line(e)})") from e
     _check_finite(restored["state"], f"checkpoint {where}")
     return restored["state"], step
 
@@ -453,11 +643,20 @@ class Checkpointer:
     Only the train state's `ema_params` and `ema_batch_stats` are read (an
     Orbax partial restore into `abstract_variables`, a tree of
     `jax.ShapeDtypeStruct` with shardings shaped like the model's variables):
-    no optimizer, loss or train-state structure is needed.
+    no optimizer, loss or train-state structure is needed. Without `step`,
+    the newest intact step (broken ones are skipped with a warning).
     """
-    step = self._existing_step(step)
-    where = self.directory / "latest" / str(step)
-    metadata = self._latest.item_metadata(step)["state"]
+    steps = ([self._existing_step(step)] if step is not None
+             else sorted(self._latest.all_steps(), reverse=True))
+    if not steps:
+      self._existing_step(None)
+    result, _ = self._try_steps(self.directory / "latest", steps,
+                                lambda s: self._restore_ema(s, abstract_variables),
+                                step is not None)
+    return result
+
+  def _restore_ema(self, step: int, abstract_variables: Any) -> tuple[Any, int]:
+    metadata, where = self._checked_metadata(self._latest, step, "state")
     saved = getattr(metadata, "tree", metadata)
     target = {entry: abstract_variables[name] for name, entry in _EMA_ENTRIES.items()}
     _check_compatible({entry: saved.get(entry, {}) for entry in target}, target, where)
@@ -467,9 +666,10 @@ class Checkpointer:
       restored = reader.restore(where / "state", args=ocp.args.PyTreeRestore(
           item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
           partial_restore=True))
-    except (ValueError, KeyError, TypeError) as e:
-      raise IncompatibleCheckpointError(
-          f"checkpoint {where} does not match the configured model: {e}") from e
+    except Exception as e:  # pylint: disable=broad-except
+      raise CorruptCheckpointError(
+          f"checkpoint {where} is broken: the EMA model does not read back "
+          f"({_one_line(e)})") from e
     finally:
       reader.close()
     _check_finite(restored, f"checkpoint {where}")
@@ -495,6 +695,8 @@ class Checkpointer:
       if (best is not None and nme >= best) or step in manager.all_steps():
         continue
       _check_finite(variables, f"the EMA model of step {step} (best for {name}, not saved)")
+      manager.wait_until_finished()
+      self._seal(manager)
       manager.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(variables)),
                    metrics={"nme": float(nme)}, force=True)
       self._best_nme[name] = float(nme)
@@ -509,24 +711,25 @@ class Checkpointer:
     step = manager.best_step()
     if step is None:
       raise WorkdirError(f"no best checkpoint for {dataset} under {manager.directory}")
-    where = manager.directory / str(step)
-    _check_compatible(manager.item_metadata(step)["model"], abstract_variables, where)
+    metadata, where = self._checked_metadata(manager, step, "model")
+    _check_compatible(metadata, abstract_variables, where)
     try:
       restored = manager.restore(
           step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract_variables)))
-    except (ValueError, KeyError, TypeError) as e:
-      raise IncompatibleCheckpointError(
-          f"checkpoint {where} does not match the configured model: {e}") from e
+    except Exception as e:  # pylint: disable=broad-except
+      raise CorruptCheckpointError(
+          f"checkpoint {where} is broken: the model does not read back "
+          f"({_one_line(e)})") from e
     _check_finite(restored["model"], f"checkpoint {where}")
     return restored["model"], step
 
   # -- lifecycle ---------------------------------------------------------------
 
   def wait_until_finished(self) -> None:
-    """Blocks until every pending asynchronous save is committed."""
-    self._latest.wait_until_finished()
-    for manager in self._best.values():
+    """Blocks until every pending asynchronous save is committed, and seals them."""
+    for manager in (self._latest, *self._best.values()):
       manager.wait_until_finished()
+      self._seal(manager)
 
   def close(self) -> None:
     self.wait_until_finished()

@@ -12,6 +12,7 @@ process checks.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from typing import Mapping
 
@@ -42,6 +43,23 @@ class MetricWriter:
     with open(self.workdir / f"{prefix}_metrics.jsonl", "a") as f:
       f.write(json.dumps({"step": int(step), **scalars}) + "\n")
 
+  def discard_after(self, step: int) -> None:
+    """Drops the JSON-lines rows of steps after `step` (a run resumed from it).
+
+    Each file is rewritten atomically (a temporary file, then a rename); a
+    line that is not a JSON row is kept as it is.
+    """
+    if not self.enabled:
+      return
+    for path in sorted(self.workdir.glob("*_metrics.jsonl")):
+      lines = path.read_text().splitlines(keepends=True)
+      kept = [line for line in lines if not _row_after(line, step)]
+      if len(kept) == len(lines):
+        continue
+      temporary = path.with_name(f".{path.name}.tmp")
+      temporary.write_text("".join(kept))
+      os.replace(temporary, path)
+
   def flush(self) -> None:
     if self._tensorboard is not None:
       self._tensorboard.flush()
@@ -50,3 +68,11 @@ class MetricWriter:
     if self._tensorboard is not None:
       self._tensorboard.close()
       self._tensorboard = None
+
+
+def _row_after(line: str, step: int) -> bool:
+  try:
+    row = json.loads(line)
+  except ValueError:
+    return False
+  return isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step

@@ -27,6 +27,7 @@ preparation (synthetic stand-ins, conversion checks) is
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -166,6 +167,41 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
+class DiskFullError(OSError):
+  """The workdir's disk filled up; training stopped, its last good checkpoint kept."""
+
+
+def _disk_full(error: BaseException) -> bool:
+  """Whether `error` (or one it was raised from) is a full disk or an exhausted quota.
+
+  Orbax reports a failed asynchronous write through tensorstore, as a
+  ValueError or RuntimeError with the OS message in its text.
+  """
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if any(text in str(error) for text in ("No space left on device", "Disk quota exceeded")):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _close(things: list[tuple[str, Any]], quiet: bool) -> None:
+  """Closes each (name, object); with `quiet` (already failing) a failure is logged, not raised."""
+  for name, thing in things:
+    close = getattr(thing, "close", None)
+    if close is None:
+      continue
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      if not quiet:
+        raise
+      logging.warning("closing the %s after the failure: %s", name, " ".join(str(e).split())[:300])
+
+
 def _check_finite(metrics: Mapping[str, Any], step: int,
                   checkpoints: checkpointing.Checkpointer) -> float:
   """The loss of the step that produced train state `step`; raises if not finite."""
@@ -232,20 +268,31 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       config.data, process_index=jax.process_index(), process_count=jax.process_count())
   evaluator = evaluate.Evaluator(config, setup.model, setup.mesh, setup.rules)
   writer = MetricWriter(workdir)
+  failed = False
   try:
     state = _restore_or_init(config, setup, checkpoints, train_iterator)
     start_step = int(jax.device_get(state.step))
     if jax.process_index() == 0:
       _record_config(config, workdir, start_step)
+    # Rows of steps after the one resumed from (lost with the process that
+    # wrote them) are dropped, so each step has one row.
+    writer.discard_after(start_step)
     train_step = make_train_step(setup, ema_decay_per_step(config))
     result = _train_loop(config, setup, state, start_step, train_step, train_iterator,
                          checkpoints, evaluator, writer)
+  except Exception as e:
+    failed = True
+    if not _disk_full(e):
+      raise
+    last = checkpoints.latest_step()
+    raise DiskFullError(
+        f"{workdir}: the disk is full ({' '.join(str(e).split())[:200]}); training stopped. "
+        + (f"The last good checkpoint is step {last} in {checkpoints.directory / 'latest'}; "
+           if last is not None else "No checkpoint was saved; ")
+        + "free space and run the same command again to resume") from None
   finally:
-    checkpoints.close()
-    writer.close()
-    close = getattr(train_iterator, "close", None)
-    if close is not None:
-      close()
+    _close([("checkpoints", checkpoints), ("metric writer", writer),
+            ("data iterator", train_iterator)], quiet=failed)
   if "stopped_at_step" not in result:
     result["synthetic"] = sorted(synthetic)
     result["failure_threshold"] = float(config.eval.failure_threshold)
@@ -275,6 +322,11 @@ def _check_resume(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     raise ConfigError(
         f"{workdir / checkpointing.CHECKPOINTS_DIR} already holds checkpoints (latest step "
         f"{latest}) and train.resume is False; use another workdir or --config.train.resume=True")
+  if latest > config.train.steps:
+    raise ConfigError(
+        f"train.steps={config.train.steps} is below step {latest} of the checkpoint in "
+        f"{workdir / checkpointing.CHECKPOINTS_DIR}: nothing to train. Raise train.steps to "
+        "go on, or evaluate it with `run.py eval`")
   if not (workdir / checkpointing.CONFIG_FILE).is_file():
     return
   saved = checkpointing.flat_config(checkpointing.load_run_config(workdir))
@@ -314,7 +366,7 @@ def _restore_or_init(config, setup: Setup, checkpoints: checkpointing.Checkpoint
                      train_iterator) -> TrainState:
   latest = checkpoints.latest_step()
   if latest is not None:  # `_check_resume` allowed it.
-    state, step = checkpoints.restore(setup.abstract_state, train_iterator)
+    state, step = checkpoints.restore(setup.abstract_state, train_iterator, quarantine=True)
     logging.info("resumed from step %d (%s)", step, checkpoints.directory / "latest")
     return state
   return create_train_state(setup, config.seed)

@@ -151,8 +151,26 @@ def test_a_refused_resume_leaves_the_run_config_as_it_was(checkpointed_run):
                                                r"'AFLW'\] -> \['WFLW', 'COFW'\]"):
     train.train_and_evaluate(_changed(config, **{"data.datasets": ("WFLW", "COFW"),
                                                  "data.samples_per_dataset": 4}), workdir)
+  with pytest.raises(errors.ConfigError, match=r"train.steps=2 is below step 4 of the "
+                                               r"checkpoint in .*nothing to train"):
+    train.train_and_evaluate(_changed(config, **{"train.steps": 2}), workdir)
   assert (workdir / "config.json").read_bytes() == saved
   assert sorted(p.name for p in workdir.glob("config*")) == ["config.json"]
+
+
+def test_a_resumed_run_drops_the_metric_rows_of_lost_steps(tmp_path):
+  from fgtbt_jax.metric_writer import MetricWriter
+  writer = MetricWriter(tmp_path)
+  for step in (2, 4, 6):  # Rows written up to step 6, the checkpoint is of step 4.
+    writer.write("train", step, {"loss": float(step)})
+  writer.write("eval", 6, {"nme": 0.1})
+  writer.close()
+  with open(tmp_path / "train_metrics.jsonl", "a") as f:
+    f.write("not json\n")
+  MetricWriter(tmp_path).discard_after(4)
+  rows = (tmp_path / "train_metrics.jsonl").read_text().splitlines()
+  assert [json.loads(r)["step"] for r in rows[:-1]] == [2, 4] and rows[-1] == "not json"
+  assert (tmp_path / "eval_metrics.jsonl").read_text() == ""
 
 
 def test_a_resumed_run_keeps_its_config_and_records_a_change_beside_it(checkpointed_run):
@@ -228,3 +246,107 @@ def test_one_trainer_per_workdir_and_stale_locks_are_taken_over(tmp_path, checkp
     with pytest.raises(checkpointing.WorkdirError, match="in use by another trainer"):
       checkpointing.WorkdirLock(workdir).acquire()
   assert not (workdir / ".lock").exists()
+
+
+# ---- Damaged checkpoints: detected, skipped for an intact step, one line when none. ----
+
+
+def _ema_state(value: float):
+  return {"step": jnp.int32(value), "params": {"w": jnp.full((256,), value)},
+          "ema_params": {"w": jnp.full((256,), value + 0.5)}, "ema_batch_stats": {}}
+
+
+def _largest(folder):
+  return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _zero_bytes(path):
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 64] = bytes(min(64, len(data) - middle))
+  path.write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "data file cut short": lambda d: _largest(d / "state").write_bytes(
+        _largest(d / "state").read_bytes()[:40]),
+    "64 zeroed bytes": lambda d: _zero_bytes(_largest(d / "state")),
+    "empty metadata": lambda d: (d / "state" / "_METADATA").write_bytes(b""),
+    "missing manifest": lambda d: (d / "state" / "manifest.ocdbt").unlink(),
+    "corrupt data-iterator state": lambda d: (d / "data" / "process_0-of-1.json").write_text("{"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_broken_step_is_named_and_the_newest_intact_one_restored(tmp_path, damage, caplog):
+  checkpoints = _checkpointer(tmp_path, max_to_keep=3)
+  iterator = _iterator()
+  positions = {}
+  for step in (2, 4):
+    next(iterator)
+    checkpoints.save(step, _ema_state(float(step)), iterator)
+    positions[step] = next(_iterator_at(iterator))
+  checkpoints.close()
+  step_4 = tmp_path / "latest" / "4"
+  assert (step_4 / checkpointing.CHECKSUM_FILE).is_file()
+  DAMAGES[damage](step_4)
+  abstract = checkpointing.abstract_like(_ema_state(0.0))
+
+  checkpoints = _checkpointer(tmp_path, max_to_keep=3)
+  with pytest.raises(checkpointing.CorruptCheckpointError, match=r"latest/4 is broken: "):
+    checkpoints.restore(abstract, _iterator(), step=4)  # A step named: no fallback.
+  variables = {"params": {"w": jax.ShapeDtypeStruct((256,), jnp.float32)}, "batch_stats": {}}
+  ema, ema_step = checkpoints.restore_ema(variables)  # eval / predict: fall back.
+  assert ema_step == 2
+  np.testing.assert_array_equal(ema["params"]["w"], np.full(256, 2.5))
+  assert step_4.is_dir()  # Readers move nothing.
+  fresh = _iterator()
+  restored, step = checkpoints.restore(abstract, fresh, quarantine=True)
+  assert step == 2 and float(restored["params"]["w"][0]) == 2.0
+  assert next(_iterator_at(fresh)) == positions[2]
+  assert any("latest/4 is broken" in r.getMessage() and "trying an older step" in r.getMessage()
+             for r in caplog.records)
+  if damage == "corrupt data-iterator state":
+    assert any("data-iterator state" in r.getMessage() for r in caplog.records)
+  # The broken step is kept aside, and the run's next save of step 4 is not skipped.
+  assert not step_4.exists() and (tmp_path / "broken" / "latest_4").is_dir()
+  assert checkpoints.latest_step() == 2
+  assert checkpoints.save(4, _ema_state(4.0), fresh)
+  checkpoints.close()
+
+
+def _iterator_at(iterator):
+  """A copy of a grain iterator at the same position (to peek at its next element)."""
+  copy = _iterator()
+  copy.set_state(iterator.get_state())
+  return copy
+
+
+def test_no_intact_step_is_one_line_and_unsealed_steps_are_checked_by_their_reads(tmp_path):
+  checkpoints = _checkpointer(tmp_path, max_to_keep=3)
+  for step in (2, 4):
+    checkpoints.save(step, _ema_state(float(step)), _iterator())
+  checkpoints.close()
+  (tmp_path / "latest" / "2" / checkpointing.CHECKSUM_FILE).unlink()  # Killed before its seal.
+  (tmp_path / "latest" / "2" / "state" / "_METADATA").write_bytes(b"")
+  DAMAGES["64 zeroed bytes"](tmp_path / "latest" / "4")
+  checkpoints = _checkpointer(tmp_path, max_to_keep=3)
+  with pytest.raises(checkpointing.CorruptCheckpointError) as error:
+    checkpoints.restore(checkpointing.abstract_like(_ema_state(0.0)), quarantine=True)
+  message = str(error.value)
+  assert "\n" not in message and message.startswith(f"no intact checkpoint under {tmp_path / 'latest'}")
+  assert "latest/4 is broken" in message and "checksum mismatch" in message
+  assert "latest/2 is broken" in message and "metadata is unreadable" in message
+  assert (tmp_path / "latest" / "4").is_dir()  # Nothing moved when nothing was restored.
+  checkpoints.close()
+
+
+def test_a_broken_best_model_is_one_line(tmp_path):
+  checkpoints = _checkpointer(tmp_path)
+  model = {"params": {"w": jnp.arange(300.0)}}
+  checkpoints.save_best(10, model, {"WFLW": 0.05})
+  checkpoints.close()
+  _zero_bytes(_largest(tmp_path / "best_WFLW" / "10" / "model"))
+  with pytest.raises(checkpointing.CorruptCheckpointError,
+                     match=r"best_WFLW/10 is broken: .*model/.* changed since it was written"):
+    _checkpointer(tmp_path).restore_best("WFLW", checkpointing.abstract_like(model))
