@@ -152,12 +152,38 @@ class _QuietLibraries(std_logging.Filter):
   """Keeps Orbax's and TFDS's INFO chatter out of the console (warnings stay).
 
   They log through absl's one logger, so a per-logger level cannot tell them
-  apart from ours; the record's source file does.
+  apart from ours; the record's source file does. Their errors (and
+  asyncio's) keep one line each, without the tracebacks: a failed
+  asynchronous save (a full disk) logs hundreds of lines from its threads,
+  and run.py ends with the line that says what happened.
   """
 
+  LIBRARIES = ("orbax", "tensorflow_datasets", "asyncio")
+
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or not any(
-        name in record.pathname for name in ("orbax", "tensorflow_datasets"))
+    library = record.name == "asyncio" or any(name in record.pathname
+                                              for name in self.LIBRARIES)
+    if not library:
+      return True
+    if record.levelno >= std_logging.ERROR:
+      record.exc_info, record.exc_text, record.stack_info = None, None, None
+      record.msg, record.args = record.getMessage().split("\n", 1)[0][:300], ()
+    return record.levelno >= std_logging.WARNING
+
+
+def _unraisable(hook):
+  """A sys.unraisablehook that drops "Event loop is closed" from tensorstore callbacks.
+
+  After an asynchronous Orbax save fails, its event loop is closed while
+  tensorstore still completes the other writes, each reporting into the
+  closed loop (about a thousand tracebacks for the paper model).
+  """
+  def filtered(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    hook(unraisable)
+  return filtered
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -271,7 +297,10 @@ def run_mode(mode: str, workdir: pathlib.Path) -> int:
 
 def main(argv):
   extra = argv[1:]
-  std_logging.getLogger("absl").addFilter(_QuietLibraries())
+  quiet = _QuietLibraries()
+  std_logging.getLogger("absl").addFilter(quiet)
+  std_logging.getLogger("asyncio").addFilter(quiet)
+  sys.unraisablehook = _unraisable(sys.unraisablehook)
   workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else _default_workdir()
   try:
     if len(extra) > 1 or (extra and extra[0] not in MODES):

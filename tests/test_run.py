@@ -300,3 +300,41 @@ def test_eval_mode_in_two_processes(trained_workdir, tmp_path):
   assert set(lowres) == {"16", "32", "64", "128"}
   for name in PROTOCOLS:
     assert lowres["128"][name] == pytest.approx(final[name]["nme"], rel=1e-5)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+  """A 20 MB tmpfs (room for one tiny train-state checkpoint, not two)."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)],
+                        capture_output=True, text=True, check=False)
+  if made.returncode:
+    pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip()}): needs root")
+  try:
+    yield mount
+  finally:
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_training_in_one_line_and_keeps_the_last_checkpoint(
+    small_disk, synthetic_data_dir):
+  workdir = small_disk / "workdir"
+  args = (f"--config={TINY}", f"--workdir={workdir}", "--config.train.steps=8",
+          "--config.train.eval_every=100", f"--config.data.data_dir={synthetic_data_dir}",
+          "--config.synthetic_data.generate=False")
+  process = _run(*args)
+  assert process.returncode == 1
+  last = process.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"run.py: {workdir}: the disk is full (")
+  assert ("The last good checkpoint is step 2 in" in last
+          and "free space and run the same command again to resume" in last)
+  assert "Traceback" not in process.stderr and "Event loop is closed" not in process.stderr
+  assert [p.name for p in (workdir / "checkpoints" / "latest").iterdir()
+          if p.name.isdigit()] == ["2"]
+  subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+  process = _run(*args)
+  assert process.returncode == 0, process.stderr[-3000:]
+  assert "resumed from step 2" in process.stderr
+  rows = (workdir / "train_metrics.jsonl").read_text().splitlines()
+  assert [json.loads(row)["step"] for row in rows] == [2, 4, 6, 8]  # No duplicate of step 4.
