@@ -27,16 +27,25 @@ readers (`data_pipelines.readers`) read them end to end:
 
 The facial part of each point (which contour it is drawn on) comes from
 `landmarks.FACE_PARTS`.
+
+CLI (raw files to try the converter on, e.g. before the real data arrive):
+
+    python -m data_pipelines.synthetic --out ~/synthetic_raw \
+        [--datasets wflw,cofw] [--train 40] [--test 20] [--seed 0] \
+        [--image-size 256] [--workers N]
+    python -m data_pipelines.convert --dataset wflw --src ~/synthetic_raw/WFLW --out DIR
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import multiprocessing
 import os
+import sys
 import time
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import cv2
 import h5py
@@ -771,3 +780,48 @@ def write_synthetic_datasets(out_dir: str, sizes: Mapping[str, tuple[int, int]] 
                "seconds": round(seconds, 2),
                "images_per_second": round(len(jobs) / max(seconds, 1e-9), 1)}, f, indent=1)
   return {**paths, "manifest": manifest}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The CLI (see the module docstring); returns the exit status."""
+  parser = argparse.ArgumentParser(
+      prog="python -m data_pipelines.synthetic",
+      description="Render synthetic WFLW, 300W, COFW and AFLW in their real file formats.")
+  parser.add_argument("--out", required=True, help="folder to write the datasets into")
+  parser.add_argument("--datasets", default=",".join(n.lower() for n in DEFAULT_SIZES),
+                      help="comma-separated datasets (default: all four)")
+  parser.add_argument("--train", type=int, default=None,
+                      help="train faces per dataset (default: DEFAULT_SIZES)")
+  parser.add_argument("--test", type=int, default=None,
+                      help="test faces per dataset (default: DEFAULT_SIZES)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--image-size", type=int, default=256)
+  parser.add_argument("--workers", type=int, default=None,
+                      help="rendering processes (default: the CPU count)")
+  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    names = [landmarks.get_protocol(n.strip()).name
+             for n in args.datasets.split(",") if n.strip()]
+    if not names:
+      raise ValueError("--datasets names no dataset")
+    for flag, value in (("--train", args.train), ("--test", args.test)):
+      if value is not None and value < 0:
+        raise ValueError(f"{flag} must be >= 0, got {value}")
+    if args.image_size < 64:
+      raise ValueError(f"--image-size must be at least 64, got {args.image_size}")
+    sizes = {name: (DEFAULT_SIZES[name][0] if args.train is None else args.train,
+                    DEFAULT_SIZES[name][1] if args.test is None else args.test)
+             for name in names}
+    paths = write_synthetic_datasets(args.out, sizes, seed=args.seed,
+                                     image_size=args.image_size, num_workers=args.workers)
+  except (OSError, ValueError) as error:
+    print(f"synthetic: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 1
+  for name in names:
+    train, test = sizes[name]
+    print(f"{name}: {train} train + {test} test faces in {paths[name]}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

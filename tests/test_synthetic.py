@@ -185,3 +185,20 @@ def test_one_dataset_in_process_and_bad_sizes(tmp_path):
     synthetic.write_synthetic_datasets(str(tmp_path), {"WFLW": (2,)})
   with pytest.raises(UnknownProtocolError, match="unknown protocol"):
     synthetic.write_synthetic_datasets(str(tmp_path), {"Helen": (2, 2)})
+
+
+def test_the_cli_writes_raw_datasets_the_converter_reads(tmp_path, capsys):
+  from data_pipelines import readers
+  from data_pipelines import synthetic as synthetic_lib
+  assert synthetic_lib.main(["--out", str(tmp_path), "--datasets", "cofw,aflw", "--train", "2",
+                             "--test", "1", "--image-size", "64", "--workers", "0"]) == 0
+  out = capsys.readouterr().out
+  assert f"COFW: 2 train + 1 test faces in {tmp_path / 'COFW'}" in out
+  records, _ = readers.read_dataset("AFLW", str(tmp_path / "AFLW"), "train")
+  assert len(records) == 2 and not (tmp_path / "WFLW").exists()
+  assert synthetic_lib.main(["--out", str(tmp_path), "--datasets", "helen"]) == 1
+  assert "synthetic: error: unknown protocol 'helen'" in capsys.readouterr().err
+  (tmp_path / "a_file").write_text("")
+  assert synthetic_lib.main(["--out", str(tmp_path / "a_file"), "--train", "1", "--test", "0",
+                             "--workers", "0", "--image-size", "64"]) == 1
+  assert capsys.readouterr().err.count("\n") == 1
