@@ -3,7 +3,7 @@
     python -m data_pipelines.convert --dataset wflw --src ~/data/WFLW \\
         --out ~/fgtbt_data [--format wflw_txt] [--image-root DIR] \\
         [--on-error skip] [--max-side 512] [--image-format jpeg] \\
-        [--splits train,test] [--overwrite]
+        [--splits train,test] [--convention project|authors] [--overwrite]
 
 reads the dataset with data_pipelines.readers (the format is detected unless
 `--format` names it), crops every face (data_pipelines/tfds_builders.py) and
@@ -11,7 +11,11 @@ writes `OUT/fgtbt_<dataset>/<crop config>/1.0.0/`. It prints what was read,
 written and skipped (and why), and exits non-zero with a one-line message when
 the source is missing, the dataset unknown, or a file is bad under
 `--on-error raise`. With `--on-error skip` bad samples and images that fail to
-load are left out and counted instead.
+load are left out and counted instead. `--convention authors` reads the STAR
+TSV scale and the COFW crop extent as the FGTBT authors' loaders do (see
+data_pipelines.readers.tables / cofw; what their released weights expect);
+`--format` forces a format where several are present (the authors read WFLW
+and AFLW from the HRNet CSVs).
 
 Library use: `convert_dataset(...)` and `convert_records(...)` return a
 `ConversionSummary`; `convert_synthetic(out_root)` writes the synthetic stand-in
@@ -87,13 +91,14 @@ def convert_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike
                     image_format: str = "jpeg",
                     jpeg_quality: int = tfds_builders.DEFAULT_JPEG_QUALITY,
                     num_threads: int = 4, overwrite: bool = False,
-                    synthetic: bool = False) -> ConversionSummary:
+                    synthetic: bool = False, convention: str = "project") -> ConversionSummary:
   """Reads `dataset` from `src` (a folder or annotation file) into crops under `out`.
 
   `fmt` names the source format (None: detected), `image_root` where the
   annotation's image paths are relative to (None: the format's default); see
   data_pipelines.readers.read_dataset. `synthetic` marks the conversion as
-  generated stand-in data (`convert_synthetic` sets it).
+  generated stand-in data (`convert_synthetic` sets it). `convention`:
+  the readers' ("project" or "authors"; data_pipelines.readers.read_dataset).
 
   Raises:
     FileNotFoundError: `src` does not exist.
@@ -107,7 +112,7 @@ def convert_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike
                 image_root=image_root, splits=splits,
                 on_error=on_error, max_side=max_side, image_format=image_format,
                 jpeg_quality=jpeg_quality, num_threads=num_threads, overwrite=overwrite,
-                synthetic=synthetic)
+                synthetic=synthetic, convention=convention)
 
 
 def convert_records(dataset: str, records: Mapping[str, Sequence[FaceRecord]],
@@ -132,13 +137,13 @@ def convert_records(dataset: str, records: Mapping[str, Sequence[FaceRecord]],
 
 def _build(dataset, src, out, *, read_split, fmt, image_root, splits, on_error,
            max_side, image_format, jpeg_quality, num_threads,
-           overwrite, synthetic=False) -> ConversionSummary:
+           overwrite, synthetic=False, convention="project") -> ConversionSummary:
   config = tfds_builders.crop_config(max_side, image_format, jpeg_quality)
   builder = tfds_builders.build(
       dataset, src, out, source_format=fmt, image_root=image_root,
       read_split=read_split, splits=splits,
       config=config, on_error=on_error, num_threads=num_threads, overwrite=overwrite,
-      synthetic=synthetic)
+      synthetic=synthetic, convention=convention)
   path = pathlib.Path(builder.data_dir)
   if not builder.split_stats:  # An existing conversion was reused.
     return _existing_summary(dataset, path, builder.info)
@@ -234,6 +239,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--jpeg-quality", type=int, default=tfds_builders.DEFAULT_JPEG_QUALITY)
   parser.add_argument("--threads", type=int, default=4,
                       help="threads decoding, cropping and encoding images")
+  parser.add_argument("--convention", default="project", choices=("project", "authors"),
+                      help="read STAR TSV scales and COFW crop extents as this project "
+                           "documents, or as the FGTBT authors' loaders do")
   parser.add_argument("--overwrite", action="store_true",
                       help="rebuild even if a finished conversion exists")
   return parser.parse_args(argv)
@@ -248,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
         on_error=args.on_error, max_side=args.max_side,
         image_format=args.image_format, jpeg_quality=args.jpeg_quality,
-        num_threads=args.threads, overwrite=args.overwrite)
+        num_threads=args.threads, overwrite=args.overwrite, convention=args.convention)
   # DataError and UnknownProtocolError are ValueErrors with one-line messages;
   # an OSError (a read-only or full --out, a file where a folder goes) names
   # its path. What was converted before stays (TFDS writes into a temporary

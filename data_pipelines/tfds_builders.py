@@ -167,8 +167,10 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def __init__(self, *, source_format: str | None = None, image_root: str | None = None,
                read_split: ReadSplit | None = None, splits: Sequence[str] = SPLITS,
                on_error: str = "raise", num_threads: int = 4, synthetic: bool = False,
-               source: str | os.PathLike | None = None, **kwargs):
+               source: str | os.PathLike | None = None, convention: str = "project",
+               **kwargs):
     self._synthetic = bool(synthetic)  # _info() may run inside the base constructor.
+    self._convention = convention  # The readers' (data_pipelines.readers.common.CONVENTIONS).
     # The folder or annotation file to read (TFDS's manual_dir must be a
     # folder: an annotation file's own folder is passed there).
     self._source = source
@@ -232,7 +234,8 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     metadata = tfds.core.MetadataDict(
         protocol=self.PROTOCOL, loose_crop_factor=LOOSE_CROP_FACTOR,
         max_side=cfg.max_side, image_format=cfg.image_format,
-        jpeg_quality=cfg.jpeg_quality, synthetic=getattr(self, "_synthetic", False))
+        jpeg_quality=cfg.jpeg_quality, synthetic=getattr(self, "_synthetic", False),
+        convention=getattr(self, "_convention", "project"))
     return tfds.core.DatasetInfo(
         builder=self, features=features, metadata=metadata,
         description=f"{self.PROTOCOL} faces as loose crops for FGTBT "
@@ -245,7 +248,7 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     from data_pipelines import readers  # pylint: disable=g-import-not-at-top
     return readers.read_dataset(self.PROTOCOL, os.fspath(src), split,
                                 fmt=self._source_format, on_error=self._on_error,
-                                image_root=self._image_root)
+                                image_root=self._image_root, convention=self._convention)
 
   def _split_generators(self, dl_manager):
     src = pathlib.Path(self._source if self._source is not None else dl_manager.manual_dir)
@@ -509,6 +512,18 @@ def is_synthetic(data_dir: str | os.PathLike, dataset: str, config_name: str = "
     raise ValueError(f"{path}: unreadable conversion metadata: {e}") from e
 
 
+def conversion_convention(data_dir: str | os.PathLike, dataset: str,
+                          config_name: str = "") -> str:
+  """The readers' convention a converted dataset was made with ("project" before it was recorded)."""
+  path = converted_dir(data_dir, dataset, config_name) / "metadata.json"
+  try:
+    return str(json.loads(path.read_text()).get("convention", "project"))
+  except FileNotFoundError:
+    return "project"
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: unreadable conversion metadata: {e}") from e
+
+
 def converted_splits(data_dir: str | os.PathLike, dataset: str, config_name: str = "") -> list[str]:
   """The split names a converted dataset holds (from its dataset_info.json)."""
   path = converted_dir(data_dir, dataset, config_name) / "dataset_info.json"
@@ -610,7 +625,8 @@ def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
           source_format: str | None = None, image_root: str | None = None,
           read_split: ReadSplit | None = None, splits: Sequence[str] = SPLITS,
           config: CropConfig | None = None, on_error: str = "raise", num_threads: int = 4,
-          overwrite: bool = False, synthetic: bool = False) -> FaceCropBuilder:
+          overwrite: bool = False, synthetic: bool = False,
+          convention: str = "project") -> FaceCropBuilder:
   """Builds one dataset from `src` (a folder or annotation file) into ArrayRecord files.
 
   An existing finished conversion that holds every split asked for is kept
@@ -619,7 +635,9 @@ def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
   `split_stats` say what was written and skipped (empty when the conversion
   existed already). `synthetic` marks generated stand-in data in the
   metadata (`is_synthetic`), so reports never put the paper's benchmark
-  numbers beside results on it.
+  numbers beside results on it. `convention` is the readers' ("project" or
+  "authors", recorded in the metadata: `conversion_convention`); an existing
+  conversion made with the other one is refused unless `overwrite`.
 
   One conversion at a time writes a dataset's crop config (a lock file in
   `out_dir/<builder>/`); temporary folders that a killed conversion left
@@ -646,6 +664,13 @@ def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
         existing = converted_splits(out_dir, cls.PROTOCOL, config.name)
       except FileNotFoundError:
         existing = None
+      if existing is not None:
+        held = conversion_convention(out_dir, cls.PROTOCOL, config.name)
+        if held != convention:
+          raise DataError(os.fspath(converted_dir(out_dir, cls.PROTOCOL, config.name)),
+                          f"converted with convention {held!r}, not {convention!r}; convert "
+                          "into another --out, or pass --overwrite to replace it",
+                          "convention")
       if existing is not None and not set(splits) <= set(existing):
         wanted = [s for s in SPLITS if s in set(existing) | set(splits)]
         logging.warning("%s: the conversion in %s holds splits %s, not %s; converting %s",
@@ -656,7 +681,7 @@ def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
                   source_format=source_format, image_root=image_root,
                   read_split=read_split, splits=splits,
                   on_error=on_error, num_threads=num_threads, synthetic=synthetic,
-                  source=src, file_format="array_record")
+                  source=src, convention=convention, file_format="array_record")
     src = pathlib.Path(src)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)

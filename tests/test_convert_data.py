@@ -391,3 +391,20 @@ def test_src_as_an_annotation_file_and_bad_out_folders(tmp_path, capsys, monkeyp
                        str(tmp_path / "ro"), "--splits", "test"]) == 1
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and "Permission denied" in err and "ro/fgtbt_wflw" in err
+
+
+def test_the_readers_convention_is_recorded_and_never_mixed(tmp_path, capsys):
+  src = tmp_path / "WFLW"
+  (src / "WFLW_images" / "faces").mkdir(parents=True)
+  cv2.imwrite(str(src / "WFLW_images" / "faces" / "a.jpg"), _face_image([], (220, 220)))
+  _write_wflw_line(src / "list_98pt_rect_attr_test.txt")
+  out = tmp_path / "out"
+  convert.convert_dataset("wflw", src, out, splits=("test",), convention="authors")
+  assert tfds_builders.conversion_convention(out, "WFLW") == "authors"
+  assert convert.main(["--dataset", "wflw", "--src", str(src), "--out", str(out),
+                       "--splits", "test"]) == 1
+  assert "converted with convention 'authors', not 'project'; convert into another --out" in (
+      capsys.readouterr().err)
+  assert convert.main(["--dataset", "wflw", "--src", str(src), "--out", str(out),
+                       "--splits", "test", "--overwrite"]) == 0
+  assert tfds_builders.conversion_convention(out, "WFLW") == "project"

@@ -288,7 +288,10 @@ def test_star_tsv_with_and_without_header(tmp_path, header):
   records, report = readers.read_dataset("300W", str(tmp_path), "train", fmt="star_tsv")
   assert len(records) == 4  # no sample lost either way
   assert [r.image_name for r in records] == [f"img/{i}.jpg" for i in range(4)]
-  assert bool(report.notes) == header
+  assert any("is a header row" in note for note in report.notes) == header
+  # Without one, the note says the authors' loader would drop the first face.
+  assert any("the FGTBT authors' loader takes the first row as a header, so it reads 3 of "
+             "these 4 faces" in note for note in report.notes) == (not header)
   np.testing.assert_allclose(records[0].landmarks, _points("300W", 0), atol=1e-3)
   # STAR gives centre and scale; the box is the square of side scale * 200,
   # with the STAR scale (1.0x crop) turned into the HRNet one (1.25x crop).
@@ -320,7 +323,7 @@ def test_star_tsv_short_first_row_is_a_broken_sample_not_a_header(tmp_path):
     readers.read_star_tsv("300W", str(tmp_path), "train")
   records, report = readers.read_star_tsv("300W", str(tmp_path), "train", on_error="skip")
   assert len(records) == 1 and report.skipped_by_kind() == {"field_count": 1}
-  assert not report.notes
+  assert not any("is a header row" in note for note in report.notes)
 
 
 def test_hrnet_csv_without_header_and_bad_first_row(tmp_path):
@@ -690,3 +693,39 @@ def test_text_and_truncated_mat_files_name_the_file(tmp_path, content, message):
     with pytest.raises(DataError, match=f"COFW_train_color.mat: {message}") as e:
       readers.read_cofw_mat(str(tmp_path), "train", on_error=on_error)
     assert e.value.kind == "corrupt_file"
+
+
+# ------------------------------------------------------------------ the authors' conventions
+
+
+def test_authors_convention_for_star_tsv_scales_paths_and_the_ibug_subset(tmp_path):
+  d = tmp_path / "300W"
+  lines = []
+  for i in range(3):
+    _write_image(str(d / "ibug" / f"{i}.jpg"))
+    lines.append(_star_line("300W", i, f"ibug\\{i}.jpg"))  # Windows separators.
+  (d / "test.tsv").write_text("\n".join(lines) + "\n")
+  (d / "test_ibug.tsv").write_text(lines[1] + "\n")  # The authors' challenging-subset name.
+  (d / "test_common.tsv").write_text(lines[0] + "\n")
+  project, _ = readers.read_dataset("300W", str(d / "test.tsv"), "test")
+  authors, _ = readers.read_dataset("300W", str(d / "test.tsv"), "test", convention="authors")
+  star_scale = float(lines[2].split("\t")[3])
+  assert project[2].scale == pytest.approx(star_scale / 1.25, rel=1e-6)
+  assert authors[2].scale == pytest.approx(star_scale, rel=1e-6)  # Used as an HRNet scale.
+  assert [r.image_name for r in project] == [f"ibug/{i}.jpg" for i in range(3)]
+  assert [r.subsets for r in project] == [("common",), ("challenging",), ()]
+  with pytest.raises(ValueError, match="convention must be one of"):
+    readers.read_dataset("300W", str(d / "test.tsv"), "test", convention="paper")
+
+
+def test_authors_convention_for_cofw_crops_from_floor_and_ceil(tmp_path):
+  images, phis, boxes = _cofw_arrays(2)
+  _mat73(tmp_path / "COFW_test_color.mat", {"phisT": phis, "bboxesT": boxes}, {"IsT": images})
+  project, _ = readers.read_dataset("COFW", str(tmp_path), "test")
+  authors, _ = readers.read_dataset("COFW", str(tmp_path), "test", convention="authors")
+  for p, a in zip(project, authors):
+    lo, hi = np.floor(a.landmarks.min(0)), np.ceil(a.landmarks.max(0))
+    np.testing.assert_allclose(a.center, (lo + hi) / 2, atol=1e-5)
+    assert a.scale == pytest.approx(float(max(hi - lo)) / 200.0, rel=1e-6)
+    assert a.scale > p.scale
+    np.testing.assert_array_equal(a.landmarks, p.landmarks)

@@ -53,13 +53,15 @@ class _Format:
   """How one format is recognised in a directory and read.
 
   present(dataset, src, split): whether directory `src` holds the split.
-  read(dataset, src, split, on_error, image_root) -> (records, report).
+  read(dataset, src, split, on_error, image_root[, convention]) -> (records, report).
   image_root: whether the format takes an image_root, else why not.
   """
 
   present: Callable[[str, str, str], bool]
   read: Callable[..., tuple]
   image_root: bool | str = True
+  # Whether `read` takes a `convention` (common.CONVENTIONS) after image_root.
+  conventions: bool = False
 
 
 def _star_present(dataset: str, src: str, split: str) -> bool:
@@ -78,7 +80,9 @@ _FORMATS: dict[str, _Format] = {
         image_root="its images are beside the .pts files"),
     cofw.FMT: _Format(
         present=lambda d, src, split: common.find_file(src, cofw.FILES[split]) is not None,
-        read=lambda d, src, split, on_error, root: read_cofw_mat(src, split, on_error),
+        read=lambda d, src, split, on_error, root, convention: read_cofw_mat(
+            src, split, on_error, convention),
+        conventions=True,
         image_root="its images are in the .mat file"),
     aflw.FMT: _Format(
         present=lambda d, src, split: common.find_file(src, [aflw.FILE]) is not None,
@@ -87,7 +91,7 @@ _FORMATS: dict[str, _Format] = {
         present=lambda d, src, split: common.find_file(
             src, [tables.HRNET_FILES[d][split]]) is not None,
         read=read_hrnet_csv),
-    tables.STAR_FMT: _Format(present=_star_present, read=read_star_tsv),
+    tables.STAR_FMT: _Format(present=_star_present, read=read_star_tsv, conventions=True),
 }
 
 # Formats each dataset can be read from, in detection order.
@@ -127,8 +131,8 @@ def detect_format(dataset: str, src: str, split: str = "train") -> str:
 
 
 def read_dataset(dataset: str, src: str, split: str, fmt: str | None = None,
-                 on_error: str = "raise", image_root: str | None = None
-                 ) -> tuple[list[FaceRecord], ReadReport]:
+                 on_error: str = "raise", image_root: str | None = None,
+                 convention: str = "project") -> tuple[list[FaceRecord], ReadReport]:
   """Reads one split of one dataset.
 
   Args:
@@ -141,6 +145,9 @@ def read_dataset(dataset: str, src: str, split: str, fmt: str | None = None,
     image_root: where image paths of the annotation are relative to, when
       not the format's default (not for 300w_pts and cofw_mat, whose images
       sit beside the annotations or inside them).
+    convention: "project" or "authors" (`common.CONVENTIONS`): how the STAR
+      TSV scale and the COFW crop extent are read; formats without such a
+      choice read the same either way.
 
   Returns:
     (records, report).
@@ -152,4 +159,7 @@ def read_dataset(dataset: str, src: str, split: str, fmt: str | None = None,
   reader = _FORMATS[fmt]
   if image_root is not None and reader.image_root is not True:
     raise ValueError(f"{fmt} takes no image_root: {reader.image_root}")
+  common.check_convention(convention)
+  if reader.conventions:
+    return reader.read(name, src, split, on_error, image_root, convention)
   return reader.read(name, src, split, on_error, image_root)

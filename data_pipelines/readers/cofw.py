@@ -14,6 +14,8 @@ read too (with scipy).
 The record's `box` is the file's [x, y, w, h] box as x1, y1, x2, y2; its
 `center` and `scale` follow HRNet's COFW loader, which crops from the
 landmarks' min/max extent (the crop the paper's numbers were measured with).
+With `convention="authors"` the extent is floor(min) / ceil(max) of the
+points, as the FGTBT authors' loader takes it (up to 1 px larger).
 Occlusion flags are `point_flags["occluded"]` (uint8, 1 = occluded).
 Coordinates are used as given.
 """
@@ -48,7 +50,7 @@ def _rows(array, width: int, key: str, path: str, report: common.ReadReport) -> 
                   f"{array.shape}", "bad_value")
 
 
-def read_cofw_mat(src: str, split: str, on_error: str = "raise"):
+def read_cofw_mat(src: str, split: str, on_error: str = "raise", convention: str = "project"):
   """Reads COFW from its .mat file (see the module doc).
 
   Args:
@@ -56,8 +58,10 @@ def read_cofw_mat(src: str, split: str, on_error: str = "raise"):
       (or `COFW_{split}.mat`).
     split: "train" or "test".
     on_error: "raise" or "skip".
+    convention: "project" or "authors" (`common.CONVENTIONS`): the crop extent.
   """
   common.check_split(split, tuple(KEYS), FMT)
+  common.check_convention(convention)
   path = common.locate(src, FILES[split], "COFW .mat file")
   images_key, phis_key, boxes_key = KEYS[split]
   data = load_mat(path, KEYS[split])
@@ -76,7 +80,7 @@ def read_cofw_mat(src: str, split: str, on_error: str = "raise"):
   for i in range(len(images)):
     where = f"{path}:{phis_key}[{i}]"
     with collect.sample():
-      record, flipped = _record(images[i], phis[i], boxes[i], where, split)
+      record, flipped = _record(images[i], phis[i], boxes[i], where, split, convention)
       transposed += flipped
       collect.add(record)
   if transposed:
@@ -86,7 +90,7 @@ def read_cofw_mat(src: str, split: str, on_error: str = "raise"):
 
 
 def _record(image, phi: np.ndarray, bbox: np.ndarray, where: str,
-            split: str) -> tuple[FaceRecord, bool]:
+            split: str, convention: str = "project") -> tuple[FaceRecord, bool]:
   x, y, w, h = bbox
   box = common.check_box([x, y, x + w, y + h], where)
   points = np.stack([phi[:NUM_POINTS], phi[NUM_POINTS:2 * NUM_POINTS]], 1)
@@ -99,6 +103,8 @@ def _record(image, phi: np.ndarray, bbox: np.ndarray, where: str,
     raise DataError(where, "image cell is not an H x W (x 3) array", "corrupt_image")
   image, flipped = _orient(image, points, box, where)
   extent = common.box_from_points(points, where)
+  if convention == "authors":
+    extent = np.concatenate([np.floor(extent[:2]), np.ceil(extent[2:])])
   center = (extent[:2] + extent[2:]) / 2
   scale = float(max(extent[2] - extent[0], extent[3] - extent[1]) / 200.0)
   record = FaceRecord(

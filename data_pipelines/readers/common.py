@@ -360,6 +360,20 @@ def locate(src: str, names: Sequence[str], what: str) -> str:
   return path
 
 
+# How a reader turns a file's numbers into a crop: "project" (the documented
+# conventions of each format module) or "authors" (what the FGTBT authors'
+# loaders do, which their released weights were trained and measured with:
+# a STAR TSV scale used as an HRNet scale, COFW boxes from floor(min) /
+# ceil(max) of the points).
+CONVENTIONS = ("project", "authors")
+
+
+def check_convention(convention: str) -> str:
+  if convention not in CONVENTIONS:
+    raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+  return convention
+
+
 def check_split(split: str, splits: Sequence[str], fmt: str) -> str:
   if split not in splits:
     raise ValueError(f"{fmt}: unknown split {split!r}; expected one of {list(splits)}")

@@ -27,7 +27,16 @@ side `scale * 200` around the centre. Coordinates are used as given.
 STAR/ADNet code crops `scale * 200 * 1.0` where HRNet-style code (and this
 project's pipeline) crops `scale * 200 * 1.25`. The record's `scale` is the
 HRNet one, so a STAR scale is divided by `STAR_TO_HRNET_SCALE` = 1.25: the
-same pixels end up in the crop whichever file a user has.
+same pixels end up in the crop whichever file a user has. With
+`convention="authors"` the TSV scale is used as the HRNet scale itself, as
+the FGTBT authors' 300W loader does (crops 1.25x looser; their released
+weights were trained and measured that way).
+
+Either way a backslash in image paths (Windows-made TSVs) is read as `/`, the
+300W challenging subset is also found as `test_ibug.tsv` (the FGTBT
+authors' name), and when the first row of a 300W TSV is a sample rather than
+a header the report notes it: the authors' loader takes the first row as a
+header and so drops that face.
 """
 
 from __future__ import annotations
@@ -64,8 +73,10 @@ HRNET_SUBSET_FILES = {
              "challenging": "face_landmarks_300w_valid_challenge.csv"},
     "AFLW": {"frontal": "face_landmarks_aflw_test_frontal.csv"},
 }
+# Subset: file names, the first found wins (test_ibug.tsv: the FGTBT authors').
 STAR_SUBSET_FILES = {
-    "300W": {"common": "test_common.tsv", "challenging": "test_challenge.tsv"},
+    "300W": {"common": ("test_common.tsv",),
+             "challenging": ("test_challenge.tsv", "test_ibug.tsv")},
 }
 
 
@@ -233,13 +244,18 @@ def _read_tsv_rows(path: str, report: common.ReadReport | None):
     if report is not None:
       report.notes.append(f"{path}:{rows[0][0]} is a header row, not a sample")
     rows = rows[1:]
+  elif rows and report is not None and report.dataset == "300W":  # The TSV they read.
+    report.notes.append(
+        f"{path}:{rows[0][0]} is a sample (the file has no header row); the FGTBT "
+        f"authors' loader takes the first row as a header, so it reads {len(rows) - 1} "
+        f"of these {len(rows)} faces")
   if not rows:
     raise DataError(path, "TSV annotation file has no data rows", "empty_file")
   return rows
 
 
 def read_star_tsv(dataset: str, src: str, split: str, on_error: str = "raise",
-                  image_root: str | None = None):
+                  image_root: str | None = None, convention: str = "project"):
   """Reads a STAR/ADNet TSV annotation file (see the module doc).
 
   Args:
@@ -249,9 +265,12 @@ def read_star_tsv(dataset: str, src: str, split: str, on_error: str = "raise",
     split: "train" or "test".
     on_error: "raise" or "skip".
     image_root: where relative image paths are looked up first.
+    convention: "project" (a STAR scale, divided by 1.25) or "authors" (the
+      scale used as an HRNet scale); see the module doc.
   """
   protocol = landmarks.get_protocol(dataset)
   common.check_split(split, ("train", "test"), STAR_FMT)
+  common.check_convention(convention)
   path = _locate_tsv(protocol.name, src, f"{split}.tsv")
   directory = os.path.dirname(os.path.abspath(path))
   roots = [image_root] if image_root else [
@@ -275,7 +294,7 @@ def read_star_tsv(dataset: str, src: str, split: str, on_error: str = "raise",
         raise DataError(where, f"expected {2 * n} landmark values ({n} points) "
                         f"for {protocol.name}, found {coords.size}", "point_count")
       scale, cx, cy = common.parse_floats(fields[3:6], where, "scale/center")
-      scale = float(scale) / STAR_TO_HRNET_SCALE
+      scale = float(scale) / (1.0 if convention == "authors" else STAR_TO_HRNET_SCALE)
       center = np.asarray([cx, cy], np.float32)
       box = common.box_from_center_scale(center, float(scale), where)
       points = common.check_points(coords.reshape(n, 2), n, box, where)
@@ -289,7 +308,7 @@ def read_star_tsv(dataset: str, src: str, split: str, on_error: str = "raise",
           subsets = tuple(a for a, f in zip(common.WFLW_ATTRIBUTES, flags) if f == "1")
         else:
           missing_attributes += 1
-      name = fields[0].strip()
+      name = fields[0].strip().replace("\\", "/")
       image = common.resolve_image(name, roots, where)
       collect.add(FaceRecord(
           dataset=protocol.name, split=split, image=image, landmarks=points,
@@ -300,8 +319,10 @@ def read_star_tsv(dataset: str, src: str, split: str, on_error: str = "raise",
     report.warn(f"{missing_attributes} WFLW rows have no attribute column: "
                 "no subset tags for them")
   if split == "test" and protocol.name in STAR_SUBSET_FILES:
-    subset_files = {s: os.path.join(directory, f)
-                    for s, f in STAR_SUBSET_FILES[protocol.name].items()}
+    subset_files = {}
+    for subset, names in STAR_SUBSET_FILES[protocol.name].items():
+      paths = [os.path.join(directory, name) for name in names]
+      subset_files[subset] = next((p for p in paths if os.path.isfile(p)), paths[0])
     _tag_subsets(collect, keys, subset_files,
-                 lambda p: [r[0].strip() for _, r in _read_tsv_rows(p, None)])
+                 lambda p: [r[0].strip().replace("\\", "/") for _, r in _read_tsv_rows(p, None)])
   return collect.finish()
