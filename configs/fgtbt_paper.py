@@ -93,6 +93,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.smoothing_sigma = 0.0  # subpixel only: blur before the fit
   config.eval.flip_test = True
   config.eval.failure_threshold = 0.1
+  # The FGTBT authors' evaluation, to reproduce their numbers with their weights
+  # (off by default; docs/inference.md): "authors" maps heatmap cell k to
+  # c + (k - 121) h / 240 and quantises the ground truth the same way.
+  config.eval.coordinates = "project"  # project | authors
+  # FR from this normaliser's NME ("" = each dataset's default; the authors
+  # report FR@0.1 from "inter_pupil" for every dataset).
+  config.eval.failure_normalizer = ""
   # Report studies of `run.py eval` (fgtbt_jax/studies.py): "lowres", "quantization".
   config.eval.studies = ()
   config.eval.lowres_sides = (16, 32, 64, 128)  # face box sides of the lowres study, px

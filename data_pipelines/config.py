@@ -49,4 +49,7 @@ def data_config() -> ml_collections.ConfigDict:
   c.prefetch_buffer_size = 8
   # Global evaluation batch size (split over processes, padded with valid=False).
   c.eval_batch_size = 16
+  # False: the last eval batch holds only its real faces (the authors' batches,
+  # for a model whose outputs depend on its batch-mates; one device only).
+  c.eval_pad_last_batch = True
   return c

@@ -56,7 +56,25 @@ from fgtbt_jax import validation
 from fgtbt_jax.inference import PredictSettings
 
 # Per-image entries of a pass, as `predict_split` yields them per batch.
-_PER_IMAGE = ("predictions", "confidence", "ground_truth", "box_size", "baseline", "valid")
+_PER_IMAGE = ("predictions", "confidence", "ground_truth", "box_size", "baseline",
+              "signed_error", "valid")
+
+
+def heatmap_stride(model: nn.Module) -> float:
+  """Input pixels per heatmap cell: the decoder upsamples the first stage's features
+  (stride `encoder.strides[0]`, 4) twice."""
+  return float(model.encoder.strides[0]) / 2.0
+
+
+def authors_ground_truth(ground_truth_input: np.ndarray, stride: float) -> np.ndarray:
+  """Ground truth (input pixels) quantised as the FGTBT authors' evaluation does it.
+
+  The target cell trunc(k + 1) of the exact heatmap coordinate k, placed
+  where the authors' heatmap-to-image map puts it (`inference.to_authors_heatmap`).
+  """
+  k = (np.asarray(ground_truth_input, np.float64) + 0.5) / stride - 0.5
+  cell = inference.to_authors_heatmap(np.trunc(k + 1.0))
+  return ((cell + 0.5) * stride - 0.5).astype(np.float32)
 
 
 def mean_face_input_points(dataset: str, image_size: int, crop_enlarge: float) -> np.ndarray:
@@ -78,7 +96,8 @@ def mean_face_input_points(dataset: str, image_size: int, crop_enlarge: float) -
 def predict_split(predict_fn: Callable, variables: Any, data_config: ml_collections.ConfigDict,
                   dataset: str, mesh: Mesh, *,
                   transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                  max_batches: int | None = None, desc: str | None = None) -> Iterator[dict]:
+                  max_batches: int | None = None, desc: str | None = None,
+                  stride: float = 2.0, coordinates: str = "project") -> Iterator[dict]:
   """One pass over `dataset`'s eval split; yields this process's batches of results.
 
   Args:
@@ -91,11 +110,19 @@ def predict_split(predict_fn: Callable, variables: Any, data_config: ml_collecti
     transform: applied to every batch of uint8 crops before the model.
     max_batches: stop after this many batches (every process stops at the same one).
     desc: a progress bar's label (process 0 only); None = no bar.
+    stride: input pixels per heatmap cell (`heatmap_stride`).
+    coordinates: the predict function's (`PredictSettings.coordinates`);
+      "authors" quantises the ground truth as the authors' evaluation did.
+
+  With `data.eval_pad_last_batch` False the last batch holds only its real
+  faces (one process and one device; `validation` checks it).
 
   Yields:
     Per batch, this process's rows (padding rows included, `valid` False):
     "predictions", "confidence", "ground_truth", "box_size", "baseline",
-    "valid", "subset/<name>" and "image" (the crops the model saw).
+    "signed_error" (prediction minus the exact ground truth in heatmap
+    pixels, NaN where not annotated), "valid", "subset/<name>" and "image"
+    (the crops the model saw).
   """
   protocol = landmarks.get_protocol(dataset)
   subset_names = pipeline.eval_subsets(dataset)
@@ -105,7 +132,11 @@ def predict_split(predict_fn: Callable, variables: Any, data_config: ml_collecti
       process_count=jax.process_count())
   # "local_image" keeps this process's (transformed) crops on the host; "image"
   # becomes the global array the model sees.
-  local = ({**batch, "local_image": image, "image": image} for batch in iterator
+  if not data_config.get("eval_pad_last_batch", True):
+    iterator_rows = (_real_rows(batch) for batch in iterator)
+  else:
+    iterator_rows = iterator
+  local = ({**batch, "local_image": image, "image": image} for batch in iterator_rows
            for image in [np.asarray(batch["image"]) if transform is None
                          else transform(np.asarray(batch["image"]))])
   batches = sharding.GlobalBatches(local, sharding.batch_sharding(mesh), ("image",))
@@ -118,10 +149,17 @@ def predict_split(predict_fn: Callable, variables: Any, data_config: ml_collecti
       points, confidence = sharding.local_rows(points), sharding.local_rows(confidence)
       index_own = protocol.unified_index
       inverse = batch["inverse_affine"]
-      own = points[:, index_own]
-      yield {"predictions": crop.apply_affine(own, inverse),
+      own = np.asarray(points[:, index_own], np.float64)
+      ground_truth = np.asarray(batch["landmarks"])
+      truth_input = crop.apply_affine(ground_truth.astype(np.float64),
+                                      crop.invert_affine(inverse))
+      if coordinates == "authors":
+        ground_truth = crop.apply_affine(authors_ground_truth(truth_input, stride),
+                                         inverse).astype(np.float32)
+      yield {"predictions": crop.apply_affine(own, inverse).astype(np.float32),
              "confidence": confidence[:, index_own],
-             "ground_truth": np.asarray(batch["landmarks"]),
+             "ground_truth": ground_truth,
+             "signed_error": ((own - truth_input) / stride).astype(np.float32),
              "box_size": np.asarray(batch["box_size"]),
              "baseline": crop.apply_affine(np.broadcast_to(baseline, own.shape), inverse),
              "valid": np.asarray(batch["valid"], bool),
@@ -129,6 +167,12 @@ def predict_split(predict_fn: Callable, variables: Any, data_config: ml_collecti
              **{f"subset/{n}": np.asarray(batch[f"subset/{n}"], bool) for n in subset_names}}
   finally:
     getattr(iterator, "close", lambda: None)()
+
+
+def _real_rows(batch: Mapping[str, Any]) -> dict:
+  """A padded eval batch cut to its real rows (they come first)."""
+  count = int(np.asarray(batch["valid"], bool).sum())
+  return {key: value[:count] for key, value in batch.items()}
 
 
 def collect_split(batches: Iterable[dict], dataset: str,
@@ -160,22 +204,33 @@ def collect_split(batches: Iterable[dict], dataset: str,
       confidence=merged["confidence"][valid], ground_truth=merged["ground_truth"][valid],
       box_size=merged["box_size"][valid], baseline=merged["baseline"][valid],
       subsets={n: merged[f"subset/{n}"][valid].astype(bool) for n in subset_names},
-      images=kept)
+      images=kept, signed_error=merged["signed_error"][valid])
 
 
 # -- metric tables ---------------------------------------------------------------
 
 
 def summarize_dataset(split: metrics.SplitPredictions, threshold: float,
-                      with_baseline: bool = True) -> dict:
+                      with_baseline: bool = True, failure_normalizer: str = "") -> dict:
   """Metrics of one dataset: {"nme", "fr", "auc", "count"} with the default normaliser,
-  "normalizers": {other normaliser: {...}}, "subsets": {name: {...}} and, with
-  `with_baseline`, "baseline_nme" (the mean-shape baseline's NME)."""
+  "normalizers": {other normaliser: {...}}, "subsets": {name: {...}}, "bias":
+  {"x", "y"} (mean signed error in heatmap pixels) and, with `with_baseline`,
+  "baseline_nme" (the mean-shape baseline's NME).
+
+  `failure_normalizer` ("" = the default) is the normaliser whose NME the
+  full set's FR counts failures of (the authors': "inter_pupil").
+  """
   protocol = landmarks.get_protocol(split.dataset)
   table = metrics.dataset_table(protocol, split.predictions, split.ground_truth, split.box_size,
                                 split.subsets, threshold)
   default = protocol.default_normalizer
   result = dict(table["full"][default])
+  if failure_normalizer and failure_normalizer != default:
+    result["fr"] = table["full"][failure_normalizer]["fr"]
+    result["fr_normalizer"] = failure_normalizer
+  if split.signed_error is not None and np.isfinite(split.signed_error).any():
+    mean = np.nanmean(split.signed_error.reshape(-1, 2), axis=0)
+    result["bias"] = {"x": float(mean[0]), "y": float(mean[1])}
   result["normalizers"] = {name: value for name, value in table["full"].items()
                            if name != default}
   result["subsets"] = {subset: by_normalizer[default]
@@ -200,6 +255,8 @@ def flatten(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     for name, s in r.get("subsets", {}).items():
       for key, value in s.items():
         flat[f"{dataset}/subset/{name}/{key}"] = value
+    for axis, value in r.get("bias", {}).items():
+      flat[f"{dataset}/bias_{axis}"] = value
   return flat
 
 
@@ -259,6 +316,7 @@ class Evaluator:
     self.rules = rules
     self.settings = PredictSettings.from_config(config.eval) if settings is None else settings
     self.threshold = float(config.eval.failure_threshold)
+    self.failure_normalizer = str(config.eval.get("failure_normalizer", ""))
     self._predict_fns: dict[PredictSettings, Callable] = {}
     self._baseline: dict[str, float] = {}
 
@@ -277,9 +335,11 @@ class Evaluator:
           label: str = "eval") -> dict[str, metrics.SplitPredictions]:
     """One pass over each dataset's split: {dataset: metrics.SplitPredictions}."""
     predict_fn = self.predict_fn(settings)
+    coordinates = (self.settings if settings is None else settings).coordinates
     return {landmarks.get_protocol(d).name: collect_split(
         predict_split(predict_fn, variables, self.config.data, d, self.mesh,
-                      transform=transform, max_batches=max_batches, desc=f"{label} {d}"),
+                      transform=transform, max_batches=max_batches, desc=f"{label} {d}",
+                      stride=heatmap_stride(self.model), coordinates=coordinates),
         d, keep_images=keep_images)
         for d in datasets}
 
@@ -294,7 +354,8 @@ class Evaluator:
                          keep_images=keep_images, label=f"eval @ {step}")
     results = {}
     for name, split in per_image.items():
-      result = summarize_dataset(split, self.threshold, with_baseline=name not in self._baseline)
+      result = summarize_dataset(split, self.threshold, with_baseline=name not in self._baseline,
+                                 failure_normalizer=self.failure_normalizer)
       self._baseline.setdefault(name, result.get("baseline_nme"))
       result["baseline_nme"] = self._baseline[name]
       results[name] = result
@@ -397,7 +458,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.P
           synthetic=synthetic, threshold=evaluator.threshold, studies=tables,
           frequency=((config.model.frequency_extractor, float(config.model.frequency_sigma))
                      if config.model.fgsa else None),
-          face_side_px=config.data.image_size / config.data.crop_enlarge)
+          face_side_px=config.data.image_size / config.data.crop_enlarge,
+          failure_normalizer=evaluator.failure_normalizer)
   sharding.barrier("evaluate_workdir done")
   return WorkdirEvaluation(final=final, report=path, per_image=per_image)
 

@@ -39,6 +39,15 @@ from fgtbt_jax import sharding
 from fgtbt_jax.models import partitioning
 
 OUTPUTS: tuple[str, ...] = ("landmarks", "heatmaps")
+COORDINATES: tuple[str, ...] = ("project", "authors")
+# The authors' heatmap-to-image map puts cell k at c + (k - 121) h / 240, the
+# project's at c + (k - 119.5) h / 240 (h / 240 input pixels per cell).
+AUTHORS_HEATMAP_SHIFT = -1.5
+
+
+def to_authors_heatmap(coords):
+  """Project heatmap coordinates as the authors' mapping places the same cells."""
+  return coords + AUTHORS_HEATMAP_SHIFT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,17 +60,24 @@ class PredictSettings:
       theirs, flipped back with the unified flip permutation (the paper's test).
     smoothing_sigma: Gaussian blur (heatmap pixels) before the sub-pixel fit;
       0 = off. Only for the "subpixel" decoder.
+    coordinates: "project" (heatmap cell k is centred on input pixel
+      (k + 0.5) * stride - 0.5) or "authors" (the FGTBT authors' mapping,
+      c + (k - 121) h / 240: 1.5 cells up and left of it), which their
+      released weights were trained and measured with (`COORDINATES`).
   """
 
   decoder: str = "subpixel"
   flip_test: bool = True
   smoothing_sigma: float = 0.0
+  coordinates: str = "project"
 
   def __post_init__(self):
     if self.decoder not in heatmaps.DECODERS:
       raise ValueError(f"decoder {self.decoder!r}: expected one of {heatmaps.DECODERS}")
     if not self.smoothing_sigma >= 0:
       raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
+    if self.coordinates not in COORDINATES:
+      raise ValueError(f"coordinates {self.coordinates!r}: expected one of {COORDINATES}")
     if self.smoothing_sigma and self.decoder != "subpixel":
       raise ValueError(f"smoothing_sigma ({self.smoothing_sigma:g}) applies to the 'subpixel' "
                        f"decoder only, not {self.decoder!r}")
@@ -76,7 +92,9 @@ class PredictSettings:
     smooth turns the smoothing off (it is a sub-pixel fit option).
     """
     run = cls(decoder=eval_config.decoder, flip_test=bool(eval_config.flip_test),
-              smoothing_sigma=float(eval_config.smoothing_sigma))
+              smoothing_sigma=float(eval_config.smoothing_sigma),
+              # A run saved before the field existed used the project's.
+              coordinates=str(eval_config.get("coordinates", "project")))
     changes = {name: value for name, value in (("decoder", decoder), ("flip_test", flip_test),
                                                 ("smoothing_sigma", smoothing_sigma))
                if value is not None}
@@ -90,7 +108,9 @@ class PredictSettings:
 
   def describe(self) -> str:
     smoothing = f", smoothing {self.smoothing_sigma:g}" if self.smoothing_sigma else ""
-    return f"decoder {self.decoder}, flip test {'on' if self.flip_test else 'off'}{smoothing}"
+    coordinates = ", the authors' coordinates" if self.coordinates == "authors" else ""
+    return (f"decoder {self.decoder}, flip test {'on' if self.flip_test else 'off'}"
+            f"{smoothing}{coordinates}")
 
 
 def model_apply(model: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
@@ -129,6 +149,8 @@ def make_predict_fn(apply_fn: Callable[[Any, jax.Array], jax.Array], settings: P
       return maps
     coords, confidence = heatmaps.decode(maps, settings.decoder,
                                          smoothing_sigma=settings.smoothing_sigma)
+    if settings.coordinates == "authors":
+      coords = to_authors_heatmap(coords)
     stride = crops.shape[1] / maps.shape[1]
     return heatmaps.heatmap_to_input(coords, stride), confidence
 

@@ -212,6 +212,8 @@ class SplitPredictions:
     subsets: {name: (B,) bool} evaluation subsets.
     images: the first uint8 input crops this process saw (the report's
       high-frequency images); may be empty.
+    signed_error: (B, N, 2) prediction minus the exact ground truth in
+      heatmap pixels (NaN where not annotated), or None: the per-axis bias.
   """
 
   dataset: str
@@ -222,6 +224,7 @@ class SplitPredictions:
   baseline: np.ndarray
   subsets: dict[str, np.ndarray]
   images: np.ndarray
+  signed_error: np.ndarray | None = None
 
   def nme(self) -> float:
     """Mean NME with the protocol's default normaliser."""

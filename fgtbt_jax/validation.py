@@ -10,6 +10,7 @@ import jax
 import ml_collections
 
 from fgtbt_jax import heatmaps
+from fgtbt_jax import inference
 from fgtbt_jax import landmarks
 from fgtbt_jax import losses
 from fgtbt_jax import models
@@ -25,6 +26,9 @@ def _check_eval(eval_config: ml_collections.ConfigDict) -> None:
   if eval_config.decoder not in heatmaps.DECODERS:
     raise ConfigError(f"eval.decoder must be one of {heatmaps.DECODERS}, "
                       f"got {eval_config.decoder!r}")
+  if eval_config.get("coordinates", "project") not in inference.COORDINATES:
+    raise ConfigError(f"eval.coordinates must be one of {inference.COORDINATES}, got "
+                      f"{eval_config.coordinates!r}")
   try:
     PredictSettings.from_config(eval_config)
   except ValueError as e:
@@ -132,6 +136,17 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   except ValueError as e:
     raise ConfigError(str(e)) from e
   _check_eval(config.eval)
+  normalizer = config.eval.get("failure_normalizer", "")
+  lacking = [d for d in data.datasets
+             if normalizer and normalizer not in landmarks.get_protocol(d).normalizers]
+  if lacking:
+    raise ConfigError(f"eval.failure_normalizer {normalizer!r} is not a normaliser of "
+                      f"{lacking}; every dataset has 'inter_pupil'")
+  if not data.get("eval_pad_last_batch", True) and (num_devices > 1 or process_count > 1):
+    raise ConfigError(
+        f"data.eval_pad_last_batch=False needs one device and one process (here "
+        f"{num_devices} devices, {process_count} processes): a last batch of any size "
+        "cannot be split over several")
   if not str(data.data_dir):
     raise ConfigError("data.data_dir is required: the directory of converted datasets "
                       "(see data_pipelines/convert.py)")

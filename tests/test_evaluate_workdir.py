@@ -265,3 +265,84 @@ def test_eval_and_predict_refuse_a_checkpoint_with_non_finite_weights(
   with pytest.raises(checkpointing.NonFiniteStateError, match="holds NaN or infinite values"):
     predictor_lib.Predictor.from_checkpoint(tmp_path, "latest")
   assert not (tmp_path / "eval_latest.json").exists()
+
+
+# ---- The authors' evaluation conventions (eval.coordinates, failure_normalizer, batching). ----
+
+
+def test_the_authors_ground_truth_is_their_quantised_target_mapped_back():
+  """x = c + (trunc(T(x) + 1) - 121) h / 240 at 480 px in, 240 x 240 heatmaps."""
+  rng = np.random.default_rng(0)
+  u = rng.uniform(0, 479, size=(5, 7, 2))
+  exact = (u + 0.5) / 2.0 - 0.5  # T(x): the project's heatmap coordinate
+  expected = 239.5 + (np.trunc(exact + 1.0) - 121.0) * 480.0 / 240.0
+  np.testing.assert_allclose(evaluate.authors_ground_truth(u, 2.0), expected, atol=1e-4)
+
+
+def test_the_authors_heatmap_to_image_map_in_the_predict_function():
+  import jax.numpy as jnp
+  cells = np.array([[1, 2], [6, 0], [3, 7]])  # (x, y) peaks of three points, 8 x 8 maps
+
+  def apply_fn(variables, images):
+    maps = np.zeros((len(images), 8, 8, 124), np.float32)
+    for i, (x, y) in enumerate(cells):
+      maps[:, y, x, i] = 1.0
+    return jnp.asarray(maps)
+
+  crops = np.zeros((2, 16, 16, 3), np.uint8)  # stride 2, h = 16 input px over 8 cells
+  outputs = {}
+  for coordinates in ("project", "authors"):
+    settings = inference.PredictSettings(decoder="argmax", flip_test=False,
+                                         coordinates=coordinates)
+    outputs[coordinates] = np.asarray(inference.make_predict_fn(apply_fn, settings)(None, crops)[0])
+  centre = (16 - 1) / 2
+  np.testing.assert_allclose(outputs["project"][0, :3], centre + (cells - 3.5) * 16 / 8)
+  np.testing.assert_allclose(outputs["authors"][0, :3], centre + (cells - 5.0) * 16 / 8)
+  with pytest.raises(ValueError, match="coordinates 'paper'"):
+    inference.PredictSettings(coordinates="paper")
+
+
+def test_unpadded_batches_the_authors_ground_truth_and_the_bias(synthetic_data_dir):
+  import jax.numpy as jnp
+  config = _config(synthetic_data_dir, coordinates="authors")
+  config.data.eval_batch_size, config.data.eval_pad_last_batch = 3, False
+  mesh = sharding.single_device_mesh()
+  sizes = []
+
+  def fixed_points(variables, images):
+    sizes.append(len(images))
+    return jnp.full((len(images), 124, 2), 30.0), jnp.ones((len(images), 124))
+
+  batches = list(evaluate.predict_split(fixed_points, None, config.data, "COFW", mesh,
+                                        stride=2.0, coordinates="authors"))
+  assert sizes == [3, 3, 2]  # 8 faces, no padding rows
+  split = evaluate.collect_split(iter(batches), "COFW")
+  expected_truth, expected_error = [], []
+  for batch in pipeline.make_eval_iterator(config.data, "COFW"):
+    keep = batch["valid"]
+    inverse = np.asarray(batch["inverse_affine"], np.float64)[keep]
+    truth_input = crop.apply_affine(np.asarray(batch["landmarks"], np.float64)[keep],
+                                    crop.invert_affine(inverse))
+    expected_truth.append(crop.apply_affine(evaluate.authors_ground_truth(truth_input, 2.0),
+                                            inverse))
+    expected_error.append((30.0 - truth_input) / 2.0)
+  np.testing.assert_allclose(split.ground_truth, np.concatenate(expected_truth), atol=1e-3)
+  np.testing.assert_allclose(split.signed_error, np.concatenate(expected_error), atol=1e-3)
+  result = evaluate.summarize_dataset(split, 0.1, failure_normalizer="inter_ocular")
+  assert result["bias"]["x"] == pytest.approx(float(np.nanmean(split.signed_error[..., 0])))
+  per_image = {n: v for n, v in evaluate.summarize_dataset(split, 0.1)["normalizers"].items()}
+  assert result["fr"] == per_image["inter_ocular"]["fr"]
+  assert result["fr_normalizer"] == "inter_ocular"
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"eval.coordinates": "paper"}, r"eval.coordinates must be one of \('project', 'authors'\)"),
+    ({"eval.failure_normalizer": "box"}, r"'box' is not a normaliser of \['WFLW', '300W', 'COFW'\]"),
+    ({"data.eval_pad_last_batch": False},
+     "data.eval_pad_last_batch=False needs one device and one process"),
+])
+def test_the_authors_evaluation_switches_are_validated(fields, message):
+  config = _config("/data")
+  config.update_from_flattened_dict(fields)
+  with pytest.raises(errors.ConfigError, match=message):
+    validation.validate_config(config, num_devices=8, process_count=1)

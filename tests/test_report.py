@@ -170,3 +170,18 @@ def test_degrade_resolution_blurs_below_the_face_side_and_keeps_larger_faces():
   assert degraded.shape == images.shape
   assert np.abs(np.diff(degraded.astype(float), axis=2)).mean() < \
       0.5 * np.abs(np.diff(images.astype(float), axis=2)).mean()
+
+
+def test_the_bias_section_and_an_fr_from_another_normaliser(tmp_path):
+  split = samples_of("COFW", shift=3.0)
+  error = np.zeros(split.ground_truth.shape)
+  error[..., 0], error[..., 1] = 0.25, -0.5
+  error[0, 0] = np.nan  # Not annotated: left out.
+  split.signed_error = error
+  report.write_report({"COFW": split}, tmp_path, title="t", threshold=0.05,
+                      failure_normalizer="inter_ocular")
+  text = (tmp_path / "report.md").read_text()
+  assert "## Per-axis bias" in text and "| COFW | +0.250 | -0.500 |" in text
+  assert "FR@0.05 % (inter_ocular)" in text
+  saved = json.loads((tmp_path / "report.json").read_text())
+  assert saved["bias_heatmap_px"]["COFW"] == {"x": 0.25, "y": -0.5}
