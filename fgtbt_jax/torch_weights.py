@@ -186,7 +186,13 @@ def model_path(name: str) -> str | None:
   return None
 
 
-def _to_flax_layout(array: np.ndarray, leaf: str) -> np.ndarray:
+def to_flax_layout(array: np.ndarray, leaf: str) -> np.ndarray:
+  """A PyTorch tensor in the Flax layout of a `leaf` ("kernel", "bias", "scale", ...).
+
+  Kernels: linear (out, in) -> (in, out); convolution (out, in, kh, kw) ->
+  (kh, kw, in, out), so a depthwise (C, 1, 3, 3) becomes (3, 3, 1, C). Other
+  leaves are returned as they are.
+  """
   if leaf == "kernel" and array.ndim == 2:
     return array.T
   if leaf == "kernel" and array.ndim == 4:
@@ -249,7 +255,7 @@ def mit_from_torch(state_dict: Mapping[str, Any], model_config: ml_collections.C
     if path is None:
       report.skipped[name] = "not a MiT encoder tensor"
       continue
-    value = _to_flax_layout(_as_numpy(tensor), path.rsplit("/", 1)[1])
+    value = to_flax_layout(_as_numpy(tensor), path.rsplit("/", 1)[1])
     match = re.fullmatch(r"(.*/attention)/([kv])/(kernel|bias)", path)
     if match:
       halves.setdefault(f"{match[1]}/kv/{match[3]}", {})[match[2]] = (name, value)

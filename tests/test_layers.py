@@ -13,7 +13,8 @@ layers (lowest first) are the project's architecture:
   devices / run  mesh and batches, checkpoints and the run directory, the
                  report (pure functions of per-image arrays), torch weights
   core           the one predict function and EMA restore; the train state
-  users          studies, Predictor; config validation, export
+  users          studies, Predictor; config validation, export, the authors'
+                 checkpoint import
   entry          the evaluation pass and eval-only mode, the predict command
   loop           the training loop
 
@@ -46,7 +47,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "fgtbt_jax.torch_weights"),
     ("fgtbt_jax.inference", "fgtbt_jax.state"),
     ("fgtbt_jax.studies", "fgtbt_jax.predictor"),
-    ("fgtbt_jax.validation", "fgtbt_jax.export"),
+    ("fgtbt_jax.validation", "fgtbt_jax.export", "fgtbt_jax.authors_checkpoint"),
     ("fgtbt_jax.evaluate", "fgtbt_jax.predict_files"),
     ("fgtbt_jax.train",),
 )

@@ -14,7 +14,7 @@ import dataclasses
 
 import ml_collections
 
-from fgtbt_jax.models.fgsa import FREQUENCY_EXTRACTORS
+from fgtbt_jax.models.fgsa import FGSA_COMPAT, FREQUENCY_EXTRACTORS
 from fgtbt_jax.models.mit import ATTENTION_IMPLEMENTATIONS, PATCH_EMBEDDINGS
 
 DTYPES = ("float32", "bfloat16")
@@ -87,6 +87,13 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
       frequency_sigma: FFT high-pass sigma at a 480 input (20); scaled by
         input side / 480 at other sizes.
       fgsa_reduction: r, prompt width divisor (4).
+      fgsa_compat: "paper" (the paper's FGSA) or "authors" (the FGSA of the
+        authors' released code, which their weights need: see
+        `fgsa.FGSA_COMPAT` and docs/model.md; its outputs depend on the
+        batch-mates, and it takes square inputs only).
+      batch_norm_unbiased_variance: BatchNorm running variances are updated
+        with the unbiased batch variance, as PyTorch does (False: the biased
+        one, Flax's default, as this project has always trained).
       decoder_dim, head_channels, upsample_channels: head widths (768/256/128).
       num_points: output heatmaps (124 unified landmarks).
       dtype: compute dtype "float32" or "bfloat16" (parameters stay float32).
@@ -113,6 +120,8 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
   config.frequency_extractor = "fft"
   config.frequency_sigma = 20.0
   config.fgsa_reduction = 4
+  config.fgsa_compat = "paper"
+  config.batch_norm_unbiased_variance = False
   config.decoder_dim = 768
   config.head_channels = 256
   config.upsample_channels = 128
@@ -139,6 +148,7 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
       "encoder": tuple(ENCODERS),
       "patch_embed": PATCH_EMBEDDINGS,
       "frequency_extractor": FREQUENCY_EXTRACTORS,
+      "fgsa_compat": FGSA_COMPAT,
       "dtype": DTYPES,
       "attention_impl": ATTENTION_IMPLEMENTATIONS,
   }
@@ -167,3 +177,6 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
   for field in ("drop_path_rate", "head_dropout"):
     if not 0.0 <= config[field] < 1.0:
       raise ValueError(f"model config: {field}={config[field]} must be in [0, 1)")
+  if not isinstance(config.batch_norm_unbiased_variance, bool):
+    raise ValueError(f"model config: batch_norm_unbiased_variance="
+                     f"{config.batch_norm_unbiased_variance!r} must be True or False")

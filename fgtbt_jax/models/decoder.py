@@ -57,9 +57,11 @@ class ConvBlock(nn.Module):
   BN-ReLU-1x1(features / 2)-BN-ReLU-3x3(features / 2)-BN-ReLU-1x1(features),
   plus a BN-ReLU-1x1(features) shortcut when the width changes. Convolutions
   have no bias (each feeds a BatchNorm or the residual sum).
+  `batch_norm_unbiased_variance` as in `DecoderHead`.
   """
 
   features: int
+  batch_norm_unbiased_variance: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -67,7 +69,8 @@ class ConvBlock(nn.Module):
     hidden = self.features // 2
 
     def bn_relu(y, name):
-      y = layers.batch_norm(dtype=self.dtype, name=name)(y, use_running_average=not train)
+      y = layers.batch_norm(dtype=self.dtype, unbiased_variance=self.batch_norm_unbiased_variance,
+                            name=name)(y, use_running_average=not train)
       return nn.relu(y)
 
     def conv(y, features, k, name):
@@ -97,6 +100,8 @@ class DecoderHead(nn.Module):
     upsample_channels: ConvBlock / transposed-conv width (128).
     num_points: output heatmaps (124).
     dropout: dropout rate after the fusion (0.1).
+    batch_norm_unbiased_variance: BatchNorms update their running variance
+      with the unbiased batch variance (PyTorch).
     dtype: compute dtype.
   """
 
@@ -105,6 +110,7 @@ class DecoderHead(nn.Module):
   upsample_channels: int = 128
   num_points: int = 124
   dropout: float = 0.1
+  batch_norm_unbiased_variance: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -120,12 +126,15 @@ class DecoderHead(nn.Module):
     y = jnp.concatenate(embedded, axis=-1)
     y = layers.conv(self.decoder_dim, 1, "decoder", use_bias=False, dtype=self.dtype,
                     name="fuse")(y)
-    y = layers.batch_norm(dtype=self.dtype, name="fuse_norm")(y, use_running_average=not train)
+    y = layers.batch_norm(dtype=self.dtype, unbiased_variance=self.batch_norm_unbiased_variance,
+                          name="fuse_norm")(y, use_running_average=not train)
     y = nn.relu(y)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
     y = layers.conv(self.head_channels, 1, "decoder", dtype=self.dtype, name="project")(y)
     y = nn.with_logical_constraint(y, ("batch", "height", "width", "decoder"))
-    y = ConvBlock(self.upsample_channels, dtype=self.dtype, name="conv_block")(y, train)
+    y = ConvBlock(self.upsample_channels,
+                  batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
+                  dtype=self.dtype, name="conv_block")(y, train)
     y = layers.conv_transpose(self.upsample_channels, 4, 2, 1, "decoder", dtype=self.dtype,
                               name="upsample")(y)
     return layers.conv(self.num_points, 3, "heatmaps", padding=1, use_bias=False,

@@ -35,6 +35,9 @@ class EncoderStage(nn.Module):
     patch_embed: "conv_stem" or "plain".
     fgsa: whether the FGSA branch is on.
     fgsa_reduction: r, the structure/prompt width divisor.
+    fgsa_compat: "paper" or "authors" (`fgsa.FGSA_COMPAT`).
+    batch_norm_unbiased_variance: BatchNorms update their running variance
+      with the unbiased batch variance (PyTorch).
     norm_epsilon: block and stage LayerNorm epsilon.
     embed_norm_epsilon: patch-embedding and spatial-reduction LayerNorm epsilon.
     remat: recompute each block's activations in the backward pass.
@@ -52,6 +55,8 @@ class EncoderStage(nn.Module):
   patch_embed: str = "conv_stem"
   fgsa: bool = False
   fgsa_reduction: int = 4
+  fgsa_compat: str = "paper"
+  batch_norm_unbiased_variance: bool = False
   norm_epsilon: float = 1e-6
   embed_norm_epsilon: float = 1e-5
   remat: bool = False
@@ -67,12 +72,16 @@ class EncoderStage(nn.Module):
     """
     tokens, grid = OverlapPatchEmbed(
         self.dim, self.patch_size, self.stride, kind=self.patch_embed,
-        norm_epsilon=self.embed_norm_epsilon, dtype=self.dtype, name="patch_embed")(x, train)
+        norm_epsilon=self.embed_norm_epsilon,
+        batch_norm_unbiased_variance=self.batch_norm_unbiased_variance, dtype=self.dtype,
+        name="patch_embed")(x, train)
     if self.fgsa:
       fgsa = FGSAStage(
           self.dim, self.depth, self.patch_size, self.stride, patch_embed=self.patch_embed,
           reduction=self.fgsa_reduction, embed_norm_epsilon=self.embed_norm_epsilon,
-          dtype=self.dtype, name="fgsa")
+          compat=self.fgsa_compat,
+          batch_norm_unbiased_variance=self.batch_norm_unbiased_variance, dtype=self.dtype,
+          name="fgsa")
       prompt, structure = fgsa.prompt(tokens, structure, train)
     block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     for j in range(self.depth):
@@ -109,6 +118,8 @@ class MixTransformer(nn.Module):
   patch_embed: str = "conv_stem"
   fgsa: bool = False
   fgsa_reduction: int = 4
+  fgsa_compat: str = "paper"
+  batch_norm_unbiased_variance: bool = False
   drop_path_rate: float = 0.1
   norm_epsilon: float = 1e-6
   embed_norm_epsilon: float = 1e-5
@@ -138,6 +149,8 @@ class MixTransformer(nn.Module):
           self.dims[i], depth, self.num_heads[i], self.sr_ratios[i],
           self.patch_sizes[i], self.strides[i], rates[i],
           patch_embed=self.patch_embed, fgsa=self.fgsa, fgsa_reduction=self.fgsa_reduction,
+          fgsa_compat=self.fgsa_compat,
+          batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
           norm_epsilon=self.norm_epsilon, embed_norm_epsilon=self.embed_norm_epsilon,
           remat=self.remat, attention_impl=self.attention_impl, dtype=self.dtype,
           name=f"stage_{i}")(x, structure, train)

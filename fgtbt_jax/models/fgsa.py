@@ -8,6 +8,9 @@ Two parts:
 * per encoder stage, an `FGSAStage` that refines the structure features to
   the stage's grid, builds the stage's prompt, and injects it before every
   Transformer block of the stage.
+
+`FGSAStage.compat` chooses between the paper's FGSA ("paper") and the one the
+authors' released code and weights compute ("authors", see `FGSA_COMPAT`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,13 @@ from fgtbt_jax.models.mit import OverlapPatchEmbed
 Dtype = Any
 
 FREQUENCY_EXTRACTORS = ("fft", "srm", "wavelet")
+
+# "paper": the FGSA of the paper (eq. 21-25). "authors": the FGSA of the
+# authors' released PyTorch code, which their weights need: the concat order
+# [x, F_s, F_pa]; the fused tokens reinterpreted raw as a channels-first map
+# around channel attention, BN and the 1x1 conv (`raw_channels_first`);
+# channel attention with MLP biases, pooled over the batch and space together.
+FGSA_COMPAT = ("paper", "authors")
 
 # The frequency sigma of the paper is in frequency-index units for a 480 x 480
 # input; a fixed cut-off in cycles per pixel scales with the image size.
@@ -127,27 +137,62 @@ def high_frequency_image(images: jax.Array, extractor: str, sigma: float) -> jax
       f"unknown frequency_extractor {extractor!r}; expected one of {FREQUENCY_EXTRACTORS}")
 
 
-class ChannelAttention(nn.Module):
-  """CBAM channel attention, pooled per sample.
+def raw_channels_first(tokens: jax.Array) -> jax.Array:
+  """(B, N, D) tokens read as the raw buffer of a (B, D, N) map, returned channels last.
 
-  Average- and max-pooled descriptors over the tokens of each sample go
-  through one shared MLP (bottleneck width / reduction, no biases); their sum
-  through a sigmoid rescales the channels.
+  The authors' FGSA reshapes its (B, N, D) token tensor to (B, D, A, A)
+  without a transpose: channel c of that map is the flat run
+  `tokens.reshape(B, -1)[:, c * N:(c + 1) * N]`. This returns that map as
+  (B, N, D) (position, channel), so the layers that follow act on its
+  channels. BN, channel attention and a 1x1 conv treat all positions alike,
+  so the (A, A) grid itself never needs forming.
+  """
+  b, n, d = tokens.shape
+  return tokens.reshape(b, d, n).transpose(0, 2, 1)
+
+
+def raw_tokens(channels_last: jax.Array) -> jax.Array:
+  """The inverse of `raw_channels_first`: the map's raw buffer read back as (B, N, D) tokens."""
+  b, n, d = channels_last.shape
+  return channels_last.transpose(0, 2, 1).reshape(b, n, d)
+
+
+class ChannelAttention(nn.Module):
+  """CBAM channel attention.
+
+  Average- and max-pooled descriptors of the tokens go through one shared
+  MLP (bottleneck width / reduction, ReLU between); their sum through a
+  sigmoid rescales the channels. The paper's form pools per sample and has
+  no MLP biases; the authors' code (`use_bias`, `pool_batch`) has biases and
+  pools over the batch and the tokens together, one scale for the whole
+  batch, so a sample's output depends on its batch-mates.
+
+  Attributes:
+    reduction: bottleneck width divisor (16).
+    use_bias: biases in both MLP layers.
+    pool_batch: pool over the batch too.
+    dtype: compute dtype.
   """
 
   reduction: int = 16
+  use_bias: bool = False
+  pool_batch: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    """Rescales the channels of (B, N, D) tokens."""
     channels = x.shape[-1]
     hidden = max(1, channels // self.reduction)
-    squeeze = layers.dense(hidden, "fused", "prompt", use_bias=False, dtype=self.dtype,
+    squeeze = layers.dense(hidden, "fused", "prompt", use_bias=self.use_bias, dtype=self.dtype,
                            name="squeeze")
-    excite = layers.dense(channels, "prompt", "fused", use_bias=False, dtype=self.dtype,
+    excite = layers.dense(channels, "prompt", "fused", use_bias=self.use_bias, dtype=self.dtype,
                           name="excite")
     mlp = lambda d: excite(nn.relu(squeeze(d)))
-    logits = mlp(jnp.mean(x, axis=1)) + mlp(jnp.max(x, axis=1))
+    axes = (0, 1) if self.pool_batch else 1
+    logits = mlp(jnp.mean(x, axis=axes)) + mlp(jnp.max(x, axis=axes))
+    if self.pool_batch:
+      return x * nn.sigmoid(logits)
     return x * nn.sigmoid(logits)[:, None, :]
 
 
@@ -164,6 +209,11 @@ class FGSAStage(nn.Module):
   Conv1x1 and Linear_s(C / r -> C) are shared by the stage and
   Linear_us_j(1.5 C -> C / r) belongs to block j.
 
+  With `compat="authors"` (the released code): the prompt is
+  concat(F_s, F_pa), so f = [x, F_s, F_pa]; CA, BN and Conv1x1 act on
+  `raw_channels_first(f)` and their output is read back with `raw_tokens`;
+  CA has MLP biases and pools over the batch too. Square grids only.
+
   Attributes:
     dim: C.
     depth: blocks in the stage.
@@ -171,6 +221,9 @@ class FGSAStage(nn.Module):
     reduction: r (4 in the paper).
     attention_reduction: CA bottleneck reduction (16).
     embed_norm_epsilon: epsilon of Refine's LayerNorm.
+    compat: "paper" or "authors" (see above and `FGSA_COMPAT`).
+    batch_norm_unbiased_variance: BatchNorms update their running variance
+      with the unbiased batch variance (PyTorch).
     dtype: compute dtype.
   """
 
@@ -182,17 +235,25 @@ class FGSAStage(nn.Module):
   reduction: int = 4
   attention_reduction: int = 16
   embed_norm_epsilon: float = 1e-5
+  compat: str = "paper"
+  batch_norm_unbiased_variance: bool = False
   dtype: Dtype = jnp.float32
 
   def setup(self):
+    if self.compat not in FGSA_COMPAT:
+      raise ValueError(f"unknown fgsa_compat {self.compat!r}; expected one of {FGSA_COMPAT}")
+    authors = self.compat == "authors"
     narrow = self.dim // self.reduction
     fused = self.dim + 2 * narrow
     self.refine = OverlapPatchEmbed(
         narrow, self.patch_size, self.stride, kind=self.patch_embed,
-        norm_epsilon=self.embed_norm_epsilon, axis="prompt", dtype=self.dtype)
+        norm_epsilon=self.embed_norm_epsilon, axis="prompt",
+        batch_norm_unbiased_variance=self.batch_norm_unbiased_variance, dtype=self.dtype)
     self.image_proj = layers.dense(narrow, "embed", "prompt", dtype=self.dtype)
-    self.channel_attention = ChannelAttention(self.attention_reduction, dtype=self.dtype)
-    self.norm = layers.batch_norm(dtype=self.dtype)
+    self.channel_attention = ChannelAttention(
+        self.attention_reduction, use_bias=authors, pool_batch=authors, dtype=self.dtype)
+    self.norm = layers.batch_norm(dtype=self.dtype,
+                                  unbiased_variance=self.batch_norm_unbiased_variance)
     self.conv = layers.dense(fused, "conv_in", "fused", dtype=self.dtype)
     self.reduce = [layers.dense(narrow, "fused", "prompt", dtype=self.dtype)
                    for _ in range(self.depth)]
@@ -215,15 +276,29 @@ class FGSAStage(nn.Module):
     if structure_tokens.shape[1] != tokens.shape[1]:
       raise ValueError(
           f"FGSA: structure grid {h}x{w} does not match {tokens.shape[1]} image tokens")
-    prompt = jnp.concatenate([self.image_proj(tokens), structure_tokens], axis=-1)
+    if self.compat == "authors":
+      if h != w:
+        # Their code reshapes the N tokens to sqrt(N) x sqrt(N).
+        raise ValueError(f"FGSA fgsa_compat='authors' needs square inputs; a stage grid is "
+                         f"{h}x{w}")
+      prompt = jnp.concatenate([structure_tokens, self.image_proj(tokens)], axis=-1)
+    else:
+      prompt = jnp.concatenate([self.image_proj(tokens), structure_tokens], axis=-1)
     b = structure_tokens.shape[0]
     return prompt, structure_tokens.reshape(b, h, w, -1)
 
   def inject(self, x: jax.Array, prompt: jax.Array, block: int, train: bool) -> jax.Array:
     """x + FGSA(x, prompt) before block `block` of the stage."""
     f = jnp.concatenate([x, prompt.astype(x.dtype)], axis=-1)
-    g = self.channel_attention(f)
-    g = nn.relu(self.norm(g, use_running_average=not train))
-    f = f + self.conv(g)
+    if self.compat == "authors":
+      f = f + raw_tokens(self._refine_fused(raw_channels_first(f), train))
+    else:
+      f = f + self._refine_fused(f, train)
     f = self.expand(nn.gelu(self.reduce[block](f), approximate=False))
     return x + f
+
+  def _refine_fused(self, f: jax.Array, train: bool) -> jax.Array:
+    """Conv1x1(ReLU(BN(CA(f)))) over the channels of (B, N, 1.5 C) f."""
+    g = self.channel_attention(f)
+    g = nn.relu(self.norm(g, use_running_average=not train))
+    return self.conv(g)

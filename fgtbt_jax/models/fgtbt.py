@@ -96,7 +96,9 @@ def build_encoder(config: ml_collections.ConfigDict) -> MixTransformer:
       dims=spec.dims, depths=spec.depths, num_heads=spec.num_heads,
       sr_ratios=spec.sr_ratios, patch_sizes=spec.patch_sizes, strides=spec.strides,
       patch_embed=config.patch_embed, fgsa=config.fgsa,
-      fgsa_reduction=config.fgsa_reduction, drop_path_rate=config.drop_path_rate,
+      fgsa_reduction=config.fgsa_reduction, fgsa_compat=config.fgsa_compat,
+      batch_norm_unbiased_variance=config.batch_norm_unbiased_variance,
+      drop_path_rate=config.drop_path_rate,
       norm_epsilon=config.norm_epsilon, embed_norm_epsilon=config.embed_norm_epsilon,
       remat=config.remat, attention_impl=config.attention_impl,
       dtype=_dtype(config.dtype), parent=None)
@@ -108,7 +110,9 @@ def build_model(config: ml_collections.ConfigDict) -> FGTBT:
   decoder = DecoderHead(
       decoder_dim=config.decoder_dim, head_channels=config.head_channels,
       upsample_channels=config.upsample_channels, num_points=config.num_points,
-      dropout=config.head_dropout, dtype=_dtype(config.dtype), parent=None)
+      dropout=config.head_dropout,
+      batch_norm_unbiased_variance=config.batch_norm_unbiased_variance,
+      dtype=_dtype(config.dtype), parent=None)
   return FGTBT(encoder=encoder, decoder=decoder,
                frequency_extractor=config.frequency_extractor,
                frequency_sigma=float(config.frequency_sigma))

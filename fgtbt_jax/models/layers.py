@@ -147,15 +147,61 @@ def layer_norm(epsilon: float, *, dtype: Dtype, name: str | None = None) -> nn.L
       name=name)
 
 
-def batch_norm(*, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
+class UnbiasedVarianceBatchNorm(nn.BatchNorm):
+  """`nn.BatchNorm` whose running variance takes the unbiased batch variance.
+
+  Both normalise a training batch with its biased variance (mean of squared
+  deviations); PyTorch then updates the running variance with the unbiased
+  one, var * n / (n - 1) over the n values of a channel, where Flax uses the
+  biased one. Same variables, normalisation and running mean as
+  `nn.BatchNorm` (over the last axis, float32 statistics); `axis_name` and
+  `mask` are not supported.
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    if self.axis != -1 or self.axis_name is not None:
+      raise ValueError("UnbiasedVarianceBatchNorm normalises the last axis, without axis_name")
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average)
+    features = x.shape[-1]
+    reduction_axes = tuple(range(x.ndim - 1))
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      values = x.astype(jnp.promote_types(self.dtype or x.dtype, jnp.float32))
+      mean = values.mean(reduction_axes)
+      var = jnp.maximum(0.0, jax.lax.square(values).mean(reduction_axes) - jax.lax.square(mean))
+      if not self.is_initializing():
+        count = math.prod(x.shape[:-1])
+        if count < 2:
+          raise ValueError(f"BatchNorm: the unbiased variance needs more than one value per "
+                           f"channel in training, got an input of shape {x.shape}")
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = (self.momentum * ra_var.value
+                        + (1 - self.momentum) * var * (count / (count - 1)))
+    scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+    y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.astype(self.dtype or y.dtype)
+
+
+def batch_norm(*, dtype: Dtype, unbiased_variance: bool = False,
+               name: str | None = None) -> nn.BatchNorm:
   """BatchNorm over all but the last axis with PyTorch's defaults.
 
   The running statistics live in the 'batch_stats' collection; pass
   `use_running_average=not train` when calling. Under `jax.jit` with a
   batch-sharded input the statistics are global batch statistics (XLA
-  reduces across devices), so no `axis_name` is needed.
+  reduces across devices), so no `axis_name` is needed. With
+  `unbiased_variance` the running variance is updated with the unbiased
+  batch variance, as PyTorch does (`UnbiasedVarianceBatchNorm`); else with
+  the biased one (`nn.BatchNorm`).
   """
-  return nn.BatchNorm(
+  module = UnbiasedVarianceBatchNorm if unbiased_variance else nn.BatchNorm
+  return module(
       momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, dtype=dtype,
       param_dtype=jnp.float32,
       scale_init=_named(nn.initializers.ones_init(), ("norm",)),

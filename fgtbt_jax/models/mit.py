@@ -67,6 +67,8 @@ class OverlapPatchEmbed(nn.Module):
     norm_epsilon: epsilon of the final LayerNorm (1e-5 in MiT).
     axis: logical axis name of the output width ("embed"; "prompt" for the
       FGSA structure branch).
+    batch_norm_unbiased_variance: conv-stem BatchNorms update their running
+      variance with the unbiased batch variance (PyTorch).
     dtype: compute dtype.
   """
 
@@ -76,6 +78,7 @@ class OverlapPatchEmbed(nn.Module):
   kind: str = "plain"
   norm_epsilon: float = 1e-5
   axis: str = "embed"
+  batch_norm_unbiased_variance: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -87,7 +90,8 @@ class OverlapPatchEmbed(nn.Module):
                       name="proj")(x)
     elif self.kind == "conv_stem":
       def bn_relu(y, name):
-        y = layers.batch_norm(dtype=self.dtype, name=name)(y, use_running_average=not train)
+        y = layers.batch_norm(dtype=self.dtype, unbiased_variance=self.batch_norm_unbiased_variance,
+                              name=name)(y, use_running_average=not train)
         return nn.relu(y)
       x = bn_relu(x, "norm_in")
       x = layers.conv(c, 1, self.axis, use_bias=False, dtype=self.dtype, name="conv_in")(x)

@@ -1,0 +1,751 @@
+"""Import the FGTBT authors' released PyTorch checkpoint into a run directory.
+
+  python -m fgtbt_jax.authors_checkpoint \\
+      --authors-checkpoint full_model_epoch0_best_wflw.pth --workdir runs/authors_wflw
+  python run.py eval --workdir runs/authors_wflw --config.data.data_dir=DATA
+  python run.py predict --workdir runs/authors_wflw --image face.jpg
+
+The released file is a `torch.save` zip of
+`{"model": {"name": "segformer", "args": <yacs CfgNode>, "sd": <state dict>},
+"epoch": int, "optimizer": {...}}`; `["model"]["sd"]` is the EMA model, the
+only weight set. It is read without torch and without yacs, and without
+running pickled code: `read_checkpoint` unpickles `data.pkl` with a
+restricted unpickler that knows only PyTorch's tensor rebuild functions and
+storage types, `collections.OrderedDict`, plain containers and yacs'
+`CfgNode` (read as a dict); any other global is refused, naming it. Tensors
+become numpy arrays read from the archive's `data/<key>` entries (dtype,
+shape, stride and storage offset applied; byte order from the archive's
+`byteorder` entry, little-endian when absent), and only the model's tensors
+are read (the optimizer state is never loaded).
+
+The state dict must hold exactly the tensors of the project's model with
+`fgsa_compat="authors"` (929 entries for the paper network: `_LAYERS` maps
+the authors' module names onto the project's layers). `num_batches_tracked`
+counters (reported: a released file reads 500 in every BatchNorm) and the
+unused `encoder.decode_head.conv_seg` are dropped. Layouts go to Flax:
+linear (out, in) -> (in, out); convolution (out, in, kh, kw) ->
+(kh, kw, in, out) (`torch_weights.to_flax_layout`); the FGSA 1x1 convolution
+(out, in, 1, 1) -> the project's dense (in, out); ConvTranspose (in, out, kh,
+kw) -> the flipped (kh, kw, in, out) of `layers.conv_transpose`; BatchNorm
+weight / bias / running_mean / running_var -> params scale / bias and
+batch_stats mean / var.
+
+`import_authors_checkpoint` then writes a workdir: `config.json` (the
+authors' recipe, configs/fgtbt_authors.py: `model.fgsa_compat="authors"`,
+`model.batch_norm_unbiased_variance=True` as PyTorch trained it, their
+evaluation conventions (heatmap mapping and quantised ground truth, FR from
+the inter-pupil NME, unpadded test batches of 8), `data.datasets` the one
+dataset) and the weights as that dataset's best EMA model
+(`checkpoints/best_<DATASET>/<epoch>/model`, NME metric `inf`: not measured
+here, so a training run in this workdir replaces it at its first
+evaluation). `run.py eval` reads the best model when there is no train
+state; it needs the converted data (`--config.data.data_dir`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import io
+import json
+import math
+import os
+import pathlib
+import pickle
+import re
+import sys
+import zipfile
+import zlib
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import ml_dtypes
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from configs import fgtbt_authors
+from fgtbt_jax import checkpointing
+from fgtbt_jax import landmarks
+from fgtbt_jax import models
+from fgtbt_jax.torch_weights import to_flax_layout
+
+# The EMA model is saved with the test batch size the authors evaluated with:
+# with `fgsa_compat="authors"` a face's output depends on its batch-mates.
+AUTHORS_EVAL_BATCH_SIZE = 8
+# Where the released files keep their tensors.
+STATE_DICT_PATH = ("model", "sd")
+DROPPED_LAYERS = ("encoder.decode_head.conv_seg",)
+BATCHES_TRACKED = "num_batches_tracked"
+IMPORT_RECORD = "authors_checkpoint.json"
+
+_STEM = (("norm_in", "bn1"), ("conv_in", "conv1"), ("norm_mid", "bn2"), ("proj", "proj"),
+         ("norm_out", "bn3"), ("conv_out", "conv3"), ("norm", "norm"))
+_BLOCK = (("norm1", "norm1"), ("attention/q", "attn.q"), ("attention/kv", "attn.kv"),
+          ("attention/proj", "attn.proj"), ("attention/sr", "attn.sr"),
+          ("attention/sr_norm", "attn.norm"), ("norm2", "norm2"), ("mlp/fc1", "mlp.fc1"),
+          ("mlp/dwconv", "mlp.dwconv.dwconv"), ("mlp/fc2", "mlp.fc2"))
+_BOTTLENECK = (("norm1", "bn1"), ("conv1", "conv1"), ("norm2", "bn2"), ("conv2", "conv2"),
+               ("norm3", "bn3"), ("conv3", "conv3"), ("shortcut_norm", "downsample.0"),
+               ("shortcut", "downsample.2"))
+_BACKBONE = "encoder.backbone."
+_PROMPT = _BACKBONE + "prompt_generator."
+_HEAD = "encoder.decode_head."
+
+# (project layer, authors module, kernel layout). {i}: the project's stage or
+# decoder index, {I} = i + 1 the authors'; {j}: a block. Layouts: "linear" and
+# "conv" as `to_flax_layout`, "conv1x1_dense" a 1x1 convolution the project
+# applies as a dense layer, "conv_transpose" a ConvTranspose2d.
+_LAYERS: tuple[tuple[str, str, str], ...] = (
+    *((f"encoder/stage_{{i}}/patch_embed/{ours}", f"{_BACKBONE}patch_embed{{I}}.{theirs}", "conv")
+      for ours, theirs in _STEM),
+    *((f"encoder/stage_{{i}}/block_{{j}}/{ours}", f"{_BACKBONE}block{{I}}.{{j}}.{theirs}", "linear")
+      for ours, theirs in _BLOCK),
+    ("encoder/stage_{i}/norm", _BACKBONE + "norm{I}", "linear"),
+    *((f"encoder/stage_{{i}}/fgsa/refine/{ours}", f"{_PROMPT}handcrafted_generator{{I}}.{theirs}",
+       "conv") for ours, theirs in _STEM),
+    ("encoder/stage_{i}/fgsa/image_proj", _PROMPT + "embedding_generator{I}", "linear"),
+    ("encoder/stage_{i}/fgsa/reduce_{j}", _PROMPT + "lightweight_mlp{I}_{j}.0", "linear"),
+    ("encoder/stage_{i}/fgsa/expand", _PROMPT + "shared_mlp{I}", "linear"),
+    ("encoder/stage_{i}/fgsa/norm", _PROMPT + "bn{I}", "linear"),
+    ("encoder/stage_{i}/fgsa/conv", _PROMPT + "conv{I}", "conv1x1_dense"),
+    ("encoder/stage_{i}/fgsa/channel_attention/squeeze",
+     _PROMPT + "shared_csam{I}.semantic_att.linear.0", "linear"),
+    ("encoder/stage_{i}/fgsa/channel_attention/excite",
+     _PROMPT + "shared_csam{I}.semantic_att.linear.2", "linear"),
+    ("decoder/embed_{i}", _HEAD + "linear_c{I}.proj", "linear"),
+    ("decoder/fuse", _HEAD + "linear_fuse.conv", "conv"),
+    ("decoder/fuse_norm", _HEAD + "linear_fuse.bn", "conv"),
+    ("decoder/project", _HEAD + "linear_pred", "conv"),
+    *((f"decoder/conv_block/{ours}", f"{_HEAD}conv1.{theirs}", "conv")
+      for ours, theirs in _BOTTLENECK),
+    ("decoder/upsample", _HEAD + "upSample.upsample", "conv_transpose"),
+    ("decoder/heatmap", _HEAD + "conv2", "conv"),
+)
+
+# Flax leaf -> PyTorch tensor name, by layer kind.
+_BATCH_NORM_LEAVES = {("params", "scale"): "weight", ("params", "bias"): "bias",
+                      ("batch_stats", "mean"): "running_mean",
+                      ("batch_stats", "var"): "running_var"}
+_LAYER_NORM_LEAVES = {("params", "scale"): "weight", ("params", "bias"): "bias"}
+_WEIGHT_LEAVES = {("params", "kernel"): "weight", ("params", "bias"): "bias"}
+
+
+class AuthorsCheckpointError(ValueError):
+  """A file that is not a usable authors' checkpoint; the message starts with `where`.
+
+  Attributes:
+    where: the file, or "file:key" for one entry of its state dict.
+    reason: what is wrong.
+    report: the `LoadReport` when the state dict did not fit the model.
+  """
+
+  def __init__(self, where: str, reason: str, report: "LoadReport | None" = None):
+    super().__init__(f"{where}: {reason}")
+    self.where = where
+    self.reason = reason
+    self.report = report
+
+
+# -- reading a torch.save archive without torch ----------------------------------
+
+
+class ConfigNode(dict):
+  """A pickled yacs `CfgNode`: a plain dict of its entries (yacs' own attributes dropped)."""
+
+  def __setstate__(self, state):
+    del state  # yacs' bookkeeping (immutability flags, renamed keys).
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageType:
+  name: str
+
+
+# PyTorch storage classes -> numpy dtypes of their elements.
+_STORAGE_DTYPES = {
+    "FloatStorage": np.dtype(np.float32), "DoubleStorage": np.dtype(np.float64),
+    "HalfStorage": np.dtype(np.float16), "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype(np.int64), "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16), "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8), "BoolStorage": np.dtype(np.bool_),
+    "UntypedStorage": np.dtype(np.uint8),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+  """A tensor of the archive, not read yet: its storage entry and view into it."""
+
+  storage: str
+  dtype: np.dtype
+  numel: int
+  offset: int
+  shape: tuple[int, ...]
+  stride: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Storage:
+  key: str
+  dtype: np.dtype
+  numel: int
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *unused) -> StoredTensor:
+  """Stands in for torch._utils._rebuild_tensor(_v2) (the extra arguments: grad flag, hooks)."""
+  del unused
+  if not isinstance(storage, _Storage):
+    raise pickle.UnpicklingError("a tensor without a storage")
+  return StoredTensor(storage.key, storage.dtype, storage.numel, int(storage_offset),
+                      tuple(int(s) for s in size), tuple(int(s) for s in stride))
+
+
+def _rebuild_parameter(data, *unused):
+  """Stands in for torch._utils._rebuild_parameter(_with_state): the parameter's tensor."""
+  del unused
+  return data
+
+
+_ALLOWED_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
+    ("__builtin__", "set"): set, ("__builtin__", "frozenset"): frozenset,
+    ("yacs.config", "CfgNode"): ConfigNode,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+  """Unpickles a torch.save `data.pkl` into dicts, lists and `StoredTensor`s, nothing else."""
+
+  def __init__(self, file, where: str):
+    super().__init__(file)
+    self._where = where
+
+  def find_class(self, module: str, name: str):
+    if (module, name) in _ALLOWED_GLOBALS:
+      return _ALLOWED_GLOBALS[(module, name)]
+    if module == "torch" and name in _STORAGE_DTYPES:
+      return _StorageType(name)
+    raise AuthorsCheckpointError(
+        self._where, f"refusing to unpickle {module}.{name}: a checkpoint holds only tensors, "
+        "storages and containers")
+
+  def persistent_load(self, pid):
+    if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
+        or not isinstance(pid[1], _StorageType)):
+      raise AuthorsCheckpointError(self._where, f"unknown persistent id {pid!r} in data.pkl")
+    _, storage_type, key, _, numel = pid
+    return _Storage(str(key), _STORAGE_DTYPES[storage_type.name], int(numel))
+
+
+class _Archive:
+  """The entries of a torch.save zip archive: data.pkl, byteorder, data/<key>."""
+
+  def __init__(self, path: pathlib.Path):
+    self.where = str(path)
+    try:
+      self._zip = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+      with open(path, "rb") as f:
+        head = f.read(4)
+      if head == b"PK\x03\x04":
+        raise AuthorsCheckpointError(
+            self.where, "truncated or damaged: a zip archive without its directory") from None
+      raise AuthorsCheckpointError(
+          self.where, "not a torch.save checkpoint (not a zip archive; files of torch < 1.6 "
+          "must be re-saved with a current torch)") from None
+    pickles = [n for n in self._zip.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+    if len(pickles) != 1:
+      self._zip.close()
+      raise AuthorsCheckpointError(
+          self.where, "not a torch.save checkpoint: the zip archive has "
+          f"{'no' if not pickles else len(pickles)} data.pkl")
+    self._prefix = pickles[0][:-len("data.pkl")]
+    order = self._read_optional("byteorder")
+    self._byteorder = "<" if order in (None, b"little") else ">"
+    self._storages: dict[str, np.ndarray] = {}
+
+  def _read(self, name: str) -> bytes:
+    try:
+      return self._zip.read(self._prefix + name)
+    except KeyError:
+      raise AuthorsCheckpointError(self.where, f"the archive has no entry {name}") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+      raise AuthorsCheckpointError(self.where, f"truncated or damaged entry {name}: {e}") from None
+
+  def _read_optional(self, name: str) -> bytes | None:
+    if self._prefix + name not in self._zip.namelist():
+      return None
+    return self._read(name).strip()
+
+  def unpickle(self) -> Any:
+    data = self._read("data.pkl")
+    try:
+      return _RestrictedUnpickler(io.BytesIO(data), self.where).load()
+    except AuthorsCheckpointError:
+      raise
+    except Exception as e:  # A damaged pickle can fail in any of pickle's own ways.
+      raise AuthorsCheckpointError(self.where, f"unreadable data.pkl: {type(e).__name__}: "
+                                   f"{e}") from None
+
+  def _storage(self, key: str, dtype: np.dtype, numel: int) -> np.ndarray:
+    if key not in self._storages:
+      raw = self._read(f"data/{key}")
+      if len(raw) != numel * dtype.itemsize:
+        raise AuthorsCheckpointError(
+            self.where, f"storage data/{key} holds {len(raw)} bytes, {numel} x {dtype.itemsize} "
+            "expected (truncated or damaged)")
+      # Read as unsigned integers of the file's byte order, then view as the dtype
+      # (bfloat16 has no byte-swapped numpy form).
+      unsigned = np.frombuffer(raw, np.dtype(f"{self._byteorder}u{dtype.itemsize}"))
+      self._storages[key] = unsigned.astype(f"=u{dtype.itemsize}").view(dtype)
+    return self._storages[key]
+
+  def tensor(self, tensor: StoredTensor, name: str) -> np.ndarray:
+    """The numpy array of a stored tensor (a copy, C-contiguous)."""
+    storage = self._storage(tensor.storage, tensor.dtype, tensor.numel)
+    shape, stride = tensor.shape, tensor.stride
+    if len(shape) != len(stride) or min(shape + stride + (tensor.offset,), default=0) < 0:
+      raise AuthorsCheckpointError(f"{self.where}:{name}", f"bad tensor view: shape {shape}, "
+                                   f"stride {stride}, offset {tensor.offset}")
+    if math.prod(shape) == 0:
+      return np.zeros(shape, tensor.dtype)
+    last = tensor.offset + sum((n - 1) * s for n, s in zip(shape, stride))
+    if last >= storage.size:
+      raise AuthorsCheckpointError(
+          f"{self.where}:{name}", f"tensor of shape {shape} reaches element {last} of a "
+          f"{storage.size}-element storage")
+    view = np.lib.stride_tricks.as_strided(
+        storage[tensor.offset:], shape, tuple(s * storage.itemsize for s in stride),
+        writeable=False)
+    return np.array(view)
+
+  def close(self) -> None:
+    self._zip.close()
+
+
+@dataclasses.dataclass
+class AuthorsCheckpoint:
+  """What `read_checkpoint` returns.
+
+  Attributes:
+    state_dict: tensor name -> numpy array (the EMA model).
+    epoch: the file's "epoch" entry (None when absent).
+    args: the model's config (the pickled yacs CfgNode) as nested dicts.
+  """
+
+  state_dict: dict[str, np.ndarray]
+  epoch: int | None
+  args: Any
+
+
+def read_checkpoint(path: str | os.PathLike) -> AuthorsCheckpoint:
+  """Reads an authors' checkpoint without torch (see the module docstring).
+
+  Raises:
+    FileNotFoundError: no such file.
+    AuthorsCheckpointError: not a torch.save zip archive, truncated or
+      damaged, a pickled global other than tensors, storages and containers,
+      or not the released `{"model": {"sd": ...}, ...}` structure.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such checkpoint file")
+  archive = _Archive(path)
+  try:
+    content = archive.unpickle()
+    model = content.get("model") if isinstance(content, Mapping) else None
+    state = model.get("sd") if isinstance(model, Mapping) else None
+    if not isinstance(state, Mapping):
+      found = (f"a dict with keys {sorted(map(str, content))[:8]}"
+               if isinstance(content, Mapping) else f"a {type(content).__name__}")
+      raise AuthorsCheckpointError(
+          str(path), "not an FGTBT authors' checkpoint: expected "
+          f"{{'model': {{'sd': <state dict>, ...}}, 'epoch': ...}}, found {found}")
+    state_dict = {}
+    for name, tensor in state.items():
+      if not isinstance(tensor, StoredTensor):
+        raise AuthorsCheckpointError(f"{path}:{name}",
+                                     f"not a tensor but a {type(tensor).__name__}")
+      state_dict[str(name)] = archive.tensor(tensor, str(name))
+  finally:
+    archive.close()
+  epoch = content.get("epoch")
+  return AuthorsCheckpoint(state_dict, int(epoch) if isinstance(epoch, int) else None,
+                           model.get("args"))
+
+
+# -- the name map ------------------------------------------------------------------------
+
+
+def _template_regex(template: str) -> re.Pattern:
+  pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
+  return re.compile(pattern)
+
+
+_LAYER_PATTERNS = tuple((_template_regex(ours), theirs, layout) for ours, theirs, layout in _LAYERS)
+
+
+def authors_layer(layer: str) -> tuple[str, str] | None:
+  """(authors' module name, kernel layout) of a project layer path, or None.
+
+  E.g. "encoder/stage_0/fgsa/reduce_2" -> ("encoder.backbone.prompt_generator.lightweight_mlp1_2.0",
+  "linear").
+  """
+  for pattern, theirs, layout in _LAYER_PATTERNS:
+    match = pattern.fullmatch(layer)
+    if match:
+      fields = match.groupdict()
+      index = {"I": int(fields["i"]) + 1} if "i" in fields else {}
+      return theirs.format(j=fields.get("j"), **index), layout
+  return None
+
+
+def _torch_shape(shape: tuple[int, ...], leaf: str, layout: str) -> tuple[int, ...]:
+  """The PyTorch shape of a Flax leaf of this shape (the inverse of `_to_flax`)."""
+  if leaf != "kernel":
+    return shape
+  if layout == "conv1x1_dense":
+    return (shape[1], shape[0], 1, 1)
+  if len(shape) == 2:
+    return (shape[1], shape[0])
+  if layout == "conv_transpose":
+    return (shape[2], shape[3], shape[0], shape[1])
+  return (shape[3], shape[2], shape[0], shape[1])
+
+
+def _to_flax(array: np.ndarray, leaf: str, layout: str) -> np.ndarray:
+  """A PyTorch tensor in the layout of the project's Flax leaf."""
+  if leaf == "kernel" and layout == "conv1x1_dense":
+    return array[:, :, 0, 0].T
+  if leaf == "kernel" and layout == "conv_transpose":
+    # layers.conv_transpose: the flipped kernel of PyTorch's ConvTranspose2d.
+    return array[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)
+  return to_flax_layout(array, leaf)
+
+
+@dataclasses.dataclass(frozen=True)
+class MappedTensor:
+  """One model variable and its tensor in the authors' state dict.
+
+  Attributes:
+    path: ("params" | "batch_stats", *layer path, leaf) in the project's tree.
+    shape: its Flax shape.
+    torch_shape: the tensor's shape in the state dict.
+    layout: the kernel layout (see `_LAYERS`).
+  """
+
+  path: tuple[str, ...]
+  shape: tuple[int, ...]
+  torch_shape: tuple[int, ...]
+  layout: str
+
+
+def _check_model_config(model_config: ml_collections.ConfigDict) -> None:
+  wanted = {"patch_embed": "conv_stem", "fgsa": True, "fgsa_compat": "authors"}
+  wrong = {k: model_config[k] for k, v in wanted.items() if model_config[k] != v}
+  if wrong:
+    raise ValueError(f"the authors' weights need a model with {wanted}; this one has {wrong}")
+
+
+def name_map(model_config: ml_collections.ConfigDict) -> tuple[dict[str, MappedTensor], list[str]]:
+  """The authors' tensor names of a model's variables, and the names dropped on import.
+
+  Args:
+    model_config: a `models.model_config(...)` with the conv-stem patch
+      embedding, FGSA on and `fgsa_compat="authors"`.
+
+  Returns:
+    ({authors' name: MappedTensor} for every variable of the model, in the
+    order of its variable tree; [the BatchNorm counters and conv_seg tensors
+    of a released file]).
+  """
+  _check_model_config(model_config)
+  abstract = nn.meta.unbox(models.abstract_variables(models.build_model(model_config), 64))
+  layers: dict[str, dict[tuple[str, str], tuple[int, ...]]] = {}
+  for path, leaf in flatten_dict(abstract).items():
+    collection, *layer, name = path
+    layers.setdefault("/".join(layer), {})[(collection, name)] = tuple(leaf.shape)
+  mapped, dropped = {}, []
+  for layer, leaves in layers.items():
+    found = authors_layer(layer)
+    if found is None:
+      raise ValueError(f"model layer {layer} has no counterpart in the authors' checkpoint")
+    module, layout = found
+    if ("batch_stats", "mean") in leaves:
+      names, dropped = _BATCH_NORM_LEAVES, dropped + [f"{module}.{BATCHES_TRACKED}"]
+    elif ("params", "scale") in leaves:
+      names = _LAYER_NORM_LEAVES
+    else:
+      names = _WEIGHT_LEAVES
+    for (collection, leaf), shape in leaves.items():
+      mapped[f"{module}.{names[(collection, leaf)]}"] = MappedTensor(
+          (collection, *layer.split("/"), leaf), shape, _torch_shape(shape, leaf, layout), layout)
+  dropped += [f"{layer}.{leaf}" for layer in DROPPED_LAYERS for leaf in ("weight", "bias")]
+  return mapped, dropped
+
+
+def authors_state_dict_shapes(
+    model_config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
+  """{name: PyTorch shape} of the authors' state dict for this model (their file's order aside).
+
+  The paper network gives the 929 entries of the released files; conv_seg's
+  shape is (num_points, upsample_channels, 1, 1).
+  """
+  mapped, dropped = name_map(model_config)
+  shapes = {name: tensor.torch_shape for name, tensor in mapped.items()}
+  for name in dropped:
+    if name.endswith(BATCHES_TRACKED):
+      shapes[name] = ()
+    else:
+      seg = (model_config.num_points, model_config.upsample_channels, 1, 1)
+      shapes[name] = seg if name.endswith("weight") else seg[:1]
+  return shapes
+
+
+# -- the state dict -> the model's variables ------------------------------------------
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What a conversion found, tensor by tensor.
+
+  Attributes:
+    loaded: authors' name -> model variable ("params/encoder/stage_0/...").
+    dropped: names in the file that are not used (BatchNorm counters, conv_seg).
+    missing: names the model needs that the file lacks.
+    unexpected: names in the file that are neither loaded nor dropped.
+    mismatched: name -> (shape in the file, shape the model needs).
+    batches_tracked: num_batches_tracked value -> how many BatchNorms had it.
+  """
+
+  loaded: dict[str, str] = dataclasses.field(default_factory=dict)
+  dropped: list[str] = dataclasses.field(default_factory=list)
+  missing: list[str] = dataclasses.field(default_factory=list)
+  unexpected: list[str] = dataclasses.field(default_factory=list)
+  mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = dataclasses.field(
+      default_factory=dict)
+  batches_tracked: dict[int, int] = dataclasses.field(default_factory=dict)
+
+  @property
+  def ok(self) -> bool:
+    return not (self.missing or self.unexpected or self.mismatched)
+
+  def problems(self) -> list[tuple[str, str]]:
+    """(name, what is wrong) for every tensor that keeps the file from loading."""
+    return ([(n, "missing from the state dict") for n in self.missing]
+            + [(n, "not a tensor of the model") for n in self.unexpected]
+            + [(n, f"shape {f} in the file, the model needs {m}")
+               for n, (f, m) in self.mismatched.items()])
+
+  def summary(self, max_lines: int = 20) -> str:
+    """A readable multi-line account (long lists cut to `max_lines`)."""
+    lines = [f"loaded {len(self.loaded)} tensors, dropped {len(self.dropped)}, "
+             f"missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
+             f"shape mismatches {len(self.mismatched)}"]
+    if self.batches_tracked:
+      counts = ", ".join(f"{value} in {n}" for value, n in sorted(self.batches_tracked.items()))
+      lines.append(f"num_batches_tracked of the {sum(self.batches_tracked.values())} "
+                   f"BatchNorms: {counts} (dropped)")
+    layers = sorted({n for n in self.dropped if not n.endswith(BATCHES_TRACKED)})
+    if layers:
+      lines.append(f"dropped (unused by the model): {', '.join(layers)}")
+    for title, names in (("missing", self.missing), ("unexpected", self.unexpected),
+                         ("shape mismatches", list(self.mismatched))):
+      if not names:
+        continue
+      lines.append(f"{title}:")
+      for name in names[:max_lines]:
+        shapes = self.mismatched.get(name)
+        lines.append(f"  {name}" + (f": file {shapes[0]}, model {shapes[1]}" if shapes else ""))
+      if len(names) > max_lines:
+        lines.append(f"  ... and {len(names) - max_lines} more")
+    return "\n".join(lines)
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray],
+                       model_config: ml_collections.ConfigDict,
+                       where: str = "state dict") -> tuple[dict, LoadReport]:
+  """The authors' state dict as the model's {"params", "batch_stats"} (float32 numpy).
+
+  Args:
+    state_dict: name -> numpy array, as `read_checkpoint` gives it.
+    model_config: the target model (conv stem, FGSA on, fgsa_compat "authors").
+    where: the file, for error messages.
+
+  Raises:
+    AuthorsCheckpointError: missing or unexpected names, or shape
+      mismatches; the message names the first (and counts the others), the
+      error's `report` lists them all.
+  """
+  mapped, dropped = name_map(model_config)
+  dropped_names = set(dropped)
+  report = LoadReport()
+  flat = {}
+  for name, array in state_dict.items():
+    array = np.asarray(array)
+    if name in dropped_names:
+      report.dropped.append(name)
+      if name.endswith(BATCHES_TRACKED) and array.size == 1:
+        value = int(array.reshape(()))
+        report.batches_tracked[value] = report.batches_tracked.get(value, 0) + 1
+    elif name not in mapped:
+      report.unexpected.append(name)
+    elif tuple(array.shape) != mapped[name].torch_shape:
+      report.mismatched[name] = (tuple(array.shape), mapped[name].torch_shape)
+    else:
+      tensor = mapped[name]
+      flat[tensor.path] = np.ascontiguousarray(
+          _to_flax(array, tensor.path[-1], tensor.layout), np.float32)
+      report.loaded[name] = "/".join(tensor.path)
+  report.missing = [name for name in mapped if name not in state_dict]
+  problems = report.problems()
+  if problems:
+    name, reason = problems[0]
+    others = len(problems) - 1
+    more = (f" (and {others} more problem{'s' if others > 1 else ''}: see the load report)"
+            if others else "")
+    raise AuthorsCheckpointError(f"{where}:{name}", reason + more, report)
+  return unflatten_dict(flat), report
+
+
+# -- the workdir ------------------------------------------------------------------------
+
+
+def dataset_from_filename(path: str | os.PathLike) -> str | None:
+  """"WFLW" for full_model_epoch0_best_wflw.pth; None without a `_best_<dataset>` suffix."""
+  match = re.search(r"_best_([A-Za-z0-9]+)$", pathlib.Path(path).stem)
+  if match is None:
+    return None
+  try:
+    return landmarks.get_protocol(match[1]).name
+  except ValueError:
+    return None
+
+
+def run_config(dataset: str, variant: str = "paper") -> ml_collections.ConfigDict:
+  """The run config of an imported checkpoint (see the module docstring)."""
+  config = fgtbt_authors.get_config()  # Their model, recipe and evaluation.
+  config.model.update(models.model_config(
+      variant, fgsa_compat="authors", batch_norm_unbiased_variance=True))
+  config.data.datasets = (dataset,)
+  config.data.eval_batch_size = AUTHORS_EVAL_BATCH_SIZE
+  config.eval.best_on_subsets = tuple(
+      entry for entry in config.eval.best_on_subsets if entry.startswith(f"{dataset}:"))
+  return config
+
+
+@dataclasses.dataclass
+class ImportResult:
+  """What `import_authors_checkpoint` wrote.
+
+  Attributes:
+    workdir: the run directory.
+    dataset: whose best model the weights are.
+    step: the checkpoint's step (the file's epoch entry; 0 when absent).
+    report: the `LoadReport`.
+  """
+
+  workdir: pathlib.Path
+  dataset: str
+  step: int
+  report: LoadReport
+
+
+def _check_free(workdir: pathlib.Path) -> None:
+  for name in (checkpointing.CONFIG_FILE, checkpointing.CHECKPOINTS_DIR):
+    if (workdir / name).exists():
+      raise FileExistsError(f"{workdir} already holds a run ({workdir / name}); "
+                            "import into a new workdir")
+
+
+def import_authors_checkpoint(path: str | os.PathLike, workdir: str | os.PathLike,
+                              dataset: str | None = None, *,
+                              variant: str = "paper") -> ImportResult:
+  """Converts an authors' checkpoint into a workdir for `run.py eval` / `predict`.
+
+  Args:
+    path: the released .pth file.
+    workdir: a new (or empty) run directory.
+    dataset: whose best model the file is ("WFLW", "300W", "COFW", "AFLW",
+      any case); default from the file name's `_best_<dataset>` suffix.
+    variant: the model variant the state dict is of ("paper" for the
+      released files; smaller ones for tests).
+
+  Raises:
+    FileNotFoundError: no such file.
+    FileExistsError: the workdir already holds a run (config.json or checkpoints/).
+    AuthorsCheckpointError: the file is not a usable authors' checkpoint.
+    ValueError: no dataset given or in the file name, or an unknown one.
+  """
+  path, workdir = pathlib.Path(path), pathlib.Path(workdir)
+  if dataset is None:
+    dataset = dataset_from_filename(path)
+    if dataset is None:
+      raise ValueError(f"{path}: which dataset's best model is this? The file name has no "
+                       "_best_<dataset> suffix; pass the dataset, one of "
+                       f"{landmarks.PROTOCOL_NAMES}")
+  dataset = landmarks.get_protocol(dataset).name
+  _check_free(workdir)
+  checkpoint = read_checkpoint(path)
+  config = run_config(dataset, variant)
+  variables, report = convert_state_dict(checkpoint.state_dict, config.model, str(path))
+  step = checkpoint.epoch if checkpoint.epoch is not None and checkpoint.epoch >= 0 else 0
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpointing.write_run_config(config, workdir)
+  checkpoints = checkpointing.Checkpointer.for_run(config, workdir, enable_async=False)
+  try:
+    # Not measured here: any evaluated model of a later training run is better.
+    checkpoints.save_best(step, jax.tree.map(jnp.asarray, variables),
+                          {dataset: float("inf")})
+  finally:
+    checkpoints.close()
+  record = {"source": str(path.resolve()), "dataset": dataset, "step": step,
+            "epoch": checkpoint.epoch, "loaded": len(report.loaded),
+            "dropped": len(report.dropped),
+            "num_batches_tracked": {str(k): v for k, v in report.batches_tracked.items()}}
+  (workdir / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+  return ImportResult(workdir, dataset, step, report)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m fgtbt_jax.authors_checkpoint",
+      description="Import the FGTBT authors' released checkpoint into a workdir that "
+                  "`run.py eval --checkpoint=best` and `run.py predict` read.")
+  parser.add_argument("--authors-checkpoint", required=True,
+                      help="the released .pth file, e.g. full_model_epoch0_best_wflw.pth")
+  parser.add_argument("--workdir", required=True, help="a new run directory to write")
+  parser.add_argument("--dataset", default=None,
+                      help="whose best model it is (default: the file name's _best_<dataset>)")
+  parser.add_argument("--variant", default="paper", choices=models.VARIANTS,
+                      help="model variant of the state dict (the released files: paper)")
+  args = parser.parse_args(argv)
+  try:
+    result = import_authors_checkpoint(args.authors_checkpoint, args.workdir, args.dataset,
+                                       variant=args.variant)
+  except AuthorsCheckpointError as e:
+    if e.report is not None:
+      print(e.report.summary())
+    print(f"authors_checkpoint: {e}", file=sys.stderr)
+    return 1
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    print(f"authors_checkpoint: {e}", file=sys.stderr)
+    return 1
+  print(result.report.summary())
+  print(f"wrote {result.workdir}: the {result.dataset} best model (step {result.step}); "
+        f"python run.py eval --workdir {result.workdir} --checkpoint=best "
+        "--config.data.data_dir=DATA")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
