@@ -103,7 +103,8 @@ _WORKDIR = flags.DEFINE_string(
 _CHECKPOINT = flags.DEFINE_enum(
     "checkpoint", None, list(checkpointing.CHECKPOINT_KINDS),
     "eval and predict: the latest train state's EMA model, or the best EMA model "
-    "(eval: each dataset's own; predict: --dataset's). Default: latest for eval, best "
+    "(eval: each dataset's own; predict: --dataset's). Default: latest for eval (best "
+    "when the workdir holds no train state, e.g. imported weights), best "
     "for predict.")
 _STUDIES = flags.DEFINE_list(
     "studies", None, "eval: report studies to run (sets eval.studies): "
@@ -266,6 +267,16 @@ def _print_outputs(workdir: pathlib.Path, final: dict, title: str) -> None:
       print(f"  {name:<20} {what}")
 
 
+def _default_eval_checkpoint(workdir: pathlib.Path) -> str:
+  """"latest", or "best" for a workdir that holds best models only (an import)."""
+  checkpoints = workdir / checkpointing.CHECKPOINTS_DIR
+  latest = checkpoints / "latest"
+  has_latest = latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir())
+  has_best = any(p.name.startswith("best_") and any(q.name.isdigit() for q in p.iterdir())
+                 for p in checkpoints.glob("best_*") if p.is_dir())
+  return "best" if has_best and not has_latest else "latest"
+
+
 def run_mode(mode: str, workdir: pathlib.Path) -> int:
   """One mode's library call and its console output; returns the exit status."""
   if mode == "train":
@@ -285,7 +296,7 @@ def run_mode(mode: str, workdir: pathlib.Path) -> int:
         dataset=_DATASET.value, box=_parse_box(_BOX.value), protocol=_PROTOCOL.value,
         flip_test=_FLIP_TEST.value, decoder=_DECODER.value, smoothing_sigma=_SMOOTHING.value,
         batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value)
-  which = _CHECKPOINT.value or "latest"
+  which = _CHECKPOINT.value or _default_eval_checkpoint(workdir)
   done = evaluate.evaluate_workdir(eval_config(workdir), workdir, which,
                                    write_report=_REPORT.value)
   _print_outputs(workdir, done.final, f"{which} checkpoint(s), step(s) "

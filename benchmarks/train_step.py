@@ -253,7 +253,7 @@ def _breakdown(setup: state_lib.Setup, state: state_lib.TrainState, batch: dict,
     height, width = heatmaps.shape[1:3]
     stride = batch["image"].shape[1] / height
     target = losses.render_targets(batch["landmarks"], batch["mask"], height, width,
-                                   loss_config.sigma, stride, loss_config.rounded_targets)
+                                   loss_config.sigma, stride, loss_config.target_rounding)
     total, _ = losses.fmb_loss(loss_config, heatmaps, target, batch["mask"],
                                batch["dataset_id"], state.balancer_params, state.balancer_state)
     return total

@@ -57,7 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.weight_threshold = 0.2  # W = scale * [maxpool3x3(y) >= threshold] + 1
   config.loss.weight_scale = 10.0
   config.loss.sigma = 3.0             # target Gaussian, heatmap pixels
-  config.loss.rounded_targets = False  # True: integer centres as the authors' code
+  # Target centres: none (exact) | nearest (integer) | authors (trunc(x + 1)).
+  config.loss.target_rounding = "none"
   config.loss.dwa_temperature = 2.0
   config.loss.dwa_window = 1000       # steps per DWA loss window
 
@@ -85,6 +86,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.resume_with_changes = False
   # EMA decay per step = 0.5 ** (images per step / half-life).
   config.train.ema_half_life_images = 10_000.0
+  # From this step on the forward runs in eval mode (BatchNorm on its frozen
+  # running statistics, dropout and stochastic depth off), as the FGTBT
+  # authors' model did from step 500; 0 = never.
+  config.train.freeze_batch_norm_after_step = 0
   # Fail on implicit host<->device transfers inside the step.
   config.train.transfer_guard = True
 
@@ -100,6 +105,9 @@ def get_config() -> ml_collections.ConfigDict:
   # FR from this normaliser's NME ("" = each dataset's default; the authors
   # report FR@0.1 from "inter_pupil" for every dataset).
   config.eval.failure_normalizer = ""
+  # The best checkpoint of a "DATASET:subset" entry is the one with the lowest
+  # NME on that subset (the authors': "300W:challenging"); else the full split.
+  config.eval.best_on_subsets = ()
   # Report studies of `run.py eval` (fgtbt_jax/studies.py): "lowres", "quantization".
   config.eval.studies = ()
   config.eval.lowres_sides = (16, 32, 64, 128)  # face box sides of the lowres study, px

@@ -60,8 +60,10 @@ def render_gaussian(points, mask, height: int, width: int, sigma,
     mask: (..., K) bool; False channels are rendered as all zeros.
     height, width: static heatmap size.
     sigma: Gaussian standard deviation in heatmap pixels.
-    rounded: centre each Gaussian on the nearest integer pixel (ties round
-      up), as the authors' code does; default is the exact sub-pixel centre.
+    rounded: where each Gaussian is centred (`TARGET_ROUNDINGS`): False /
+      "none" the exact sub-pixel centre; True / "nearest" the nearest integer
+      pixel (ties round up); "authors" trunc(x + 1), the FGTBT authors'
+      targets (about +0.5 px right and down of the exact centre).
     dtype: dtype of the returned heatmaps.
 
   Returns:
@@ -85,8 +87,11 @@ def render_gaussian(points, mask, height: int, width: int, sigma,
   # zeroed through the row profile below.
   x = jnp.where(valid, x, 0.0)
   y = jnp.where(valid, y, 0.0)
-  if rounded:
+  rounding = target_rounding(rounded)
+  if rounding == "nearest":
     x, y = jnp.floor(x + 0.5), jnp.floor(y + 0.5)
+  elif rounding == "authors":  # trunc(x + 1) = floor(x) + 1 on the map (x >= -0.5).
+    x, y = jnp.floor(x) + 1.0, jnp.floor(y) + 1.0
   inv_two_var = 1.0 / (2.0 * jnp.square(jnp.asarray(sigma, jnp.float32)))
   columns = jnp.arange(width, dtype=jnp.float32)[:, None]  # (W, 1)
   rows = jnp.arange(height, dtype=jnp.float32)[:, None]  # (H, 1)
@@ -95,6 +100,18 @@ def render_gaussian(points, mask, height: int, width: int, sigma,
   profile_x = jnp.where(valid[..., None, :], profile_x, 0.0)
   return (profile_y.astype(dtype)[..., :, None, :] *
           profile_x.astype(dtype)[..., None, :, :])
+
+
+TARGET_ROUNDINGS = ("none", "nearest", "authors")
+
+
+def target_rounding(rounded: bool | str) -> str:
+  """A `render_gaussian` rounding as one of TARGET_ROUNDINGS (booleans: none / nearest)."""
+  if isinstance(rounded, (bool, np.bool_)):
+    return "nearest" if rounded else "none"
+  if rounded not in TARGET_ROUNDINGS:
+    raise ValueError(f"target rounding {rounded!r}: expected one of {TARGET_ROUNDINGS}")
+  return rounded
 
 
 def _check_heatmaps(heatmaps, what: str) -> None:

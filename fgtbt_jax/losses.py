@@ -160,7 +160,7 @@ class LossConfig:
   weight_threshold: float = 0.2
   weight_scale: float = 10.0
   sigma: float = 3.0
-  rounded_targets: bool = False
+  target_rounding: str = "none"  # heatmaps.TARGET_ROUNDINGS
   dwa_temperature: float = 2.0
   dwa_window: int = 100
   num_datasets: int = len(landmarks_lib.PROTOCOL_NAMES)
@@ -173,6 +173,9 @@ class LossConfig:
       raise ValueError(f"loss.beta must be in [0, 1), got {self.beta}")
     if self.sigma <= 0:
       raise ValueError(f"loss.sigma must be positive, got {self.sigma}")
+    if self.target_rounding not in heatmaps.TARGET_ROUNDINGS:
+      raise ValueError(f"loss.target_rounding must be one of {heatmaps.TARGET_ROUNDINGS}, "
+                       f"got {self.target_rounding!r}")
     if self.dwa_temperature <= 0:
       raise ValueError(f"loss.dwa_temperature must be positive, got {self.dwa_temperature}")
     if self.dwa_window < 1:
@@ -189,7 +192,7 @@ class LossConfig:
         weight_threshold=float(loss_config["weight_threshold"]),
         weight_scale=float(loss_config["weight_scale"]),
         sigma=float(loss_config["sigma"]),
-        rounded_targets=bool(loss_config["rounded_targets"]),
+        target_rounding=_target_rounding(loss_config),
         dwa_temperature=float(loss_config["dwa_temperature"]),
         dwa_window=int(loss_config["dwa_window"]),
         num_datasets=num_datasets)
@@ -199,6 +202,13 @@ class LossConfig:
     if self.balancer == "fmb":
       return landmarks_lib.fmb_weights(self.beta)
     return np.ones(landmarks_lib.NUM_UNIFIED, np.float32)
+
+
+def _target_rounding(loss_config: Mapping[str, Any]) -> str:
+  """`loss.target_rounding`; a run saved before it had the boolean `rounded_targets`."""
+  if "target_rounding" in loss_config:
+    return str(loss_config["target_rounding"])
+  return "nearest" if loss_config.get("rounded_targets", False) else "none"
 
 
 def init_balancer(config: LossConfig) -> tuple[dict, dict]:

@@ -84,13 +84,19 @@ def parameter_table(boxed_params: Any, depth: int = 2) -> tuple[str, int]:
 # The train step.
 
 
-def make_train_step(setup: Setup, ema_decay: float) -> Callable:
+def make_train_step(setup: Setup, ema_decay: float, frozen_batch_norm: bool = False) -> Callable:
   """The jitted step (state, batch) -> (state, metrics); the state is donated.
 
   The batch holds uint8 images (B, S, S, 3), landmarks (B, 124, 2) in input
   pixels, the supervision mask (B, 124) and dataset ids (B,). Targets are
   rendered on device. Metrics: total loss, per-dataset losses, weights and
   presence, gradient global norm and the learning rate used.
+
+  `frozen_batch_norm`: the forward runs in eval mode, as the FGTBT authors'
+  model did from step 500 on (`train.freeze_batch_norm_after_step`):
+  BatchNorm normalises with its running statistics and leaves them as they
+  are (its scale and bias still learn), head dropout and stochastic depth
+  are off.
   """
   model, tx, loss_config, schedule = setup.model, setup.tx, setup.loss_config, setup.schedule
 
@@ -100,16 +106,19 @@ def make_train_step(setup: Setup, ema_decay: float) -> Callable:
 
     def loss_fn(trainable):
       variables = {"params": trainable["model"], "batch_stats": state.batch_stats}
-      heatmaps, updates = model.apply(variables, images, train=True,
-                                      rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+      if frozen_batch_norm:
+        heatmaps, updates = model.apply(variables, images, train=False), {}
+      else:
+        heatmaps, updates = model.apply(variables, images, train=True,
+                                        rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
       height, width = heatmaps.shape[1:3]
       stride = images.shape[1] / height
       target = losses.render_targets(batch["landmarks"], batch["mask"], height, width,
-                                     loss_config.sigma, stride, loss_config.rounded_targets)
+                                     loss_config.sigma, stride, loss_config.target_rounding)
       total, aux = losses.fmb_loss(loss_config, heatmaps, target, batch["mask"],
                                    batch["dataset_id"], trainable["balancer"],
                                    state.balancer_state)
-      return total, (aux, updates.get("batch_stats", {}))
+      return total, (aux, updates.get("batch_stats", state.batch_stats))
 
     trainable = {"model": state.params, "balancer": state.balancer_params}
     (total, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -130,7 +139,9 @@ def make_train_step(setup: Setup, ema_decay: float) -> Callable:
   batch_shardings = {k: sharding.batch_sharding(setup.mesh) for k in TRAIN_BATCH_KEYS}
   jitted = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_shardings),
                    out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
-  return sharding.CompiledOnFirstCall(jitted, "train step", setup.mesh, setup.rules)
+  return sharding.CompiledOnFirstCall(
+      jitted, "train step" + (" (frozen BatchNorm)" if frozen_batch_norm else ""),
+      setup.mesh, setup.rules)
 
 
 # -----------------------------------------------------------------------------
@@ -277,9 +288,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     # Rows of steps after the one resumed from (lost with the process that
     # wrote them) are dropped, so each step has one row.
     writer.discard_after(start_step)
-    train_step = make_train_step(setup, ema_decay_per_step(config))
+    decay = ema_decay_per_step(config)
+    freeze_after = int(config.train.get("freeze_batch_norm_after_step", 0))
+    train_step = make_train_step(setup, decay)
+    # Compiled on its first call only.
+    frozen_step = make_train_step(setup, decay, frozen_batch_norm=True) if freeze_after else None
     result = _train_loop(config, setup, state, start_step, train_step, train_iterator,
-                         checkpoints, evaluator, writer)
+                         checkpoints, evaluator, writer, frozen_step=frozen_step,
+                         freeze_after=freeze_after)
   except Exception as e:
     failed = True
     if not _disk_full(e):
@@ -373,23 +389,30 @@ def _restore_or_init(config, setup: Setup, checkpoints: checkpointing.Checkpoint
 
 
 def _evaluate(evaluator: "evaluate.Evaluator", writer: MetricWriter, state: TrainState,
-              step: int, checkpoints: checkpointing.Checkpointer) -> dict:
-  """Evaluates the EMA model, records the results and keeps the best models."""
+              step: int, checkpoints: checkpointing.Checkpointer,
+              best_on_subsets: tuple[str, ...] = ()) -> dict:
+  """Evaluates the EMA model, records the results and keeps the best models
+  (by the full split's NME, or a subset's: `eval.best_on_subsets`)."""
   results, _ = evaluator.evaluate(state.ema_variables(), step)
   writer.write("eval", step, evaluate.flatten(results))
   writer.flush()
   evaluate.log_results(step, results)
-  checkpoints.save_best(step, state.ema_variables(), evaluate.nme_by_dataset(results))
+  checkpoints.save_best(step, state.ema_variables(),
+                        evaluate.nme_by_dataset(results, best_on_subsets))
   return results
 
 
 def _train_loop(config, setup: Setup, state: TrainState, start_step: int, train_step,
                 train_iterator: Iterator, checkpoints: checkpointing.Checkpointer,
-                evaluator: "evaluate.Evaluator", writer: MetricWriter) -> dict:
+                evaluator: "evaluate.Evaluator", writer: MetricWriter,
+                frozen_step: Callable | None = None, freeze_after: int = 0) -> dict:
+  """Steps from `start_step` to `train.steps`: `frozen_step` instead of
+  `train_step` from step `freeze_after` on (when given)."""
   train = config.train
   batches = sharding.GlobalBatches(train_iterator, sharding.batch_sharding(setup.mesh),
                                    TRAIN_BATCH_KEYS)
   names = config.data.datasets
+  best_on_subsets = tuple(config.eval.get("best_on_subsets", ()))
   log_start, log_step = time.time(), start_step
   previous = None
   with _StopSignal() as stop:
@@ -402,8 +425,14 @@ def _train_loop(config, setup: Setup, state: TrainState, start_step: int, train_
         # Another process's signal stops this one too: report it as SIGTERM.
         return {"stopped_at_step": step, "signal": int(stop.received or signal.SIGTERM)}
       batch = next(batches)
+      step_fn = train_step
+      if frozen_step is not None and step >= freeze_after:
+        if step == max(start_step, freeze_after):
+          logging.info("from step %d on: BatchNorm on frozen statistics, dropout and "
+                       "stochastic depth off (train.freeze_batch_norm_after_step)", step)
+        step_fn = frozen_step
       with jax.transfer_guard("disallow" if train.transfer_guard else "allow"):
-        state, metrics = train_step(state, batch)
+        state, metrics = step_fn(state, batch)
       if previous is not None:
         _check_finite(previous, step, checkpoints)
       previous = metrics
@@ -426,12 +455,12 @@ def _train_loop(config, setup: Setup, state: TrainState, start_step: int, train_
         _check_finite(metrics, done, checkpoints)
         checkpoints.save(done, state, train_iterator)
       if done % train.eval_every == 0 and done < train.steps:
-        _evaluate(evaluator, writer, state, done, checkpoints)
+        _evaluate(evaluator, writer, state, done, checkpoints, best_on_subsets)
   final_step = int(jax.device_get(state.step))
   if previous is not None:
     _check_finite(previous, final_step, checkpoints)
   checkpoints.save(final_step, state, train_iterator, force=True)
-  results = _evaluate(evaluator, writer, state, final_step, checkpoints)
+  results = _evaluate(evaluator, writer, state, final_step, checkpoints, best_on_subsets)
   final = evaluate.final_table(results)
   final["steps"] = final_step
   return final

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
+from fgtbt_jax import datasets
 from fgtbt_jax import heatmaps
 from fgtbt_jax import inference
 from fgtbt_jax import landmarks
@@ -106,6 +107,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   for key in ("steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):
     if train[key] < 1:
       raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")
+  if train.get("freeze_batch_norm_after_step", 0) < 0:
+    raise ConfigError(f"train.freeze_batch_norm_after_step must be >= 0 (0 = never), got "
+                      f"{train.freeze_batch_norm_after_step}")
   if not train.ema_half_life_images > 0:
     raise ConfigError(f"train.ema_half_life_images must be positive, got {train.ema_half_life_images}")
   if config.model.input_size != data.image_size:
@@ -136,6 +140,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   except ValueError as e:
     raise ConfigError(str(e)) from e
   _check_eval(config.eval)
+  for entry in config.eval.get("best_on_subsets", ()):
+    dataset, _, subset = str(entry).partition(":")
+    if dataset not in data.datasets or subset not in datasets.get(dataset).subsets:
+      raise ConfigError(
+          f"eval.best_on_subsets: {entry!r} is not 'DATASET:subset' with a dataset of "
+          f"{tuple(data.datasets)} and one of its subsets"
+          + (f" {datasets.get(dataset).subsets}" if dataset in data.datasets else ""))
   normalizer = config.eval.get("failure_normalizer", "")
   lacking = [d for d in data.datasets
              if normalizer and normalizer not in landmarks.get_protocol(d).normalizers]

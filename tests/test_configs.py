@@ -9,6 +9,7 @@ import pytest
 
 from configs import ablations
 from configs import default
+from configs import fgtbt_authors
 from configs import fgtbt_paper
 from configs import tiny
 from data_pipelines import prepare
@@ -41,6 +42,29 @@ def test_paper_config_matches_the_paper():
   assert c.eval.flip_test and c.eval.decoder == "argmax"
   c.data.data_dir = "/converted"
   _valid(c)
+
+
+def test_authors_config_is_the_recipe_their_code_ran():
+  c = fgtbt_authors.get_config()
+  paper = fgtbt_paper.get_config()
+  assert c.model.fgsa_compat == "authors" and c.model.batch_norm_unbiased_variance
+  assert tuple(c.data.datasets) == ("COFW", "WFLW", "300W", "AFLW")
+  assert c.data.samples_per_dataset == 1 and tuple(c.data.scale_range) == (0.75, 1.25)
+  assert state_lib.ema_decay_per_step(c) == pytest.approx(0.5 ** (4 / 10000), rel=1e-12)
+  assert c.loss.target_rounding == "authors" and c.train.freeze_batch_norm_after_step == 500
+  assert (c.eval.coordinates, c.eval.failure_normalizer) == ("authors", "inter_pupil")
+  assert tuple(c.eval.best_on_subsets) == ("300W:challenging",)
+  assert c.data.eval_batch_size == 8 and not c.data.eval_pad_last_batch
+  # Everything else is the paper's.
+  assert c.optimizer.to_dict() == paper.optimizer.to_dict() and c.train.steps == paper.train.steps
+  c.data.data_dir = "/converted"
+  validation.validate_config(c, num_devices=1, process_count=1)
+  with pytest.raises(errors.ConfigError, match="eval_pad_last_batch=False needs one device"):
+    validation.validate_config(c, num_devices=2, process_count=1)
+  c.eval.best_on_subsets = ("300W:ibug",)
+  with pytest.raises(errors.ConfigError, match=r"eval.best_on_subsets: '300W:ibug' is not "
+                                               r"'DATASET:subset'.*\('common', 'challenging'\)"):
+    validation.validate_config(c, num_devices=1, process_count=1)
 
 
 def test_paper_config_requires_a_data_dir():

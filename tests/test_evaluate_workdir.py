@@ -346,3 +346,10 @@ def test_the_authors_evaluation_switches_are_validated(fields, message):
   config.update_from_flattened_dict(fields)
   with pytest.raises(errors.ConfigError, match=message):
     validation.validate_config(config, num_devices=8, process_count=1)
+
+
+def test_best_models_can_be_chosen_on_a_subset():
+  results = {"300W": {"nme": 0.04, "subsets": {"challenging": {"nme": 0.07}}},
+             "WFLW": {"nme": 0.05, "subsets": {}}}
+  assert evaluate.nme_by_dataset(results) == {"300W": 0.04, "WFLW": 0.05}
+  assert evaluate.nme_by_dataset(results, ("300W:challenging",)) == {"300W": 0.07, "WFLW": 0.05}

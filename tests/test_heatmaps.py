@@ -88,6 +88,16 @@ def test_rounded_variant_centres_on_nearest_pixel():
   assert not np.allclose(rounded, _render(points, 7, 8, 2.0))
 
 
+def test_authors_targets_sit_at_trunc_x_plus_one():
+  points = np.array([[3.4, 2.6], [3.0, 1.99], [-0.5, 4.49]], np.float32)
+  authors = _render(points, 7, 8, 2.0, rounded="authors")
+  expected = _render(np.trunc(points + 1.0), 7, 8, 2.0)  # The definition, directly.
+  np.testing.assert_allclose(authors, expected, rtol=1e-6)
+  assert H.target_rounding(True) == "nearest" and H.target_rounding(False) == "none"
+  with pytest.raises(ValueError, match="target rounding 'floor'"):
+    _render(points, 7, 8, 2.0, rounded="floor")
+
+
 def test_render_dtype_and_full_size_memory():
   """B=8, 240x240, 124 channels: no (H, W, K)-sized temporaries beyond the output."""
   render = jax.jit(functools.partial(H.render_gaussian, height=240, width=240, sigma=3.0))
