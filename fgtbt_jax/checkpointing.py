@@ -57,6 +57,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fgtbt_jax import models
 from fgtbt_jax.errors import ConfigError
 
 # What `restore` and inference can be asked for: the newest train state's EMA
@@ -309,6 +310,7 @@ def load_run_config(workdir: str | os.PathLike,
   if not isinstance(raw, dict):
     raise WorkdirError(f"{path} is not a readable config: expected a JSON object")
   config = ml_collections.ConfigDict(_tuples(raw))
+  _add_new_model_fields(config, path)
   for key, value in (overrides or {}).items():
     parent, _, field = key.rpartition(".")
     try:
@@ -324,6 +326,27 @@ def load_run_config(workdir: str | os.PathLike,
     except TypeError as e:
       raise ConfigError(f"{key}: {e}") from None
   return config
+
+
+def _add_new_model_fields(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
+  """Fills model fields a run saved before they existed with their defaults.
+
+  New model fields default to the behaviour that came before them (the
+  concatenated head computes what the composed one does; paper FGSA; biased
+  BatchNorm variance), so an older run builds the network it trained.
+  """
+  model = config.get("model")
+  if not isinstance(model, ml_collections.ConfigDict) or "variant" not in model:
+    return
+  try:
+    defaults = models.model_config(model.variant)
+  except ValueError:
+    return  # validate_model_config names the bad variant later.
+  added = [key for key in defaults if key not in model]
+  for key in added:
+    model[key] = defaults[key]
+  if added:
+    logging.info("%s: model fields added since this run, at their defaults: %s", path, added)
 
 
 def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -401,3 +401,55 @@ def test_conv_block_shapes_and_shortcut():
   assert params["shortcut"]["kernel"].value.shape == (1, 1, 16, 8)
   same = decoder_lib.ConvBlock(16).init(jax.random.key(0), x, False)
   assert "shortcut" not in same["params"]
+
+
+def test_composed_decoder_fusion_is_the_concatenated_one_in_fewer_operations():
+  """Same parameters (tree and init), same outputs and gradients within rounding."""
+  config = model_config("tiny")
+  composed, concat = build_model(config), build_model(model_config("tiny", decoder_fusion="concat"))
+  images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3))
+  variables = composed.init(jax.random.key(0), images, train=False)
+  reference = concat.init(jax.random.key(0), images, train=False)
+  assert jax.tree.structure(variables) == jax.tree.structure(reference)
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(a, b)
+  outputs = [np.asarray(m.apply(variables, images, train=False)) for m in (composed, concat)]
+  np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-5 * np.abs(outputs[1]).max())
+
+  def grads(model):
+    loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, images, train=False) ** 2)
+    return jax.grad(loss)(variables["params"])
+  for a, b in zip(jax.tree.leaves(grads(composed)), jax.tree.leaves(grads(concat))):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4 * (np.abs(b).max() + 1e-12))
+  with pytest.raises(ValueError, match="decoder_fusion='sum'"):
+    model_config("small", decoder_fusion="sum")
+
+
+def test_depthwise_convolution_as_shifted_multiply_adds_is_the_grouped_convolution():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 7, 12))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 12))
+  bias = jax.random.normal(jax.random.key(2), (12,))
+  def grouped(x, kernel, bias):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=12) + bias
+  np.testing.assert_allclose(mit.depthwise_conv3x3_shifts(x, kernel, bias), grouped(x, kernel, bias),
+                             rtol=1e-5, atol=1e-5)
+  # The whole model: same parameters, outputs and gradients with either implementation.
+  images = jax.random.uniform(jax.random.key(3), (2, 64, 64, 3))
+  models_ = {impl: build_model(model_config("tiny", depthwise_impl=impl))
+             for impl in ("conv", "shifts")}
+  variables = models_["conv"].init(jax.random.key(0), images, train=False)
+  assert jax.tree.structure(variables) == jax.tree.structure(
+      models_["shifts"].init(jax.random.key(0), images, train=False))
+  def grads(model):
+    loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, images, train=False) ** 2)
+    return jax.value_and_grad(loss)(variables["params"])
+  (loss_conv, g_conv), (loss_shifts, g_shifts) = grads(models_["conv"]), grads(models_["shifts"])
+  np.testing.assert_allclose(loss_conv, loss_shifts, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_shifts), jax.tree.leaves(g_conv)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * (np.abs(b).max() + 1e-12))
+  assert mit.resolve_depthwise_impl("auto") == ("shifts" if jax.default_backend() == "cpu"
+                                                else "conv")
+  with pytest.raises(ValueError, match="depthwise_impl='fft'"):
+    model_config("tiny", depthwise_impl="fft")

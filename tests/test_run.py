@@ -78,8 +78,8 @@ def test_eval_mode_reevaluates_the_latest_and_best_checkpoints(trained_workdir):
   for name in PROTOCOLS:
     assert best[name]["nme"] == pytest.approx(final[name]["nme"], rel=1e-6)
   text = (workdir / "report" / "report.md").read_text()
-  assert ("best checkpoint per dataset (WFLW step 2, 300W step 2, COFW step 2, AFLW step 2)"
-          in text)
+  assert ("best checkpoint per dataset, chosen on its test split (WFLW step 2, 300W step 2, "
+          "COFW step 2, AFLW step 2)" in text)
   summary = json.loads((workdir / "report" / "report.json").read_text())
   assert set(summary["studies"]["lowres"]) == {"16", "32", "64", "128"}
   assert set(summary["studies"]["lowres"]["16"]) == set(PROTOCOLS)

@@ -350,3 +350,17 @@ def test_a_broken_best_model_is_one_line(tmp_path):
   with pytest.raises(checkpointing.CorruptCheckpointError,
                      match=r"best_WFLW/10 is broken: .*model/.* changed since it was written"):
     _checkpointer(tmp_path).restore_best("WFLW", checkpointing.abstract_like(model))
+
+
+def test_an_older_run_config_gets_the_model_fields_added_since_at_their_defaults(tmp_path):
+  from configs import tiny
+  config = tiny.get_config()
+  saved = json.loads(config.to_json_best_effort())
+  for field in ("decoder_fusion", "fgsa_compat", "batch_norm_unbiased_variance"):
+    del saved["model"][field]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  loaded = checkpointing.load_run_config(tmp_path)
+  assert (loaded.model.decoder_fusion, loaded.model.fgsa_compat,
+          loaded.model.batch_norm_unbiased_variance) == ("composed", "paper", False)
+  from fgtbt_jax import models
+  models.build_model(loaded.model)  # Builds the network it trained.

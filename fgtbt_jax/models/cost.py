@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.extend import core as jex_core
 
-from fgtbt_jax.models.decoder import RESIZE_SCOPE
+from fgtbt_jax.models.decoder import RESIZE_SCOPE, WEIGHT_SCOPE
 from fgtbt_jax.models.fgtbt import abstract_variables, build_model
 from fgtbt_jax.models.mit import ATTENTION_SCOPE
 
@@ -124,8 +124,15 @@ def model_part(path: str) -> str:
 
 def forward_jaxpr(config: ml_collections.ConfigDict, input_size: int | None = None,
                   batch: int = 1) -> jex_core.ClosedJaxpr:
-  """The traced inference forward pass of `build_model(config)` (abstract, cheap)."""
+  """The traced inference forward pass of `build_model(config)` (abstract, cheap).
+
+  The depthwise convolutions are traced as convolutions whatever the backend
+  (`depthwise_impl="conv"`): the count is of the layers, not of how a backend
+  computes them.
+  """
   size = config.input_size if input_size is None else input_size
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.depthwise_impl = "conv"
   model = build_model(config)
   variables = abstract_variables(model, size)
   images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
@@ -150,12 +157,15 @@ def count_macs(config: ml_collections.ConfigDict, input_size: int | None = None,
         give (they see nn.Linear / nn.Conv layers, not the products inside
         attention); this is the convention of the paper's Table 8;
       attention: the q k^T and (softmax) v products of all attention layers;
-      total: layers + attention, every multiply-add of the forward pass.
+      total: layers + attention, every multiply-add of the forward pass
+        that scales with the batch. Left out: the bilinear resizes
+        (interpolation) and the composed head's weight products E_i F_i
+        (once per pass, about 0.6 G for the paper network).
   """
   totals = dict.fromkeys(PARTS, 0)
   for path, eqn in walk_equations(forward_jaxpr(config, input_size, batch).jaxpr):
     macs = equation_macs(eqn)
-    if not macs or RESIZE_SCOPE in path:
+    if not macs or RESIZE_SCOPE in path or WEIGHT_SCOPE in path:
       continue
     part = model_part(path)
     if part not in totals:

@@ -42,6 +42,7 @@ class EncoderStage(nn.Module):
     embed_norm_epsilon: patch-embedding and spatial-reduction LayerNorm epsilon.
     remat: recompute each block's activations in the backward pass.
     attention_impl: attention core (see `mit.attention_core`).
+    depthwise_impl: the Mix-FFN depthwise convolution (see `mit.MixFFN`).
     dtype: compute dtype.
   """
 
@@ -61,6 +62,7 @@ class EncoderStage(nn.Module):
   embed_norm_epsilon: float = 1e-5
   remat: bool = False
   attention_impl: str = "xla"
+  depthwise_impl: str = "auto"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -91,7 +93,8 @@ class EncoderStage(nn.Module):
           self.dim, self.num_heads, self.sr_ratio, grid,
           drop_path=self.drop_path_rates[j], norm_epsilon=self.norm_epsilon,
           sr_norm_epsilon=self.embed_norm_epsilon, attention_impl=self.attention_impl,
-          dtype=self.dtype, name=f"block_{j}")(tokens, train)
+          depthwise_impl=self.depthwise_impl, dtype=self.dtype,
+          name=f"block_{j}")(tokens, train)
     tokens = layer_norm(self.norm_epsilon, dtype=self.dtype, name="norm")(tokens)
     b = tokens.shape[0]
     out = tokens.reshape(b, *grid, self.dim)
@@ -125,6 +128,7 @@ class MixTransformer(nn.Module):
   embed_norm_epsilon: float = 1e-5
   remat: bool = False
   attention_impl: str = "xla"
+  depthwise_impl: str = "auto"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -152,7 +156,8 @@ class MixTransformer(nn.Module):
           fgsa_compat=self.fgsa_compat,
           batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
           norm_epsilon=self.norm_epsilon, embed_norm_epsilon=self.embed_norm_epsilon,
-          remat=self.remat, attention_impl=self.attention_impl, dtype=self.dtype,
+          remat=self.remat, attention_impl=self.attention_impl,
+          depthwise_impl=self.depthwise_impl, dtype=self.dtype,
           name=f"stage_{i}")(x, structure, train)
       outputs.append(x)
     return tuple(outputs)

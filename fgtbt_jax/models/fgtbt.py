@@ -101,6 +101,7 @@ def build_encoder(config: ml_collections.ConfigDict) -> MixTransformer:
       drop_path_rate=config.drop_path_rate,
       norm_epsilon=config.norm_epsilon, embed_norm_epsilon=config.embed_norm_epsilon,
       remat=config.remat, attention_impl=config.attention_impl,
+      depthwise_impl=config.get("depthwise_impl", "auto"),
       dtype=_dtype(config.dtype), parent=None)
 
 
@@ -112,7 +113,7 @@ def build_model(config: ml_collections.ConfigDict) -> FGTBT:
       upsample_channels=config.upsample_channels, num_points=config.num_points,
       dropout=config.head_dropout,
       batch_norm_unbiased_variance=config.batch_norm_unbiased_variance,
-      dtype=_dtype(config.dtype), parent=None)
+      fusion=config.decoder_fusion, dtype=_dtype(config.dtype), parent=None)
   return FGTBT(encoder=encoder, decoder=decoder,
                frequency_extractor=config.frequency_extractor,
                frequency_sigma=float(config.frequency_sigma))

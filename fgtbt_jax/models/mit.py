@@ -18,6 +18,8 @@ from fgtbt_jax.models import layers
 Dtype = Any
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "einsum")
+# How the Mix-FFN's depthwise 3x3 convolution is computed (`MixFFN`).
+DEPTHWISE_IMPLEMENTATIONS = ("auto", "conv", "shifts")
 PATCH_EMBEDDINGS = ("conv_stem", "plain")
 
 # Name scope of the attention core (lets the MAC counter tell its
@@ -158,12 +160,46 @@ class EfficientSelfAttention(nn.Module):
     return layers.dense(c, "qkv", "embed", dtype=self.dtype, name="proj")(out)
 
 
+def resolve_depthwise_impl(implementation: str) -> str:
+  """"auto" -> "shifts" on the CPU backend (XLA:CPU's grouped convolution, and its
+  kernel gradient above all, is many times slower there), else "conv"."""
+  if implementation not in DEPTHWISE_IMPLEMENTATIONS:
+    raise ValueError(f"unknown depthwise_impl {implementation!r}; expected one of "
+                     f"{DEPTHWISE_IMPLEMENTATIONS}")
+  if implementation == "auto":
+    return "shifts" if jax.default_backend() == "cpu" else "conv"
+  return implementation
+
+
+def depthwise_conv3x3_shifts(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """A 3x3 depthwise convolution (padding 1) of (B, H, W, C) as nine shifted multiply-adds.
+
+  `kernel` is the (3, 3, 1, C) kernel of the grouped convolution and `bias`
+  (C,): the same function as `conv_general_dilated` with
+  `feature_group_count=C`, summed in another order.
+  """
+  h, w = x.shape[1:3]
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  out = padded[:, 0:h, 0:w, :] * kernel[0, 0, 0]
+  for dy in range(3):
+    for dx in range(3):
+      if dy or dx:
+        out = out + padded[:, dy:dy + h, dx:dx + w, :] * kernel[dy, dx, 0]
+  return out + bias
+
+
 class MixFFN(nn.Module):
-  """Linear(C, rC) -> depthwise 3x3 conv (bias) -> GELU (exact) -> Linear(rC, C)."""
+  """Linear(C, rC) -> depthwise 3x3 conv (bias) -> GELU (exact) -> Linear(rC, C).
+
+  `depthwise_impl`: "conv" (a grouped convolution), "shifts" (nine shifted
+  multiply-adds, `depthwise_conv3x3_shifts`: the same parameters and
+  function, much faster on XLA:CPU) or "auto" (shifts on CPU, else conv).
+  """
 
   dim: int
   grid: tuple[int, int]
   ratio: int = 4
+  depthwise_impl: str = "auto"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -172,8 +208,15 @@ class MixFFN(nn.Module):
     hidden = self.ratio * self.dim
     x = layers.dense(hidden, "embed", "mlp", dtype=self.dtype, name="fc1")(x)
     m = x.reshape(b, *self.grid, hidden)
-    m = layers.conv(hidden, 3, "mlp", padding=1, groups=hidden, dtype=self.dtype,
-                    name="dwconv")(m)
+    dwconv = layers.conv(hidden, 3, "mlp", padding=1, groups=hidden, dtype=self.dtype,
+                         name="dwconv")
+    if resolve_depthwise_impl(self.depthwise_impl) == "shifts":
+      dwconv(jnp.zeros((0, 1, 1, hidden), self.dtype))  # Binds the same parameters.
+      params = nn.meta.unbox(dwconv.variables["params"])
+      m = depthwise_conv3x3_shifts(m.astype(self.dtype), params["kernel"].astype(self.dtype),
+                                   params["bias"].astype(self.dtype))
+    else:
+      m = dwconv(m)
     x = nn.gelu(m.reshape(b, n, hidden), approximate=False)
     return layers.dense(self.dim, "mlp", "embed", dtype=self.dtype, name="fc2")(x)
 
@@ -189,6 +232,7 @@ class Block(nn.Module):
   norm_epsilon: float = 1e-6
   sr_norm_epsilon: float = 1e-5
   attention_impl: str = "xla"
+  depthwise_impl: str = "auto"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -200,6 +244,7 @@ class Block(nn.Module):
         dtype=self.dtype, name="attention")(y)
     x = x + layers.DropPath(self.drop_path)(y, train)
     y = layers.layer_norm(self.norm_epsilon, dtype=self.dtype, name="norm2")(x)
-    y = MixFFN(self.dim, self.grid, dtype=self.dtype, name="mlp")(y)
+    y = MixFFN(self.dim, self.grid, depthwise_impl=self.depthwise_impl, dtype=self.dtype,
+               name="mlp")(y)
     x = x + layers.DropPath(self.drop_path)(y, train)
     return nn.with_logical_constraint(x, ("batch", "tokens", "embed"))

@@ -1,0 +1,115 @@
+"""The exact rewrites side by side: the train step before and after, in one run.
+
+    python -m benchmarks.rewrites [--variants=small:128,paper:128] [--batch=8] \\
+        [--rounds=5] [--dtype=float32]
+
+For each model variant and input size it compiles the real train step
+(`train.make_train_step`, random weights, one synthetic batch on device) in
+four forms of the same network:
+
+* before:    `decoder_fusion="concat"`, `depthwise_impl="conv"` (the forms
+             before the rewrites);
+* decoder:   the composed head fusion alone;
+* depthwise: the Mix-FFN depthwise convolution as nine shifted multiply-adds alone;
+* after:     both (the defaults on CPU).
+
+It then times them interleaved (each round runs every form once, so a load
+change on a shared machine hits all of them alike) and prints one JSON line
+per variant with the median step seconds of each form, the ratios to
+"before", the model's multiply-adds per image of both head forms
+(`cost.count_macs`) and XLA's memory estimate of each compiled step. Not a
+test: numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+
+from benchmarks import common
+from configs import default
+from fgtbt_jax import models
+from fgtbt_jax import sharding
+from fgtbt_jax import state as state_lib
+from fgtbt_jax import train
+from fgtbt_jax.models import cost
+
+FORMS = {
+    "before": {"decoder_fusion": "concat", "depthwise_impl": "conv"},
+    "decoder": {"decoder_fusion": "composed", "depthwise_impl": "conv"},
+    "depthwise": {"decoder_fusion": "concat", "depthwise_impl": "shifts"},
+    "after": {"decoder_fusion": "composed", "depthwise_impl": "shifts"},
+}
+
+_VARIANTS = flags.DEFINE_list("variants", ["small:128", "paper:128"],
+                              "variant:input_size pairs to measure")
+_BATCH = flags.DEFINE_integer("batch", 8, "global batch (a multiple of the 4 datasets)")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "timed rounds (each runs every form once)")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+
+
+def _config(variant: str, size: int, batch: int, dtype: str, form: dict):
+  config = default.get_config()
+  config.model = models.model_config(variant, input_size=size, dtype=dtype, **form)
+  config.data.image_size = size
+  config.data.samples_per_dataset = batch // len(config.data.datasets)
+  config.data.data_dir = "(none: synthetic batches on device)"
+  return config
+
+
+def compare(variant: str, size: int, batch: int = 8, rounds: int = 5,
+            dtype: str = "float32") -> dict:
+  """The record of one variant: compile and time the four forms (see the module doc)."""
+  steps, record = {}, {"benchmark": "rewrites", "variant": variant, "input_size": size,
+                       "batch": batch, "dtype": dtype, "rounds": rounds,
+                       "devices": jax.device_count()}
+  for name, form in FORMS.items():
+    config = _config(variant, size, batch, dtype, form)
+    setup = state_lib.build_setup(config)
+    state = common.random_train_state(setup, 0)
+    data = common.synthetic_train_batch(config, sharding.batch_sharding(setup.mesh), 0)
+    step = train.make_train_step(setup, state_lib.ema_decay_per_step(config))
+    start = time.perf_counter()
+    with sharding.mesh_and_rules(setup.mesh, setup.rules):
+      compiled = step._jitted.lower(state, data).compile()  # pylint: disable=protected-access
+    record[f"{name}_compile_s"] = round(time.perf_counter() - start, 1)
+    record[f"{name}_xla_memory_bytes"] = common.compiled_memory_bytes(compiled)
+    holder = {"state": state}
+
+    def run(compiled=compiled, holder=holder, data=data):
+      holder["state"], metrics = compiled(holder["state"], data)
+      return metrics["loss"]
+
+    common.time_calls(run, 1)  # Warm-up.
+    steps[name] = run
+  seconds = {name: [] for name in FORMS}
+  for _ in range(rounds):
+    for name, run in steps.items():
+      seconds[name].extend(common.time_calls(run, 1))
+  for name in FORMS:
+    record[f"{name}_step_s"] = round(statistics.median(seconds[name]), 4)
+  for name in ("decoder", "depthwise", "after"):
+    record[f"{name}_speedup"] = round(record["before_step_s"] / record[f"{name}_step_s"], 2)
+  for fusion in ("concat", "composed"):
+    record[f"macs_per_image_{fusion}"] = cost.count_macs(
+        models.model_config(variant, input_size=size, decoder_fusion=fusion))["layers"]
+  return record
+
+
+def main(argv: list[str]) -> int:
+  del argv
+  common.emit(common.machine_record())
+  for entry in _VARIANTS.value:
+    variant, _, size = entry.partition(":")
+    common.emit(compare(variant, int(size or 0) or models.model_config(variant).input_size,
+                        _BATCH.value, _ROUNDS.value, _DTYPE.value))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))
