@@ -63,12 +63,15 @@ def _config(variant: str, size: int, batch: int, dtype: str, form: dict):
 
 
 def compare(variant: str, size: int, batch: int = 8, rounds: int = 5,
-            dtype: str = "float32") -> dict:
-  """The record of one variant: compile and time the four forms (see the module doc)."""
+            dtype: str = "float32", forms=tuple(FORMS)) -> dict:
+  """The record of one variant: compile and time `forms` (default all four, see the module doc)."""
+  if "before" not in forms or set(forms) - set(FORMS):
+    raise ValueError(f"forms must include 'before' and be among {tuple(FORMS)}, got {forms}")
   steps, record = {}, {"benchmark": "rewrites", "variant": variant, "input_size": size,
                        "batch": batch, "dtype": dtype, "rounds": rounds,
                        "devices": jax.device_count()}
-  for name, form in FORMS.items():
+  for name in forms:
+    form = FORMS[name]
     config = _config(variant, size, batch, dtype, form)
     setup = state_lib.build_setup(config)
     state = common.random_train_state(setup, 0)
@@ -87,13 +90,13 @@ def compare(variant: str, size: int, batch: int = 8, rounds: int = 5,
 
     common.time_calls(run, 1)  # Warm-up.
     steps[name] = run
-  seconds = {name: [] for name in FORMS}
+  seconds = {name: [] for name in forms}
   for _ in range(rounds):
     for name, run in steps.items():
       seconds[name].extend(common.time_calls(run, 1))
-  for name in FORMS:
+  for name in forms:
     record[f"{name}_step_s"] = round(statistics.median(seconds[name]), 4)
-  for name in ("decoder", "depthwise", "after"):
+  for name in forms[1:] if forms[0] == "before" else [f for f in forms if f != "before"]:
     record[f"{name}_speedup"] = round(record["before_step_s"] / record[f"{name}_step_s"], 2)
   for fusion in ("concat", "composed"):
     record[f"macs_per_image_{fusion}"] = cost.count_macs(

@@ -171,13 +171,8 @@ def resolve_depthwise_impl(implementation: str) -> str:
   return implementation
 
 
-def depthwise_conv3x3_shifts(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  """A 3x3 depthwise convolution (padding 1) of (B, H, W, C) as nine shifted multiply-adds.
-
-  `kernel` is the (3, 3, 1, C) kernel of the grouped convolution and `bias`
-  (C,): the same function as `conv_general_dilated` with
-  `feature_group_count=C`, summed in another order.
-  """
+def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """sum over the 3x3 taps of pad(x)[shifted] * kernel[tap]: a depthwise correlation, padding 1."""
   h, w = x.shape[1:3]
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   out = padded[:, 0:h, 0:w, :] * kernel[0, 0, 0]
@@ -185,7 +180,42 @@ def depthwise_conv3x3_shifts(x: jax.Array, kernel: jax.Array, bias: jax.Array) -
     for dx in range(3):
       if dy or dx:
         out = out + padded[:, dy:dy + h, dx:dx + w, :] * kernel[dy, dx, 0]
-  return out + bias
+  return out
+
+
+@jax.custom_vjp
+def depthwise_conv3x3_shifts(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """A 3x3 depthwise convolution (padding 1) of (B, H, W, C) as nine shifted multiply-adds.
+
+  `kernel` is the (3, 3, 1, C) kernel of the grouped convolution and `bias`
+  (C,): the same function as `conv_general_dilated` with
+  `feature_group_count=C`, summed in another order. Its gradient is written
+  out (the input's is the same sum with the flipped kernel, the kernel's
+  nine multiply-reductions), so the backward pass holds one padded copy of
+  the input rather than XLA's nine shifted ones.
+  """
+  return _shifted_sum(x, kernel) + bias
+
+
+def _shifts_forward(x, kernel, bias):
+  return depthwise_conv3x3_shifts(x, kernel, bias), (x, kernel)
+
+
+def _shifts_backward(residuals, g):
+  x, kernel = residuals
+  b, h, w, c = x.shape
+  dx = _shifted_sum(g, kernel[::-1, ::-1])
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  offsets = jnp.asarray([(dy, dx_) for dy in range(3) for dx_ in range(3)], jnp.int32)
+  # One tap after another (lax.map): XLA:CPU would otherwise hold all nine
+  # products at once, and it runs faster so too.
+  tap = lambda o: jnp.sum(jax.lax.dynamic_slice(padded, (0, o[0], o[1], 0), (b, h, w, c)) * g,
+                          axis=(0, 1, 2), dtype=jnp.float32)
+  dkernel = jax.lax.map(tap, offsets).reshape(kernel.shape).astype(kernel.dtype)
+  return dx.astype(x.dtype), dkernel, jnp.sum(g, axis=(0, 1, 2)).astype(kernel.dtype)
+
+
+depthwise_conv3x3_shifts.defvjp(_shifts_forward, _shifts_backward)
 
 
 class MixFFN(nn.Module):
