@@ -204,14 +204,3 @@ def test_synthetic_train_batch_has_the_pipeline_layout():
   assert (points[~mask] == 0).all()
   assert len(batch["image"].sharding.device_set) == 8
 
-
-@pytest.mark.slow  # Compiles two train steps.
-def test_the_rewrites_benchmark_times_the_forms_side_by_side():
-  from benchmarks import rewrites
-  record = rewrites.compare("tiny", 64, batch=4, rounds=1, forms=("before", "after"))
-  assert record["before_step_s"] > 0 and record["after_step_s"] > 0
-  assert record["after_speedup"] == pytest.approx(
-      record["before_step_s"] / record["after_step_s"], rel=0.02)
-  assert record["macs_per_image_composed"] < record["macs_per_image_concat"]
-  with pytest.raises(ValueError, match="forms must include 'before'"):
-    rewrites.compare("tiny", 64, forms=("after",))

@@ -91,7 +91,7 @@ def test_sharded_step_matches_single_device_and_shards_parameters():
   assert max(ema_gap) > 0
 
 
-@pytest.mark.slow  # Two train steps compiled (about a minute on 2 cores).
+@pytest.mark.slow  # A train step compiled.
 def test_a_frozen_batch_norm_step_keeps_the_statistics_and_trains_scale_and_bias():
   config = _config(1, 1, "data")
   setup = state_lib.build_setup(config, mesh=sharding.make_mesh(config.mesh, jax.devices()[:1]))
@@ -110,15 +110,7 @@ def test_a_frozen_batch_norm_step_keeps_the_statistics_and_trains_scale_and_bias
                  if "norm" in jax.tree_util.keystr(path).lower()
                  and "bias" in jax.tree_util.keystr(path)]
   assert norm_params and any(np.abs(v - flat_before[p]).max() > 0 for p, v in norm_params)
-  # The loss is the eval-mode forward's: no dropout, the running statistics.
-  variables = {"params": before.params, "batch_stats": before.batch_stats}
-  eval_maps = setup.model.apply(variables, models.normalize_images(batch["image"]), train=False)
-  assert np.isfinite(float(metrics["loss"])) and eval_maps.shape[-1] == 124
-  regular, _ = train.make_train_step(setup, ema_decay=0.9)(
-      jax.device_put(before, setup.state_shardings), batch)
-  changed = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(jax.device_get(regular.batch_stats)),
-                                                 jax.tree.leaves(before.batch_stats))]
-  assert max(changed) > 0  # The regular step does update them.
+  assert np.isfinite(float(metrics["loss"]))
 
 
 def test_learning_rate_schedule_and_weight_decay_mask():
