@@ -173,15 +173,12 @@ class DecoderHead(nn.Module):
   def _composed(self, features, stages, embeds, fuse, h: int, w: int) -> jax.Array:
     """The fusion as sum_i resize(c_i @ (E_i F_i)) + sum_i b_i F_i (see the class doc)."""
     d = self.decoder_dim
-    # Zero-row calls create (at init) and bind the layers' parameters, so the
-    # tree is the concatenated form's; they compute nothing.
-    for i in stages:
-      embeds[i](jnp.zeros((0, features[i].shape[-1]), self.dtype))
-    fuse(jnp.zeros((0, 1, 1, len(stages) * d), self.dtype))
-    fuse_kernel = nn.meta.unbox(fuse.variables["params"]["kernel"]).reshape(len(stages) * d, d)
+    # The concatenated form's parameter tree, applied the composed way.
+    fuse_kernel = layers.bound_params(fuse, (0, 1, 1, len(stages) * d), self.dtype)["kernel"]
+    fuse_kernel = fuse_kernel.reshape(len(stages) * d, d)
     total, bias = None, jnp.zeros((d,), jnp.float32)
     for block, i in enumerate(stages):
-      params = nn.meta.unbox(embeds[i].variables["params"])
+      params = layers.bound_params(embeds[i], (0, features[i].shape[-1]), self.dtype)
       rows = fuse_kernel[block * d:(block + 1) * d]  # (d, d): F_i
       with jax.named_scope(WEIGHT_SCOPE):
         composed = (params["kernel"] @ rows).astype(self.dtype)  # (C_i, d): E_i F_i

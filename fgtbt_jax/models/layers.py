@@ -113,6 +113,17 @@ def conv(features: int, kernel_size: int, out_axis: str, *, dtype: Dtype,
       name=name)
 
 
+def bound_params(layer: nn.Module, input_shape: Sequence[int], dtype: Dtype) -> dict:
+  """The (unboxed) parameters of `layer`, created at init as its own call would.
+
+  Calls it once on an empty (zero-row) input of `input_shape` (first axis
+  replaced by 0): the parameter tree and initialisation stay the layer's,
+  nothing is computed, and the caller can apply the weights another way.
+  """
+  layer(jnp.zeros((0, *input_shape[1:]), dtype))
+  return nn.meta.unbox(layer.variables["params"])
+
+
 def conv_transpose(features: int, kernel_size: int, stride: int, padding: int,
                    out_axis: str, *, dtype: Dtype, name: str | None = None) -> nn.ConvTranspose:
   """Transposed convolution with PyTorch `ConvTranspose2d` semantics.

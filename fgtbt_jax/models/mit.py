@@ -241,8 +241,7 @@ class MixFFN(nn.Module):
     dwconv = layers.conv(hidden, 3, "mlp", padding=1, groups=hidden, dtype=self.dtype,
                          name="dwconv")
     if resolve_depthwise_impl(self.depthwise_impl) == "shifts":
-      dwconv(jnp.zeros((0, 1, 1, hidden), self.dtype))  # Binds the same parameters.
-      params = nn.meta.unbox(dwconv.variables["params"])
+      params = layers.bound_params(dwconv, (0, 1, 1, hidden), self.dtype)
       m = depthwise_conv3x3_shifts(m.astype(self.dtype), params["kernel"].astype(self.dtype),
                                    params["bias"].astype(self.dtype))
     else:
