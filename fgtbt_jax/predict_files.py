@@ -3,14 +3,26 @@
     python run.py predict --workdir=runs/paper --image=photos/ --protocol=WFLW
 
 `predict_files` runs a `Predictor` on image files, a folder of them, or
-videos, and writes for every image `<name>.json` (landmarks, confidence,
-boxes, protocol, image size, the predict settings) and `<name>.overlay.png`;
-for a video `<name>.frame<NNNNNN>.json` per frame and one
-`<name>.overlay.avi` (MJPG). `<name>` is the input's file name, with its
-folders in front where two inputs share a name (`output_names`). A file
-that cannot be read, or an image with no face found, is reported in the
-returned `PredictReport` and the others go on; the caller decides the exit
-status (`predict_main` returns 1 when any file failed).
+videos, and writes for every image `<name>.json` (per face: box,
+landmarks, confidence, face confidence and quality flag; the protocol,
+image size, predict settings, where the boxes came from and the detector)
+and `<name>.overlay.png`; for a video `<name>.json` (the same metadata,
+frame count, tracking and smoothing settings), `<name>.frames.jsonl` (one
+JSON line per frame, faces with track ids) and `<name>.overlay.avi`
+(MJPG). Video frames go through `video.FaceTracker`: the detector runs
+every `detect_every` frames, the landmarks carry the box in between, and
+a One Euro filter smooths them (still images are never smoothed).
+`<name>` is the input's file name, with its folders in front where two
+inputs share a name (`output_names`). A file that cannot be read, or an
+image with no face found, is reported in the returned `PredictReport` and
+the others go on; the caller decides the exit status (`predict_main`
+returns 1 when any file failed).
+
+Face boxes: the detector's, one box for every input (`box`), or per input
+file from a boxes JSON file (`read_boxes_file`):
+    {"photos/a.jpg": [[x1, y1, x2, y2], ...], "b.png": [[...]]}
+keyed by the input's path (as given, or resolving to the same file) or by
+its file name; inputs it does not name are detected.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from fgtbt_jax import checkpointing
 from fgtbt_jax import detector as detector_lib
 from fgtbt_jax import landmarks
 from fgtbt_jax import predictor as predictor_lib
+from fgtbt_jax import video
 from fgtbt_jax.errors import DataError
 from fgtbt_jax.images import load_image
 from fgtbt_jax.visualization import draw_landmarks
@@ -134,6 +147,92 @@ def output_names(files: Sequence[pathlib.Path]) -> dict[pathlib.Path, str]:
   return names
 
 
+def read_boxes_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """The boxes JSON file: {input path or file name: [[x1, y1, x2, y2], ...]} -> (F, 4) arrays.
+
+  A key may also map to one box [x1, y1, x2, y2].
+
+  Raises:
+    DataError: naming the file (and line and column, or key): missing, not
+      JSON, not an object, empty, or a value that is not a non-empty list
+      of four finite numbers each with x2 > x1 and y2 > y1.
+  """
+  where = os.fspath(path)
+  try:
+    text = pathlib.Path(path).read_text()
+  except OSError as e:
+    raise DataError(where, f"cannot read the boxes file ({e.strerror or e})", "missing_file"
+                    ) from None
+  if not text.strip():
+    raise DataError(where, "the boxes file is empty", "empty_file")
+  try:
+    content = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{where}:{e.lineno}:{e.colno}", f"not valid JSON ({e.msg})", "bad_json"
+                    ) from None
+  if not isinstance(content, dict):
+    raise DataError(where, "expected a JSON object {image: [[x1, y1, x2, y2], ...]}, got "
+                    f"{type(content).__name__}", "bad_json")
+  if not content:
+    raise DataError(where, "the boxes file names no image", "empty_file")
+  boxes = {}
+  for key, value in content.items():
+    spot = f"{where}:{key}"
+    try:
+      array = np.asarray(value, np.float64)
+    except (TypeError, ValueError):
+      array = None
+    if array is not None and array.shape == (4,):
+      array = array[None]
+    if array is None or array.ndim != 2 or array.shape[1] != 4 or len(array) == 0:
+      raise DataError(spot, f"expected a non-empty list of boxes [x1, y1, x2, y2], got "
+                      f"{json.dumps(value)[:80]}", "bad_boxes")
+    # Finite, positive size; against the image when it is loaded.
+    for i, box in enumerate(array):
+      values = [float(v) for v in box]
+      if not np.isfinite(box).all():
+        raise DataError(spot, f"face box {i} {values} is not finite", "bad_boxes")
+      if not (box[2] > box[0] and box[3] > box[1]):
+        raise DataError(spot, f"face box {i} {values} has zero or negative size (needs "
+                        "x2 > x1 and y2 > y1)", "bad_boxes")
+    boxes[key] = array
+  return boxes
+
+
+def match_boxes_to_inputs(boxes: dict, files: Sequence[pathlib.Path],
+                          where: str = "boxes") -> dict[pathlib.Path, np.ndarray]:
+  """The boxes of each input file, from keys naming its path or file name.
+
+  A key matches a file whose path is the key as written, resolves to the
+  same file, or (when no path matches) whose file name is the key.
+
+  Raises:
+    DataError: `where:key` for a key that names no input file, or a file
+      name shared by several inputs, or two keys naming one file.
+  """
+  by_resolved = {f.resolve(): f for f in files}
+  by_name: dict[str, list[pathlib.Path]] = {}
+  for file in files:
+    by_name.setdefault(file.name, []).append(file)
+  matched: dict[pathlib.Path, np.ndarray] = {}
+  for key, value in boxes.items():
+    file = by_resolved.get(pathlib.Path(key).resolve())
+    if file is None:
+      same_name = by_name.get(key, [])
+      if len(same_name) > 1:
+        raise DataError(f"{where}:{key}", f"{len(same_name)} inputs are named {key} "
+                        f"({', '.join(map(str, same_name))}); key the boxes by path",
+                        "ambiguous_key")
+      file = same_name[0] if same_name else None
+    if file is None:
+      raise DataError(f"{where}:{key}", "no such input image or video among the --image "
+                      f"inputs ({len(files)} files)", "missing_image")
+    if file in matched:
+      raise DataError(f"{where}:{key}", f"a second box list for {file}", "duplicate_key")
+    matched[file] = value
+  return matched
+
+
 def _write_json(path: pathlib.Path, content: dict) -> None:
   path.write_text(json.dumps(content) + "\n")
 
@@ -144,8 +243,19 @@ def _write_png(path: pathlib.Path, rgb: np.ndarray) -> None:
 
 
 def _given_boxes(image: np.ndarray, box, where: str) -> np.ndarray | None:
-  """The caller's box checked against the image, or None: the predictor detects."""
+  """The caller's boxes checked against the image, or None: the predictor detects."""
   return None if box is None else detector_lib.check_boxes(box, image.shape, where)
+
+
+def _draw(image: np.ndarray, points, confidence, boxes, protocol: str,
+          min_confidence: float | None, min_face_confidence: float,
+          labels: Sequence[str] | None = None) -> np.ndarray:
+  """The overlay of one image's faces; low-quality faces are flagged on it."""
+  face_confidence = predictor_lib.face_confidence(confidence)
+  return draw_landmarks(image, points, protocol, boxes=boxes, confidence=confidence,
+                        min_confidence=min_confidence,
+                        low_quality=face_confidence < min_face_confidence,
+                        face_confidence=face_confidence, labels=labels)
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:
@@ -156,28 +266,50 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 
 
 def predict_files(predictor: predictor_lib.Predictor, sources, out_dir: str | os.PathLike, *,
-                  box=None, protocol: str = landmarks.UNIFIED,
-                  min_confidence: float | None = None) -> PredictReport:
+                  box=None, boxes: dict | None = None, boxes_source: str = "boxes",
+                  protocol: str = landmarks.UNIFIED, min_confidence: float | None = None,
+                  tracking: video.TrackerSettings = video.TrackerSettings()) -> PredictReport:
   """Predicts landmarks for image files, folders of them and videos; writes JSON and overlays.
 
   Args:
-    predictor: the `Predictor` to run.
+    predictor: the `Predictor` to run (its `max_faces` and
+      `min_face_confidence` apply).
     sources: a path or a list of paths (files or folders, see `list_inputs`).
     out_dir: where the outputs go (created).
     box: one face box x1, y1, x2, y2 used for every image and frame (e.g.
       for pre-cropped faces); default: the predictor's face detector.
+    boxes: per input file its boxes (F, 4), keyed by path or file name
+      (`match_boxes_to_inputs`; e.g. from `read_boxes_file`); inputs not
+      named are detected. Not together with `box`.
+    boxes_source: the name of `boxes` in error messages (its file).
     protocol: as in `Predictor.predict`; the decoder, flip test and smoothing
       are the predictor's settings.
     min_confidence: overlays draw points below this confidence as rings.
+    tracking: detection interval and landmark smoothing of videos.
 
   Returns:
-    A `PredictReport`; failed files carry their error. A face detector that
-    cannot run at all (`DetectorUnavailableError`) is raised instead.
+    A `PredictReport`; failed files carry their error (a given box outside
+    its image among them). A face detector that cannot run at all
+    (`DetectorUnavailableError`) is raised instead.
+
+  Raises:
+    InputError: both `box` and `boxes`.
+    DataError: a `boxes` key that names no input (`match_boxes_to_inputs`).
   """
+  if box is not None and boxes is not None:
+    raise InputError("give one face box for every input (--box) or a boxes file (--boxes), "
+                     "not both")
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   # An output folder inside an input folder: its overlays are not inputs.
   files = [f for f in list_inputs(sources) if out.resolve() not in f.resolve().parents]
+  per_file = {} if boxes is None else match_boxes_to_inputs(boxes, files, boxes_source)
+  # Errors name a box list by its file and key, as written there.
+  keys = {} if boxes is None else match_boxes_to_inputs({k: k for k in boxes}, files,
+                                                        boxes_source)
+  given = lambda path: (box, str(path)) if box is not None else (
+      (per_file[path], f"{boxes_source}:{keys[path]}") if path in per_file
+      else (None, str(path)))
   videos = [f for f in files if f.suffix.lower() in VIDEO_EXTENSIONS]
   images = [f for f in files if f.suffix.lower() not in VIDEO_EXTENSIONS]
   results = {str(f): FileResult(str(f)) for f in files}
@@ -188,57 +320,45 @@ def predict_files(predictor: predictor_lib.Predictor, sources, out_dir: str | os
       result = results[str(path)]
       try:
         image = load_image(path)
-        boxes = _given_boxes(image, box, str(path))
+        image_boxes = _given_boxes(image, *given(path))
       except (DataError, ValueError) as e:
         result.error = str(e)
         continue
       result.num_frames = 1
-      frames.append((path, image, boxes))
+      frames.append((path, image, image_boxes))
     _predict_and_write(predictor, frames, protocol, min_confidence,
-                       lambda path, _: out / names[path], results)
+                       lambda path: out / names[path], results)
   for path in videos:
-    _predict_video(predictor, path, out / names[path], box, protocol, min_confidence,
-                   results[str(path)])
+    _predict_video(predictor, path, out / names[path], given(path), protocol, min_confidence,
+                   tracking, results[str(path)])
   return PredictReport([results[str(f)] for f in files])
 
 
 def _predict_and_write(predictor: predictor_lib.Predictor, frames: list, protocol: str,
-                       min_confidence: float | None, stem_of, results: dict,
-                       frame_indices: list[int] | None = None) -> list[np.ndarray]:
-  """Predicts (path, image, boxes or None to detect) frames; writes a JSON (and PNG) each.
+                       min_confidence: float | None, stem_of, results: dict) -> None:
+  """Predicts (path, image, boxes or None to detect) images; writes a JSON and PNG each.
 
-  An image (not a video frame) without a face is marked failed. Returns the
-  overlays.
+  An image without a face is marked failed.
   """
   if not frames:
-    return []
+    return
   predictions = predictor.predict([image for _, image, _ in frames],
                                   boxes=[boxes for _, _, boxes in frames], protocol=protocol)
   settings = dataclasses.asdict(predictor.settings)
-  overlays = []
-  for n, ((path, image, _), prediction) in enumerate(zip(frames, predictions)):
-    if frame_indices is None and prediction.num_faces == 0:
-      results[str(path)].error = f"{path}: no face found"
-      continue
-    boxes = prediction.boxes
-    prediction = dataclasses.replace(prediction, source=str(path))
-    content = {**prediction.to_json(), **settings}
-    frame = None if frame_indices is None else frame_indices[n]
-    if frame is not None:
-      content["frame"] = int(frame)
-    stem = stem_of(path, frame)
-    _write_json(stem.with_name(stem.name + ".json"), content)
-    overlay = draw_landmarks(image, prediction.landmarks, protocol, boxes=boxes,
-                             confidence=prediction.confidence, min_confidence=min_confidence)
+  for (path, image, _), prediction in zip(frames, predictions):
     result = results[str(path)]
+    if prediction.num_faces == 0:
+      result.error = f"{path}: no face found"
+      continue
+    prediction = dataclasses.replace(prediction, source=str(path))
+    stem = stem_of(path)
+    json_path, png = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".overlay.png")
+    _write_json(json_path, {**prediction.to_json(), **settings,
+                            "max_faces": predictor.max_faces})
+    _write_png(png, _draw(image, prediction.landmarks, prediction.confidence, prediction.boxes,
+                          protocol, min_confidence, predictor.min_face_confidence))
     result.num_faces += prediction.num_faces
-    result.outputs.append(str(stem.with_name(stem.name + ".json")))
-    if frame is None:
-      png = stem.with_name(stem.name + ".overlay.png")
-      _write_png(png, overlay)
-      result.outputs.append(str(png))
-    overlays.append(overlay)
-  return overlays
+    result.outputs += [str(json_path), str(png)]
 
 
 def read_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
@@ -264,24 +384,56 @@ def read_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
 
 
 def _predict_video(predictor: predictor_lib.Predictor, path: pathlib.Path, stem: pathlib.Path,
-                   box, protocol: str, min_confidence: float | None, result: FileResult) -> None:
-  """Predicts every frame of the video at `path`; outputs are named from `stem`."""
+                   given: tuple, protocol: str, min_confidence: float | None,
+                   tracking: video.TrackerSettings, result: FileResult) -> None:
+  """Tracks and predicts the faces of every frame of the video at `path`; outputs from `stem`.
+
+  `given` is (boxes or None, where): given boxes are used in every frame
+  (as a detector that runs on each), else the predictor's detector runs
+  every `tracking.detect_every` frames.
+  """
+  name, index = landmarks.protocol_index(protocol)
+  box, where = given
+  fps = _video_fps(path)
   overlay_path = stem.with_name(f"{stem.name}.overlay.avi")
-  stem_of = lambda p, frame: stem.with_name(f"{stem.name}.frame{frame:06d}")
-  writer = None
+  lines_path = stem.with_name(f"{stem.name}.frames.jsonl")
+  if box is None:
+    detect, settings, boxes_label = predictor.detect, tracking, None
+  else:
+    detect = lambda image: detector_lib.check_boxes(box, image.shape, where)
+    settings, boxes_label = dataclasses.replace(tracking, detect_every=1), "given"
+
+  def locate(image, boxes):
+    [prediction] = predictor.predict(image, boxes=boxes)  # Unified points: they make the box.
+    return prediction.landmarks, prediction.confidence
+
+  tracker = video.FaceTracker(detect, locate, fps, settings,
+                              min_face_confidence=predictor.min_face_confidence,
+                              max_faces=predictor.max_faces if box is None else None)
+  writer, image_shape = None, None
   try:
-    for chunk in _batches(enumerate(read_video_frames(path)), predictor.batch_size):
-      result.num_frames += len(chunk)
-      frames = [(path, image, _given_boxes(image, box, f"{path} frame {index}"))
-                for index, image in chunk]
-      overlays = _predict_and_write(predictor, frames, protocol, min_confidence, stem_of,
-                                    {str(path): result},
-                                    frame_indices=[index for index, _ in chunk])
-      for overlay in overlays:
+    with open(lines_path, "w") as lines:
+      for frame_index, image in enumerate(read_video_frames(path)):
+        result.num_frames += 1
+        frame = tracker.step(frame_index, image)
+        image_shape = image.shape
+        points, confidence = frame.landmarks[:, index], frame.confidence[:, index]
+        faces = []
+        for k in range(len(frame.track_ids)):
+          face = predictor_lib.face_json(frame.boxes[k], points[k], confidence[k],
+                                         predictor.min_face_confidence)
+          faces.append({"track_id": int(frame.track_ids[k]),
+                        "box_from": boxes_label or frame.boxes_from[k], **face})
+        lines.write(json.dumps({"frame": frame.index, "time_s": frame.time,
+                                "detector_ran": frame.detected and box is None,
+                                "faces": faces}) + "\n")
+        result.num_faces += len(faces)
+        overlay = _draw(image, points, confidence, frame.boxes, protocol, min_confidence,
+                        predictor.min_face_confidence,
+                        labels=[f"#{t}" for t in frame.track_ids])
         if writer is None:
-          height, width = overlay.shape[:2]
-          writer = cv2.VideoWriter(str(overlay_path), cv2.VideoWriter_fourcc(*"MJPG"),
-                                   _video_fps(path), (width, height))
+          writer = cv2.VideoWriter(str(overlay_path), cv2.VideoWriter_fourcc(*"MJPG"), fps,
+                                   (overlay.shape[1], overlay.shape[0]))
         writer.write(np.ascontiguousarray(overlay[..., ::-1]))
   except (DataError, ValueError) as e:
     result.error = str(e)
@@ -289,10 +441,29 @@ def _predict_video(predictor: predictor_lib.Predictor, path: pathlib.Path, stem:
     if writer is not None:
       writer.release()
       result.outputs.append(str(overlay_path))
+  result.outputs.append(str(lines_path))
   if result.error is None and result.num_frames == 0:
     result.error = f"{path}: the video has no readable frames"
   elif result.error is None and result.num_faces == 0:
     result.error = f"{path}: no face found in any of its {result.num_frames} frames"
+  if result.error is not None:
+    return
+  summary = stem.with_name(f"{stem.name}.json")
+  _write_json(summary, {
+      "source": str(path), "image_size": {"height": int(image_shape[0]),
+                                          "width": int(image_shape[1])},
+      "protocol": name, "num_landmarks": int(len(index)), "fps": fps,
+      "num_frames": result.num_frames, "num_faces": result.num_faces,
+      "frames": lines_path.name,
+      "boxes_from": "given" if box is not None else "detector",
+      "detector": None if box is not None else detector_lib.describe_detector(predictor.detector),
+      "detector_runs": 0 if box is not None else tracker.detector_runs,
+      "tracking": {"detect_every": settings.detect_every, "min_iou": settings.min_iou,
+                   "max_size_change": settings.max_size_change},
+      "smoothing": None if settings.smoothing is None else dataclasses.asdict(settings.smoothing),
+      "min_face_confidence": predictor.min_face_confidence, "max_faces": predictor.max_faces,
+      **dataclasses.asdict(predictor.settings)})
+  result.outputs.append(str(summary))
 
 
 def _video_fps(path: pathlib.Path) -> float:
@@ -304,34 +475,61 @@ def _video_fps(path: pathlib.Path) -> float:
 
 def predict_main(workdir: str | os.PathLike, inputs: Sequence[str], out_dir: str | None = None,
                  *, which: str = "best", dataset: str | None = None,
-                 box: Sequence[float] | None = None, protocol: str = landmarks.UNIFIED,
+                 box: Sequence[float] | None = None, boxes_file: str | None = None,
+                 protocol: str = landmarks.UNIFIED,
                  flip_test: bool | None = None, decoder: str | None = None,
                  smoothing_sigma: float | None = None,
                  batch_size: int = predictor_lib.DEFAULT_BATCH_SIZE,
-                 dtype: str | None = None) -> int:
+                 dtype: str | None = None, max_faces: int | None = None,
+                 min_face_confidence: float = predictor_lib.DEFAULT_MIN_FACE_CONFIDENCE,
+                 detector: str = "auto",
+                 box_adjustment: detector_lib.BoxAdjustment | str | None = None,
+                 tracking: video.TrackerSettings = video.TrackerSettings()) -> int:
   """The `predict` command: a run's EMA model on files; returns the exit status.
 
   `flip_test`, `decoder` and `smoothing_sigma` default to the run's
   `config.eval` (the run is predicted as it was evaluated). `out_dir`
-  defaults to <workdir>/predictions. 0 when every file was processed, 1
+  defaults to <workdir>/predictions. `boxes_file` is a boxes JSON file
+  (`read_boxes_file`), checked against the inputs before the model loads.
+  `detector` is "auto" (dlib's HOG detector, else the Haar cascade),
+  "dlib_hog" or "haar_cascade" (`detector.make_detector`);
+  `box_adjustment` ("real" default, "synthetic" or a `BoxAdjustment`, e.g.
+  from `python -m fgtbt_jax.calibrate`) its box calibration. `tracking`:
+  the detection interval and landmark smoothing of videos. 0 when every file was processed, 1
   when any failed. Prints the summary (each failure with its reason).
 
   Raises:
     UsageError-worthy project errors: `predict_files.InputError` (no such
-    input, no image or video in a folder), `checkpointing.WorkdirError`,
-    `checkpointing.IncompatibleCheckpointError`, `errors.UnknownProtocolError`.
+    input, no image or video in a folder, --box with --boxes),
+    `errors.DataError` (a bad boxes file, naming it and the key),
+    `checkpointing.WorkdirError`, `checkpointing.IncompatibleCheckpointError`,
+    `errors.UnknownProtocolError`, `detector.DetectorUnavailableError`.
   """
   check_inputs(inputs)
+  if box is not None and boxes_file is not None:
+    raise InputError("--box and --boxes: give one face box for every input or a boxes file, "
+                     "not both")
+  boxes = None
+  if boxes_file is not None:
+    boxes = read_boxes_file(boxes_file)
+    match_boxes_to_inputs(boxes, list_inputs(inputs), boxes_file)
   workdir = checkpointing.find_workdir(workdir)
   out_dir = workdir / "predictions" if out_dir is None else out_dir
+  # Made up front (a missing detector fails before the model loads), unless
+  # every input has its boxes.
+  face_detector = None
+  if box is None and not (boxes is not None and len(boxes) >= len(list_inputs(inputs))):
+    face_detector = detector_lib.make_detector(detector, box_adjustment)
   predictor = predictor_lib.Predictor.from_checkpoint(
       workdir, which, dataset=dataset, batch_size=batch_size, dtype=dtype, decoder=decoder,
-      flip_test=flip_test, smoothing_sigma=smoothing_sigma)
-  report = predict_files(predictor, list(inputs), out_dir, box=box, protocol=protocol)
+      flip_test=flip_test, smoothing_sigma=smoothing_sigma, detector=face_detector,
+      max_faces=max_faces, min_face_confidence=min_face_confidence)
+  report = predict_files(predictor, list(inputs), out_dir, box=box, boxes=boxes,
+                         boxes_source=boxes_file or "boxes", protocol=protocol,
+                         tracking=tracking)
   for done in report.files:
     if done.error is None:
       logging.info("%s: %d face(s) in %d frame(s) -> %s", done.source, done.num_faces,
                    done.num_frames, ", ".join(done.outputs))
   print(f"{report.summary()}\noutputs in {out_dir}", flush=True)
   return 1 if report.failed else 0
-

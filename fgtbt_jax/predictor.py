@@ -5,6 +5,7 @@
     result.landmarks   # (F, 98, 2) x, y in photo.jpg's pixels
     result.confidence  # (F, 98) heatmap peak per point
     result.boxes       # (F, 4) the face boxes used
+    result.low_quality # (F,) mean confidence below predictor.min_face_confidence
 
 Per face, the network crop is cut from the original image with the crop
 convention of `fgtbt_jax.crop` (box centre, scale max(w, h) / 200, enlarged
@@ -24,9 +25,15 @@ decoder, flip test and smoothing are the run's `config.eval` unless given.
 
 Face boxes come from the caller (x1, y1, x2, y2 in the training annotation
 style: landmarks' bounding box padded by ~5%) or from a face detector
-(`fgtbt_jax.detector`), which sees a copy of huge images downscaled to
-`max_detection_side`; the crop itself always comes from the original pixels.
-An image where the detector finds no face gives a result with F = 0.
+(`fgtbt_jax.detector`; default dlib's HOG detector, else the Haar cascade),
+which sees a copy of huge images downscaled to `max_detection_side`; the
+crop itself always comes from the original pixels. Every detected face is
+predicted, the `max_faces` largest when that is set. An image where the
+detector finds no face gives a result with F = 0.
+
+Face quality: a face's confidence is the mean heatmap peak of its points;
+below `min_face_confidence` the face is flagged `low_quality` (a likely
+failure: the confidence falls as the error grows, see docs/inference.md).
 """
 
 from __future__ import annotations
@@ -51,6 +58,12 @@ from fgtbt_jax.images import load_image
 from fgtbt_jax.inference import PredictSettings
 
 DEFAULT_BATCH_SIZE = 8
+# Faces whose mean point confidence is below this are flagged low quality.
+# Measured for the default model (`python run.py`) on 260 unseen synthetic
+# faces: every face with NME under 10% had a confidence of 0.636 or more,
+# and 94% of the failures (NME over 10%) fell below 0.6; the relation to the
+# error and how to set it for another model: docs/inference.md, "Face quality".
+DEFAULT_MIN_FACE_CONFIDENCE = 0.6
 
 
 @dataclasses.dataclass
@@ -66,6 +79,10 @@ class ImagePrediction:
     protocol: "WFLW", "300W", "COFW", "AFLW" or "unified" (124 points).
     image_size: (height, width) of the original image.
     source: the image's path, or "<image i>" for arrays.
+    boxes_from: "given" (the caller's boxes) or "detector".
+    detector: `detector.describe_detector` of the detector that found the
+      boxes (name, box adjustment, fallback reason), None for given boxes.
+    min_face_confidence: the quality threshold (`low_quality`).
   """
 
   landmarks: np.ndarray
@@ -74,10 +91,23 @@ class ImagePrediction:
   protocol: str
   image_size: tuple[int, int]
   source: str
+  boxes_from: str = "given"
+  detector: dict | None = None
+  min_face_confidence: float = DEFAULT_MIN_FACE_CONFIDENCE
 
   @property
   def num_faces(self) -> int:
     return int(self.boxes.shape[0])
+
+  @property
+  def face_confidence(self) -> np.ndarray:
+    """(F,) mean confidence of each face's points."""
+    return face_confidence(self.confidence)
+
+  @property
+  def low_quality(self) -> np.ndarray:
+    """(F,) bool: the face's mean confidence is below `min_face_confidence`."""
+    return self.face_confidence < self.min_face_confidence
 
   def to_json(self) -> dict:
     """A JSON-serialisable dict of everything above, one entry per face."""
@@ -86,11 +116,30 @@ class ImagePrediction:
         "image_size": {"height": int(self.image_size[0]), "width": int(self.image_size[1])},
         "protocol": self.protocol,
         "num_landmarks": int(self.landmarks.shape[1]),
-        "faces": [{"box": [float(v) for v in box],
-                   "landmarks": [[float(x), float(y)] for x, y in points],
-                   "confidence": [float(c) for c in conf]}
+        "boxes_from": self.boxes_from,
+        "detector": self.detector,
+        "min_face_confidence": float(self.min_face_confidence),
+        "faces": [face_json(box, points, conf, self.min_face_confidence)
                   for box, points, conf in zip(self.boxes, self.landmarks, self.confidence)],
     }
+
+
+def face_confidence(confidence) -> np.ndarray:
+  """(...) mean over the last axis of (..., N) per-point confidence."""
+  confidence = np.asarray(confidence, np.float64)
+  if confidence.shape[-1] == 0:
+    return np.zeros(confidence.shape[:-1])
+  return confidence.mean(-1)
+
+
+def face_json(box, points, confidence, min_face_confidence: float) -> dict:
+  """One face's JSON record: box, landmarks, per-point and mean confidence, quality flag."""
+  mean = float(face_confidence(confidence))
+  return {"box": [float(v) for v in box],
+          "landmarks": [[float(x), float(y)] for x, y in points],
+          "confidence": [float(c) for c in confidence],
+          "face_confidence": mean,
+          "low_quality": bool(mean < min_face_confidence)}
 
 
 def _is_single_image(images) -> bool:
@@ -109,7 +158,12 @@ class Predictor:
       plain arrays), e.g. the EMA variables of a checkpoint.
     image_size: side S of the network crop; default `model_config.input_size`.
     detector: face detector used when `predict` gets no boxes; default
-      `detector.default_detector()`, created when first needed.
+      `detector.default_detector()` (dlib HOG, else the Haar cascade),
+      created when first needed.
+    max_faces: predict at most this many detected faces per image, the
+      largest (None: every face found). Given boxes are all predicted.
+    min_face_confidence: faces whose mean point confidence is below this
+      are flagged `low_quality`.
     settings: decoder, flip test and smoothing (`inference.PredictSettings`);
       default the paper's test with the sub-pixel decoder.
     dtype: compute dtype override ("float32" or "bfloat16").
@@ -126,6 +180,8 @@ class Predictor:
                dtype: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                crop_enlarge: float = crop.CROP_ENLARGE,
                max_detection_side: int = detector_lib.DEFAULT_MAX_DETECTION_SIDE,
+               max_faces: int | None = None,
+               min_face_confidence: float = DEFAULT_MIN_FACE_CONFIDENCE,
                model: nn.Module | None = None):
     config = ml_collections.ConfigDict(model_config.to_dict())
     if dtype is not None:
@@ -140,6 +196,10 @@ class Predictor:
     self.batch_size = int(batch_size)
     self.crop_enlarge = float(crop_enlarge)
     self.max_detection_side = int(max_detection_side)
+    if max_faces is not None and int(max_faces) < 1:
+      raise ValueError(f"Predictor: max_faces must be at least 1 (or None), got {max_faces}")
+    self.max_faces = None if max_faces is None else int(max_faces)
+    self.min_face_confidence = float(min_face_confidence)
     self.model = models.build_model(config) if model is None else model
     self.variables = jax.device_put(nn.meta.unbox(variables))
     self.settings = PredictSettings() if settings is None else settings
@@ -187,6 +247,11 @@ class Predictor:
     if self._detector is None:
       self._detector = detector_lib.default_detector()
     return self._detector
+
+  def detect(self, image: np.ndarray) -> np.ndarray:
+    """(F, 4) boxes of the `max_faces` largest faces the detector finds in a loaded image."""
+    boxes = detector_lib.detect_faces(image, self.detector, self.max_detection_side)
+    return detector_lib.largest_faces(boxes, self.max_faces)
 
   def _settings(self, flip_test: bool | None, decoder: str | None) -> PredictSettings:
     """The predictor's settings with a call's explicit overrides."""
@@ -254,7 +319,8 @@ class Predictor:
         a batch of RGB images.
       boxes: None (run the detector on every image), or per image its face
         boxes (F, 4) / one box (4,) x1, y1, x2, y2, or None to detect; for a
-        single image, its boxes directly.
+        single image, its boxes directly. Detected faces are the
+        `max_faces` largest; given boxes are all used.
       protocol: "unified" (124 points) or a protocol name, whose points are
         the unified output gathered by its `unified_index`.
       flip_test: average with the mirrored crop's heatmaps (the paper's test);
@@ -280,12 +346,13 @@ class Predictor:
     boxes = list(boxes)
     if len(boxes) != len(images):
       raise ValueError(f"predict: got {len(boxes)} box entries for {len(images)} images")
-    loaded, sources, face_boxes, crops, matrices = [], [], [], [], []
+    loaded, sources, face_boxes, crops, matrices, detected = [], [], [], [], [], []
     for i, (source, image_boxes) in enumerate(zip(images, boxes)):
       where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"<image {i}>"
       image = load_image(source, where=where)
+      detected.append(image_boxes is None)
       if image_boxes is None:
-        image_boxes = detector_lib.detect_faces(image, self.detector, self.max_detection_side)
+        image_boxes = self.detect(image)
       image_boxes = detector_lib.check_boxes(image_boxes, image.shape, where)
       image_crops, image_matrices = self.crop_faces(image, image_boxes)
       loaded.append(image.shape[:2])
@@ -297,7 +364,8 @@ class Predictor:
         (0, self.image_size, self.image_size, 3), np.uint8)
     points, confidence = self.run_crops(all_crops, flip_test, decoder)
     results, start = [], 0
-    for shape, where, image_boxes, image_matrices in zip(loaded, sources, face_boxes, matrices):
+    for shape, where, image_boxes, image_matrices, found in zip(loaded, sources, face_boxes,
+                                                                matrices, detected):
       stop = start + len(image_boxes)
       to_image = crop.invert_affine(image_matrices)
       own = points[start:stop][:, index].astype(np.float64)
@@ -305,6 +373,9 @@ class Predictor:
           landmarks=crop.apply_affine(own, to_image).astype(np.float32),
           confidence=confidence[start:stop][:, index].astype(np.float32),
           boxes=image_boxes.astype(np.float32), protocol=name,
-          image_size=(int(shape[0]), int(shape[1])), source=where))
+          image_size=(int(shape[0]), int(shape[1])), source=where,
+          boxes_from="detector" if found else "given",
+          detector=detector_lib.describe_detector(self.detector) if found else None,
+          min_face_confidence=self.min_face_confidence))
       start = stop
     return results

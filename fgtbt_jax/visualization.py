@@ -2,7 +2,9 @@
 
 Points are coloured by facial part (jaw, brows, nose ridge and base, eyes,
 lips, pupils: `landmarks.FACE_PARTS`, mapped through the protocol's
-`unified_index`). Prediction on files is `fgtbt_jax.predict_files`.
+`unified_index`). Face boxes are white; a face flagged low quality gets a
+red box and a "low <confidence>" label above it. Prediction on files is
+`fgtbt_jax.predict_files`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ PART_COLORS: dict[str, tuple[int, int, int]] = {
     "left_pupil": (255, 255, 170),
 }
 BOX_COLOR = (255, 255, 255)
+LOW_QUALITY_COLOR = (255, 40, 40)
 _SHIFT = 4  # Sub-pixel bits for cv2 drawing: points are placed at 1/16 px.
 
 
@@ -39,7 +42,8 @@ def point_colors(protocol: str) -> np.ndarray:
 
 def draw_landmarks(image: np.ndarray, points, protocol: str = landmarks.UNIFIED, *,
                    boxes=None, confidence=None, min_confidence: float | None = None,
-                   radius: float | None = None) -> np.ndarray:
+                   radius: float | None = None, low_quality=None, face_confidence=None,
+                   labels=None) -> np.ndarray:
   """An RGB copy of `image` with landmarks drawn as dots coloured by facial part.
 
   Args:
@@ -51,6 +55,9 @@ def draw_landmarks(image: np.ndarray, points, protocol: str = landmarks.UNIFIED,
     confidence: optional (F, N); with `min_confidence`, points below it are
       drawn as rings instead of dots.
     radius: dot radius in pixels; default about 1% of each face's size.
+    low_quality: optional (F,) bool; flagged faces' boxes are drawn red
+      with the label "low" (and their `face_confidence`, (F,), if given).
+    labels: optional F strings written above the boxes (e.g. track ids).
   """
   canvas = load_image(np.asarray(image), where="draw_landmarks image").copy()
   colors = point_colors(protocol)
@@ -63,10 +70,20 @@ def draw_landmarks(image: np.ndarray, points, protocol: str = landmarks.UNIFIED,
   if confidence is not None:
     confidence = np.asarray(confidence, np.float64).reshape(points.shape[:2])
   if boxes is not None:
-    for x1, y1, x2, y2 in np.asarray(boxes, np.float64).reshape(-1, 4):
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    flagged = (np.zeros(len(boxes), bool) if low_quality is None
+               else np.asarray(low_quality, bool).reshape(len(boxes)))
+    for face, (x1, y1, x2, y2) in enumerate(boxes):
+      color = LOW_QUALITY_COLOR if flagged[face] else BOX_COLOR
       corner_a = tuple(int(v) for v in np.round(np.array([x1, y1]) * (1 << _SHIFT)))
       corner_b = tuple(int(v) for v in np.round(np.array([x2, y2]) * (1 << _SHIFT)))
-      cv2.rectangle(canvas, corner_a, corner_b, BOX_COLOR, 1, cv2.LINE_AA, _SHIFT)
+      cv2.rectangle(canvas, corner_a, corner_b, color, 1, cv2.LINE_AA, _SHIFT)
+      text = [] if labels is None else [str(labels[face])]
+      if flagged[face]:
+        text.append("low" if face_confidence is None else f"low {float(face_confidence[face]):.2f}")
+      if text:
+        cv2.putText(canvas, " ".join(text), (int(round(x1)), max(10, int(round(y1)) - 3)),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.35, color, 1, cv2.LINE_AA)
   for face, face_points in enumerate(points):
     finite = np.isfinite(face_points).all(1)
     if not finite.any():

@@ -7,7 +7,8 @@ layers (lowest first) are the project's architecture:
   protocol       the unified protocol, crop convention, image loading, heatmap
                  maths, face detectors
   registry       the dataset registry (subsets, counts, builder names, paper numbers)
-  maths / model  metrics, losses, quantization, overlays, the network
+  maths / model  metrics, losses, quantization, overlays, the network, video
+                 smoothing and tracking, detector calibration on annotated faces
   data           readers, synthetic stand-ins, conversion, the grain pipeline,
                  data preparation (they use the three layers above only)
   devices / run  mesh and batches, checkpoints and the run directory, the
@@ -39,7 +40,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("fgtbt_jax.datasets",),
     ("fgtbt_jax.metrics", "fgtbt_jax.losses", "fgtbt_jax.visualization",
      "fgtbt_jax.models", "data_pipelines.config", "data_pipelines.synthetic",
-     "data_pipelines.readers"),
+     "data_pipelines.readers", "fgtbt_jax.video", "fgtbt_jax.calibrate"),
     ("data_pipelines.tfds_builders", "fgtbt_jax.quantization"),
     ("data_pipelines.convert", "data_pipelines.pipeline"),
     ("data_pipelines.prepare", "data_pipelines.visualize"),

@@ -12,6 +12,7 @@ Two kinds of model:
 """
 
 import json
+import sys
 
 import cv2
 import flax.linen as nn
@@ -271,8 +272,12 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
 
 
 def test_haar_detector_without_a_cascade_says_why(monkeypatch):
-  """OpenCV 5 moved CascadeClassifier to opencv_contrib: predicting without boxes says so."""
+  """OpenCV 5 moved CascadeClassifier to opencv_contrib: without dlib too, predicting
+  without boxes says so."""
   monkeypatch.setattr(detector_lib, "_cascade_classifier_class", lambda: None)
+  with pytest.raises(detector_lib.DetectorUnavailableError, match="opencv_contrib"):
+    detector_lib.HaarCascadeDetector()
+  monkeypatch.setitem(sys.modules, "dlib", None)  # `import dlib` raises ImportError.
   with pytest.raises(detector_lib.DetectorUnavailableError, match="opencv_contrib"):
     detector_lib.default_detector()
   predictor = Predictor(models.model_config("tiny"), {}, model=TargetModel())
@@ -286,7 +291,7 @@ def test_haar_detector_without_a_cascade_says_why(monkeypatch):
 def test_haar_detector_finds_a_synthetic_face_with_an_annotation_style_box():
   # Face 3 of seed 0 is near-upright (roll 3, yaw -10 degrees): the cascade finds it.
   image, points, _ = synthetic.render_face(0, 3, 320, clean=True)
-  [box] = detector_lib.default_detector()(image)
+  [box] = detector_lib.HaarCascadeDetector(adjustment="synthetic")(image)
   reference = detector_lib.landmark_box(points)
   side = (reference[2:] - reference[:2]).max()
   centre_error = np.linalg.norm((box[:2] + box[2:]) / 2 - (reference[:2] + reference[2:]) / 2)
@@ -402,9 +407,17 @@ def test_predict_files_writes_json_and_overlays_and_reports_failures(tmp_path):
   assert overlay.shape == (120, 150, 3) and overlay.any()
   video = by_name["e_clip.avi"]
   assert video.error is None and video.num_frames == 3 and video.num_faces == 3
-  for index in range(3):
-    frame_json = json.loads((out / f"e_clip.avi.frame{index:06d}.json").read_text())
+  lines = (out / "e_clip.avi.frames.jsonl").read_text().splitlines()
+  assert len(lines) == 3
+  for index, line in enumerate(lines):
+    frame_json = json.loads(line)
     assert frame_json["frame"] == index and len(frame_json["faces"]) == 1
+    assert frame_json["faces"][0]["track_id"] == 0
+    assert frame_json["detector_ran"] == (index == 0)  # Then the landmarks carry the box.
+  summary = json.loads((out / "e_clip.avi.json").read_text())
+  assert summary["num_frames"] == 3 and summary["detector_runs"] == 1
+  assert summary["smoothing"] == {"min_cutoff": 1.0, "beta": 10.0, "d_cutoff": 1.0}
+  assert "smoothing" not in content  # Still images are never smoothed.
   capture = cv2.VideoCapture(str(out / "e_clip.avi.overlay.avi"))
   assert capture.get(cv2.CAP_PROP_FRAME_COUNT) == 3
   capture.release()
@@ -452,6 +465,102 @@ def test_an_absurd_box_fails_its_file_and_outputs_inside_inputs_are_not_inputs(t
   assert [f.source for f in again.files] == [str(tmp_path / "a.png")]
 
 
+def test_boxes_file_gives_several_faces_per_image_and_detected_faces_are_all_predicted(
+    tmp_path):
+  scene = Scene()
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  two = np.zeros((120, 240, 3), np.uint8)
+  left, right = scene.paint(two, [20, 20, 100, 100]), scene.paint(two, [140, 30, 210, 100])
+  cv2.imwrite(str(inputs / "two.png"), two)
+  three = np.zeros((120, 240, 3), np.uint8)
+  for box in ([10, 10, 70, 70], [90, 20, 170, 100], [180, 40, 230, 90]):
+    scene.paint(three, box)
+  cv2.imwrite(str(inputs / "three.png"), three)
+  boxes_file = tmp_path / "boxes.json"
+  boxes_file.write_text(json.dumps({str(inputs / "two.png"): [scene.boxes[left].tolist(),
+                                                               scene.boxes[right].tolist()]}))
+  boxes = predict_files.read_boxes_file(boxes_file)
+  found = []
+
+  def detector(image):
+    found.append(image.shape)
+    return np.array(scene.boxes[2:5])  # three.png's faces, largest first: 1, 0, 2.
+
+  # Given boxes are all used; detected faces are the max_faces largest.
+  predictor = scene.predictor(detector=detector, max_faces=2, min_face_confidence=0.5)
+  report = predict_files.predict_files(predictor, inputs, tmp_path / "out", boxes=boxes,
+                                       boxes_source=str(boxes_file), protocol="AFLW")
+  assert not report.failed and found == [(120, 240, 3)]  # Only three.png was detected.
+  given = json.loads((tmp_path / "out" / "two.png.json").read_text())
+  assert given["boxes_from"] == "given" and given["detector"] is None
+  aflw = landmarks.get_protocol("AFLW").unified_index
+  assert [f["box"] for f in given["faces"]] == [scene.boxes[0].tolist(), scene.boxes[1].tolist()]
+  for face, n in zip(given["faces"], (left, right)):
+    np.testing.assert_allclose(face["landmarks"], scene.points[n][aflw], atol=0.1)
+    assert face["face_confidence"] > 0.7 and face["low_quality"] is False
+  detected = json.loads((tmp_path / "out" / "three.png.json").read_text())
+  assert detected["boxes_from"] == "detector" and detected["max_faces"] == 2
+  assert detected["detector"] == {"name": "detector"}  # A plain function: its name.
+  assert [f["box"] for f in detected["faces"]] == [[90, 20, 170, 100], [10, 10, 70, 70]]
+  np.testing.assert_allclose(detected["faces"][0]["landmarks"], scene.points[3][aflw], atol=0.1)
+  # Every face found without max_faces; a quality threshold above every face flags them
+  # (red boxes on the overlay).
+  predictor = scene.predictor(detector=detector, min_face_confidence=1.5)
+  predict_files.predict_files(predictor, inputs / "three.png", tmp_path / "all")
+  content = json.loads((tmp_path / "all" / "three.png.json").read_text())
+  assert len(content["faces"]) == 3 and content["min_face_confidence"] == 1.5
+  assert all(f["low_quality"] for f in content["faces"])
+  overlay = cv2.imread(str(tmp_path / "all" / "three.png.overlay.png"))[..., ::-1]
+  red = (overlay[..., 0] > 200) & (overlay[..., 1] < 90) & (overlay[..., 2] < 90)
+  assert red[18:22, 90:170].any()  # The top edge of the face at [90, 20, 170, 100].
+
+
+def test_bad_boxes_files_and_boxes_outside_the_image_give_one_line_errors(tmp_path):
+  scene = Scene()
+  image = np.zeros((120, 150, 3), np.uint8)
+  scene.paint(image, [30, 20, 110, 100])
+  cv2.imwrite(str(tmp_path / "a.png"), image)
+  cv2.imwrite(str(tmp_path / "b.png"), image)
+  cases = {
+      "empty.json": ("", "empty.json: the boxes file is empty"),
+      "blank.json": ("{}", "blank.json: the boxes file names no image"),
+      "broken.json": ('{"a.png": [[1, 2, 3, 4]', r"broken.json:1:\d+: not valid JSON"),
+      "none.json": ('{"a.png": []}', "none.json:a.png: expected a non-empty list of boxes"),
+      "flat.json": ('{"a.png": [[30, 20, 30, 100]]}', r"flat.json:a.png: face box 0 .* zero"),
+  }
+  for name, (text, message) in cases.items():
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=message) as caught:
+      predict_files.read_boxes_file(tmp_path / name)
+    assert "\n" not in str(caught.value)
+  with pytest.raises(DataError, match="absent.json: cannot read the boxes file"):
+    predict_files.read_boxes_file(tmp_path / "absent.json")
+  # A box list for an image that is not among the inputs: checked before the model loads.
+  (tmp_path / "ghost.json").write_text(json.dumps({"ghost.png": [[1, 1, 20, 20]]}))
+  with pytest.raises(DataError, match=r"ghost.json:ghost.png: no such input image or video") \
+      as caught:
+    predict_files.predict_main(tmp_path / "no_run", [str(tmp_path / "a.png")],
+                               boxes_file=str(tmp_path / "ghost.json"))
+  assert "\n" not in str(caught.value)
+  with pytest.raises(predict_files.InputError, match="not both"):
+    predict_files.predict_main(tmp_path / "no_run", [str(tmp_path / "a.png")], box=[1, 1, 9, 9],
+                               boxes_file=str(tmp_path / "ghost.json"))
+  # A box outside its image fails that file, named by the boxes file and key; the
+  # other file is written.
+  (tmp_path / "outside.json").write_text(json.dumps({"a.png": [[200, 10, 260, 70]],
+                                                     "b.png": [[30, 20, 110, 100]]}))
+  boxes = predict_files.read_boxes_file(tmp_path / "outside.json")
+  report = predict_files.predict_files(scene.predictor(), [tmp_path / "a.png", tmp_path / "b.png"],
+                                       tmp_path / "out", boxes=boxes,
+                                       boxes_source=str(tmp_path / "outside.json"))
+  [failed] = report.failed
+  assert failed.error == (f"{tmp_path / 'outside.json'}:a.png: face box 0 [200.0, 10.0, 260.0, "
+                          "70.0] lies outside the 150 x 120 image")
+  assert (tmp_path / "out" / "b.png.json").is_file()
+  assert not (tmp_path / "out" / "a.png.json").exists()
+
+
 # -- loading a training run ------------------------------------------------------------
 
 
@@ -480,3 +589,46 @@ def test_from_checkpoint_loads_the_ema_variables_of_a_run(tmp_path):
     Predictor.from_checkpoint(tmp_path, "best", dataset="WFLW")
   with pytest.raises(FileNotFoundError, match="not a training workdir"):
     Predictor.from_checkpoint(tmp_path / "checkpoints" / "latest")
+
+
+@pytest.mark.slow  # Writes a run and compiles its tiny model in float32 (~20 s on 2 cores).
+def test_predict_main_with_a_boxes_file_max_faces_and_a_tracked_video(tmp_path):
+  from configs import tiny
+  from fgtbt_jax import video
+  (tmp_path / "run").mkdir()
+  helpers.write_random_run(tmp_path / "run", tiny.get_config(), scale=None)  # Finite outputs.
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  samples = helpers.REPO / "docs" / "sample_faces"
+  for name in ("face_frontal.jpg", "face_occluded.jpg"):
+    (inputs / name).write_bytes((samples / name).read_bytes())
+  face = cv2.imread(str(samples / "face_frontal.jpg"))
+  writer = cv2.VideoWriter(str(inputs / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10,
+                           (320, 256))
+  for shift in range(0, 24, 2):  # 12 frames, the face moving right 2 px a frame.
+    frame = np.zeros((256, 320, 3), np.uint8)
+    frame[:, shift:shift + 256] = face
+    writer.write(frame)
+  writer.release()
+  boxes_file = tmp_path / "boxes.json"
+  boxes_file.write_text(json.dumps({"face_frontal.jpg": [[78, 64, 212, 198], [70, 60, 220, 210]]}))
+  out = tmp_path / "out"
+  status = predict_files.predict_main(
+      tmp_path / "run", [str(inputs)], str(out), which="latest", boxes_file=str(boxes_file),
+      # Random weights: heatmap peaks may be negative; no face is dropped as lost.
+      max_faces=1, min_face_confidence=-np.inf, detector="dlib_hog",
+      tracking=video.TrackerSettings(detect_every=4))
+  assert status == 0
+  given = json.loads((out / "face_frontal.jpg.json").read_text())
+  assert given["boxes_from"] == "given" and len(given["faces"]) == 2  # Given: all of them.
+  detected = json.loads((out / "face_occluded.jpg.json").read_text())
+  assert detected["detector"]["name"] == "dlib_hog" and len(detected["faces"]) == 1
+  summary = json.loads((out / "clip.avi.json").read_text())
+  assert summary["num_frames"] == 12 and summary["detector_runs"] == 3
+  lines = [json.loads(line) for line in (out / "clip.avi.frames.jsonl").read_text().splitlines()]
+  assert [line["detector_ran"] for line in lines] == [i % 4 == 0 for i in range(12)]
+  assert {face["track_id"] for line in lines for face in line["faces"]} == {0}
+  capture = cv2.VideoCapture(str(out / "clip.avi.overlay.avi"))
+  assert capture.get(cv2.CAP_PROP_FRAME_COUNT) == 12
+  capture.release()
+

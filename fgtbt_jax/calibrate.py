@@ -1,0 +1,159 @@
+"""Fit a face detector's box calibration on your own annotated faces.
+
+    python -m fgtbt_jax.calibrate --faces=my_faces.json [--detector=dlib_hog] [--out=fit.json]
+
+The predictor crops a face from its box, and the model is sensitive to the
+box convention (the training annotations' box: the landmarks' bounding box
+padded by 5% of its longer side, `detector.landmark_box`). A detector's raw
+boxes follow its own convention, which `detector.BoxAdjustment` maps to the
+annotation style. `detector.BOX_ADJUSTMENTS` holds the ones measured for
+the built-in detectors; on your kind of photos (camera, pose, resolution)
+a fit on a few dozen of your faces may do better.
+
+The faces file is JSON, per image (a path, relative to the faces file's
+folder or absolute) a list of faces, each a list of landmark points [x, y]
+in the image's pixels (any landmark scheme that spans brows to chin and
+ear to ear: WFLW's 98, 300W's 68, ...; null for a missing point):
+
+    {"photos/a.jpg": [[[x, y], [x, y], ...], [[x, y], ...]],
+     "b.png": [[[x, y], ...]]}
+
+It prints the fitted adjustment, how many faces the raw detector found, the
+adjusted boxes' centre error and side ratio against the annotation boxes,
+and the form `run.py predict --box_adjustment=scale,shift_x,shift_y` takes;
+`--out` writes the same as JSON. From Python:
+
+    from fgtbt_jax import calibrate, detector
+    calibration = calibrate.calibrate_detector("dlib_hog", calibrate.read_annotated_faces(path))
+    my_detector = detector.DlibHogDetector(adjustment=calibration.adjustment)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from fgtbt_jax import detector as detector_lib
+from fgtbt_jax.errors import DataError
+from fgtbt_jax.images import load_image
+
+
+def read_annotated_faces(path: str | os.PathLike) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(image (H, W, 3) uint8 RGB, landmarks (N, 2)) per face of the faces file (module docstring).
+
+  The whole file is checked before any image is loaded; images are loaded
+  one at a time as the pairs are consumed.
+
+  Raises:
+    DataError: naming the file (and the key): missing, empty, not JSON,
+      not an object of non-empty face lists, a face that is not a list of at
+      least two finite [x, y] points, an image that does not exist (or
+      does not load).
+  """
+  where = os.fspath(path)
+  path = pathlib.Path(path)
+  try:
+    text = path.read_text()
+  except OSError as e:
+    raise DataError(where, f"cannot read the faces file ({e.strerror or e})", "missing_file"
+                    ) from None
+  if not text.strip():
+    raise DataError(where, "the faces file is empty", "empty_file")
+  try:
+    content = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{where}:{e.lineno}:{e.colno}", f"not valid JSON ({e.msg})", "bad_json"
+                    ) from None
+  if not isinstance(content, dict) or not content:
+    raise DataError(where, "expected a non-empty JSON object {image: [[[x, y], ...], ...]}",
+                    "bad_json")
+  faces = []
+  for key, value in content.items():
+    spot = f"{where}:{key}"
+    image_path = pathlib.Path(key) if pathlib.Path(key).is_absolute() else path.parent / key
+    if not image_path.is_file():
+      raise DataError(spot, f"image {image_path} does not exist", "missing_image")
+    if not isinstance(value, list) or not value:
+      raise DataError(spot, "expected a non-empty list of faces, each a list of [x, y] points",
+                      "bad_landmarks")
+    if all(p is None or (isinstance(p, list) and len(p) == 2 and not isinstance(p[0], list))
+           for p in value):
+      value = [value]  # One face given directly as its points.
+    for number, face in enumerate(value):
+      try:
+        points = np.array([[np.nan, np.nan] if p is None else p for p in face], np.float64)
+      except (TypeError, ValueError):
+        points = np.zeros((0, 3))
+      if points.ndim != 2 or points.shape[1] != 2 or np.isfinite(points).all(1).sum() < 2:
+        raise DataError(f"{spot}[{number}]", "expected a face as a list of at least two "
+                        f"finite [x, y] points, got {json.dumps(face)[:80]}", "bad_landmarks")
+      faces.append((image_path, spot, points))
+
+  def pairs():
+    loaded, image = None, None
+    for image_path, spot, points in faces:
+      if image_path != loaded:
+        image, loaded = load_image(image_path, where=spot), image_path
+      yield image, points
+  return pairs()
+
+
+def raw_detector(name: str, **kwargs) -> detector_lib.FaceDetector:
+  """Detector `name` of `detector.DETECTORS` with no box adjustment (its own boxes)."""
+  if name not in detector_lib.DETECTORS:
+    raise ValueError(f"unknown detector {name!r}; expected one of "
+                     f"{', '.join(detector_lib.DETECTORS)}")
+  return detector_lib.DETECTORS[name](adjustment=detector_lib.BoxAdjustment(), **kwargs)
+
+
+def calibrate_detector(name: str, faces, *, min_matched: int = 8,
+                       **kwargs) -> detector_lib.Calibration:
+  """`detector.calibrate_box_adjustment` of the raw detector `name` on (image, landmarks) pairs.
+
+  `kwargs` go to the detector (e.g. upsample=2 for dlib_hog).
+  """
+  return detector_lib.calibrate_box_adjustment(raw_detector(name, **kwargs), faces,
+                                               min_matched=min_matched)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m fgtbt_jax.calibrate", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--faces", required=True, help="the faces JSON file (see the module doc)")
+  parser.add_argument("--detector", default="dlib_hog", choices=list(detector_lib.DETECTORS))
+  parser.add_argument("--min_matched", type=int, default=8,
+                      help="fail when the detector finds fewer of the faces")
+  parser.add_argument("--out", default=None, help="also write the fit as JSON here")
+  args = parser.parse_args(argv)
+  try:
+    calibration = calibrate_detector(args.detector, read_annotated_faces(args.faces),
+                                     min_matched=args.min_matched)
+  except (DataError, ValueError, detector_lib.DetectorUnavailableError) as e:
+    parser.exit(1, f"python -m fgtbt_jax.calibrate: {e}\n")
+  summary = {"detector": args.detector, "faces_file": args.faces, **calibration.summary()}
+  adjustment = calibration.adjustment
+  flag = f"{adjustment.scale:.4f},{adjustment.shift_x:.4f},{adjustment.shift_y:.4f}"
+  summary["box_adjustment_flag"] = f"--box_adjustment={flag}"
+  error, ratio = summary["centre_error"], summary["side_ratio"]
+  print(f"{args.detector}: found {calibration.num_matched} of {calibration.num_faces} faces; "
+        f"box adjustment scale {adjustment.scale:.4f}, shift_x {adjustment.shift_x:+.4f}, "
+        f"shift_y {adjustment.shift_y:+.4f}\n"
+        f"after it: centre error {100 * error['p50']:.1f}% of the face side at the median "
+        f"({100 * error['p90']:.1f}% at the 90th percentile), side ratio {ratio['p50']:.3f} "
+        f"(10-90%: {ratio['p10']:.3f}-{ratio['p90']:.3f})\n"
+        f"use it: python run.py predict ... --detector={args.detector} --box_adjustment={flag}")
+  if args.out is not None:
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
