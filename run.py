@@ -20,15 +20,21 @@
       the studies of eval.studies / --studies).
 
   python run.py predict --workdir=runs/paper --image=PATH_OR_DIR \
-      [--box=x1,y1,x2,y2] [--protocol=WFLW] [--out=DIR]
+      [--box=x1,y1,x2,y2 | --boxes=boxes.json] [--max_faces=N] [--protocol=WFLW] [--out=DIR]
       Landmarks of images, folders of images or videos with the run's best
       (or --checkpoint=latest) EMA model: a JSON and an overlay PNG per image
-      in --out (default <workdir>/predictions), decoded as the run was
-      evaluated (its eval.decoder, eval.flip_test, eval.smoothing_sigma)
-      unless --decoder / --flip_test / --smoothing_sigma say otherwise.
-      Faces are found with OpenCV's bundled Haar cascade unless --box is
-      given. Exit status 1 when any input failed (unreadable, or no face
-      found); the others are written.
+      in --out (default <workdir>/predictions), per video a JSON, per-frame
+      JSON Lines and an overlay video; decoded as the run was evaluated (its
+      eval.decoder, eval.flip_test, eval.smoothing_sigma) unless --decoder /
+      --flip_test / --smoothing_sigma say otherwise. Every face found is
+      predicted (dlib's HOG detector, else OpenCV's Haar cascade; --detector,
+      --box_adjustment), the --max_faces largest, unless --box or --boxes
+      give the boxes; faces whose mean confidence is below
+      --min_face_confidence are flagged low quality. Videos: the detector
+      runs every --detect_every frames, the landmarks are One Euro smoothed
+      (--[no]video_smoothing, --one_euro_min_cutoff, --one_euro_beta). Exit
+      status 1 when any input failed (unreadable, or no face found); the
+      others are written.
 
 Each mode is one library call (`train.train_and_evaluate`,
 `evaluate.evaluate_workdir`, `predict_files.predict_main`); this file parses
@@ -64,8 +70,10 @@ from fgtbt_jax import evaluate
 from fgtbt_jax import heatmaps
 from fgtbt_jax import landmarks
 from fgtbt_jax import predict_files
+from fgtbt_jax import predictor as predictor_lib
 from fgtbt_jax import studies
 from fgtbt_jax import train
+from fgtbt_jax import video
 
 _REPO = pathlib.Path(__file__).resolve().parent
 
@@ -119,6 +127,38 @@ _IMAGE = flags.DEFINE_multi_string(
 _BOX = flags.DEFINE_list(
     "box", None, "predict: the face box x1,y1,x2,y2 in pixels, used for every input "
     "(default: detect the faces).")
+_BOXES = flags.DEFINE_string(
+    "boxes", None, "predict: a JSON file of face boxes per input, {\"a.jpg\": [[x1, y1, x2, "
+    "y2], ...], ...}, keyed by path or file name (inputs it does not name are detected).")
+_MAX_FACES = flags.DEFINE_integer(
+    "max_faces", None, "predict: at most this many detected faces per image or frame, the "
+    "largest (default: every face found).", lower_bound=1)
+_MIN_FACE_CONFIDENCE = flags.DEFINE_float(
+    "min_face_confidence", predictor_lib.DEFAULT_MIN_FACE_CONFIDENCE,
+    "predict: faces whose mean point confidence is below this are flagged low_quality "
+    "(JSON and overlay); in videos such a face's track ends.")
+_DETECTOR = flags.DEFINE_enum(
+    "detector", "auto", list(detector.DETECTOR_CHOICES),
+    "predict: face detector; auto is dlib's HOG detector, or OpenCV's Haar cascade when "
+    "dlib is not installed.")
+_BOX_ADJUSTMENT = flags.DEFINE_string(
+    "box_adjustment", "real", "predict: the detector's box calibration: real (photographs), "
+    "synthetic (the project's rendered faces) or scale,shift_x,shift_y (python -m "
+    "fgtbt_jax.calibrate fits it on your annotated faces).")
+_DETECT_EVERY = flags.DEFINE_integer(
+    "detect_every", video.TrackerSettings.detect_every,
+    "predict, videos: run the face detector every this many frames (the landmarks carry "
+    "the boxes in between).", lower_bound=1)
+_VIDEO_SMOOTHING = flags.DEFINE_bool(
+    "video_smoothing", True, "predict, videos: One Euro smoothing of the landmarks across "
+    "frames (still images are never smoothed).")
+_ONE_EURO_MIN_CUTOFF = flags.DEFINE_float(
+    "one_euro_min_cutoff", video.OneEuroSettings.min_cutoff,
+    "predict, videos: One Euro cut-off (Hz) of a still face; lower smooths more.")
+_ONE_EURO_BETA = flags.DEFINE_float(
+    "one_euro_beta", video.OneEuroSettings.beta,
+    "predict, videos: One Euro cut-off rise per face side per second of speed; higher "
+    "lags less.")
 _PROTOCOL = flags.DEFINE_enum(
     "protocol", landmarks.UNIFIED, [landmarks.UNIFIED, *landmarks.PROTOCOL_NAMES],
     "predict: which landmarks to write: a dataset protocol or all 124 unified points.")
@@ -129,7 +169,7 @@ _DATASET = flags.DEFINE_string(
 _FLIP_TEST = flags.DEFINE_bool(
     "flip_test", None, "predict: average with the mirrored face (default: the run's "
     "eval.flip_test).")
-_DECODER = flags.DEFINE_enum("decoder", None, list(heatmaps.DECODERS),
+_DECODER = flags.DEFINE_enum("decoder", None, list(heatmaps.ALL_DECODERS),
                              "predict: heatmap decoder (default: the run's eval.decoder).")
 _SMOOTHING = flags.DEFINE_float(
     "smoothing_sigma", None, "predict: heatmap blur before the sub-pixel fit (default: the "
@@ -223,6 +263,24 @@ def _parse_box(values: list[str] | None) -> list[float] | None:
   return box
 
 
+def _tracking() -> video.TrackerSettings:
+  """The video flags as `video.TrackerSettings`."""
+  try:
+    smoothing = (video.OneEuroSettings(min_cutoff=_ONE_EURO_MIN_CUTOFF.value,
+                                       beta=_ONE_EURO_BETA.value)
+                 if _VIDEO_SMOOTHING.value else None)
+  except ValueError as e:
+    raise app.UsageError(f"--one_euro_*: {e}") from None
+  return video.TrackerSettings(detect_every=_DETECT_EVERY.value, smoothing=smoothing)
+
+
+def _parse_box_adjustment(text: str):
+  try:
+    return detector.parse_box_adjustment(text)
+  except ValueError as e:
+    raise app.UsageError(f"--box_adjustment: {e}") from None
+
+
 def eval_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
   """The config `eval` runs with: --config if given, else the run's saved config.
 
@@ -295,7 +353,10 @@ def run_mode(mode: str, workdir: pathlib.Path) -> int:
         workdir, _IMAGE.value or [], _OUT.value, which=_CHECKPOINT.value or "best",
         dataset=_DATASET.value, box=_parse_box(_BOX.value), protocol=_PROTOCOL.value,
         flip_test=_FLIP_TEST.value, decoder=_DECODER.value, smoothing_sigma=_SMOOTHING.value,
-        batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value)
+        batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value, boxes_file=_BOXES.value,
+        max_faces=_MAX_FACES.value, min_face_confidence=_MIN_FACE_CONFIDENCE.value,
+        detector=_DETECTOR.value, box_adjustment=_parse_box_adjustment(_BOX_ADJUSTMENT.value),
+        tracking=_tracking())
   which = _CHECKPOINT.value or _default_eval_checkpoint(workdir)
   done = evaluate.evaluate_workdir(eval_config(workdir), workdir, which,
                                    write_report=_REPORT.value)

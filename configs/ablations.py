@@ -14,6 +14,14 @@ runs/ablations_<STUDY>. The studies of the paper:
   fmb=off                                                  w/o FMB (uniform landmark weights)
   fgsa=off,fmb=off                                         neither (the plain baseline)
 
+The landmark heads of the related work (docs/model.md, "Landmark heads"):
+
+  head=heatmap | head=hih | head=recurrent                 FGTBT heatmaps, Heatmap in
+                                                           Heatmap, recurrent refinement
+
+head=hih also decodes with the decimal maps: eval.decoder "hih" where the
+base decodes with argmax or quarter, "hih_subpixel" where it uses subpixel.
+
 Any study can be run on the embedded synthetic data by adding
 `base=default` (e.g. configs/ablations.py:base=default,fgsa=off).
 """
@@ -24,6 +32,7 @@ from configs import default
 from configs import fgtbt_paper
 from fgtbt_jax import losses
 from fgtbt_jax.models import fgsa as fgsa_lib
+from fgtbt_jax.models import heads as heads_lib
 
 _ON_OFF = {"on": True, "off": False}
 STUDIES = (
@@ -31,7 +40,10 @@ STUDIES = (
     "balancer=fmb", "balancer=uniform", "balancer=dwa", "balancer=uncertainty",
     "frequency=fft", "frequency=srm", "frequency=wavelet",
     "fgsa=off", "fmb=off", "fgsa=off,fmb=off",
+    "head=heatmap", "head=hih", "head=recurrent",
 )
+# The HIH decoder that decodes the decimal map as the base decodes the heatmaps.
+_HIH_DECODER = {"argmax": "hih", "quarter": "hih", "subpixel": "hih_subpixel"}
 
 
 def _choice(key: str, value: str, allowed) -> str:
@@ -65,7 +77,11 @@ def get_config(study: str = "") -> ml_collections.ConfigDict:
     elif key == "fmb":
       if not _ON_OFF[_choice(key, value, _ON_OFF)]:
         config.loss.balancer = "uniform"
+    elif key == "head":
+      config.model.head = _choice(key, value, heads_lib.HEADS)
+      if value == "hih":
+        config.eval.decoder = _HIH_DECODER[config.eval.decoder]
     else:
       raise ValueError(f"ablations: unknown setting {key!r}; expected base, beta, balancer, "
-                       f"frequency, fgsa or fmb (studies: {STUDIES})")
+                       f"frequency, fgsa, fmb or head (studies: {STUDIES})")
   return config

@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--dataset", default=None, help="whose best checkpoint (default: first)")
   parser.add_argument("--batch_size", type=int, default=predictor_lib.DEFAULT_BATCH_SIZE)
   parser.add_argument("--output", default="landmarks", choices=OUTPUTS)
-  parser.add_argument("--decoder", default=None, choices=heatmaps.DECODERS,
+  parser.add_argument("--decoder", default=None, choices=heatmaps.ALL_DECODERS,
                       help="default: the run's eval.decoder")
   parser.add_argument("--flip_test", dest="flip_test", action="store_true", default=None,
                       help="default: the run's eval.flip_test")

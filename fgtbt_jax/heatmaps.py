@@ -21,6 +21,11 @@ import numpy as np
 
 # Names accepted by `decode`, in order of increasing accuracy.
 DECODERS: tuple[str, ...] = ("argmax", "quarter", "subpixel")
+# Decoders of the HIH head's two maps (`decode_hih`): integer argmax plus the
+# decimal map's argmax, or its sub-pixel fit.
+HIH_DECODERS: tuple[str, ...] = ("hih", "hih_subpixel")
+# Every decoder of `decode_outputs`.
+ALL_DECODERS: tuple[str, ...] = DECODERS + HIH_DECODERS
 
 # Floor applied before taking the log of heatmap values in the sub-pixel
 # decoder, so that zero or negative network outputs stay finite.
@@ -268,3 +273,102 @@ def merge_flipped(heatmaps, heatmaps_of_mirrored_image, flip_permutation) -> jax
         f"merge_flipped: heatmaps {heatmaps.shape} and mirrored-image heatmaps "
         f"{mirrored.shape} differ in shape")
   return 0.5 * (heatmaps + flip_heatmaps(mirrored, flip_permutation))
+
+
+# -- Heatmap in Heatmap (HIH): the decimal heatmap of the offset in the peak pixel -------
+
+
+def peak_pixel(points):
+  """The integer pixel where an exact Gaussian centred at `points` peaks: ceil(p - 0.5).
+
+  The nearest pixel, with a tie (p exactly between two pixels) going to the
+  lower index, as `jnp.argmax` breaks ties; so the offset p - peak_pixel(p)
+  lies in (-0.5, 0.5].
+  """
+  return jnp.ceil(points - 0.5)
+
+
+def decimal_coordinates(points, decimal_size: int):
+  """(..., 2) position on a decimal_size^2 decimal map of each point's offset in its peak pixel.
+
+  The decimal map spans the peak pixel (HIH paper eq. 1-2): cell c covers the
+  offsets [-0.5 + c / d, -0.5 + (c + 1) / d), so the offset o maps to the
+  continuous cell coordinate (o + 0.5) d - 0.5 (cell centres at integers, as
+  every map here). An offset of exactly +0.5 is put just inside the last cell.
+  """
+  offset = points - peak_pixel(points)
+  cells = (offset + 0.5) * decimal_size - 0.5
+  return jnp.minimum(cells, decimal_size - 0.5 - 1e-3)
+
+
+def decimal_offset(cells, decimal_size: int):
+  """Inverse of `decimal_coordinates`: the offset (heatmap pixels) of decimal-map cell coordinates."""
+  return (cells + 0.5) / decimal_size - 0.5
+
+
+def render_decimal_targets(points, mask, decimal_size: int, sigma,
+                           rounded: bool | str = False) -> jax.Array:
+  """HIH decimal heatmap targets (..., d, d, K) for (..., K, 2) points in heatmap pixels.
+
+  The Gaussian of `sigma` decimal cells at the point's offset within its
+  peak pixel (`decimal_coordinates`); `rounded` as in `render_gaussian`
+  ("nearest" is the paper's eq. 2-3: the Gaussian on the offset's cell).
+  """
+  points = jnp.asarray(points, jnp.float32)
+  mask = jnp.asarray(mask)
+  _check_points_and_mask(points, mask)
+  points = jnp.where(mask[..., None], points, 0.0)
+  return render_gaussian(decimal_coordinates(points, decimal_size), mask, decimal_size,
+                         decimal_size, sigma, rounded=rounded)
+
+
+def decode_hih(heatmaps, decimal, refine: bool = False):
+  """Landmarks from HIH's integer and decimal heatmaps (HIH paper eq. 4).
+
+  Args:
+    heatmaps: (..., H, W, K) integer heatmaps.
+    decimal: (..., d, d, K) decimal heatmaps, one per landmark.
+    refine: locate the decimal map's peak with the sub-pixel fit
+      ("subpixel" of `decode`) instead of its argmax cell.
+
+  Returns:
+    coords (..., K, 2) = integer argmax + the decimal peak's offset
+    (`decimal_offset`), in heatmap pixels; confidence (..., K), the integer
+    heatmaps' peaks. With argmax cells the offset is quantised to 1 / d
+    pixel: an error of at most 0.5 / d per axis on a perfect pair of maps.
+  """
+  decimal = jnp.asarray(decimal)
+  _check_heatmaps(decimal, "decode_hih")
+  size = decimal.shape[-2]
+  if decimal.shape[-3] != size:
+    raise ValueError(f"decode_hih: decimal maps must be square, got {decimal.shape}")
+  integer, confidence = decode(heatmaps, "argmax")
+  cells, _ = decode(decimal, "subpixel" if refine else "argmax")
+  return integer + decimal_offset(cells, size), confidence
+
+
+def decoder_inputs(method: str) -> tuple[str, ...]:
+  """The named model outputs that decoder `method` reads (`decode_outputs`)."""
+  if method in HIH_DECODERS:
+    return ("heatmaps", "decimal")
+  if method in DECODERS:
+    return ("heatmaps",)
+  raise ValueError(f"unknown heatmap decoder {method!r}; expected one of {list(ALL_DECODERS)}")
+
+
+def decode_outputs(outputs, method: str = "argmax", smoothing_sigma: float = 0.0):
+  """Landmarks and confidence from a head's named outputs (`models.heads`).
+
+  `outputs` maps names to maps: "heatmaps" (..., H, W, K) always; "decimal"
+  (..., d, d, K) from the HIH head. The `DECODERS` read the heatmaps, the
+  `HIH_DECODERS` both maps (`decode_hih`, "hih_subpixel" with `refine`).
+  """
+  missing = [name for name in decoder_inputs(method) if name not in outputs]
+  if missing:
+    raise ValueError(f"decoder {method!r} needs the model outputs {missing} (the 'hih' head's), "
+                     f"got only {sorted(outputs)}")
+  if method in HIH_DECODERS:
+    if smoothing_sigma:
+      raise ValueError(f"smoothing_sigma applies to the 'subpixel' decoder only, got {method!r}")
+    return decode_hih(outputs["heatmaps"], outputs["decimal"], refine=method == "hih_subpixel")
+  return decode(outputs["heatmaps"], method, smoothing_sigma=smoothing_sigma)

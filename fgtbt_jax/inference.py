@@ -4,10 +4,11 @@ Every path that turns a model into landmarks (the training-time Evaluator,
 `run.py eval` and its studies, `Predictor`, `run.py predict` and the
 `jax.export` artifact) runs `make_predict_fn`:
 
-    uint8 crops (B, S, S, 3) -> ImageNet normalisation -> model
-      [-> the model on the mirrored crops, heatmaps merged with the unified
-         flip permutation]                                   (flip_test)
-      -> decode (argmax / quarter / subpixel, optional blur)  (decoder, smoothing_sigma)
+    uint8 crops (B, S, S, 3) -> ImageNet normalisation -> model (the head's named outputs)
+      [-> the model on the mirrored crops, the maps the decoder reads merged
+         with the unified flip permutation]                  (flip_test)
+      -> decode (argmax / quarter / subpixel, optional blur; hih /
+         hih_subpixel for the HIH head)                      (decoder, smoothing_sigma)
       -> points (B, 124, 2) in crop input pixels, confidence (B, 124) heatmap peaks
 
 with one `PredictSettings` saying how. A run's settings are its config's
@@ -55,7 +56,8 @@ class PredictSettings:
   """How heatmaps become landmarks.
 
   Attributes:
-    decoder: a name of `heatmaps.DECODERS`.
+    decoder: a name of `heatmaps.ALL_DECODERS` (those of `heatmaps.HIH_DECODERS`
+      need the "hih" head's decimal maps).
     flip_test: also run the mirrored crops and average the heatmaps with
       theirs, flipped back with the unified flip permutation (the paper's test).
     smoothing_sigma: Gaussian blur (heatmap pixels) before the sub-pixel fit;
@@ -72,8 +74,8 @@ class PredictSettings:
   coordinates: str = "project"
 
   def __post_init__(self):
-    if self.decoder not in heatmaps.DECODERS:
-      raise ValueError(f"decoder {self.decoder!r}: expected one of {heatmaps.DECODERS}")
+    if self.decoder not in heatmaps.ALL_DECODERS:
+      raise ValueError(f"decoder {self.decoder!r}: expected one of {heatmaps.ALL_DECODERS}")
     if not self.smoothing_sigma >= 0:
       raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
     if self.coordinates not in COORDINATES:
@@ -113,8 +115,16 @@ class PredictSettings:
             f"{smoothing}{coordinates}")
 
 
-def model_apply(model: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
-  """(variables, normalised images) -> heatmaps: the model's eval-mode forward."""
+def model_apply(model: nn.Module) -> Callable[[Any, jax.Array], Any]:
+  """(variables, normalised images) -> the model's eval-mode outputs.
+
+  An FGTBT gives its head's named outputs (`FGTBT.named_outputs`); any other
+  module (e.g. a caller's own `Predictor(model=...)`) is called plainly and
+  its output taken as the heatmaps.
+  """
+  if isinstance(model, models.FGTBT):
+    return lambda variables, images: model.apply(variables, images, train=False,
+                                                 method=models.FGTBT.named_outputs)
   return lambda variables, images: model.apply(variables, images, train=False)
 
 
@@ -123,8 +133,9 @@ def make_predict_fn(apply_fn: Callable[[Any, jax.Array], jax.Array], settings: P
   """The device side of prediction: (variables, uint8 crops (B, S, S, 3)) -> outputs.
 
   Args:
-    apply_fn: (variables, normalised images (B, S, S, 3)) -> heatmaps
-      (B, S / stride, S / stride, 124), e.g. `model_apply(model)`.
+    apply_fn: (variables, normalised images (B, S, S, 3)) -> the named
+      outputs of a head ({"heatmaps": (B, S / stride, S / stride, 124), ...},
+      e.g. `model_apply(model)`), or the heatmaps array alone.
     settings: decoder, flip test and smoothing.
     output: "landmarks" -> (points (B, 124, 2) in crop input pixels, pixel
       centres at integers; confidence (B, 124) heatmap peaks); "heatmaps" ->
@@ -137,21 +148,30 @@ def make_predict_fn(apply_fn: Callable[[Any, jax.Array], jax.Array], settings: P
     raise ValueError(f"unknown inference output {output!r}; expected one of {OUTPUTS}")
   flip_permutation = landmarks.UNIFIED_FLIP_PERMUTATION
 
+  # The outputs the decoder reads; flip-merged alike (HIH's decimal map of
+  # the mirrored crop is the mirrored decimal map: the offset changes sign).
+  used = ("heatmaps",) if output == "heatmaps" else heatmaps.decoder_inputs(settings.decoder)
+
+  def named(outputs):
+    outputs = outputs if isinstance(outputs, dict) else {"heatmaps": outputs}
+    return {name: outputs[name] for name in used if name in outputs}
+
   def predict(variables, crops):
     images = models.normalize_images(crops)
-    maps = apply_fn(variables, images)
+    maps = named(apply_fn(variables, images))
     if settings.flip_test:
       # Two forwards rather than one on a 2B batch: the mirrored half would
       # otherwise have to move between devices of a batch-sharded input.
-      mirrored = apply_fn(variables, images[:, :, ::-1, :])
-      maps = heatmaps.merge_flipped(maps, mirrored, flip_permutation)
+      mirrored = named(apply_fn(variables, images[:, :, ::-1, :]))
+      maps = {name: heatmaps.merge_flipped(maps[name], mirrored[name], flip_permutation)
+              for name in maps}
     if output == "heatmaps":
-      return maps
-    coords, confidence = heatmaps.decode(maps, settings.decoder,
-                                         smoothing_sigma=settings.smoothing_sigma)
+      return maps["heatmaps"]
+    coords, confidence = heatmaps.decode_outputs(maps, settings.decoder,
+                                                 smoothing_sigma=settings.smoothing_sigma)
     if settings.coordinates == "authors":
       coords = to_authors_heatmap(coords)
-    stride = crops.shape[1] / maps.shape[1]
+    stride = crops.shape[1] / maps["heatmaps"].shape[1]
     return heatmaps.heatmap_to_input(coords, stride), confidence
 
   return predict

@@ -22,6 +22,7 @@ and history live in the train state as plain pytrees.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -106,7 +107,20 @@ def sample_landmark_losses(pred: jax.Array, target: jax.Array,
                            constants: AWingConstants = AWingConstants(),
                            weight_threshold: float = 0.2,
                            weight_scale: float = 10.0) -> jax.Array:
-  """(B, K) mean over pixels of W * AWing for every sample and channel."""
+  """(B, K) mean over pixels of W * AWing for every sample and channel.
+
+  The per-pixel terms (the AWing branches, its power and logarithm, the
+  weight map) are recomputed in the backward pass (`jax.checkpoint`): only
+  `pred` and `target` are kept, not the half-dozen float32 per-pixel
+  tensors in between (about 0.1 GiB each per 4 images at 240 x 240 x 124).
+  """
+  return _sample_landmark_losses(pred, target, constants, float(weight_threshold),
+                                 float(weight_scale))
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2, 3, 4))
+def _sample_landmark_losses(pred: jax.Array, target: jax.Array, constants: AWingConstants,
+                            weight_threshold: float, weight_scale: float) -> jax.Array:
   pred = pred.astype(jnp.float32)
   target = target.astype(jnp.float32)
   per_pixel = adaptive_wing(pred, target, constants) * jax.lax.stop_gradient(
@@ -161,6 +175,8 @@ class LossConfig:
   weight_scale: float = 10.0
   sigma: float = 3.0
   target_rounding: str = "none"  # heatmaps.TARGET_ROUNDINGS
+  hih_decimal_sigma: float = 1.0  # decimal cells (`head_loss`)
+  hih_decimal_weight: float = 0.1
   dwa_temperature: float = 2.0
   dwa_window: int = 100
   num_datasets: int = len(landmarks_lib.PROTOCOL_NAMES)
@@ -176,6 +192,10 @@ class LossConfig:
     if self.target_rounding not in heatmaps.TARGET_ROUNDINGS:
       raise ValueError(f"loss.target_rounding must be one of {heatmaps.TARGET_ROUNDINGS}, "
                        f"got {self.target_rounding!r}")
+    if not self.hih_decimal_sigma > 0:
+      raise ValueError(f"loss.hih_decimal_sigma must be positive, got {self.hih_decimal_sigma}")
+    if not self.hih_decimal_weight >= 0:
+      raise ValueError(f"loss.hih_decimal_weight must be >= 0, got {self.hih_decimal_weight}")
     if self.dwa_temperature <= 0:
       raise ValueError(f"loss.dwa_temperature must be positive, got {self.dwa_temperature}")
     if self.dwa_window < 1:
@@ -183,7 +203,7 @@ class LossConfig:
 
   @classmethod
   def from_config(cls, loss_config: Mapping[str, Any], num_datasets: int) -> "LossConfig":
-    """Builds it from a config's `loss` ConfigDict (every field required)."""
+    """Builds it from a config's `loss` ConfigDict (every field required but the HIH ones)."""
     return cls(
         balancer=loss_config["balancer"], beta=float(loss_config["beta"]),
         awing=AWingConstants(
@@ -193,6 +213,9 @@ class LossConfig:
         weight_scale=float(loss_config["weight_scale"]),
         sigma=float(loss_config["sigma"]),
         target_rounding=_target_rounding(loss_config),
+        # A run saved before the HIH head had neither field.
+        hih_decimal_sigma=float(loss_config.get("hih_decimal_sigma", 1.0)),
+        hih_decimal_weight=float(loss_config.get("hih_decimal_weight", 0.1)),
         dwa_temperature=float(loss_config["dwa_temperature"]),
         dwa_window=int(loss_config["dwa_window"]),
         num_datasets=num_datasets)
@@ -319,3 +342,65 @@ def fmb_loss(config: LossConfig, pred: jax.Array, target: jax.Array, mask: jax.A
   total, weights = combine_dataset_losses(
       config, losses, present, balancer_params, balancer_state)
   return total, {"dataset_loss": losses, "present": present, "dataset_weight": weights}
+
+
+def head_loss(config: LossConfig, outputs: Mapping[str, Any], points: jax.Array, mask: jax.Array,
+              dataset_id: jax.Array, stride: float, balancer_params: Mapping[str, jax.Array],
+              balancer_state: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+  """The FMB-loss of a landmark head's named outputs (`models.heads`), targets rendered here.
+
+  Every supervised map gets the same per-landmark AWing loss and FMB
+  weighting; the per-dataset losses of the maps are summed (weighted) before
+  the dataset balancer, so DWA and uncertainty weighting see one loss per
+  dataset:
+
+    {"heatmaps"}                 the heatmap loss alone (`fmb_loss`, as always);
+    {"step_heatmaps": maps, ...} each step's heatmaps against the heatmap
+                                 targets, all steps weight 1 (the recurrent head);
+    {"decimal": maps, ...}       plus the HIH decimal maps against
+                                 `heatmaps.render_decimal_targets` of sigma
+                                 `hih_decimal_sigma`, weight `hih_decimal_weight`.
+
+  Args:
+    config: static loss settings.
+    outputs: the model's named outputs ((B, h, w, K) maps).
+    points: (B, K, 2) landmarks in input pixels; mask (B, K); dataset_id (B,).
+    stride: input pixels per heatmap pixel.
+    balancer_params, balancer_state: as in `fmb_loss`.
+
+  Returns:
+    (total, aux) as `fmb_loss`, aux also with "map_loss": {map name:
+    (D,) per-dataset losses of that map (decimal: before its weight)}.
+  """
+  maps = outputs["heatmaps"]
+  height, width = maps.shape[-3:-1]
+  target = render_targets(points, mask, height, width, config.sigma, stride,
+                          config.target_rounding)
+  if set(outputs) == {"heatmaps"}:
+    return fmb_loss(config, maps, target, mask, dataset_id, balancer_params, balancer_state)
+  weights = jnp.asarray(config.landmark_weights())
+
+  def losses_of(pred, map_target):
+    sample_losses = sample_landmark_losses(
+        pred, map_target, config.awing, config.weight_threshold, config.weight_scale)
+    landmark_loss, supervised = per_dataset_landmark_losses(
+        sample_losses, mask, dataset_id, config.num_datasets)
+    return dataset_losses(landmark_loss, supervised, weights)
+
+  terms = {}
+  for k, step_maps in enumerate(outputs.get("step_heatmaps", (maps,))):
+    terms[f"heatmaps_{k}" if "step_heatmaps" in outputs else "heatmaps"] = (
+        losses_of(step_maps, target), 1.0)
+  if "decimal" in outputs:
+    decimal_size = outputs["decimal"].shape[-2]
+    heatmap_points = heatmaps.input_to_heatmap(jnp.where(mask[..., None], points, 0.0), stride)
+    decimal_target = heatmaps.render_decimal_targets(
+        heatmap_points, mask, decimal_size, config.hih_decimal_sigma, config.target_rounding)
+    decimal_target = jnp.where(mask[:, None, None, :], decimal_target, 0.0)
+    terms["decimal"] = (losses_of(outputs["decimal"], decimal_target), config.hih_decimal_weight)
+  present = next(iter(terms.values()))[0][1]
+  losses = sum(weight * map_losses for (map_losses, _), weight in terms.values())
+  total, dataset_weights = combine_dataset_losses(
+      config, losses, present, balancer_params, balancer_state)
+  return total, {"dataset_loss": losses, "present": present, "dataset_weight": dataset_weights,
+                 "map_loss": {name: map_losses for name, ((map_losses, _), _) in terms.items()}}

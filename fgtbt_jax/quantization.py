@@ -4,9 +4,11 @@ A perfect network would output exactly its training targets. Rendering those
 targets for known landmarks, decoding them and mapping the result back to
 input pixels measures the error that the heatmap resolution and the decoder
 add on their own, independent of any training. HIH (Heatmap In Heatmap)
-reports this for integer argmax decoding; here it is measured for every
-decoder in `heatmaps.DECODERS`, on mean-face landmarks placed at random in
-the input.
+reports this for integer argmax decoding and its decimal heatmaps (its
+Table 8 "ideal" column); here it is measured for every decoder in
+`heatmaps.DECODERS` and for the HIH decoders (`heatmaps.HIH_DECODERS`, on
+perfect integer and d x d decimal maps, for any d), on mean-face landmarks
+placed at random in the input.
 
 Run `python -m fgtbt_jax.quantization` for the Markdown table in
 docs/quantization.md.
@@ -60,18 +62,24 @@ def random_meanface_landmarks(num_faces: int, input_size: int, seed: int,
   return (placed + shift[:, None, :])[:, p.unified_index].astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("height", "width", "methods", "rounded"))
-def _render_and_decode(points, sigma, height: int, width: int,
-                       methods: tuple[str, ...], rounded: bool):
+@functools.partial(jax.jit, static_argnames=("height", "width", "methods", "rounded",
+                                             "decimal_size"))
+def _render_and_decode(points, sigma, decimal_sigma, height: int, width: int,
+                       methods: tuple[str, ...], rounded: bool, decimal_size: int):
   mask = jnp.ones(points.shape[:-1], bool)
-  maps = heatmaps.render_gaussian(points, mask, height, width, sigma, rounded=rounded)
-  return {m: heatmaps.decode(maps, m)[0] for m in methods}
+  outputs = {"heatmaps": heatmaps.render_gaussian(points, mask, height, width, sigma,
+                                                  rounded=rounded)}
+  if any(m in heatmaps.HIH_DECODERS for m in methods):
+    outputs["decimal"] = heatmaps.render_decimal_targets(points, mask, decimal_size,
+                                                         decimal_sigma, rounded=rounded)
+  return {m: heatmaps.decode_outputs(outputs, m)[0] for m in methods}
 
 
 def decoding_error(input_size: int, heatmap_size: int, sigma: float, landmarks_in_input_px,
                    protocol: str = "WFLW", normalizer: str | None = None, box_size=None,
                    methods: Sequence[str] = heatmaps.DECODERS, rounded_targets: bool = False,
-                   chunk_size: int = 16) -> dict[str, float]:
+                   chunk_size: int = 16, decimal_size: int = 8,
+                   decimal_sigma: float = 1.0) -> dict[str, float]:
   """Mean NME (fraction) that decoding perfect target heatmaps costs.
 
   Args:
@@ -81,10 +89,13 @@ def decoding_error(input_size: int, heatmap_size: int, sigma: float, landmarks_i
     landmarks_in_input_px: (M, N, 2) landmarks of M faces in input pixels,
       in the protocol's own order, all inside the input.
     protocol, normalizer, box_size: the NME definition (see `metrics.nme`).
-    methods: decoders to measure, names from `heatmaps.DECODERS`.
+    methods: decoders to measure, names from `heatmaps.ALL_DECODERS`.
     rounded_targets: render targets centred on the nearest heatmap pixel (the
-      authors' targets) instead of the exact sub-pixel position.
+      authors' targets) instead of the exact sub-pixel position; the HIH
+      decimal targets on the nearest decimal cell (HIH paper eq. 2).
     chunk_size: faces rendered at once (bounds memory: chunk * H * W * N).
+    decimal_size, decimal_sigma: d and the Gaussian sigma (decimal cells) of
+      the perfect decimal maps the HIH decoders read.
 
   Returns:
     {method: mean NME over the M faces}.
@@ -102,16 +113,18 @@ def decoding_error(input_size: int, heatmap_size: int, sigma: float, landmarks_i
         f"landmark {point} of face {face} is {points[face, point]}, outside the "
         f"{input_size}x{input_size} input")
   methods = tuple(methods)
-  unknown = [m for m in methods if m not in heatmaps.DECODERS]
+  unknown = [m for m in methods if m not in heatmaps.ALL_DECODERS]
   if unknown:
-    raise ValueError(f"unknown decoders {unknown}; expected names from {list(heatmaps.DECODERS)}")
+    raise ValueError(
+        f"unknown decoders {unknown}; expected names from {list(heatmaps.ALL_DECODERS)}")
   stride = input_size / heatmap_size
   targets = heatmaps.input_to_heatmap(points, stride)
   decoded = {m: [] for m in methods}
   for start in range(0, len(points), chunk_size):
     coords = _render_and_decode(
-        jnp.asarray(targets[start:start + chunk_size]), float(sigma),
-        height=heatmap_size, width=heatmap_size, methods=methods, rounded=rounded_targets)
+        jnp.asarray(targets[start:start + chunk_size]), float(sigma), float(decimal_sigma),
+        height=heatmap_size, width=heatmap_size, methods=methods, rounded=rounded_targets,
+        decimal_size=int(decimal_size))
     for m in methods:
       decoded[m].append(np.asarray(coords[m]))
   return {m: float(metrics.nme(heatmaps.heatmap_to_input(np.concatenate(decoded[m]), stride),
@@ -131,7 +144,7 @@ def _parse_setting(text: str) -> tuple[int, int, float]:
 def markdown_table(rows: Sequence[tuple[tuple[int, int, float], bool, dict[str, float]]],
                    methods: Sequence[str], protocol: str, normalizer: str) -> str:
   """Markdown table of NME (%) per setting, target form and decoder."""
-  header = (f"| input | heatmap | sigma | targets | "
+  header = ("| input | heatmap | sigma | targets | "
             + " | ".join(f"{m} NME %" for m in methods) + " |")
   lines = [f"{protocol} {normalizer} NME (%) of decoding ideal heatmaps", "",
            header, "|" + "---|" * (4 + len(methods))]
@@ -156,9 +169,16 @@ def main(argv: Sequence[str] | None = None) -> str:
                            "(not AFLW: its box normaliser needs annotated boxes)")
   parser.add_argument("--methods", nargs="+", default=list(heatmaps.DECODERS),
                       choices=list(heatmaps.DECODERS))
+  parser.add_argument("--decimal_sizes", type=int, nargs="*", default=[],
+                      help="also the HIH decoders on perfect d x d decimal maps, per d "
+                           "(columns 'hih d=D', 'hih_subpixel d=D')")
+  parser.add_argument("--decimal_sigma", type=float, default=1.0,
+                      help="the decimal maps' Gaussian sigma, decimal cells")
   args = parser.parse_args(argv)
   settings = args.setting or [(480, 240, 3.0), (256, 64, 1.5)]
   methods = tuple(args.methods)
+  columns = methods + tuple(f"{m} d={d}" for d in args.decimal_sizes
+                            for m in heatmaps.HIH_DECODERS)
   rows = []
   for setting in settings:
     input_size, heatmap_size, sigma = setting
@@ -166,9 +186,14 @@ def main(argv: Sequence[str] | None = None) -> str:
     for rounded in (False, True):
       result = decoding_error(input_size, heatmap_size, sigma, faces, args.protocol,
                               methods=methods, rounded_targets=rounded)
+      for d in args.decimal_sizes:
+        hih = decoding_error(input_size, heatmap_size, sigma, faces, args.protocol,
+                             methods=heatmaps.HIH_DECODERS, rounded_targets=rounded,
+                             decimal_size=d, decimal_sigma=args.decimal_sigma)
+        result.update({f"{m} d={d}": v for m, v in hih.items()})
       rows.append((setting, rounded, result))
   protocol = landmarks.get_protocol(args.protocol)
-  table = markdown_table(rows, methods, protocol.name, protocol.default_normalizer)
+  table = markdown_table(rows, columns, protocol.name, protocol.default_normalizer)
   print(table)
   return table
 

@@ -237,10 +237,19 @@ def quantization_markdown(q: Mapping[str, Any], names: list[str]) -> list[str]:
            f"sigma {q['sigma']:g}. Ideal: WFLW inter-ocular NME % of decoding perfect "
            "target heatmaps of random mean faces; measured: NME % on the test data.", "",
            "| decoder | ideal | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+  decimal = q.get("decimal_size")
   for decoder, ideal in q["ideal"].items():
     measured = q["measured"].get(decoder, {})
-    lines.append(f"| {decoder} | {100 * ideal:.4f} | "
+    label = f"{decoder} (d={decimal})" if decoder.startswith("hih") and decimal else decoder
+    lines.append(f"| {label} | {100 * ideal:.4f} | "
                  + " | ".join(_percent(measured.get(d)) for d in names) + " |")
+  by_size = q.get("ideal_by_decimal_size", {})
+  if by_size:
+    lines += ["", "Ideal NME % of the HIH decoders by decimal map size d:", "",
+              "| d | " + " | ".join(by_size[next(iter(by_size))]) + " |",
+              "|" + "---|" * (len(by_size[next(iter(by_size))]) + 1)]
+    for size, row in by_size.items():
+      lines.append(f"| {size} | " + " | ".join(f"{100 * v:.4f}" for v in row.values()) + " |")
   return lines + [""]
 
 

@@ -7,9 +7,12 @@ function that turns the passes' per-dataset NMEs into the report's table:
 
 * "lowres": faces downsampled to a face-box side of 16 / 32 / 64 / 128 px
   (`eval.lowres_sides`) and upsampled back to the input size;
-* "quantization": the NME that each heatmap decoder gives on the test data,
-  beside the decoding error of ideal (target) heatmaps of random mean faces
-  (`quantization.decoding_error`): what decoding alone costs.
+* "quantization": the NME that each decoder the model's head supports
+  (`models.heads.HEADS`: argmax / quarter / subpixel, and hih / hih_subpixel
+  for the HIH head) gives on the test data, beside the decoding error of ideal
+  (target) heatmaps of random mean faces (`quantization.decoding_error`):
+  what decoding alone costs; the HIH decoders' ideal error also at the
+  decimal sizes of `QUANTIZATION_DECIMAL_SIZES`.
 
 The main pass's own NMEs are reused where a pass would repeat it (the
 configured decoder in the quantization study).
@@ -25,12 +28,23 @@ import ml_collections
 import numpy as np
 
 from fgtbt_jax import heatmaps
+from fgtbt_jax import models
 from fgtbt_jax import quantization
 from fgtbt_jax.inference import PredictSettings
 
 STUDIES: tuple[str, ...] = ("lowres", "quantization")
 # Faces of random mean-face landmarks for the ideal-heatmap decoding error.
 QUANTIZATION_FACES = 64
+# Decimal map sizes d of the HIH decoders' ideal decoding error (HIH Table 8).
+QUANTIZATION_DECIMAL_SIZES = (4, 8, 16)
+
+
+def study_decoders(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The decoders the quantization study measures: those of the model's head."""
+  decoders = models.heads.get_head(config.model.head).decoders
+  if config.model.hih_decimal_size < 3:  # No 3x3 stencil for the sub-pixel fit.
+    decoders = tuple(d for d in decoders if d != "hih_subpixel")
+  return decoders
 
 
 def check_studies(names: Sequence[str]) -> tuple[str, ...]:
@@ -89,7 +103,7 @@ def study_passes(name: str, config: ml_collections.ConfigDict,
                       lambda images, side=int(side): degrade_resolution(images, side, enlarge))
             for side in config.eval.lowres_sides]
   return [StudyPass(name, decoder, settings.replace(decoder=decoder))
-          for decoder in heatmaps.DECODERS if decoder != settings.decoder]
+          for decoder in study_decoders(config) if decoder != settings.decoder]
 
 
 def study_table(name: str, config: ml_collections.ConfigDict, settings: PredictSettings,
@@ -98,9 +112,11 @@ def study_table(name: str, config: ml_collections.ConfigDict, settings: PredictS
   """The report's table of a study from {pass key: {dataset: NME}} and the main pass.
 
   "lowres" -> {face side: {dataset: NME}}. "quantization" -> {"input_size",
-  "heatmap_size", "sigma", "ideal": {decoder: WFLW inter-ocular NME of
-  decoding perfect targets}, "measured": {decoder: {dataset: NME}}}; the
-  heatmap is half the input (the model's stride 2).
+  "heatmap_size", "sigma", "decimal_size", "ideal": {decoder: WFLW
+  inter-ocular NME of decoding perfect targets (the HIH decoders' with the
+  model's decimal size d)}, "ideal_by_decimal_size": {d: {HIH decoder: NME}},
+  "measured": {decoder the head supports: {dataset: NME}}}; the heatmap is
+  half the input (the model's stride 2).
   """
   check_studies([name])
   if name == "lowres":
@@ -109,7 +125,16 @@ def study_table(name: str, config: ml_collections.ConfigDict, settings: PredictS
   heatmap_size = input_size // 2
   sigma = float(config.loss.sigma)
   faces = quantization.random_meanface_landmarks(QUANTIZATION_FACES, input_size, seed=0)
+  decimal_size = int(config.model.hih_decimal_size)
+  decimal_sigma = float(config.loss.get("hih_decimal_sigma", 1.0))
   ideal = quantization.decoding_error(input_size, heatmap_size, sigma, faces)
+  by_size = {}
+  for d in sorted({decimal_size, *QUANTIZATION_DECIMAL_SIZES}):
+    hih = tuple(m for m in heatmaps.HIH_DECODERS if d >= 3 or m == "hih")
+    by_size[d] = quantization.decoding_error(input_size, heatmap_size, sigma, faces, methods=hih,
+                                             decimal_size=d, decimal_sigma=decimal_sigma)
+  ideal.update(by_size[decimal_size])
   by_decoder = {settings.decoder: dict(main_nmes), **{k: dict(v) for k, v in measured.items()}}
   return {"input_size": input_size, "heatmap_size": heatmap_size, "sigma": sigma,
-          "ideal": ideal, "measured": {d: by_decoder[d] for d in heatmaps.DECODERS}}
+          "decimal_size": decimal_size, "ideal": ideal, "ideal_by_decimal_size": by_size,
+          "measured": {d: by_decoder[d] for d in study_decoders(config)}}

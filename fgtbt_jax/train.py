@@ -28,6 +28,7 @@ preparation (synthetic stand-ins, conversion checks) is
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -99,25 +100,32 @@ def make_train_step(setup: Setup, ema_decay: float, frozen_batch_norm: bool = Fa
   are off.
   """
   model, tx, loss_config, schedule = setup.model, setup.tx, setup.loss_config, setup.schedule
+  remat_policy = setup.config.model.remat_policy
 
   def step_fn(state: TrainState, batch: Mapping[str, jax.Array]):
     dropout_rng = jax.random.fold_in(state.rng, state.step)
     images = models.normalize_images(batch["image"])
 
-    def loss_fn(trainable):
-      variables = {"params": trainable["model"], "batch_stats": state.batch_stats}
+    # The head's named outputs (heatmaps, and HIH's decimal maps or the
+    # recurrent head's steps): every one is supervised.
+    apply = functools.partial(model.apply, method=models.FGTBT.named_outputs)
+
+    def forward(params, images):
+      variables = {"params": params, "batch_stats": state.batch_stats}
       if frozen_batch_norm:
-        heatmaps, updates = model.apply(variables, images, train=False), {}
-      else:
-        heatmaps, updates = model.apply(variables, images, train=True,
-                                        rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-      height, width = heatmaps.shape[1:3]
-      stride = images.shape[1] / height
-      target = losses.render_targets(batch["landmarks"], batch["mask"], height, width,
-                                     loss_config.sigma, stride, loss_config.target_rounding)
-      total, aux = losses.fmb_loss(loss_config, heatmaps, target, batch["mask"],
-                                   batch["dataset_id"], trainable["balancer"],
-                                   state.balancer_state)
+        return apply(variables, images, train=False), {}
+      return apply(variables, images, train=True, rngs={"dropout": dropout_rng},
+                   mutable=["batch_stats"])
+
+    # What the backward pass gets kept and what it recomputes (models.remat).
+    forward = models.rematerialize(forward, remat_policy)
+
+    def loss_fn(trainable):
+      outputs, updates = forward(trainable["model"], images)
+      stride = images.shape[1] / outputs["heatmaps"].shape[1]
+      total, aux = losses.head_loss(loss_config, outputs, batch["landmarks"], batch["mask"],
+                                    batch["dataset_id"], stride, trainable["balancer"],
+                                    state.balancer_state)
       return total, (aux, updates.get("batch_stats", state.batch_stats))
 
     trainable = {"model": state.params, "balancer": state.balancer_params}

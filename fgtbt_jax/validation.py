@@ -24,8 +24,8 @@ __all__ = ["ConfigError", "validate_config"]
 
 
 def _check_eval(eval_config: ml_collections.ConfigDict) -> None:
-  if eval_config.decoder not in heatmaps.DECODERS:
-    raise ConfigError(f"eval.decoder must be one of {heatmaps.DECODERS}, "
+  if eval_config.decoder not in heatmaps.ALL_DECODERS:
+    raise ConfigError(f"eval.decoder must be one of {heatmaps.ALL_DECODERS}, "
                       f"got {eval_config.decoder!r}")
   if eval_config.get("coordinates", "project") not in inference.COORDINATES:
     raise ConfigError(f"eval.coordinates must be one of {inference.COORDINATES}, got "
@@ -140,6 +140,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   except ValueError as e:
     raise ConfigError(str(e)) from e
   _check_eval(config.eval)
+  head = models.heads.get_head(config.model.head)
+  if config.eval.decoder not in head.decoders:
+    raise ConfigError(f"eval.decoder {config.eval.decoder!r} needs outputs that model.head "
+                      f"{config.model.head!r} does not have; its decoders are {head.decoders}")
+  if config.model.head == "hih" and config.loss.get("target_rounding") == "authors":
+    raise ConfigError("loss.target_rounding 'authors' (trunc(x + 1) centres) has no decimal "
+                      "offset for model.head 'hih': use 'none' or 'nearest'")
+  if config.eval.decoder == "hih_subpixel" and config.model.hih_decimal_size < 3:
+    raise ConfigError(f"eval.decoder 'hih_subpixel' fits a 3x3 stencil: model.hih_decimal_size "
+                      f"must be >= 3, got {config.model.hih_decimal_size}")
   for entry in config.eval.get("best_on_subsets", ()):
     dataset, _, subset = str(entry).partition(":")
     if dataset not in data.datasets or subset not in datasets.get(dataset).subsets:

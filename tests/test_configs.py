@@ -100,6 +100,23 @@ def test_ablations_set_what_they_name():
       ablations.get_config(bad)
 
 
+@pytest.mark.parametrize("study", ["head=hih", "head=recurrent", "base=default,head=hih",
+                                   "base=default,head=recurrent"])
+def test_head_ablations_parse_validate_and_build(study):
+  from fgtbt_jax import models
+  c = ablations.get_config(study)
+  c.data.data_dir = "/converted"
+  _valid(c)
+  head = study.rpartition("=")[2]
+  assert c.model.head == head
+  assert c.model.variant == ("tiny" if study.startswith("base=default") else "paper")
+  assert c.eval.decoder in models.heads.get_head(head).decoders
+  model = models.build_model(c.model)
+  if c.model.variant == "tiny":  # Abstract variables of the paper model take a while.
+    params = models.abstract_variables(model, c.model.input_size)["params"]["decoder"]
+    assert {"hih": "decimal_head", "recurrent": "refine"}[head] in params
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("optimizer.learning_rate", -1e-3, "optimizer.learning_rate must be positive"),
     ("loss.beta", 1.0, r"loss.beta must be in \[0, 1\)"),

@@ -4,20 +4,25 @@ Public API:
   model_config(variant="paper", **overrides) -> ConfigDict
   build_model(config) -> FGTBT;  build_encoder(config) -> MixTransformer
   normalize_images(images) -> ImageNet-normalised float32 images
+  heads: the landmark heads (`heads.HEADS`, `model.head`) and their decoding
   LOGICAL_AXIS_NAMES, logical_axis_rules(mode), variable_shardings(...)
   count_macs(config, input_size=None) -> multiply-adds of the forward pass
+  rematerialize(fn, policy): what the train step keeps for the backward pass
 """
 
+from fgtbt_jax.models import heads
 from fgtbt_jax.models.config import ENCODERS, VARIANTS, model_config, validate_model_config
 from fgtbt_jax.models.fgtbt import (
     FGTBT, IMAGENET_MEAN, IMAGENET_STD, abstract_variables, build_encoder, build_model,
     normalize_images, parameter_count)
 from fgtbt_jax.models.partitioning import LOGICAL_AXIS_NAMES, logical_axis_rules, variable_shardings
 from fgtbt_jax.models.cost import count_macs
+from fgtbt_jax.models.remat import REMAT_POLICIES, rematerialize, resolve_remat_policy
 
 __all__ = [
-    "ENCODERS", "VARIANTS", "model_config", "validate_model_config",
+    "heads", "ENCODERS", "VARIANTS", "model_config", "validate_model_config",
     "FGTBT", "IMAGENET_MEAN", "IMAGENET_STD", "abstract_variables", "build_encoder",
     "build_model", "normalize_images", "parameter_count",
     "LOGICAL_AXIS_NAMES", "logical_axis_rules", "variable_shardings", "count_macs",
+    "REMAT_POLICIES", "rematerialize", "resolve_remat_policy",
 ]

@@ -16,6 +16,8 @@ import ml_collections
 
 from fgtbt_jax.models.decoder import FUSIONS
 from fgtbt_jax.models.fgsa import FGSA_COMPAT, FREQUENCY_EXTRACTORS
+from fgtbt_jax.models.heads import HEADS
+from fgtbt_jax.models.remat import REMAT_POLICIES
 from fgtbt_jax.models.mit import (ATTENTION_IMPLEMENTATIONS, DEPTHWISE_IMPLEMENTATIONS,
                                   PATCH_EMBEDDINGS)
 
@@ -101,10 +103,26 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
         57.8 G instead of 91.8 G multiply-adds at 480) or "concat" (the
         SegFormer form; same parameters, same outputs within rounding).
       num_points: output heatmaps (124 unified landmarks).
+      head: the landmark head, a name of `heads.HEADS`: "heatmap" (the
+        FGTBT head, default), "hih" (Heatmap in Heatmap decimal maps) or
+        "recurrent" (coarse-to-fine refinement steps); docs/model.md.
+      hih_decimal_size: d, cells per side of HIH's decimal maps (8, the HIH
+        paper's best; at least 3 for the "hih_subpixel" decoder).
+      hih_channels: width of HIH's decimal branch (64).
+      recurrent_steps: K refinement steps of the recurrent head (2), one
+        shared step module.
+      recurrent_channels: width of a refinement step (32).
+      recurrent_kernel: odd side of a step's wide convolution (7).
       dtype: compute dtype "float32" or "bfloat16" (parameters stay float32).
       drop_path_rate: stochastic depth of the last block (0.1).
       head_dropout: dropout after the head's fusion (0.1).
       remat: recompute every Transformer block in the backward pass.
+      remat_policy: what the train step keeps of the forward pass for the
+        backward pass (`remat.REMAT_POLICIES`): "none" (everything), "dots"
+        (matmul and convolution outputs; the elementwise work is
+        recomputed), "dots_no_batch", "nothing", or "auto" (the default:
+        "dots" on GPUs and TPUs, "none" on CPU; measured in
+        benchmarks/README.md).
       attention_impl: "xla", "cudnn" (NVIDIA GPU, bfloat16) or "einsum".
       depthwise_impl: the Mix-FFN depthwise 3x3 convolution: "conv", "shifts"
         (nine shifted multiply-adds, the same function; 4-80x faster with its
@@ -135,10 +153,17 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
   config.head_channels = 256
   config.upsample_channels = 128
   config.num_points = 124
+  config.head = "heatmap"
+  config.hih_decimal_size = 8
+  config.hih_channels = 64
+  config.recurrent_steps = 2
+  config.recurrent_channels = 32
+  config.recurrent_kernel = 7
   config.dtype = "float32"
   config.drop_path_rate = 0.1
   config.head_dropout = 0.1
   config.remat = False
+  config.remat_policy = "auto"
   config.attention_impl = "xla"
   config.depthwise_impl = "auto"
   config.norm_epsilon = 1e-6
@@ -163,6 +188,8 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
       "dtype": DTYPES,
       "attention_impl": ATTENTION_IMPLEMENTATIONS,
       "depthwise_impl": DEPTHWISE_IMPLEMENTATIONS,
+      "head": tuple(HEADS),
+      "remat_policy": REMAT_POLICIES,
   }
   for field, allowed in choices.items():
     if config[field] not in allowed:
@@ -189,6 +216,20 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
   for field in ("drop_path_rate", "head_dropout"):
     if not 0.0 <= config[field] < 1.0:
       raise ValueError(f"model config: {field}={config[field]} must be in [0, 1)")
+  _validate_head(config)
   if not isinstance(config.batch_norm_unbiased_variance, bool):
     raise ValueError(f"model config: batch_norm_unbiased_variance="
                      f"{config.batch_norm_unbiased_variance!r} must be True or False")
+
+
+def _validate_head(config: ml_collections.ConfigDict) -> None:
+  """The head fields: positive integer widths and counts, an odd wide kernel."""
+  minimum = {"hih_decimal_size": 2, "hih_channels": 1, "recurrent_steps": 1,
+             "recurrent_channels": 1, "recurrent_kernel": 1}
+  for field, low in minimum.items():
+    value = config[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ValueError(f"model config: {field}={value!r} must be an integer >= {low}")
+  if config.recurrent_kernel % 2 == 0:
+    raise ValueError(f"model config: recurrent_kernel={config.recurrent_kernel} must be odd "
+                     "(a centred 'same' convolution)")

@@ -15,9 +15,9 @@ operation counters that the paper's numbers come from:
 * the two activation-by-activation products inside attention (q k^T and
   weights x v) are reported apart: PyTorch counters do not see them (they
   count nn.Linear / nn.Conv layers), so the paper's figures leave them out;
-* interpolation (bilinear resize, which JAX implements with small
-  matrix products) is not a learned layer and is not counted; neither are
-  normalisation, activations, softmax or the FFT.
+* interpolation (bilinear resize and the HIH head's area pooling, which
+  JAX implements with small matrix products) is not a learned layer and is
+  not counted; neither are normalisation, activations, softmax or the FFT.
 
 The counts are exact for the program that runs, so they follow any config
 change (input size, variant, FGSA on/off).
@@ -34,7 +34,8 @@ import ml_collections
 from jax.extend import core as jex_core
 
 from fgtbt_jax.models.decoder import RESIZE_SCOPE, WEIGHT_SCOPE
-from fgtbt_jax.models.fgtbt import abstract_variables, build_model
+from fgtbt_jax.models.fgtbt import FGTBT, abstract_variables, build_model
+from fgtbt_jax.models.heads import AREA_SCOPE
 from fgtbt_jax.models.mit import ATTENTION_SCOPE
 
 PARTS = ("encoder", "fgsa", "decoder", "attention")
@@ -128,7 +129,8 @@ def forward_jaxpr(config: ml_collections.ConfigDict, input_size: int | None = No
 
   The depthwise convolutions are traced as convolutions whatever the backend
   (`depthwise_impl="conv"`): the count is of the layers, not of how a backend
-  computes them.
+  computes them. Every named output of the landmark head is traced
+  (`FGTBT.named_outputs`: HIH's decimal maps too).
   """
   size = config.input_size if input_size is None else input_size
   config = ml_collections.ConfigDict(config.to_dict())
@@ -136,7 +138,8 @@ def forward_jaxpr(config: ml_collections.ConfigDict, input_size: int | None = No
   model = build_model(config)
   variables = abstract_variables(model, size)
   images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-  return jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  return jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False, method=FGTBT.named_outputs))(
+      variables, images)
 
 
 def count_macs(config: ml_collections.ConfigDict, input_size: int | None = None,
@@ -152,20 +155,20 @@ def count_macs(config: ml_collections.ConfigDict, input_size: int | None = None,
     Multiply-adds by part:
       encoder: MiT layers (linear and convolution layers, FGSA excluded);
       fgsa: FGSA layers, the SRM filter included when it is the extractor;
-      decoder: decoder-head layers;
+      decoder: decoder-head layers, the landmark head's included;
       layers: encoder + fgsa + decoder, the count PyTorch operation counters
         give (they see nn.Linear / nn.Conv layers, not the products inside
         attention); this is the convention of the paper's Table 8;
       attention: the q k^T and (softmax) v products of all attention layers;
       total: layers + attention, every multiply-add of the forward pass
         that scales with the batch. Left out: the bilinear resizes
-        (interpolation) and the composed head's weight products E_i F_i
+        and area pooling (interpolation) and the composed head's weight products E_i F_i
         (once per pass, about 0.6 G for the paper network).
   """
   totals = dict.fromkeys(PARTS, 0)
   for path, eqn in walk_equations(forward_jaxpr(config, input_size, batch).jaxpr):
     macs = equation_macs(eqn)
-    if not macs or RESIZE_SCOPE in path or WEIGHT_SCOPE in path:
+    if not macs or RESIZE_SCOPE in path or WEIGHT_SCOPE in path or AREA_SCOPE in path:
       continue
     part = model_part(path)
     if part not in totals:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgtbt_jax.models import heads as heads_lib
 from fgtbt_jax.models import layers
 
 Dtype = Any
@@ -124,6 +125,12 @@ class DecoderHead(nn.Module):
     batch_norm_unbiased_variance: BatchNorms update their running variance
       with the unbiased batch variance (PyTorch).
     fusion: "composed" (default) or "concat" (`FUSIONS`), see above.
+    head: the landmark head on the upsampled features, a name of
+      `heads.HEADS` ("heatmap", the FGTBT head, by default). The call
+      returns the head's named outputs ({"heatmaps": ...} for "heatmap").
+    hih_decimal_size, hih_channels: the "hih" head's d and width.
+    recurrent_steps, recurrent_channels, recurrent_kernel: the "recurrent"
+      head's K, width and wide-kernel size.
     dtype: compute dtype.
   """
 
@@ -134,12 +141,19 @@ class DecoderHead(nn.Module):
   dropout: float = 0.1
   batch_norm_unbiased_variance: bool = False
   fusion: str = "composed"
+  head: str = "heatmap"
+  hih_decimal_size: int = 8
+  hih_channels: int = 64
+  recurrent_steps: int = 2
+  recurrent_channels: int = 32
+  recurrent_kernel: int = 7
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, features: Sequence[jax.Array], train: bool) -> jax.Array:
+  def __call__(self, features: Sequence[jax.Array], train: bool) -> dict[str, Any]:
     if self.fusion not in FUSIONS:
       raise ValueError(f"unknown decoder fusion {self.fusion!r}; expected one of {FUSIONS}")
+    heads_lib.get_head(self.head)
     _, h, w, _ = features[0].shape
     stages = list(reversed(range(len(features))))  # Concatenation order: stage 4 first.
     embeds = {i: layers.dense(self.decoder_dim, "embed", "decoder", dtype=self.dtype,
@@ -167,8 +181,22 @@ class DecoderHead(nn.Module):
                   dtype=self.dtype, name="conv_block")(y, train)
     y = layers.conv_transpose(self.upsample_channels, 4, 2, 1, "decoder", dtype=self.dtype,
                               name="upsample")(y)
-    return layers.conv(self.num_points, 3, "heatmaps", padding=1, use_bias=False,
-                       dtype=self.dtype, name="heatmap")(y)
+    heatmaps = layers.conv(self.num_points, 3, "heatmaps", padding=1, use_bias=False,
+                           dtype=self.dtype, name="heatmap")(y)
+    if self.head == "hih":
+      decimal = heads_lib.DecimalHead(
+          decimal_size=self.hih_decimal_size, channels=self.hih_channels,
+          num_points=self.num_points,
+          batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
+          dtype=self.dtype, name="decimal_head")(y, heatmaps, train)
+      return {"heatmaps": heatmaps, "decimal": decimal}
+    if self.head == "recurrent":
+      step = heads_lib.RefinementStep(
+          channels=self.recurrent_channels, kernel_size=self.recurrent_kernel,
+          num_points=self.num_points, dtype=self.dtype, name="refine")
+      maps = heads_lib.refine(step, y, heatmaps, self.recurrent_steps)
+      return {"heatmaps": maps[-1], "step_heatmaps": maps}
+    return {"heatmaps": heatmaps}
 
   def _composed(self, features, stages, embeds, fuse, h: int, w: int) -> jax.Array:
     """The fusion as sum_i resize(c_i @ (E_i F_i)) + sum_i b_i F_i (see the class doc)."""

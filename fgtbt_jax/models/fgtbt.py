@@ -5,8 +5,12 @@ Calling convention:
   heatmaps = model.apply(variables, images, train=False)
   heatmaps, updates = model.apply(variables, images, train=True,
                                   rngs={"dropout": key}, mutable=["batch_stats"])
+  outputs = model.apply(variables, images, train=False, method=FGTBT.named_outputs)
 with `images` float (B, H, W, 3), H and W multiples of 32, already normalised
 by `normalize_images`; `heatmaps` is float32 (B, H / 2, W / 2, num_points).
+`named_outputs` returns the landmark head's named outputs (`heads.HEADS`:
+{"heatmaps"}, plus "decimal" for HIH, "step_heatmaps" for the recurrent head),
+all float32; the plain call returns their "heatmaps".
 Parameters are boxed in `nn.Partitioned` (logical axis names); unbox with
 `flax.linen.meta.unbox(variables)` where plain arrays are needed.
 """
@@ -61,9 +65,12 @@ class FGTBT(nn.Module):
   frequency_extractor: str = "fft"
   frequency_sigma: float = 20.0
 
-  @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     """(B, H, W, 3) normalised images -> (B, H / 2, W / 2, num_points) float32 heatmaps."""
+    return self.named_outputs(images, train)["heatmaps"]
+
+  def named_outputs(self, images: jax.Array, train: bool = False) -> dict[str, Any]:
+    """(B, H, W, 3) normalised images -> the head's named outputs, float32 (`heads.HEADS`)."""
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"FGTBT: expected (B, H, W, 3) images, got shape {images.shape}")
     _, h, w, _ = images.shape
@@ -76,8 +83,8 @@ class FGTBT(nn.Module):
         structure = high_frequency_image(
             images, self.frequency_extractor, self.frequency_sigma)
     features = self.encoder(images, structure, train)
-    heatmaps = self.decoder(features, train)
-    return heatmaps.astype(jnp.float32)
+    outputs = self.decoder(features, train)
+    return jax.tree.map(lambda x: x.astype(jnp.float32), outputs)
 
 
 def _dtype(name: str) -> Dtype:
@@ -113,7 +120,10 @@ def build_model(config: ml_collections.ConfigDict) -> FGTBT:
       upsample_channels=config.upsample_channels, num_points=config.num_points,
       dropout=config.head_dropout,
       batch_norm_unbiased_variance=config.batch_norm_unbiased_variance,
-      fusion=config.decoder_fusion, dtype=_dtype(config.dtype), parent=None)
+      fusion=config.decoder_fusion, head=config.head,
+      hih_decimal_size=config.hih_decimal_size, hih_channels=config.hih_channels,
+      recurrent_steps=config.recurrent_steps, recurrent_channels=config.recurrent_channels,
+      recurrent_kernel=config.recurrent_kernel, dtype=_dtype(config.dtype), parent=None)
   return FGTBT(encoder=encoder, decoder=decoder,
                frequency_extractor=config.frequency_extractor,
                frequency_sigma=float(config.frequency_sigma))

@@ -87,7 +87,7 @@ def _conv_init(kernel_size: Sequence[int], features: int, groups: int):
 
 def conv(features: int, kernel_size: int, out_axis: str, *, dtype: Dtype,
          strides: int = 1, padding: int | str = 0, groups: int = 1,
-         use_bias: bool = True, name: str | None = None) -> nn.Conv:
+         use_bias: bool = True, zero_init: bool = False, name: str | None = None) -> nn.Conv:
   """Square 2-D convolution on NHWC maps, PyTorch-style symmetric padding.
 
   Args:
@@ -99,6 +99,8 @@ def conv(features: int, kernel_size: int, out_axis: str, *, dtype: Dtype,
     padding: symmetric zero padding in pixels, or "VALID".
     groups: feature groups (= channels for a depthwise convolution).
     use_bias: whether to add a bias.
+    zero_init: start the kernel at zero (a residual branch that begins as
+      the identity) instead of the fan-in initialiser.
     name: module name.
   """
   kernel = (kernel_size, kernel_size)
@@ -107,7 +109,8 @@ def conv(features: int, kernel_size: int, out_axis: str, *, dtype: Dtype,
       features, kernel, strides=(strides, strides), padding=pad,
       feature_group_count=groups, use_bias=use_bias, dtype=dtype,
       param_dtype=jnp.float32,
-      kernel_init=_named(_conv_init(kernel, features, groups),
+      kernel_init=_named(nn.initializers.zeros_init() if zero_init
+                         else _conv_init(kernel, features, groups),
                          ("conv_height", "conv_width", "conv_in", out_axis)),
       bias_init=_named(nn.initializers.zeros_init(), (out_axis,)),
       name=name)
