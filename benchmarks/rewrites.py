@@ -1,7 +1,7 @@
 """The exact rewrites side by side: the train step before and after, in one run.
 
     python -m benchmarks.rewrites [--variants=small:128,paper:128] [--batch=8] \\
-        [--rounds=5] [--dtype=float32]
+        [--rounds=5] [--dtype=float32] [--forms=before,decoder,depthwise,after]
 
 For each model variant and input size it compiles the real train step
 (`train.make_train_step`, random weights, one synthetic batch on device) in
@@ -11,7 +11,11 @@ four forms of the same network:
              before the rewrites);
 * decoder:   the composed head fusion alone;
 * depthwise: the Mix-FFN depthwise convolution as nine shifted multiply-adds alone;
-* after:     both (the defaults on CPU).
+* after:     both (the defaults on CPU);
+
+all four keeping every forward value for the backward pass (remat_policy
+"none"); `--forms=after,after_dots,after_dots_no_batch` instead compares the
+train step's rematerialisation policies (`models.remat`) on the "after" form.
 
 It then times them interleaved (each round runs every form once, so a load
 change on a shared machine hits all of them alike) and prints one JSON line
@@ -40,17 +44,26 @@ from fgtbt_jax import train
 from fgtbt_jax.models import cost
 
 FORMS = {
-    "before": {"decoder_fusion": "concat", "depthwise_impl": "conv"},
-    "decoder": {"decoder_fusion": "composed", "depthwise_impl": "conv"},
-    "depthwise": {"decoder_fusion": "concat", "depthwise_impl": "shifts"},
-    "after": {"decoder_fusion": "composed", "depthwise_impl": "shifts"},
+    "before": {"decoder_fusion": "concat", "depthwise_impl": "conv", "remat_policy": "none"},
+    "decoder": {"decoder_fusion": "composed", "depthwise_impl": "conv", "remat_policy": "none"},
+    "depthwise": {"decoder_fusion": "concat", "depthwise_impl": "shifts", "remat_policy": "none"},
+    "after": {"decoder_fusion": "composed", "depthwise_impl": "shifts", "remat_policy": "none"},
+    # The same network under the train step's rematerialisation policies
+    # (models.remat): the cost of recomputing instead of keeping.
+    "after_dots": {"decoder_fusion": "composed", "depthwise_impl": "shifts",
+                   "remat_policy": "dots"},
+    "after_dots_no_batch": {"decoder_fusion": "composed", "depthwise_impl": "shifts",
+                            "remat_policy": "dots_no_batch"},
 }
+REWRITE_FORMS = ("before", "decoder", "depthwise", "after")
 
 _VARIANTS = flags.DEFINE_list("variants", ["small:128", "paper:128"],
                               "variant:input_size pairs to measure")
 _BATCH = flags.DEFINE_integer("batch", 8, "global batch (a multiple of the 4 datasets)")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "timed rounds (each runs every form once)")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+_FORMS = flags.DEFINE_list("forms", list(REWRITE_FORMS),
+                           f"forms to compare, the first one the baseline; of {tuple(FORMS)}")
 
 
 def _config(variant: str, size: int, batch: int, dtype: str, form: dict):
@@ -63,10 +76,11 @@ def _config(variant: str, size: int, batch: int, dtype: str, form: dict):
 
 
 def compare(variant: str, size: int, batch: int = 8, rounds: int = 5,
-            dtype: str = "float32", forms=tuple(FORMS)) -> dict:
-  """The record of one variant: compile and time `forms` (default all four, see the module doc)."""
-  if "before" not in forms or set(forms) - set(FORMS):
-    raise ValueError(f"forms must include 'before' and be among {tuple(FORMS)}, got {forms}")
+            dtype: str = "float32", forms=REWRITE_FORMS) -> dict:
+  """The record of one variant: compile and time `forms` (see the module doc), the first the baseline."""
+  forms = tuple(forms)
+  if len(forms) < 2 or set(forms) - set(FORMS):
+    raise ValueError(f"--forms: two or more of {tuple(FORMS)}, the first the baseline; got {forms}")
   steps, record = {}, {"benchmark": "rewrites", "variant": variant, "input_size": size,
                        "batch": batch, "dtype": dtype, "rounds": rounds,
                        "devices": jax.device_count()}
@@ -96,8 +110,9 @@ def compare(variant: str, size: int, batch: int = 8, rounds: int = 5,
       seconds[name].extend(common.time_calls(run, 1))
   for name in forms:
     record[f"{name}_step_s"] = round(statistics.median(seconds[name]), 4)
-  for name in forms[1:] if forms[0] == "before" else [f for f in forms if f != "before"]:
-    record[f"{name}_speedup"] = round(record["before_step_s"] / record[f"{name}_step_s"], 2)
+  record["baseline"] = forms[0]
+  for name in forms[1:]:
+    record[f"{name}_speedup"] = round(record[f"{forms[0]}_step_s"] / record[f"{name}_step_s"], 2)
   for fusion in ("concat", "composed"):
     record[f"macs_per_image_{fusion}"] = cost.count_macs(
         models.model_config(variant, input_size=size, decoder_fusion=fusion))["layers"]
@@ -110,7 +125,7 @@ def main(argv: list[str]) -> int:
   for entry in _VARIANTS.value:
     variant, _, size = entry.partition(":")
     common.emit(compare(variant, int(size or 0) or models.model_config(variant).input_size,
-                        _BATCH.value, _ROUNDS.value, _DTYPE.value))
+                        _BATCH.value, _ROUNDS.value, _DTYPE.value, _FORMS.value))
   return 0
 
 

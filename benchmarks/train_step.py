@@ -155,6 +155,8 @@ def time_step(config: ml_collections.ConfigDict, steps: int, warmup: int, seed: 
       "input_size": config.model.input_size,
       "dtype": config.model.dtype,
       "remat": bool(config.model.remat),
+      "remat_policy": config.model.remat_policy,
+      "remat_policy_resolved": models.resolve_remat_policy(config.model.remat_policy),
       "batch": images,
       "samples_per_dataset": config.data.samples_per_dataset,
       "devices": devices,

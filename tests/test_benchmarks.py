@@ -11,6 +11,7 @@ import math
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -26,7 +27,8 @@ from fgtbt_jax import state as state_lib
 _TINY = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
 
 TRAIN_STEP_KEYS = {
-    "variant", "input_size", "dtype", "batch", "samples_per_dataset", "devices", "mesh",
+    "variant", "input_size", "dtype", "remat_policy", "batch", "samples_per_dataset",
+    "devices", "mesh",
     "lower_s", "compile_s", "steps", "warmup", "step_s", "step_s_mean", "step_s_min",
     "steps_per_s", "images_per_s", "loss_after", "xla_flops_per_step",
     "analytic_flops_per_step", "xla_to_analytic", "peak_tflops", "peak_source",
@@ -204,3 +206,76 @@ def test_synthetic_train_batch_has_the_pipeline_layout():
   assert (points[~mask] == 0).all()
   assert len(batch["image"].sharding.device_set) == 8
 
+
+
+@pytest.mark.slow  # Seven processes, each compiling a tiny program (about two minutes).
+def test_device_run_smoke_mode_runs_every_step_and_writes_json(tmp_path):
+  import subprocess
+  import sys
+  repo = pathlib.Path(__file__).resolve().parent.parent
+  out = tmp_path / "out"
+  done = subprocess.run(["bash", str(repo / "benchmarks" / "device_run.sh"), "--smoke", str(out)],
+                        cwd=repo, capture_output=True, text=True, timeout=900,
+                        env={**__import__("os").environ, "PYTHON": sys.executable})
+  log = (out / "log.txt").read_text() if (out / "log.txt").exists() else ""
+  assert done.returncode == 0, done.stdout + done.stderr + log[-3000:]
+  summary = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+  steps = {s["step"]: s for s in summary}
+  assert set(steps) == {"imports", "train_step", "memory", "inference", "pipeline", "segformer"}
+  assert all(s["exit"] == 0 and not s["timed_out"] for s in summary), summary
+
+  def records(name):
+    return [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+
+  imports = records("imports")[0]
+  assert imports["modules"] > 30 and imports["backend"] == "cpu"
+  step = [r for r in records("train_step") if r["benchmark"] == "train_step"]
+  assert len(step) == 1 and step[0]["images_per_s"] > 0 and step[0]["remat_policy"] == "auto"
+  memory = [r for r in records("memory") if r["benchmark"] == "memory"]
+  assert memory[0]["residual_bytes"] > 0
+  assert any(r["benchmark"] == "inference_crops" for r in records("inference"))
+  segformer = records("segformer")
+  assert [r for r in segformer if r["benchmark"] == "segformer_parity"][0][
+      "max_abs_difference_float32"] < 1e-4
+  assert {(r["framework"], r["pass"]) for r in segformer if r["benchmark"] == "segformer"} == {
+      ("jax", "forward"), ("torch", "forward")}
+  # Bad arguments: a one-line usage error, nothing written.
+  bad = subprocess.run(["bash", str(repo / "benchmarks" / "device_run.sh"), str(out),
+                        str(tmp_path / "no_wheels")], capture_output=True, text=True)
+  assert bad.returncode == 2 and "no_wheels does not exist" in bad.stderr
+
+
+def test_memory_benchmark_residuals_fall_with_the_remat_policy():
+  from benchmarks import memory
+  records = {}
+  for policy in ("none", "dots"):
+    config = train_step.benchmark_config(tiny.get_config(), 8, "float32")
+    config.model.remat_policy = policy
+    records[policy] = memory.measure(config, breakdown=False, residuals=True,
+                                     compile_step=False, top=0)
+  none, dots = records["none"], records["dots"]
+  assert (none["remat_policy"], dots["remat_policy"]) == ("none", "dots")
+  assert 0 < dots["residual_bytes"] < 0.6 * none["residual_bytes"]
+  assert set(dots["residual_gib_by_dtype"]) <= {"float32", "bool", "uint32"}
+
+
+def test_memory_breakdown_reads_xla_buffers_at_the_peak(tmp_path):
+  """The live-range and buffer-assignment dumps of a small jitted function, parsed."""
+  from benchmarks import memory
+
+  def f(x):
+    with jax.named_scope("double"):
+      y = x * 2.0
+    return jnp.sin(y) @ y.T
+
+  x = jnp.ones((256, 256), jnp.float32)
+  # Past the suite's persistent compilation cache, which would skip the compile.
+  memory.compile_with_dump(jax.jit(f).lower(x), str(tmp_path))
+  buffers = memory.peak_buffers(str(tmp_path))
+  assert buffers and all(size >= 0 for _, size, _ in buffers)
+  breakdown = memory.peak_breakdown(str(tmp_path), top=3)
+  assert breakdown["peak_live_bytes"] == sum(size for _, size, _ in buffers) > 256 * 256 * 4
+  assert len(breakdown["largest_buffers"]) <= 3
+  assert sum(breakdown["peak_by_pass_gib"].values()) > 0
+  with pytest.raises(FileNotFoundError, match="no .*live-range"):
+    memory.peak_buffers(str(tmp_path / "empty"))

@@ -1,0 +1,355 @@
+"""Memory budget of the train step: XLA's memory analysis and where the bytes go.
+
+    python -m benchmarks.memory --config=configs/fgtbt_paper.py \\
+        --batch=4,8 --dtype=float32,bfloat16 [--breakdown] [--residuals] \\
+        [--config.model.remat=True --config.model.remat_parts=...]
+
+For each (global batch, compute dtype) it compiles the real sharded train
+step (`train.make_train_step` on `state.build_setup`) ahead of time on
+abstract inputs (no weights are made, nothing runs) and prints one JSON line
+with XLA's memory analysis of one device's program: argument, output, alias
+and temporary bytes and `total_bytes` (arguments + outputs + temporaries -
+aliased), the figure a device must hold.
+
+--breakdown also asks XLA for its buffer assignment (a dump into a
+temporary folder) and reads the live buffers at the program's peak: their
+bytes grouped by the model component that made them (the module path in
+the op's metadata, e.g. "encoder/stage_2/blocks", "decoder", "loss"), the
+largest buffers with their shapes, and how much of the peak lies in the
+forward pass's saved values ("forward") versus the backward pass.
+
+--residuals reports what JAX itself saves for the backward pass, before
+XLA compiles anything: `jax.vjp` of the step's loss evaluated abstractly
+(`jax.eval_shape`), the saved arrays summed by dtype. It does not depend on
+the backend: XLA:CPU upcasts many bfloat16 operations to float32 and so
+keeps float32 copies that a GPU or TPU does not, which the compiled CPU
+figure includes and this one does not.
+
+Not a test; `tests/test_benchmarks.py` runs it once on the tiny config.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import glob
+import os
+import re
+import sys
+import tempfile
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from ml_collections import config_flags
+
+from benchmarks import common
+from benchmarks import train_step as train_step_bench
+from fgtbt_jax import landmarks
+from fgtbt_jax import losses
+from fgtbt_jax import models
+from fgtbt_jax import sharding
+from fgtbt_jax import state as state_lib
+from fgtbt_jax import train
+
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/default.py", "Experiment config file; --config.x=y overrides fields.",
+    flag_values=FLAGS, lock_config=True)
+_BATCH = flags.DEFINE_list(
+    "batch", [], "Global batch sizes (k x number of datasets); default the config's.",
+    flag_values=FLAGS)
+_DTYPE = flags.DEFINE_list("dtype", ["float32"], "Compute dtypes: float32, bfloat16.",
+                           flag_values=FLAGS)
+_BREAKDOWN = flags.DEFINE_bool("breakdown", False,
+                               "Group the live buffers at XLA's peak by model component.",
+                               flag_values=FLAGS)
+_RESIDUALS = flags.DEFINE_bool("residuals", False,
+                               "Also sum the values JAX saves for the backward pass.",
+                               flag_values=FLAGS)
+_COMPILE = flags.DEFINE_bool("compile", True,
+                             "Compile the step for XLA's memory analysis (--nocompile: "
+                             "residuals only).", flag_values=FLAGS)
+_DUMP_DIR = flags.DEFINE_string(
+    "dump_dir", None, "With --breakdown: keep XLA's dump in this folder (default: a "
+    "temporary folder, removed).", flag_values=FLAGS)
+_TOP = flags.DEFINE_integer("top", 12, "Largest buffers listed with --breakdown.",
+                            lower_bound=0, flag_values=FLAGS)
+
+GIB = 1024 ** 3
+
+
+def abstract_batch(config: ml_collections.ConfigDict, batch_sharding) -> dict:
+  """ShapeDtypeStructs of a global training batch (`common.synthetic_train_batch`'s layout)."""
+  size = int(config.data.image_size)
+  count = int(config.data.samples_per_dataset) * len(config.data.datasets)
+  shapes = {"image": ((count, size, size, 3), jnp.uint8),
+            "landmarks": ((count, landmarks.NUM_UNIFIED, 2), jnp.float32),
+            "mask": ((count, landmarks.NUM_UNIFIED), np.asarray(landmarks.PROTOCOL_MASKS).dtype),
+            "dataset_id": ((count,), jnp.int32)}
+  out = {}
+  for key in train.TRAIN_BATCH_KEYS:
+    shape, dtype = shapes[key]
+    out[key] = jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+  return out
+
+
+def memory_record(analysis) -> dict:
+  """XLA's memory analysis as a dict of bytes, with the total a device holds."""
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+            "temp_size_in_bytes", "generated_code_size_in_bytes")
+  record = {name.replace("_size_in_bytes", "_bytes"): int(getattr(analysis, name))
+            for name in fields}
+  total = (record["argument_bytes"] + record["output_bytes"] + record["temp_bytes"]
+           - record["alias_bytes"])
+  record["total_bytes"] = int(total)
+  record["total_gib"] = round(total / GIB, 3)
+  record["temp_gib"] = round(record["temp_bytes"] / GIB, 3)
+  return record
+
+
+# -----------------------------------------------------------------------------
+# The buffers live at XLA's peak, grouped by component.
+
+# "Live ranges at 1234 (peak):" followed by one buffer name per line.
+_PEAK_HEADER = re.compile(r"Live ranges at (\d+) \(peak\):")
+# A buffer-assignment line: "value: <N name @0> (size=..., offset=...): f32[4,8]{1,0}"
+_VALUE = re.compile(r"value: <\d+ ([^ >]+)(?: @\d+)?> \(size=(\d+),offset=\d+\): (\S+)")
+# A peak line: "    add_divide_fusion{}: 4063232 bytes (cumulative: 4063232 bytes)"
+_LIVE = re.compile(r"^\s+(\S+): (\d+) bytes")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# "%fused_computation.12 (param_0: f32[8]) -> f32[8] {" or "ENTRY %main.123 (...) -> ... {"
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) [(].*[{]\s*$")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
+
+
+def _one(pattern: str, folder: str) -> str:
+  paths = sorted(glob.glob(os.path.join(folder, pattern)))
+  paths = [p for p in paths if "jit_step_fn" in os.path.basename(p)] or paths
+  if not paths:
+    raise FileNotFoundError(f"benchmarks.memory: XLA wrote no {pattern} into {folder}")
+  return max(paths, key=os.path.getsize)
+
+
+def peak_buffers(dump_dir: str) -> list[tuple[str, int, str]]:
+  """(buffer name, bytes, shape) of every buffer live at the peak of the dumped program."""
+  with open(_one("*after_optimizations-live-range.txt", dump_dir)) as f:
+    text = f.read()
+  match = _PEAK_HEADER.search(text)
+  if match is None:
+    raise ValueError(f"benchmarks.memory: no 'Live ranges at N (peak)' in the dump in {dump_dir}")
+  live = []
+  for line in text[match.end():].splitlines():
+    entry = _LIVE.match(line)
+    if entry is None:
+      if live:
+        break
+      continue
+    live.append((entry.group(1), int(entry.group(2))))
+  shapes = {}
+  with open(_one("*after_optimizations-buffer-assignment.txt", dump_dir)) as f:
+    for line in f:
+      value = _VALUE.search(line)
+      if value:
+        shapes.setdefault(value.group(1), value.group(3))
+  return [(name, size, shapes.get(name.split("{")[0], "?")) for name, size in live]
+
+
+def instruction_origins(dump_dir: str) -> dict[str, str]:
+  """HLO instruction name -> the JAX op_name metadata it came from.
+
+  Parameters map to "parameter"; a fusion without metadata of its own takes
+  that of its fused computation's root instruction.
+  """
+  origins, calls, roots = {}, {}, {}
+  computation = None
+  with open(_one("*after_optimizations.txt", dump_dir)) as f:
+    for line in f:
+      header = _COMPUTATION.match(line)
+      if header:
+        computation = header.group(1)
+        continue
+      inst = _INSTRUCTION.match(line)
+      if not inst:
+        continue
+      name = inst.group(1)
+      op = _OP_NAME.search(line)
+      if " parameter(" in line and computation and computation.startswith("main"):
+        origins[name] = "parameter"
+      elif op:
+        origins[name] = op.group(1)
+      called = _CALLS.search(line)
+      if called and not op:
+        calls[name] = called.group(1)
+      if line.lstrip().startswith("ROOT") and op and computation:
+        roots[computation] = op.group(1)
+  for name, called in calls.items():
+    if name not in origins and called in roots:
+      origins[name] = roots[called]
+  return origins
+
+
+def component(op_name: str) -> tuple[str, str]:
+  """(pass, component) of an op_name: forward/backward and a short module path."""
+  backward = "transpose(" in op_name
+  path = re.sub(r"(jvp|transpose|checkpoint|remat|pjit|jit)\(([^()]*)\)", r"\2", op_name)
+  parts = [p for p in path.split("/") if p]
+  # Module paths look like ".../FGTBT/encoder/stage_0/block_1/attn/..."
+  keep = []
+  for part in parts:
+    if part.startswith(("jit_step_fn", "step_fn", "loss_fn", "jit", "pjit", "while", "body")):
+      continue
+    keep.append(part)
+  head = [p for p in keep if re.fullmatch(r"[A-Za-z_][\w]*", p)]
+  if len(head) < 2:
+    # No module path: the loss, its targets and weight maps, the optimizer.
+    where = "outside modules (loss, targets, optimizer)"
+  else:
+    where = re.sub(r"block_\d+", "blocks", "/".join(head[:3]))
+  return ("backward" if backward else "forward"), where
+
+
+def peak_breakdown(dump_dir: str, top: int) -> dict:
+  """The peak's live bytes by component and pass, and its largest buffers."""
+  buffers = peak_buffers(dump_dir)
+  origins = instruction_origins(dump_dir)
+  by_component = collections.Counter()
+  by_pass = collections.Counter()
+  rows = []
+  for name, size, shape in buffers:
+    inst = name.split("{")[0]
+    op = origins.get(inst, "")
+    if op == "parameter":
+      which, where = "other", "train state and batch (arguments)"
+    elif not op:
+      which, where = "other", "no JAX origin (XLA's own buffers)"
+    else:
+      which, where = component(op)
+    by_component[where] += size
+    by_pass[which] += size
+    rows.append((size, name, shape, where, which))
+  rows.sort(reverse=True)
+  return {
+      "peak_live_bytes": int(sum(s for _, s, _ in buffers)),
+      "peak_live_gib": round(sum(s for _, s, _ in buffers) / GIB, 3),
+      "peak_by_pass_gib": {k: round(v / GIB, 3) for k, v in by_pass.most_common()},
+      "peak_by_component_gib": {k: round(v / GIB, 3) for k, v in by_component.most_common(20)},
+      "largest_buffers": [{"bytes": s, "shape": shape, "component": where, "pass": which}
+                          for s, _, shape, where, which in rows[:top]],
+  }
+
+
+# -----------------------------------------------------------------------------
+# What JAX saves for the backward pass.
+
+
+def residual_bytes(setup: state_lib.Setup, state, batch) -> dict:
+  """Bytes by dtype of the values `jax.vjp` of the step's loss keeps for the backward pass."""
+  model, loss_config = setup.model, setup.loss_config
+  apply = functools.partial(model.apply, method=models.FGTBT.named_outputs)
+
+  def loss(params, batch_stats, balancer_params, balancer_state, rng, batch):
+    images = models.normalize_images(batch["image"])
+
+    def forward(params, images):
+      return apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                   rngs={"dropout": rng}, mutable=["batch_stats"])
+
+    # As the train step does (`train.make_train_step`).
+    forward = models.rematerialize(forward, setup.config.model.remat_policy)
+    outputs, _ = forward(params, images)
+    stride = images.shape[1] / outputs["heatmaps"].shape[1]
+    total, _ = losses.head_loss(loss_config, outputs, batch["landmarks"], batch["mask"],
+                                batch["dataset_id"], stride, balancer_params, balancer_state)
+    return total
+
+  def residuals(params, batch_stats, balancer_params, balancer_state, rng, batch):
+    fixed = lambda p: loss(p, batch_stats, balancer_params, balancer_state, rng, batch)
+    return jax.vjp(fixed, params)[1]
+
+  with sharding.mesh_and_rules(setup.mesh, setup.rules):
+    saved = jax.eval_shape(residuals, state.params, state.batch_stats, state.balancer_params,
+                           state.balancer_state, state.rng, batch)
+  param_ids = {id(x) for x in jax.tree.leaves(state.params)}
+  by_dtype = collections.Counter()
+  for leaf in jax.tree.leaves(saved):
+    if id(leaf) in param_ids:
+      continue
+    by_dtype[str(leaf.dtype)] += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+  total = sum(by_dtype.values())
+  return {"residual_bytes": int(total), "residual_gib": round(total / GIB, 3),
+          "residual_gib_by_dtype": {k: round(v / GIB, 3) for k, v in by_dtype.most_common()}}
+
+
+def compile_with_dump(lowered, folder: str):
+  """`lowered.compile()` with XLA's dump into `folder`, past the persistent cache.
+
+  A program read from the persistent compilation cache is not compiled, so
+  XLA would write no buffer assignment: the cache is off for this compile.
+  """
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    return lowered.compile({"xla_dump_to": folder, "xla_dump_hlo_as_text": True})
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
+
+
+def measure(config: ml_collections.ConfigDict, breakdown: bool, residuals: bool,
+            compile_step: bool, top: int, dump_dir: str | None = None) -> dict:
+  """One JSON record of the step's memory for `config` (see the module docstring)."""
+  setup = state_lib.build_setup(config)
+  state = setup.abstract_state
+  batch = abstract_batch(config, sharding.batch_sharding(setup.mesh))
+  model = config.model
+  record = {
+      "benchmark": "memory",
+      "variant": model.variant,
+      "input_size": model.input_size,
+      "dtype": model.dtype,
+      "remat": bool(model.remat),
+      "remat_policy": model.remat_policy,
+      "remat_policy_resolved": models.resolve_remat_policy(model.remat_policy),
+      "batch": int(batch["image"].shape[0]),
+      "devices": jax.device_count(),
+  }
+  if residuals:
+    record.update(residual_bytes(setup, state, batch))
+  if not compile_step:
+    return record
+  step = train.make_train_step(setup, state_lib.ema_decay_per_step(config))
+  with sharding.mesh_and_rules(setup.mesh, setup.rules):
+    lowered = train_step_bench._jitted_step(step).lower(state, batch)
+  if breakdown:
+    with tempfile.TemporaryDirectory(prefix="fgtbt_memory_") as temporary:
+      folder = dump_dir or temporary
+      compiled = compile_with_dump(lowered, folder)
+      record.update(memory_record(compiled.memory_analysis()))
+      record.update(peak_breakdown(folder, top))
+  else:
+    record.update(memory_record(lowered.compile().memory_analysis()))
+  return record
+
+
+def main(argv: list[str]) -> int:
+  FLAGS(argv)
+  common.emit(common.machine_record())
+  batches = common.parse_batches(_BATCH.value) or [None]
+  for dtype in _DTYPE.value:
+    for batch in batches:
+      config = train_step_bench.benchmark_config(_CONFIG.value, batch, dtype)
+      dump_dir = None
+      if _DUMP_DIR.value:
+        dump_dir = os.path.join(_DUMP_DIR.value, f"{dtype}_b{batch}")
+      record = measure(config, _BREAKDOWN.value, _RESIDUALS.value, _COMPILE.value, _TOP.value,
+                       dump_dir)
+      record["config"] = config_flags.get_config_filename(FLAGS["config"])
+      common.emit(record)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
