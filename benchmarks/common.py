@@ -31,9 +31,11 @@ import statistics
 import time
 from typing import Any, Callable, Sequence
 
+from absl import flags
 import flax.linen as nn
 import jax
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import NamedSharding
@@ -65,6 +67,19 @@ def machine_record() -> dict:
       "load_average_1min": round(os.getloadavg()[0], 2),
       "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
   }
+
+
+def define_step_flags(flag_values: flags.FlagValues) -> tuple:
+  """The --config, --batch and --dtype flags of the train-step benchmarks, in `flag_values`."""
+  config = config_flags.DEFINE_config_file(
+      "config", "configs/default.py", "Experiment config file; --config.x=y overrides fields.",
+      flag_values=flag_values, lock_config=True)
+  batch = flags.DEFINE_list(
+      "batch", [], "Global batch sizes (k x number of datasets); default the config's.",
+      flag_values=flag_values)
+  dtype = flags.DEFINE_list("dtype", ["float32"], "Compute dtypes: float32, bfloat16.",
+                            flag_values=flag_values)
+  return config, batch, dtype
 
 
 def parse_batches(values: Sequence[str]) -> list[int]:

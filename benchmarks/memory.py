@@ -31,7 +31,6 @@ Not a test; `tests/test_benchmarks.py` runs it once on the tiny config.
 from __future__ import annotations
 
 import collections
-import functools
 import glob
 import os
 import re
@@ -55,14 +54,7 @@ from fgtbt_jax import state as state_lib
 from fgtbt_jax import train
 
 FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/default.py", "Experiment config file; --config.x=y overrides fields.",
-    flag_values=FLAGS, lock_config=True)
-_BATCH = flags.DEFINE_list(
-    "batch", [], "Global batch sizes (k x number of datasets); default the config's.",
-    flag_values=FLAGS)
-_DTYPE = flags.DEFINE_list("dtype", ["float32"], "Compute dtypes: float32, bfloat16.",
-                           flag_values=FLAGS)
+_CONFIG, _BATCH, _DTYPE = common.define_step_flags(FLAGS)
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False,
                                "Group the live buffers at XLA's peak by model component.",
                                flag_values=FLAGS)
@@ -248,18 +240,13 @@ def peak_breakdown(dump_dir: str, top: int) -> dict:
 
 def residual_bytes(setup: state_lib.Setup, state, batch) -> dict:
   """Bytes by dtype of the values `jax.vjp` of the step's loss keeps for the backward pass."""
-  model, loss_config = setup.model, setup.loss_config
-  apply = functools.partial(model.apply, method=models.FGTBT.named_outputs)
+  loss_config = setup.loss_config
 
   def loss(params, batch_stats, balancer_params, balancer_state, rng, batch):
     images = models.normalize_images(batch["image"])
-
-    def forward(params, images):
-      return apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                   rngs={"dropout": rng}, mutable=["batch_stats"])
-
-    # As the train step does (`train.make_train_step`).
-    forward = models.rematerialize(forward, setup.config.model.remat_policy)
+    # The train step's own forward pass, under the config's remat policy.
+    forward = train.model_forward(setup.model, batch_stats, rng,
+                                  setup.config.model.remat_policy)
     outputs, _ = forward(params, images)
     stride = images.shape[1] / outputs["heatmaps"].shape[1]
     total, _ = losses.head_loss(loss_config, outputs, batch["landmarks"], batch["mask"],

@@ -64,14 +64,7 @@ from fgtbt_jax import train
 from fgtbt_jax.models import cost
 
 FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/default.py", "Experiment config file; --config.x=y overrides fields.",
-    flag_values=FLAGS, lock_config=True)
-_BATCH = flags.DEFINE_list(
-    "batch", [], "Global batch sizes (k x number of datasets); default the config's.",
-    flag_values=FLAGS)
-_DTYPE = flags.DEFINE_list("dtype", ["float32"], "Compute dtypes: float32, bfloat16.",
-                           flag_values=FLAGS)
+_CONFIG, _BATCH, _DTYPE = common.define_step_flags(FLAGS)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.", lower_bound=1, flag_values=FLAGS)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.", lower_bound=0,
                                flag_values=FLAGS)

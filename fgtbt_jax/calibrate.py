@@ -39,7 +39,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from fgtbt_jax import detector as detector_lib
-from fgtbt_jax.errors import DataError
+from fgtbt_jax.errors import DataError, read_json_object
 from fgtbt_jax.images import load_image
 
 
@@ -57,21 +57,7 @@ def read_annotated_faces(path: str | os.PathLike) -> Iterator[tuple[np.ndarray, 
   """
   where = os.fspath(path)
   path = pathlib.Path(path)
-  try:
-    text = path.read_text()
-  except OSError as e:
-    raise DataError(where, f"cannot read the faces file ({e.strerror or e})", "missing_file"
-                    ) from None
-  if not text.strip():
-    raise DataError(where, "the faces file is empty", "empty_file")
-  try:
-    content = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise DataError(f"{where}:{e.lineno}:{e.colno}", f"not valid JSON ({e.msg})", "bad_json"
-                    ) from None
-  if not isinstance(content, dict) or not content:
-    raise DataError(where, "expected a non-empty JSON object {image: [[[x, y], ...], ...]}",
-                    "bad_json")
+  content = read_json_object(path, "faces file", "{image: [[[x, y], ...], ...]}")
   faces = []
   for key, value in content.items():
     spot = f"{where}:{key}"

@@ -1,7 +1,8 @@
 """The project's error types for bad inputs: data files, protocol names, configs.
 
 A leaf module (it imports nothing from the project), so every layer can raise
-and catch these without importing the layers above it.
+and catch these without importing the layers above it. `read_json_object`
+reads a user's JSON file with these errors (the boxes and faces files).
 
 Every reader and the image loader raise `DataError` for anything wrong with
 the user's data (a missing image, a line with the wrong number of fields, a
@@ -11,6 +12,10 @@ that `ReadReport` counts skipped samples by.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import pathlib
 
 
 class DataError(ValueError):
@@ -29,6 +34,36 @@ class DataError(ValueError):
     self.where = where
     self.reason = reason
     self.kind = kind
+
+
+def read_json_object(path: str | os.PathLike, what: str, expected: str) -> dict:
+  """The JSON object in the file at `path`, or a `DataError` naming the file.
+
+  `what` names the file in messages ("boxes file"), `expected` the shape the
+  caller wants ("{image: [[x1, y1, x2, y2], ...]}"). Missing or unreadable
+  ("missing_file"), blank or an empty object ("empty_file"), not JSON (with
+  its line and column) or not an object ("bad_json").
+  """
+  where = os.fspath(path)
+  try:
+    text = pathlib.Path(path).read_text()
+  except OSError as e:
+    raise DataError(where, f"cannot read the {what} ({e.strerror or e})", "missing_file"
+                    ) from None
+  if not text.strip():
+    raise DataError(where, f"the {what} is empty", "empty_file")
+  try:
+    content = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{where}:{e.lineno}:{e.colno}", f"not valid JSON ({e.msg})", "bad_json"
+                    ) from None
+  if not isinstance(content, dict):
+    raise DataError(where, f"expected a non-empty JSON object {expected}, got "
+                    f"{type(content).__name__}",
+                    "bad_json")
+  if not content:
+    raise DataError(where, f"the {what} names no image", "empty_file")
+  return content
 
 
 class UnknownProtocolError(ValueError):

@@ -43,7 +43,7 @@ from fgtbt_jax import detector as detector_lib
 from fgtbt_jax import landmarks
 from fgtbt_jax import predictor as predictor_lib
 from fgtbt_jax import video
-from fgtbt_jax.errors import DataError
+from fgtbt_jax.errors import DataError, read_json_object
 from fgtbt_jax.images import load_image
 from fgtbt_jax.visualization import draw_landmarks
 
@@ -158,23 +158,7 @@ def read_boxes_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
       of four finite numbers each with x2 > x1 and y2 > y1.
   """
   where = os.fspath(path)
-  try:
-    text = pathlib.Path(path).read_text()
-  except OSError as e:
-    raise DataError(where, f"cannot read the boxes file ({e.strerror or e})", "missing_file"
-                    ) from None
-  if not text.strip():
-    raise DataError(where, "the boxes file is empty", "empty_file")
-  try:
-    content = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise DataError(f"{where}:{e.lineno}:{e.colno}", f"not valid JSON ({e.msg})", "bad_json"
-                    ) from None
-  if not isinstance(content, dict):
-    raise DataError(where, "expected a JSON object {image: [[x1, y1, x2, y2], ...]}, got "
-                    f"{type(content).__name__}", "bad_json")
-  if not content:
-    raise DataError(where, "the boxes file names no image", "empty_file")
+  content = read_json_object(path, "boxes file", "{image: [[x1, y1, x2, y2], ...]}")
   boxes = {}
   for key, value in content.items():
     spot = f"{where}:{key}"

@@ -85,6 +85,28 @@ def parameter_table(boxed_params: Any, depth: int = 2) -> tuple[str, int]:
 # The train step.
 
 
+def model_forward(model: nn.Module, batch_stats: Any, dropout_rng: jax.Array,
+                  remat_policy: str, frozen_batch_norm: bool = False) -> Callable:
+  """The train step's forward pass: (params, normalised images) -> (outputs, updates).
+
+  `outputs` are the head's named outputs (heatmaps, and HIH's decimal maps or
+  the recurrent head's steps; every one is supervised), `updates` the new
+  batch statistics ({} with `frozen_batch_norm`: eval mode). Runs under the
+  model's rematerialisation policy (`models.rematerialize`): what the
+  backward pass gets kept and what it recomputes.
+  """
+  apply = functools.partial(model.apply, method=models.FGTBT.named_outputs)
+
+  def forward(params, images):
+    variables = {"params": params, "batch_stats": batch_stats}
+    if frozen_batch_norm:
+      return apply(variables, images, train=False), {}
+    return apply(variables, images, train=True, rngs={"dropout": dropout_rng},
+                 mutable=["batch_stats"])
+
+  return models.rematerialize(forward, remat_policy)
+
+
 def make_train_step(setup: Setup, ema_decay: float, frozen_batch_norm: bool = False) -> Callable:
   """The jitted step (state, batch) -> (state, metrics); the state is donated.
 
@@ -106,19 +128,8 @@ def make_train_step(setup: Setup, ema_decay: float, frozen_batch_norm: bool = Fa
     dropout_rng = jax.random.fold_in(state.rng, state.step)
     images = models.normalize_images(batch["image"])
 
-    # The head's named outputs (heatmaps, and HIH's decimal maps or the
-    # recurrent head's steps): every one is supervised.
-    apply = functools.partial(model.apply, method=models.FGTBT.named_outputs)
-
-    def forward(params, images):
-      variables = {"params": params, "batch_stats": state.batch_stats}
-      if frozen_batch_norm:
-        return apply(variables, images, train=False), {}
-      return apply(variables, images, train=True, rngs={"dropout": dropout_rng},
-                   mutable=["batch_stats"])
-
-    # What the backward pass gets kept and what it recomputes (models.remat).
-    forward = models.rematerialize(forward, remat_policy)
+    forward = model_forward(model, state.batch_stats, dropout_rng, remat_policy,
+                            frozen_batch_norm)
 
     def loss_fn(trainable):
       outputs, updates = forward(trainable["model"], images)

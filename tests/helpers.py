@@ -1,4 +1,4 @@
-"""Shared pieces of the subprocess tests (train, resume, multi-host, run.py)."""
+"""Shared pieces of the tests: subprocess runs (train, resume, multi-host, run.py), a mixed batch."""
 
 import os
 import pathlib
@@ -6,6 +6,8 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+
+from fgtbt_jax import landmarks
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TRAIN_HELPER = REPO / "tests" / "train_helper.py"
@@ -85,3 +87,15 @@ def write_random_run(workdir: pathlib.Path, config, scale: float | None = 1.0, s
   checkpoints.save(step, state, None, force=True)
   checkpoints.close()
   return state
+
+
+def mixed_batch(seed: int, size: int = 64, k: int = 2) -> dict:
+  """A mixed batch: k samples of each dataset, mean-face landmarks jittered."""
+  rng = np.random.default_rng(seed)
+  dataset_id = np.repeat(np.arange(4, dtype=np.int32), k)
+  face = landmarks.mean_face() * size * 0.6 + size * 0.2
+  points = face[None] + rng.normal(0, 2.0, (len(dataset_id), 124, 2))
+  mask = landmarks.PROTOCOL_MASKS[dataset_id]
+  return {"image": rng.integers(0, 256, (len(dataset_id), size, size, 3), np.uint8),
+          "landmarks": np.where(mask[..., None], points, 0).astype(np.float32),
+          "mask": mask, "dataset_id": dataset_id}

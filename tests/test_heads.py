@@ -23,6 +23,7 @@ from fgtbt_jax import studies
 from fgtbt_jax import train
 from fgtbt_jax import validation
 from fgtbt_jax.models import heads
+from tests.helpers import mixed_batch as _batch
 
 
 def _offset_grid(steps: int = 41) -> np.ndarray:
@@ -310,15 +311,6 @@ def test_a_run_saved_before_the_heads_loads_as_the_fgtbt_head(tmp_path):
   assert "decimal_head" not in abstract["params"]["decoder"]
 
 
-def _batch(seed: int, size: int = 64, k: int = 2) -> dict:
-  rng = np.random.default_rng(seed)
-  dataset_id = np.repeat(np.arange(4, dtype=np.int32), k)
-  face = landmarks.mean_face() * size * 0.6 + size * 0.2
-  points = face[None] + rng.normal(0, 2.0, (len(dataset_id), 124, 2))
-  mask = landmarks.PROTOCOL_MASKS[dataset_id]
-  return {"image": rng.integers(0, 256, (len(dataset_id), size, size, 3), np.uint8),
-          "landmarks": np.where(mask[..., None], points, 0).astype(np.float32),
-          "mask": mask, "dataset_id": dataset_id}
 
 
 def _head_config(head: str, data: int, fsdp: int, rules: str):

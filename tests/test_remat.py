@@ -1,7 +1,5 @@
 """The train step's rematerialisation policies: same gradients, fewer saved bytes."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +8,7 @@ import pytest
 from fgtbt_jax import landmarks
 from fgtbt_jax import losses
 from fgtbt_jax import models
+from fgtbt_jax import train
 from tests.model_helpers import numpy_variables
 
 SIZE = 64
@@ -29,14 +28,8 @@ def _tiny():
 
 
 def _loss_fn(model, variables, images, target, policy):
-  """Train-mode forward under `policy` (as train.make_train_step runs it), then the loss."""
-  apply = functools.partial(model.apply, method=models.FGTBT.named_outputs)
-
-  def forward(params, images):
-    return apply({"params": params, "batch_stats": variables["batch_stats"]}, images,
-                 train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
-
-  forward = models.rematerialize(forward, policy)
+  """The train step's forward pass under `policy` (`train.model_forward`), then the loss."""
+  forward = train.model_forward(model, variables["batch_stats"], jax.random.key(1), policy)
 
   def loss(params):
     outputs, updates = forward(params, images)

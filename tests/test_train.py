@@ -11,23 +11,13 @@ import pytest
 
 from configs import tiny
 from fgtbt_jax import checkpointing
-from fgtbt_jax import landmarks
 from fgtbt_jax import models
 from fgtbt_jax import sharding
 from fgtbt_jax import state as state_lib
 from fgtbt_jax import train
+from tests.helpers import mixed_batch as _batch
 
 
-def _batch(seed: int, size: int = 64, k: int = 2) -> dict:
-  """A mixed batch: k samples of each dataset, mean-face landmarks jittered."""
-  rng = np.random.default_rng(seed)
-  dataset_id = np.repeat(np.arange(4, dtype=np.int32), k)
-  face = landmarks.mean_face() * size * 0.6 + size * 0.2
-  points = face[None] + rng.normal(0, 2.0, (len(dataset_id), 124, 2))
-  mask = landmarks.PROTOCOL_MASKS[dataset_id]
-  return {"image": rng.integers(0, 256, (len(dataset_id), size, size, 3), np.uint8),
-          "landmarks": np.where(mask[..., None], points, 0).astype(np.float32),
-          "mask": mask, "dataset_id": dataset_id}
 
 
 def _config(data: int, fsdp: int, rules: str):

@@ -52,10 +52,7 @@ def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
   """
   _, h, w, _ = x.shape
   with jax.named_scope(RESIZE_SCOPE):
-    rows = jnp.asarray(bilinear_matrix(h, height), x.dtype)
-    cols = jnp.asarray(bilinear_matrix(w, width), x.dtype)
-    x = jnp.einsum("oh,bhwc->bowc", rows, x)
-    return jnp.einsum("pw,bowc->bopc", cols, x)
+    return layers.separable_matmul(x, bilinear_matrix(h, height), bilinear_matrix(w, width))
 
 
 class ConvBlock(nn.Module):

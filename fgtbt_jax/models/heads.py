@@ -94,10 +94,7 @@ def area_pool(x: jax.Array, size: int) -> jax.Array:
   """(B, H, W, C) -> (B, size, size, C) by area averaging (`area_matrix`)."""
   _, h, w, _ = x.shape
   with jax.named_scope(AREA_SCOPE):
-    rows = jnp.asarray(area_matrix(h, size), x.dtype)
-    cols = jnp.asarray(area_matrix(w, size), x.dtype)
-    x = jnp.einsum("oh,bhwc->bowc", rows, x)
-    return jnp.einsum("pw,bowc->bopc", cols, x)
+    return layers.separable_matmul(x, area_matrix(h, size), area_matrix(w, size))
 
 
 class DecimalHead(nn.Module):

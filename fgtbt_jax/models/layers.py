@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -240,3 +241,13 @@ class DropPath(nn.Module):
     mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, mask_shape)
     return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+def separable_matmul(x: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Array:
+  """(B, H, W, C) -> (B, h, w, C): x's rows mixed by rows (h, H), its columns by cols (w, W).
+
+  A separable linear resampling (bilinear resize, area pooling) as two
+  matmuls in x's dtype.
+  """
+  x = jnp.einsum("oh,bhwc->bowc", jnp.asarray(rows, x.dtype), x)
+  return jnp.einsum("pw,bowc->bopc", jnp.asarray(cols, x.dtype), x)
