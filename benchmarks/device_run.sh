@@ -20,9 +20,11 @@
 #   train_step   the paper step at 480 px, bfloat16, batch 8 / 16 / 32
 #                (images/s, model MFU against the chip's dense bf16 peak,
 #                peak device memory)
-#   remat_*      the same at batch 32 with remat_policy none / dots_no_batch
+#   remat_*      the same at batch 32 with remat_policy none / dots_no_batch /
+#                segments
 #   memory       XLA's memory analysis of the paper step and the bytes JAX
 #                keeps for its backward pass, batch 8 / 16, both dtypes
+#   memory_segments  the same at batch 8 with remat_policy=segments
 #   inference    crop -> landmarks latency at batch 1, throughput at 128
 #   pipeline     the grain input pipeline at 480 px with 8 and 16 workers
 #   segformer    transformers' SegformerModel side by side with the encoder
@@ -108,7 +110,7 @@ if [[ $SMOKE == 1 ]]; then
   TESTS=()
 else
   CONFIG=configs/fgtbt_paper.py DTYPE=bfloat16 BATCHES=8,16,32 STEPS=10 WARMUP=2
-  POLICIES=(none dots_no_batch)
+  POLICIES=(none dots_no_batch segments)
   INF_BATCH=1,128 ITER=20 PIPE_SIZE=480 WORKERS=8,16 PIPE_BATCHES=40 PIPE_WARMUP=5
   SEG=(--encoder=paper --size=480 --batch=16 --iterations=10)
   MEMORY=(--batch=8,16 --dtype=bfloat16,float32 --residuals)
@@ -127,6 +129,8 @@ for policy in "${POLICIES[@]}"; do
     --config.model.remat_policy="$policy"
 done
 step memory 150 "$PYTHON" -m benchmarks.memory --config="$CONFIG" "${MEMORY[@]}"
+step memory_segments 120 "$PYTHON" -m benchmarks.memory --config="$CONFIG" "${MEMORY[@]}" \
+  --batch=8 --config.model.remat_policy=segments
 step inference 120 "$PYTHON" -m benchmarks.inference --config="$CONFIG" --batch="$INF_BATCH" \
   --dtype="$DTYPE" --flip_test=false --iterations="$ITER" --noend_to_end
 step pipeline 120 "$PYTHON" -m benchmarks.pipeline --image-size "$PIPE_SIZE" \

@@ -14,7 +14,7 @@ four forms of the same network:
 * after:     both (the defaults on CPU);
 
 all four keeping every forward value for the backward pass (remat_policy
-"none"); `--forms=after,after_dots,after_dots_no_batch` instead compares the
+"none"); `--forms=after,after_dots,after_dots_no_batch,after_segments` instead compares the
 train step's rematerialisation policies (`models.remat`) on the "after" form.
 
 It then times them interleaved (each round runs every form once, so a load
@@ -54,6 +54,8 @@ FORMS = {
                    "remat_policy": "dots"},
     "after_dots_no_batch": {"decoder_fusion": "composed", "depthwise_impl": "shifts",
                             "remat_policy": "dots_no_batch"},
+    "after_segments": {"decoder_fusion": "composed", "depthwise_impl": "shifts",
+                       "remat_policy": "segments"},
 }
 REWRITE_FORMS = ("before", "decoder", "depthwise", "after")
 

@@ -221,7 +221,8 @@ def test_device_run_smoke_mode_runs_every_step_and_writes_json(tmp_path):
   assert done.returncode == 0, done.stdout + done.stderr + log[-3000:]
   summary = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
   steps = {s["step"]: s for s in summary}
-  assert set(steps) == {"imports", "train_step", "memory", "inference", "pipeline", "segformer"}
+  assert set(steps) == {"imports", "train_step", "memory", "memory_segments", "inference",
+                        "pipeline", "segformer"}
   assert all(s["exit"] == 0 and not s["timed_out"] for s in summary), summary
 
   def records(name):
@@ -233,6 +234,9 @@ def test_device_run_smoke_mode_runs_every_step_and_writes_json(tmp_path):
   assert len(step) == 1 and step[0]["images_per_s"] > 0 and step[0]["remat_policy"] == "auto"
   memory = [r for r in records("memory") if r["benchmark"] == "memory"]
   assert memory[0]["residual_bytes"] > 0
+  segments = [r for r in records("memory_segments") if r["benchmark"] == "memory"]
+  assert segments[0]["remat_policy_resolved"] == "segments"
+  assert 0 < segments[0]["residual_bytes"] < memory[0]["residual_bytes"]
   assert any(r["benchmark"] == "inference_crops" for r in records("inference"))
   segformer = records("segformer")
   assert [r for r in segformer if r["benchmark"] == "segformer_parity"][0][

@@ -408,17 +408,19 @@ def test_composed_decoder_fusion_is_the_concatenated_one_in_fewer_operations():
   config = model_config("tiny")
   composed, concat = build_model(config), build_model(model_config("tiny", decoder_fusion="concat"))
   images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3))
-  variables = composed.init(jax.random.key(0), images, train=False)
-  reference = concat.init(jax.random.key(0), images, train=False)
+  # Jitted: op by op, the gradients alone took minutes on two cores.
+  init = lambda m: jax.jit(lambda x: m.init(jax.random.key(0), x, train=False))(images)
+  variables, reference = init(composed), init(concat)
   assert jax.tree.structure(variables) == jax.tree.structure(reference)
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(reference)):
     np.testing.assert_array_equal(a, b)
-  outputs = [np.asarray(m.apply(variables, images, train=False)) for m in (composed, concat)]
+  outputs = [np.asarray(jax.jit(lambda v: m.apply(v, images, train=False))(variables))
+             for m in (composed, concat)]
   np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-5 * np.abs(outputs[1]).max())
 
   def grads(model):
     loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, images, train=False) ** 2)
-    return jax.grad(loss)(variables["params"])
+    return jax.jit(jax.grad(loss))(variables["params"])
   for a, b in zip(jax.tree.leaves(grads(composed)), jax.tree.leaves(grads(concat))):
     np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4 * (np.abs(b).max() + 1e-12))
   with pytest.raises(ValueError, match="decoder_fusion='sum'"):

@@ -9,13 +9,14 @@ from fgtbt_jax import landmarks
 from fgtbt_jax import losses
 from fgtbt_jax import models
 from fgtbt_jax import train
+from fgtbt_jax.models import encoder as encoder_lib
 from tests.model_helpers import numpy_variables
 
 SIZE = 64
 
 
-def _tiny():
-  config = models.model_config("tiny", input_size=SIZE)
+def _tiny(policy="auto"):
+  config = models.model_config("tiny", input_size=SIZE, remat_policy=policy)
   model = models.build_model(config)
   variables = numpy_variables(models.abstract_variables(model, SIZE))
   rng = np.random.default_rng(0)
@@ -64,22 +65,30 @@ def test_auto_policy_is_none_on_cpu_and_dots_on_accelerators():
 def test_policies_keep_fewer_bytes_for_the_backward_pass():
   model, variables, images, target = _tiny()
   params = variables["params"]
-  saved = {policy: _saved_bytes(_loss_fn(model, variables, images, target, policy), params)
-           for policy in ("none", "dots", "dots_no_batch", "nothing")}
+  saved = {policy: _saved_bytes(_loss_fn(_tiny(policy)[0], variables, images, target, policy),
+                                params)
+           for policy in ("none", "dots", "dots_no_batch", "nothing", "segments")}
   # The elementwise work (norms, GELU, softmax, dropout) is most of it.
   assert saved["dots"] < 0.6 * saved["none"], saved
   assert saved["dots_no_batch"] < saved["dots"], saved
   assert saved["nothing"] < saved["dots_no_batch"], saved
+  # Segment inputs (each block's, patch embedding's and the decoder's) and
+  # the values outside segments (FGSA branch, loss inputs).
+  assert saved["segments"] < 0.5 * saved["none"], saved
 
 
-@pytest.mark.parametrize("policy", ["dots"])  # The accelerators' default; "nothing" alike.
+@pytest.mark.parametrize("policy", ["dots", "segments"])  # "nothing" alike.
 def test_policy_gives_the_same_loss_gradients_and_batch_statistics(policy):
-  model, variables, images, target = _tiny()
+  model, variables, images, target = _tiny("none")
   params = variables["params"]
   reference = jax.jit(jax.value_and_grad(
       _loss_fn(model, variables, images, target, "none"), has_aux=True))
+  # "segments" is part of the model; the same parameter tree either way.
+  remat_model = _tiny(policy)[0]
+  assert jax.tree.structure(models.abstract_variables(remat_model, SIZE)) == \
+      jax.tree.structure(models.abstract_variables(model, SIZE))
   rematerialized = jax.jit(jax.value_and_grad(
-      _loss_fn(model, variables, images, target, policy), has_aux=True))
+      _loss_fn(remat_model, variables, images, target, policy), has_aux=True))
   (loss_a, stats_a), grads_a = reference(params)
   (loss_b, stats_b), grads_b = rematerialized(params)
   np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
@@ -107,3 +116,71 @@ def test_loss_terms_are_recomputed_not_kept():
   np.testing.assert_allclose(
       jax.grad(lambda q: losses.sample_landmark_losses(q, target).sum())(pred),
       jax.grad(direct)(pred), rtol=1e-6)
+
+
+
+def _encoder(recompute: bool):
+  return encoder_lib.MixTransformer(
+      dims=(16, 32, 48, 64), depths=(2, 2, 4, 2), num_heads=(1, 2, 2, 4),
+      sr_ratios=(8, 4, 2, 1), patch_embed="conv_stem", drop_path_rate=0.2,
+      remat=recompute, remat_embed=recompute)
+
+
+def _encoder_loss(encoder):
+  def loss(params, batch_stats, images):
+    outputs, updates = encoder.apply({"params": params, "batch_stats": batch_stats}, images,
+                                     train=True, rngs={"dropout": jax.random.key(1)},
+                                     mutable=["batch_stats"])
+    return sum(jnp.sum(o ** 2) for o in outputs), updates
+  return loss
+
+
+def test_recomputed_blocks_and_embeddings_give_the_same_gradients_and_statistics():
+  """Dropout masks, BatchNorm updates and grid sizes survive the recomputation."""
+  images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 3)), jnp.float32)
+  variables = _encoder(False).init(jax.random.key(0), images)
+  grads = {}
+  for recompute in (False, True):
+    step = jax.jit(jax.value_and_grad(_encoder_loss(_encoder(recompute)), has_aux=True))
+    grads[recompute] = step(variables["params"], variables["batch_stats"], images)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[False][1]))
+  # Dropout (drop path 0.2) and BatchNorm were on; gradients are not all zero.
+  assert scale > 1e-2
+  for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True])):
+    # Fused differently: float32 rounding, relative to the largest gradient (a
+    # bias before a BatchNorm has a zero gradient in exact arithmetic).
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_xla_cpu_keeps_only_segment_inputs_with_recompute_in_backward():
+  """XLA's memory analysis: the recomputation really lowers the compiled step's peak.
+
+  With `jax.checkpoint` XLA:CPU ran every block's recomputation at the start
+  of the backward pass (its peak rose); tying each recomputation to its
+  cotangent leaves one segment's values live at a time.
+  """
+  images = jax.ShapeDtypeStruct((4, 128, 128, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: _encoder(False).init(jax.random.key(0), x), images)
+  temp = {}
+  for recompute in (False, True):
+    grad = jax.grad(_encoder_loss(_encoder(recompute)), has_aux=True)
+    compiled = jax.jit(grad).lower(variables["params"], variables["batch_stats"], images).compile()
+    temp[recompute] = compiled.memory_analysis().temp_size_in_bytes
+  assert temp[True] < 0.5 * temp[False], temp
+
+
+def test_recompute_in_backward_passes_python_outputs_and_static_arguments():
+  calls = []
+
+  def fun(x, scale, w):
+    calls.append(scale)
+    return {"y": jnp.sin(x * w) * scale, "grid": (3, 4)}
+
+  wrapped = models.recompute_in_backward(fun, static_argnums=(1,))
+  x, w = jnp.linspace(0.0, 1.0, 5), jnp.float32(2.0)
+  out = wrapped(x, 3.0, w)
+  assert out["grid"] == (3, 4) and calls == [3.0]
+  got = jax.grad(lambda x, w: wrapped(x, 3.0, w)["y"].sum(), argnums=(0, 1))(x, w)
+  want = jax.grad(lambda x, w: fun(x, 3.0, w)["y"].sum(), argnums=(0, 1))(x, w)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-6)

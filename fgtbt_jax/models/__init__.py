@@ -17,12 +17,13 @@ from fgtbt_jax.models.fgtbt import (
     normalize_images, parameter_count)
 from fgtbt_jax.models.partitioning import LOGICAL_AXIS_NAMES, logical_axis_rules, variable_shardings
 from fgtbt_jax.models.cost import count_macs
-from fgtbt_jax.models.remat import REMAT_POLICIES, rematerialize, resolve_remat_policy
+from fgtbt_jax.models.remat import (REMAT_POLICIES, recompute_in_backward, rematerialize,
+                                    resolve_remat_policy)
 
 __all__ = [
     "heads", "ENCODERS", "VARIANTS", "model_config", "validate_model_config",
     "FGTBT", "IMAGENET_MEAN", "IMAGENET_STD", "abstract_variables", "build_encoder",
     "build_model", "normalize_images", "parameter_count",
     "LOGICAL_AXIS_NAMES", "logical_axis_rules", "variable_shardings", "count_macs",
-    "REMAT_POLICIES", "rematerialize", "resolve_remat_policy",
+    "REMAT_POLICIES", "recompute_in_backward", "rematerialize", "resolve_remat_policy",
 ]

@@ -120,7 +120,9 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
       remat_policy: what the train step keeps of the forward pass for the
         backward pass (`remat.REMAT_POLICIES`): "none" (everything), "dots"
         (matmul and convolution outputs; the elementwise work is
-        recomputed), "dots_no_batch", "nothing", or "auto" (the default:
+        recomputed), "dots_no_batch", "nothing", "segments" (each block,
+        patch embedding and the decoder recomputed when the backward pass
+        reaches it: the smallest compiled step), or "auto" (the default:
         "dots" on GPUs and TPUs, "none" on CPU; measured in
         benchmarks/README.md).
       attention_impl: "xla", "cudnn" (NVIDIA GPU, bfloat16) or "einsum".

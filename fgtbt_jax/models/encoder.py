@@ -12,6 +12,7 @@ import numpy as np
 from fgtbt_jax.models.fgsa import FGSAStage
 from fgtbt_jax.models.layers import layer_norm
 from fgtbt_jax.models.mit import Block, OverlapPatchEmbed
+from fgtbt_jax.models.remat import recompute_module
 
 Dtype = Any
 
@@ -40,7 +41,10 @@ class EncoderStage(nn.Module):
       with the unbiased batch variance (PyTorch).
     norm_epsilon: block and stage LayerNorm epsilon.
     embed_norm_epsilon: patch-embedding and spatial-reduction LayerNorm epsilon.
-    remat: recompute each block's activations in the backward pass.
+    remat: recompute each block's activations in the backward pass
+      (`remat.recompute_in_backward`).
+    remat_embed: recompute the patch embedding and the stage's final
+      LayerNorm likewise (with `remat`, the "segments" policy).
     attention_impl: attention core (see `mit.attention_core`).
     depthwise_impl: the Mix-FFN depthwise convolution (see `mit.MixFFN`).
     dtype: compute dtype.
@@ -61,6 +65,7 @@ class EncoderStage(nn.Module):
   norm_epsilon: float = 1e-6
   embed_norm_epsilon: float = 1e-5
   remat: bool = False
+  remat_embed: bool = False
   attention_impl: str = "xla"
   depthwise_impl: str = "auto"
   dtype: Dtype = jnp.float32
@@ -72,7 +77,9 @@ class EncoderStage(nn.Module):
 
     Also returns the next structure map (None when FGSA is off).
     """
-    tokens, grid = OverlapPatchEmbed(
+    embed_cls = recompute_module(OverlapPatchEmbed, static_argnums=(2,)) if self.remat_embed \
+        else OverlapPatchEmbed
+    tokens, grid = embed_cls(
         self.dim, self.patch_size, self.stride, kind=self.patch_embed,
         norm_epsilon=self.embed_norm_epsilon,
         batch_norm_unbiased_variance=self.batch_norm_unbiased_variance, dtype=self.dtype,
@@ -85,7 +92,7 @@ class EncoderStage(nn.Module):
           batch_norm_unbiased_variance=self.batch_norm_unbiased_variance, dtype=self.dtype,
           name="fgsa")
       prompt, structure = fgsa.prompt(tokens, structure, train)
-    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    block_cls = recompute_module(Block, static_argnums=(2,)) if self.remat else Block
     for j in range(self.depth):
       if self.fgsa:
         tokens = fgsa.inject(tokens, prompt, j, train)
@@ -95,7 +102,8 @@ class EncoderStage(nn.Module):
           sr_norm_epsilon=self.embed_norm_epsilon, attention_impl=self.attention_impl,
           depthwise_impl=self.depthwise_impl, dtype=self.dtype,
           name=f"block_{j}")(tokens, train)
-    tokens = layer_norm(self.norm_epsilon, dtype=self.dtype, name="norm")(tokens)
+    tokens = layer_norm(self.norm_epsilon, dtype=self.dtype, name="norm",
+                        recompute=self.remat_embed)(tokens)
     b = tokens.shape[0]
     out = tokens.reshape(b, *grid, self.dim)
     out = nn.with_logical_constraint(out, ("batch", "height", "width", "embed"))
@@ -127,6 +135,7 @@ class MixTransformer(nn.Module):
   norm_epsilon: float = 1e-6
   embed_norm_epsilon: float = 1e-5
   remat: bool = False
+  remat_embed: bool = False
   attention_impl: str = "xla"
   depthwise_impl: str = "auto"
   dtype: Dtype = jnp.float32
@@ -156,7 +165,7 @@ class MixTransformer(nn.Module):
           fgsa_compat=self.fgsa_compat,
           batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
           norm_epsilon=self.norm_epsilon, embed_norm_epsilon=self.embed_norm_epsilon,
-          remat=self.remat, attention_impl=self.attention_impl,
+          remat=self.remat, remat_embed=self.remat_embed, attention_impl=self.attention_impl,
           depthwise_impl=self.depthwise_impl, dtype=self.dtype,
           name=f"stage_{i}")(x, structure, train)
       outputs.append(x)

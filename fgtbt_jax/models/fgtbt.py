@@ -29,6 +29,7 @@ from fgtbt_jax.models.config import ENCODERS, validate_model_config
 from fgtbt_jax.models.decoder import DecoderHead
 from fgtbt_jax.models.encoder import MixTransformer
 from fgtbt_jax.models.fgsa import high_frequency_image
+from fgtbt_jax.models.remat import recompute_module, resolve_remat_policy
 
 Dtype = Any
 
@@ -99,6 +100,7 @@ def build_encoder(config: ml_collections.ConfigDict) -> MixTransformer:
   """
   validate_model_config(config)
   spec = ENCODERS[config.encoder]
+  segments = resolve_remat_policy(config.remat_policy) == "segments"
   return MixTransformer(
       dims=spec.dims, depths=spec.depths, num_heads=spec.num_heads,
       sr_ratios=spec.sr_ratios, patch_sizes=spec.patch_sizes, strides=spec.strides,
@@ -107,7 +109,8 @@ def build_encoder(config: ml_collections.ConfigDict) -> MixTransformer:
       batch_norm_unbiased_variance=config.batch_norm_unbiased_variance,
       drop_path_rate=config.drop_path_rate,
       norm_epsilon=config.norm_epsilon, embed_norm_epsilon=config.embed_norm_epsilon,
-      remat=config.remat, attention_impl=config.attention_impl,
+      remat=config.remat or segments, remat_embed=segments,
+      attention_impl=config.attention_impl,
       depthwise_impl=config.get("depthwise_impl", "auto"),
       dtype=_dtype(config.dtype), parent=None)
 
@@ -115,7 +118,9 @@ def build_encoder(config: ml_collections.ConfigDict) -> MixTransformer:
 def build_model(config: ml_collections.ConfigDict) -> FGTBT:
   """The FGTBT network described by a `model_config(...)` ConfigDict."""
   encoder = build_encoder(config)
-  decoder = DecoderHead(
+  segments = resolve_remat_policy(config.remat_policy) == "segments"
+  decoder_cls = recompute_module(DecoderHead, static_argnums=(2,)) if segments else DecoderHead
+  decoder = decoder_cls(
       decoder_dim=config.decoder_dim, head_channels=config.head_channels,
       upsample_channels=config.upsample_channels, num_points=config.num_points,
       dropout=config.head_dropout,

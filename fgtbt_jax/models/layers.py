@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgtbt_jax.models import remat
+
 Dtype = Any
 
 # PyTorch BatchNorm momentum 0.1 means new = 0.9 old + 0.1 batch in Flax terms.
@@ -153,9 +155,15 @@ def conv_transpose(features: int, kernel_size: int, stride: int, padding: int,
       name=name)
 
 
-def layer_norm(epsilon: float, *, dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
-  """LayerNorm over the last axis (statistics in float32)."""
-  return nn.LayerNorm(
+def layer_norm(epsilon: float, *, dtype: Dtype, name: str | None = None,
+               recompute: bool = False) -> nn.LayerNorm:
+  """LayerNorm over the last axis (statistics in float32).
+
+  recompute: keep only its input for the backward pass and recompute it there
+  (`remat.recompute_in_backward`); the same variables.
+  """
+  cls = remat.recompute_module(nn.LayerNorm) if recompute else nn.LayerNorm
+  return cls(
       epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
       scale_init=_named(nn.initializers.ones_init(), ("norm",)),
       bias_init=_named(nn.initializers.zeros_init(), ("norm",)),

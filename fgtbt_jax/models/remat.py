@@ -20,23 +20,38 @@ the same values):
                    recompute the convolutions and the attention products;
   "nothing"        keep only the network's inputs and parameters: the whole
                    forward pass runs again in the backward pass;
-  "auto"           "dots" on GPUs and TPUs, "none" on CPU: XLA:CPU schedules
-                   the recomputation at the start of the backward pass, all
-                   of it at once, so there it raises the step's peak instead
-                   of lowering it (measured: benchmarks/README.md).
+  "segments"       built into the model (`build_model`), not a jax.checkpoint
+                   rule: every Transformer block, patch embedding, stage-end
+                   LayerNorm and the decoder keep only their inputs and run
+                   again when the backward pass reaches them
+                   (`recompute_in_backward`), one segment's values live at a
+                   time, on every backend;
+  "auto"           "dots" on GPUs and TPUs, "none" on CPU.
 
-`model.remat` (per Transformer block, `nn.remat`) is separate and older; it
-composes with these. The measured bytes and step times of each are in
-benchmarks/README.md ("Memory budget").
+Under `jax.checkpoint` ("dots", "dots_no_batch", "nothing") XLA:CPU
+schedules the recomputation at the start of the backward pass, all of it at
+once, so there they raise the compiled step's peak instead of lowering it;
+"segments" ties each recomputation to its segment's cotangent and lowers it
+(paper step at 480, batch 8, bfloat16: 25.2 -> 7.6 GiB on XLA:CPU). "auto"
+is "none" on CPU, the fastest step there; GPU and TPU figures are not
+measured yet (benchmarks/device_run.sh).
+
+`model.remat` (each Transformer block only, `recompute_in_backward`)
+composes with the jax.checkpoint policies. The measured bytes and step
+times are in benchmarks/README.md ("Memory budget").
 """
 
 from __future__ import annotations
 
 from typing import Callable, TypeVar
 
+from flax.core import lift
+import flax.linen as nn
 import jax
+import jax.extend
+import jax.numpy as jnp
 
-REMAT_POLICIES = ("auto", "none", "dots", "dots_no_batch", "nothing")
+REMAT_POLICIES = ("auto", "none", "dots", "dots_no_batch", "nothing", "segments")
 
 _POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
@@ -67,6 +82,110 @@ def rematerialize(fn: F, policy: str) -> F:
     ValueError: an unknown policy name.
   """
   policy = resolve_remat_policy(policy)
-  if policy == "none":
+  if policy in ("none", "segments"):  # "segments" is built into the model (`build_model`).
     return fn
   return jax.checkpoint(fn, policy=_POLICIES[policy])
+
+
+def recompute_in_backward(fun: Callable, static_argnums: tuple[int, ...] = ()) -> Callable:
+  """`fun` that keeps only its inputs and runs again when the backward pass reaches it.
+
+  The same gradients as `jax.checkpoint(fun, policy=nothing_saveable)`, with
+  one difference: the recomputation is made data-dependent on `fun`'s
+  cotangent (every input gets `0 * cotangent[0]` added, which leaves its
+  value unchanged), so no compiler can schedule it before the backward pass
+  arrives at `fun`. Under `jax.checkpoint` XLA:CPU moves every segment's
+  recomputation to the start of the backward pass, all of it live at once;
+  an `optimization_barrier` does not stop it (XLA turns barriers into
+  control dependencies, which its CPU pipeline drops). A non-finite
+  cotangent element 0 makes the segment's gradients NaN (they would not be
+  finite anyway).
+
+  `fun` is traced once; the forward pass and the recomputation run that one
+  trace (a second trace could differ, e.g. in Flax's rng counters). Outputs
+  that are not arrays (e.g. a grid size) pass through as Python values.
+  """
+  static_argnums = tuple(sorted(static_argnums))
+
+  def wrapped(*args):
+    static = {i: args[i] for i in static_argnums}
+    dynamic = [a for i, a in enumerate(args) if i not in static]
+    structure = {}
+
+    def arrays_out(dynamic_args):
+      it = iter(dynamic_args)
+      out = fun(*[static[i] if i in static else next(it) for i in range(len(args))])
+      leaves, structure["tree"] = jax.tree.flatten(out)
+      structure["python"] = [None if isinstance(x, jax.Array) else x for x in leaves]
+      return [x for x in leaves if isinstance(x, jax.Array)]
+
+    replay = jax.extend.core.jaxpr_as_fun(jax.make_jaxpr(arrays_out)(dynamic))
+    evaluate = lambda dynamic_args: replay(*jax.tree.leaves(dynamic_args))
+
+    @jax.custom_vjp
+    def run(dynamic_args):
+      return evaluate(dynamic_args)
+
+    def forward(dynamic_args):
+      return evaluate(dynamic_args), dynamic_args
+
+    def backward(dynamic_args, cotangent):
+      dynamic_args = _after(dynamic_args, _zero_of(cotangent))
+      _, pullback = jax.vjp(evaluate, dynamic_args)
+      return pullback(cotangent)
+
+    run.defvjp(forward, backward)
+    arrays = iter(run(dynamic))
+    leaves = [next(arrays) if x is None else x for x in structure["python"]]
+    return jax.tree.unflatten(structure["tree"], leaves)
+
+  return wrapped
+
+
+def _zero_of(tree) -> jax.Array:
+  """A float32 0 computed from one element of `tree`'s first floating leaf."""
+  for leaf in jax.tree.leaves(tree):
+    if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.size:
+      return leaf.ravel()[0].astype(jnp.float32) * 0.0
+  raise ValueError("recompute_in_backward: the cotangent has no floating-point value")
+
+
+def _after(tree, zero: jax.Array):
+  """`tree` with every leaf made data-dependent on `zero` (values unchanged when it is 0)."""
+  flag = zero != zero  # False; XLA cannot fold it
+
+  def tie(a):
+    if jnp.issubdtype(a.dtype, jnp.floating):
+      return a + zero.astype(a.dtype)
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      data = jax.random.key_data(a)
+      return jax.random.wrap_key_data(data + flag.astype(data.dtype), impl=jax.random.key_impl(a))
+    if a.dtype == jnp.bool_:
+      return a | flag
+    return a + flag.astype(a.dtype)
+
+  return jax.tree.map(tie, tree)
+
+
+def _lifted_recompute(fn, variables=True, rngs=True, static_argnums=()):
+  """`recompute_in_backward` as a Flax core transform (the pattern of `lift.checkpoint`)."""
+
+  def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args):
+    def scoped(variable_groups, rng_groups, *args):
+      scope = scope_fn(variable_groups, rng_groups)
+      y = fn(scope, *args)
+      return y, repack_fn(scope)
+    shifted = tuple(i + 2 for i in static_argnums)
+    return recompute_in_backward(scoped, shifted)(variable_groups, rng_groups, *args)
+
+  return lift.pack(inner, (variables,), (variables,), (rngs,), name="remat")
+
+
+def recompute_module(target, static_argnums: tuple[int, ...] = ()):
+  """A linen Module class whose `__call__` runs under `recompute_in_backward`.
+
+  `static_argnums` count `self` as 0, as `nn.remat`'s do. The parameter
+  tree is the target's own (the same names and checkpoints).
+  """
+  return nn.transforms.lift_transform(
+      _lifted_recompute, target, static_argnums=tuple(i - 1 for i in static_argnums))
