@@ -119,29 +119,43 @@ def test_loss_terms_are_recomputed_not_kept():
 
 
 
-def _encoder(recompute: bool):
+def _encoder(recompute: bool, fgsa: str | None = None):
   return encoder_lib.MixTransformer(
       dims=(16, 32, 48, 64), depths=(2, 2, 4, 2), num_heads=(1, 2, 2, 4),
       sr_ratios=(8, 4, 2, 1), patch_embed="conv_stem", drop_path_rate=0.2,
+      fgsa=fgsa is not None, fgsa_compat=fgsa or "paper",
       remat=recompute, remat_embed=recompute)
+
+
+def _structure(encoder, images):
+  """The high-frequency image FGSA takes (any image of that shape will do here)."""
+  return jnp.flip(images, axis=1) if encoder.fgsa else None
 
 
 def _encoder_loss(encoder):
   def loss(params, batch_stats, images):
     outputs, updates = encoder.apply({"params": params, "batch_stats": batch_stats}, images,
-                                     train=True, rngs={"dropout": jax.random.key(1)},
-                                     mutable=["batch_stats"])
+                                     _structure(encoder, images), train=True,
+                                     rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
     return sum(jnp.sum(o ** 2) for o in outputs), updates
   return loss
 
 
-def test_recomputed_blocks_and_embeddings_give_the_same_gradients_and_statistics():
-  """Dropout masks, BatchNorm updates and grid sizes survive the recomputation."""
+@pytest.mark.parametrize("fgsa", [None, "paper", "authors"])
+def test_recomputed_blocks_and_embeddings_give_the_same_gradients_and_statistics(fgsa):
+  """Dropout masks, BatchNorm updates and grid sizes survive the recomputation.
+
+  With FGSA its Refine and every injection (the stage's shared channel
+  attention and BatchNorm, updated once per block) are segments too.
+  """
   images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 3)), jnp.float32)
-  variables = _encoder(False).init(jax.random.key(0), images)
+  plain = _encoder(False, fgsa)
+  variables = plain.init(jax.random.key(0), images, _structure(plain, images))
+  assert jax.tree.structure(variables) == jax.tree.structure(
+      _encoder(True, fgsa).init(jax.random.key(0), images, _structure(plain, images)))
   grads = {}
   for recompute in (False, True):
-    step = jax.jit(jax.value_and_grad(_encoder_loss(_encoder(recompute)), has_aux=True))
+    step = jax.jit(jax.value_and_grad(_encoder_loss(_encoder(recompute, fgsa)), has_aux=True))
     grads[recompute] = step(variables["params"], variables["batch_stats"], images)
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[False][1]))
   # Dropout (drop path 0.2) and BatchNorm were on; gradients are not all zero.

@@ -43,8 +43,9 @@ class EncoderStage(nn.Module):
     embed_norm_epsilon: patch-embedding and spatial-reduction LayerNorm epsilon.
     remat: recompute each block's activations in the backward pass
       (`remat.recompute_in_backward`).
-    remat_embed: recompute the patch embedding and the stage's final
-      LayerNorm likewise (with `remat`, the "segments" policy).
+    remat_embed: recompute the patch embedding, the stage's final LayerNorm
+      and FGSA's Refine and injections likewise (with `remat`, the
+      "segments" policy).
     attention_impl: attention core (see `mit.attention_core`).
     depthwise_impl: the Mix-FFN depthwise convolution (see `mit.MixFFN`).
     dtype: compute dtype.
@@ -89,8 +90,8 @@ class EncoderStage(nn.Module):
           self.dim, self.depth, self.patch_size, self.stride, patch_embed=self.patch_embed,
           reduction=self.fgsa_reduction, embed_norm_epsilon=self.embed_norm_epsilon,
           compat=self.fgsa_compat,
-          batch_norm_unbiased_variance=self.batch_norm_unbiased_variance, dtype=self.dtype,
-          name="fgsa")
+          batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
+          recompute=self.remat_embed, dtype=self.dtype, name="fgsa")
       prompt, structure = fgsa.prompt(tokens, structure, train)
     block_cls = recompute_module(Block, static_argnums=(2,)) if self.remat else Block
     for j in range(self.depth):

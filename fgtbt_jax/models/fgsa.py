@@ -24,6 +24,7 @@ import numpy as np
 
 from fgtbt_jax.models import layers
 from fgtbt_jax.models.mit import OverlapPatchEmbed
+from fgtbt_jax.models.remat import recompute_method, recompute_module
 
 Dtype = Any
 
@@ -224,6 +225,9 @@ class FGSAStage(nn.Module):
     compat: "paper" or "authors" (see above and `FGSA_COMPAT`).
     batch_norm_unbiased_variance: BatchNorms update their running variance
       with the unbiased batch variance (PyTorch).
+    recompute: Refine and each injection keep only their inputs and run again
+      in the backward pass (`remat.recompute_in_backward`; the "segments"
+      policy).
     dtype: compute dtype.
   """
 
@@ -237,6 +241,7 @@ class FGSAStage(nn.Module):
   embed_norm_epsilon: float = 1e-5
   compat: str = "paper"
   batch_norm_unbiased_variance: bool = False
+  recompute: bool = False
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -245,7 +250,9 @@ class FGSAStage(nn.Module):
     authors = self.compat == "authors"
     narrow = self.dim // self.reduction
     fused = self.dim + 2 * narrow
-    self.refine = OverlapPatchEmbed(
+    refine_cls = recompute_module(OverlapPatchEmbed, static_argnums=(2,)) if self.recompute \
+        else OverlapPatchEmbed
+    self.refine = refine_cls(
         narrow, self.patch_size, self.stride, kind=self.patch_embed,
         norm_epsilon=self.embed_norm_epsilon, axis="prompt",
         batch_norm_unbiased_variance=self.batch_norm_unbiased_variance, dtype=self.dtype)
@@ -289,6 +296,11 @@ class FGSAStage(nn.Module):
 
   def inject(self, x: jax.Array, prompt: jax.Array, block: int, train: bool) -> jax.Array:
     """x + FGSA(x, prompt) before block `block` of the stage."""
+    if self.recompute:
+      return _recomputed_inject(self, x, prompt, block, train)
+    return self._inject(x, prompt, block, train)
+
+  def _inject(self, x: jax.Array, prompt: jax.Array, block: int, train: bool) -> jax.Array:
     f = jnp.concatenate([x, prompt.astype(x.dtype)], axis=-1)
     if self.compat == "authors":
       f = f + raw_tokens(self._refine_fused(raw_channels_first(f), train))
@@ -302,3 +314,7 @@ class FGSAStage(nn.Module):
     g = self.channel_attention(f)
     g = nn.relu(self.norm(g, use_running_average=not train))
     return self.conv(g)
+
+
+# The injection with its 1.5 C-wide intermediates recomputed in the backward pass.
+_recomputed_inject = recompute_method(FGSAStage._inject, static_argnums=(3, 4))

@@ -22,7 +22,9 @@ the same values):
                    forward pass runs again in the backward pass;
   "segments"       built into the model (`build_model`), not a jax.checkpoint
                    rule: every Transformer block, patch embedding, stage-end
-                   LayerNorm and the decoder keep only their inputs and run
+                   LayerNorm, FGSA Refine (the structure branch's patch
+                   embedding, at full resolution in stage 1) and FGSA
+                   injection, and the decoder keep only their inputs and run
                    again when the backward pass reaches them
                    (`recompute_in_backward`), one segment's values live at a
                    time, on every backend;
@@ -32,7 +34,7 @@ Under `jax.checkpoint` ("dots", "dots_no_batch", "nothing") XLA:CPU
 schedules the recomputation at the start of the backward pass, all of it at
 once, so there they raise the compiled step's peak instead of lowering it;
 "segments" ties each recomputation to its segment's cotangent and lowers it
-(paper step at 480, batch 8, bfloat16: 25.2 -> 7.6 GiB on XLA:CPU). "auto"
+(paper step at 480, batch 8, bfloat16: 25.2 -> 4.75 GiB on XLA:CPU). "auto"
 is "none" on CPU, the fastest step there; GPU and TPU figures are not
 measured yet (benchmarks/device_run.sh).
 
@@ -189,3 +191,15 @@ def recompute_module(target, static_argnums: tuple[int, ...] = ()):
   """
   return nn.transforms.lift_transform(
       _lifted_recompute, target, static_argnums=tuple(i - 1 for i in static_argnums))
+
+
+def recompute_method(method: Callable, static_argnums: tuple[int, ...] = ()) -> Callable:
+  """A linen Module method (`method(module, *args)`) run under `recompute_in_backward`.
+
+  For a module whose submodules are shared across calls (FGSA's injection
+  runs once per block with the stage's channel attention and norm): the
+  segment's inputs are the module's variables and the arguments.
+  `static_argnums` count the module as 0.
+  """
+  return nn.transforms.lift_transform(
+      _lifted_recompute, method, static_argnums=tuple(i - 1 for i in static_argnums))
