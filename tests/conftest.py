@@ -25,8 +25,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # goes whole to one worker (so a module-scoped fixture, such as a training
 # run, is made once), in collection order. Starting the longest modules first
 # keeps the end of the run from waiting on one of them alone.
-_LONGEST_FIRST = ("test_trained_model.py", "test_multihost.py", "test_train.py",
-                  "test_benchmarks.py", "test_resume.py", "test_run.py")
+_LONGEST_FIRST = ("test_run.py", "test_remat.py", "test_trained_model.py", "test_multihost.py",
+                  "test_heads.py", "test_benchmarks.py", "test_resume.py", "test_train.py")
 
 
 def pytest_collection_modifyitems(config, items):
