@@ -13,6 +13,12 @@ FMB-loss (Adaptive Wing, beta 0.9), k = 2 samples of each dataset per step
 half-life of 10,000 images (decay 0.5 ** (8 / 10000) per step), evaluation of
 the EMA model with the flip test and plain argmax decoding.
 
+Memory: with `--config.model.remat_policy=segments` the step at batch 8
+needs 4.75 GiB in bfloat16 and 6.36 GiB in float32 by XLA:CPU's memory
+analysis (everything kept: 25.2 and 26.5 GiB); benchmarks/README.md,
+"Memory budget". The default "auto" (none on CPU, dots on GPU/TPU) is not
+yet measured on a GPU.
+
 This file declares every field of the experiment config; the other configs
 start from it and change values only.
 """
