@@ -119,11 +119,11 @@ def test_loss_terms_are_recomputed_not_kept():
 
 
 
-def _encoder(recompute: bool, fgsa: str | None = None, depths=(2, 2, 4, 2)):
+def _encoder(recompute: bool, fgsa: bool = False, depths=(2, 2, 4, 2)):
   return encoder_lib.MixTransformer(
       dims=(16, 32, 48, 64), depths=depths, num_heads=(1, 2, 2, 4),
       sr_ratios=(8, 4, 2, 1), patch_embed="conv_stem", drop_path_rate=0.2,
-      fgsa=fgsa is not None, fgsa_compat=fgsa or "paper",
+      fgsa=fgsa,
       remat=recompute, remat_embed=recompute)
 
 
@@ -149,19 +149,17 @@ def test_recomputed_blocks_and_embeddings_give_the_same_gradients_and_statistics
   BatchNorm, updated once per block: two blocks in stages 1 and 3). The
   authors' FGSA differs only inside the injection, the same segment.
   """
-  fgsa, depths = "paper", (2, 1, 2, 1)
+  encoders = {recompute: _encoder(recompute, fgsa=True, depths=(2, 1, 2, 1))
+              for recompute in (False, True)}
   images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 3)), jnp.float32)
-  def abstract(encoder):
-    return jax.eval_shape(
-        lambda x: encoder.init(jax.random.key(0), x, _structure(encoder, x)), images)
-  plain = _encoder(False, fgsa, depths)
-  variables = numpy_variables(abstract(plain))  # compiling the initialisers takes longer
-  assert jax.tree.structure(abstract(plain)) == jax.tree.structure(
-      abstract(_encoder(True, fgsa, depths)))
+  abstract = {recompute: jax.eval_shape(
+      lambda x: e.init(jax.random.key(0), x, _structure(e, x)), images)
+      for recompute, e in encoders.items()}
+  assert jax.tree.structure(abstract[False]) == jax.tree.structure(abstract[True])
+  variables = numpy_variables(abstract[False])  # compiling the initialisers takes longer
   grads = {}
-  for recompute in (False, True):
-    step = jax.jit(jax.value_and_grad(_encoder_loss(_encoder(recompute, fgsa, depths)),
-                                      has_aux=True))
+  for recompute, encoder in encoders.items():
+    step = jax.jit(jax.value_and_grad(_encoder_loss(encoder), has_aux=True))
     grads[recompute] = step(variables["params"], variables["batch_stats"], images)
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[False][1]))
   # Dropout (drop path 0.2) and BatchNorm were on; gradients are not all zero.

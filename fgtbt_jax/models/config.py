@@ -122,8 +122,8 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
         (matmul and convolution outputs; the elementwise work is
         recomputed), "dots_no_batch", "nothing", "segments" (each block,
         patch embedding, FGSA Refine and injection, and the decoder
-        recomputed when the backward pass
-        reaches it: the smallest compiled step), or "auto" (the default:
+        recomputed when the backward pass reaches it: the smallest compiled
+        step), or "auto" (the default:
         "dots" on GPUs and TPUs, "none" on CPU; measured in
         benchmarks/README.md).
       attention_impl: "xla", "cudnn" (NVIDIA GPU, bfloat16) or "einsum".

@@ -78,9 +78,8 @@ class EncoderStage(nn.Module):
 
     Also returns the next structure map (None when FGSA is off).
     """
-    embed_cls = recompute_module(OverlapPatchEmbed, static_argnums=(2,)) if self.remat_embed \
-        else OverlapPatchEmbed
-    tokens, grid = embed_cls(
+    tokens, grid = recompute_module(OverlapPatchEmbed, static_argnums=(2,),
+                                    enabled=self.remat_embed)(
         self.dim, self.patch_size, self.stride, kind=self.patch_embed,
         norm_epsilon=self.embed_norm_epsilon,
         batch_norm_unbiased_variance=self.batch_norm_unbiased_variance, dtype=self.dtype,
@@ -93,7 +92,7 @@ class EncoderStage(nn.Module):
           batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
           recompute=self.remat_embed, dtype=self.dtype, name="fgsa")
       prompt, structure = fgsa.prompt(tokens, structure, train)
-    block_cls = recompute_module(Block, static_argnums=(2,)) if self.remat else Block
+    block_cls = recompute_module(Block, static_argnums=(2,), enabled=self.remat)
     for j in range(self.depth):
       if self.fgsa:
         tokens = fgsa.inject(tokens, prompt, j, train)

@@ -24,7 +24,7 @@ import numpy as np
 
 from fgtbt_jax.models import layers
 from fgtbt_jax.models.mit import OverlapPatchEmbed
-from fgtbt_jax.models.remat import recompute_method, recompute_module
+from fgtbt_jax.models.remat import recompute_module
 
 Dtype = Any
 
@@ -250,9 +250,8 @@ class FGSAStage(nn.Module):
     authors = self.compat == "authors"
     narrow = self.dim // self.reduction
     fused = self.dim + 2 * narrow
-    refine_cls = recompute_module(OverlapPatchEmbed, static_argnums=(2,)) if self.recompute \
-        else OverlapPatchEmbed
-    self.refine = refine_cls(
+    self.refine = recompute_module(OverlapPatchEmbed, static_argnums=(2,),
+                                   enabled=self.recompute)(
         narrow, self.patch_size, self.stride, kind=self.patch_embed,
         norm_epsilon=self.embed_norm_epsilon, axis="prompt",
         batch_norm_unbiased_variance=self.batch_norm_unbiased_variance, dtype=self.dtype)
@@ -317,4 +316,4 @@ class FGSAStage(nn.Module):
 
 
 # The injection with its 1.5 C-wide intermediates recomputed in the backward pass.
-_recomputed_inject = recompute_method(FGSAStage._inject, static_argnums=(3, 4))
+_recomputed_inject = recompute_module(FGSAStage._inject, static_argnums=(3, 4))

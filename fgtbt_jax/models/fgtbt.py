@@ -119,8 +119,7 @@ def build_model(config: ml_collections.ConfigDict) -> FGTBT:
   """The FGTBT network described by a `model_config(...)` ConfigDict."""
   encoder = build_encoder(config)
   segments = resolve_remat_policy(config.remat_policy) == "segments"
-  decoder_cls = recompute_module(DecoderHead, static_argnums=(2,)) if segments else DecoderHead
-  decoder = decoder_cls(
+  decoder = recompute_module(DecoderHead, static_argnums=(2,), enabled=segments)(
       decoder_dim=config.decoder_dim, head_channels=config.head_channels,
       upsample_channels=config.upsample_channels, num_points=config.num_points,
       dropout=config.head_dropout,

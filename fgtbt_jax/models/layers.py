@@ -162,8 +162,7 @@ def layer_norm(epsilon: float, *, dtype: Dtype, name: str | None = None,
   recompute: keep only its input for the backward pass and recompute it there
   (`remat.recompute_in_backward`); the same variables.
   """
-  cls = remat.recompute_module(nn.LayerNorm) if recompute else nn.LayerNorm
-  return cls(
+  return remat.recompute_module(nn.LayerNorm, enabled=recompute)(
       epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
       scale_init=_named(nn.initializers.ones_init(), ("norm",)),
       bias_init=_named(nn.initializers.zeros_init(), ("norm",)),

@@ -183,23 +183,18 @@ def _lifted_recompute(fn, variables=True, rngs=True, static_argnums=()):
   return lift.pack(inner, (variables,), (variables,), (rngs,), name="remat")
 
 
-def recompute_module(target, static_argnums: tuple[int, ...] = ()):
-  """A linen Module class whose `__call__` runs under `recompute_in_backward`.
+def recompute_module(target, static_argnums: tuple[int, ...] = (), enabled: bool = True):
+  """`target` run under `recompute_in_backward`, or `target` itself when not `enabled`.
 
-  `static_argnums` count `self` as 0, as `nn.remat`'s do. The parameter
-  tree is the target's own (the same names and checkpoints).
+  `target` is a linen Module class (its `__call__` is the segment) or a
+  method `fn(module, *args)` (for a module whose submodules are shared
+  across calls, e.g. FGSA's injection, once per block with the stage's
+  channel attention and norm: the segment's inputs are the module's
+  variables and the arguments). `static_argnums` count `self` as 0, as
+  `nn.remat`'s do. The parameter tree is the target's own (the same names
+  and checkpoints).
   """
+  if not enabled:
+    return target
   return nn.transforms.lift_transform(
       _lifted_recompute, target, static_argnums=tuple(i - 1 for i in static_argnums))
-
-
-def recompute_method(method: Callable, static_argnums: tuple[int, ...] = ()) -> Callable:
-  """A linen Module method (`method(module, *args)`) run under `recompute_in_backward`.
-
-  For a module whose submodules are shared across calls (FGSA's injection
-  runs once per block with the stage's channel attention and norm): the
-  segment's inputs are the module's variables and the arguments.
-  `static_argnums` count the module as 0.
-  """
-  return nn.transforms.lift_transform(
-      _lifted_recompute, method, static_argnums=tuple(i - 1 for i in static_argnums))
