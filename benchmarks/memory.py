@@ -238,8 +238,11 @@ def peak_breakdown(dump_dir: str, top: int) -> dict:
 # What JAX saves for the backward pass.
 
 
-def residual_bytes(setup: state_lib.Setup, state, batch) -> dict:
-  """Bytes by dtype of the values `jax.vjp` of the step's loss keeps for the backward pass."""
+def residual_bytes(setup: state_lib.Setup, state, batch, top: int = 10) -> dict:
+  """Bytes of the values `jax.vjp` of the step's loss keeps for the backward pass.
+
+  By dtype, and the `top` largest (dtype, shape) kinds summed over their copies.
+  """
   loss_config = setup.loss_config
 
   def loss(params, batch_stats, balancer_params, balancer_state, rng, batch):
@@ -262,13 +265,19 @@ def residual_bytes(setup: state_lib.Setup, state, batch) -> dict:
                            state.balancer_state, state.rng, batch)
   param_ids = {id(x) for x in jax.tree.leaves(state.params)}
   by_dtype = collections.Counter()
+  by_kind = collections.Counter()  # (dtype, shape) -> bytes
   for leaf in jax.tree.leaves(saved):
     if id(leaf) in param_ids:
       continue
-    by_dtype[str(leaf.dtype)] += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    size = int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    by_dtype[str(leaf.dtype)] += size
+    by_kind[(str(leaf.dtype), tuple(leaf.shape))] += size
   total = sum(by_dtype.values())
   return {"residual_bytes": int(total), "residual_gib": round(total / GIB, 3),
-          "residual_gib_by_dtype": {k: round(v / GIB, 3) for k, v in by_dtype.most_common()}}
+          "residual_gib_by_dtype": {k: round(v / GIB, 3) for k, v in by_dtype.most_common()},
+          "largest_residuals": [{"dtype": dtype, "shape": list(shape),
+                                 "gib": round(size / GIB, 3)}
+                                for (dtype, shape), size in by_kind.most_common(top)]}
 
 
 def compile_with_dump(lowered, folder: str):
@@ -304,7 +313,7 @@ def measure(config: ml_collections.ConfigDict, breakdown: bool, residuals: bool,
       "devices": jax.device_count(),
   }
   if residuals:
-    record.update(residual_bytes(setup, state, batch))
+    record.update(residual_bytes(setup, state, batch, top))
   if not compile_step:
     return record
   step = train.make_train_step(setup, state_lib.ema_decay_per_step(config))

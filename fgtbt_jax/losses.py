@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +113,8 @@ def sample_landmark_losses(pred: jax.Array, target: jax.Array,
   weight map) are recomputed in the backward pass (`jax.checkpoint`): only
   `pred` and `target` are kept, not the half-dozen float32 per-pixel
   tensors in between (about 0.1 GiB each per 4 images at 240 x 240 x 124).
+  `pred` may be bfloat16: it is cast to float32 inside, so only its own
+  bytes are kept.
   """
   return _sample_landmark_losses(pred, target, constants, float(weight_threshold),
                                  float(weight_scale))
@@ -121,11 +123,37 @@ def sample_landmark_losses(pred: jax.Array, target: jax.Array,
 @functools.partial(jax.checkpoint, static_argnums=(2, 3, 4))
 def _sample_landmark_losses(pred: jax.Array, target: jax.Array, constants: AWingConstants,
                             weight_threshold: float, weight_scale: float) -> jax.Array:
+  return _pixel_losses(pred, target, constants, weight_threshold, weight_scale)
+
+
+def _pixel_losses(pred, target, constants, weight_threshold, weight_scale):
   pred = pred.astype(jnp.float32)
   target = target.astype(jnp.float32)
   per_pixel = adaptive_wing(pred, target, constants) * jax.lax.stop_gradient(
       weight_map(target, weight_threshold, weight_scale))
   return per_pixel.mean(axis=(-3, -2))
+
+
+def rendered_landmark_losses(pred: jax.Array, points: jax.Array, mask: jax.Array,
+                             render: Callable[[jax.Array, jax.Array], jax.Array],
+                             constants: AWingConstants = AWingConstants(),
+                             weight_threshold: float = 0.2,
+                             weight_scale: float = 10.0) -> jax.Array:
+  """`sample_landmark_losses(pred, render(points, mask), ...)` without keeping the target.
+
+  The target maps are rendered inside the recomputed segment, so the
+  backward pass renders them again from the (B, K, 2) points instead of
+  holding a (B, H, W, K) float32 target (0.21 GiB at the paper's batch 8 at
+  240 x 240 x 124). The value and gradient are those of
+  `sample_landmark_losses` on the rendered target.
+  """
+  threshold, scale = float(weight_threshold), float(weight_scale)
+
+  @jax.checkpoint
+  def losses_of(pred, points, mask):
+    return _pixel_losses(pred, render(points, mask), constants, threshold, scale)
+
+  return losses_of(pred, jax.lax.stop_gradient(points), mask)
 
 
 def per_dataset_landmark_losses(sample_losses: jax.Array, mask: jax.Array,
@@ -335,6 +363,14 @@ def fmb_loss(config: LossConfig, pred: jax.Array, target: jax.Array, mask: jax.A
   """
   sample_losses = sample_landmark_losses(
       pred, target, config.awing, config.weight_threshold, config.weight_scale)
+  return _balanced_loss(config, sample_losses, mask, dataset_id, balancer_params,
+                        balancer_state)
+
+
+def _balanced_loss(config: LossConfig, sample_losses: jax.Array, mask: jax.Array,
+                   dataset_id: jax.Array, balancer_params: Mapping[str, jax.Array],
+                   balancer_state: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+  """`fmb_loss` from the (B, K) sample losses on."""
   landmark_loss, supervised = per_dataset_landmark_losses(
       sample_losses, mask, dataset_id, config.num_datasets)
   losses, present = dataset_losses(
@@ -348,6 +384,11 @@ def head_loss(config: LossConfig, outputs: Mapping[str, Any], points: jax.Array,
               dataset_id: jax.Array, stride: float, balancer_params: Mapping[str, jax.Array],
               balancer_state: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
   """The FMB-loss of a landmark head's named outputs (`models.heads`), targets rendered here.
+
+  The targets are rendered from `points` inside each map's recomputed loss
+  segment (`rendered_landmark_losses`), so the backward pass keeps no
+  (B, h, w, K) target; the maps may be in the compute dtype (bfloat16), and
+  are cast to float32 inside that segment.
 
   Every supervised map gets the same per-landmark AWing loss and FMB
   weighting; the per-dataset losses of the maps are summed (weighted) before
@@ -374,30 +415,40 @@ def head_loss(config: LossConfig, outputs: Mapping[str, Any], points: jax.Array,
   """
   maps = outputs["heatmaps"]
   height, width = maps.shape[-3:-1]
-  target = render_targets(points, mask, height, width, config.sigma, stride,
+
+  def render_heatmaps(points, mask):
+    return render_targets(points, mask, height, width, config.sigma, stride,
                           config.target_rounding)
+
+  def sample_losses_of(pred, render):
+    # Targets rendered inside the loss's recomputed segment: none is kept.
+    return rendered_landmark_losses(pred, points, mask, render, config.awing,
+                                    config.weight_threshold, config.weight_scale)
+
   if set(outputs) == {"heatmaps"}:
-    return fmb_loss(config, maps, target, mask, dataset_id, balancer_params, balancer_state)
+    return _balanced_loss(config, sample_losses_of(maps, render_heatmaps), mask, dataset_id,
+                          balancer_params, balancer_state)
   weights = jnp.asarray(config.landmark_weights())
 
-  def losses_of(pred, map_target):
-    sample_losses = sample_landmark_losses(
-        pred, map_target, config.awing, config.weight_threshold, config.weight_scale)
+  def losses_of(pred, render):
     landmark_loss, supervised = per_dataset_landmark_losses(
-        sample_losses, mask, dataset_id, config.num_datasets)
+        sample_losses_of(pred, render), mask, dataset_id, config.num_datasets)
     return dataset_losses(landmark_loss, supervised, weights)
 
   terms = {}
   for k, step_maps in enumerate(outputs.get("step_heatmaps", (maps,))):
     terms[f"heatmaps_{k}" if "step_heatmaps" in outputs else "heatmaps"] = (
-        losses_of(step_maps, target), 1.0)
+        losses_of(step_maps, render_heatmaps), 1.0)
   if "decimal" in outputs:
     decimal_size = outputs["decimal"].shape[-2]
-    heatmap_points = heatmaps.input_to_heatmap(jnp.where(mask[..., None], points, 0.0), stride)
-    decimal_target = heatmaps.render_decimal_targets(
-        heatmap_points, mask, decimal_size, config.hih_decimal_sigma, config.target_rounding)
-    decimal_target = jnp.where(mask[:, None, None, :], decimal_target, 0.0)
-    terms["decimal"] = (losses_of(outputs["decimal"], decimal_target), config.hih_decimal_weight)
+
+    def render_decimal(points, mask):
+      heatmap_points = heatmaps.input_to_heatmap(jnp.where(mask[..., None], points, 0.0), stride)
+      decimal_target = heatmaps.render_decimal_targets(
+          heatmap_points, mask, decimal_size, config.hih_decimal_sigma, config.target_rounding)
+      return jnp.where(mask[:, None, None, :], decimal_target, 0.0)
+
+    terms["decimal"] = (losses_of(outputs["decimal"], render_decimal), config.hih_decimal_weight)
   present = next(iter(terms.values()))[0][1]
   losses = sum(weight * map_losses for (map_losses, _), weight in terms.values())
   total, dataset_weights = combine_dataset_losses(

@@ -90,12 +90,14 @@ def model_forward(model: nn.Module, batch_stats: Any, dropout_rng: jax.Array,
   """The train step's forward pass: (params, normalised images) -> (outputs, updates).
 
   `outputs` are the head's named outputs (heatmaps, and HIH's decimal maps or
-  the recurrent head's steps; every one is supervised), `updates` the new
+  the recurrent head's steps; every one is supervised) in the compute dtype
+  (the loss casts them to float32 where it recomputes), `updates` the new
   batch statistics ({} with `frozen_batch_norm`: eval mode). Runs under the
   model's rematerialisation policy (`models.rematerialize`): what the
   backward pass gets kept and what it recomputes.
   """
-  apply = functools.partial(model.apply, method=models.FGTBT.named_outputs)
+  apply = functools.partial(model.apply, method=models.FGTBT.named_outputs,
+                            float32_outputs=False)
 
   def forward(params, images):
     variables = {"params": params, "batch_stats": batch_stats}

@@ -119,6 +119,35 @@ def test_loss_terms_are_recomputed_not_kept():
 
 
 
+def test_head_loss_keeps_neither_target_nor_a_float32_copy_of_bfloat16_maps():
+  """The train step's loss keeps only the maps themselves, in their own dtype."""
+  rng = np.random.default_rng(0)
+  config = losses.LossConfig(sigma=1.5)
+  params, state = losses.init_balancer(config)
+  mask = landmarks.PROTOCOL_MASKS[np.array([0, 1, 2, 3])]
+  points = jnp.asarray(np.where(mask[..., None], rng.uniform(2, 30, (4, 124, 2)), np.nan),
+                       jnp.float32)
+  dataset_id = jnp.arange(4)
+  target = losses.render_targets(points, mask, 16, 16, 1.5, 2.0)
+  maps = (target + 0.1 * jnp.asarray(rng.standard_normal(target.shape))).astype(jnp.bfloat16)
+
+  def total(q):
+    return losses.head_loss(config, {"heatmaps": q}, points, mask, dataset_id, 2.0,
+                            params, state)[0]
+
+  saved = jax.eval_shape(lambda q: jax.vjp(total, q)[1], maps)
+  per_pixel = [(x.dtype, x.shape) for x in jax.tree.leaves(saved) if x.shape == maps.shape]
+  assert per_pixel == [(jnp.bfloat16, maps.shape)], per_pixel
+  # Same value and gradient as the loss on the target rendered outside.
+  explicit = lambda q: losses.fmb_loss(config, q, target, mask, dataset_id, params, state)[0]
+  np.testing.assert_allclose(total(maps), explicit(maps), rtol=1e-6)
+  grad, grad_explicit = jax.grad(total)(maps), jax.grad(explicit)(maps)
+  assert grad.dtype == jnp.bfloat16
+  np.testing.assert_allclose(grad.astype(np.float32), grad_explicit.astype(np.float32),
+                             rtol=1e-2, atol=1e-9)
+  assert float(jnp.abs(grad.astype(jnp.float32)).max()) > 0
+
+
 def _encoder(recompute: bool, fgsa: bool = False, depths=(2, 2, 4, 2)):
   return encoder_lib.MixTransformer(
       dims=(16, 32, 48, 64), depths=depths, num_heads=(1, 2, 2, 4),

@@ -70,8 +70,14 @@ class FGTBT(nn.Module):
     """(B, H, W, 3) normalised images -> (B, H / 2, W / 2, num_points) float32 heatmaps."""
     return self.named_outputs(images, train)["heatmaps"]
 
-  def named_outputs(self, images: jax.Array, train: bool = False) -> dict[str, Any]:
-    """(B, H, W, 3) normalised images -> the head's named outputs, float32 (`heads.HEADS`)."""
+  def named_outputs(self, images: jax.Array, train: bool = False,
+                    float32_outputs: bool = True) -> dict[str, Any]:
+    """(B, H, W, 3) normalised images -> the head's named outputs, float32 (`heads.HEADS`).
+
+    `float32_outputs=False` leaves them in the compute dtype: the train step's
+    loss casts them inside its recomputed segment, so a bfloat16 model keeps
+    bfloat16 maps for the backward pass, not float32 copies.
+    """
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"FGTBT: expected (B, H, W, 3) images, got shape {images.shape}")
     _, h, w, _ = images.shape
@@ -85,6 +91,8 @@ class FGTBT(nn.Module):
             images, self.frequency_extractor, self.frequency_sigma)
     features = self.encoder(images, structure, train)
     outputs = self.decoder(features, train)
+    if not float32_outputs:
+      return outputs
     return jax.tree.map(lambda x: x.astype(jnp.float32), outputs)
 
 
