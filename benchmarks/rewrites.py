@@ -68,7 +68,8 @@ _FORMS = flags.DEFINE_list("forms", list(REWRITE_FORMS),
                            f"forms to compare, the first one the baseline; of {tuple(FORMS)}")
 
 
-def _config(variant: str, size: int, batch: int, dtype: str, form: dict):
+def form_config(variant: str, size: int, batch: int, dtype: str, form: dict):
+  """The default config with the model variant in one of the `FORMS`, synthetic batches."""
   config = default.get_config()
   config.model = models.model_config(variant, input_size=size, dtype=dtype, **form)
   config.data.image_size = size
@@ -88,7 +89,7 @@ def compare(variant: str, size: int, batch: int = 8, rounds: int = 5,
                        "devices": jax.device_count()}
   for name in forms:
     form = FORMS[name]
-    config = _config(variant, size, batch, dtype, form)
+    config = form_config(variant, size, batch, dtype, form)
     setup = state_lib.build_setup(config)
     state = common.random_train_state(setup, 0)
     data = common.synthetic_train_batch(config, sharding.batch_sharding(setup.mesh), 0)

@@ -283,3 +283,74 @@ def test_memory_breakdown_reads_xla_buffers_at_the_peak(tmp_path):
   assert sum(breakdown["peak_by_pass_gib"].values()) > 0
   with pytest.raises(FileNotFoundError, match="no .*live-range"):
     memory.peak_buffers(str(tmp_path / "empty"))
+
+
+def test_cpu_threads_profile_counts_concurrent_ops_and_their_time():
+  from benchmarks import cpu_threads
+  # Thread 1: fusion.1 over [0, 10) with a nested event, dot.3 over [20, 30);
+  # thread 2: fusion.2 over [5, 15). So 2 ops run at once over [5, 10).
+  events = [
+      {"tid": 1, "ts": 0.0, "dur": 10.0, "name": "ynn_fusion.1"},
+      {"tid": 1, "ts": 2.0, "dur": 3.0, "name": "inner"},
+      {"tid": 2, "ts": 5.0, "dur": 10.0, "name": "ynn_fusion.2"},
+      {"tid": 1, "ts": 20.0, "dur": 10.0, "name": "dot.3"},
+  ]
+  profile = cpu_threads.profile_summary(events)
+  assert profile["span_us"] == 30.0
+  assert profile["concurrent_ops_share"] == {"0": round(5 / 30, 3), "1": round(20 / 30, 3),
+                                             "2+": round(5 / 30, 3)}
+  assert profile["op_kind_us"] == {"ynn_fusion": 20.0, "dot": 10.0}
+  assert profile["alone_op_kind_us"] == {"ynn_fusion": 10.0, "dot": 10.0}
+  assert profile["op_us"] == {"ynn_fusion.1": 10.0, "ynn_fusion.2": 10.0, "dot.3": 10.0}
+  with pytest.raises(ValueError, match="no XLA operation"):
+    cpu_threads.profile_summary([])
+  # What the second core buys, operation by operation.
+  speedups = cpu_threads.parallel_speedups(
+      {"ynn_fusion.1": 10.0, "ynn_fusion.2": 10.0, "dot.3": 10.0, "only_here": 10.0},
+      {"ynn_fusion.1": 10.5, "ynn_fusion.2": 11.0, "dot.3": 20.0})
+  assert speedups["matched_ops"] == 3 and speedups["matched_share"] == 0.75
+  assert speedups["serial_share"] == round(20 / 30, 3)
+  assert speedups["by_kind"]["ynn_fusion"] == {"default_us": 20.0, "one_core_us": 21.5,
+                                               "speedup": 1.07}
+  assert speedups["by_kind"]["dot"]["speedup"] == 2.0
+
+
+def test_cpu_threads_settings_are_checked():
+  from benchmarks import cpu_threads
+  assert cpu_threads.parse_settings(["default", "mine=--xla_cpu_use_onednn=true"]) == {
+      "default": "", "mine": "--xla_cpu_use_onednn=true"}
+  with pytest.raises(ValueError, match="unknown setting 'fast'"):
+    cpu_threads.parse_settings(["fast"])
+  with pytest.raises(ValueError, match="not name=--xla_flag=value"):
+    cpu_threads.parse_settings(["mine=xla_cpu_use_onednn"])
+
+
+@pytest.mark.slow  # Two processes compiling the tiny step, each also with trace events.
+def test_cpu_threads_compares_settings_in_fresh_processes():
+  import os
+  import subprocess
+  import sys
+  repo = pathlib.Path(__file__).resolve().parent.parent
+  command = [sys.executable, "-m", "benchmarks.cpu_threads", "--variant=tiny", "--size=32",
+             "--batch=4", "--steps=1", "--rounds=1", "--trace",
+             f"--cache_dir={jax.config.jax_compilation_cache_dir}"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # not 8 simulated devices
+  done = subprocess.run(command + ["--settings=default,one_core"], cwd=repo, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+  runs = {r["setting"]: r for r in records if r["benchmark"] == "cpu_threads"}
+  assert set(runs) == {"default", "one_core"}
+  assert runs["one_core"]["cpus"] == 1 and runs["default"]["cpus"] == len(os.sched_getaffinity(0))
+  for run in runs.values():
+    assert run["step_s"] > 0 and 0 < run["cores_used"] <= run["cpus"] + 0.5
+    assert math.isfinite(run["loss"]) and run["profile"]["op_kind_us"]
+    assert sum(run["profile"]["concurrent_ops_share"].values()) == pytest.approx(1, abs=0.01)
+  summary = [r for r in records if r["benchmark"] == "cpu_threads_summary"][0]
+  assert set(summary["step_s"]) == {"default", "one_core"}
+  assert summary["two_core_speedup_by_op"]["matched_ops"] > 50
+  # A setting it does not know: a one-line error naming it, before anything runs.
+  bad = subprocess.run(command + ["--settings=default,fastest"], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and "unknown setting 'fastest'" in bad.stderr
+  assert not [line for line in bad.stdout.splitlines() if '"cpu_threads"' in line]
