@@ -236,21 +236,10 @@ def run_worker(name: str, variant: str, size: int, batch: int, steps: int,
   """Compiles and times the train step under the process's XLA flags and affinity."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from benchmarks import common  # pylint: disable=g-import-not-at-top
   from benchmarks import rewrites  # pylint: disable=g-import-not-at-top
-  from fgtbt_jax import sharding  # pylint: disable=g-import-not-at-top
-  from fgtbt_jax import state as state_lib  # pylint: disable=g-import-not-at-top
-  from fgtbt_jax import train  # pylint: disable=g-import-not-at-top
 
-  config = rewrites.form_config(variant, size, batch, "float32", rewrites.FORMS["after"])
-  setup = state_lib.build_setup(config)
-  state = common.random_train_state(setup, 0)
-  data = common.synthetic_train_batch(config, sharding.batch_sharding(setup.mesh), 0)
-  step = train.make_train_step(setup, state_lib.ema_decay_per_step(config))
-  start = time.perf_counter()
-  with sharding.mesh_and_rules(setup.mesh, setup.rules):
-    compiled = step._jitted.lower(state, data).compile()  # pylint: disable=protected-access
-  compile_s = time.perf_counter() - start
+  lowered, compiled, state, data, compile_s = rewrites.compiled_form_step(
+      variant, size, batch, "float32", rewrites.FORMS["after"])
   # The step donates its state: each call continues from the last one's.
   for _ in range(2):
     state, metrics = compiled(state, data)
@@ -275,9 +264,7 @@ def run_worker(name: str, variant: str, size: int, batch: int, steps: int,
   if trace:
     # Compiled again with XLA:CPU's per-operation trace events, after the
     # timing (they slow the step).
-    with sharding.mesh_and_rules(setup.mesh, setup.rules):
-      traced = step._jitted.lower(state, data).compile(  # pylint: disable=protected-access
-          {"xla_cpu_enable_xprof_traceme": True})
+    traced = lowered.compile({"xla_cpu_enable_xprof_traceme": True})
     state, metrics = traced(state, data)
     jax.block_until_ready(metrics)
     with tempfile.TemporaryDirectory(prefix="fgtbt_cpu_trace_") as folder:

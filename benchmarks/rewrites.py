@@ -78,6 +78,24 @@ def form_config(variant: str, size: int, batch: int, dtype: str, form: dict):
   return config
 
 
+def compiled_form_step(variant: str, size: int, batch: int, dtype: str, form: dict):
+  """The real train step of one form, compiled, with a random state and a synthetic batch.
+
+  Returns (lowered, compiled, state, data, compile_s): `lowered` compiles
+  again with other XLA options; the step donates `state`.
+  """
+  config = form_config(variant, size, batch, dtype, form)
+  setup = state_lib.build_setup(config)
+  state = common.random_train_state(setup, 0)
+  data = common.synthetic_train_batch(config, sharding.batch_sharding(setup.mesh), 0)
+  step = train.make_train_step(setup, state_lib.ema_decay_per_step(config))
+  start = time.perf_counter()
+  with sharding.mesh_and_rules(setup.mesh, setup.rules):
+    lowered = step._jitted.lower(state, data)  # pylint: disable=protected-access
+    compiled = lowered.compile()
+  return lowered, compiled, state, data, time.perf_counter() - start
+
+
 def compare(variant: str, size: int, batch: int = 8, rounds: int = 5,
             dtype: str = "float32", forms=REWRITE_FORMS) -> dict:
   """The record of one variant: compile and time `forms` (see the module doc), the first the baseline."""
@@ -88,16 +106,9 @@ def compare(variant: str, size: int, batch: int = 8, rounds: int = 5,
                        "batch": batch, "dtype": dtype, "rounds": rounds,
                        "devices": jax.device_count()}
   for name in forms:
-    form = FORMS[name]
-    config = form_config(variant, size, batch, dtype, form)
-    setup = state_lib.build_setup(config)
-    state = common.random_train_state(setup, 0)
-    data = common.synthetic_train_batch(config, sharding.batch_sharding(setup.mesh), 0)
-    step = train.make_train_step(setup, state_lib.ema_decay_per_step(config))
-    start = time.perf_counter()
-    with sharding.mesh_and_rules(setup.mesh, setup.rules):
-      compiled = step._jitted.lower(state, data).compile()  # pylint: disable=protected-access
-    record[f"{name}_compile_s"] = round(time.perf_counter() - start, 1)
+    _, compiled, state, data, compile_s = compiled_form_step(variant, size, batch, dtype,
+                                                             FORMS[name])
+    record[f"{name}_compile_s"] = round(compile_s, 1)
     record[f"{name}_xla_memory_bytes"] = common.compiled_memory_bytes(compiled)
     holder = {"state": state}
 
