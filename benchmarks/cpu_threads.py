@@ -21,7 +21,7 @@ once per process:
 * no_ynn:           `--xla_cpu_experimental_ynn_fusion_type=` (an empty list:
                     no convolution or dot is handed to YNNPACK, which
                     jaxlib 0.10.2 does by default for every convolution and
-                    some dots, and which runs them on one thread);
+                    some dots);
 
 or any `name=--xla_flag=value ...` given in `--settings`. Every round runs
 each setting once (interleaved, so a change of load on a shared machine
@@ -60,6 +60,10 @@ import tempfile
 import time
 
 from absl import flags
+import jax
+
+from benchmarks import common
+from benchmarks import rewrites
 
 SETTINGS = {
     "default": "",
@@ -234,10 +238,6 @@ def _is_xla_op(event: dict) -> bool:
 def run_worker(name: str, variant: str, size: int, batch: int, steps: int,
                trace: bool) -> dict:
   """Compiles and times the train step under the process's XLA flags and affinity."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from benchmarks import rewrites  # pylint: disable=g-import-not-at-top
-
   lowered, compiled, state, data, compile_s = rewrites.compiled_form_step(
       variant, size, batch, "float32", rewrites.FORMS["after"])
   # The step donates its state: each call continues from the last one's.
@@ -308,7 +308,6 @@ def main(argv: list[str]) -> int:
     print(json.dumps(run_worker(_WORKER.value, _VARIANT.value, _SIZE.value, _BATCH.value,
                                 _STEPS.value, _TRACE.value)), flush=True)
     return 0
-  from benchmarks import common  # pylint: disable=g-import-not-at-top
   try:
     settings = parse_settings(_SETTINGS.value)
   except ValueError as e:

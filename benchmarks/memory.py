@@ -67,7 +67,8 @@ _COMPILE = flags.DEFINE_bool("compile", True,
 _DUMP_DIR = flags.DEFINE_string(
     "dump_dir", None, "With --breakdown: keep XLA's dump in this folder (default: a "
     "temporary folder, removed).", flag_values=FLAGS)
-_TOP = flags.DEFINE_integer("top", 12, "Largest buffers listed with --breakdown.",
+_TOP = flags.DEFINE_integer("top", 12, "Largest buffers (--breakdown) and saved kinds "
+                            "(--residuals) listed.",
                             lower_bound=0, flag_values=FLAGS)
 
 GIB = 1024 ** 3

@@ -231,26 +231,26 @@ def time_step(config: ml_collections.ConfigDict, steps: int, warmup: int, seed: 
 def _breakdown(setup: state_lib.Setup, state: state_lib.TrainState, batch: dict, steps: int) -> dict:
   """Median seconds of the forward pass, forward + loss and its gradient alone.
 
-  Mirrors the loss of `train.make_train_step` (train-mode forward with
-  batch-statistics updates, targets rendered on device, FMB-loss) without
-  the optimizer and EMA updates.
+  The loss of `train.make_train_step` from the same two pieces
+  (`train.model_forward`: the train-mode forward with batch-statistics
+  updates under the remat policy; `losses.head_loss`: targets rendered on
+  device, FMB-loss) without the optimizer and EMA updates.
   """
   model, loss_config = setup.model, setup.loss_config
+  remat_policy = setup.config.model.remat_policy
 
   def forward(params, state, batch):
     images = models.normalize_images(batch["image"])
-    heatmaps, _ = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
-                              train=True, rngs={"dropout": state.rng}, mutable=["batch_stats"])
-    return heatmaps
+    outputs, _ = train.model_forward(model, state.batch_stats, state.rng, remat_policy)(
+        params, images)
+    return outputs
 
   def loss(params, state, batch):
-    heatmaps = forward(params, state, batch)
-    height, width = heatmaps.shape[1:3]
-    stride = batch["image"].shape[1] / height
-    target = losses.render_targets(batch["landmarks"], batch["mask"], height, width,
-                                   loss_config.sigma, stride, loss_config.target_rounding)
-    total, _ = losses.fmb_loss(loss_config, heatmaps, target, batch["mask"],
-                               batch["dataset_id"], state.balancer_params, state.balancer_state)
+    outputs = forward(params, state, batch)
+    stride = batch["image"].shape[1] / outputs["heatmaps"].shape[1]
+    total, _ = losses.head_loss(loss_config, outputs, batch["landmarks"], batch["mask"],
+                                batch["dataset_id"], stride, state.balancer_params,
+                                state.balancer_state)
     return total
 
   record = {"benchmark": "train_step_breakdown", "variant": setup.config.model.variant,

@@ -22,7 +22,6 @@ and history live in the train state as plain pytrees.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -116,22 +115,8 @@ def sample_landmark_losses(pred: jax.Array, target: jax.Array,
   `pred` may be bfloat16: it is cast to float32 inside, so only its own
   bytes are kept.
   """
-  return _sample_landmark_losses(pred, target, constants, float(weight_threshold),
-                                 float(weight_scale))
-
-
-@functools.partial(jax.checkpoint, static_argnums=(2, 3, 4))
-def _sample_landmark_losses(pred: jax.Array, target: jax.Array, constants: AWingConstants,
-                            weight_threshold: float, weight_scale: float) -> jax.Array:
-  return _pixel_losses(pred, target, constants, weight_threshold, weight_scale)
-
-
-def _pixel_losses(pred, target, constants, weight_threshold, weight_scale):
-  pred = pred.astype(jnp.float32)
-  target = target.astype(jnp.float32)
-  per_pixel = adaptive_wing(pred, target, constants) * jax.lax.stop_gradient(
-      weight_map(target, weight_threshold, weight_scale))
-  return per_pixel.mean(axis=(-3, -2))
+  return _recomputed_losses(pred, (target,), lambda target: target, constants,
+                            weight_threshold, weight_scale)
 
 
 def rendered_landmark_losses(pred: jax.Array, points: jax.Array, mask: jax.Array,
@@ -147,13 +132,29 @@ def rendered_landmark_losses(pred: jax.Array, points: jax.Array, mask: jax.Array
   240 x 240 x 124). The value and gradient are those of
   `sample_landmark_losses` on the rendered target.
   """
+  return _recomputed_losses(pred, (jax.lax.stop_gradient(points), mask), render, constants,
+                            weight_threshold, weight_scale)
+
+
+def _recomputed_losses(pred: jax.Array, target_inputs: tuple, make_target: Callable,
+                       constants: AWingConstants, weight_threshold: float,
+                       weight_scale: float) -> jax.Array:
+  """(B, K) losses of `pred` against `make_target(*target_inputs)` in one recomputed segment.
+
+  Under `jax.checkpoint` the backward pass keeps only `pred` and
+  `target_inputs` and computes the target and every per-pixel term again.
+  """
   threshold, scale = float(weight_threshold), float(weight_scale)
 
   @jax.checkpoint
-  def losses_of(pred, points, mask):
-    return _pixel_losses(pred, render(points, mask), constants, threshold, scale)
+  def losses_of(pred, target_inputs):
+    pred = pred.astype(jnp.float32)
+    target = make_target(*target_inputs).astype(jnp.float32)
+    per_pixel = adaptive_wing(pred, target, constants) * jax.lax.stop_gradient(
+        weight_map(target, threshold, scale))
+    return per_pixel.mean(axis=(-3, -2))
 
-  return losses_of(pred, jax.lax.stop_gradient(points), mask)
+  return losses_of(pred, target_inputs)
 
 
 def per_dataset_landmark_losses(sample_losses: jax.Array, mask: jax.Array,
