@@ -47,7 +47,6 @@ from ml_collections import config_flags
 from benchmarks import common
 from benchmarks import train_step as train_step_bench
 from fgtbt_jax import landmarks
-from fgtbt_jax import losses
 from fgtbt_jax import models
 from fgtbt_jax import sharding
 from fgtbt_jax import state as state_lib
@@ -244,21 +243,11 @@ def residual_bytes(setup: state_lib.Setup, state, batch, top: int = 10) -> dict:
 
   By dtype, and the `top` largest (dtype, shape) kinds summed over their copies.
   """
-  loss_config = setup.loss_config
-
-  def loss(params, batch_stats, balancer_params, balancer_state, rng, batch):
-    images = models.normalize_images(batch["image"])
-    # The train step's own forward pass, under the config's remat policy.
-    forward = train.model_forward(setup.model, batch_stats, rng,
-                                  setup.config.model.remat_policy)
-    outputs, _ = forward(params, images)
-    stride = images.shape[1] / outputs["heatmaps"].shape[1]
-    total, _ = losses.head_loss(loss_config, outputs, batch["landmarks"], batch["mask"],
-                                batch["dataset_id"], stride, balancer_params, balancer_state)
-    return total
+  loss = train.train_loss(setup)  # the train step's own loss, under the config's remat policy
 
   def residuals(params, batch_stats, balancer_params, balancer_state, rng, batch):
-    fixed = lambda p: loss(p, batch_stats, balancer_params, balancer_state, rng, batch)
+    fixed = lambda p: loss({"model": p, "balancer": balancer_params}, batch_stats,
+                           balancer_state, rng, batch)[0]
     return jax.vjp(fixed, params)[1]
 
   with sharding.mesh_and_rules(setup.mesh, setup.rules):

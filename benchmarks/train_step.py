@@ -56,7 +56,6 @@ from ml_collections import config_flags
 
 from benchmarks import common
 from fgtbt_jax import validation
-from fgtbt_jax import losses
 from fgtbt_jax import models
 from fgtbt_jax import sharding
 from fgtbt_jax import state as state_lib
@@ -231,27 +230,23 @@ def time_step(config: ml_collections.ConfigDict, steps: int, warmup: int, seed: 
 def _breakdown(setup: state_lib.Setup, state: state_lib.TrainState, batch: dict, steps: int) -> dict:
   """Median seconds of the forward pass, forward + loss and its gradient alone.
 
-  The loss of `train.make_train_step` from the same two pieces
-  (`train.model_forward`: the train-mode forward with batch-statistics
-  updates under the remat policy; `losses.head_loss`: targets rendered on
-  device, FMB-loss) without the optimizer and EMA updates.
+  The train step's own loss (`train.train_loss`: the train-mode forward with
+  batch-statistics updates under the remat policy, targets rendered on
+  device, FMB-loss) and its forward pass (`train.model_forward`), without
+  the optimizer and EMA updates.
   """
-  model, loss_config = setup.model, setup.loss_config
   remat_policy = setup.config.model.remat_policy
+  train_loss = train.train_loss(setup)
 
   def forward(params, state, batch):
     images = models.normalize_images(batch["image"])
-    outputs, _ = train.model_forward(model, state.batch_stats, state.rng, remat_policy)(
+    outputs, _ = train.model_forward(setup.model, state.batch_stats, state.rng, remat_policy)(
         params, images)
     return outputs
 
   def loss(params, state, batch):
-    outputs = forward(params, state, batch)
-    stride = batch["image"].shape[1] / outputs["heatmaps"].shape[1]
-    total, _ = losses.head_loss(loss_config, outputs, batch["landmarks"], batch["mask"],
-                                batch["dataset_id"], stride, state.balancer_params,
-                                state.balancer_state)
-    return total
+    trainable = {"model": params, "balancer": state.balancer_params}
+    return train_loss(trainable, state.batch_stats, state.balancer_state, state.rng, batch)[0]
 
   record = {"benchmark": "train_step_breakdown", "variant": setup.config.model.variant,
             "input_size": setup.config.model.input_size, "dtype": setup.config.model.dtype,

@@ -109,6 +109,33 @@ def model_forward(model: nn.Module, batch_stats: Any, dropout_rng: jax.Array,
   return models.rematerialize(forward, remat_policy)
 
 
+def train_loss(setup: Setup, frozen_batch_norm: bool = False) -> Callable:
+  """The train step's loss, the one function its gradient is taken of.
+
+  `loss(trainable, batch_stats, balancer_state, dropout_rng, batch)` ->
+  `(total, (aux, new_batch_stats))`, with `trainable` the dict
+  {"model": params, "balancer": balancer parameters} that the optimizer
+  updates. The forward pass is `model_forward` (train mode under the remat
+  policy, or eval mode with `frozen_batch_norm`); targets are rendered on
+  device inside `losses.head_loss` (the FMB-loss and its per-dataset terms in
+  `aux`). The benchmarks measure this same function.
+  """
+  model, loss_config = setup.model, setup.loss_config
+  remat_policy = setup.config.model.remat_policy
+
+  def loss(trainable, batch_stats, balancer_state, dropout_rng, batch):
+    images = models.normalize_images(batch["image"])
+    forward = model_forward(model, batch_stats, dropout_rng, remat_policy, frozen_batch_norm)
+    outputs, updates = forward(trainable["model"], images)
+    stride = images.shape[1] / outputs["heatmaps"].shape[1]
+    total, aux = losses.head_loss(loss_config, outputs, batch["landmarks"], batch["mask"],
+                                  batch["dataset_id"], stride, trainable["balancer"],
+                                  balancer_state)
+    return total, (aux, updates.get("batch_stats", batch_stats))
+
+  return loss
+
+
 def make_train_step(setup: Setup, ema_decay: float, frozen_batch_norm: bool = False) -> Callable:
   """The jitted step (state, batch) -> (state, metrics); the state is donated.
 
@@ -123,26 +150,14 @@ def make_train_step(setup: Setup, ema_decay: float, frozen_batch_norm: bool = Fa
   are (its scale and bias still learn), head dropout and stochastic depth
   are off.
   """
-  model, tx, loss_config, schedule = setup.model, setup.tx, setup.loss_config, setup.schedule
-  remat_policy = setup.config.model.remat_policy
+  tx, loss_config, schedule = setup.tx, setup.loss_config, setup.schedule
+  loss_fn = train_loss(setup, frozen_batch_norm)
 
   def step_fn(state: TrainState, batch: Mapping[str, jax.Array]):
     dropout_rng = jax.random.fold_in(state.rng, state.step)
-    images = models.normalize_images(batch["image"])
-
-    forward = model_forward(model, state.batch_stats, dropout_rng, remat_policy,
-                            frozen_batch_norm)
-
-    def loss_fn(trainable):
-      outputs, updates = forward(trainable["model"], images)
-      stride = images.shape[1] / outputs["heatmaps"].shape[1]
-      total, aux = losses.head_loss(loss_config, outputs, batch["landmarks"], batch["mask"],
-                                    batch["dataset_id"], stride, trainable["balancer"],
-                                    state.balancer_state)
-      return total, (aux, updates.get("batch_stats", state.batch_stats))
-
     trainable = {"model": state.params, "balancer": state.balancer_params}
-    (total, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    (total, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        trainable, state.batch_stats, state.balancer_state, dropout_rng, batch)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     new_state = state.replace(
