@@ -25,12 +25,23 @@ the backend: XLA:CPU upcasts many bfloat16 operations to float32 and so
 keeps float32 copies that a GPU or TPU does not, which the compiled CPU
 figure includes and this one does not.
 
+--threefry=unrolled compiles the random bits of the dropout masks as jax
+lowers them for GPUs and TPUs. On CPU jax lowers its threefry generator as a
+rolled loop (`jax._src.random.threefry2x32`, for compile time), and the
+loop's full-size uint32 state cannot be fused into the mask's consumers:
+the decoder's head dropout keeps several 4-byte-an-element buffers of the
+(B, H/4, W/4, 768) map live at the peak of the paper step. Unrolled, as on
+GPU and TPU, XLA fuses the generator into its consumers and no such buffer
+exists; the bits are the same (`tests/test_benchmarks.py`). It changes only
+the CPU figure, to show what the step needs once the generator is fused.
+
 Not a test; `tests/test_benchmarks.py` runs it once on the tiny config.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import os
 import re
@@ -70,7 +81,45 @@ _TOP = flags.DEFINE_integer("top", 12, "Largest buffers (--breakdown) and saved 
                             "(--residuals) listed.",
                             lower_bound=0, flag_values=FLAGS)
 
+_THREEFRY = flags.DEFINE_enum(
+    "threefry", "backend", ["backend", "unrolled"],
+    "How the dropout masks' random bits are lowered on CPU: 'backend', jax's CPU "
+    "lowering (a rolled loop); 'unrolled', the lowering jax uses on GPU and TPU, which "
+    "XLA fuses (see the module docstring). No effect on other backends.",
+    flag_values=FLAGS)
+
 GIB = 1024 ** 3
+
+
+@contextlib.contextmanager
+def threefry_lowering(mode: str):
+  """Within: jax's threefry generator lowered on CPU as `mode` says.
+
+  "backend" changes nothing; "unrolled" registers the GPU/TPU lowering (the
+  same bits, unrolled rounds) for the CPU platform, and puts jax's CPU rule
+  back on exit. Only programs lowered inside see it.
+  """
+  if mode not in ("backend", "unrolled"):
+    raise ValueError(f"unknown threefry lowering {mode!r}; expected 'backend' or 'unrolled'")
+  if mode == "backend":
+    yield
+    return
+  try:
+    from jax._src.interpreters import mlir  # pylint: disable=g-import-not-at-top
+    from jax._src.random import threefry2x32  # pylint: disable=g-import-not-at-top
+    primitive = threefry2x32.threefry2x32_p
+    unrolled = threefry2x32._threefry2x32_lowering_rule  # pylint: disable=protected-access
+    rolled = threefry2x32._threefry2x32_cpu_lowering_rule  # pylint: disable=protected-access
+  except (ImportError, AttributeError) as error:
+    raise RuntimeError(
+        f"--threefry=unrolled needs jax's threefry lowering rules in "
+        f"jax._src.random.threefry2x32, which jax {jax.__version__} does not have "
+        f"({error}); run with --threefry=backend") from error
+  mlir.register_lowering(primitive, unrolled, platform="cpu")
+  try:
+    yield
+  finally:
+    mlir.register_lowering(primitive, rolled, platform="cpu")
 
 
 def abstract_batch(config: ml_collections.ConfigDict, batch_sharding) -> dict:
@@ -285,7 +334,8 @@ def compile_with_dump(lowered, folder: str):
 
 
 def measure(config: ml_collections.ConfigDict, breakdown: bool, residuals: bool,
-            compile_step: bool, top: int, dump_dir: str | None = None) -> dict:
+            compile_step: bool, top: int, dump_dir: str | None = None,
+            threefry: str = "backend") -> dict:
   """One JSON record of the step's memory for `config` (see the module docstring)."""
   setup = state_lib.build_setup(config)
   state = setup.abstract_state
@@ -301,13 +351,14 @@ def measure(config: ml_collections.ConfigDict, breakdown: bool, residuals: bool,
       "remat_policy_resolved": models.resolve_remat_policy(model.remat_policy),
       "batch": int(batch["image"].shape[0]),
       "devices": jax.device_count(),
+      "threefry": threefry,
   }
   if residuals:
     record.update(residual_bytes(setup, state, batch, top))
   if not compile_step:
     return record
   step = train.make_train_step(setup, state_lib.ema_decay_per_step(config))
-  with sharding.mesh_and_rules(setup.mesh, setup.rules):
+  with sharding.mesh_and_rules(setup.mesh, setup.rules), threefry_lowering(threefry):
     lowered = train_step_bench._jitted_step(step).lower(state, batch)
   if breakdown:
     with tempfile.TemporaryDirectory(prefix="fgtbt_memory_") as temporary:
@@ -331,7 +382,7 @@ def main(argv: list[str]) -> int:
       if _DUMP_DIR.value:
         dump_dir = os.path.join(_DUMP_DIR.value, f"{dtype}_b{batch}")
       record = measure(config, _BREAKDOWN.value, _RESIDUALS.value, _COMPILE.value, _TOP.value,
-                       dump_dir)
+                       dump_dir, _THREEFRY.value)
       record["config"] = config_flags.get_config_filename(FLAGS["config"])
       common.emit(record)
   return 0

@@ -285,6 +285,35 @@ def test_memory_breakdown_reads_xla_buffers_at_the_peak(tmp_path):
     memory.peak_buffers(str(tmp_path / "empty"))
 
 
+def test_memory_unrolled_threefry_gives_the_same_bits_without_their_buffers():
+  """--threefry=unrolled: the same dropout masks, and no full-size uint32 buffers on CPU."""
+  from benchmarks import memory
+  import flax.linen as nn
+
+  def masked(x, key):
+    return nn.Dropout(0.1, deterministic=False).apply({}, x, rngs={"dropout": key}) @ x.T
+
+  x = jnp.ones((512, 256), jnp.float32)
+  key = jax.random.key(3)
+  compiled = {}
+  for mode in ("backend", "unrolled", "backend"):
+    with memory.threefry_lowering(mode):
+      # A new function each time: jit caches lowerings by function.
+      lowered = jax.jit(lambda x, k: masked(x, k)).lower(x, key)
+    compiled.setdefault(mode, []).append(lowered.compile())
+  rolled, unrolled = compiled["backend"][0], compiled["unrolled"][0]
+  assert "while" in rolled.as_text() and "while" not in unrolled.as_text()
+  # Jax's CPU rule is back after the block.
+  assert "while" in compiled["backend"][1].as_text()
+  np.testing.assert_array_equal(np.asarray(rolled(x, key)), np.asarray(unrolled(x, key)))
+  bits = 512 * 256 * 4
+  assert (rolled.memory_analysis().temp_size_in_bytes
+          >= unrolled.memory_analysis().temp_size_in_bytes + 2 * bits)
+  with pytest.raises(ValueError, match="unknown threefry lowering 'fused'"):
+    with memory.threefry_lowering("fused"):
+      pass
+
+
 def test_cpu_threads_profile_counts_concurrent_ops_and_their_time():
   from benchmarks import cpu_threads
   # Thread 1: fusion.1 over [0, 10) with a nested event, dot.3 over [20, 30);
