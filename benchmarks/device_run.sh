@@ -25,6 +25,8 @@
 #   memory       XLA's memory analysis of the paper step and the bytes JAX
 #                keeps for its backward pass, batch 8 / 16, both dtypes
 #   memory_segments  the same at batch 8 with remat_policy=segments
+#   memory_probe the decoder projection's gradient alone, both dtypes
+#                (whether bfloat16 halves its temporaries on this backend)
 #   inference    crop -> landmarks latency at batch 1, throughput at 128
 #   pipeline     the grain input pipeline at 480 px with 8 and 16 workers
 #   segformer    transformers' SegformerModel side by side with the encoder
@@ -107,6 +109,7 @@ if [[ $SMOKE == 1 ]]; then
   SEG=(--encoder=tiny --size=64 --batch=2 --iterations=1 --frameworks=jax,torch
        --dtypes=float32 --passes=forward)
   MEMORY=(--batch=8 --dtype=float32 --residuals --nocompile)
+  PROBE_DTYPES=float32
   TESTS=()
 else
   CONFIG=configs/fgtbt_paper.py DTYPE=bfloat16 BATCHES=8,16,32 STEPS=10 WARMUP=2
@@ -114,6 +117,7 @@ else
   INF_BATCH=1,128 ITER=20 PIPE_SIZE=480 WORKERS=8,16 PIPE_BATCHES=40 PIPE_WARMUP=5
   SEG=(--encoder=paper --size=480 --batch=16 --iterations=10)
   MEMORY=(--batch=8,16 --dtype=bfloat16,float32 --residuals)
+  PROBE_DTYPES=float32,bfloat16
   TESTS=(tests/test_layers.py tests/test_heatmaps.py tests/test_losses.py tests/test_remat.py
          tests/test_model_forward.py tests/test_metrics.py tests/test_crop.py)
 fi
@@ -131,6 +135,8 @@ done
 step memory 150 "$PYTHON" -m benchmarks.memory --config="$CONFIG" "${MEMORY[@]}"
 step memory_segments 120 "$PYTHON" -m benchmarks.memory --config="$CONFIG" "${MEMORY[@]}" \
   --batch=8 --config.model.remat_policy=segments
+step memory_probe 60 "$PYTHON" -m benchmarks.memory --config="$CONFIG" --batch=8 \
+  --dtype="$PROBE_DTYPES" --probe
 step inference 120 "$PYTHON" -m benchmarks.inference --config="$CONFIG" --batch="$INF_BATCH" \
   --dtype="$DTYPE" --flip_test=false --iterations="$ITER" --noend_to_end
 step pipeline 120 "$PYTHON" -m benchmarks.pipeline --image-size "$PIPE_SIZE" \

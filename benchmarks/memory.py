@@ -35,6 +35,16 @@ GPU and TPU, XLA fuses the generator into its consumers and no such buffer
 exists; the bits are the same (`tests/test_benchmarks.py`). It changes only
 the CPU figure, to show what the step needs once the generator is fused.
 
+--probe measures, instead of the step, one operation alone: the gradient of
+the decoder's 1x1 projection (decoder_dim -> head_channels channels at a
+quarter of the input size, the config's batch), written as a convolution
+(as `nn.Conv` lowers it) and as a dot, in each --dtype. One JSON line each
+with XLA's temporary bytes and the float32 copies of the input the compiled
+program makes (`convert` to float32 at the input's shape). On XLA:CPU the
+bfloat16 gradient needs more temporary memory than the float32 one, because
+XLA:CPU computes bfloat16 dots and convolutions in float32 and materialises
+float32 copies of their operands; a GPU or TPU computes them in bfloat16.
+
 Not a test; `tests/test_benchmarks.py` runs it once on the tiny config.
 """
 
@@ -87,6 +97,10 @@ _THREEFRY = flags.DEFINE_enum(
     "lowering (a rolled loop); 'unrolled', the lowering jax uses on GPU and TPU, which "
     "XLA fuses (see the module docstring). No effect on other backends.",
     flag_values=FLAGS)
+
+_PROBE = flags.DEFINE_bool(
+    "probe", False, "Measure the decoder projection's gradient alone (conv and dot forms) "
+    "in place of the step (see the module docstring).", flag_values=FLAGS)
 
 GIB = 1024 ** 3
 
@@ -371,6 +385,53 @@ def measure(config: ml_collections.ConfigDict, breakdown: bool, residuals: bool,
   return record
 
 
+def float32_copies(hlo_text: str, shape: tuple[int, ...]) -> int:
+  """Instructions of an optimised HLO module that convert to float32 at `shape`."""
+  dims = ",".join(str(d) for d in shape)
+  pattern = re.compile(r"= f32\[" + dims + r"\](\{[^}]*\})? convert\(")
+  return sum(1 for line in hlo_text.splitlines() if pattern.search(line))
+
+
+def projection_probe(config: ml_collections.ConfigDict) -> list[dict]:
+  """XLA's temporaries for the gradient of the decoder's 1x1 projection alone.
+
+  The input is (batch, input_size / 4, input_size / 4, decoder_dim) in the
+  config's compute dtype, the kernel (decoder_dim, head_channels) float32
+  cast to it, the loss the float32 sum of squares of the output; the gradient
+  is taken for both. One record per form ("conv": `lax.conv_general_dilated`
+  with a 1x1 kernel, as `nn.Conv`; "dot": `jnp.einsum`).
+  """
+  model = config.model
+  dtype = jnp.dtype(model.dtype)
+  side = model.input_size // 4
+  shape = (config.data.samples_per_dataset * len(config.data.datasets), side, side,
+           model.decoder_dim)
+  forms = {
+      "conv": lambda x, k: jax.lax.conv_general_dilated(
+          x, k[None, None], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")),
+      "dot": lambda x, k: jnp.einsum("bhwc,cd->bhwd", x, k),
+  }
+  records = []
+  for form, apply in forms.items():
+    def loss(x, kernel, apply=apply):
+      return jnp.sum(jnp.square(apply(x, kernel.astype(dtype)).astype(jnp.float32)))
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+        jax.ShapeDtypeStruct(shape, dtype),
+        jax.ShapeDtypeStruct((model.decoder_dim, model.head_channels), jnp.float32)).compile()
+    analysis = compiled.memory_analysis()
+    records.append({
+        "benchmark": "memory_probe", "op": "decoder_projection_grad", "form": form,
+        "dtype": dtype.name, "input_shape": list(shape), "output_channels": model.head_channels,
+        "backend": jax.default_backend(),
+        "temp_bytes": int(analysis.temp_size_in_bytes),
+        "temp_gib": round(analysis.temp_size_in_bytes / GIB, 3),
+        "input_bytes": int(np.prod(shape)) * dtype.itemsize,
+        "float32_copies_of_input": float32_copies(compiled.as_text(), shape),
+    })
+  return records
+
+
 def main(argv: list[str]) -> int:
   FLAGS(argv)
   common.emit(common.machine_record())
@@ -378,6 +439,10 @@ def main(argv: list[str]) -> int:
   for dtype in _DTYPE.value:
     for batch in batches:
       config = train_step_bench.benchmark_config(_CONFIG.value, batch, dtype)
+      if _PROBE.value:
+        for record in projection_probe(config):
+          common.emit(record)
+        continue
       dump_dir = None
       if _DUMP_DIR.value:
         dump_dir = os.path.join(_DUMP_DIR.value, f"{dtype}_b{batch}")

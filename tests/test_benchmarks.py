@@ -221,8 +221,8 @@ def test_device_run_smoke_mode_runs_every_step_and_writes_json(tmp_path):
   assert done.returncode == 0, done.stdout + done.stderr + log[-3000:]
   summary = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
   steps = {s["step"]: s for s in summary}
-  assert set(steps) == {"imports", "train_step", "memory", "memory_segments", "inference",
-                        "pipeline", "segformer"}
+  assert set(steps) == {"imports", "train_step", "memory", "memory_segments", "memory_probe",
+                        "inference", "pipeline", "segformer"}
   assert all(s["exit"] == 0 and not s["timed_out"] for s in summary), summary
 
   def records(name):
@@ -237,6 +237,8 @@ def test_device_run_smoke_mode_runs_every_step_and_writes_json(tmp_path):
   segments = [r for r in records("memory_segments") if r["benchmark"] == "memory"]
   assert segments[0]["remat_policy_resolved"] == "segments"
   assert 0 < segments[0]["residual_bytes"] < memory[0]["residual_bytes"]
+  probe = [r for r in records("memory_probe") if r["benchmark"] == "memory_probe"]
+  assert [(r["form"], r["dtype"]) for r in probe] == [("conv", "float32"), ("dot", "float32")]
   assert any(r["benchmark"] == "inference_crops" for r in records("inference"))
   segformer = records("segformer")
   assert [r for r in segformer if r["benchmark"] == "segformer_parity"][0][
@@ -312,6 +314,35 @@ def test_memory_unrolled_threefry_gives_the_same_bits_without_their_buffers():
   with pytest.raises(ValueError, match="unknown threefry lowering 'fused'"):
     with memory.threefry_lowering("fused"):
       pass
+
+
+def test_memory_probe_measures_the_decoder_projection_alone():
+  """--probe: the projection's gradient in both forms, with the float32 copies XLA makes."""
+  from benchmarks import memory
+  hlo = "\n".join([
+      "%a = f32[8,16,16,64]{3,2,1,0} convert(%p0)",
+      "%b = f32[8,16,16,64] convert(bf16[8,16,16,64] %p1)",
+      "%c = f32[8,16,16,32]{3,2,1,0} convert(%p2)",
+      "%d = f32[8,16,16,64]{3,2,1,0} add(%a, %b)",
+      "%e = bf16[8,16,16,64]{3,2,1,0} convert(%d)",
+  ])
+  assert memory.float32_copies(hlo, (8, 16, 16, 64)) == 2
+  assert memory.float32_copies(hlo, (8, 16, 16, 32)) == 1
+  assert memory.float32_copies(hlo, (8, 16, 16)) == 0
+  for dtype in ("float32", "bfloat16"):
+    config = train_step.benchmark_config(tiny.get_config(), 8, dtype)
+    records = memory.projection_probe(config)
+    assert [r["form"] for r in records] == ["conv", "dot"]
+    side = config.model.input_size // 4
+    for record in records:
+      json.dumps(record)
+      assert record["dtype"] == dtype
+      assert record["input_shape"] == [8, side, side, config.model.decoder_dim]
+      assert record["input_bytes"] == 8 * side * side * config.model.decoder_dim * (
+          4 if dtype == "float32" else 2)
+      assert record["temp_bytes"] > 0
+      if dtype == "float32":
+        assert record["float32_copies_of_input"] == 0
 
 
 def test_cpu_threads_profile_counts_concurrent_ops_and_their_time():
