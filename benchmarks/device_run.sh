@@ -22,6 +22,8 @@
 #                peak device memory)
 #   remat_*      the same at batch 32 with remat_policy none / dots_no_batch /
 #                segments
+#   pointwise_dot  the same at batch 32 with the 1x1 convolutions as matmuls
+#                (pointwise_impl=dot; compare with train_step's batch 32)
 #   memory       XLA's memory analysis of the paper step and the bytes JAX
 #                keeps for its backward pass, batch 8 / 16, both dtypes
 #   memory_segments  the same at batch 8 with remat_policy=segments
@@ -31,7 +33,7 @@
 #   pipeline     the grain input pipeline at 480 px with 8 and 16 workers
 #   segformer    transformers' SegformerModel side by side with the encoder
 # --smoke runs the steps with the tiny config at 64 px in float32, one
-# iteration each, without the tests and the remat variants
+# iteration each, without the tests, the remat variants and pointwise_dot
 # (tests/test_benchmarks.py runs it so; no speed is asserted).
 set -uo pipefail
 
@@ -132,6 +134,11 @@ for policy in "${POLICIES[@]}"; do
     --dtype="$DTYPE" --batch=32 --steps="$STEPS" --warmup="$WARMUP" \
     --config.model.remat_policy="$policy"
 done
+if [[ $SMOKE == 0 ]]; then
+  step pointwise_dot 120 "$PYTHON" -m benchmarks.train_step --config="$CONFIG" \
+    --dtype="$DTYPE" --batch=32 --steps="$STEPS" --warmup="$WARMUP" \
+    --config.model.pointwise_impl=dot
+fi
 step memory 150 "$PYTHON" -m benchmarks.memory --config="$CONFIG" "${MEMORY[@]}"
 step memory_segments 120 "$PYTHON" -m benchmarks.memory --config="$CONFIG" "${MEMORY[@]}" \
   --batch=8 --config.model.remat_policy=segments

@@ -15,7 +15,9 @@ four forms of the same network:
 
 all four keeping every forward value for the backward pass (remat_policy
 "none"); `--forms=after,after_dots,after_dots_no_batch,after_segments` instead compares the
-train step's rematerialisation policies (`models.remat`) on the "after" form.
+train step's rematerialisation policies (`models.remat`) on the "after" form,
+and `--forms=after,after_dot1x1` the "after" form with its 1x1 convolutions
+computed as matmuls (`pointwise_impl="dot"`, not a default).
 
 It then times them interleaved (each round runs every form once, so a load
 change on a shared machine hits all of them alike) and prints one JSON line
@@ -43,19 +45,23 @@ from fgtbt_jax import state as state_lib
 from fgtbt_jax import train
 from fgtbt_jax.models import cost
 
+def _form(fusion: str, depthwise: str, pointwise: str, remat_policy: str = "none") -> dict:
+  return {"decoder_fusion": fusion, "depthwise_impl": depthwise, "pointwise_impl": pointwise,
+          "remat_policy": remat_policy}
+
+
 FORMS = {
-    "before": {"decoder_fusion": "concat", "depthwise_impl": "conv", "remat_policy": "none"},
-    "decoder": {"decoder_fusion": "composed", "depthwise_impl": "conv", "remat_policy": "none"},
-    "depthwise": {"decoder_fusion": "concat", "depthwise_impl": "shifts", "remat_policy": "none"},
-    "after": {"decoder_fusion": "composed", "depthwise_impl": "shifts", "remat_policy": "none"},
+    "before": _form("concat", "conv", "conv"),
+    "decoder": _form("composed", "conv", "conv"),
+    "depthwise": _form("concat", "shifts", "conv"),
+    "after": _form("composed", "shifts", "conv"),
+    # "after" with the 1x1 convolutions as matmuls over channels.
+    "after_dot1x1": _form("composed", "shifts", "dot"),
     # The same network under the train step's rematerialisation policies
     # (models.remat): the cost of recomputing instead of keeping.
-    "after_dots": {"decoder_fusion": "composed", "depthwise_impl": "shifts",
-                   "remat_policy": "dots"},
-    "after_dots_no_batch": {"decoder_fusion": "composed", "depthwise_impl": "shifts",
-                            "remat_policy": "dots_no_batch"},
-    "after_segments": {"decoder_fusion": "composed", "depthwise_impl": "shifts",
-                       "remat_policy": "segments"},
+    "after_dots": _form("composed", "shifts", "conv", "dots"),
+    "after_dots_no_batch": _form("composed", "shifts", "conv", "dots_no_batch"),
+    "after_segments": _form("composed", "shifts", "conv", "segments"),
 }
 REWRITE_FORMS = ("before", "decoder", "depthwise", "after")
 

@@ -427,6 +427,54 @@ def test_composed_decoder_fusion_is_the_concatenated_one_in_fewer_operations():
     model_config("small", decoder_fusion="sum")
 
 
+def test_pointwise_convolution_as_a_matmul_is_the_1x1_convolution():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 7, 12))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    for use_bias in (True, False):
+      layer = {impl: layers.conv(6, 1, "decoder", dtype=dtype, use_bias=use_bias,
+                                 pointwise=impl, name="c") for impl in ("dot", "conv")}
+      assert isinstance(layer["dot"], layers.PointwiseConv)
+      assert isinstance(layer["conv"], nn.Conv)
+      variables = {impl: layer[impl].init(jax.random.key(1), x) for impl in layer}
+      # The same parameters, initial values and logical axis names.
+      assert jax.tree.structure(variables["dot"]) == jax.tree.structure(variables["conv"])
+      for a, b in zip(jax.tree.leaves(variables["dot"]), jax.tree.leaves(variables["conv"])):
+        np.testing.assert_array_equal(a, b)
+      assert nn.get_partition_spec(variables["dot"]) == nn.get_partition_spec(variables["conv"])
+      out = {impl: layer[impl].apply(variables["conv"], x) for impl in layer}
+      assert out["dot"].dtype == out["conv"].dtype == dtype
+      np.testing.assert_allclose(np.asarray(out["dot"], np.float32),
+                                 np.asarray(out["conv"], np.float32),
+                                 rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5, atol=1e-5)
+  # Only 1x1 convolutions with stride 1, no padding and no groups become matmuls.
+  for kwargs in ({"kernel_size": 3, "padding": 1}, {"kernel_size": 1, "strides": 2},
+                 {"kernel_size": 1, "padding": 1}):
+    assert isinstance(layers.conv(6, out_axis="decoder", dtype=jnp.float32, **kwargs), nn.Conv)
+  with pytest.raises(ValueError, match="pointwise_impl 'fft'"):
+    layers.conv(6, 1, "decoder", dtype=jnp.float32, pointwise="fft")
+  with pytest.raises(ValueError, match="pointwise_impl='fft'"):
+    model_config("tiny", pointwise_impl="fft")
+  # The whole model (FGSA and conv stems, decoder, HIH's decimal head): same
+  # parameters, outputs and gradients with either implementation.
+  images = jax.random.uniform(jax.random.key(3), (2, 64, 64, 3))
+  models_ = {impl: build_model(model_config("tiny", head="hih", depthwise_impl="conv",
+                                            pointwise_impl=impl))
+             for impl in ("conv", "dot")}
+  variables = jax.jit(lambda x: models_["conv"].init(jax.random.key(0), x, train=False))(images)
+  assert jax.tree.structure(variables) == jax.tree.structure(
+      abstract_variables(models_["dot"], 64, batch=2))
+
+  def grads(model):
+    def loss(p):
+      out = model.apply({**variables, "params": p}, images, train=False, method="named_outputs")
+      return sum(jnp.sum(v.astype(jnp.float32) ** 2) for v in jax.tree.leaves(out))
+    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+  (loss_conv, g_conv), (loss_dot, g_dot) = grads(models_["conv"]), grads(models_["dot"])
+  np.testing.assert_allclose(loss_conv, loss_dot, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_dot), jax.tree.leaves(g_conv)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * (np.abs(b).max() + 1e-12))
+
+
 def test_depthwise_convolution_as_shifted_multiply_adds_is_the_grouped_convolution():
   x = jax.random.normal(jax.random.key(0), (2, 5, 7, 12))
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 12))

@@ -17,6 +17,7 @@ import ml_collections
 from fgtbt_jax.models.decoder import FUSIONS
 from fgtbt_jax.models.fgsa import FGSA_COMPAT, FREQUENCY_EXTRACTORS
 from fgtbt_jax.models.heads import HEADS
+from fgtbt_jax.models.layers import POINTWISE_IMPLEMENTATIONS
 from fgtbt_jax.models.remat import REMAT_POLICIES
 from fgtbt_jax.models.mit import (ATTENTION_IMPLEMENTATIONS, DEPTHWISE_IMPLEMENTATIONS,
                                   PATCH_EMBEDDINGS)
@@ -130,6 +131,9 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
       depthwise_impl: the Mix-FFN depthwise 3x3 convolution: "conv", "shifts"
         (nine shifted multiply-adds, the same function; 4-80x faster with its
         gradients on XLA:CPU) or "auto" (shifts on CPU, conv elsewhere).
+      pointwise_impl: the 1x1 convolutions (decoder, heads, conv stems):
+        "conv" (the default) or "dot" (a matmul over channels, the same
+        function and parameters; `layers.POINTWISE_IMPLEMENTATIONS`).
       norm_epsilon: block and stage LayerNorm epsilon (1e-6).
       embed_norm_epsilon: patch-embedding / spatial-reduction LayerNorm
         epsilon (1e-5; set both to 1e-5 to match transformers' SegFormer).
@@ -169,6 +173,7 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
   config.remat_policy = "auto"
   config.attention_impl = "xla"
   config.depthwise_impl = "auto"
+  config.pointwise_impl = "conv"
   config.norm_epsilon = 1e-6
   config.embed_norm_epsilon = 1e-5
   config.update(_PRESETS[variant])
@@ -191,6 +196,7 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
       "dtype": DTYPES,
       "attention_impl": ATTENTION_IMPLEMENTATIONS,
       "depthwise_impl": DEPTHWISE_IMPLEMENTATIONS,
+      "pointwise_impl": POINTWISE_IMPLEMENTATIONS,
       "head": tuple(HEADS),
       "remat_policy": REMAT_POLICIES,
   }

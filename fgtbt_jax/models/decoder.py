@@ -61,11 +61,12 @@ class ConvBlock(nn.Module):
   BN-ReLU-1x1(features / 2)-BN-ReLU-3x3(features / 2)-BN-ReLU-1x1(features),
   plus a BN-ReLU-1x1(features) shortcut when the width changes. Convolutions
   have no bias (each feeds a BatchNorm or the residual sum).
-  `batch_norm_unbiased_variance` as in `DecoderHead`.
+  `batch_norm_unbiased_variance` and `pointwise_impl` as in `DecoderHead`.
   """
 
   features: int
   batch_norm_unbiased_variance: bool = False
+  pointwise_impl: str = "conv"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -79,7 +80,7 @@ class ConvBlock(nn.Module):
 
     def conv(y, features, k, name):
       return layers.conv(features, k, "decoder", padding=k // 2, use_bias=False,
-                         dtype=self.dtype, name=name)(y)
+                         dtype=self.dtype, pointwise=self.pointwise_impl, name=name)(y)
 
     y = conv(bn_relu(x, "norm1"), hidden, 1, "conv1")
     y = conv(bn_relu(y, "norm2"), hidden, 3, "conv2")
@@ -128,6 +129,8 @@ class DecoderHead(nn.Module):
     hih_decimal_size, hih_channels: the "hih" head's d and width.
     recurrent_steps, recurrent_channels, recurrent_kernel: the "recurrent"
       head's K, width and wide-kernel size.
+    pointwise_impl: how the 1x1 convolutions are computed
+      (`layers.POINTWISE_IMPLEMENTATIONS`: "conv", or "dot", a matmul).
     dtype: compute dtype.
   """
 
@@ -144,6 +147,7 @@ class DecoderHead(nn.Module):
   recurrent_steps: int = 2
   recurrent_channels: int = 32
   recurrent_kernel: int = 7
+  pointwise_impl: str = "conv"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -156,7 +160,7 @@ class DecoderHead(nn.Module):
     embeds = {i: layers.dense(self.decoder_dim, "embed", "decoder", dtype=self.dtype,
                               name=f"embed_{i}") for i in stages}
     fuse = layers.conv(self.decoder_dim, 1, "decoder", use_bias=False, dtype=self.dtype,
-                       name="fuse")
+                       pointwise=self.pointwise_impl, name="fuse")
     if self.fusion == "concat":
       embedded = []
       for i in stages:
@@ -171,11 +175,13 @@ class DecoderHead(nn.Module):
                           name="fuse_norm")(y, use_running_average=not train)
     y = nn.relu(y)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = layers.conv(self.head_channels, 1, "decoder", dtype=self.dtype, name="project")(y)
+    y = layers.conv(self.head_channels, 1, "decoder", dtype=self.dtype,
+                    pointwise=self.pointwise_impl, name="project")(y)
     y = nn.with_logical_constraint(y, ("batch", "height", "width", "decoder"))
     y = ConvBlock(self.upsample_channels,
                   batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
-                  dtype=self.dtype, name="conv_block")(y, train)
+                  pointwise_impl=self.pointwise_impl, dtype=self.dtype,
+                  name="conv_block")(y, train)
     y = layers.conv_transpose(self.upsample_channels, 4, 2, 1, "decoder", dtype=self.dtype,
                               name="upsample")(y)
     heatmaps = layers.conv(self.num_points, 3, "heatmaps", padding=1, use_bias=False,
@@ -185,12 +191,14 @@ class DecoderHead(nn.Module):
           decimal_size=self.hih_decimal_size, channels=self.hih_channels,
           num_points=self.num_points,
           batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
-          dtype=self.dtype, name="decimal_head")(y, heatmaps, train)
+          pointwise_impl=self.pointwise_impl, dtype=self.dtype,
+          name="decimal_head")(y, heatmaps, train)
       return {"heatmaps": heatmaps, "decimal": decimal}
     if self.head == "recurrent":
       step = heads_lib.RefinementStep(
           channels=self.recurrent_channels, kernel_size=self.recurrent_kernel,
-          num_points=self.num_points, dtype=self.dtype, name="refine")
+          num_points=self.num_points, pointwise_impl=self.pointwise_impl, dtype=self.dtype,
+          name="refine")
       maps = heads_lib.refine(step, y, heatmaps, self.recurrent_steps)
       return {"heatmaps": maps[-1], "step_heatmaps": maps}
     return {"heatmaps": heatmaps}

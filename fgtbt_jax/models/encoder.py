@@ -48,6 +48,7 @@ class EncoderStage(nn.Module):
       "segments" policy).
     attention_impl: attention core (see `mit.attention_core`).
     depthwise_impl: the Mix-FFN depthwise convolution (see `mit.MixFFN`).
+    pointwise_impl: the 1x1 convolutions of the conv stems (`layers.conv`).
     dtype: compute dtype.
   """
 
@@ -69,6 +70,7 @@ class EncoderStage(nn.Module):
   remat_embed: bool = False
   attention_impl: str = "xla"
   depthwise_impl: str = "auto"
+  pointwise_impl: str = "conv"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -82,15 +84,16 @@ class EncoderStage(nn.Module):
                                     enabled=self.remat_embed)(
         self.dim, self.patch_size, self.stride, kind=self.patch_embed,
         norm_epsilon=self.embed_norm_epsilon,
-        batch_norm_unbiased_variance=self.batch_norm_unbiased_variance, dtype=self.dtype,
-        name="patch_embed")(x, train)
+        batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
+        pointwise_impl=self.pointwise_impl, dtype=self.dtype, name="patch_embed")(x, train)
     if self.fgsa:
       fgsa = FGSAStage(
           self.dim, self.depth, self.patch_size, self.stride, patch_embed=self.patch_embed,
           reduction=self.fgsa_reduction, embed_norm_epsilon=self.embed_norm_epsilon,
           compat=self.fgsa_compat,
           batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
-          recompute=self.remat_embed, dtype=self.dtype, name="fgsa")
+          recompute=self.remat_embed, pointwise_impl=self.pointwise_impl, dtype=self.dtype,
+          name="fgsa")
       prompt, structure = fgsa.prompt(tokens, structure, train)
     block_cls = recompute_module(Block, static_argnums=(2,), enabled=self.remat)
     for j in range(self.depth):
@@ -138,6 +141,7 @@ class MixTransformer(nn.Module):
   remat_embed: bool = False
   attention_impl: str = "xla"
   depthwise_impl: str = "auto"
+  pointwise_impl: str = "conv"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -166,7 +170,7 @@ class MixTransformer(nn.Module):
           batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
           norm_epsilon=self.norm_epsilon, embed_norm_epsilon=self.embed_norm_epsilon,
           remat=self.remat, remat_embed=self.remat_embed, attention_impl=self.attention_impl,
-          depthwise_impl=self.depthwise_impl, dtype=self.dtype,
-          name=f"stage_{i}")(x, structure, train)
+          depthwise_impl=self.depthwise_impl, pointwise_impl=self.pointwise_impl,
+          dtype=self.dtype, name=f"stage_{i}")(x, structure, train)
       outputs.append(x)
     return tuple(outputs)

@@ -228,6 +228,7 @@ class FGSAStage(nn.Module):
     recompute: Refine and each injection keep only their inputs and run again
       in the backward pass (`remat.recompute_in_backward`; the "segments"
       policy).
+    pointwise_impl: the 1x1 convolutions of Refine's conv stem (`layers.conv`).
     dtype: compute dtype.
   """
 
@@ -242,6 +243,7 @@ class FGSAStage(nn.Module):
   compat: str = "paper"
   batch_norm_unbiased_variance: bool = False
   recompute: bool = False
+  pointwise_impl: str = "conv"
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -254,7 +256,8 @@ class FGSAStage(nn.Module):
                                    enabled=self.recompute)(
         narrow, self.patch_size, self.stride, kind=self.patch_embed,
         norm_epsilon=self.embed_norm_epsilon, axis="prompt",
-        batch_norm_unbiased_variance=self.batch_norm_unbiased_variance, dtype=self.dtype)
+        batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
+        pointwise_impl=self.pointwise_impl, dtype=self.dtype)
     self.image_proj = layers.dense(narrow, "embed", "prompt", dtype=self.dtype)
     self.channel_attention = ChannelAttention(
         self.attention_reduction, use_bias=authors, pool_batch=authors, dtype=self.dtype)

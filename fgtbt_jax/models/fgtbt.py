@@ -120,6 +120,7 @@ def build_encoder(config: ml_collections.ConfigDict) -> MixTransformer:
       remat=config.remat or segments, remat_embed=segments,
       attention_impl=config.attention_impl,
       depthwise_impl=config.get("depthwise_impl", "auto"),
+      pointwise_impl=config.get("pointwise_impl", "conv"),
       dtype=_dtype(config.dtype), parent=None)
 
 
@@ -135,7 +136,9 @@ def build_model(config: ml_collections.ConfigDict) -> FGTBT:
       fusion=config.decoder_fusion, head=config.head,
       hih_decimal_size=config.hih_decimal_size, hih_channels=config.hih_channels,
       recurrent_steps=config.recurrent_steps, recurrent_channels=config.recurrent_channels,
-      recurrent_kernel=config.recurrent_kernel, dtype=_dtype(config.dtype), parent=None)
+      recurrent_kernel=config.recurrent_kernel,
+      pointwise_impl=config.get("pointwise_impl", "conv"), dtype=_dtype(config.dtype),
+      parent=None)
   return FGTBT(encoder=encoder, decoder=decoder,
                frequency_extractor=config.frequency_extractor,
                frequency_sigma=float(config.frequency_sigma))

@@ -114,6 +114,7 @@ class DecimalHead(nn.Module):
     channels: width of the branch.
     num_points: landmarks.
     batch_norm_unbiased_variance: as in `decoder.DecoderHead`.
+    pointwise_impl: the 1x1 convolutions (`layers.conv`).
     dtype: compute dtype.
   """
 
@@ -121,13 +122,14 @@ class DecimalHead(nn.Module):
   channels: int = 64
   num_points: int = 124
   batch_norm_unbiased_variance: bool = False
+  pointwise_impl: str = "conv"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, features: jax.Array, heatmaps: jax.Array, train: bool) -> jax.Array:
     def conv(y, features, k, name, use_bias=False, axis="decoder"):
       return layers.conv(features, k, axis, padding=k // 2, use_bias=use_bias,
-                         dtype=self.dtype, name=name)(y)
+                         dtype=self.dtype, pointwise=self.pointwise_impl, name=name)(y)
 
     def norm(y, name):
       return layers.batch_norm(dtype=self.dtype, unbiased_variance=self.batch_norm_unbiased_variance,
@@ -163,25 +165,28 @@ class RefinementStep(nn.Module):
     channels: width of the step.
     kernel_size: the wide convolution's k.
     num_points: landmarks.
+    pointwise_impl: the 1x1 convolutions (`layers.conv`).
     dtype: compute dtype.
   """
 
   channels: int = 32
   kernel_size: int = 7
   num_points: int = 124
+  pointwise_impl: str = "conv"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, features: jax.Array, heatmaps: jax.Array) -> jax.Array:
     def conv(y, features, k, name, axis="decoder"):
-      return layers.conv(features, k, axis, padding=k // 2, dtype=self.dtype, name=name)(y)
+      return layers.conv(features, k, axis, padding=k // 2, dtype=self.dtype,
+                         pointwise=self.pointwise_impl, name=name)(y)
 
     x = jnp.concatenate([features.astype(self.dtype), heatmaps.astype(self.dtype)], axis=-1)
     x = nn.relu(conv(x, self.channels, 1, "reduce"))
     x = nn.relu(conv(x, self.channels, self.kernel_size, "wide"))
     x = nn.relu(conv(x, 2 * self.channels, 1, "expand"))
     correction = layers.conv(self.num_points, 1, "heatmaps", dtype=self.dtype, zero_init=True,
-                             name="heatmap")(x)
+                             pointwise=self.pointwise_impl, name="heatmap")(x)
     return heatmaps.astype(self.dtype) + correction
 
 

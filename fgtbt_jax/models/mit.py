@@ -71,6 +71,7 @@ class OverlapPatchEmbed(nn.Module):
       FGSA structure branch).
     batch_norm_unbiased_variance: conv-stem BatchNorms update their running
       variance with the unbiased batch variance (PyTorch).
+    pointwise_impl: the conv stem's 1x1 convolutions (`layers.conv`).
     dtype: compute dtype.
   """
 
@@ -81,6 +82,7 @@ class OverlapPatchEmbed(nn.Module):
   norm_epsilon: float = 1e-5
   axis: str = "embed"
   batch_norm_unbiased_variance: bool = False
+  pointwise_impl: str = "conv"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -96,12 +98,14 @@ class OverlapPatchEmbed(nn.Module):
                               name=name)(y, use_running_average=not train)
         return nn.relu(y)
       x = bn_relu(x, "norm_in")
-      x = layers.conv(c, 1, self.axis, use_bias=False, dtype=self.dtype, name="conv_in")(x)
+      x = layers.conv(c, 1, self.axis, use_bias=False, dtype=self.dtype,
+                      pointwise=self.pointwise_impl, name="conv_in")(x)
       x = bn_relu(x, "norm_mid")
       x = layers.conv(c, k, self.axis, strides=s, padding=k // 2, dtype=self.dtype,
                       name="proj")(x)
       x = bn_relu(x, "norm_out")
-      x = layers.conv(c, 1, self.axis, use_bias=False, dtype=self.dtype, name="conv_out")(x)
+      x = layers.conv(c, 1, self.axis, use_bias=False, dtype=self.dtype,
+                      pointwise=self.pointwise_impl, name="conv_out")(x)
     else:
       raise ValueError(f"unknown patch_embed {self.kind!r}; expected one of {PATCH_EMBEDDINGS}")
     b, h, w, _ = x.shape
