@@ -95,7 +95,7 @@ def _conv_init(kernel_size: Sequence[int], features: int, groups: int):
 # but in the whole train step "dot" measured 0.97-1.03x on CPU and moved XLA's
 # memory by -3 % (float32) / +2 % (bfloat16) (benchmarks/README.md, "Exact
 # rewrites"), so the default stays "conv" until a GPU or TPU measures it.
-POINTWISE_IMPLEMENTATIONS = ("dot", "conv")
+POINTWISE_IMPLEMENTATIONS = ("conv", "dot")
 
 
 class PointwiseConv(nn.Module):
