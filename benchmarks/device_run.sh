@@ -111,7 +111,7 @@ if [[ $SMOKE == 1 ]]; then
   SEG=(--encoder=tiny --size=64 --batch=2 --iterations=1 --frameworks=jax,torch
        --dtypes=float32 --passes=forward)
   MEMORY=(--batch=8 --dtype=float32 --residuals --nocompile)
-  PROBE_DTYPES=float32
+  PROBE_DTYPES=float32 POINTWISE=()
   TESTS=()
 else
   CONFIG=configs/fgtbt_paper.py DTYPE=bfloat16 BATCHES=8,16,32 STEPS=10 WARMUP=2
@@ -119,7 +119,7 @@ else
   INF_BATCH=1,128 ITER=20 PIPE_SIZE=480 WORKERS=8,16 PIPE_BATCHES=40 PIPE_WARMUP=5
   SEG=(--encoder=paper --size=480 --batch=16 --iterations=10)
   MEMORY=(--batch=8,16 --dtype=bfloat16,float32 --residuals)
-  PROBE_DTYPES=float32,bfloat16
+  PROBE_DTYPES=float32,bfloat16 POINTWISE=(dot)
   TESTS=(tests/test_layers.py tests/test_heatmaps.py tests/test_losses.py tests/test_remat.py
          tests/test_model_forward.py tests/test_metrics.py tests/test_crop.py)
 fi
@@ -134,11 +134,11 @@ for policy in "${POLICIES[@]}"; do
     --dtype="$DTYPE" --batch=32 --steps="$STEPS" --warmup="$WARMUP" \
     --config.model.remat_policy="$policy"
 done
-if [[ $SMOKE == 0 ]]; then
-  step pointwise_dot 120 "$PYTHON" -m benchmarks.train_step --config="$CONFIG" \
+for impl in "${POINTWISE[@]}"; do
+  step "pointwise_$impl" 120 "$PYTHON" -m benchmarks.train_step --config="$CONFIG" \
     --dtype="$DTYPE" --batch=32 --steps="$STEPS" --warmup="$WARMUP" \
-    --config.model.pointwise_impl=dot
-fi
+    --config.model.pointwise_impl="$impl"
+done
 step memory 150 "$PYTHON" -m benchmarks.memory --config="$CONFIG" "${MEMORY[@]}"
 step memory_segments 120 "$PYTHON" -m benchmarks.memory --config="$CONFIG" "${MEMORY[@]}" \
   --batch=8 --config.model.remat_policy=segments

@@ -38,7 +38,8 @@ the CPU figure, to show what the step needs once the generator is fused.
 --probe measures, instead of the step, one operation alone: the gradient of
 the decoder's 1x1 projection (decoder_dim -> head_channels channels at a
 quarter of the input size, the config's batch), written as a convolution
-(as `nn.Conv` lowers it) and as a dot, in each --dtype. One JSON line each
+and as a matmul over channels (`layers.conv` with `pointwise_impl` "conv"
+and "dot"), in each --dtype. One JSON line each
 with XLA's temporary bytes and the float32 copies of the input the compiled
 program makes (`convert` to float32 at the input's shape). On XLA:CPU the
 bfloat16 gradient needs more temporary memory than the float32 one, because
@@ -72,6 +73,7 @@ from fgtbt_jax import models
 from fgtbt_jax import sharding
 from fgtbt_jax import state as state_lib
 from fgtbt_jax import train
+from fgtbt_jax.models import layers
 
 FLAGS = flags.FlagValues()
 _CONFIG, _BATCH, _DTYPE = common.define_step_flags(FLAGS)
@@ -398,27 +400,28 @@ def projection_probe(config: ml_collections.ConfigDict) -> list[dict]:
   The input is (batch, input_size / 4, input_size / 4, decoder_dim) in the
   config's compute dtype, the kernel (decoder_dim, head_channels) float32
   cast to it, the loss the float32 sum of squares of the output; the gradient
-  is taken for both. One record per form ("conv": `lax.conv_general_dilated`
-  with a 1x1 kernel, as `nn.Conv`; "dot": `jnp.einsum`).
+  is taken for both. One record per form of the model's own layer
+  (`layers.conv` with `pointwise` "conv", an `nn.Conv`, and "dot", a
+  `layers.PointwiseConv`).
   """
   model = config.model
   dtype = jnp.dtype(model.dtype)
   side = model.input_size // 4
   shape = (config.data.samples_per_dataset * len(config.data.datasets), side, side,
            model.decoder_dim)
-  forms = {
-      "conv": lambda x, k: jax.lax.conv_general_dilated(
-          x, k[None, None], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")),
-      "dot": lambda x, k: jnp.einsum("bhwc,cd->bhwd", x, k),
-  }
   records = []
-  for form, apply in forms.items():
-    def loss(x, kernel, apply=apply):
-      return jnp.sum(jnp.square(apply(x, kernel.astype(dtype)).astype(jnp.float32)))
+  for form in layers.POINTWISE_IMPLEMENTATIONS:
+    layer = layers.conv(model.head_channels, 1, "decoder", dtype=dtype, use_bias=False,
+                        pointwise=form)
+
+    def loss(x, kernel, layer=layer):
+      return jnp.sum(jnp.square(layer.apply({"params": {"kernel": kernel}}, x)
+                                .astype(jnp.float32)))
 
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
         jax.ShapeDtypeStruct(shape, dtype),
-        jax.ShapeDtypeStruct((model.decoder_dim, model.head_channels), jnp.float32)).compile()
+        jax.ShapeDtypeStruct((1, 1, model.decoder_dim, model.head_channels),
+                             jnp.float32)).compile()
     analysis = compiled.memory_analysis()
     records.append({
         "benchmark": "memory_probe", "op": "decoder_projection_grad", "form": form,

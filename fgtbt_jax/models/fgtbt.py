@@ -119,8 +119,7 @@ def build_encoder(config: ml_collections.ConfigDict) -> MixTransformer:
       norm_epsilon=config.norm_epsilon, embed_norm_epsilon=config.embed_norm_epsilon,
       remat=config.remat or segments, remat_embed=segments,
       attention_impl=config.attention_impl,
-      depthwise_impl=config.get("depthwise_impl", "auto"),
-      pointwise_impl=config.get("pointwise_impl", "conv"),
+      depthwise_impl=config.depthwise_impl, pointwise_impl=config.pointwise_impl,
       dtype=_dtype(config.dtype), parent=None)
 
 
@@ -137,7 +136,7 @@ def build_model(config: ml_collections.ConfigDict) -> FGTBT:
       hih_decimal_size=config.hih_decimal_size, hih_channels=config.hih_channels,
       recurrent_steps=config.recurrent_steps, recurrent_channels=config.recurrent_channels,
       recurrent_kernel=config.recurrent_kernel,
-      pointwise_impl=config.get("pointwise_impl", "conv"), dtype=_dtype(config.dtype),
+      pointwise_impl=config.pointwise_impl, dtype=_dtype(config.dtype),
       parent=None)
   return FGTBT(encoder=encoder, decoder=decoder,
                frequency_extractor=config.frequency_extractor,
