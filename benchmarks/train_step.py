@@ -104,10 +104,10 @@ def benchmark_config(config: ml_collections.ConfigDict, batch: int | None,
 def _jitted_step(train_step):
   """The `jax.jit` function inside `train.make_train_step`'s result.
 
-  The step is a `sharding.CompiledOnFirstCall`, which compiles on its first
-  call; ahead-of-time lowering (for the compile time and XLA's cost and
-  memory analyses of the very program that runs) needs the jitted function
-  it wraps, which it keeps as `_jitted`.
+  The step is a `sharding.CompiledPerShape`, which compiles on its first
+  call with each input shape; ahead-of-time lowering (for the compile time
+  and XLA's cost and memory analyses of the very program that runs) needs
+  the jitted function it wraps, which it keeps as `_jitted`.
   """
   jitted = getattr(train_step, "_jitted", None)
   if jitted is None or not hasattr(jitted, "lower"):

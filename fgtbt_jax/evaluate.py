@@ -69,11 +69,16 @@ def heatmap_stride(model: nn.Module) -> float:
 def authors_ground_truth(ground_truth_input: np.ndarray, stride: float) -> np.ndarray:
   """Ground truth (input pixels) quantised as the FGTBT authors' evaluation does it.
 
-  The target cell trunc(k + 1) of the exact heatmap coordinate k, placed
-  where the authors' heatmap-to-image map puts it (`inference.to_authors_heatmap`).
+  Their loader maps a point with their crop map T to heatmap coordinates
+  (cell edges at integers: T(x) = (u + 0.5) / stride for input pixel u,
+  pixel centres at integers) and keeps the integer cell trunc(T(x) + 1);
+  their `get_transformer_coords` maps cell q back to the image as
+  T^-1(q - 1). The project's heatmap coordinate of the same point is
+  k = T(x) - 0.5, so the cell is trunc(k + 1.5), placed where the authors'
+  heatmap-to-image map puts it (`inference.to_authors_heatmap`).
   """
   k = (np.asarray(ground_truth_input, np.float64) + 0.5) / stride - 0.5
-  cell = inference.to_authors_heatmap(np.trunc(k + 1.0))
+  cell = inference.to_authors_heatmap(np.trunc(k + 1.5))
   return ((cell + 0.5) * stride - 0.5).astype(np.float32)
 
 

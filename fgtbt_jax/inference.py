@@ -181,13 +181,14 @@ def compile_predict_fn(model: nn.Module, mesh: Mesh, rules, settings: PredictSet
                        output: str = "landmarks") -> Callable:
   """`make_predict_fn` jitted for batches split over every device of `mesh`.
 
-  Outputs come back sharded like the batch; the program compiles on the
-  first call (then all processes meet at a barrier, see
-  `sharding.CompiledOnFirstCall`).
+  Outputs come back sharded like the batch; a program compiles on the
+  first call with each batch shape (then all processes meet at a barrier,
+  see `sharding.CompiledPerShape`): an unpadded evaluation compiles its
+  full batch and its shorter last batch.
   """
   jitted = jax.jit(make_predict_fn(model_apply(model), settings, output),
                    out_shardings=sharding.batch_sharding(mesh))
-  return sharding.CompiledOnFirstCall(jitted, f"predict {settings.describe()}", mesh, rules)
+  return sharding.CompiledPerShape(jitted, f"predict {settings.describe()}", mesh, rules)
 
 
 # -- restoring a run's EMA models ---------------------------------------------------

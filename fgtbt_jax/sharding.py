@@ -182,15 +182,18 @@ def any_process(flag: bool) -> bool:
   return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
-class CompiledOnFirstCall:
-  """A jitted function compiled on its first call, then run after a barrier.
+class CompiledPerShape:
+  """A jitted function compiled once per input shape, then run after a barrier.
 
   With several processes, every one must enter a program's collectives
   within the CPU collectives' (gloo) 30-second connect window; compile
   times differ between processes (a busy host, a compilation-cache hit on
   one side only), so all processes first compile and then meet at a barrier
-  of the coordination service before the first run. Later calls reuse the
-  compiled program (inputs keep their shapes and shardings).
+  of the coordination service before the first run of a new program. Calls
+  whose inputs keep the shapes, dtypes and shardings of an earlier call
+  reuse its program; new ones (an evaluation's shorter last batch, a
+  predictor's remainder batch) compile their own, at the same call on
+  every process.
 
   Args:
     jitted: the `jax.jit` function.
@@ -203,11 +206,21 @@ class CompiledOnFirstCall:
     self._name = name
     self._mesh = mesh
     self._rules = rules
-    self._compiled = None
+    self._compiled: dict[Any, Any] = {}
+
+  @property
+  def num_compiled(self) -> int:
+    """How many programs (input signatures) have been compiled so far."""
+    return len(self._compiled)
 
   def __call__(self, *args):
-    if self._compiled is None:
+    leaves, treedef = jax.tree.flatten(args)
+    key = (treedef, tuple((np.shape(x), np.result_type(x), getattr(x, "sharding", None))
+                          for x in leaves))
+    compiled = self._compiled.get(key)
+    if compiled is None:
       with mesh_and_rules(self._mesh, self._rules):
-        self._compiled = self._jitted.lower(*args).compile()
-      barrier(f"compiled {self._name}")
-    return self._compiled(*args)
+        compiled = self._jitted.lower(*args).compile()
+      self._compiled[key] = compiled
+      barrier(f"compiled {self._name} #{len(self._compiled)}")
+    return compiled(*args)

@@ -149,5 +149,5 @@ def create_train_state(setup: Setup, seed: int) -> TrainState:
   """A freshly initialised train state, created directly in its shardings."""
   init = _init_state_fn(setup.model, setup.tx, setup.loss_config, setup.config.data.image_size)
   create = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=setup.state_shardings)
-  return sharding.CompiledOnFirstCall(create, "init", setup.mesh, setup.rules)(
+  return sharding.CompiledPerShape(create, "init", setup.mesh, setup.rules)(
       jax.random.PRNGKey(seed))

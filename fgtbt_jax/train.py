@@ -41,7 +41,9 @@ from typing import Any, Callable, Iterator, Mapping
 from absl import logging
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -60,6 +62,25 @@ from fgtbt_jax.validation import validate_config
 
 # The keys of a training batch that the step reads.
 TRAIN_BATCH_KEYS = ("image", "landmarks", "mask", "dataset_id")
+
+
+def abstract_batch(config: ml_collections.ConfigDict, batch_sharding: NamedSharding) -> dict:
+  """`jax.ShapeDtypeStruct`s of a global training batch, placed with `batch_sharding`.
+
+  The layout the grain pipeline makes and the step reads: k samples of each
+  dataset (`data.samples_per_dataset` x the datasets), uint8 images
+  (B, S, S, 3), landmarks (B, 124, 2) float32, the protocol masks (B, 124)
+  and dataset ids (B,). For lowering the step ahead of time (`fgtbt_jax.aot`,
+  benchmarks/memory.py) without making a batch.
+  """
+  size = int(config.data.image_size)
+  count = int(config.data.samples_per_dataset) * len(config.data.datasets)
+  shapes = {"image": ((count, size, size, 3), jnp.uint8),
+            "landmarks": ((count, landmarks.NUM_UNIFIED, 2), jnp.float32),
+            "mask": ((count, landmarks.NUM_UNIFIED), np.asarray(landmarks.PROTOCOL_MASKS).dtype),
+            "dataset_id": ((count,), jnp.int32)}
+  return {key: jax.ShapeDtypeStruct(*shapes[key], sharding=batch_sharding)
+          for key in TRAIN_BATCH_KEYS}
 
 
 def _ema(average: Any, value: Any, decay: float) -> Any:
@@ -175,7 +196,7 @@ def make_train_step(setup: Setup, ema_decay: float, frozen_batch_norm: bool = Fa
   batch_shardings = {k: sharding.batch_sharding(setup.mesh) for k in TRAIN_BATCH_KEYS}
   jitted = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_shardings),
                    out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
-  return sharding.CompiledOnFirstCall(
+  return sharding.CompiledPerShape(
       jitted, "train step" + (" (frozen BatchNorm)" if frozen_batch_norm else ""),
       setup.mesh, setup.rules)
 

@@ -10,6 +10,8 @@ synthetic test faces per dataset:
 """
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from fgtbt_jax import errors
 from fgtbt_jax import evaluate
 from fgtbt_jax import inference
 from fgtbt_jax import landmarks
+from fgtbt_jax import metrics
 from fgtbt_jax import models
 from fgtbt_jax import predictor as predictor_lib
 from fgtbt_jax import sharding
@@ -271,12 +274,119 @@ def test_eval_and_predict_refuse_a_checkpoint_with_non_finite_weights(
 
 
 def test_the_authors_ground_truth_is_their_quantised_target_mapped_back():
-  """x = c + (trunc(T(x) + 1) - 121) h / 240 at 480 px in, 240 x 240 heatmaps."""
+  """Their formulas on their map T: cell q = trunc(T(x) + 1), back at T^-1(q - 1).
+
+  480 px crops, 240 x 240 heatmaps, face centre c, crop side h: T(x) =
+  240 (x - c) / h + 120 (their `get_transform`), with x, c in the image.
+  """
   rng = np.random.default_rng(0)
-  u = rng.uniform(0, 479, size=(5, 7, 2))
-  exact = (u + 0.5) / 2.0 - 0.5  # T(x): the project's heatmap coordinate
-  expected = 239.5 + (np.trunc(exact + 1.0) - 121.0) * 480.0 / 240.0
-  np.testing.assert_allclose(evaluate.authors_ground_truth(u, 2.0), expected, atol=1e-4)
+  center, side = np.array([301.25, 177.5]), 613.0  # in image pixels
+  image_points = center + rng.uniform(-0.5, 0.5, size=(6, 9, 2)) * side
+  t = 240.0 * (image_points - center) / side + 120.0
+  assert (np.modf(t)[0] < 0.5).any() and (np.modf(t)[0] > 0.5).any()  # both sides of a cell
+  expected_image = center + (np.trunc(t + 1.0) - 1.0 - 120.0) * side / 240.0
+  # The project's input pixels (pixel centres at integers) of the same points.
+  to_input = crop.crop_affine(center, side / 200.0, 480)
+  inputs = crop.apply_affine(image_points, to_input)
+  quantised = evaluate.authors_ground_truth(inputs, 2.0)
+  np.testing.assert_allclose(crop.apply_affine(quantised.astype(np.float64),
+                                               crop.invert_affine(to_input)),
+                             expected_image, atol=1e-3)
+
+
+# The authors' NME normalisers (their compute_nme_io; COFW's reported one is
+# inter-pupil, their compute_nme_ip) and the inter-pupil ones behind their FR.
+_AUTHORS_NME_PAIRS = {"WFLW": (60, 72), "300W": (36, 45), "COFW": (16, 17), "AFLW": None}
+_AUTHORS_PUPILS = {"WFLW": (96, 97), "COFW": (16, 17), "AFLW": (7, 10)}
+
+
+def _authors_nme(pred, gt, dataset, box_size, pupils=False):
+  """Their per-image NME: mean point distance over the normaliser, in one frame."""
+  if pupils and dataset == "300W":
+    d = np.linalg.norm(gt[:, 36:42].mean(1) - gt[:, 42:48].mean(1), axis=-1)
+  elif pupils:
+    a, b = _AUTHORS_PUPILS[dataset]
+    d = np.linalg.norm(gt[:, a] - gt[:, b], axis=-1)
+  elif _AUTHORS_NME_PAIRS[dataset] is None:
+    d = box_size
+  else:
+    a, b = _AUTHORS_NME_PAIRS[dataset]
+    d = np.linalg.norm(gt[:, a] - gt[:, b], axis=-1)
+  return np.linalg.norm(pred - gt, axis=-1).mean(-1) / d
+
+
+@pytest.fixture(scope="module")
+def uneven_splits(tmp_path_factory):
+  """Synthetic test splits of 13, 12, 7 and 1 faces: none fills batches of 8."""
+  from data_pipelines import convert
+  out = tmp_path_factory.mktemp("uneven")
+  convert.convert_synthetic(out, {"WFLW": (1, 13), "300W": (1, 12), "COFW": (1, 7),
+                                  "AFLW": (1, 1)}, render_workers=0, num_threads=2)
+  return out
+
+
+def test_unpadded_eval_of_a_compat_run_is_the_authors_evaluation_at_any_split_size(
+    uneven_splits, tmp_path):
+  """`run.py eval` of a run with the authors' model and evaluation settings (as an
+  imported checkpoint's) over splits of 13, 12, 7 and 1 faces in batches of 8: it
+  completes (each batch shape compiled), and its per-image NME and FR are their
+  formulas on the same predictions: cells a of their integer argmax at T^-1(a - 1),
+  the ground truth's cell trunc(T(x) + 1) at T^-1(cell - 1), T their crop map."""
+  from data_pipelines import tfds_builders
+  config = _config(uneven_splits, coordinates="authors", decoder="argmax", flip_test=True,
+                   failure_normalizer="inter_pupil")
+  config.model.fgsa_compat = "authors"
+  config.data.eval_batch_size, config.data.eval_pad_last_batch = 8, False
+  helpers.write_random_run(tmp_path, config, scale=None)
+  # `run.py eval` as a user runs it (one device: the model depends on its batch-mates).
+  process = subprocess.run([sys.executable, str(helpers.REPO / "run.py"), "eval",
+                            f"--workdir={tmp_path}"], env=helpers.subprocess_env(devices=1),
+                           capture_output=True, text=True, timeout=900, cwd=helpers.REPO)
+  assert process.returncode == 0, process.stderr[-3000:]
+  written = json.loads((tmp_path / "eval_latest.json").read_text())
+  # The same pass in this process, for its per-image arrays: the run's
+  # restored EMA model through the evaluator's compiled predict function.
+  mesh = sharding.single_device_mesh()
+  rules = sharding.logical_rules(config.mesh.logical_axis_rules)
+  [restored] = inference.restore_models(config, tmp_path, "latest", mesh, rules)
+  evaluator = evaluate.Evaluator(config, models.build_model(config.model), mesh, rules)
+  final, per_image = evaluator.evaluate(restored.variables, restored.step)
+  assert evaluator.predict_fn().num_compiled == 5  # batches of 8, 5, 4, 7 and 1
+  heatmap_side = config.data.image_size / 2
+  for dataset, count in (("WFLW", 13), ("300W", 12), ("COFW", 7), ("AFLW", 1)):
+    split = per_image[dataset]
+    assert len(split.predictions) == count
+    stored = tfds_builders.open_split(uneven_splits, dataset, "test", decode_image=False)
+    examples = [stored[i] for i in range(count)]
+    center = np.array([e["center"] for e in examples], np.float64)[:, None]
+    side = np.array([200.0 * e["scale"] * config.data.crop_enlarge for e in examples])[:, None, None]
+    to_map = lambda x: heatmap_side * (x - center) / side + heatmap_side / 2  # their T
+    from_map = lambda t: center + (t - heatmap_side / 2) * side / heatmap_side
+    cells = to_map(split.predictions.astype(np.float64)) + 1.0
+    np.testing.assert_allclose(cells, np.round(cells), atol=2e-3)  # integer argmax cells
+    truth = np.array([e["landmarks"] for e in examples], np.float64)
+    truth_quantised = from_map(np.trunc(to_map(truth) + 1.0) - 1.0)
+    np.testing.assert_allclose(split.ground_truth, truth_quantised, atol=2e-3)
+    box_size = np.array([e["box_size"] for e in examples], np.float64)
+    theirs = _authors_nme(from_map(np.round(cells) - 1.0), truth_quantised, dataset, box_size)
+    ours = metrics.nme(split.predictions, split.ground_truth, dataset, box_size=split.box_size)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+    assert final[dataset]["nme"] == pytest.approx(theirs.mean(), rel=1e-4)
+    assert written[dataset]["nme"] == pytest.approx(theirs.mean(), rel=1e-4)
+    failures = _authors_nme(from_map(np.round(cells) - 1.0), truth_quantised, dataset, box_size,
+                            pupils=True) > 0.1
+    assert final[dataset]["fr"] == written[dataset]["fr"] == pytest.approx(failures.mean())
+
+
+def test_a_compiled_function_compiles_once_per_input_shape():
+  import jax
+  calls = []
+  compiled = sharding.CompiledPerShape(jax.jit(lambda x: calls.append(x.shape) or 2 * x), "twice",
+                                       sharding.single_device_mesh(), ())
+  for size in (4, 4, 3, 4, 3, 1):
+    np.testing.assert_array_equal(compiled(np.arange(size, dtype=np.float32)),
+                                  2 * np.arange(size))
+  assert calls == [(4,), (3,), (1,)] and compiled.num_compiled == 3
 
 
 def test_the_authors_heatmap_to_image_map_in_the_predict_function():
