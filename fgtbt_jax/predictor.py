@@ -12,7 +12,9 @@ convention of `fgtbt_jax.crop` (box centre, scale max(w, h) / 200, enlarged
 1.25x, resized to S x S; area-averaged first when it shrinks more than 2x,
 as the stored training crops were). All crops of all images run in
 fixed-size batches (the last one padded), so the jitted function compiles
-once per batch shape. On device runs the one predict function of
+once; a model whose outputs depend on the batch-mates (the authors' FGSA,
+`models.batch_dependent`) runs its last batch unpadded instead, compiling
+one more shape per remainder size (1 for a single face). On device runs the one predict function of
 `fgtbt_jax.inference` (the one the evaluation runs): the model on the crop
 and, with the flip test, on its mirror; the two heatmap sets merged with the
 unified flip permutation; decoding (argmax / quarter / subpixel, optional
@@ -206,6 +208,8 @@ class Predictor:
     self.step: int | None = None  # The training step of a checkpoint's variables.
     self._detector = detector
     self._compiled: dict[PredictSettings, Callable] = {}
+    # The authors' FGSA pools over the batch: batches are never padded.
+    self.batch_dependent = models.batch_dependent(config)
 
   # -- construction from a training run ----------------------------------------
 
@@ -285,7 +289,11 @@ class Predictor:
                 decoder: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(M, 124, 2) points in crop pixels and (M, 124) confidence of (M, S, S, 3) crops.
 
-    Runs fixed batches of `batch_size` crops, the last padded with zeros.
+    Runs batches of `batch_size` crops, the last padded with zeros (one
+    compiled shape); for a model whose outputs depend on the batch-mates
+    (`batch_dependent`) the last batch runs at its true size instead (a
+    second compiled shape per remainder size), so padding never changes an
+    answer and a single face gets its batch-of-one output.
     `flip_test` and `decoder` override the predictor's settings for this call.
     """
     crops = np.asarray(crops, np.uint8)
@@ -298,12 +306,13 @@ class Predictor:
       return (np.zeros((0, landmarks.NUM_UNIFIED, 2), np.float32),
               np.zeros((0, landmarks.NUM_UNIFIED), np.float32))
     infer = self.inference_fn(self._settings(flip_test, decoder))
-    padded = -(-count // self.batch_size) * self.batch_size
-    crops = np.concatenate([crops, np.zeros((padded - count, size, size, 3), np.uint8)])
+    if not self.batch_dependent:
+      padded = -(-count // self.batch_size) * self.batch_size
+      crops = np.concatenate([crops, np.zeros((padded - count, size, size, 3), np.uint8)])
     # Dispatch every batch before fetching any: the host prepares the next
     # transfer while the device computes.
     outputs = [infer(self.variables, crops[i:i + self.batch_size])
-               for i in range(0, padded, self.batch_size)]
+               for i in range(0, len(crops), self.batch_size)]
     points = np.concatenate([np.asarray(p) for p, _ in outputs])[:count]
     confidence = np.concatenate([np.asarray(c) for _, c in outputs])[:count]
     return points, confidence

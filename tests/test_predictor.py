@@ -98,6 +98,40 @@ def test_batch_prediction_equals_one_image_at_a_time(tiny_predictor):
   assert tiny_predictor.inference_fn()._cache_size() == 1
 
 
+def test_a_batch_dependent_model_runs_its_batches_unpadded(tmp_path):
+  """The authors' FGSA pools over the batch (`fgsa_compat="authors"`): a single face
+  gets the model's batch-of-one answer, not its answer among black padding crops,
+  through `Predictor` and the predict command's `predict_files`; a remainder
+  batch runs at its own size."""
+  from fgtbt_jax import inference
+  config = models.model_config("tiny", fgsa_compat="authors")
+  predictor = Predictor(config, random_variables(config), batch_size=4)
+  assert predictor.batch_dependent and not models.batch_dependent(models.model_config("tiny"))
+  faces = [face_image(i, 96) for i in range(5)]
+  crops = np.concatenate([predictor.crop_faces(image, box[None])[0] for image, box in faces])
+  direct = jax.jit(inference.make_predict_fn(inference.model_apply(predictor.model),
+                                             predictor.settings))
+  run = lambda batch: np.asarray(direct(predictor.variables, batch)[0])
+  alone = run(crops[:1])
+  among_padding = run(np.concatenate([crops[:1], np.zeros_like(crops[:3])]))[:1]
+  assert np.abs(among_padding - alone).max() > 1e-4  # padding would change the answer
+  np.testing.assert_allclose(predictor.run_crops(crops[:1])[0], alone, atol=1e-5)
+  points = predictor.run_crops(crops)[0]
+  np.testing.assert_allclose(points[:4], run(crops[:4]), atol=1e-5)
+  np.testing.assert_allclose(points[4:], run(crops[4:]), atol=1e-5)
+  assert predictor.inference_fn()._cache_size() == 2  # batches of 4 and of 1
+  # One image file through the predict command's path: its batch-of-one answer.
+  image, box = faces[0]
+  cv2.imwrite(str(tmp_path / "face.png"), image[..., ::-1])
+  report = predict_files.predict_files(predictor, tmp_path / "face.png", tmp_path / "out",
+                                       box=box)
+  assert not report.failed
+  written = json.loads((tmp_path / "out" / "face.png.json").read_text())
+  matrix = crop.invert_affine(crop.face_crop_affine(*crop.center_scale_from_box(box), SIZE))
+  np.testing.assert_allclose(np.asarray(written["faces"][0]["landmarks"]),
+                             crop.apply_affine(alone[0].astype(np.float64), matrix), atol=1e-3)
+
+
 def test_protocol_subsets_are_the_unified_output_gathered(tiny_predictor):
   image, box = face_image(3, 112)
   unified = tiny_predictor.predict(image, boxes=box)[0]

@@ -11,7 +11,8 @@ Public API:
 """
 
 from fgtbt_jax.models import heads
-from fgtbt_jax.models.config import ENCODERS, VARIANTS, model_config, validate_model_config
+from fgtbt_jax.models.config import (ENCODERS, VARIANTS, batch_dependent, model_config,
+                                     validate_model_config)
 from fgtbt_jax.models.fgtbt import (
     FGTBT, IMAGENET_MEAN, IMAGENET_STD, abstract_variables, build_encoder, build_model,
     normalize_images, parameter_count)
@@ -21,7 +22,7 @@ from fgtbt_jax.models.remat import (REMAT_POLICIES, recompute_in_backward, remat
                                     resolve_remat_policy)
 
 __all__ = [
-    "heads", "ENCODERS", "VARIANTS", "model_config", "validate_model_config",
+    "heads", "ENCODERS", "VARIANTS", "batch_dependent", "model_config", "validate_model_config",
     "FGTBT", "IMAGENET_MEAN", "IMAGENET_STD", "abstract_variables", "build_encoder",
     "build_model", "normalize_images", "parameter_count",
     "LOGICAL_AXIS_NAMES", "logical_axis_rules", "variable_shardings", "count_macs",

@@ -185,6 +185,16 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
   return config
 
 
+def batch_dependent(config: ml_collections.ConfigDict) -> bool:
+  """Whether the model's eval-mode outputs for a sample depend on its batch-mates.
+
+  True for the authors' FGSA (`fgsa_compat="authors"`: its channel attention
+  pools over the whole batch), where padding a batch changes the real
+  samples' answers; such batches must run at their true size.
+  """
+  return bool(config.fgsa) and config.fgsa_compat == "authors"
+
+
 def validate_model_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first field with an invalid value."""
   choices = {
