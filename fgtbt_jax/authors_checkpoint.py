@@ -8,7 +8,11 @@
 The released file is a `torch.save` zip of
 `{"model": {"name": "segformer", "args": <yacs CfgNode>, "sd": <state dict>},
 "epoch": int, "optimizer": {...}}`; `["model"]["sd"]` is the EMA model, the
-only weight set. It is read without torch and without yacs, and without
+only weight set. A bare `torch.save(model.state_dict())` of the same
+network (a mapping of names to tensors, what other repositories' users hold)
+is read as well, without an epoch; a `module.` prefix on every name
+(torch.nn.DataParallel / DistributedDataParallel) is stripped on conversion.
+Either file is read without torch and without yacs, and without
 running pickled code: `read_checkpoint` unpickles `data.pkl` with a
 restricted unpickler that knows only PyTorch's tensor rebuild functions and
 storage types, `collections.OrderedDict`, plain containers and yacs'
@@ -20,15 +24,18 @@ are read (the optimizer state is never loaded).
 
 The state dict must hold exactly the tensors of the project's model with
 `fgsa_compat="authors"` (929 entries for the paper network: `_LAYERS` maps
-the authors' module names onto the project's layers). `num_batches_tracked`
-counters (reported: a released file reads 500 in every BatchNorm) and the
-unused `encoder.decode_head.conv_seg` are dropped. Layouts go to Flax:
-linear (out, in) -> (in, out); convolution (out, in, kh, kw) ->
-(kh, kw, in, out) (`torch_weights.to_flax_layout`); the FGSA 1x1 convolution
-(out, in, 1, 1) -> the project's dense (in, out); ConvTranspose (in, out, kh,
-kw) -> the flipped (kh, kw, in, out) of `layers.conv_transpose`; BatchNorm
-weight / bias / running_mean / running_var -> params scale / bias and
-batch_stats mean / var.
+the authors' module names onto the project's layers); when the names do not
+fit, the error says which prefix, stripped from the file's keys or added to
+them, would make them fit, if one would. Tensors are converted to float32;
+the load report counts those that were not (float16, bfloat16, ...).
+`num_batches_tracked` counters (reported: a released file reads 500 in
+every BatchNorm) and the unused `encoder.decode_head.conv_seg` are dropped.
+Layouts go to Flax: linear (out, in) -> (in, out); convolution (out, in,
+kh, kw) -> (kh, kw, in, out) (`torch_weights.to_flax_layout`); the FGSA 1x1
+convolution (out, in, 1, 1) -> the project's dense (in, out); ConvTranspose
+(in, out, kh, kw) -> the flipped (kh, kw, in, out) of
+`layers.conv_transpose`; BatchNorm weight / bias / running_mean /
+running_var -> params scale / bias and batch_stats mean / var.
 
 `import_authors_checkpoint` then writes a workdir: `config.json` (the
 authors' recipe, configs/fgtbt_authors.py: `model.fgsa_compat="authors"`,
@@ -59,6 +66,7 @@ import zipfile
 import zlib
 from typing import Any, Mapping
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -78,6 +86,11 @@ from fgtbt_jax.torch_weights import to_flax_layout
 AUTHORS_EVAL_BATCH_SIZE = 8
 # Where the released files keep their tensors.
 STATE_DICT_PATH = ("model", "sd")
+# AuthorsCheckpoint.structure: the released wrapper, or a bare torch.save(state_dict).
+RELEASE, BARE_STATE_DICT = "release", "state_dict"
+# What torch.nn.DataParallel and DistributedDataParallel put before every name
+# (nested wrappers repeat it); stripped when every key carries it.
+WRAPPER_PREFIX = "module."
 DROPPED_LAYERS = ("encoder.decode_head.conv_seg",)
 BATCHES_TRACKED = "num_batches_tracked"
 IMPORT_RECORD = "authors_checkpoint.json"
@@ -338,13 +351,45 @@ class AuthorsCheckpoint:
 
   Attributes:
     state_dict: tensor name -> numpy array (the EMA model).
-    epoch: the file's "epoch" entry (None when absent).
-    args: the model's config (the pickled yacs CfgNode) as nested dicts.
+    epoch: the file's "epoch" entry (None when absent, and in a bare state dict).
+    args: the model's config (the pickled yacs CfgNode) as nested dicts (None
+      in a bare state dict).
+    structure: `RELEASE` (the released wrapper) or `BARE_STATE_DICT`.
   """
 
   state_dict: dict[str, np.ndarray]
   epoch: int | None
   args: Any
+  structure: str = RELEASE
+
+
+def _find_state_dict(content: Any, where: str) -> tuple[Mapping, str]:
+  """(the state dict, `RELEASE` or `BARE_STATE_DICT`) of an unpickled file.
+
+  Raises:
+    AuthorsCheckpointError: neither the released structure nor a non-empty
+      mapping of names to tensors; the message says what the file holds.
+  """
+  model = content.get("model") if isinstance(content, Mapping) else None
+  state = model.get("sd") if isinstance(model, Mapping) else None
+  if isinstance(state, Mapping):
+    return state, RELEASE
+  not_tensors = ([name for name, value in content.items() if not isinstance(value, StoredTensor)]
+                 if isinstance(content, Mapping) else [])
+  if isinstance(content, Mapping) and content and not not_tensors:
+    return content, BARE_STATE_DICT
+  if not isinstance(content, Mapping):
+    found = f"a {type(content).__name__}"
+  elif not content:
+    found = "an empty dict"
+  else:
+    first = not_tensors[0]
+    found = (f"a dict with keys {sorted(map(str, content))[:8]} ({first!r}: "
+             f"{type(content[first]).__name__}, not a tensor)")
+  raise AuthorsCheckpointError(
+      where, "not an FGTBT authors' checkpoint: expected the release's "
+      "{'model': {'sd': <state dict>, ...}, 'epoch': ...} or a bare torch.save(state_dict) "
+      f"of names and tensors, found {found}")
 
 
 def read_checkpoint(path: str | os.PathLike) -> AuthorsCheckpoint:
@@ -354,7 +399,8 @@ def read_checkpoint(path: str | os.PathLike) -> AuthorsCheckpoint:
     FileNotFoundError: no such file.
     AuthorsCheckpointError: not a torch.save zip archive, truncated or
       damaged, a pickled global other than tensors, storages and containers,
-      or not the released `{"model": {"sd": ...}, ...}` structure.
+      or neither the released `{"model": {"sd": ...}, ...}` structure nor a
+      bare state dict (a mapping of names to tensors).
   """
   path = pathlib.Path(path)
   if not path.is_file():
@@ -362,14 +408,7 @@ def read_checkpoint(path: str | os.PathLike) -> AuthorsCheckpoint:
   archive = _Archive(path)
   try:
     content = archive.unpickle()
-    model = content.get("model") if isinstance(content, Mapping) else None
-    state = model.get("sd") if isinstance(model, Mapping) else None
-    if not isinstance(state, Mapping):
-      found = (f"a dict with keys {sorted(map(str, content))[:8]}"
-               if isinstance(content, Mapping) else f"a {type(content).__name__}")
-      raise AuthorsCheckpointError(
-          str(path), "not an FGTBT authors' checkpoint: expected "
-          f"{{'model': {{'sd': <state dict>, ...}}, 'epoch': ...}}, found {found}")
+    state, structure = _find_state_dict(content, str(path))
     state_dict = {}
     for name, tensor in state.items():
       if not isinstance(tensor, StoredTensor):
@@ -378,9 +417,11 @@ def read_checkpoint(path: str | os.PathLike) -> AuthorsCheckpoint:
       state_dict[str(name)] = archive.tensor(tensor, str(name))
   finally:
     archive.close()
+  if structure == BARE_STATE_DICT:
+    return AuthorsCheckpoint(state_dict, None, None, BARE_STATE_DICT)
   epoch = content.get("epoch")
   return AuthorsCheckpoint(state_dict, int(epoch) if isinstance(epoch, int) else None,
-                           model.get("args"))
+                           content["model"].get("args"), RELEASE)
 
 
 # -- the name map ------------------------------------------------------------------------
@@ -525,6 +566,12 @@ class LoadReport:
     unexpected: names in the file that are neither loaded nor dropped.
     mismatched: name -> (shape in the file, shape the model needs).
     batches_tracked: num_batches_tracked value -> how many BatchNorms had it.
+    prefix: what was stripped from every name of the file (`WRAPPER_PREFIX`,
+      once per wrapper; "" when none); the names above are without it.
+    converted: dtype name -> how many loaded tensors were converted from it
+      to float32 (empty when all were float32).
+    hint: when the names do not fit, the prefix that would make them fit
+      (see `_prefix_hint`); "" when none would.
   """
 
   loaded: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -534,6 +581,9 @@ class LoadReport:
   mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = dataclasses.field(
       default_factory=dict)
   batches_tracked: dict[int, int] = dataclasses.field(default_factory=dict)
+  prefix: str = ""
+  converted: dict[str, int] = dataclasses.field(default_factory=dict)
+  hint: str = ""
 
   @property
   def ok(self) -> bool:
@@ -551,10 +601,18 @@ class LoadReport:
     lines = [f"loaded {len(self.loaded)} tensors, dropped {len(self.dropped)}, "
              f"missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
              f"shape mismatches {len(self.mismatched)}"]
+    if self.prefix:
+      lines.append(f"names read without their {self.prefix!r} prefix "
+                   "(torch.nn.DataParallel / DistributedDataParallel)")
+    if self.converted:
+      counts = ", ".join(f"{n} {dtype}" for dtype, n in sorted(self.converted.items()))
+      lines.append(f"converted to float32: {counts} tensors")
     if self.batches_tracked:
       counts = ", ".join(f"{value} in {n}" for value, n in sorted(self.batches_tracked.items()))
       lines.append(f"num_batches_tracked of the {sum(self.batches_tracked.values())} "
                    f"BatchNorms: {counts} (dropped)")
+    if self.hint:
+      lines.append(f"hint: {self.hint}")
     layers = sorted({n for n in self.dropped if not n.endswith(BATCHES_TRACKED)})
     if layers:
       lines.append(f"dropped (unused by the model): {', '.join(layers)}")
@@ -571,10 +629,61 @@ class LoadReport:
     return "\n".join(lines)
 
 
+def _wrapper_prefix(names: list[str]) -> str:
+  """`WRAPPER_PREFIX` as many times as every one of `names` starts with it ("" when not all do)."""
+  prefix = ""
+  while names and all(name.startswith(prefix + WRAPPER_PREFIX) for name in names):
+    prefix += WRAPPER_PREFIX
+  return prefix
+
+
+def _dotted_heads(name: str, names: set[str]) -> list[str]:
+  """The prefixes "a.b." of `name` whose removal leaves one of `names`."""
+  parts = name.split(".")
+  return [".".join(parts[:i]) + "." for i in range(1, len(parts))
+          if ".".join(parts[i:]) in names]
+
+
+def _prefix_hint(report: LoadReport, file_names: list[str], known: set[str],
+                 needed: list[str]) -> str:
+  """What prefix would make a state dict's names fit the model, in one sentence ("" if none).
+
+  The candidates: prefixes that, stripped from the unexpected names, leave a
+  name of the model (`known`: needed or dropped), and prefixes of missing
+  names that, added to the file's names, give them. The one under which the
+  most needed tensors would be found is named, if it finds more than the
+  names as they are.
+  """
+  present = set(file_names)
+  stripped = collections.Counter(p for n in report.unexpected for p in _dotted_heads(n, known))
+  added = collections.Counter(p for n in report.missing for p in _dotted_heads(n, present))
+  found_now = len(needed) - len(report.missing)
+  best, best_found = None, found_now
+  for prefix, _ in stripped.most_common(3):
+    found = sum(n in present or prefix + n in present for n in needed)
+    if found > best_found:
+      carrying = sum(n.startswith(prefix) for n in file_names)
+      best, best_found = (f"{carrying} of the file's {len(file_names)} keys start with "
+                          f"{prefix!r}; without it", "stripped"), found
+  for prefix, _ in added.most_common(3):
+    found = sum(n in present or (n.startswith(prefix) and n[len(prefix):] in present)
+                for n in needed)
+    if found > best_found:
+      best, best_found = (f"the file's keys lack the prefix {prefix!r}; with it", "added"), found
+  if not best:
+    return ""
+  return (f"{best[0]} {best_found} of the model's {len(needed)} tensors would be found, "
+          f"{found_now} are: re-save the state dict with the prefix {best[1]}")
+
+
 def convert_state_dict(state_dict: Mapping[str, np.ndarray],
                        model_config: ml_collections.ConfigDict,
                        where: str = "state dict") -> tuple[dict, LoadReport]:
   """The authors' state dict as the model's {"params", "batch_stats"} (float32 numpy).
+
+  A `WRAPPER_PREFIX` on every name (DataParallel) is stripped before the
+  names are matched (`LoadReport.prefix`); tensors of other dtypes than
+  float32 are converted and counted (`LoadReport.converted`).
 
   Args:
     state_dict: name -> numpy array, as `read_checkpoint` gives it.
@@ -583,12 +692,17 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray],
 
   Raises:
     AuthorsCheckpointError: missing or unexpected names, or shape
-      mismatches; the message names the first (and counts the others), the
-      error's `report` lists them all.
+      mismatches; the message names the first (and counts the others), or,
+      when a prefix would make the names fit, says so in one line
+      (`LoadReport.hint`); the error's `report` lists them all.
   """
   mapped, dropped = name_map(model_config)
   dropped_names = set(dropped)
-  report = LoadReport()
+  report = LoadReport(prefix=_wrapper_prefix(list(state_dict)))
+  if report.prefix:
+    logging.info("%s: every name starts with %r (DataParallel); read without it", where,
+                 report.prefix)
+    state_dict = {name[len(report.prefix):]: array for name, array in state_dict.items()}
   flat = {}
   for name, array in state_dict.items():
     array = np.asarray(array)
@@ -603,17 +717,28 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray],
       report.mismatched[name] = (tuple(array.shape), mapped[name].torch_shape)
     else:
       tensor = mapped[name]
+      if array.dtype != np.float32:
+        report.converted[array.dtype.name] = report.converted.get(array.dtype.name, 0) + 1
       flat[tensor.path] = np.ascontiguousarray(
           _to_flax(array, tensor.path[-1], tensor.layout), np.float32)
       report.loaded[name] = "/".join(tensor.path)
   report.missing = [name for name in mapped if name not in state_dict]
   problems = report.problems()
   if problems:
+    report.hint = _prefix_hint(report, list(state_dict), set(mapped) | dropped_names,
+                               list(mapped))
+    if report.hint:
+      raise AuthorsCheckpointError(
+          where, f"the state dict's names do not fit the model ({len(report.missing)} of its "
+          f"{len(mapped)} tensors missing, {len(report.unexpected)} unexpected names): "
+          f"{report.hint}", report)
     name, reason = problems[0]
     others = len(problems) - 1
     more = (f" (and {others} more problem{'s' if others > 1 else ''}: see the load report)"
             if others else "")
-    raise AuthorsCheckpointError(f"{where}:{name}", reason + more, report)
+    raise AuthorsCheckpointError(f"{where}:{report.prefix}{name}", reason + more, report)
+  if report.converted:
+    logging.info("%s: converted to float32: %s", where, report.converted)
   return unflatten_dict(flat), report
 
 
@@ -708,9 +833,11 @@ def import_authors_checkpoint(path: str | os.PathLike, workdir: str | os.PathLik
                           {dataset: float("inf")})
   finally:
     checkpoints.close()
-  record = {"source": str(path.resolve()), "dataset": dataset, "step": step,
-            "epoch": checkpoint.epoch, "loaded": len(report.loaded),
-            "dropped": len(report.dropped),
+  record = {"source": str(path.resolve()), "structure": checkpoint.structure,
+            "dataset": dataset, "step": step, "epoch": checkpoint.epoch,
+            "loaded": len(report.loaded), "dropped": len(report.dropped),
+            "prefix_stripped": report.prefix,
+            "converted_to_float32": report.converted,
             "num_batches_tracked": {str(k): v for k, v in report.batches_tracked.items()}}
   (workdir / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
   return ImportResult(workdir, dataset, step, report)
@@ -722,7 +849,9 @@ def main(argv: list[str] | None = None) -> int:
       description="Import the FGTBT authors' released checkpoint into a workdir that "
                   "`run.py eval --checkpoint=best` and `run.py predict` read.")
   parser.add_argument("--authors-checkpoint", required=True,
-                      help="the released .pth file, e.g. full_model_epoch0_best_wflw.pth")
+                      help="the released .pth file, e.g. full_model_epoch0_best_wflw.pth, or a "
+                           "bare torch.save(state_dict) of the same network (keys may carry "
+                           "DataParallel's 'module.' prefix)")
   parser.add_argument("--workdir", required=True, help="a new run directory to write")
   parser.add_argument("--dataset", default=None,
                       help="whose best model it is (default: the file name's _best_<dataset>)")
@@ -733,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
     result = import_authors_checkpoint(args.authors_checkpoint, args.workdir, args.dataset,
                                        variant=args.variant)
   except AuthorsCheckpointError as e:
-    if e.report is not None:
+    if e.report is not None and not e.report.hint:  # With a hint, the one line says it.
       print(e.report.summary())
     print(f"authors_checkpoint: {e}", file=sys.stderr)
     return 1

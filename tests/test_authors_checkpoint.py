@@ -8,13 +8,18 @@ without torch or yacs:
 * the 929 entries of the released state dict (tests/assets, names and
   shapes) land where the name map of AUTHORS_CODE section 1 says, in Flax
   layouts; converted layers compute what their PyTorch layers compute;
+* a bare torch.save(state_dict) and DataParallel's `module.` names import
+  as the released structure does; float16 / bfloat16 tensors are converted
+  and the load report says so;
 * pickled code, truncated files, non-checkpoints and state dicts with
   missing, extra or mis-shaped entries are refused with one-line errors;
+  names off by a prefix get a one-line hint naming it;
 * the written workdir restores as the dataset's best EMA model, and
   `run.py eval` / `run.py predict` run on it (slow).
 """
 
 import collections
+import json
 import pathlib
 import pickle
 import re
@@ -85,6 +90,23 @@ def _random_state_dict(shapes, seed=0):
       (name, torch.tensor(500) if name.endswith("num_batches_tracked")
        else torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)))
       for name, shape in shapes.items())
+
+
+def _save_bare(path, state_dict):
+  """torch.save(model.state_dict()): an OrderedDict of tensors with its `_metadata`."""
+  state_dict = collections.OrderedDict(state_dict)
+  state_dict._metadata = collections.OrderedDict(  # pylint: disable=protected-access
+      (name.rsplit(".", 1)[0], {"version": 1}) for name in state_dict)
+  torch.save(state_dict, path)
+  return path
+
+
+def _assert_same_variables(got, expected):
+  got, expected = flatten_dict(got), flatten_dict(expected)
+  assert got.keys() == expected.keys()
+  for key, value in expected.items():
+    assert got[key].dtype == np.float32, key
+    np.testing.assert_array_equal(got[key], value, err_msg=str(key))
 
 
 def _save(path, state_dict, epoch=0):
@@ -277,9 +299,24 @@ def test_not_a_checkpoint(tmp_path, fake_yacs):
   with zipfile.ZipFile(no_pickle, "w") as archive:
     archive.writestr("archive/version", "3")
   _one_line_error(no_pickle, "no data.pkl")
-  bare = tmp_path / "bare_state_dict.pth"
-  torch.save({"encoder.backbone.norm1.weight": torch.ones(4)}, bare)
-  _one_line_error(bare, "not an FGTBT authors' checkpoint")
+  # Neither the release's structure nor a bare state dict: the error says what it found.
+  accepted = (r"not an FGTBT authors' checkpoint: expected the release's \{'model': \{'sd': "
+              r"<state dict>, \.\.\.\}, 'epoch': \.\.\.\} or a bare torch\.save\(state_dict\) "
+              "of names and tensors, found ")
+  wrapped = tmp_path / "lightning.pth"
+  torch.save({"epoch": 3, "state_dict": {"encoder.backbone.norm1.weight": torch.ones(4)}},
+             wrapped)
+  _one_line_error(wrapped, accepted + r"a dict with keys \['epoch', 'state_dict'\] \('epoch': int, "
+                  r"not a tensor\)$")
+  mixed = tmp_path / "mixed.pth"
+  torch.save({"encoder.backbone.norm1.weight": torch.ones(4), "step": "last"}, mixed)
+  _one_line_error(mixed, accepted + r".*\('step': str, not a tensor\)$")
+  empty = tmp_path / "empty.pth"
+  torch.save({}, empty)
+  _one_line_error(empty, accepted + "an empty dict$")
+  tensors = tmp_path / "list.pth"
+  torch.save([torch.ones(4)], tensors)
+  _one_line_error(tensors, accepted + "a list$")
   raw_pickle = tmp_path / "plain.pkl"
   raw_pickle.write_bytes(pickle.dumps({"model": {}}))
   _one_line_error(raw_pickle, "not a torch.save checkpoint")
@@ -319,6 +356,122 @@ def test_state_dict_that_does_not_fit(tmp_path, fake_yacs, change, match):
   with pytest.raises(ac.AuthorsCheckpointError):
     ac.import_authors_checkpoint(path, workdir, "WFLW", variant="tiny")
   assert not workdir.exists()
+
+
+# -- other files of the same network ------------------------------------------------
+
+
+def test_a_bare_state_dict_imports_as_the_released_file_does(tmp_path, fake_yacs):
+  state_dict = _random_state_dict(_tiny_shapes(), seed=4)
+  released = ac.read_checkpoint(_save(tmp_path / "released.pth", state_dict, epoch=3))
+  bare = ac.read_checkpoint(_save_bare(tmp_path / "bare.pth", state_dict))
+  assert (released.structure, released.epoch) == (ac.RELEASE, 3)
+  assert (bare.structure, bare.epoch, bare.args) == (ac.BARE_STATE_DICT, None, None)
+  assert list(bare.state_dict) == list(released.state_dict) == list(state_dict)
+  model = ac.run_config("WFLW", "tiny").model
+  expected, _ = ac.convert_state_dict(released.state_dict, model)
+  got, report = ac.convert_state_dict(bare.state_dict, model)
+  assert report.ok and len(report.loaded) == 330 and not (report.prefix or report.converted)
+  _assert_same_variables(got, expected)
+  # Through the import: no epoch, so step 0; the record says which structure it read.
+  result = ac.import_authors_checkpoint(tmp_path / "bare.pth", tmp_path / "run", "wflw",
+                                        variant="tiny")
+  assert (result.dataset, result.step, len(result.report.loaded)) == ("WFLW", 0, 330)
+  record = json.loads((tmp_path / "run" / ac.IMPORT_RECORD).read_text())
+  assert (record["structure"], record["epoch"], record["prefix_stripped"]) == (
+      "state_dict", None, "")
+
+
+@pytest.mark.parametrize("prefix", ["module.", "module.module."])
+@pytest.mark.parametrize("bare", [True, False], ids=["bare", "released"])
+def test_data_parallel_names_import_without_their_prefix(tmp_path, fake_yacs, prefix, bare):
+  state_dict = _random_state_dict(_tiny_shapes(), seed=5)
+  prefixed = collections.OrderedDict((prefix + name, t) for name, t in state_dict.items())
+  path = (_save_bare if bare else _save)(tmp_path / "parallel.pth", prefixed)
+  model = ac.run_config("WFLW", "tiny").model
+  expected, _ = ac.convert_state_dict({n: t.numpy() for n, t in state_dict.items()}, model)
+  got, report = ac.convert_state_dict(ac.read_checkpoint(path).state_dict, model, str(path))
+  assert report.ok and report.prefix == prefix and len(report.loaded) == 330
+  assert all(not name.startswith("module.") for name in report.loaded)
+  assert report.batches_tracked == {500: 33}
+  _assert_same_variables(got, expected)
+  assert (f"names read without their {prefix!r} prefix (torch.nn.DataParallel / "
+          "DistributedDataParallel)") in report.summary().splitlines()
+
+
+def test_data_parallel_names_with_a_tensor_missing(tmp_path, fake_yacs):
+  state_dict = _random_state_dict(_tiny_shapes())
+  del state_dict["encoder.decode_head.conv2.weight"]
+  path = _save_bare(tmp_path / "parallel.pth",
+                    {"module." + name: t for name, t in state_dict.items()})
+  with pytest.raises(ac.AuthorsCheckpointError, match=(
+      r"parallel\.pth:module\.encoder\.decode_head\.conv2\.weight: missing from the state "
+      r"dict$")) as caught:
+    ac.convert_state_dict(ac.read_checkpoint(path).state_dict, ac.run_config("WFLW", "tiny").model,
+                          str(path))
+  assert caught.value.report.prefix == "module." and not caught.value.report.hint
+
+
+def _renamed(state_dict, change):
+  """The state dict with its names changed: a prefix on all, on every other one, or one removed."""
+  if change == "all":
+    return {"net." + name: t for name, t in state_dict.items()}
+  if change == "half":
+    return {("module." + name if i % 2 else name): t
+            for i, (name, t) in enumerate(state_dict.items())}
+  return {name.removeprefix("encoder."): t for name, t in state_dict.items()}
+
+
+@pytest.mark.parametrize("change, hint", [
+    ("all", r"\(330 of its 330 tensors missing, 365 unexpected names\): 365 of the file's 365 "
+            r"keys start with 'net\.'; without it 330 of the model's 330 tensors would be found, "
+            r"0 are: re-save the state dict with the prefix stripped$"),
+    ("half", r"\(165 of its 330 tensors missing, 182 unexpected names\): 182 of the file's 365 "
+             r"keys start with 'module\.'; without it 330 of the model's 330 tensors would be "
+             r"found, 165 are: re-save the state dict with the prefix stripped$"),
+    ("lack", r"\(330 of its 330 tensors missing, 365 unexpected names\): the file's keys lack "
+             r"the prefix 'encoder\.'; with it 330 of the model's 330 tensors would be found, 0 "
+             r"are: re-save the state dict with the prefix added$"),
+])
+def test_names_off_by_a_prefix_get_a_one_line_hint(tmp_path, fake_yacs, change, hint):
+  state_dict = _random_state_dict(_tiny_shapes())
+  assert len(state_dict) == 365
+  path = _save_bare(tmp_path / "renamed.pth", _renamed(state_dict, change))
+  with pytest.raises(ac.AuthorsCheckpointError, match=(
+      r"^" + re.escape(str(path)) + r": the state dict's names do not fit the model " + hint)
+                     ) as caught:
+    ac.convert_state_dict(ac.read_checkpoint(path).state_dict, ac.run_config("WFLW", "tiny").model,
+                          str(path))
+  report = caught.value.report
+  assert "\n" not in str(caught.value) and report.hint and not report.prefix
+  assert f"hint: {report.hint}" in report.summary().splitlines()
+
+
+def test_float16_and_bfloat16_tensors_are_converted_and_reported(tmp_path, fake_yacs):
+  state_dict = _random_state_dict(_tiny_shapes(), seed=6)
+  halves = collections.OrderedDict()
+  for i, (name, tensor) in enumerate(state_dict.items()):
+    if not name.endswith("num_batches_tracked"):
+      tensor = tensor.bfloat16() if i % 10 == 0 else tensor.half()
+    halves[name] = tensor
+  bfloat16 = sum(t.dtype == torch.bfloat16 for name, t in halves.items() if "conv_seg" not in name)
+  path = _save_bare(tmp_path / "half.pth", halves)
+  model = ac.run_config("WFLW", "tiny").model
+  got, report = ac.convert_state_dict(ac.read_checkpoint(path).state_dict, model, str(path))
+  assert report.ok and report.converted == {"bfloat16": bfloat16, "float16": 330 - bfloat16}
+  assert 0 < bfloat16 < 330
+  assert (f"converted to float32: {bfloat16} bfloat16, {330 - bfloat16} float16 tensors"
+          in report.summary().splitlines())
+  # The values are the half-precision ones, exactly (the conversion is exact).
+  expected, _ = ac.convert_state_dict({n: t.float().numpy() for n, t in halves.items()}, model)
+  _assert_same_variables(got, expected)
+  # float32 files say nothing about it.
+  _, report = ac.convert_state_dict({n: t.numpy() for n, t in state_dict.items()}, model)
+  assert report.converted == {} and "converted" not in report.summary()
+  # The workdir's record keeps it.
+  ac.import_authors_checkpoint(path, tmp_path / "run", "WFLW", variant="tiny")
+  record = json.loads((tmp_path / "run" / ac.IMPORT_RECORD).read_text())
+  assert record["converted_to_float32"] == {"bfloat16": bfloat16, "float16": 330 - bfloat16}
 
 
 def test_dataset_from_the_file_name():
@@ -370,6 +523,17 @@ def test_cli_errors_are_one_line(tmp_path, fake_yacs):
   assert done.stderr.strip().splitlines() == [
       f"authors_checkpoint: {path}: which dataset's best model is this? The file name has no "
       "_best_<dataset> suffix; pass the dataset, one of ('WFLW', '300W', 'COFW', 'AFLW')"]
+  assert not (tmp_path / "run").exists()
+
+
+def test_cli_names_off_by_a_prefix_is_one_line_not_a_dump(tmp_path, fake_yacs):
+  path = _save_bare(tmp_path / "renamed.pth", _renamed(_random_state_dict(_tiny_shapes()), "all"))
+  done = _cli("--authors-checkpoint", str(path), "--workdir", str(tmp_path / "run"),
+              "--dataset", "wflw", "--variant", "tiny")
+  assert done.returncode == 1 and done.stdout == ""
+  [line] = done.stderr.strip().splitlines()
+  assert line.startswith(f"authors_checkpoint: {path}: the state dict's names do not fit")
+  assert "start with 'net.'; without it 330 of the model's 330 tensors would be found" in line
   assert not (tmp_path / "run").exists()
 
 
