@@ -3,7 +3,8 @@
     python -m data_pipelines.convert --dataset wflw --src ~/data/WFLW \\
         --out ~/fgtbt_data [--format wflw_txt] [--image-root DIR] \\
         [--on-error skip] [--max-side 512] [--image-format jpeg] \\
-        [--splits train,test] [--convention project|authors] [--overwrite]
+        [--splits train,test] [--convention project|authors] \\
+        [--authors-crop-size 480] [--overwrite]
 
 reads the dataset with data_pipelines.readers (the format is detected unless
 `--format` names it), crops every face (data_pipelines/tfds_builders.py) and
@@ -13,7 +14,10 @@ the source is missing, the dataset unknown, or a file is bad under
 `--on-error raise`. With `--on-error skip` bad samples and images that fail to
 load are left out and counted instead. `--convention authors` reads the STAR
 TSV scale and the COFW crop extent as the FGTBT authors' loaders do (see
-data_pipelines.readers.tables / cofw; what their released weights expect);
+data_pipelines.readers.tables / cofw; what their released weights expect)
+and stores the test splits as their own test crops (integer window, PIL
+bicubic, PNG) at `--authors-crop-size` px, the network input their
+numbers were measured on;
 `--format` forces a format where several are present (the authors read WFLW
 and AFLW from the HRNet CSVs).
 
@@ -91,14 +95,18 @@ def convert_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike
                     image_format: str = "jpeg",
                     jpeg_quality: int = tfds_builders.DEFAULT_JPEG_QUALITY,
                     num_threads: int = 4, overwrite: bool = False,
-                    synthetic: bool = False, convention: str = "project") -> ConversionSummary:
+                    synthetic: bool = False, convention: str = "project",
+                    authors_crop_size: int = tfds_builders.AUTHORS_CROP_SIZE
+                    ) -> ConversionSummary:
   """Reads `dataset` from `src` (a folder or annotation file) into crops under `out`.
 
   `fmt` names the source format (None: detected), `image_root` where the
   annotation's image paths are relative to (None: the format's default); see
   data_pipelines.readers.read_dataset. `synthetic` marks the conversion as
   generated stand-in data (`convert_synthetic` sets it). `convention`:
-  the readers' ("project" or "authors"; data_pipelines.readers.read_dataset).
+  the readers' ("project" or "authors"; data_pipelines.readers.read_dataset);
+  "authors" also stores the test splits as the authors' own test crops at
+  `authors_crop_size` px (data_pipelines.tfds_builders).
 
   Raises:
     FileNotFoundError: `src` does not exist.
@@ -112,7 +120,8 @@ def convert_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike
                 image_root=image_root, splits=splits,
                 on_error=on_error, max_side=max_side, image_format=image_format,
                 jpeg_quality=jpeg_quality, num_threads=num_threads, overwrite=overwrite,
-                synthetic=synthetic, convention=convention)
+                synthetic=synthetic, convention=convention,
+                authors_crop_size=authors_crop_size)
 
 
 def convert_records(dataset: str, records: Mapping[str, Sequence[FaceRecord]],
@@ -137,13 +146,14 @@ def convert_records(dataset: str, records: Mapping[str, Sequence[FaceRecord]],
 
 def _build(dataset, src, out, *, read_split, fmt, image_root, splits, on_error,
            max_side, image_format, jpeg_quality, num_threads,
-           overwrite, synthetic=False, convention="project") -> ConversionSummary:
+           overwrite, synthetic=False, convention="project",
+           authors_crop_size=tfds_builders.AUTHORS_CROP_SIZE) -> ConversionSummary:
   config = tfds_builders.crop_config(max_side, image_format, jpeg_quality)
   builder = tfds_builders.build(
       dataset, src, out, source_format=fmt, image_root=image_root,
       read_split=read_split, splits=splits,
       config=config, on_error=on_error, num_threads=num_threads, overwrite=overwrite,
-      synthetic=synthetic, convention=convention)
+      synthetic=synthetic, convention=convention, authors_crop_size=authors_crop_size)
   path = pathlib.Path(builder.data_dir)
   if not builder.split_stats:  # An existing conversion was reused.
     return _existing_summary(dataset, path, builder.info)
@@ -241,7 +251,11 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help="threads decoding, cropping and encoding images")
   parser.add_argument("--convention", default="project", choices=("project", "authors"),
                       help="read STAR TSV scales and COFW crop extents as this project "
-                           "documents, or as the FGTBT authors' loaders do")
+                           "documents, or as the FGTBT authors' loaders do (and store "
+                           "the test splits as their test crops)")
+  parser.add_argument("--authors-crop-size", type=int, default=tfds_builders.AUTHORS_CROP_SIZE,
+                      help="with --convention authors: the side of the stored test crops "
+                           "(the network input size of the evaluation)")
   parser.add_argument("--overwrite", action="store_true",
                       help="rebuild even if a finished conversion exists")
   return parser.parse_args(argv)
@@ -256,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
         on_error=args.on_error, max_side=args.max_side,
         image_format=args.image_format, jpeg_quality=args.jpeg_quality,
-        num_threads=args.threads, overwrite=args.overwrite, convention=args.convention)
+        num_threads=args.threads, overwrite=args.overwrite, convention=args.convention,
+        authors_crop_size=args.authors_crop_size)
   # DataError and UnknownProtocolError are ValueErrors with one-line messages;
   # an OSError (a read-only or full --out, a file where a folder goes) names
   # its path. What was converted before stays (TFDS writes into a temporary

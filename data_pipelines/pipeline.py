@@ -357,7 +357,16 @@ def eval_dataset(config: ml_collections.ConfigDict, dataset: str, split: str | N
     raise ValueError(f"data.eval_batch_size={batch} must be a positive multiple of "
                      f"the process count {process_count}")
   local_batch = batch // process_count
-  source = open_source(config, protocol.name, split or config.eval_split)
+  split = split or config.eval_split
+  stored = tfds_builders.authors_crop_size(config.data_dir, protocol.name, split,
+                                           config.crop_config)
+  if stored and stored != int(config.image_size):
+    raise ValueError(
+        f"{tfds_builders.converted_dir(config.data_dir, protocol.name, config.crop_config)}: "
+        f"the {protocol.name} {split} split holds the authors' test crops at {stored} px, "
+        f"not data.image_size={config.image_size}; convert it again with "
+        f"--authors-crop-size {config.image_size}")
+  source = open_source(config, protocol.name, split)
   padded = _PaddedSplit(source, process_index, process_count, local_batch)
   transform = EvalCrop(protocol.name, config.image_size, config.crop_enlarge,
                        config.reduced_decode)

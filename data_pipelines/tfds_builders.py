@@ -22,6 +22,18 @@ One builder per dataset (`fgtbt_wflw`, `fgtbt_300w`, `fgtbt_cofw`,
   (`datasets.get(name).subsets`).
 * "image_name", "source": where the face came from (for messages).
 
+With the readers' `convention="authors"`, test splits (every split but
+"train") store the FGTBT authors' own test crop instead of the loose crop:
+`crop.authors_crop` at `authors_crop_size` (480, the paper's input) as PNG,
+the network input itself (their integer window, PIL bicubic). Its
+annotations are in the authors' nominal crop frame (the exact crop map
+`face_crop_affine`, which their evaluation maps predictions back with):
+"center" is the crop's centre and "scale" such that the evaluation's crop
+at that size is the identity, so the network sees their pixels unchanged
+and the metrics follow their formulas. The metadata's "authors_crops"
+records the size and splits (`authors_crop_size`); evaluating at another
+`data.image_size` is refused.
+
 Building and reading need no TensorFlow (tensorflow-datasets 4.9.10), with
 these rules, which this module follows:
 
@@ -69,6 +81,9 @@ from fgtbt_jax.errors import DataError
 # The stored crop is this many times the HRNet crop side (200 * scale) of the
 # face: room for the 1.25 enlargement, 1.25x scale augmentation and rotation.
 LOOSE_CROP_FACTOR = 2.0
+# The side of the authors' test crops stored by `convention="authors"`: the
+# paper's network input.
+AUTHORS_CROP_SIZE = 480
 DEFAULT_MAX_SIDE = 512
 DEFAULT_JPEG_QUALITY = 95
 
@@ -168,9 +183,12 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                read_split: ReadSplit | None = None, splits: Sequence[str] = SPLITS,
                on_error: str = "raise", num_threads: int = 4, synthetic: bool = False,
                source: str | os.PathLike | None = None, convention: str = "project",
-               **kwargs):
+               authors_crop_size: int = AUTHORS_CROP_SIZE, **kwargs):
     self._synthetic = bool(synthetic)  # _info() may run inside the base constructor.
     self._convention = convention  # The readers' (data_pipelines.readers.common.CONVENTIONS).
+    if int(authors_crop_size) < 32:
+      raise ValueError(f"authors_crop_size must be at least 32 px, got {authors_crop_size}")
+    self._authors_crop_size = int(authors_crop_size)
     # The folder or annotation file to read (TFDS's manual_dir must be a
     # folder: an annotation file's own folder is passed there).
     self._source = source
@@ -235,7 +253,11 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         protocol=self.PROTOCOL, loose_crop_factor=LOOSE_CROP_FACTOR,
         max_side=cfg.max_side, image_format=cfg.image_format,
         jpeg_quality=cfg.jpeg_quality, synthetic=getattr(self, "_synthetic", False),
-        convention=getattr(self, "_convention", "project"))
+        convention=getattr(self, "_convention", "project"),
+        **({"authors_crops": {"size": self._authors_crop_size,
+                              "splits": [s for s in getattr(self, "_splits", SPLITS)
+                                         if s != "train"]}}
+           if getattr(self, "_convention", "project") == "authors" else {}))
     return tfds.core.DatasetInfo(
         builder=self, features=features, metadata=metadata,
         description=f"{self.PROTOCOL} faces as loose crops for FGTBT "
@@ -265,8 +287,11 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, records: Sequence[FaceRecord], split: str,
                          stats: SplitStats):
+    authors_size = (self._authors_crop_size
+                    if self._convention == "authors" and split != "train" else 0)
     convert = functools.partial(_try_example, cfg=self.builder_config,
-                                protocol=self.protocol, on_error=self._on_error)
+                                protocol=self.protocol, on_error=self._on_error,
+                                authors_crop_size=authors_size)
     for index, (example, error) in enumerate(
         _ordered_thread_map(convert, records, self._num_threads)):
       if error is not None:
@@ -301,9 +326,10 @@ def _ordered_thread_map(fn, items: Sequence, num_threads: int) -> Iterator:
 
 
 def _try_example(record: FaceRecord, cfg: CropConfig, protocol: lm.Protocol,
-                 on_error: str) -> tuple[dict | None, DataError | None]:
+                 on_error: str, authors_crop_size: int = 0
+                 ) -> tuple[dict | None, DataError | None]:
   try:
-    return face_example(record, cfg, protocol), None
+    return face_example(record, cfg, protocol, authors_crop_size), None
   except DataError as error:
     if on_error == "raise":
       raise
@@ -365,8 +391,13 @@ def check_geometry(record: FaceRecord, center: np.ndarray, scale: float,
                     "crop_mostly_padding")
 
 
-def face_example(record: FaceRecord, cfg: CropConfig, protocol: lm.Protocol) -> dict:
+def face_example(record: FaceRecord, cfg: CropConfig, protocol: lm.Protocol,
+                 authors_crop_size: int = 0) -> dict:
   """One stored example for `record`: the loose crop and its annotations.
+
+  With `authors_crop_size` S > 0 the image is the authors' test crop at S
+  px (PNG) in place of the loose crop, annotated in their nominal crop
+  frame (see the module docstring).
 
   Raises:
     DataError: naming `record.source`, when the image does not load or the
@@ -400,20 +431,30 @@ def face_example(record: FaceRecord, cfg: CropConfig, protocol: lm.Protocol) -> 
 
   image = images.load_image(record.image, where=where, strict=True)
   check_geometry(record, center, scale, image.shape[:2], where)
-  side_px = LOOSE_CROP_FACTOR * crop.SCALE_UNIT * scale
-  out_size = int(min(cfg.max_side, max(16, round(side_px))))
-  to_crop = crop.crop_affine(center, scale, out_size, extra_scale=LOOSE_CROP_FACTOR)
-  # The whole image is area-averaged, as for every conversion so far, so that
-  # stored crops stay bit-identical (the region-only variant differs by a
-  # grey level or two).
-  crop_image = crop.warp_to_crop(image, to_crop, out_size, whole_image=True)
+  if authors_crop_size:
+    out_size = int(authors_crop_size)
+    side_px = crop.CROP_ENLARGE * crop.SCALE_UNIT * scale
+    to_crop = crop.face_crop_affine(center, scale, out_size)
+    try:
+      crop_image, _ = crop.authors_crop(image, center, scale * crop.CROP_ENLARGE, out_size)
+    except ValueError as e:
+      raise DataError(where, str(e), "bad_box") from e
+    encoded = images.encode_image(crop_image, "png")
+  else:
+    side_px = LOOSE_CROP_FACTOR * crop.SCALE_UNIT * scale
+    out_size = int(min(cfg.max_side, max(16, round(side_px))))
+    to_crop = crop.crop_affine(center, scale, out_size, extra_scale=LOOSE_CROP_FACTOR)
+    # The whole image is area-averaged, as for every conversion so far, so that
+    # stored crops stay bit-identical (the region-only variant differs by a
+    # grey level or two).
+    crop_image = crop.warp_to_crop(image, to_crop, out_size, whole_image=True)
+    encoded = images.encode_image(crop_image, cfg.image_format, cfg.jpeg_quality)
 
   factor = out_size / side_px  # Stored-crop pixels per original pixel.
   x1, y1, x2, y2 = np.asarray(record.box, np.float64)
   box_size = (float(record.box_size) if record.box_size is not None
               else float(np.sqrt(max(x2 - x1, 0.0) * max(y2 - y1, 0.0))))
   corners = crop.apply_affine(np.array([[x1, y1], [x2, y2]]), to_crop)
-  encoded = images.encode_image(crop_image, cfg.image_format, cfg.jpeg_quality)
   return {
       "image": encoded,
       "landmarks": crop.apply_affine(record.landmarks.astype(np.float64),
@@ -524,6 +565,19 @@ def conversion_convention(data_dir: str | os.PathLike, dataset: str,
     raise ValueError(f"{path}: unreadable conversion metadata: {e}") from e
 
 
+def authors_crop_size(data_dir: str | os.PathLike, dataset: str, split: str,
+                      config_name: str = "") -> int:
+  """The side of the authors' test crops a converted split stores (0: loose crops)."""
+  path = converted_dir(data_dir, dataset, config_name) / "metadata.json"
+  try:
+    held = json.loads(path.read_text()).get("authors_crops") or {}
+  except FileNotFoundError:
+    return 0
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: unreadable conversion metadata: {e}") from e
+  return int(held.get("size", 0)) if split in held.get("splits", ()) else 0
+
+
 def converted_splits(data_dir: str | os.PathLike, dataset: str, config_name: str = "") -> list[str]:
   """The split names a converted dataset holds (from its dataset_info.json)."""
   path = converted_dir(data_dir, dataset, config_name) / "dataset_info.json"
@@ -626,7 +680,8 @@ def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
           read_split: ReadSplit | None = None, splits: Sequence[str] = SPLITS,
           config: CropConfig | None = None, on_error: str = "raise", num_threads: int = 4,
           overwrite: bool = False, synthetic: bool = False,
-          convention: str = "project") -> FaceCropBuilder:
+          convention: str = "project",
+          authors_crop_size: int = AUTHORS_CROP_SIZE) -> FaceCropBuilder:
   """Builds one dataset from `src` (a folder or annotation file) into ArrayRecord files.
 
   An existing finished conversion that holds every split asked for is kept
@@ -637,7 +692,8 @@ def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
   metadata (`is_synthetic`), so reports never put the paper's benchmark
   numbers beside results on it. `convention` is the readers' ("project" or
   "authors", recorded in the metadata: `conversion_convention`); an existing
-  conversion made with the other one is refused unless `overwrite`.
+  conversion made with the other one is refused unless `overwrite`. With
+  "authors", test splits store the authors' crops at `authors_crop_size`.
 
   One conversion at a time writes a dataset's crop config (a lock file in
   `out_dir/<builder>/`); temporary folders that a killed conversion left
@@ -681,7 +737,8 @@ def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
                   source_format=source_format, image_root=image_root,
                   read_split=read_split, splits=splits,
                   on_error=on_error, num_threads=num_threads, synthetic=synthetic,
-                  source=src, convention=convention, file_format="array_record")
+                  source=src, convention=convention, authors_crop_size=authors_crop_size,
+                  file_format="array_record")
     src = pathlib.Path(src)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)

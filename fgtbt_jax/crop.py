@@ -24,12 +24,19 @@ points: `apply_affine(points, m) = points @ m[:, :2].T + m[:, 2]`.
 
 `warp_to_crop` cuts a crop out of an image with such a matrix, the same way
 for stored crops (conversion) and network crops (prediction).
+
+`authors_crop` is the FGTBT authors' test-time crop instead (their
+HRNet-style loader): an integer pixel window resampled with PIL's bicubic
+filter, its content about one input pixel right and down of the exact crop.
+The `--convention authors` conversion stores it for test splits, so that the
+released weights see the pixels they were measured on.
 """
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
+from PIL import Image
 
 # HRNet's unit: scale 1.0 is a 200 px face box.
 SCALE_UNIT = 200.0
@@ -180,3 +187,79 @@ def warp_to_crop(image: np.ndarray, to_crop: np.ndarray, size: int, *,
     image, to_crop = region, compose_affine(to_crop, invert_affine(to_region))
   return cv2.warpAffine(np.ascontiguousarray(image), to_crop, (size, size), flags=cv2.INTER_LINEAR,
                         borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+
+
+def _authors_window_corner(point: float, center, side: float, size: int) -> np.ndarray:
+  """Their integer window corner: their inverse crop map of (point - 1) per axis,
+  truncated toward zero, plus 1 (their `transform_pixel(..., invert=1)`)."""
+  # Their 3x3 map: x' = (S / h) x + S (0.5 - c / h); inverted as a matrix, as they do.
+  forward = np.array([[size / side, 0.0, size * (-float(center[0]) / side + 0.5)],
+                      [0.0, size / side, size * (-float(center[1]) / side + 0.5)],
+                      [0.0, 0.0, 1.0]])
+  mapped = np.linalg.inv(forward) @ np.array([point - 1.0, point - 1.0, 1.0])
+  return mapped[:2].astype(int) + 1
+
+
+def authors_crop(image: np.ndarray, center, scale: float, size: int) -> tuple[np.ndarray,
+                                                                            np.ndarray]:
+  """The FGTBT authors' test-time face crop (rotation 0) and its exact affine map.
+
+  Their loader's steps (facts from their `datasets/transforms.py`, SPEC): with
+  h = 200 * scale and sf = h / S,
+  1. when sf >= 2 the whole image is first resized to (floor(W / sf),
+     floor(H / sf)) with PIL's bicubic filter, and the centre and scale
+     divided by sf (their centre is a float32 tensor);
+  2. the window corners are ul = int(T^-1(-1)) + 1 and br = int(T^-1(S - 1)) + 1
+     per axis (T their crop map, `int` truncating toward zero);
+  3. the integer window [ul, br) is copied into a black canvas (parts outside
+     the image stay black) and resized to S x S with PIL's bicubic filter.
+
+  Args:
+    image: (H, W, 3) uint8 RGB image.
+    center: (2,) their face centre (x, y) in image pixels.
+    scale: their scale, already enlarged 1.25x (the crop side is 200 * scale).
+    size: S, the crop side.
+
+  Returns:
+    (S, S, 3) uint8 crop and the (2, 3) matrix mapping image points (pixel
+    centres at integers) to crop points as the pixels were resampled (PIL's
+    resize maps pixel centres: x' = (x + 0.5) * out / in - 0.5). The matrix
+    differs from `face_crop_affine`'s exact map by up to about one input
+    pixel (the integer window) and by the window's rounding per axis.
+  """
+  image = np.asarray(image, np.uint8)
+  if image.ndim != 3 or image.shape[2] != 3:
+    raise ValueError(f"authors_crop: expected an (H, W, 3) image, got shape {image.shape}")
+  size = int(size)
+  center = np.asarray(center, np.float32).reshape(2)
+  height, width = image.shape[:2]
+  to_source = np.eye(2, 3)
+  factor = float(scale) * SCALE_UNIT / size
+  if factor >= 2.0:
+    new_w, new_h = int(np.floor(width / factor)), int(np.floor(height / factor))
+    if max(new_w, new_h) < 2:
+      raise ValueError(f"authors_crop: a {width} x {height} image shrinks below 2 px for a "
+                       f"crop of scale {scale:g} at {size} px")
+    image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC))
+    rx, ry = new_w / width, new_h / height
+    to_source = np.array([[rx, 0.0, 0.5 * rx - 0.5], [0.0, ry, 0.5 * ry - 0.5]])
+    center = (center / np.float32(factor)).astype(np.float32)
+    scale = float(scale) / factor
+    height, width = image.shape[:2]
+  side = float(scale) * SCALE_UNIT
+  ul = _authors_window_corner(0.0, center, side, size)
+  br = _authors_window_corner(float(size), center, side, size)
+  window_w, window_h = int(br[0] - ul[0]), int(br[1] - ul[1])
+  if window_w < 1 or window_h < 1:
+    raise ValueError(f"authors_crop: an empty crop window for scale {scale:g}")
+  canvas = np.zeros((window_h, window_w, 3), np.uint8)
+  x0, y0 = max(0, ul[0]), max(0, ul[1])
+  x1, y1 = min(width, br[0]), min(height, br[1])
+  if x1 > x0 and y1 > y0:
+    canvas[y0 - ul[1]:y1 - ul[1], x0 - ul[0]:x1 - ul[0]] = image[y0:y1, x0:x1]
+  crop_image = np.asarray(Image.fromarray(canvas).resize((size, size), Image.Resampling.BICUBIC))
+  # Source pixel x -> window pixel x - ul -> crop pixel (x - ul + 0.5) * S / window - 0.5.
+  sx, sy = size / window_w, size / window_h
+  window_to_crop = np.array([[sx, 0.0, sx * (0.5 - ul[0]) - 0.5],
+                             [0.0, sy, sy * (0.5 - ul[1]) - 0.5]])
+  return crop_image, compose_affine(window_to_crop, to_source)

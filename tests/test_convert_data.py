@@ -408,3 +408,47 @@ def test_the_readers_convention_is_recorded_and_never_mixed(tmp_path, capsys):
   assert convert.main(["--dataset", "wflw", "--src", str(src), "--out", str(out),
                        "--splits", "test", "--overwrite"]) == 0
   assert tfds_builders.conversion_convention(out, "WFLW") == "project"
+
+
+def test_the_authors_convention_stores_their_test_crops(tmp_path):
+  """`--convention authors` test splits hold the authors' own test crop (their
+  integer window, PIL bicubic, PNG), annotated in their nominal crop frame: the
+  eval pipeline feeds those pixels unchanged, with the exact crop map's geometry."""
+  from data_pipelines import config as data_config_lib
+  from data_pipelines import pipeline
+  from data_pipelines import synthetic
+  size = 96
+  image, points124, _ = synthetic.render_face(5, 2, 200)
+  points = points124[lm.get_protocol("WFLW").unified_index]
+  box = np.concatenate([points.min(0), points.max(0)])
+  records = {split: [FaceRecord("WFLW", split, image, points, box, f"faces.csv:{split}",
+                                "face.png")] for split in ("train", "test")}
+  out = tmp_path / "out"
+  tfds_builders.build("WFLW", out, out, read_split=lambda _, split: (records[split], None),
+                      splits=("train", "test"), convention="authors", authors_crop_size=size)
+  assert tfds_builders.authors_crop_size(out, "WFLW", "test") == size
+  assert tfds_builders.authors_crop_size(out, "WFLW", "train") == 0
+  record = records["test"][0]
+  theirs, _ = crop.authors_crop(image, record.center, record.scale * crop.CROP_ENLARGE, size)
+  stored = _read_back(out, "WFLW", "test")[0]
+  np.testing.assert_array_equal(stored["image"], theirs)
+  assert _read_back(out, "WFLW", "train")[0]["image"].shape[0] != size  # a loose crop
+  nominal = crop.face_crop_affine(record.center, record.scale, size)
+  np.testing.assert_allclose(stored["original_to_crop"], nominal, atol=1e-9)
+  # The evaluation's network crop is the stored crop itself.
+  config = data_config_lib.data_config()
+  config.data_dir, config.image_size, config.eval_batch_size = str(out), size, 1
+  config.datasets = ("WFLW",)
+  [batch] = list(pipeline.make_eval_iterator(config, "WFLW"))
+  np.testing.assert_array_equal(batch["image"][0], theirs)
+  np.testing.assert_allclose(batch["inverse_affine"][0], np.eye(2, 3), atol=1e-4)
+  np.testing.assert_allclose(batch["landmarks"][0], crop.apply_affine(points, nominal),
+                             atol=1e-3)
+  # The project's exact crop of the same face differs by a few grey levels.
+  exact = crop.warp_to_crop(image, nominal, size)
+  assert np.abs(exact.astype(float) - theirs).mean() > 1.0
+  config.image_size = 64
+  with pytest.raises(ValueError, match=r"holds the authors' test crops at 96 px, not "
+                                       r"data.image_size=64; convert it again with "
+                                       r"--authors-crop-size 64"):
+    pipeline.make_eval_iterator(config, "WFLW")

@@ -144,3 +144,51 @@ def test_warp_to_crop_outside_the_image_is_black():
   to_crop = crop.face_crop_affine([5000.0, 5000.0], 1000 / 200, 32)
   for whole_image in (False, True):
     assert not crop.warp_to_crop(image, to_crop, 32, whole_image=whole_image).any()
+
+
+# -- the FGTBT authors' test crop ------------------------------------------------------
+
+
+def test_the_authors_crop_window_is_their_integer_corners():
+  """Side 480 at S = 480: no resampling, so the crop is the window's pixels.
+
+  Their corners: T^-1(p - 1) = c + ((p - 1) / S - 0.5) h, truncated, + 1:
+  x: int(500.3 - 241) + 1 = 260, y: int(400.7 - 241) + 1 = 160.
+  """
+  image = np.random.default_rng(0).integers(0, 256, (800, 1000, 3), dtype=np.uint8)
+  out, matrix = crop.authors_crop(image, [500.3, 400.7], 2.4, 480)
+  np.testing.assert_array_equal(out, image[160:640, 260:740])
+  np.testing.assert_allclose(matrix, [[1, 0, -260], [0, 1, -160]], atol=1e-12)
+  # The exact crop map puts the same face 0.8 / 1.2 px further up and left.
+  exact = crop.face_crop_affine([500.3, 400.7], 2.4 / 1.25, 480)
+  np.testing.assert_allclose(exact[:, 2] - matrix[:, 2], [-0.8, -1.2], atol=1e-9)
+  # Outside the image the canvas stays black: ul = int(100.5 - 241) + 1 = -139
+  # (truncation toward zero: a 479 px window here, br = int(339.5) + 1 = 340).
+  edge, matrix = crop.authors_crop(image, [100.5, 100.5], 2.4, 480)
+  np.testing.assert_allclose(matrix[0, 0], 480 / 479)
+  assert not edge[:137].any() and not edge[:, :137].any() and edge[142:, 142:].all(-1).mean() > 0.9
+
+
+@pytest.mark.parametrize("scale", [3.1, 6.0])  # a window resampled; the image shrunk first
+def test_the_authors_crop_matrix_is_where_its_pixels_come_from(scale):
+  """On a linear ramp, bicubic resampling is exact away from the borders, so the
+  crop's value at u is the ramp at the returned matrix's inverse of u."""
+  ys, xs = np.mgrid[0:1400, 0:1500].astype(np.float64)
+  ramp = lambda x, y: 20.0 + 0.1 * x + 0.07 * y
+  image = np.repeat(np.round(ramp(xs, ys))[..., None], 3, -1).astype(np.uint8)
+  out, matrix = crop.authors_crop(image, [750.4, 690.2], scale, 480)
+  grid = np.stack(np.mgrid[40:440:7, 40:440:7][::-1], -1).reshape(-1, 2).astype(np.float64)
+  source = crop.apply_affine(grid, crop.invert_affine(matrix))
+  values = out[grid[:, 1].astype(int), grid[:, 0].astype(int), 0].astype(np.float64)
+  assert np.abs(values - ramp(source[:, 0], source[:, 1])).mean() < 0.6
+  # The exact map is about one input pixel (up to one window pixel) away.
+  exact = crop.face_crop_affine([750.4, 690.2], scale / 1.25, 480)
+  shift = crop.apply_affine(source, exact) - grid
+  assert (np.abs(shift) < 1.0 + 480 / (200 * scale)).all() and shift.mean() < 0
+
+
+def test_the_authors_crop_refuses_what_it_cannot_cut():
+  with pytest.raises(ValueError, match=r"expected an \(H, W, 3\) image"):
+    crop.authors_crop(np.zeros((10, 10), np.uint8), [5, 5], 1.0, 64)
+  with pytest.raises(ValueError, match="shrinks below 2 px"):
+    crop.authors_crop(np.zeros((3, 3, 3), np.uint8), [1, 1], 40.0, 64)
