@@ -49,6 +49,9 @@ from fgtbt_jax.visualization import draw_landmarks
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+# The endings of the overlays this command writes: a folder's files with
+# them are outputs of an earlier run, not inputs (a named file is still taken).
+OVERLAY_SUFFIXES = (".overlay.png", ".overlay.avi")
 
 
 @dataclasses.dataclass
@@ -107,8 +110,9 @@ def list_inputs(sources) -> list[pathlib.Path]:
   """Input files: each source is a file, or a folder whose image and video files are taken.
 
   Folders are read non-recursively, sorted by name; files in them with other
-  extensions are skipped. A named file is always taken (and fails later if it
-  is not an image or video).
+  extensions, and this command's own overlays (`OVERLAY_SUFFIXES`), are
+  skipped. A named file is always taken (and fails later if it is not an
+  image or video).
   """
   if isinstance(sources, (str, os.PathLike)):
     sources = [sources]
@@ -116,7 +120,8 @@ def list_inputs(sources) -> list[pathlib.Path]:
   for source in sources:
     path = pathlib.Path(source)
     found = (sorted(p for p in path.iterdir() if p.is_file() and
-                    p.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
+                    p.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS and
+                    not p.name.lower().endswith(OVERLAY_SUFFIXES))
              if path.is_dir() else [path])
     for file in found:  # A file named twice (or in a folder and by name) is done once.
       if file.resolve() not in seen:
@@ -285,8 +290,9 @@ def predict_files(predictor: predictor_lib.Predictor, sources, out_dir: str | os
                      "not both")
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  # An output folder inside an input folder: its overlays are not inputs.
-  files = [f for f in list_inputs(sources) if out.resolve() not in f.resolve().parents]
+  # Inputs may share the output folder: only earlier overlays are skipped
+  # (`list_inputs`), never an input.
+  files = list_inputs(sources)
   per_file = {} if boxes is None else match_boxes_to_inputs(boxes, files, boxes_source)
   # Errors name a box list by its file and key, as written there.
   keys = {} if boxes is None else match_boxes_to_inputs({k: k for k in boxes}, files,
@@ -479,8 +485,8 @@ def predict_main(workdir: str | os.PathLike, inputs: Sequence[str], out_dir: str
   "dlib_hog" or "haar_cascade" (`detector.make_detector`);
   `box_adjustment` ("real" default, "synthetic" or a `BoxAdjustment`, e.g.
   from `python -m fgtbt_jax.calibrate`) its box calibration. `tracking`:
-  the detection interval and landmark smoothing of videos. 0 when every file was processed, 1
-  when any failed. Prints the summary (each failure with its reason).
+  the detection interval and landmark smoothing of videos. 0 when every file was processed
+  (and there was one at least), 1 when any failed or none was found. Prints the summary (each failure with its reason).
 
   Raises:
     UsageError-worthy project errors: `predict_files.InputError` (no such
@@ -516,4 +522,4 @@ def predict_main(workdir: str | os.PathLike, inputs: Sequence[str], out_dir: str
       logging.info("%s: %d face(s) in %d frame(s) -> %s", done.source, done.num_faces,
                    done.num_frames, ", ".join(done.outputs))
   print(f"{report.summary()}\noutputs in {out_dir}", flush=True)
-  return 1 if report.failed else 0
+  return 1 if report.failed or not report.files else 0

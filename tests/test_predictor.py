@@ -497,6 +497,19 @@ def test_an_absurd_box_fails_its_file_and_outputs_inside_inputs_are_not_inputs(t
   again = predict_files.predict_files(predictor, [tmp_path, tmp_path / "out"], tmp_path / "out",
                                       box=[30, 20, 110, 100])
   assert [f.source for f in again.files] == [str(tmp_path / "a.png")]
+  # Outputs into the inputs' own folder: the inputs are predicted (named or
+  # listed), twice over, and the overlays are never inputs.
+  for sources in (tmp_path / "a.png", tmp_path, [tmp_path, tmp_path / "a.png"]):
+    own = predict_files.predict_files(predictor, sources, tmp_path, box=[30, 20, 110, 100])
+    assert [f.source for f in own.files] == [str(tmp_path / "a.png")] and not own.failed
+    assert (tmp_path / "a.png.json").is_file() and (tmp_path / "a.png.overlay.png").is_file()
+  # A named overlay is an input like any image.
+  named = predict_files.predict_files(predictor, tmp_path / "a.png.overlay.png", tmp_path / "o2",
+                                      box=[30, 20, 110, 100])
+  assert len(named.files) == 1 and not named.failed
+  # A folder of overlays alone holds nothing to do: an error, not "0 of 0 files done".
+  with pytest.raises(predict_files.InputError, match="no image or video files"):
+    predict_files.check_inputs([str(tmp_path / "o2")])
 
 
 def test_boxes_file_gives_several_faces_per_image_and_detected_faces_are_all_predicted(
