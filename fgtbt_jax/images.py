@@ -12,17 +12,23 @@ decoder recovers with a warning, "Corrupt JPEG data: ...", and returns a
 garbled picture) is refused too: libjpeg-turbo, through simplejpeg, decodes it
 at 1/8 scale with its warnings as errors.
 
-EXIF orientation is not applied: landmark annotations refer to the stored
-pixel grid (as PIL's `Image.open` reads it), not to the rotated display.
+EXIF orientation: with `orient=True` (prediction on users' photos) the
+image is turned as a viewer displays it (a phone JPEG of orientation 6 is
+rotated 90 degrees clockwise), so landmarks come out in the coordinates the
+user sees. Datasets are read without it (the converter's default): their
+annotations refer to the stored pixel grid, as the benchmarks' own loaders
+(PIL's `Image.open`, OpenCV's unchanged read) see it.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Union
 
 import cv2
 import numpy as np
+from PIL import Image
 import simplejpeg
 
 from fgtbt_jax.errors import DataError
@@ -32,10 +38,23 @@ ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 _JPEG_SOI = b"\xff\xd8"
 _JPEG_EOI = b"\xff\xd9"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_EXIF_ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the array operation that shows the image upright
+# (the inverse of how the camera stored it); 1 (upright) and unknown values
+# leave it as stored.
+_ORIENT = {
+    2: lambda a: a[:, ::-1],                          # mirrored
+    3: lambda a: a[::-1, ::-1],                       # upside down
+    4: lambda a: a[::-1],                             # mirrored upside down
+    5: lambda a: np.swapaxes(a, 0, 1),                # transposed
+    6: lambda a: np.rot90(a, k=-1),                   # to be turned 90 degrees clockwise
+    7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1],    # transversed
+    8: lambda a: np.rot90(a, k=1),                    # to be turned 90 degrees anticlockwise
+}
 
 
 def load_image(source: ImageInput, where: str | None = None,
-               strict: bool = False) -> np.ndarray:
+               strict: bool = False, orient: bool = False) -> np.ndarray:
   """Decodes `source` into an H x W x 3 uint8 RGB array.
 
   Args:
@@ -45,6 +64,8 @@ def load_image(source: ImageInput, where: str | None = None,
     where: how to name the image in error messages; defaults to the path,
       or "<bytes>" / "<array>".
     strict: also refuse a JPEG that decodes only with a corrupt-data warning.
+    orient: apply the file's EXIF orientation (`exif_orientation`), as image
+      viewers do; arrays are taken as they are.
 
   Grayscale is repeated into three channels, 16-bit values are scaled to 8
   bit (round(v / 257)), an alpha channel is composited over black (an opaque
@@ -70,10 +91,25 @@ def load_image(source: ImageInput, where: str | None = None,
     raise DataError(where or "<image>",
                     f"cannot load an image from a {type(source).__name__}",
                     "corrupt_image")
-  return decode_image(data, where, strict=strict)
+  return decode_image(data, where, strict=strict, orient=orient)
 
 
-def decode_image(data: bytes, where: str, strict: bool = False) -> np.ndarray:
+def exif_orientation(data: bytes) -> int:
+  """The EXIF orientation (1-8) of encoded image bytes; 1 when they hold none.
+
+  Read from the header (PIL parses it without decoding the pixels); a value
+  outside 1-8 counts as 1, as viewers treat it.
+  """
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      value = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+  except (OSError, ValueError, SyntaxError):  # A format PIL does not read: no EXIF for it.
+    return 1
+  return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def decode_image(data: bytes, where: str, strict: bool = False,
+                 orient: bool = False) -> np.ndarray:
   """Decodes encoded image bytes into H x W x 3 uint8 RGB; see `load_image`."""
   if not data:
     raise DataError(where, "image file is empty", "corrupt_image")
@@ -89,6 +125,8 @@ def decode_image(data: bytes, where: str, strict: bool = False) -> np.ndarray:
   if decoded is None or decoded.size == 0:
     raise DataError(where, "not a decodable image (corrupt data or not an "
                     "image file)", "corrupt_image")
+  if orient and exif_orientation(data) in _ORIENT:
+    decoded = np.ascontiguousarray(_ORIENT[exif_orientation(data)](decoded))
   return to_rgb_uint8(decoded, where, bgr=True)
 
 

@@ -309,7 +309,7 @@ def predict_files(predictor: predictor_lib.Predictor, sources, out_dir: str | os
     for path in chunk:
       result = results[str(path)]
       try:
-        image = load_image(path)
+        image = load_image(path, orient=True)
         image_boxes = _given_boxes(image, *given(path))
       except (DataError, ValueError) as e:
         result.error = str(e)

@@ -325,7 +325,9 @@ class Predictor:
       images: one image or a sequence of them; an image is a path, encoded
         bytes, or an array H x W (grey), H x W x 3 (RGB) or H x W x 4 (RGBA),
         uint8 or uint16 (`fgtbt_jax.images.load_image`). A 4-D array is
-        a batch of RGB images.
+        a batch of RGB images. Files and bytes are turned by their EXIF
+        orientation, as viewers show them; landmarks and boxes are in those
+        displayed coordinates.
       boxes: None (run the detector on every image), or per image its face
         boxes (F, 4) / one box (4,) x1, y1, x2, y2, or None to detect; for a
         single image, its boxes directly. Detected faces are the
@@ -358,7 +360,7 @@ class Predictor:
     loaded, sources, face_boxes, crops, matrices, detected = [], [], [], [], [], []
     for i, (source, image_boxes) in enumerate(zip(images, boxes)):
       where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"<image {i}>"
-      image = load_image(source, where=where)
+      image = load_image(source, where=where, orient=True)
       detected.append(image_boxes is None)
       if image_boxes is None:
         image_boxes = self.detect(image)

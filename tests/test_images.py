@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fgtbt_jax.errors import DataError
+from fgtbt_jax import images
 from fgtbt_jax.images import encode_image, load_image
 
 
@@ -158,3 +159,32 @@ def test_encode_image_rejects_bad_input():
   small = encode_image(_gradient_rgb(), "jpeg", quality=10)
   large = encode_image(_gradient_rgb(), "jpeg", quality=100)
   assert len(small) < len(large)
+
+
+def _with_orientation(rgb: np.ndarray, orientation: int, fmt: str) -> bytes:
+  """`rgb` stored as is, with an EXIF orientation tag (PIL writes it)."""
+  import io
+  from PIL import Image
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  buffer = io.BytesIO()
+  Image.fromarray(rgb).save(buffer, format=fmt, exif=exif.tobytes(), quality=100)
+  return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_viewers_do(orientation):
+  import io
+  from PIL import Image, ImageOps
+  rgb = np.random.default_rng(orientation).integers(0, 256, (5, 8, 3), dtype=np.uint8)
+  data = _with_orientation(rgb, orientation, "PNG")
+  assert images.exif_orientation(data) == orientation
+  with Image.open(io.BytesIO(data)) as opened:
+    displayed = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+  np.testing.assert_array_equal(images.load_image(data, orient=True), displayed)
+  np.testing.assert_array_equal(images.load_image(data), rgb)  # datasets: the stored grid
+
+
+def test_exif_orientation_of_images_without_it():
+  assert images.exif_orientation(images.encode_image(np.zeros((4, 4, 3), np.uint8), "png")) == 1
+  assert images.exif_orientation(b"not an image") == 1

@@ -512,6 +512,33 @@ def test_an_absurd_box_fails_its_file_and_outputs_inside_inputs_are_not_inputs(t
     predict_files.check_inputs([str(tmp_path / "o2")])
 
 
+def test_an_exif_rotated_photo_gives_the_landmarks_of_its_upright_copy(tmp_path):
+  """A phone JPEG stored sideways with EXIF orientation 6 (turn 90 degrees clockwise to
+  view) is predicted upright: the same landmarks, in displayed coordinates, as an
+  upright copy, through `Predictor` and the predict command."""
+  from PIL import Image
+  scene = Scene()
+  upright = np.zeros((120, 150, 3), np.uint8)
+  scene.paint(upright, [30, 20, 110, 100])
+  predictor = scene.predictor()
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  Image.fromarray(upright).save(tmp_path / "upright.jpg", quality=100)
+  Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=1))).save(
+      tmp_path / "phone.jpg", quality=100, exif=exif.tobytes())
+  box = [30, 20, 110, 100]  # where a viewer shows the face
+  [phone, copy] = predictor.predict([tmp_path / "phone.jpg", tmp_path / "upright.jpg"],
+                                    boxes=[box, box])
+  assert phone.image_size == copy.image_size == (120, 150)
+  np.testing.assert_allclose(phone.landmarks, copy.landmarks, atol=1e-3)
+  np.testing.assert_allclose(phone.landmarks[0], scene.points[0], atol=0.2)
+  report = predict_files.predict_files(predictor, [tmp_path / "phone.jpg"], tmp_path / "out",
+                                       box=box)
+  written = json.loads((tmp_path / "out" / "phone.jpg.json").read_text())
+  np.testing.assert_allclose(written["faces"][0]["landmarks"], copy.landmarks[0], atol=1e-3)
+  assert not report.failed
+
+
 def test_boxes_file_gives_several_faces_per_image_and_detected_faces_are_all_predicted(
     tmp_path):
   scene = Scene()
