@@ -152,6 +152,13 @@ def output_names(files: Sequence[pathlib.Path]) -> dict[pathlib.Path, str]:
   return names
 
 
+def _only_numbers(value) -> bool:
+  """Whether a JSON value is a number or nested lists of numbers (true and false are not)."""
+  if isinstance(value, list):
+    return all(_only_numbers(v) for v in value)
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_boxes_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """The boxes JSON file: {input path or file name: [[x1, y1, x2, y2], ...]} -> (F, 4) arrays.
 
@@ -168,7 +175,7 @@ def read_boxes_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
   for key, value in content.items():
     spot = f"{where}:{key}"
     try:
-      array = np.asarray(value, np.float64)
+      array = np.asarray(value, np.float64) if _only_numbers(value) else None
     except (TypeError, ValueError):
       array = None
     if array is not None and array.shape == (4,):

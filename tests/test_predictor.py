@@ -602,12 +602,19 @@ def test_bad_boxes_files_and_boxes_outside_the_image_give_one_line_errors(tmp_pa
       "broken.json": ('{"a.png": [[1, 2, 3, 4]', r"broken.json:1:\d+: not valid JSON"),
       "none.json": ('{"a.png": []}', "none.json:a.png: expected a non-empty list of boxes"),
       "flat.json": ('{"a.png": [[30, 20, 30, 100]]}', r"flat.json:a.png: face box 0 .* zero"),
+      # Numbers only: true is not 1, "20" is not 20, NaN is not a box corner.
+      "bools.json": ('{"a.png": [true, 20, 110, 100]}',
+                     r"bools.json:a.png: expected a non-empty list of boxes .*got \[true"),
+      "strings.json": ('{"a.png": [[30, "20", 110, 100]]}', "strings.json:a.png: expected"),
+      "nan.json": ('{"a.png": [[NaN, 20, 110, 100]]}', r"nan.json:a.png: face box 0 .* not finite"),
   }
   for name, (text, message) in cases.items():
     (tmp_path / name).write_text(text)
     with pytest.raises(DataError, match=message) as caught:
       predict_files.read_boxes_file(tmp_path / name)
     assert "\n" not in str(caught.value)
+  with pytest.raises(ValueError, match="min_face_confidence must be a finite number, got nan"):
+    scene.predictor(min_face_confidence=float("nan"))
   with pytest.raises(DataError, match="absent.json: cannot read the boxes file"):
     predict_files.read_boxes_file(tmp_path / "absent.json")
   # A box list for an image that is not among the inputs: checked before the model loads.

@@ -104,6 +104,8 @@ def test_eval_mode_rejects_an_incompatible_checkpoint(trained_workdir, synthetic
      "optimizer.learning_rate must be positive"),
     (("evaluate",), "expected an optional mode"),
     (("eval", "--workdir=/tmp", "--studies=speed"), "--studies: unknown studies ['speed']"),
+    (("predict", "--workdir=/tmp", "--image=x.png", "--min_face_confidence=nan"),
+     "--min_face_confidence must be a finite number"),
 ])
 def test_clear_errors(args, message):
   process = _run(*args, timeout=120)
