@@ -376,9 +376,25 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
 
 # What a resumed run must keep: the batch, the datasets and their ids, the
-# input and the network. `train.resume_with_changes` lets a run go on anyway.
+# input geometry, and every field of the sections that define the function
+# trained (the network and the loss) but the compute forms of
+# `models.COMPUTE_FIELDS`. `train.resume_with_changes` lets a run go on
+# anyway (the changed config is recorded beside config.json).
 RESUME_FIXED = ("data.datasets", "data.samples_per_dataset", "data.image_size",
-                "data.crop_enlarge", "model.variant", "model.input_size")
+                "data.crop_enlarge")
+RESUME_FIXED_SECTIONS = ("model", "loss")
+
+
+def resume_changes(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+  """"key old -> new" for each fixed field (`RESUME_FIXED`, `RESUME_FIXED_SECTIONS`)
+  that differs between two flat configs; a field the saved config predates is
+  not compared (the upgrade of old configs fills the model's)."""
+  keys = list(RESUME_FIXED) + sorted(
+      key for key in set(saved) & set(wanted)
+      if key.partition(".")[0] in RESUME_FIXED_SECTIONS
+      and not (key.startswith("model.") and key.partition(".")[2] in models.COMPUTE_FIELDS))
+  return [f"{key} {saved.get(key)!r} -> {wanted.get(key)!r}" for key in keys
+          if saved.get(key) != wanted.get(key)]
 
 
 def _check_resume(config: ml_collections.ConfigDict, workdir: pathlib.Path,
@@ -386,8 +402,8 @@ def _check_resume(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   """Refuses, before anything is written, a resume the config does not allow or cannot continue.
 
   Raises ConfigError when the workdir holds checkpoints and `train.resume`
-  is off, or when a field of RESUME_FIXED differs from the run's saved
-  config (unless `train.resume_with_changes`), naming the fields.
+  is off, or when a fixed field (`resume_changes`) differs from the run's
+  saved config (unless `train.resume_with_changes`), naming the fields.
   """
   if latest is None:
     return
@@ -404,8 +420,7 @@ def _check_resume(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     return
   saved = checkpointing.flat_config(checkpointing.load_run_config(workdir))
   wanted = checkpointing.flat_config(config)
-  changed = [f"{key} {saved.get(key)!r} -> {wanted.get(key)!r}" for key in RESUME_FIXED
-             if saved.get(key) != wanted.get(key)]
+  changed = resume_changes(saved, wanted)
   if changed and not config.train.resume_with_changes:
     raise ConfigError(
         f"{workdir} resumes from step {latest}, but the config changes what the run was "

@@ -154,6 +154,11 @@ def test_a_refused_resume_leaves_the_run_config_as_it_was(checkpointed_run):
   with pytest.raises(errors.ConfigError, match=r"train.steps=2 is below step 4 of the "
                                                r"checkpoint in .*nothing to train"):
     train.train_and_evaluate(_changed(config, **{"train.steps": 2}), workdir)
+  # A change of the function trained with the same parameter shapes is refused too.
+  with pytest.raises(errors.ConfigError, match=r"model.frequency_extractor 'fft' -> 'srm'"):
+    train.train_and_evaluate(_changed(config, **{"model.frequency_extractor": "srm"}), workdir)
+  with pytest.raises(errors.ConfigError, match=r"loss.sigma 1.5 -> 2.0"):
+    train.train_and_evaluate(_changed(config, **{"loss.sigma": 2.0}), workdir)
   assert (workdir / "config.json").read_bytes() == saved
   assert sorted(p.name for p in workdir.glob("config*")) == ["config.json"]
 
@@ -364,3 +369,19 @@ def test_an_older_run_config_gets_the_model_fields_added_since_at_their_defaults
           loaded.model.batch_norm_unbiased_variance) == ("composed", "paper", False)
   from fgtbt_jax import models
   models.build_model(loaded.model)  # Builds the network it trained.
+
+
+def test_resume_changes_name_every_function_changing_field_but_compute_forms():
+  from configs import tiny
+  from fgtbt_jax import checkpointing
+  from fgtbt_jax import train
+  flat = lambda **fields: checkpointing.flat_config(_changed(tiny.get_config(), **fields))
+  saved = flat()
+  assert train.resume_changes(saved, flat(**{"train.steps": 99, "model.dtype": "bfloat16",
+                                             "model.remat_policy": "segments",
+                                             "model.decoder_fusion": "concat"})) == []
+  assert train.resume_changes(saved, flat(**{"model.decoder_dim": 32, "model.fgsa": False})) == [
+      "model.decoder_dim 64 -> 32", "model.fgsa True -> False"]
+  # A field the saved config predates is not compared.
+  older = {k: v for k, v in saved.items() if k != "loss.dwa_window"}
+  assert train.resume_changes(older, flat(**{"loss.dwa_window": 5})) == []

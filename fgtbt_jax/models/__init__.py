@@ -11,8 +11,8 @@ Public API:
 """
 
 from fgtbt_jax.models import heads
-from fgtbt_jax.models.config import (ENCODERS, VARIANTS, batch_dependent, model_config,
-                                     validate_model_config)
+from fgtbt_jax.models.config import (COMPUTE_FIELDS, ENCODERS, VARIANTS, batch_dependent,
+                                     model_config, validate_model_config)
 from fgtbt_jax.models.fgtbt import (
     FGTBT, IMAGENET_MEAN, IMAGENET_STD, abstract_variables, build_encoder, build_model,
     normalize_images, parameter_count)
@@ -22,7 +22,8 @@ from fgtbt_jax.models.remat import (REMAT_POLICIES, recompute_in_backward, remat
                                     resolve_remat_policy)
 
 __all__ = [
-    "heads", "ENCODERS", "VARIANTS", "batch_dependent", "model_config", "validate_model_config",
+    "heads", "COMPUTE_FIELDS", "ENCODERS", "VARIANTS", "batch_dependent", "model_config",
+    "validate_model_config",
     "FGTBT", "IMAGENET_MEAN", "IMAGENET_STD", "abstract_variables", "build_encoder",
     "build_model", "normalize_images", "parameter_count",
     "LOGICAL_AXIS_NAMES", "logical_axis_rules", "variable_shardings", "count_macs",

@@ -185,6 +185,12 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
   return config
 
 
+# Fields that choose how the network is computed, not what it computes (each
+# form tested equal): a run may change them between resumes.
+COMPUTE_FIELDS = ("dtype", "remat", "remat_policy", "attention_impl", "depthwise_impl",
+                  "pointwise_impl", "decoder_fusion")
+
+
 def batch_dependent(config: ml_collections.ConfigDict) -> bool:
   """Whether the model's eval-mode outputs for a sample depend on its batch-mates.
 
