@@ -165,7 +165,9 @@ _ONE_EURO_BETA = flags.DEFINE_float(
 _PROTOCOL = flags.DEFINE_enum(
     "protocol", landmarks.UNIFIED, [landmarks.UNIFIED, *landmarks.PROTOCOL_NAMES],
     "predict: which landmarks to write: a dataset protocol or all 124 unified points.")
-_OUT = flags.DEFINE_string("out", None, "predict: output folder (default <workdir>/predictions).")
+_OUT = flags.DEFINE_string(
+    "out", None, "predict: output folder (default <workdir>/predictions); eval: the folder "
+    "of eval_<checkpoint>.json and report/ (default the workdir; for a read-only run).")
 _DATASET = flags.DEFINE_string(
     "dataset", None, "predict with the best checkpoint: the dataset whose best model to use "
     "(default the run's first).")
@@ -189,7 +191,7 @@ USER_ERRORS = (app.UsageError, errors.ConfigError, errors.DataError,
                checkpointing.IncompatibleCheckpointError, predict_files.InputError,
                detector.DetectorUnavailableError, train.NonFiniteLossError,
                checkpointing.NonFiniteStateError, checkpointing.CorruptCheckpointError,
-               train.DiskFullError)
+               train.DiskFullError, errors.OutputError)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -361,10 +363,14 @@ def run_mode(mode: str, workdir: pathlib.Path) -> int:
         detector=_DETECTOR.value, box_adjustment=_parse_box_adjustment(_BOX_ADJUSTMENT.value),
         tracking=_tracking())
   which = _CHECKPOINT.value or _default_eval_checkpoint(workdir)
-  done = evaluate.evaluate_workdir(eval_config(workdir), workdir, which,
-                                   write_report=_REPORT.value)
-  _print_outputs(workdir, done.final, f"{which} checkpoint(s), step(s) "
-                                      f"{done.final['steps']}; EMA model on the test splits:")
+  # The metrics are printed before anything is written (a read-only run keeps them).
+  done = evaluate.evaluate_workdir(
+      eval_config(workdir), workdir, which, write_report=_REPORT.value, out_dir=_OUT.value,
+      on_results=lambda final: _print_outputs(
+          workdir, final, f"{which} checkpoint(s), step(s) {final['steps']}; EMA model on the "
+                          "test splits:"))
+  print(f"  {f'eval_{which}.json':<20} these metrics: "
+        f"{pathlib.Path(_OUT.value or workdir) / f'eval_{which}.json'}")
   if done.report is not None:
     print(f"  {'report/':<20} the report: {done.report} (+ report.json, ced.png)")
   return 0

@@ -85,3 +85,7 @@ class UnknownProtocolError(ValueError):
 
 class ConfigError(ValueError):
   """A config value that cannot work, named with its key."""
+
+
+class OutputError(OSError):
+  """An output could not be written (read-only folder, full disk); names the path and the fix."""

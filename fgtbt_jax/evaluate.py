@@ -45,6 +45,7 @@ from data_pipelines import pipeline
 from data_pipelines import prepare
 from fgtbt_jax import checkpointing
 from fgtbt_jax import crop
+from fgtbt_jax import errors
 from fgtbt_jax import inference
 from fgtbt_jax import landmarks
 from fgtbt_jax import metrics
@@ -403,7 +404,7 @@ class WorkdirEvaluation:
     final: {dataset: {"nme", "baseline_nme", "fr", "auc"}}, "steps" (the
       step evaluated, or {dataset: step} for "best"), "synthetic" (datasets
       evaluated on synthetic stand-ins) and "failure_threshold"; as written
-      to <workdir>/eval_<checkpoint>.json.
+      to <out_dir>/eval_<checkpoint>.json.
     report: report.md's path (process 0, when a report was asked for).
     per_image: {dataset: SplitPredictions} of the main pass (every
       process's images, on every process).
@@ -416,21 +417,31 @@ class WorkdirEvaluation:
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                      checkpoint: str = "latest", *, write_report: bool = True,
-                     out_dir: str | pathlib.Path | None = None) -> WorkdirEvaluation:
+                     out_dir: str | pathlib.Path | None = None,
+                     on_results: Callable[[dict], None] | None = None) -> WorkdirEvaluation:
   """`python run.py eval`: evaluates a run's EMA model(s) and writes the report.
 
   Args:
     config: the run's config (its saved config.json with any overrides).
-    workdir: the run's directory.
+    workdir: the run's directory; only read (an archived, shared or
+      read-only run evaluates as well).
     checkpoint: "latest" (the newest train state's EMA model, on every
       dataset) or "best" (each dataset's best EMA model, on that dataset).
-    write_report: write <out_dir> (default <workdir>/report): tables per
-      subset and normaliser, CED curves, error by C(p), high-frequency
-      images and the studies of `config.eval.studies`.
+    write_report: write <out_dir>/report: tables per subset and
+      normaliser, CED curves, error by C(p), high-frequency images and the
+      studies of `config.eval.studies`.
+    out_dir: where `eval_<checkpoint>.json` and report/ go (default the
+      workdir).
+    on_results: called with the final table (as `WorkdirEvaluation.final`)
+      before anything is written, e.g. to print it.
 
   Each checkpoint is read once (EMA variables only), every pass (the main
   one and the studies') runs sharded over all devices of all processes,
   and process 0 writes the files.
+
+  Raises:
+    OutputError: an output could not be written (a read-only workdir, a
+      full disk), naming it; `on_results` has seen the metrics by then.
   """
   checkpointing.check_kind(checkpoint)
   sharding.initialize_distributed(config.distributed)
@@ -459,21 +470,30 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.P
   final["synthetic"] = sorted(synthetic)
   final["failure_threshold"] = evaluator.threshold
   path = None
+  if on_results is not None:
+    on_results(final)
+  out_dir = workdir if out_dir is None else pathlib.Path(out_dir)
   if jax.process_index() == 0:
-    (workdir / f"eval_{checkpoint}.json").write_text(json.dumps(final, indent=2) + "\n")
-    if write_report:
-      main_nmes = {d: r["nme"] for d, r in results.items()}
-      tables = {name: studies_lib.study_table(name, config, evaluator.settings, measured[name],
-                                              main_nmes)
-                for name in study_names}
-      path = report.write_report(
-          per_image, out_dir or workdir / "report",
-          title=_report_title(workdir, checkpoint, final["steps"], evaluator.settings),
-          synthetic=synthetic, threshold=evaluator.threshold, studies=tables,
-          frequency=((config.model.frequency_extractor, float(config.model.frequency_sigma))
-                     if config.model.fgsa else None),
-          face_side_px=config.data.image_size / config.data.crop_enlarge,
-          failure_normalizer=evaluator.failure_normalizer)
+    try:
+      out_dir.mkdir(parents=True, exist_ok=True)
+      (out_dir / f"eval_{checkpoint}.json").write_text(json.dumps(final, indent=2) + "\n")
+      if write_report:
+        main_nmes = {d: r["nme"] for d, r in results.items()}
+        tables = {name: studies_lib.study_table(name, config, evaluator.settings,
+                                                measured[name], main_nmes)
+                  for name in study_names}
+        path = report.write_report(
+            per_image, out_dir / "report",
+            title=_report_title(workdir, checkpoint, final["steps"], evaluator.settings),
+            synthetic=synthetic, threshold=evaluator.threshold, studies=tables,
+            frequency=((config.model.frequency_extractor, float(config.model.frequency_sigma))
+                       if config.model.fgsa else None),
+            face_side_px=config.data.image_size / config.data.crop_enlarge,
+            failure_normalizer=evaluator.failure_normalizer)
+    except OSError as e:
+      raise errors.OutputError(
+          f"{e.filename or out_dir}: cannot write the evaluation ({e.strerror or e}); "
+          "the metrics were computed: pass --out=DIR to write them elsewhere") from None
   sharding.barrier("evaluate_workdir done")
   return WorkdirEvaluation(final=final, report=path, per_image=per_image)
 

@@ -83,7 +83,7 @@ def test_eval_restores_each_checkpoint_once_and_runs_the_studies_on_the_same_pas
   monkeypatch.setattr(evaluate, "predict_split", lambda *args, **kwargs: (
       passes.append((args[3], kwargs.get("transform") is not None))
       or predict_split(*args, **kwargs)))
-  done = evaluate.evaluate_workdir(config, workdir, "latest", out_dir=tmp_path / "report")
+  done = evaluate.evaluate_workdir(config, workdir, "latest", out_dir=tmp_path)
   # One compiled predict function per settings (the main pass's, argmax, quarter),
   # and every pass through the one generator: 4 datasets x (main + 4 sides + 2 decoders).
   assert [s.decoder for s in compiled] == ["subpixel", "argmax", "quarter"]
@@ -92,7 +92,7 @@ def test_eval_restores_each_checkpoint_once_and_runs_the_studies_on_the_same_pas
   final = done.final
   assert final["steps"] == 4 and final["synthetic"] == sorted(PROTOCOLS)
   assert final["failure_threshold"] == 0.1
-  assert json.loads((workdir / "eval_latest.json").read_text()) == final
+  assert json.loads((tmp_path / "eval_latest.json").read_text()) == final
   assert done.report == tmp_path / "report" / "report.md"
   text = done.report.read_text()
   assert "latest checkpoint (step 4)" in text and "decoder subpixel, flip test on" in text
@@ -120,6 +120,33 @@ def test_eval_restores_each_checkpoint_once_and_runs_the_studies_on_the_same_pas
   assert best.report is None and best.final["steps"] == {name: 3 for name in PROTOCOLS}
   for name in PROTOCOLS:  # The best models are the same EMA weights.
     assert best.final[name]["nme"] == pytest.approx(final[name]["nme"])
+
+
+def test_a_read_only_run_is_evaluated_with_its_metrics(random_run, tmp_path):
+  """An archived run (a read-only mount of the workdir) is only read: its metrics
+  reach `on_results` first, writing into it is one OutputError naming the file and
+  --out, and with `out_dir` elsewhere the evaluation completes."""
+  workdir, config = random_run
+  archived = tmp_path / "archived"
+  archived.mkdir()
+  if subprocess.run(["mount", "--bind", str(workdir), str(archived)],
+                    capture_output=True).returncode != 0:
+    pytest.skip("a read-only bind mount needs root with mount rights")
+  try:
+    subprocess.run(["mount", "-o", "remount,ro,bind", str(archived)], check=True)
+    seen = []
+    with pytest.raises(errors.OutputError, match=r"archived/eval_latest.json: cannot write the "
+                                                 r"evaluation \(Read-only file system\); .* "
+                                                 r"--out=DIR"):
+      evaluate.evaluate_workdir(config, archived, "latest", write_report=False,
+                                on_results=seen.append)
+    assert [sorted(r) for r in seen] and all(np.isfinite(seen[0][name]["nme"]) for name in PROTOCOLS)
+    done = evaluate.evaluate_workdir(config, archived, "latest", out_dir=tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "eval_latest.json").read_text()) == done.final
+    assert done.report == tmp_path / "out" / "report" / "report.md" and done.report.is_file()
+    assert done.final["WFLW"]["nme"] == pytest.approx(seen[0]["WFLW"]["nme"])
+  finally:
+    subprocess.run(["umount", str(archived)], check=True)
 
 
 def test_a_study_transform_reaches_the_model_through_the_sharded_pass(synthetic_data_dir):
