@@ -46,6 +46,7 @@ import pathlib
 import shutil
 import socket
 import tempfile
+import time
 import zlib
 from typing import Any, Iterable, Mapping
 
@@ -217,8 +218,14 @@ class WorkdirLock:
   A second start gets a WorkdirError naming the holder. A lock left by a
   killed process of this host (its pid is gone) is stale: it is taken over
   with a warning. One of another host cannot be checked and is refused
-  (remove the file once that trainer is surely gone).
+  (remove the file once that trainer is surely gone). A lock file that
+  stays empty or unreadable (a start that died, or a full disk, between
+  creating and writing it) is stale too. A lock that cannot be written is a
+  one-line WorkdirError, and leaves no file behind.
   """
+
+  # How long an empty lock file may be another start's, between its creation and write.
+  EMPTY_GRACE_S = 1.0
 
   def __init__(self, workdir: str | os.PathLike):
     self.path = pathlib.Path(workdir) / LOCK_FILE
@@ -231,6 +238,14 @@ class WorkdirLock:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
       except FileExistsError:
         holder = self._holder()
+        if not holder:
+          time.sleep(self.EMPTY_GRACE_S)
+          holder = self._holder()
+        if not holder:
+          logging.warning("%s: taking over an empty or unreadable lock file (a start that "
+                          "could not write it)", self.path)
+          self.path.unlink(missing_ok=True)
+          continue
         if (holder.get("host") == owner["host"] and isinstance(holder.get("pid"), int)
             and not _alive(holder["pid"])):
           logging.warning("%s: taking over a stale lock of pid %s (no such process)",
@@ -241,8 +256,16 @@ class WorkdirLock:
             f"{self.path.parent} is in use by another trainer (pid {holder.get('pid')} on host "
             f"{holder.get('host')}, lock {self.path}); wait for it, or remove the lock file if "
             "that process is gone") from None
-      with os.fdopen(fd, "w") as f:
-        json.dump(owner, f)
+      except OSError as e:
+        raise WorkdirError(f"{self.path}: cannot create the workdir lock "
+                           f"({e.strerror or e})") from None
+      try:
+        with os.fdopen(fd, "w") as f:
+          json.dump(owner, f)
+      except OSError as e:
+        self.path.unlink(missing_ok=True)
+        raise WorkdirError(f"{self.path}: cannot write the workdir lock "
+                           f"({e.strerror or e})") from None
       self._held = True
       return
     raise WorkdirError(f"{self.path}: could not take the workdir lock")

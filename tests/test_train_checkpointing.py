@@ -251,6 +251,24 @@ def test_one_trainer_per_workdir_and_stale_locks_are_taken_over(tmp_path, checkp
     with pytest.raises(checkpointing.WorkdirError, match="in use by another trainer"):
       checkpointing.WorkdirLock(workdir).acquire()
   assert not (workdir / ".lock").exists()
+  # An empty lock file (a start that died before writing it) is stale as well.
+  (workdir / ".lock").write_text("")
+  with checkpointing.WorkdirLock(workdir):
+    assert json.loads((workdir / ".lock").read_text())["pid"] == os.getpid()
+
+
+def test_a_lock_that_cannot_be_written_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
+  import errno
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(json, "dump", full)
+  with pytest.raises(checkpointing.WorkdirError,
+                     match=r"\.lock: cannot write the workdir lock \(No space left on device\)$"):
+    checkpointing.WorkdirLock(tmp_path).acquire()
+  assert not (tmp_path / ".lock").exists()
+  monkeypatch.undo()
+  with pytest.raises(checkpointing.WorkdirError, match="cannot create the workdir lock"):
+    checkpointing.WorkdirLock(tmp_path / "no_such_folder").acquire()
 
 
 # ---- Damaged checkpoints: detected, skipped for an intact step, one line when none. ----
