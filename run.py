@@ -342,6 +342,8 @@ def _default_eval_checkpoint(workdir: pathlib.Path) -> str:
 
 def run_mode(mode: str, workdir: pathlib.Path) -> int:
   """One mode's library call and its console output; returns the exit status."""
+  if workdir.exists() and not workdir.is_dir():
+    raise app.UsageError(f"workdir {workdir} is a file, not a folder; pass --workdir=DIR")
   if mode == "train":
     final = train.train_and_evaluate(_CONFIG.value, workdir)
     if "stopped_at_step" in final:

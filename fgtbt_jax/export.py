@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import pathlib
+import sys
 from typing import Sequence
 
 import jax
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 
 from fgtbt_jax import checkpointing
 from fgtbt_jax import crop
+from fgtbt_jax import errors
 from fgtbt_jax import heatmaps
 from fgtbt_jax import inference
 from fgtbt_jax import landmarks
@@ -43,6 +45,11 @@ from fgtbt_jax.inference import PredictSettings
 
 OUTPUTS = inference.OUTPUTS
 DEFAULT_PLATFORMS = ("cpu", "cuda")
+# What the command reports in one line: a run that cannot be read, bad
+# settings, an artifact that cannot be written.
+_USER_ERRORS = (checkpointing.WorkdirError, checkpointing.IncompatibleCheckpointError,
+                checkpointing.NonFiniteStateError, checkpointing.CorruptCheckpointError,
+                errors.ConfigError, errors.DataError, OSError)
 
 
 def export_inference(predictor: predictor_lib.Predictor, *, batch_size: int | None = None,
@@ -136,14 +143,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
                       help="comma-separated lowering platforms")
   args = parser.parse_args(argv)
-  predictor = predictor_lib.Predictor.from_checkpoint(
-      args.workdir, args.which, dataset=args.dataset, decoder=args.decoder,
-      flip_test=args.flip_test)
-  exported = export_inference(predictor, batch_size=args.batch_size, output=args.output,
-                              platforms=[p for p in args.platforms.split(",") if p])
-  path = save_exported(exported, args.out, artifact_metadata(
-      exported, settings=predictor.settings, output=args.output,
-      crop_enlarge=predictor.crop_enlarge))
+  out = pathlib.Path(args.out)
+  try:
+    if out.is_dir():  # Found before the model is lowered, not after.
+      raise errors.OutputError(f"--out {out} is a folder; name the artifact file to write")
+    predictor = predictor_lib.Predictor.from_checkpoint(
+        args.workdir, args.which, dataset=args.dataset, decoder=args.decoder,
+        flip_test=args.flip_test)
+    exported = export_inference(predictor, batch_size=args.batch_size, output=args.output,
+                                platforms=[p for p in args.platforms.split(",") if p])
+    path = save_exported(exported, out, artifact_metadata(
+        exported, settings=predictor.settings, output=args.output,
+        crop_enlarge=predictor.crop_enlarge))
+  except _USER_ERRORS as e:
+    print(f"python -m fgtbt_jax.export: {e}", file=sys.stderr)
+    return 1
   print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {path.name}.json")
   return 0
 

@@ -80,8 +80,10 @@ def load_image(source: ImageInput, where: str | None = None,
   if isinstance(source, (str, os.PathLike)):
     path = os.fspath(source)
     where = where or path
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
       raise DataError(where, "image file not found", "missing_image")
+    if not os.path.isfile(path):
+      raise DataError(where, "not a regular file (a folder or a device)", "corrupt_image")
     with open(path, "rb") as f:
       data = f.read()
   elif isinstance(source, (bytes, bytearray, memoryview)):

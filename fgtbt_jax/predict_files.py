@@ -43,7 +43,7 @@ from fgtbt_jax import detector as detector_lib
 from fgtbt_jax import landmarks
 from fgtbt_jax import predictor as predictor_lib
 from fgtbt_jax import video
-from fgtbt_jax.errors import DataError, read_json_object
+from fgtbt_jax.errors import DataError, OutputError, read_json_object
 from fgtbt_jax.images import load_image
 from fgtbt_jax.visualization import draw_landmarks
 
@@ -500,7 +500,8 @@ def predict_main(workdir: str | os.PathLike, inputs: Sequence[str], out_dir: str
     input, no image or video in a folder, --box with --boxes),
     `errors.DataError` (a bad boxes file, naming it and the key),
     `checkpointing.WorkdirError`, `checkpointing.IncompatibleCheckpointError`,
-    `errors.UnknownProtocolError`, `detector.DetectorUnavailableError`.
+    `errors.UnknownProtocolError`, `detector.DetectorUnavailableError`,
+    `errors.OutputError` (the output folder cannot be made or written).
   """
   check_inputs(inputs)
   if box is not None and boxes_file is not None:
@@ -512,6 +513,12 @@ def predict_main(workdir: str | os.PathLike, inputs: Sequence[str], out_dir: str
     match_boxes_to_inputs(boxes, list_inputs(inputs), boxes_file)
   workdir = checkpointing.find_workdir(workdir)
   out_dir = workdir / "predictions" if out_dir is None else out_dir
+  try:  # Before the model loads: a read-only run's default --out, or a file there.
+    pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    reason = ("exists and is not a folder" if isinstance(e, FileExistsError)
+              else f"cannot be written ({e.strerror or e})")
+    raise OutputError(f"{out_dir}: the output folder {reason}; pass --out=DIR") from None
   # Made up front (a missing detector fails before the model loads), unless
   # every input has its boxes.
   face_detector = None

@@ -101,3 +101,13 @@ def test_load_exported_rejects_other_files(tmp_path):
     export.load_exported(junk)
   with pytest.raises(ValueError, match="unknown inference output 'logits'"):
     inference.make_predict_fn(lambda v, x: x, inference.PredictSettings(), output="logits")
+
+
+def test_the_export_command_reports_bad_inputs_in_one_line(tmp_path, capsys):
+  """A missing run, and an --out that is a folder (found before any lowering)."""
+  assert export.main(["--workdir", str(tmp_path / "no_run"), "--out", str(tmp_path / "a")]) == 1
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "no_run: not a training workdir" in err
+  assert export.main(["--workdir", str(tmp_path / "no_run"), "--out", str(tmp_path)]) == 1
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and f"--out {tmp_path} is a folder" in err

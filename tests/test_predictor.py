@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 
 from data_pipelines import synthetic
+from fgtbt_jax import errors
 from fgtbt_jax.errors import DataError
+from fgtbt_jax.images import load_image
 from fgtbt_jax import crop
 from fgtbt_jax import detector as detector_lib
 from fgtbt_jax import heatmaps
@@ -613,6 +615,17 @@ def test_bad_boxes_files_and_boxes_outside_the_image_give_one_line_errors(tmp_pa
     with pytest.raises(DataError, match=message) as caught:
       predict_files.read_boxes_file(tmp_path / name)
     assert "\n" not in str(caught.value)
+  # An output folder that cannot be made: one line, before the model loads (the
+  # stand-in run below has no weights at all).
+  (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+  (tmp_path / "run" / "config.json").write_text("{}")
+  (tmp_path / "taken").write_text("a file")
+  with pytest.raises(errors.OutputError, match=r"taken: the output folder exists and is not a "
+                                               r"folder; pass --out=DIR"):
+    predict_files.predict_main(tmp_path / "run", [str(tmp_path / "a.png")], box=[1, 1, 9, 9],
+                               out_dir=str(tmp_path / "taken"))
+  with pytest.raises(DataError, match="zero: not a regular file"):
+    load_image("/dev/zero")
   with pytest.raises(ValueError, match="min_face_confidence must be a finite number, got nan"):
     scene.predictor(min_face_confidence=float("nan"))
   with pytest.raises(DataError, match="absent.json: cannot read the boxes file"):
