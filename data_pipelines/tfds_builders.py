@@ -59,6 +59,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import errno
 import fcntl
 import functools
 import json
@@ -74,6 +75,7 @@ import tensorflow_datasets as tfds
 from data_pipelines.records import FaceRecord
 from fgtbt_jax import crop
 from fgtbt_jax import datasets
+from fgtbt_jax import errors
 from fgtbt_jax import images
 from fgtbt_jax import landmarks as lm
 from fgtbt_jax.errors import DataError
@@ -742,9 +744,18 @@ def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
     src = pathlib.Path(src)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=os.fspath(src.parent if src.is_file() else src), download_mode=mode,
-        try_download_gcs=False))
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=os.fspath(src.parent if src.is_file() else src), download_mode=mode,
+          try_download_gcs=False))
+    except Exception as e:  # pylint: disable=broad-except
+      # The half-written copy goes at once (on a full disk it holds the space);
+      # a finished conversion beside it is untouched.
+      _remove_incomplete(root / config.name)
+      if not errors.is_disk_full(e) or isinstance(e, OSError):
+        raise
+      raise OSError(errno.ENOSPC, f"the disk is full; nothing of this conversion was kept "
+                    f"(free space and convert again)", os.fspath(root / config.name)) from None
   return builder
 
 

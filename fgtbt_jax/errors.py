@@ -13,6 +13,8 @@ that `ReadReport` counts skipped samples by.
 
 from __future__ import annotations
 
+import errno
+
 import json
 import os
 import pathlib
@@ -89,3 +91,20 @@ class ConfigError(ValueError):
 
 class OutputError(OSError):
   """An output could not be written (read-only folder, full disk); names the path and the fix."""
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+  """Whether `error` (or one it was raised from) is a full disk or an exhausted quota.
+
+  Writers in C++ (Orbax's tensorstore, ArrayRecord) report a failed write as
+  a ValueError or RuntimeError with the OS message in its text.
+  """
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if any(text in str(error) for text in ("No space left on device", "Disk quota exceeded")):
+      return True
+    error = error.__cause__ or error.__context__
+  return False

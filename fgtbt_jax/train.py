@@ -27,7 +27,6 @@ preparation (synthetic stand-ins, conversion checks) is
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import math
@@ -55,6 +54,7 @@ from fgtbt_jax import landmarks
 from fgtbt_jax import losses
 from fgtbt_jax import models
 from fgtbt_jax import sharding
+from fgtbt_jax import errors
 from fgtbt_jax.errors import ConfigError
 from fgtbt_jax.metric_writer import MetricWriter
 from fgtbt_jax.state import Setup, TrainState, build_setup, create_train_state, ema_decay_per_step
@@ -239,23 +239,6 @@ class DiskFullError(OSError):
   """The workdir's disk filled up; training stopped, its last good checkpoint kept."""
 
 
-def _disk_full(error: BaseException) -> bool:
-  """Whether `error` (or one it was raised from) is a full disk or an exhausted quota.
-
-  Orbax reports a failed asynchronous write through tensorstore, as a
-  ValueError or RuntimeError with the OS message in its text.
-  """
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-      return True
-    if any(text in str(error) for text in ("No space left on device", "Disk quota exceeded")):
-      return True
-    error = error.__cause__ or error.__context__
-  return False
-
-
 def _close(things: list[tuple[str, Any]], quiet: bool) -> None:
   """Closes each (name, object); with `quiet` (already failing) a failure is logged, not raised."""
   for name, thing in things:
@@ -355,7 +338,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                          freeze_after=freeze_after)
   except Exception as e:
     failed = True
-    if not _disk_full(e):
+    if not errors.is_disk_full(e):
       raise
     last = checkpoints.latest_step()
     raise DiskFullError(

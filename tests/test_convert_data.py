@@ -452,3 +452,27 @@ def test_the_authors_convention_stores_their_test_crops(tmp_path):
                                        r"data.image_size=64; convert it again with "
                                        r"--authors-crop-size 64"):
     pipeline.make_eval_iterator(config, "WFLW")
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, capsys):
+  """Converting onto a full disk (a 48 kB tmpfs; ArrayRecord's writer fails in C++
+  with a RuntimeError): one line, and the half-written copy is removed at once."""
+  import subprocess
+  src = tmp_path / "WFLW"
+  (src / "WFLW_images" / "faces").mkdir(parents=True)
+  noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+  cv2.imwrite(str(src / "WFLW_images" / "faces" / "a.jpg"), noise)  # crops that take room
+  _write_wflw_line(src / "list_98pt_rect_attr_test.txt")
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(disk)],
+                    capture_output=True).returncode != 0:
+    pytest.skip("a small full disk (tmpfs) needs root with mount rights")
+  try:
+    assert convert.main(["--dataset", "wflw", "--src", str(src), "--out", str(disk / "out"),
+                         "--splits", "test", "--max-side", "300"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("convert: error: [Errno 28] the disk is full") and "jpeg95_300" in err
+    assert not list(disk.rglob("incomplete.*"))
+  finally:
+    subprocess.run(["umount", str(disk)], check=True)
