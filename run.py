@@ -81,6 +81,12 @@ _REPO = pathlib.Path(__file__).resolve().parent
 
 def _override_error(error: Exception) -> str:
   """The one-line message of a --config.* override the config cannot take."""
+  if isinstance(error, AttributeError) and "has no attribute 'get_config'" in str(error):
+    argv = sys.argv[1:]
+    named = [a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
+             if a.startswith("--config=") or (a == "--config" and i + 1 < len(argv))]
+    return (f"run.py: the config file {named[-1] if named else 'configs/default.py'} has no "
+            "get_config() function returning its ConfigDict")
   if isinstance(error, (AttributeError, KeyError)):
     # lock_config: overriding a field the config does not declare.
     inner = error.args[0] if error.args else error

@@ -396,13 +396,15 @@ def read_checkpoint(path: str | os.PathLike) -> AuthorsCheckpoint:
   """Reads an authors' checkpoint without torch (see the module docstring).
 
   Raises:
-    FileNotFoundError: no such file.
+    FileNotFoundError: no such file; IsADirectoryError: a folder.
     AuthorsCheckpointError: not a torch.save zip archive, truncated or
       damaged, a pickled global other than tensors, storages and containers,
       or neither the released `{"model": {"sd": ...}, ...}` structure nor a
       bare state dict (a mapping of names to tensors).
   """
   path = pathlib.Path(path)
+  if path.is_dir():
+    raise IsADirectoryError(f"{path}: a folder, not a checkpoint file; name the .pth file in it")
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such checkpoint file")
   archive = _Archive(path)
@@ -866,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
       print(e.report.summary())
     print(f"authors_checkpoint: {e}", file=sys.stderr)
     return 1
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
+  except (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError) as e:
     print(f"authors_checkpoint: {e}", file=sys.stderr)
     return 1
   print(result.report.summary())

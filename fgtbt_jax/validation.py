@@ -119,6 +119,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   if unknown or not data.datasets:
     raise ConfigError(f"data.datasets must be a non-empty subset of {landmarks.PROTOCOL_NAMES}, "
                       f"got {tuple(data.datasets)}")
+  repeated = sorted({d for d in data.datasets if list(data.datasets).count(d) > 1})
+  if repeated:
+    raise ConfigError(f"data.datasets names {', '.join(repeated)} more than once "
+                      f"({tuple(data.datasets)}); each dataset is one task of the batch: raise "
+                      "data.samples_per_dataset for more of its samples")
   _check_data(data)
   if data.samples_per_dataset < 1:
     raise ConfigError(f"data.samples_per_dataset must be at least 1, got {data.samples_per_dataset}")

@@ -320,6 +320,8 @@ def test_not_a_checkpoint(tmp_path, fake_yacs):
   raw_pickle = tmp_path / "plain.pkl"
   raw_pickle.write_bytes(pickle.dumps({"model": {}}))
   _one_line_error(raw_pickle, "not a torch.save checkpoint")
+  with pytest.raises(IsADirectoryError, match="a folder, not a checkpoint file; name the .pth"):
+    ac.read_checkpoint(tmp_path)
 
 
 def test_truncated_file(tmp_path, fake_yacs):

@@ -126,6 +126,7 @@ def test_head_ablations_parse_validate_and_build(study):
     ("eval.decoder", "softargmax", "eval.decoder must be one of"),
     ("mesh.fsdp", 3, "does not cover the 8 devices"),
     ("data.datasets", ("WFLW", "MENPO"), "non-empty subset"),
+    ("data.datasets", ("WFLW", "COFW", "WFLW", "AFLW"), "data.datasets names WFLW more than once"),
     ("data.flip_prob", 2.0, r"data.flip_prob must be a probability in \[0, 1\], got 2.0"),
     ("data.rotation_prob", -1.0, "data.rotation_prob must be a probability"),
     ("data.num_workers", -3, "data.num_workers must be >= 0"),

@@ -452,6 +452,18 @@ def test_aflw_hrnet_csv_with_frontal_subset(tmp_path):
   assert [r.subsets for r in records] == [("frontal",), (), ("frontal",), ()]
   assert records[1].box_size == pytest.approx(rows[1][2])
   np.testing.assert_allclose(records[1].landmarks, _points("AFLW", 1), atol=1e-4)
+  # A damaged subset file names its line (it said "list index out of range").
+  _write_csv(tmp_path / "face_landmarks_aflw_test_frontal.csv", header,
+             [rows[0], rows[2][:3]])
+  with pytest.raises(DataError, match=r"face_landmarks_aflw_test_frontal.csv:3: a subset row "
+                                      r"needs the image name and the face centre \(columns 1 "
+                                      r"and 4-5\), got 3 fields"):
+    readers.read_dataset("AFLW", str(tmp_path), "test")
+  _write_csv(tmp_path / "face_landmarks_aflw_test_frontal.csv", header,
+             [rows[0], list(rows[2][:3]) + ["left", "up"] + list(rows[2][5:])])
+  with pytest.raises(DataError, match=r"frontal.csv:3: the face centre 'left', 'up' is not two "
+                                      r"numbers"):
+    readers.read_dataset("AFLW", str(tmp_path), "test")
 
 
 # ------------------------------------------------------------------ bad inputs

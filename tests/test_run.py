@@ -98,6 +98,8 @@ def test_eval_mode_rejects_an_incompatible_checkpoint(trained_workdir, synthetic
 @pytest.mark.parametrize("args,message", [
     (("eval", "--workdir=/nonexistent/run"), "workdir /nonexistent/run does not exist"),
     (("--config=configs/no_such_config.py",), "cannot read the config"),
+    (("--config=configs/__init__.py",),
+     "the config file configs/__init__.py has no get_config() function"),
     ((f"--config={TINY}", "--config.train.stepz=3"), "unknown config field"),
     ((f"--config={TINY}", "--config.train.steps=three"), "--config.train.steps=three"),
     ((f"--config={TINY}", "--config.optimizer.learning_rate=-1.0"),

@@ -102,6 +102,23 @@ def _hrnet_key(row: list[str], dataset: str) -> tuple:
   return (row[0].strip(), round(float(row[c]), 1), round(float(row[c + 1]), 1))
 
 
+def _hrnet_subset_keys(path: str, dataset: str) -> list[tuple]:
+  """The face keys of an HRNet subset CSV; a short or non-numeric row names its line."""
+  _, _, c = _hrnet_columns(dataset)
+  keys = []
+  for line, row in _read_csv_rows(path):
+    if len(row) < c + 2:
+      raise DataError(f"{path}:{line}", f"a subset row needs the image name and the face "
+                      f"centre (columns 1 and {c + 1}-{c + 2}), got {len(row)} fields",
+                      "field_count")
+    try:
+      keys.append(_hrnet_key(row, dataset))
+    except ValueError:
+      raise DataError(f"{path}:{line}", f"the face centre {row[c]!r}, {row[c + 1]!r} is not "
+                      "two numbers", "bad_value") from None
+  return keys
+
+
 def _read_csv_rows(path: str) -> list[tuple[int, list[str]]]:
   """(line number, fields) of every non-empty row, the header row left out."""
   common.require_file(path, "CSV annotation file")
@@ -175,7 +192,7 @@ def read_hrnet_csv(dataset: str, src: str, split: str, on_error: str = "raise",
     subset_files = {s: os.path.join(directory, f)
                     for s, f in HRNET_SUBSET_FILES.get(protocol.name, {}).items()}
     _tag_subsets(collect, keys, subset_files,
-                 lambda p: [_hrnet_key(r, protocol.name) for _, r in _read_csv_rows(p)])
+                 lambda p: _hrnet_subset_keys(p, protocol.name))
   return collect.finish()
 
 
