@@ -256,6 +256,7 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         max_side=cfg.max_side, image_format=cfg.image_format,
         jpeg_quality=cfg.jpeg_quality, synthetic=getattr(self, "_synthetic", False),
         convention=getattr(self, "_convention", "project"),
+        source=_source_key(getattr(self, "_source", None)),
         **({"authors_crops": {"size": self._authors_crop_size,
                               "splits": [s for s in getattr(self, "_splits", SPLITS)
                                          if s != "train"]}}
@@ -580,6 +581,22 @@ def authors_crop_size(data_dir: str | os.PathLike, dataset: str, split: str,
   return int(held.get("size", 0)) if split in held.get("splits", ()) else 0
 
 
+def _source_key(src) -> str:
+  """How a conversion records its source: the resolved path ("" when unknown)."""
+  return os.fspath(pathlib.Path(src).resolve()) if src is not None else ""
+
+
+def conversion_source(data_dir: str | os.PathLike, dataset: str, config_name: str = "") -> str:
+  """The source folder or file a converted dataset was made from ("" before it was recorded)."""
+  path = converted_dir(data_dir, dataset, config_name) / "metadata.json"
+  try:
+    return str(json.loads(path.read_text()).get("source", ""))
+  except FileNotFoundError:
+    return ""
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: unreadable conversion metadata: {e}") from e
+
+
 def converted_splits(data_dir: str | os.PathLike, dataset: str, config_name: str = "") -> list[str]:
   """The split names a converted dataset holds (from its dataset_info.json)."""
   path = converted_dir(data_dir, dataset, config_name) / "dataset_info.json"
@@ -729,6 +746,12 @@ def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
                           f"converted with convention {held!r}, not {convention!r}; convert "
                           "into another --out, or pass --overwrite to replace it",
                           "convention")
+      held_source = (conversion_source(out_dir, cls.PROTOCOL, config.name)
+                     if existing is not None else "")
+      if held_source and held_source != _source_key(src):
+        raise DataError(os.fspath(converted_dir(out_dir, cls.PROTOCOL, config.name)),
+                        f"converted from {held_source}, not {_source_key(src)}; convert "
+                        "into another --out, or pass --overwrite to replace it", "source")
       if existing is not None and not set(splits) <= set(existing):
         wanted = [s for s in SPLITS if s in set(existing) | set(splits)]
         logging.warning("%s: the conversion in %s holds splits %s, not %s; converting %s",

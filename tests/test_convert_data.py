@@ -476,3 +476,24 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, capsy
     assert not list(disk.rglob("incomplete.*"))
   finally:
     subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_another_source_into_an_existing_conversion_is_refused(tmp_path, capsys):
+  import shutil
+  src = tmp_path / "WFLW"
+  (src / "WFLW_images" / "faces").mkdir(parents=True)
+  cv2.imwrite(str(src / "WFLW_images" / "faces" / "a.jpg"), _face_image([], (220, 220)))
+  _write_wflw_line(src / "list_98pt_rect_attr_test.txt")
+  other = tmp_path / "WFLW_copy"
+  shutil.copytree(src, other)
+  out = tmp_path / "out"
+  args = ["--dataset", "wflw", "--out", str(out), "--splits", "test"]
+  assert convert.main(args + ["--src", str(src)]) == 0
+  assert tfds_builders.conversion_source(out, "WFLW") == str(src.resolve())
+  assert convert.main(args + ["--src", str(src)]) == 0  # the same source: reused
+  assert "reused" in capsys.readouterr().out
+  assert convert.main(args + ["--src", str(other)]) == 1
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and f"converted from {src.resolve()}, not {other.resolve()}" in err
+  assert convert.main(args + ["--src", str(other), "--overwrite"]) == 0
+  assert tfds_builders.conversion_source(out, "WFLW") == str(other.resolve())
