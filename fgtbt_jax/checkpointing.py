@@ -385,11 +385,20 @@ def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return flatten(json.loads(config.to_json_best_effort()), "")
 
 
+def _umask() -> int:
+  """The process's file mode creation mask (read by setting it and back)."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 def write_run_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                      name: str = CONFIG_FILE) -> pathlib.Path:
   """Writes `<workdir>/config.json` (or `name`) atomically (a temporary file, then a rename).
 
-  A full disk or a kill mid-write leaves the previous file whole.
+  A full disk or a kill mid-write leaves the previous file whole. The file
+  gets the permissions of any new file (0666 less the umask; the temporary
+  file's own are 0600), so other users of a shared run can read it.
   """
   path = pathlib.Path(workdir) / name
   text = config.to_json_best_effort(indent=2) + "\n"
@@ -397,6 +406,7 @@ def write_run_config(config: ml_collections.ConfigDict, workdir: str | os.PathLi
   try:
     with os.fdopen(fd, "w") as f:
       f.write(text)
+      os.fchmod(f.fileno(), 0o666 & ~_umask())
     os.replace(temporary, path)
   except BaseException:
     pathlib.Path(temporary).unlink(missing_ok=True)

@@ -438,7 +438,10 @@ def _predict_video(predictor: predictor_lib.Predictor, path: pathlib.Path, stem:
     if writer is not None:
       writer.release()
       result.outputs.append(str(overlay_path))
-  result.outputs.append(str(lines_path))
+  if result.num_frames:
+    result.outputs.append(str(lines_path))
+  else:  # Nothing was read: no empty per-frame file is left behind.
+    lines_path.unlink(missing_ok=True)
   if result.error is None and result.num_frames == 0:
     result.error = f"{path}: the video has no readable frames"
   elif result.error is None and result.num_faces == 0:

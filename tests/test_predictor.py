@@ -429,6 +429,7 @@ def test_predict_files_writes_json_and_overlays_and_reports_failures(tmp_path):
   assert by_name["c_empty.png"].error.endswith("c_empty.png: no face found")
   assert "truncated JPEG" in by_name["d_broken.jpg"].error
   assert "f_junk.avi: not a readable video" in by_name["f_junk.avi"].error
+  assert not list(out.glob("f_junk.avi*"))  # a failed video leaves no empty outputs
   assert {f.source for f in report.failed} == {by_name[n].source for n in (
       "c_empty.png", "d_broken.jpg", "f_junk.avi")}
   content = json.loads((out / "a.png.json").read_text())

@@ -403,3 +403,18 @@ def test_resume_changes_name_every_function_changing_field_but_compute_forms():
   # A field the saved config predates is not compared.
   older = {k: v for k, v in saved.items() if k != "loss.dwa_window"}
   assert train.resume_changes(older, flat(**{"loss.dwa_window": 5})) == []
+
+
+def test_the_run_config_is_readable_by_the_other_users_of_a_shared_run(tmp_path):
+  import os
+  import stat
+  from configs import tiny
+  mask = os.umask(0o022)
+  try:
+    path = checkpointing.write_run_config(tiny.get_config(), tmp_path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    os.umask(0o077)  # A private umask is respected.
+    path = checkpointing.write_run_config(tiny.get_config(), tmp_path, "config.private.json")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+  finally:
+    os.umask(mask)
