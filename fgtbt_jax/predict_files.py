@@ -32,6 +32,7 @@ import itertools
 import json
 import os
 import pathlib
+import tempfile
 from typing import Iterable, Iterator, Sequence
 
 from absl import logging
@@ -350,10 +351,14 @@ def _predict_and_write(predictor: predictor_lib.Predictor, frames: list, protoco
     prediction = dataclasses.replace(prediction, source=str(path))
     stem = stem_of(path)
     json_path, png = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".overlay.png")
-    _write_json(json_path, {**prediction.to_json(), **settings,
-                            "max_faces": predictor.max_faces})
-    _write_png(png, _draw(image, prediction.landmarks, prediction.confidence, prediction.boxes,
-                          protocol, min_confidence, predictor.min_face_confidence))
+    try:
+      _write_json(json_path, {**prediction.to_json(), **settings,
+                              "max_faces": predictor.max_faces})
+      _write_png(png, _draw(image, prediction.landmarks, prediction.confidence, prediction.boxes,
+                            protocol, min_confidence, predictor.min_face_confidence))
+    except OSError as e:  # A full disk mid-run: this file fails, named; the run goes on.
+      result.error = f"{path}: cannot write its outputs in {stem.parent} ({e.strerror or e})"
+      continue
     result.num_faces += prediction.num_faces
     result.outputs += [str(json_path), str(png)]
 
@@ -518,6 +523,8 @@ def predict_main(workdir: str | os.PathLike, inputs: Sequence[str], out_dir: str
   out_dir = workdir / "predictions" if out_dir is None else out_dir
   try:  # Before the model loads: a read-only run's default --out, or a file there.
     pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out_dir):  # An existing folder may still be read-only.
+      pass
   except OSError as e:
     reason = ("exists and is not a folder" if isinstance(e, FileExistsError)
               else f"cannot be written ({e.strerror or e})")
