@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.target_rounding = "authors"
 
   config.train.freeze_batch_norm_after_step = AUTHORS_FREEZE_STEP
+  config.train.ema_bias_correction = False  # Their plain average from the initial weights.
   config.train.eval_every = 5_000
 
   config.eval.coordinates = "authors"

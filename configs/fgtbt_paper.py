@@ -94,11 +94,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 3
   config.train.eval_every = 10_000
   config.train.resume = True
-  # Resume even though data.datasets / samples_per_dataset / image_size /
-  # crop_enlarge or model.variant / input_size differ from the saved config.
+  # Resume even though the batch, datasets, input geometry, model or loss
+  # differ from the saved config (train.resume_changes).
   config.train.resume_with_changes = False
   # EMA decay per step = 0.5 ** (images per step / half-life).
   config.train.ema_half_life_images = 10_000.0
+  # Bias-corrected EMA (as Adam's moments): the average of the weights seen
+  # so far, without the initial weights' share (which a plain average keeps,
+  # 0.5 ** (images / half-life): all of a short run's evaluated model).
+  config.train.ema_bias_correction = True
   # From this step on the forward runs in eval mode (BatchNorm on its frozen
   # running statistics, dropout and stochastic depth off), as the FGTBT
   # authors' model did from step 500; 0 = never.

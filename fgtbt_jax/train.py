@@ -83,8 +83,35 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_sharding: NamedShard
           for key in TRAIN_BATCH_KEYS}
 
 
-def _ema(average: Any, value: Any, decay: float) -> Any:
+def _ema(average: Any, value: Any, decay) -> Any:
   return jax.tree.map(lambda a, v: decay * a + (1.0 - decay) * v, average, value)
+
+
+def ema_step_decay(decay: float, step: jax.Array, bias_correction: bool) -> jax.Array:
+  """The EMA decay of the update to `step` (1, 2, ...).
+
+  Without correction, `decay`. With it, d (1 - d^(t-1)) / (1 - d^t): the
+  average then equals Adam's bias-corrected moment m_t / (1 - d^t) of an
+  average started at zero, the weights of steps 1..t summing to one (step
+  1's decay is 0: the average starts at the first trained weights, not the
+  initial ones).
+  """
+  if not bias_correction:
+    return jnp.float32(decay)
+  log_decay = math.log(decay)
+  t = jnp.asarray(step, jnp.float32)
+  return decay * jnp.expm1((t - 1.0) * log_decay) / jnp.expm1(t * log_decay)
+
+
+def _warn_short_plain_average(config: ml_collections.ConfigDict, decay: float) -> None:
+  """Warns when a plain (uncorrected) EMA would still hold much of the initial weights."""
+  kept = decay ** int(config.train.steps)
+  if not config.train.ema_bias_correction and kept > 0.01:
+    logging.warning(
+        "train.steps=%d is short next to train.ema_half_life_images=%g: the evaluated EMA "
+        "model (a plain average, train.ema_bias_correction=False) will still hold %.0f%% of "
+        "the initial weights at the end; set train.ema_bias_correction=True or a shorter "
+        "half-life", config.train.steps, config.train.ema_half_life_images, 100 * kept)
 
 
 def parameter_table(boxed_params: Any, depth: int = 2) -> tuple[str, int]:
@@ -173,6 +200,7 @@ def make_train_step(setup: Setup, ema_decay: float, frozen_batch_norm: bool = Fa
   """
   tx, loss_config, schedule = setup.tx, setup.loss_config, setup.schedule
   loss_fn = train_loss(setup, frozen_batch_norm)
+  bias_correction = bool(setup.config.train.ema_bias_correction)
 
   def step_fn(state: TrainState, batch: Mapping[str, jax.Array]):
     dropout_rng = jax.random.fold_in(state.rng, state.step)
@@ -181,11 +209,12 @@ def make_train_step(setup: Setup, ema_decay: float, frozen_batch_norm: bool = Fa
         trainable, state.batch_stats, state.balancer_state, dropout_rng, batch)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
+    decay = ema_step_decay(ema_decay, state.step + 1, bias_correction)
     new_state = state.replace(
         step=state.step + 1, params=trainable["model"], batch_stats=batch_stats,
         opt_state=opt_state, balancer_params=trainable["balancer"],
-        ema_params=_ema(state.ema_params, trainable["model"], ema_decay),
-        ema_batch_stats=_ema(state.ema_batch_stats, batch_stats, ema_decay),
+        ema_params=_ema(state.ema_params, trainable["model"], decay),
+        ema_batch_stats=_ema(state.ema_batch_stats, batch_stats, decay),
         balancer_state=losses.update_balancer_state(
             loss_config, state.balancer_state, aux["dataset_loss"], aux["present"], state.step))
     metrics = {"loss": total, "grad_norm": optax.tree.norm(grads["model"]),
@@ -329,6 +358,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     # wrote them) are dropped, so each step has one row.
     writer.discard_after(start_step)
     decay = ema_decay_per_step(config)
+    _warn_short_plain_average(config, decay)
     freeze_after = int(config.train.get("freeze_batch_norm_after_step", 0))
     train_step = make_train_step(setup, decay)
     # Compiled on its first call only.

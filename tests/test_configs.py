@@ -52,6 +52,8 @@ def test_authors_config_is_the_recipe_their_code_ran():
   assert c.data.samples_per_dataset == 1 and tuple(c.data.scale_range) == (0.75, 1.25)
   assert state_lib.ema_decay_per_step(c) == pytest.approx(0.5 ** (4 / 10000), rel=1e-12)
   assert c.loss.target_rounding == "authors" and c.train.freeze_batch_norm_after_step == 500
+  # Their plain EMA from the initial weights; every other config corrects it.
+  assert not c.train.ema_bias_correction and tiny.get_config().train.ema_bias_correction
   assert (c.eval.coordinates, c.eval.failure_normalizer) == ("authors", "inter_pupil")
   assert tuple(c.eval.best_on_subsets) == ("300W:challenging",)
   assert c.data.eval_batch_size == 8 and not c.data.eval_pad_last_batch

@@ -101,6 +101,11 @@ def test_a_frozen_batch_norm_step_keeps_the_statistics_and_trains_scale_and_bias
                  and "bias" in jax.tree_util.keystr(path)]
   assert norm_params and any(np.abs(v - flat_before[p]).max() > 0 for p, v in norm_params)
   assert np.isfinite(float(metrics["loss"]))
+  # The bias-corrected EMA (the default) starts at the first trained weights: the
+  # initial ones have no share in it.
+  assert config.train.ema_bias_correction
+  for a, b in zip(jax.tree.leaves(after.ema_params), jax.tree.leaves(after.params)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_learning_rate_schedule_and_weight_decay_mask():
@@ -286,3 +291,21 @@ def test_loop_trains_to_the_end_and_evaluates(tmp_path):
   saved = sorted(int(p.name) for p in (tmp_path / "ckpt" / "latest").iterdir()
                  if p.name.isdigit())
   assert saved == [2, 4, 5]
+
+
+def test_the_bias_corrected_ema_is_the_average_of_the_trained_weights_only():
+  """With correction the EMA after t steps is Adam's m_t / (1 - d^t) (an average from
+  zero): the initial weights have no share; without it they keep d^t of it."""
+  decay, values, initial = 0.9, np.linspace(1.0, 3.0, 25), -100.0
+  for correct in (True, False):
+    average = initial
+    for t, value in enumerate(values, start=1):
+      d = float(train.ema_step_decay(decay, jnp.int32(t), correct))
+      average = d * average + (1.0 - d) * value
+    moment = sum((1 - decay) * decay ** (len(values) - i) * v for i, v in enumerate(values, 1))
+    expected = (moment / (1 - decay ** len(values)) if correct
+                else moment + decay ** len(values) * initial)
+    assert average == pytest.approx(expected, rel=1e-5)
+  assert float(train.ema_step_decay(decay, jnp.int32(1), True)) == 0.0
+  assert float(train.ema_step_decay(0.5 ** (8 / 10_000), jnp.int32(100_000), True)) == (
+      pytest.approx(0.5 ** (8 / 10_000), rel=1e-6))
