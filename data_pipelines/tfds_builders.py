@@ -545,39 +545,36 @@ def converted_dir(data_dir: str | os.PathLike, dataset: str, config_name: str = 
   return versions[-1]
 
 
-def is_synthetic(data_dir: str | os.PathLike, dataset: str, config_name: str = "") -> bool:
-  """Whether the converted `dataset` under `data_dir` is generated synthetic data."""
+def conversion_metadata(data_dir: str | os.PathLike, dataset: str,
+                        config_name: str = "") -> dict:
+  """A converted dataset's metadata.json ({} for a conversion that has none)."""
   path = converted_dir(data_dir, dataset, config_name) / "metadata.json"
   try:
-    return bool(json.loads(path.read_text()).get("synthetic", False))
+    metadata = json.loads(path.read_text())
   except FileNotFoundError:
-    return False
+    return {}
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f"{path}: unreadable conversion metadata: {e}") from e
+  if not isinstance(metadata, dict):
+    raise ValueError(f"{path}: unreadable conversion metadata: not a JSON object")
+  return metadata
+
+
+def is_synthetic(data_dir: str | os.PathLike, dataset: str, config_name: str = "") -> bool:
+  """Whether the converted `dataset` under `data_dir` is generated synthetic data."""
+  return bool(conversion_metadata(data_dir, dataset, config_name).get("synthetic", False))
 
 
 def conversion_convention(data_dir: str | os.PathLike, dataset: str,
                           config_name: str = "") -> str:
   """The readers' convention a converted dataset was made with ("project" before it was recorded)."""
-  path = converted_dir(data_dir, dataset, config_name) / "metadata.json"
-  try:
-    return str(json.loads(path.read_text()).get("convention", "project"))
-  except FileNotFoundError:
-    return "project"
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: unreadable conversion metadata: {e}") from e
+  return str(conversion_metadata(data_dir, dataset, config_name).get("convention", "project"))
 
 
 def authors_crop_size(data_dir: str | os.PathLike, dataset: str, split: str,
                       config_name: str = "") -> int:
   """The side of the authors' test crops a converted split stores (0: loose crops)."""
-  path = converted_dir(data_dir, dataset, config_name) / "metadata.json"
-  try:
-    held = json.loads(path.read_text()).get("authors_crops") or {}
-  except FileNotFoundError:
-    return 0
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: unreadable conversion metadata: {e}") from e
+  held = conversion_metadata(data_dir, dataset, config_name).get("authors_crops") or {}
   return int(held.get("size", 0)) if split in held.get("splits", ()) else 0
 
 
@@ -588,13 +585,7 @@ def _source_key(src) -> str:
 
 def conversion_source(data_dir: str | os.PathLike, dataset: str, config_name: str = "") -> str:
   """The source folder or file a converted dataset was made from ("" before it was recorded)."""
-  path = converted_dir(data_dir, dataset, config_name) / "metadata.json"
-  try:
-    return str(json.loads(path.read_text()).get("source", ""))
-  except FileNotFoundError:
-    return ""
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: unreadable conversion metadata: {e}") from e
+  return str(conversion_metadata(data_dir, dataset, config_name).get("source", ""))
 
 
 def converted_splits(data_dir: str | os.PathLike, dataset: str, config_name: str = "") -> list[str]:

@@ -1,5 +1,6 @@
 """Shared pieces of the tests: subprocess runs (train, resume, multi-host, run.py), a mixed batch."""
 
+import contextlib
 import os
 import pathlib
 
@@ -99,3 +100,22 @@ def mixed_batch(seed: int, size: int = 64, k: int = 2) -> dict:
   return {"image": rng.integers(0, 256, (len(dataset_id), size, size, 3), np.uint8),
           "landmarks": np.where(mask[..., None], points, 0).astype(np.float32),
           "mask": mask, "dataset_id": dataset_id}
+
+
+@contextlib.contextmanager
+def read_only_view(folder: pathlib.Path, view: pathlib.Path):
+  """`folder` seen read-only at `view` (a bind mount), as an archived or shared run is.
+
+  Skips the test where mounting is not allowed (it needs root with mount
+  rights; root ignores file permissions, so chmod cannot stand in).
+  """
+  import subprocess
+  view.mkdir(parents=True, exist_ok=True)
+  if subprocess.run(["mount", "--bind", str(folder), str(view)],
+                    capture_output=True).returncode != 0:
+    pytest.skip("a read-only bind mount needs root with mount rights")
+  try:
+    subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True)
+    yield view
+  finally:
+    subprocess.run(["umount", str(view)], check=True)

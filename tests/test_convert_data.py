@@ -221,11 +221,18 @@ def _write_wflw_line(path, good=True):
   path.write_text(" ".join(fields) + "\n")
 
 
-def test_convert_dataset_reads_with_the_readers(tmp_path):
-  src = tmp_path / "WFLW"
+def _wflw_source(root, image=None):
+  """A raw WFLW test split of one face under `root`/WFLW (image default: a smooth face)."""
+  src = root / "WFLW"
   (src / "WFLW_images" / "faces").mkdir(parents=True)
-  cv2.imwrite(str(src / "WFLW_images" / "faces" / "a.jpg"), _face_image([], (220, 220)))
+  cv2.imwrite(str(src / "WFLW_images" / "faces" / "a.jpg"),
+              _face_image([], (220, 220)) if image is None else image)
   _write_wflw_line(src / "list_98pt_rect_attr_test.txt")
+  return src
+
+
+def test_convert_dataset_reads_with_the_readers(tmp_path):
+  src = _wflw_source(tmp_path)
   summary = convert.convert_dataset("wflw", src, tmp_path / "out", splits=("test",))
   assert summary.splits["test"].written == 1
   assert not tfds_builders.is_synthetic(tmp_path / "out", "WFLW")
@@ -394,10 +401,7 @@ def test_src_as_an_annotation_file_and_bad_out_folders(tmp_path, capsys, monkeyp
 
 
 def test_the_readers_convention_is_recorded_and_never_mixed(tmp_path, capsys):
-  src = tmp_path / "WFLW"
-  (src / "WFLW_images" / "faces").mkdir(parents=True)
-  cv2.imwrite(str(src / "WFLW_images" / "faces" / "a.jpg"), _face_image([], (220, 220)))
-  _write_wflw_line(src / "list_98pt_rect_attr_test.txt")
+  src = _wflw_source(tmp_path)
   out = tmp_path / "out"
   convert.convert_dataset("wflw", src, out, splits=("test",), convention="authors")
   assert tfds_builders.conversion_convention(out, "WFLW") == "authors"
@@ -458,11 +462,8 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, capsy
   """Converting onto a full disk (a 48 kB tmpfs; ArrayRecord's writer fails in C++
   with a RuntimeError): one line, and the half-written copy is removed at once."""
   import subprocess
-  src = tmp_path / "WFLW"
-  (src / "WFLW_images" / "faces").mkdir(parents=True)
   noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
-  cv2.imwrite(str(src / "WFLW_images" / "faces" / "a.jpg"), noise)  # crops that take room
-  _write_wflw_line(src / "list_98pt_rect_attr_test.txt")
+  src = _wflw_source(tmp_path, noise)  # crops that take room
   disk = tmp_path / "disk"
   disk.mkdir()
   if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(disk)],
@@ -480,10 +481,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, capsy
 
 def test_another_source_into_an_existing_conversion_is_refused(tmp_path, capsys):
   import shutil
-  src = tmp_path / "WFLW"
-  (src / "WFLW_images" / "faces").mkdir(parents=True)
-  cv2.imwrite(str(src / "WFLW_images" / "faces" / "a.jpg"), _face_image([], (220, 220)))
-  _write_wflw_line(src / "list_98pt_rect_attr_test.txt")
+  src = _wflw_source(tmp_path)
   other = tmp_path / "WFLW_copy"
   shutil.copytree(src, other)
   out = tmp_path / "out"

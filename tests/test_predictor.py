@@ -544,26 +544,17 @@ def test_an_exif_rotated_photo_gives_the_landmarks_of_its_upright_copy(tmp_path)
 
 def test_predict_into_a_read_only_run_is_one_line_before_the_model_loads(tmp_path):
   """The default --out of an archived run (a read-only mount holding predictions/)."""
-  import subprocess
   run = tmp_path / "run"
   for folder in ("checkpoints", "predictions"):
     (run / folder).mkdir(parents=True)
   (run / "config.json").write_text("{}")  # a stand-in: nothing is loaded before the check
   image = tmp_path / "a.png"
   cv2.imwrite(str(image), np.zeros((40, 40, 3), np.uint8))
-  archived = tmp_path / "archived"
-  archived.mkdir()
-  if subprocess.run(["mount", "--bind", str(run), str(archived)],
-                    capture_output=True).returncode != 0:
-    pytest.skip("a read-only bind mount needs root with mount rights")
-  try:
-    subprocess.run(["mount", "-o", "remount,ro,bind", str(archived)], check=True)
+  with helpers.read_only_view(run, tmp_path / "archived") as archived:
     with pytest.raises(errors.OutputError, match=r"archived/predictions: the output folder "
                                                  r"cannot be written \(Read-only file system\); "
                                                  r"pass --out=DIR"):
       predict_files.predict_main(archived, [str(image)], box=[1, 1, 30, 30])
-  finally:
-    subprocess.run(["umount", str(archived)], check=True)
 
 
 def test_boxes_file_gives_several_faces_per_image_and_detected_faces_are_all_predicted(
