@@ -40,6 +40,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import NamedSharding
 
+from fgtbt_jax import aot
 from fgtbt_jax import landmarks
 from fgtbt_jax import losses
 from fgtbt_jax import sharding as sharding_lib
@@ -211,11 +212,7 @@ def compiled_flops(compiled: jax.stages.Compiled) -> float | None:
 def compiled_memory_bytes(compiled: jax.stages.Compiled) -> int | None:
   """XLA's estimate of one device's memory for the program (args + outputs + temps)."""
   analysis = compiled.memory_analysis()
-  if analysis is None:
-    return None
-  total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-           + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
-  return int(total)
+  return None if analysis is None else aot.memory_figures(analysis)["total"]
 
 
 def peak_memory(device: jax.Device) -> dict:

@@ -68,7 +68,7 @@ from ml_collections import config_flags
 
 from benchmarks import common
 from benchmarks import train_step as train_step_bench
-from fgtbt_jax import landmarks
+from fgtbt_jax import aot
 from fgtbt_jax import models
 from fgtbt_jax import sharding
 from fgtbt_jax import state as state_lib
@@ -138,32 +138,13 @@ def threefry_lowering(mode: str):
     mlir.register_lowering(primitive, rolled, platform="cpu")
 
 
-def abstract_batch(config: ml_collections.ConfigDict, batch_sharding) -> dict:
-  """ShapeDtypeStructs of a global training batch (`common.synthetic_train_batch`'s layout)."""
-  size = int(config.data.image_size)
-  count = int(config.data.samples_per_dataset) * len(config.data.datasets)
-  shapes = {"image": ((count, size, size, 3), jnp.uint8),
-            "landmarks": ((count, landmarks.NUM_UNIFIED, 2), jnp.float32),
-            "mask": ((count, landmarks.NUM_UNIFIED), np.asarray(landmarks.PROTOCOL_MASKS).dtype),
-            "dataset_id": ((count,), jnp.int32)}
-  out = {}
-  for key in train.TRAIN_BATCH_KEYS:
-    shape, dtype = shapes[key]
-    out[key] = jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-  return out
-
-
 def memory_record(analysis) -> dict:
-  """XLA's memory analysis as a dict of bytes, with the total a device holds."""
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-            "temp_size_in_bytes", "generated_code_size_in_bytes")
-  record = {name.replace("_size_in_bytes", "_bytes"): int(getattr(analysis, name))
-            for name in fields}
-  total = (record["argument_bytes"] + record["output_bytes"] + record["temp_bytes"]
-           - record["alias_bytes"])
-  record["total_bytes"] = int(total)
-  record["total_gib"] = round(total / GIB, 3)
-  record["temp_gib"] = round(record["temp_bytes"] / GIB, 3)
+  """XLA's memory analysis as a dict of bytes, with the total a device holds
+  (`aot.memory_figures`)."""
+  figures = aot.memory_figures(analysis)
+  record = {f"{name}_bytes": value for name, value in figures.items()}
+  record["total_gib"] = round(figures["total"] / GIB, 3)
+  record["temp_gib"] = round(figures["temp"] / GIB, 3)
   return record
 
 
@@ -355,7 +336,7 @@ def measure(config: ml_collections.ConfigDict, breakdown: bool, residuals: bool,
   """One JSON record of the step's memory for `config` (see the module docstring)."""
   setup = state_lib.build_setup(config)
   state = setup.abstract_state
-  batch = abstract_batch(config, sharding.batch_sharding(setup.mesh))
+  batch = train.abstract_batch(config, sharding.batch_sharding(setup.mesh))
   model = config.model
   record = {
       "benchmark": "memory",
@@ -375,7 +356,7 @@ def measure(config: ml_collections.ConfigDict, breakdown: bool, residuals: bool,
     return record
   step = train.make_train_step(setup, state_lib.ema_decay_per_step(config))
   with sharding.mesh_and_rules(setup.mesh, setup.rules), threefry_lowering(threefry):
-    lowered = train_step_bench._jitted_step(step).lower(state, batch)
+    lowered = aot.jitted_function(step).lower(state, batch)
   if breakdown:
     with tempfile.TemporaryDirectory(prefix="fgtbt_memory_") as temporary:
       folder = dump_dir or temporary

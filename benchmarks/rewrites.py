@@ -39,6 +39,7 @@ import jax
 
 from benchmarks import common
 from configs import default
+from fgtbt_jax import aot
 from fgtbt_jax import models
 from fgtbt_jax import sharding
 from fgtbt_jax import state as state_lib
@@ -97,7 +98,7 @@ def compiled_form_step(variant: str, size: int, batch: int, dtype: str, form: di
   step = train.make_train_step(setup, state_lib.ema_decay_per_step(config))
   start = time.perf_counter()
   with sharding.mesh_and_rules(setup.mesh, setup.rules):
-    lowered = step._jitted.lower(state, data)  # pylint: disable=protected-access
+    lowered = aot.jitted_function(step).lower(state, data)
     compiled = lowered.compile()
   return lowered, compiled, state, data, time.perf_counter() - start
 

@@ -55,6 +55,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from benchmarks import common
+from fgtbt_jax import aot
 from fgtbt_jax import validation
 from fgtbt_jax import models
 from fgtbt_jax import sharding
@@ -101,21 +102,6 @@ def benchmark_config(config: ml_collections.ConfigDict, batch: int | None,
   return config
 
 
-def _jitted_step(train_step):
-  """The `jax.jit` function inside `train.make_train_step`'s result.
-
-  The step is a `sharding.CompiledPerShape`, which compiles on its first
-  call with each input shape; ahead-of-time lowering (for the compile time
-  and XLA's cost and memory analyses of the very program that runs) needs
-  the jitted function it wraps, which it keeps as `_jitted`.
-  """
-  jitted = getattr(train_step, "_jitted", None)
-  if jitted is None or not hasattr(jitted, "lower"):
-    raise RuntimeError(f"benchmarks.train_step: {type(train_step).__name__} from "
-                       "train.make_train_step holds no jitted function '_jitted'")
-  return jitted
-
-
 def analytic_flops_per_image(model_config: ml_collections.ConfigDict) -> float:
   """Model multiply-adds per image x 2 FLOPs x 3 (forward + backward)."""
   return 6.0 * cost.count_macs(model_config)["total"]
@@ -157,7 +143,7 @@ def time_step(config: ml_collections.ConfigDict, steps: int, warmup: int, seed: 
 
   start = time.perf_counter()
   with sharding.mesh_and_rules(setup.mesh, setup.rules):
-    lowered = _jitted_step(train_step).lower(state, batch)
+    lowered = aot.jitted_function(train_step).lower(state, batch)
   record["lower_s"] = round(time.perf_counter() - start, 2)
   start = time.perf_counter()
   try:

@@ -134,8 +134,11 @@ def build_setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> 
   tx, schedule = make_optimizer(config.optimizer)
   loss_config = losses.LossConfig.from_config(config.loss, len(landmarks.PROTOCOL_NAMES))
   init = _init_state_fn(model, tx, loss_config, config.data.image_size)
+  # An abstract key: no array is made, so the mesh's devices may be compile-only
+  # (`fgtbt_jax.aot` builds the step for a TPU topology on a CPU host).
+  abstract_key = jax.eval_shape(jax.random.PRNGKey, 0)
   with sharding.mesh_and_rules(mesh, rules):
-    boxed_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+    boxed_state = jax.eval_shape(init, abstract_key)
   state_shardings = partitioning.variable_shardings(boxed_state, mesh, rules)
   unboxed = nn.meta.unbox(boxed_state)
   abstract_state = jax.tree.map(

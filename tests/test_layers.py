@@ -18,6 +18,8 @@ layers (lowest first) are the project's architecture:
                  checkpoint import
   entry          the evaluation pass and eval-only mode, the predict command
   loop           the training loop
+  tools          commands built on the training loop's step: the ahead-of-time
+                 compile for a device topology
 
 `data_pipelines` may use only the leaf facts of `fgtbt_jax` (protocol,
 registry, crop, image loading, errors), and only the entry-level modules of
@@ -51,6 +53,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("fgtbt_jax.validation", "fgtbt_jax.export", "fgtbt_jax.authors_checkpoint"),
     ("fgtbt_jax.evaluate", "fgtbt_jax.predict_files"),
     ("fgtbt_jax.train",),
+    ("fgtbt_jax.aot",),
 )
 # Subpackages whose modules form one unit of the table (imports inside them are free).
 UNITS = ("fgtbt_jax.models", "data_pipelines.readers")

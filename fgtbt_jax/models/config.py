@@ -125,12 +125,13 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
         patch embedding, FGSA Refine and injection, and the decoder
         recomputed when the backward pass reaches it: the smallest compiled
         step), or "auto" (the default:
-        "dots" on GPUs and TPUs, "none" on CPU; measured in
-        benchmarks/README.md).
+        "dots" on GPUs and TPUs, "none" on CPU, by the devices of the mesh
+        the step is compiled for; measured in benchmarks/README.md).
       attention_impl: "xla", "cudnn" (NVIDIA GPU, bfloat16) or "einsum".
       depthwise_impl: the Mix-FFN depthwise 3x3 convolution: "conv", "shifts"
         (nine shifted multiply-adds, the same function; 4-80x faster with its
-        gradients on XLA:CPU) or "auto" (shifts on CPU, conv elsewhere).
+        gradients on XLA:CPU) or "auto" (shifts on CPU, conv elsewhere, by
+        the devices of the mesh the model is traced for).
       pointwise_impl: the 1x1 convolutions (decoder, heads, conv stems):
         "conv" (the default) or "dot" (a matmul over channels, the same
         function and parameters; `layers.POINTWISE_IMPLEMENTATIONS`).

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from fgtbt_jax.models import layers
+from fgtbt_jax.models.partitioning import target_platform
 
 Dtype = Any
 
@@ -164,14 +165,19 @@ class EfficientSelfAttention(nn.Module):
     return layers.dense(c, "qkv", "embed", dtype=self.dtype, name="proj")(out)
 
 
-def resolve_depthwise_impl(implementation: str) -> str:
-  """"auto" -> "shifts" on the CPU backend (XLA:CPU's grouped convolution, and its
-  kernel gradient above all, is many times slower there), else "conv"."""
+def resolve_depthwise_impl(implementation: str, platform: str | None = None) -> str:
+  """"auto" -> "shifts" on CPU (XLA:CPU's grouped convolution, and its kernel
+  gradient above all, is many times slower there), else "conv".
+
+  `platform` defaults to that of the devices the model is traced for
+  (`partitioning.target_platform()`: the mesh in context, else JAX's default
+  backend), so a CPU host compiling for a TPU topology gets "conv".
+  """
   if implementation not in DEPTHWISE_IMPLEMENTATIONS:
     raise ValueError(f"unknown depthwise_impl {implementation!r}; expected one of "
                      f"{DEPTHWISE_IMPLEMENTATIONS}")
   if implementation == "auto":
-    return "shifts" if jax.default_backend() == "cpu" else "conv"
+    return "shifts" if (platform or target_platform()) == "cpu" else "conv"
   return implementation
 
 

@@ -57,6 +57,20 @@ _FSDP_PARAMETER_AXES = ("embed", "mlp", "qkv", "fused", "decoder", "prompt", "co
 LogicalRules = tuple[tuple[str, Any], ...]
 
 
+def target_platform() -> str:
+  """The platform ("cpu", "gpu", "tpu") of the devices a program is being built for.
+
+  That of the mesh in context (`jax.set_mesh`, which `sharding.mesh_and_rules`
+  enters; its abstract mesh is visible inside `jax.jit` and `jax.eval_shape`
+  too), else JAX's default backend. The two differ when a CPU host builds a
+  program for other devices, e.g. `fgtbt_jax.aot` compiling for a TPU
+  topology: the model's "auto" choices (`remat_policy`, `depthwise_impl`)
+  follow the devices that will run it, not the host that traces it.
+  """
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  return device.platform if device is not None else jax.default_backend()
+
+
 def logical_axis_rules(mode: str) -> LogicalRules:
   """Rules mapping logical axis names to the ("data", "fsdp") mesh axes.
 

@@ -28,7 +28,9 @@ the same values):
                    again when the backward pass reaches them
                    (`recompute_in_backward`), one segment's values live at a
                    time, on every backend;
-  "auto"           "dots" on GPUs and TPUs, "none" on CPU.
+  "auto"           "dots" on GPUs and TPUs, "none" on CPU: for the devices
+                   of the mesh the step is traced under (a CPU host compiling
+                   for a TPU topology gets "dots"), `target_platform`.
 
 Under `jax.checkpoint` ("dots", "dots_no_batch", "nothing") XLA:CPU
 schedules the recomputation at the start of the backward pass, all of it at
@@ -53,6 +55,8 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
+from fgtbt_jax.models.partitioning import target_platform
+
 REMAT_POLICIES = ("auto", "none", "dots", "dots_no_batch", "nothing", "segments")
 
 _POLICIES = {
@@ -64,8 +68,10 @@ _POLICIES = {
 F = TypeVar("F", bound=Callable)
 
 
-def resolve_remat_policy(policy: str, backend: str | None = None) -> str:
-  """The policy "auto" stands for on `backend` (default: JAX's default backend).
+def resolve_remat_policy(policy: str, platform: str | None = None) -> str:
+  """The policy "auto" stands for on `platform` (default: the target devices'
+  platform, `partitioning.target_platform()`: the mesh in context, else JAX's
+  default backend).
 
   Raises:
     ValueError: an unknown policy name.
@@ -74,7 +80,7 @@ def resolve_remat_policy(policy: str, backend: str | None = None) -> str:
     raise ValueError(f"model config: remat_policy={policy!r}; expected one of {REMAT_POLICIES}")
   if policy != "auto":
     return policy
-  return "none" if (backend or jax.default_backend()) == "cpu" else "dots"
+  return "none" if (platform or target_platform()) == "cpu" else "dots"
 
 
 def rematerialize(fn: F, policy: str) -> F:
