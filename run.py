@@ -144,8 +144,8 @@ _MIN_FACE_CONFIDENCE = flags.DEFINE_float(
     "min_face_confidence", predictor_lib.DEFAULT_MIN_FACE_CONFIDENCE,
     "predict: faces whose mean point confidence is below this are flagged low_quality "
     "(JSON and overlay); in videos such a face's track ends.")
-flags.register_validator(_MIN_FACE_CONFIDENCE, math.isfinite,
-                         message="--min_face_confidence must be a finite number")
+flags.register_validator(_MIN_FACE_CONFIDENCE, lambda value: not math.isnan(value),
+                         message="--min_face_confidence must be a number, not nan")
 _DETECTOR = flags.DEFINE_enum(
     "detector", "auto", list(detector.DETECTOR_CHOICES),
     "predict: face detector; auto is dlib's HOG detector, or OpenCV's Haar cascade when "

@@ -202,8 +202,8 @@ class Predictor:
       raise ValueError(f"Predictor: max_faces must be at least 1 (or None), got {max_faces}")
     self.max_faces = None if max_faces is None else int(max_faces)
     self.min_face_confidence = float(min_face_confidence)
-    if not np.isfinite(self.min_face_confidence):
-      raise ValueError(f"Predictor: min_face_confidence must be a finite number, got "
+    if np.isnan(self.min_face_confidence):  # -inf flags no face, +inf every face.
+      raise ValueError(f"Predictor: min_face_confidence must be a number, got "
                        f"{min_face_confidence}")
     self.model = models.build_model(config) if model is None else model
     self.variables = jax.device_put(nn.meta.unbox(variables))

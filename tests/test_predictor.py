@@ -642,7 +642,7 @@ def test_bad_boxes_files_and_boxes_outside_the_image_give_one_line_errors(tmp_pa
                                out_dir=str(tmp_path / "taken"))
   with pytest.raises(DataError, match="zero: not a regular file"):
     load_image("/dev/zero")
-  with pytest.raises(ValueError, match="min_face_confidence must be a finite number, got nan"):
+  with pytest.raises(ValueError, match="min_face_confidence must be a number, got nan"):
     scene.predictor(min_face_confidence=float("nan"))
   with pytest.raises(DataError, match="absent.json: cannot read the boxes file"):
     predict_files.read_boxes_file(tmp_path / "absent.json")

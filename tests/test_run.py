@@ -107,7 +107,7 @@ def test_eval_mode_rejects_an_incompatible_checkpoint(trained_workdir, synthetic
     (("evaluate",), "expected an optional mode"),
     (("eval", "--workdir=/tmp", "--studies=speed"), "--studies: unknown studies ['speed']"),
     (("predict", "--workdir=/tmp", "--image=x.png", "--min_face_confidence=nan"),
-     "--min_face_confidence must be a finite number"),
+     "--min_face_confidence must be a number, not nan"),
     (("predict", f"--workdir={TINY}", "--image=x.png"), "is a file, not a folder"),
 ])
 def test_clear_errors(args, message):
