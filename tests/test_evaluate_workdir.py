@@ -359,7 +359,8 @@ def test_unpadded_eval_of_a_compat_run_is_the_authors_evaluation_at_any_split_si
   helpers.write_random_run(tmp_path, config, scale=None)
   # `run.py eval` as a user runs it (one device: the model depends on its batch-mates).
   process = subprocess.run([sys.executable, str(helpers.REPO / "run.py"), "eval",
-                            f"--workdir={tmp_path}"], env=helpers.subprocess_env(devices=1),
+                            f"--workdir={tmp_path}", "--noreport"],
+                           env=helpers.subprocess_env(devices=1),
                            capture_output=True, text=True, timeout=900, cwd=helpers.REPO)
   assert process.returncode == 0, process.stderr[-3000:]
   written = json.loads((tmp_path / "eval_latest.json").read_text())
