@@ -239,7 +239,14 @@ def _unraisable(hook):
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with one-line errors for bad flags and unreadable configs."""
+  """absl flag parsing with one-line errors for bad flags and unreadable configs.
+
+  --help / -h (this docstring and the main flags) and --helpfull (every
+  flag) print to stdout and exit 0, as a help request should (absl exits 1).
+  """
+  asked = set(argv[1:]) & {"--help", "-h", "-?", "--helpshort", "--helpfull"}
+  if asked:
+    app.usage(shorthelp="--helpfull" not in asked, writeto_stdout=True, exitcode=0)
   try:
     remaining = flags.FLAGS(argv)
   except flags.Error as e:

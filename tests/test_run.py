@@ -122,6 +122,13 @@ def test_clear_errors(args, message):
   assert "The embedded default" not in process.stderr
 
 
+def test_help_is_a_success():
+  for flag, extra in (("--help", "--min_face_confidence"), ("--helpfull", "absl.logging:")):
+    process = _run(flag, timeout=120)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert "python run.py eval --workdir" in process.stdout and extra in process.stdout
+
+
 def test_eval_of_a_directory_without_checkpoints(tmp_path):
   (tmp_path / "config.json").write_text("{not json")
   process = _run("eval", f"--workdir={tmp_path}", timeout=120)
