@@ -40,6 +40,12 @@ def point_colors(protocol: str) -> np.ndarray:
   return np.asarray([PART_COLORS[landmarks.FACE_PARTS[int(u)]] for u in index], np.uint8)
 
 
+def quality_label(confidence: float) -> str:
+  """A low-quality face's confidence to two decimals, rounded down: a face just
+  under the threshold never reads as the threshold (0.5974 -> "0.59", not "0.60")."""
+  return f"{np.floor(confidence * 100.0 + 1e-9) / 100.0:.2f}"  # 0.29 * 100 = 28.999...
+
+
 def draw_landmarks(image: np.ndarray, points, protocol: str = landmarks.UNIFIED, *,
                    boxes=None, confidence=None, min_confidence: float | None = None,
                    radius: float | None = None, low_quality=None, face_confidence=None,
@@ -80,7 +86,8 @@ def draw_landmarks(image: np.ndarray, points, protocol: str = landmarks.UNIFIED,
       cv2.rectangle(canvas, corner_a, corner_b, color, 1, cv2.LINE_AA, _SHIFT)
       text = [] if labels is None else [str(labels[face])]
       if flagged[face]:
-        text.append("low" if face_confidence is None else f"low {float(face_confidence[face]):.2f}")
+        text.append("low" if face_confidence is None
+                    else f"low {quality_label(float(face_confidence[face]))}")
       if text:
         cv2.putText(canvas, " ".join(text), (int(round(x1)), max(10, int(round(y1)) - 3)),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.35, color, 1, cv2.LINE_AA)

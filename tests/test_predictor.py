@@ -379,6 +379,11 @@ def test_landmark_box_pads_the_longer_side():
 # -- overlays and file prediction ----------------------------------------------------------
 
 
+def test_a_low_quality_label_never_reads_as_the_threshold():
+  assert [visualization.quality_label(c) for c in (0.5974, 0.6, 0.29, 0.999)] == [
+      "0.59", "0.60", "0.29", "0.99"]
+
+
 def test_draw_landmarks_colours_points_by_face_part():
   image = np.zeros((200, 200, 3), np.uint8)
   protocol = landmarks.get_protocol("WFLW")
