@@ -127,8 +127,9 @@ def decode_image(data: bytes, where: str, strict: bool = False,
   if decoded is None or decoded.size == 0:
     raise DataError(where, "not a decodable image (corrupt data or not an "
                     "image file)", "corrupt_image")
-  if orient and exif_orientation(data) in _ORIENT:
-    decoded = np.ascontiguousarray(_ORIENT[exif_orientation(data)](decoded))
+  turn = _ORIENT.get(exif_orientation(data)) if orient else None
+  if turn is not None:
+    decoded = np.ascontiguousarray(turn(decoded))
   return to_rgb_uint8(decoded, where, bgr=True)
 
 
