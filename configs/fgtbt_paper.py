@@ -133,6 +133,32 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.lowres_sides = (16, 32, 64, 128)  # face box sides of the lowres study, px
   config.eval.study_max_batches = 0  # test batches per dataset and study pass; 0 = all
 
+  # `run.py predict` (and `python -m fgtbt_jax.export`): read from the run's
+  # config.json, overridden from the command line, e.g.
+  # `run.py predict --workdir=W --image=x.jpg --config.predict.max_faces=1`.
+  # Decoding (decoder, flip test, smoothing) is the run's eval section's.
+  config.predict = ml_collections.ConfigDict()
+  config.predict.dataset = ""          # whose best checkpoint; "" = data.datasets[0]
+  config.predict.detector = "auto"     # auto (dlib, else Haar) | dlib_hog | haar_cascade
+  # The detector's box calibration: real (photographs) | synthetic (the
+  # project's rendered faces) | "scale,shift_x,shift_y" (python -m fgtbt_jax.calibrate).
+  config.predict.box_adjustment = "real"
+  config.predict.max_faces = 0         # the largest detected faces per image or frame; 0 = all
+  # Faces whose mean point confidence is below this are flagged low_quality
+  # (docs/inference.md, "Face quality"); in videos such a face's track ends.
+  # -inf flags none, +inf every face.
+  config.predict.min_face_confidence = 0.6
+  config.predict.batch_size = 8        # faces per device batch
+  config.predict.protocol = "unified"  # points written: unified (124) | WFLW | 300W | COFW | AFLW
+  # Videos: the detector runs every detect_every frames (the landmarks carry
+  # the boxes between); One Euro smoothing of the landmarks across frames
+  # (cut-off in Hz of a still face, lower smooths more; its rise per face
+  # side per second of speed, higher lags less).
+  config.predict.detect_every = 10
+  config.predict.video_smoothing = True
+  config.predict.one_euro_min_cutoff = 1.0
+  config.predict.one_euro_beta = 10.0
+
   # Device mesh ("data", "fsdp"); -1 = all remaining devices.
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1

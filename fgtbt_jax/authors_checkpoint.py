@@ -79,6 +79,7 @@ from configs import fgtbt_authors
 from fgtbt_jax import checkpointing
 from fgtbt_jax import landmarks
 from fgtbt_jax import models
+from fgtbt_jax import rundir
 from fgtbt_jax.torch_weights import to_flax_layout
 
 # The EMA model is saved with the test batch size the authors evaluated with:
@@ -788,7 +789,7 @@ class ImportResult:
 
 
 def _check_free(workdir: pathlib.Path) -> None:
-  for name in (checkpointing.CONFIG_FILE, checkpointing.CHECKPOINTS_DIR):
+  for name in (rundir.CONFIG_FILE, rundir.CHECKPOINTS_DIR):
     if (workdir / name).exists():
       raise FileExistsError(f"{workdir} already holds a run ({workdir / name}); "
                             "import into a new workdir")
@@ -827,7 +828,7 @@ def import_authors_checkpoint(path: str | os.PathLike, workdir: str | os.PathLik
   variables, report = convert_state_dict(checkpoint.state_dict, config.model, str(path))
   step = checkpoint.epoch if checkpoint.epoch is not None and checkpoint.epoch >= 0 else 0
   workdir.mkdir(parents=True, exist_ok=True)
-  checkpointing.write_run_config(config, workdir)
+  rundir.write_run_config(config, workdir)
   checkpoints = checkpointing.Checkpointer.for_run(config, workdir, enable_async=False)
   try:
     # Not measured here: any evaluated model of a later training run is better.

@@ -20,7 +20,8 @@ ear to ear: WFLW's 98, 300W's 68, ...; null for a missing point):
 
 It prints the fitted adjustment, how many faces the raw detector found, the
 adjusted boxes' centre error and side ratio against the annotation boxes,
-and the form `run.py predict --box_adjustment=scale,shift_x,shift_y` takes;
+and the form `run.py predict --config.predict.box_adjustment=scale,shift_x,shift_y`
+takes;
 `--out` writes the same as JSON. From Python:
 
     from fgtbt_jax import calibrate, detector
@@ -124,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   summary = {"detector": args.detector, "faces_file": args.faces, **calibration.summary()}
   adjustment = calibration.adjustment
   flag = f"{adjustment.scale:.4f},{adjustment.shift_x:.4f},{adjustment.shift_y:.4f}"
-  summary["box_adjustment_flag"] = f"--box_adjustment={flag}"
+  summary["box_adjustment_flag"] = f"--config.predict.box_adjustment={flag}"
   error, ratio = summary["centre_error"], summary["side_ratio"]
   print(f"{args.detector}: found {calibration.num_matched} of {calibration.num_faces} faces; "
         f"box adjustment scale {adjustment.scale:.4f}, shift_x {adjustment.shift_x:+.4f}, "
@@ -132,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"after it: centre error {100 * error['p50']:.1f}% of the face side at the median "
         f"({100 * error['p90']:.1f}% at the 90th percentile), side ratio {ratio['p50']:.3f} "
         f"(10-90%: {ratio['p10']:.3f}-{ratio['p90']:.3f})\n"
-        f"use it: python run.py predict ... --detector={args.detector} --box_adjustment={flag}")
+        f"use it: python run.py predict ... --config.predict.detector={args.detector} "
+        f"--config.predict.box_adjustment={flag}")
   if args.out is not None:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

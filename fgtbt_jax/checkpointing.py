@@ -33,9 +33,8 @@ variables: `restore_ema` takes the `ema_params` / `ema_batch_stats` entries
 of a train state (an Orbax partial restore: the optimizer moments are never
 read) and `restore_best` a dataset's best model.
 
-The run directory around it (`<workdir>/config.json` beside `checkpoints/`)
-is described here too: `find_workdir`, `load_run_config` and the atomic
-`write_run_config`.
+The run directory around it (config.json, the lock, which checkpoint to
+use) is `fgtbt_jax.rundir`.
 """
 
 from __future__ import annotations
@@ -44,9 +43,7 @@ import json
 import os
 import pathlib
 import shutil
-import socket
 import tempfile
-import time
 import zlib
 from typing import Any, Iterable, Mapping
 
@@ -54,18 +51,11 @@ from absl import logging
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fgtbt_jax import models
-from fgtbt_jax.errors import ConfigError
+from fgtbt_jax.rundir import WorkdirError
 
-# What `restore` and inference can be asked for: the newest train state's EMA
-# model, or the EMA model with the lowest NME on a dataset.
-CHECKPOINT_KINDS: tuple[str, ...] = ("latest", "best")
-CONFIG_FILE = "config.json"
-CHECKPOINTS_DIR = "checkpoints"
 # The train-state entries that make the deployed (EMA) model.
 _EMA_ENTRIES = {"params": "ema_params", "batch_stats": "ema_batch_stats"}
 
@@ -180,238 +170,6 @@ def _check_finite(tree: Any, what: str) -> None:
   bad = first_non_finite(tree)
   if bad is not None:
     raise NonFiniteStateError(f"{what}: {bad} holds NaN or infinite values")
-
-
-class WorkdirError(FileNotFoundError):
-  """A run directory lacks what was asked of it (config.json, a checkpoint) or
-  holds an unreadable config; the message names the path."""
-
-
-def check_kind(kind: str) -> str:
-  """`kind` if it is one of CHECKPOINT_KINDS, else ValueError naming them."""
-  if kind not in CHECKPOINT_KINDS:
-    raise ValueError(f"checkpoint kind {kind!r}: expected one of {CHECKPOINT_KINDS}")
-  return kind
-
-
-# -- the run directory -----------------------------------------------------------
-
-LOCK_FILE = ".lock"
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # Someone else's live process.
-    return True
-  return True
-
-
-class WorkdirLock:
-  """One trainer per workdir: `<workdir>/.lock` holds the owner's pid and host.
-
-      with WorkdirLock(workdir):
-        ...train...
-
-  A second start gets a WorkdirError naming the holder. A lock left by a
-  killed process of this host (its pid is gone) is stale: it is taken over
-  with a warning. One of another host cannot be checked and is refused
-  (remove the file once that trainer is surely gone). A lock file that
-  stays empty or unreadable (a start that died, or a full disk, between
-  creating and writing it) is stale too. A lock that cannot be written is a
-  one-line WorkdirError, and leaves no file behind.
-  """
-
-  # How long an empty lock file may be another start's, between its creation and write.
-  EMPTY_GRACE_S = 1.0
-
-  def __init__(self, workdir: str | os.PathLike):
-    self.path = pathlib.Path(workdir) / LOCK_FILE
-    self._held = False
-
-  def acquire(self) -> None:
-    owner = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        holder = self._holder()
-        if not holder:
-          time.sleep(self.EMPTY_GRACE_S)
-          holder = self._holder()
-        if not holder:
-          logging.warning("%s: taking over an empty or unreadable lock file (a start that "
-                          "could not write it)", self.path)
-          self.path.unlink(missing_ok=True)
-          continue
-        if (holder.get("host") == owner["host"] and isinstance(holder.get("pid"), int)
-            and not _alive(holder["pid"])):
-          logging.warning("%s: taking over a stale lock of pid %s (no such process)",
-                          self.path, holder["pid"])
-          self.path.unlink(missing_ok=True)
-          continue
-        raise WorkdirError(
-            f"{self.path.parent} is in use by another trainer (pid {holder.get('pid')} on host "
-            f"{holder.get('host')}, lock {self.path}); wait for it, or remove the lock file if "
-            "that process is gone") from None
-      except OSError as e:
-        raise WorkdirError(f"{self.path}: cannot create the workdir lock "
-                           f"({e.strerror or e})") from None
-      try:
-        with os.fdopen(fd, "w") as f:
-          json.dump(owner, f)
-      except OSError as e:
-        self.path.unlink(missing_ok=True)
-        raise WorkdirError(f"{self.path}: cannot write the workdir lock "
-                           f"({e.strerror or e})") from None
-      self._held = True
-      return
-    raise WorkdirError(f"{self.path}: could not take the workdir lock")
-
-  def _holder(self) -> dict:
-    try:
-      holder = json.loads(self.path.read_text())
-    except (OSError, ValueError):
-      return {}
-    return holder if isinstance(holder, dict) else {}
-
-  def release(self) -> None:
-    if self._held:
-      self.path.unlink(missing_ok=True)
-      self._held = False
-
-  def __enter__(self) -> "WorkdirLock":
-    self.acquire()
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.release()
-
-
-def find_workdir(path: str | os.PathLike) -> pathlib.Path:
-  """The run directory holding config.json and checkpoints/, given it or its checkpoints/."""
-  path = pathlib.Path(path).resolve()
-  for candidate in (path, path.parent):
-    if (candidate / CONFIG_FILE).is_file() and (candidate / CHECKPOINTS_DIR).is_dir():
-      return candidate
-  raise WorkdirError(
-      f"{path}: not a training workdir (expected {CONFIG_FILE} and {CHECKPOINTS_DIR}/ in it "
-      "or in its parent)")
-
-
-def _tuples(value):
-  """JSON lists back to the tuples the configs declare."""
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  return value
-
-
-def load_run_config(workdir: str | os.PathLike,
-                    overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
-  """The experiment config a run saved as `<workdir>/config.json`, with `overrides`.
-
-  Args:
-    workdir: the run's directory.
-    overrides: {"data.data_dir": value, ...} applied on top of the saved
-      config (e.g. the command line's --config.* flags).
-
-  Raises:
-    WorkdirError: there is no config.json, or it is not a readable JSON config.
-    ConfigError: an override names a field the saved config does not have.
-  """
-  path = pathlib.Path(workdir) / CONFIG_FILE
-  try:
-    raw = json.loads(path.read_text())
-  except FileNotFoundError:
-    raise WorkdirError(f"{path} does not exist: not a training workdir") from None
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise WorkdirError(f"{path} is not a readable config: {e}") from e
-  if not isinstance(raw, dict):
-    raise WorkdirError(f"{path} is not a readable config: expected a JSON object")
-  config = ml_collections.ConfigDict(_tuples(raw))
-  _add_new_model_fields(config, path)
-  for key, value in (overrides or {}).items():
-    parent, _, field = key.rpartition(".")
-    try:
-      node = config
-      for part in filter(None, parent.split(".")):
-        node = node[part]
-      if field not in node:
-        raise KeyError(field)
-    except (KeyError, TypeError, AttributeError):
-      raise ConfigError(f"{key}: the run's config ({path}) has no such field") from None
-    try:
-      node[field] = _tuples(list(value)) if isinstance(value, list) else value
-    except TypeError as e:
-      raise ConfigError(f"{key}: {e}") from None
-  return config
-
-
-def _add_new_model_fields(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
-  """Fills model fields a run saved before they existed with their defaults.
-
-  New model fields default to the behaviour that came before them (the
-  concatenated head computes what the composed one does; paper FGSA; biased
-  BatchNorm variance), so an older run builds the network it trained.
-  """
-  model = config.get("model")
-  if not isinstance(model, ml_collections.ConfigDict) or "variant" not in model:
-    return
-  try:
-    defaults = models.model_config(model.variant)
-  except ValueError:
-    return  # validate_model_config names the bad variant later.
-  added = [key for key in defaults if key not in model]
-  for key in added:
-    model[key] = defaults[key]
-  if added:
-    logging.info("%s: model fields added since this run, at their defaults: %s", path, added)
-
-
-def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """{"data.data_dir": value, ...}: every field of a config by its dotted name, as JSON values."""
-  def flatten(tree: Mapping, prefix: str) -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-      if isinstance(value, Mapping):
-        flat.update(flatten(value, f"{prefix}{key}."))
-      else:
-        flat[f"{prefix}{key}"] = value
-    return flat
-  return flatten(json.loads(config.to_json_best_effort()), "")
-
-
-def _umask() -> int:
-  """The process's file mode creation mask (read by setting it and back)."""
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
-
-
-def write_run_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                     name: str = CONFIG_FILE) -> pathlib.Path:
-  """Writes `<workdir>/config.json` (or `name`) atomically (a temporary file, then a rename).
-
-  A full disk or a kill mid-write leaves the previous file whole. The file
-  gets the permissions of any new file (0666 less the umask; the temporary
-  file's own are 0600), so other users of a shared run can read it.
-  """
-  path = pathlib.Path(workdir) / name
-  text = config.to_json_best_effort(indent=2) + "\n"
-  fd, temporary = tempfile.mkstemp(prefix=".config.", suffix=".json", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      os.fchmod(f.fileno(), 0o666 & ~_umask())
-    os.replace(temporary, path)
-  except BaseException:
-    pathlib.Path(temporary).unlink(missing_ok=True)
-    raise
-  return path
 
 
 def _path_name(path) -> str:

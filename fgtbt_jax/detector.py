@@ -36,7 +36,7 @@ detector with `calibrate_box_adjustment(raw_detector, faces)` on faces with
 known landmarks (a user's annotated photos: `python -m fgtbt_jax.calibrate`
 reads them from a JSON file; or `data_pipelines.synthetic.calibration_faces`).
 `parse_box_adjustment` reads "real", "synthetic" or "scale,shift_x,shift_y"
-(run.py predict --box_adjustment), `make_detector` makes one by name.
+(the config's predict.box_adjustment), `make_detector` makes one by name.
 """
 
 from __future__ import annotations
@@ -331,7 +331,7 @@ def parse_box_adjustment(text: str) -> BoxAdjustment | str:
   """ "real" / "synthetic", or "scale,shift_x,shift_y" (three numbers) -> a `BoxAdjustment`.
 
   The form `python -m fgtbt_jax.calibrate` prints and `run.py predict
-  --box_adjustment` takes.
+  --config.predict.box_adjustment` takes.
   """
   text = str(text).strip()
   if text in FACE_KINDS:

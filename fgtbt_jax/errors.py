@@ -2,7 +2,9 @@
 
 A leaf module (it imports nothing from the project), so every layer can raise
 and catch these without importing the layers above it. `read_json_object`
-reads a user's JSON file with these errors (the boxes and faces files).
+reads a user's JSON file with these errors (the boxes and faces files);
+`quiet_library_logs` keeps the libraries' errors to one line each on a
+command's console, so that it ends with the line that says what happened.
 
 Every reader and the image loader raise `DataError` for anything wrong with
 the user's data (a missing image, a line with the wrong number of fields, a
@@ -14,10 +16,11 @@ that `ReadReport` counts skipped samples by.
 from __future__ import annotations
 
 import errno
-
 import json
+import logging
 import os
 import pathlib
+import sys
 
 
 class DataError(ValueError):
@@ -89,6 +92,24 @@ class ConfigError(ValueError):
   """A config value that cannot work, named with its key."""
 
 
+def config_flag_error(error: Exception, argv: list[str]) -> str:
+  """One line for a --config file or --config.* override that ml_collections refused."""
+  if isinstance(error, AttributeError) and "has no attribute 'get_config'" in str(error):
+    args = argv[1:]
+    named = [a.split("=", 1)[1] if "=" in a else args[i + 1] for i, a in enumerate(args)
+             if a.startswith("--config=") or (a == "--config" and i + 1 < len(args))]
+    return (f"the config file {named[-1] if named else 'configs/default.py'} has no "
+            "get_config() function returning its ConfigDict")
+  if isinstance(error, (AttributeError, KeyError)):
+    # lock_config: overriding a field the config does not declare.
+    inner = error.args[0] if error.args else error
+    if isinstance(inner, KeyError) and inner.args:
+      inner = inner.args[0]
+    message = str(inner).replace("\n", "; ")
+    return f"unknown config field in the command line: {message}"
+  return f"bad config override: {error}"
+
+
 class OutputError(OSError):
   """An output could not be written (read-only folder, full disk); names the path and the fix."""
 
@@ -108,3 +129,48 @@ def is_disk_full(error: BaseException | None) -> bool:
       return True
     error = error.__cause__ or error.__context__
   return False
+
+
+class _QuietLibraries(logging.Filter):
+  """Keeps Orbax's and TFDS's INFO chatter out of the console (warnings stay).
+
+  They log through absl's one logger, so a per-logger level cannot tell them
+  apart from ours; the record's source file does. Their errors (and
+  asyncio's) keep one line each, without the tracebacks: a failed
+  asynchronous save (a full disk) logs hundreds of lines from its threads.
+  """
+
+  LIBRARIES = ("orbax", "tensorflow_datasets", "asyncio")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    library = record.name == "asyncio" or any(name in record.pathname
+                                              for name in self.LIBRARIES)
+    if not library:
+      return True
+    if record.levelno >= logging.ERROR:
+      record.exc_info, record.exc_text, record.stack_info = None, None, None
+      record.msg, record.args = record.getMessage().split("\n", 1)[0][:300], ()
+    return record.levelno >= logging.WARNING
+
+
+def _drop_closed_loop_reports(hook):
+  """A sys.unraisablehook that drops "Event loop is closed" from tensorstore callbacks.
+
+  After an asynchronous Orbax save fails, its event loop is closed while
+  tensorstore still completes the other writes, each reporting into the
+  closed loop (about a thousand tracebacks for the paper model).
+  """
+  def filtered(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    hook(unraisable)
+  return filtered
+
+
+def quiet_library_logs() -> None:
+  """For a command's console: the libraries' INFO logs off, their errors one line each."""
+  quiet = _QuietLibraries()
+  logging.getLogger("absl").addFilter(quiet)
+  logging.getLogger("asyncio").addFilter(quiet)
+  sys.unraisablehook = _drop_closed_loop_reports(sys.unraisablehook)

@@ -43,7 +43,6 @@ from jax.sharding import Mesh
 
 from data_pipelines import pipeline
 from data_pipelines import prepare
-from fgtbt_jax import checkpointing
 from fgtbt_jax import crop
 from fgtbt_jax import errors
 from fgtbt_jax import inference
@@ -51,6 +50,7 @@ from fgtbt_jax import landmarks
 from fgtbt_jax import metrics
 from fgtbt_jax import models
 from fgtbt_jax import report
+from fgtbt_jax import rundir
 from fgtbt_jax import sharding
 from fgtbt_jax import studies as studies_lib
 from fgtbt_jax import validation
@@ -138,7 +138,7 @@ def predict_split(predict_fn: Callable, variables: Any, data_config: ml_collecti
       process_count=jax.process_count())
   # "local_image" keeps this process's (transformed) crops on the host; "image"
   # becomes the global array the model sees.
-  if not data_config.get("eval_pad_last_batch", True):
+  if not data_config.eval_pad_last_batch:
     iterator_rows = (_real_rows(batch) for batch in iterator)
   else:
     iterator_rows = iterator
@@ -304,6 +304,20 @@ def format_table(final: Mapping[str, Any], threshold: float,
   return "\n".join(lines)
 
 
+def print_outputs(workdir: pathlib.Path, final: Mapping[str, Any], title: str) -> None:
+  """Prints `title`, the final table (`format_table`) and the workdir's outputs."""
+  print(f"\n{title}")
+  print(format_table(final, final["failure_threshold"], final["synthetic"]))
+  print(f"\noutputs in {workdir}:")
+  for name, what in (("final_metrics.json", "final metrics (NME as a fraction)"),
+                     ("eval_metrics.jsonl", "every evaluation, all subsets and normalisers"),
+                     ("train_metrics.jsonl", "training losses"),
+                     ("tensorboard", "TensorBoard events"),
+                     ("checkpoints", "latest train states and best EMA models per dataset")):
+    if (workdir / name).exists():
+      print(f"  {name:<20} {what}")
+
+
 def log_results(step: int, results: Mapping[str, Any]) -> None:
   logging.info("eval step %d: %s", step, "  ".join(
       f"{d} NME {100 * r['nme']:.2f}% (baseline {100 * r['baseline_nme']:.2f}%) "
@@ -331,7 +345,7 @@ class Evaluator:
     self.rules = rules
     self.settings = PredictSettings.from_config(config.eval) if settings is None else settings
     self.threshold = float(config.eval.failure_threshold)
-    self.failure_normalizer = str(config.eval.get("failure_normalizer", ""))
+    self.failure_normalizer = str(config.eval.failure_normalizer)
     self._predict_fns: dict[PredictSettings, Callable] = {}
     self._baseline: dict[str, float] = {}
 
@@ -443,10 +457,10 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.P
     OutputError: an output could not be written (a read-only workdir, a
       full disk), naming it; `on_results` has seen the metrics by then.
   """
-  checkpointing.check_kind(checkpoint)
+  rundir.check_kind(checkpoint)
   sharding.initialize_distributed(config.distributed)
   validation.validate_config(config)
-  workdir = checkpointing.find_workdir(workdir)
+  workdir = rundir.find_workdir(workdir)
   prepare.prepare_data(config.data, config.synthetic_data, splits=(config.data.eval_split,))
   synthetic = prepare.synthetic_datasets(config.data)
   mesh = sharding.make_mesh(config.mesh)

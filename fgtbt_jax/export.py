@@ -41,13 +41,14 @@ from fgtbt_jax import heatmaps
 from fgtbt_jax import inference
 from fgtbt_jax import landmarks
 from fgtbt_jax import predictor as predictor_lib
+from fgtbt_jax import rundir
 from fgtbt_jax.inference import PredictSettings
 
 OUTPUTS = inference.OUTPUTS
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 # What the command reports in one line: a run that cannot be read, bad
 # settings, an artifact that cannot be written.
-_USER_ERRORS = (checkpointing.WorkdirError, checkpointing.IncompatibleCheckpointError,
+_USER_ERRORS = (rundir.WorkdirError, checkpointing.IncompatibleCheckpointError,
                 checkpointing.NonFiniteStateError, checkpointing.CorruptCheckpointError,
                 errors.ConfigError, errors.DataError, OSError)
 
@@ -131,9 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       prog="python -m fgtbt_jax.export", description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="training workdir (config.json, checkpoints/)")
   parser.add_argument("--out", required=True, help="artifact file to write")
-  parser.add_argument("--which", default="best", choices=checkpointing.CHECKPOINT_KINDS)
-  parser.add_argument("--dataset", default=None, help="whose best checkpoint (default: first)")
-  parser.add_argument("--batch_size", type=int, default=predictor_lib.DEFAULT_BATCH_SIZE)
+  parser.add_argument("--which", default="best", choices=rundir.CHECKPOINT_KINDS)
+  parser.add_argument("--dataset", default=None, help="whose best checkpoint (default: the "
+                      "run's predict.dataset, else its first)")
+  parser.add_argument("--batch_size", type=int, default=None,
+                      help="default: the run's predict.batch_size")
   parser.add_argument("--output", default="landmarks", choices=OUTPUTS)
   parser.add_argument("--decoder", default=None, choices=heatmaps.ALL_DECODERS,
                       help="default: the run's eval.decoder")
@@ -147,10 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if out.is_dir():  # Found before the model is lowered, not after.
       raise errors.OutputError(f"--out {out} is a folder; name the artifact file to write")
+    # The run's config read as eval and predict read it, these flags as its overrides.
+    workdir = rundir.find_workdir(args.workdir)
+    overrides = {key: value for key, value in (
+        ("eval.decoder", args.decoder), ("eval.flip_test", args.flip_test),
+        ("predict.dataset", args.dataset), ("predict.batch_size", args.batch_size))
+                 if value is not None}
     predictor = predictor_lib.Predictor.from_checkpoint(
-        args.workdir, args.which, dataset=args.dataset, decoder=args.decoder,
-        flip_test=args.flip_test)
-    exported = export_inference(predictor, batch_size=args.batch_size, output=args.output,
+        workdir, args.which, config=rundir.load_run_config(workdir, overrides))
+    exported = export_inference(predictor, output=args.output,
                                 platforms=[p for p in args.platforms.split(",") if p])
     path = save_exported(exported, out, artifact_metadata(
         exported, settings=predictor.settings, output=args.output,

@@ -36,6 +36,7 @@ from fgtbt_jax import checkpointing
 from fgtbt_jax import heatmaps
 from fgtbt_jax import landmarks
 from fgtbt_jax import models
+from fgtbt_jax import rundir
 from fgtbt_jax import sharding
 from fgtbt_jax.models import partitioning
 
@@ -95,8 +96,7 @@ class PredictSettings:
     """
     run = cls(decoder=eval_config.decoder, flip_test=bool(eval_config.flip_test),
               smoothing_sigma=float(eval_config.smoothing_sigma),
-              # A run saved before the field existed used the project's.
-              coordinates=str(eval_config.get("coordinates", "project")))
+              coordinates=str(eval_config.coordinates))
     changes = {name: value for name, value in (("decoder", decoder), ("flip_test", flip_test),
                                                 ("smoothing_sigma", smoothing_sigma))
                if value is not None}
@@ -246,22 +246,22 @@ def restore_models(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     WorkdirError: a checkpoint asked for is not there.
     IncompatibleCheckpointError: it does not fit the configured model.
   """
-  checkpointing.check_kind(kind)
+  rundir.check_kind(kind)
   names = [landmarks.get_protocol(d).name for d in (datasets or config.data.datasets)]
   foreign = [n for n in names if n not in config.data.datasets]
   if foreign:
-    raise checkpointing.WorkdirError(
+    raise rundir.WorkdirError(
         f"the run in {workdir} trained on {list(config.data.datasets)}; it has no model "
         f"for {foreign}")
   checkpoints = checkpointing.Checkpointer.for_run(config, workdir, enable_async=False)
   try:
     # Fail on a missing checkpoint before building anything.
     if kind == "latest" and checkpoints.latest_step() is None:
-      raise checkpointing.WorkdirError(
+      raise rundir.WorkdirError(
           f"no train-state checkpoint under {checkpoints.directory / 'latest'}")
     for name in names if kind == "best" else ():
       if checkpoints.best_step(name) is None:
-        raise checkpointing.WorkdirError(
+        raise rundir.WorkdirError(
             f"no best checkpoint for {name} under {checkpoints.directory / ('best_' + name)}")
     abstract = abstract_variables(config.model, config.data.image_size, mesh, rules)
     if kind == "latest":

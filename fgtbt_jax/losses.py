@@ -232,7 +232,7 @@ class LossConfig:
 
   @classmethod
   def from_config(cls, loss_config: Mapping[str, Any], num_datasets: int) -> "LossConfig":
-    """Builds it from a config's `loss` ConfigDict (every field required but the HIH ones)."""
+    """Builds it from a config's `loss` ConfigDict (every field required)."""
     return cls(
         balancer=loss_config["balancer"], beta=float(loss_config["beta"]),
         awing=AWingConstants(
@@ -241,10 +241,9 @@ class LossConfig:
         weight_threshold=float(loss_config["weight_threshold"]),
         weight_scale=float(loss_config["weight_scale"]),
         sigma=float(loss_config["sigma"]),
-        target_rounding=_target_rounding(loss_config),
-        # A run saved before the HIH head had neither field.
-        hih_decimal_sigma=float(loss_config.get("hih_decimal_sigma", 1.0)),
-        hih_decimal_weight=float(loss_config.get("hih_decimal_weight", 0.1)),
+        target_rounding=str(loss_config["target_rounding"]),
+        hih_decimal_sigma=float(loss_config["hih_decimal_sigma"]),
+        hih_decimal_weight=float(loss_config["hih_decimal_weight"]),
         dwa_temperature=float(loss_config["dwa_temperature"]),
         dwa_window=int(loss_config["dwa_window"]),
         num_datasets=num_datasets)
@@ -254,13 +253,6 @@ class LossConfig:
     if self.balancer == "fmb":
       return landmarks_lib.fmb_weights(self.beta)
     return np.ones(landmarks_lib.NUM_UNIFIED, np.float32)
-
-
-def _target_rounding(loss_config: Mapping[str, Any]) -> str:
-  """`loss.target_rounding`; a run saved before it had the boolean `rounded_targets`."""
-  if "target_rounding" in loss_config:
-    return str(loss_config["target_rounding"])
-  return "nearest" if loss_config.get("rounded_targets", False) else "none"
 
 
 def init_balancer(config: LossConfig) -> tuple[dict, dict]:

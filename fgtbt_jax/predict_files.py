@@ -1,6 +1,6 @@
 """The predict command: a run's model on image files, folders of them and videos.
 
-    python run.py predict --workdir=runs/paper --image=photos/ --protocol=WFLW
+    python run.py predict --workdir=runs/paper --image=photos/ --config.predict.protocol=WFLW
 
 `predict_files` runs a `Predictor` on image files, a folder of them, or
 videos, and writes for every image `<name>.json` (per face: box,
@@ -37,12 +37,14 @@ from typing import Iterable, Iterator, Sequence
 
 from absl import logging
 import cv2
+import ml_collections
 import numpy as np
 
-from fgtbt_jax import checkpointing
 from fgtbt_jax import detector as detector_lib
 from fgtbt_jax import landmarks
 from fgtbt_jax import predictor as predictor_lib
+from fgtbt_jax import rundir
+from fgtbt_jax import validation
 from fgtbt_jax import video
 from fgtbt_jax.errors import DataError, OutputError, read_json_object
 from fgtbt_jax.images import load_image
@@ -478,38 +480,53 @@ def _video_fps(path: pathlib.Path) -> float:
   return float(fps) if fps and np.isfinite(fps) and fps > 0 else 25.0
 
 
+def tracker_settings(predict_config) -> video.TrackerSettings:
+  """A config's `predict` section's video options as `video.TrackerSettings`."""
+  smoothing = (video.OneEuroSettings(min_cutoff=float(predict_config.one_euro_min_cutoff),
+                                     beta=float(predict_config.one_euro_beta))
+               if predict_config.video_smoothing else None)
+  return video.TrackerSettings(detect_every=int(predict_config.detect_every), smoothing=smoothing)
+
+
+def parse_box(values: Sequence[str] | None) -> list[float] | None:
+  """--box=x1,y1,x2,y2 (split at the commas) as four numbers; InputError otherwise."""
+  if values is None:
+    return None
+  try:
+    box = [float(v) for v in values]
+  except ValueError:
+    box = []
+  if len(box) != 4:
+    raise InputError(f"--box={','.join(values)}: expected four numbers x1,y1,x2,y2")
+  return box
+
+
 def predict_main(workdir: str | os.PathLike, inputs: Sequence[str], out_dir: str | None = None,
-                 *, which: str = "best", dataset: str | None = None,
-                 box: Sequence[float] | None = None, boxes_file: str | None = None,
-                 protocol: str = landmarks.UNIFIED,
-                 flip_test: bool | None = None, decoder: str | None = None,
-                 smoothing_sigma: float | None = None,
-                 batch_size: int = predictor_lib.DEFAULT_BATCH_SIZE,
-                 dtype: str | None = None, max_faces: int | None = None,
-                 min_face_confidence: float = predictor_lib.DEFAULT_MIN_FACE_CONFIDENCE,
-                 detector: str = "auto",
-                 box_adjustment: detector_lib.BoxAdjustment | str | None = None,
-                 tracking: video.TrackerSettings = video.TrackerSettings()) -> int:
+                 *, config: ml_collections.ConfigDict | None = None, which: str = "best",
+                 box: Sequence[float] | None = None, boxes_file: str | None = None) -> int:
   """The `predict` command: a run's EMA model on files; returns the exit status.
 
-  `flip_test`, `decoder` and `smoothing_sigma` default to the run's
-  `config.eval` (the run is predicted as it was evaluated). `out_dir`
-  defaults to <workdir>/predictions. `boxes_file` is a boxes JSON file
+  `config` is the run's config with the command line's overrides
+  (`rundir.load_run_config`; default its config.json, read once the inputs,
+  the workdir and the output folder are checked). Its `predict` section
+  says how (detector and box adjustment, faces per image, quality
+  threshold, batch size, protocol, video tracking and smoothing), its
+  `eval` section how to decode (the run is predicted as it was evaluated),
+  its `model.dtype` the compute dtype. `out_dir` defaults to
+  <workdir>/predictions. `boxes_file` is a boxes JSON file
   (`read_boxes_file`), checked against the inputs before the model loads.
-  `detector` is "auto" (dlib's HOG detector, else the Haar cascade),
-  "dlib_hog" or "haar_cascade" (`detector.make_detector`);
-  `box_adjustment` ("real" default, "synthetic" or a `BoxAdjustment`, e.g.
-  from `python -m fgtbt_jax.calibrate`) its box calibration. `tracking`:
-  the detection interval and landmark smoothing of videos. 0 when every file was processed
-  (and there was one at least), 1 when any failed or none was found. Prints the summary (each failure with its reason).
+  Returns 0 when every file was processed (and there was one at least), 1
+  when any failed or none was found. Prints the summary (each failure with
+  its reason).
 
   Raises:
     UsageError-worthy project errors: `predict_files.InputError` (no such
     input, no image or video in a folder, --box with --boxes),
     `errors.DataError` (a bad boxes file, naming it and the key),
-    `checkpointing.WorkdirError`, `checkpointing.IncompatibleCheckpointError`,
-    `errors.UnknownProtocolError`, `detector.DetectorUnavailableError`,
-    `errors.OutputError` (the output folder cannot be made or written).
+    `errors.ConfigError` (a predict option that cannot work),
+    `rundir.WorkdirError`, `checkpointing.IncompatibleCheckpointError`,
+    `detector.DetectorUnavailableError`, `errors.OutputError` (the output
+    folder cannot be made or written).
   """
   check_inputs(inputs)
   if box is not None and boxes_file is not None:
@@ -519,7 +536,7 @@ def predict_main(workdir: str | os.PathLike, inputs: Sequence[str], out_dir: str
   if boxes_file is not None:
     boxes = read_boxes_file(boxes_file)
     match_boxes_to_inputs(boxes, list_inputs(inputs), boxes_file)
-  workdir = checkpointing.find_workdir(workdir)
+  workdir = rundir.find_workdir(workdir)
   out_dir = workdir / "predictions" if out_dir is None else out_dir
   try:  # Before the model loads: a read-only run's default --out, or a file there.
     pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -529,18 +546,20 @@ def predict_main(workdir: str | os.PathLike, inputs: Sequence[str], out_dir: str
     reason = ("exists and is not a folder" if isinstance(e, FileExistsError)
               else f"cannot be written ({e.strerror or e})")
     raise OutputError(f"{out_dir}: the output folder {reason}; pass --out=DIR") from None
+  config = rundir.load_run_config(workdir) if config is None else config
+  validation.validate_predict_config(config)
+  options = config.predict
   # Made up front (a missing detector fails before the model loads), unless
   # every input has its boxes.
   face_detector = None
   if box is None and not (boxes is not None and len(boxes) >= len(list_inputs(inputs))):
-    face_detector = detector_lib.make_detector(detector, box_adjustment)
-  predictor = predictor_lib.Predictor.from_checkpoint(
-      workdir, which, dataset=dataset, batch_size=batch_size, dtype=dtype, decoder=decoder,
-      flip_test=flip_test, smoothing_sigma=smoothing_sigma, detector=face_detector,
-      max_faces=max_faces, min_face_confidence=min_face_confidence)
+    face_detector = detector_lib.make_detector(
+        options.detector, detector_lib.parse_box_adjustment(options.box_adjustment))
+  predictor = predictor_lib.Predictor.from_checkpoint(workdir, which, config=config,
+                                                      detector=face_detector)
   report = predict_files(predictor, list(inputs), out_dir, box=box, boxes=boxes,
-                         boxes_source=boxes_file or "boxes", protocol=protocol,
-                         tracking=tracking)
+                         boxes_source=boxes_file or "boxes", protocol=options.protocol,
+                         tracking=tracker_settings(options))
   for done in report.files:
     if done.error is None:
       logging.info("%s: %d face(s) in %d frame(s) -> %s", done.source, done.num_faces,

@@ -23,7 +23,9 @@ them to original image pixels; a protocol's points are the unified output
 gathered by its `unified_index`.
 
 `Predictor.from_checkpoint` predicts the way the run was evaluated: its
-decoder, flip test and smoothing are the run's `config.eval` unless given.
+decoder, flip test and smoothing are the run's `config.eval` unless given;
+its batch size and face options are the run's `config.predict` (both with
+the command line's `--config.*` overrides when the caller passes them).
 
 Face boxes come from the caller (x1, y1, x2, y2 in the training annotation
 style: landmarks' bounding box padded by ~5%) or from a face detector
@@ -49,13 +51,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from fgtbt_jax import checkpointing
 from fgtbt_jax import crop
 from fgtbt_jax import detector as detector_lib
 from fgtbt_jax import inference
 from fgtbt_jax import landmarks
 from fgtbt_jax import models
+from fgtbt_jax import rundir
 from fgtbt_jax import sharding
+from fgtbt_jax.errors import ConfigError
 from fgtbt_jax.images import load_image
 from fgtbt_jax.inference import PredictSettings
 
@@ -218,6 +221,7 @@ class Predictor:
 
   @classmethod
   def from_checkpoint(cls, workdir_or_path: str | os.PathLike, which: str = "best", *,
+                      config: ml_collections.ConfigDict | None = None,
                       dataset: str | None = None, decoder: str | None = None,
                       flip_test: bool | None = None, smoothing_sigma: float | None = None,
                       **kwargs) -> "Predictor":
@@ -228,21 +232,34 @@ class Predictor:
         checkpoints/), or its checkpoints/ directory.
       which: "best" (the EMA model with the lowest NME on `dataset`) or
         "latest" (the EMA variables of the newest train state).
-      dataset: whose best checkpoint; default the run's first dataset.
-      decoder, flip_test, smoothing_sigma: override the run's `config.eval`.
-      **kwargs: passed to the constructor (image_size and crop_enlarge
-        default to the run's data config).
+      config: the run's config with any overrides, e.g.
+        `rundir.load_run_config(workdir, {"eval.flip_test": False})`;
+        default its config.json (upgraded, `rundir.load_run_config`).
+      dataset: whose best checkpoint; default the config's `predict.dataset`,
+        else the run's first dataset.
+      decoder, flip_test, smoothing_sigma: override the config's `eval`.
+      **kwargs: passed to the constructor. image_size and crop_enlarge
+        default to the config's `data`, the compute dtype to its `model`,
+        batch_size, max_faces and min_face_confidence to its `predict`.
     """
-    workdir = checkpointing.find_workdir(workdir_or_path)
-    config = checkpointing.load_run_config(workdir)
+    workdir = rundir.find_workdir(workdir_or_path)
+    if config is None:
+      config = rundir.load_run_config(workdir)
     [restored] = inference.restore_models(
         config, workdir, which, sharding.single_device_mesh(),
         sharding.logical_rules(config.mesh.logical_axis_rules),
-        datasets=None if which == "latest" else [dataset or config.data.datasets[0]])
+        datasets=None if which == "latest" else [dataset or rundir.best_model_dataset(config)])
     kwargs.setdefault("image_size", int(config.data.image_size))
     kwargs.setdefault("crop_enlarge", float(config.data.crop_enlarge))
-    kwargs.setdefault("settings", PredictSettings.from_config(
-        config.eval, decoder=decoder, flip_test=flip_test, smoothing_sigma=smoothing_sigma))
+    kwargs.setdefault("batch_size", int(config.predict.batch_size))
+    kwargs.setdefault("max_faces", int(config.predict.max_faces) or None)
+    kwargs.setdefault("min_face_confidence", float(config.predict.min_face_confidence))
+    if "settings" not in kwargs:
+      try:
+        kwargs["settings"] = PredictSettings.from_config(
+            config.eval, decoder=decoder, flip_test=flip_test, smoothing_sigma=smoothing_sigma)
+      except ValueError as e:
+        raise ConfigError(f"the run's eval settings: {e}") from None
     predictor = cls(config.model, restored.variables, **kwargs)
     predictor.step = restored.step
     return predictor

@@ -126,7 +126,7 @@ def study_table(name: str, config: ml_collections.ConfigDict, settings: PredictS
   sigma = float(config.loss.sigma)
   faces = quantization.random_meanface_landmarks(QUANTIZATION_FACES, input_size, seed=0)
   decimal_size = int(config.model.hih_decimal_size)
-  decimal_sigma = float(config.loss.get("hih_decimal_sigma", 1.0))
+  decimal_sigma = float(config.loss.hih_decimal_sigma)
   ideal = quantization.decoding_error(input_size, heatmap_size, sigma, faces)
   by_size = {}
   for d in sorted({decimal_size, *QUANTIZATION_DECIMAL_SIZES}):

@@ -49,12 +49,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from data_pipelines import pipeline
 from data_pipelines import prepare
 from fgtbt_jax import checkpointing
+from fgtbt_jax import errors
 from fgtbt_jax import evaluate
 from fgtbt_jax import landmarks
 from fgtbt_jax import losses
 from fgtbt_jax import models
+from fgtbt_jax import rundir
 from fgtbt_jax import sharding
-from fgtbt_jax import errors
 from fgtbt_jax.errors import ConfigError
 from fgtbt_jax.metric_writer import MetricWriter
 from fgtbt_jax.state import Setup, TrainState, build_setup, create_train_state, ema_decay_per_step
@@ -305,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   "wall_time_s" of this call; also written to `<workdir>/final_metrics.json`.
   When stopped by SIGTERM/SIGINT it saves a checkpoint and returns
   {"stopped_at_step": step, "signal": signal number} without the final
-  evaluation. The workdir is locked for the run (`checkpointing.WorkdirLock`):
+  evaluation. The workdir is locked for the run (`rundir.WorkdirLock`):
   a second trainer on it stops at start with the holder's pid and host.
   """
   start_time = time.time()
@@ -313,15 +314,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   validate_config(config)
   workdir = pathlib.Path(workdir).resolve()
   workdir.mkdir(parents=True, exist_ok=True)
-  lock = checkpointing.WorkdirLock(workdir)
+  lock = rundir.WorkdirLock(workdir)
   if jax.process_index() == 0:  # The processes of one run are one trainer.
     try:
       lock.acquire()
-    except checkpointing.WorkdirError:
+    except rundir.WorkdirError:
       sharding.any_process(True)
       raise
   if sharding.any_process(False):
-    raise checkpointing.WorkdirError(f"{workdir}: process 0 could not lock the workdir")
+    raise rundir.WorkdirError(f"{workdir}: process 0 could not lock the workdir")
   try:
     return _train_and_evaluate(config, workdir, start_time)
   finally:
@@ -359,7 +360,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     writer.discard_after(start_step)
     decay = ema_decay_per_step(config)
     _warn_short_plain_average(config, decay)
-    freeze_after = int(config.train.get("freeze_batch_norm_after_step", 0))
+    freeze_after = int(config.train.freeze_batch_norm_after_step)
     train_step = make_train_step(setup, decay)
     # Compiled on its first call only.
     frozen_step = make_train_step(setup, decay, frozen_batch_norm=True) if freeze_after else None
@@ -422,17 +423,17 @@ def _check_resume(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     return
   if not config.train.resume:
     raise ConfigError(
-        f"{workdir / checkpointing.CHECKPOINTS_DIR} already holds checkpoints (latest step "
+        f"{workdir / rundir.CHECKPOINTS_DIR} already holds checkpoints (latest step "
         f"{latest}) and train.resume is False; use another workdir or --config.train.resume=True")
   if latest > config.train.steps:
     raise ConfigError(
         f"train.steps={config.train.steps} is below step {latest} of the checkpoint in "
-        f"{workdir / checkpointing.CHECKPOINTS_DIR}: nothing to train. Raise train.steps to "
+        f"{workdir / rundir.CHECKPOINTS_DIR}: nothing to train. Raise train.steps to "
         "go on, or evaluate it with `run.py eval`")
-  if not (workdir / checkpointing.CONFIG_FILE).is_file():
+  if not (workdir / rundir.CONFIG_FILE).is_file():
     return
-  saved = checkpointing.flat_config(checkpointing.load_run_config(workdir))
-  wanted = checkpointing.flat_config(config)
+  saved = rundir.flat_config(rundir.load_run_config(workdir))
+  wanted = rundir.flat_config(config)
   changed = resume_changes(saved, wanted)
   if changed and not config.train.resume_with_changes:
     raise ConfigError(
@@ -452,13 +453,13 @@ def _record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   `config.resumed_at_<step>.json`, so config.json stays the config the
   checkpoints were made with.
   """
-  path = workdir / checkpointing.CONFIG_FILE
+  path = workdir / rundir.CONFIG_FILE
   if start_step == 0 or not path.is_file():
-    checkpointing.write_run_config(config, workdir)
+    rundir.write_run_config(config, workdir)
     return
-  saved = checkpointing.flat_config(checkpointing.load_run_config(workdir))
-  if saved != checkpointing.flat_config(config):
-    written = checkpointing.write_run_config(config, workdir,
+  saved = rundir.flat_config(rundir.load_run_config(workdir))
+  if saved != rundir.flat_config(config):
+    written = rundir.write_run_config(config, workdir,
                                              name=f"config.resumed_at_{start_step}.json")
     logging.info("resumed with another config than %s; recorded in %s", path, written)
 
@@ -497,7 +498,7 @@ def _train_loop(config, setup: Setup, state: TrainState, start_step: int, train_
   batches = sharding.GlobalBatches(train_iterator, sharding.batch_sharding(setup.mesh),
                                    TRAIN_BATCH_KEYS)
   names = config.data.datasets
-  best_on_subsets = tuple(config.eval.get("best_on_subsets", ()))
+  best_on_subsets = tuple(config.eval.best_on_subsets)
   log_start, log_step = time.time(), start_step
   previous = None
   with _StopSignal() as stop:

@@ -6,10 +6,13 @@ so a run that cannot work stops at start, not after compiling or hours in.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import ml_collections
 
 from fgtbt_jax import datasets
+from fgtbt_jax import detector
 from fgtbt_jax import heatmaps
 from fgtbt_jax import inference
 from fgtbt_jax import landmarks
@@ -17,17 +20,18 @@ from fgtbt_jax import losses
 from fgtbt_jax import models
 from fgtbt_jax import sharding
 from fgtbt_jax import studies
+from fgtbt_jax import video
 from fgtbt_jax.errors import ConfigError
 from fgtbt_jax.inference import PredictSettings
 
-__all__ = ["ConfigError", "validate_config"]
+__all__ = ["ConfigError", "validate_config", "validate_predict_config"]
 
 
 def _check_eval(eval_config: ml_collections.ConfigDict) -> None:
   if eval_config.decoder not in heatmaps.ALL_DECODERS:
     raise ConfigError(f"eval.decoder must be one of {heatmaps.ALL_DECODERS}, "
                       f"got {eval_config.decoder!r}")
-  if eval_config.get("coordinates", "project") not in inference.COORDINATES:
+  if eval_config.coordinates not in inference.COORDINATES:
     raise ConfigError(f"eval.coordinates must be one of {inference.COORDINATES}, got "
                       f"{eval_config.coordinates!r}")
   try:
@@ -47,6 +51,44 @@ def _check_eval(eval_config: ml_collections.ConfigDict) -> None:
   if eval_config.study_max_batches < 0:
     raise ConfigError(f"eval.study_max_batches must be >= 0 (0 = the whole split), got "
                       f"{eval_config.study_max_batches}")
+
+
+def validate_predict_config(config: ml_collections.ConfigDict) -> None:
+  """Checks what `run.py predict` reads: the predict section and the decoding (eval) settings."""
+  p = config.predict
+  if p.detector not in detector.DETECTOR_CHOICES:
+    raise ConfigError(f"predict.detector must be one of {detector.DETECTOR_CHOICES}, got "
+                      f"{p.detector!r}")
+  try:
+    detector.parse_box_adjustment(p.box_adjustment)
+  except ValueError as e:
+    raise ConfigError(f"predict.box_adjustment: {e}") from None
+  for key in ("batch_size", "detect_every"):
+    if p[key] < 1:
+      raise ConfigError(f"predict.{key} must be at least 1, got {p[key]}")
+  if p.max_faces < 0:
+    raise ConfigError(f"predict.max_faces must be >= 0 (0 = every face), got {p.max_faces}")
+  if math.isnan(p.min_face_confidence):  # -inf flags no face, +inf every face.
+    raise ConfigError("predict.min_face_confidence must be a number, not nan")
+  try:
+    landmarks.protocol_index(p.protocol)
+  except ValueError as e:
+    raise ConfigError(f"predict.protocol: {e}") from None
+  try:
+    trained = not p.dataset or landmarks.get_protocol(p.dataset).name in config.data.datasets
+  except ValueError as e:
+    raise ConfigError(f"predict.dataset: {e}") from None
+  if not trained:
+    raise ConfigError(f"predict.dataset {p.dataset!r}: the run trained on "
+                      f"{tuple(config.data.datasets)}")
+  try:
+    video.OneEuroSettings(min_cutoff=p.one_euro_min_cutoff, beta=p.one_euro_beta)
+  except ValueError as e:
+    raise ConfigError(f"predict.one_euro_*: {e}") from None
+  try:
+    PredictSettings.from_config(config.eval)
+  except ValueError as e:
+    raise ConfigError(f"eval.smoothing_sigma: {e}") from e
 
 
 def _check_data(data: ml_collections.ConfigDict) -> None:
@@ -107,7 +149,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   for key in ("steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):
     if train[key] < 1:
       raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")
-  if train.get("freeze_batch_norm_after_step", 0) < 0:
+  if train.freeze_batch_norm_after_step < 0:
     raise ConfigError(f"train.freeze_batch_norm_after_step must be >= 0 (0 = never), got "
                       f"{train.freeze_batch_norm_after_step}")
   if not train.ema_half_life_images > 0:
@@ -145,30 +187,31 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   except ValueError as e:
     raise ConfigError(str(e)) from e
   _check_eval(config.eval)
+  validate_predict_config(config)
   head = models.heads.get_head(config.model.head)
   if config.eval.decoder not in head.decoders:
     raise ConfigError(f"eval.decoder {config.eval.decoder!r} needs outputs that model.head "
                       f"{config.model.head!r} does not have; its decoders are {head.decoders}")
-  if config.model.head == "hih" and config.loss.get("target_rounding") == "authors":
+  if config.model.head == "hih" and config.loss.target_rounding == "authors":
     raise ConfigError("loss.target_rounding 'authors' (trunc(x + 1) centres) has no decimal "
                       "offset for model.head 'hih': use 'none' or 'nearest'")
   if config.eval.decoder == "hih_subpixel" and config.model.hih_decimal_size < 3:
     raise ConfigError(f"eval.decoder 'hih_subpixel' fits a 3x3 stencil: model.hih_decimal_size "
                       f"must be >= 3, got {config.model.hih_decimal_size}")
-  for entry in config.eval.get("best_on_subsets", ()):
+  for entry in config.eval.best_on_subsets:
     dataset, _, subset = str(entry).partition(":")
     if dataset not in data.datasets or subset not in datasets.get(dataset).subsets:
       raise ConfigError(
           f"eval.best_on_subsets: {entry!r} is not 'DATASET:subset' with a dataset of "
           f"{tuple(data.datasets)} and one of its subsets"
           + (f" {datasets.get(dataset).subsets}" if dataset in data.datasets else ""))
-  normalizer = config.eval.get("failure_normalizer", "")
+  normalizer = config.eval.failure_normalizer
   lacking = [d for d in data.datasets
              if normalizer and normalizer not in landmarks.get_protocol(d).normalizers]
   if lacking:
     raise ConfigError(f"eval.failure_normalizer {normalizer!r} is not a normaliser of "
                       f"{lacking}; every dataset has 'inter_pupil'")
-  if not data.get("eval_pad_last_batch", True) and (num_devices > 1 or process_count > 1):
+  if not data.eval_pad_last_batch and (num_devices > 1 or process_count > 1):
     raise ConfigError(
         f"data.eval_pad_last_batch=False needs one device and one process (here "
         f"{num_devices} devices, {process_count} processes): a last batch of any size "

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fgtbt_jax import landmarks
+from fgtbt_jax import rundir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TRAIN_HELPER = REPO / "tests" / "train_helper.py"
@@ -75,7 +76,7 @@ def write_random_run(workdir: pathlib.Path, config, scale: float | None = 1.0, s
   from fgtbt_jax import checkpointing
   from fgtbt_jax import sharding
   from fgtbt_jax import state as state_lib
-  checkpointing.write_run_config(config, workdir)
+  rundir.write_run_config(config, workdir)
   setup = state_lib.build_setup(config, mesh=sharding.single_device_mesh())
   if scale is None:
     state = state_lib.create_train_state(setup, seed=0).replace(step=np.int32(step))

@@ -36,8 +36,8 @@ import torch
 from flax.traverse_util import flatten_dict
 
 from fgtbt_jax import authors_checkpoint as ac
-from fgtbt_jax import checkpointing
 from fgtbt_jax import inference
+from fgtbt_jax import rundir
 from fgtbt_jax import sharding
 from fgtbt_jax.models import layers
 from tests import helpers
@@ -499,7 +499,7 @@ def test_the_workdir_restores_as_the_best_ema_model(tmp_path, fake_yacs):
   workdir = tmp_path / "run"
   result = ac.import_authors_checkpoint(path, workdir, variant="tiny")
   assert (result.dataset, result.step, len(result.report.loaded)) == ("COFW", 7, 330)
-  config = checkpointing.load_run_config(workdir)
+  config = rundir.load_run_config(workdir)
   assert config.model.fgsa_compat == "authors" and config.model.variant == "tiny"
   assert config.model.batch_norm_unbiased_variance is True
   assert tuple(config.data.datasets) == ("COFW",) and config.data.eval_batch_size == 8

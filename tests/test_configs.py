@@ -137,6 +137,13 @@ def test_head_ablations_parse_validate_and_build(study):
     ("optimizer.warmup_steps", -10, "optimizer.warmup_steps must be >= 0"),
     ("model.variant", "foo", "variant='foo'; expected one of"),
     ("model.variant", "b4", "variant='b4' is the b4 encoder, but encoder='tiny'"),
+    ("predict.detector", "mtcnn", "predict.detector must be one of"),
+    ("predict.box_adjustment", "1,2", "predict.box_adjustment: box adjustment '1,2'"),
+    ("predict.max_faces", -1, "predict.max_faces must be >= 0"),
+    ("predict.batch_size", 0, "predict.batch_size must be at least 1"),
+    ("predict.min_face_confidence", float("nan"), "predict.min_face_confidence must be a number"),
+    ("predict.protocol", "HELEN", "predict.protocol: "),
+    ("predict.one_euro_beta", -1.0, "predict.one_euro_"),
 ])
 def test_validation_names_the_bad_key(key, value, message):
   c = tiny.get_config()

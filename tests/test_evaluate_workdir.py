@@ -27,6 +27,7 @@ from fgtbt_jax import landmarks
 from fgtbt_jax import metrics
 from fgtbt_jax import models
 from fgtbt_jax import predictor as predictor_lib
+from fgtbt_jax import rundir
 from fgtbt_jax import sharding
 from fgtbt_jax import validation
 from tests import helpers
@@ -207,7 +208,7 @@ def test_predictor_defaults_come_from_the_run_config(random_run, tmp_path):
   paper_style.mkdir()
   (paper_style / "checkpoints").symlink_to(workdir / "checkpoints")
   saved = _config(config.data.data_dir, decoder="argmax", flip_test=False)
-  checkpointing.write_run_config(saved, paper_style)
+  rundir.write_run_config(saved, paper_style)
   predictor = predictor_lib.Predictor.from_checkpoint(paper_style, "best", dataset="AFLW")
   assert predictor.settings == inference.PredictSettings("argmax", False, 0.0)
   override = predictor_lib.Predictor.from_checkpoint(paper_style, "best", decoder="quarter")
@@ -237,20 +238,77 @@ def test_config_checks_of_the_eval_section(random_run):
 
 def test_run_config_overrides_and_workdir_errors(random_run, tmp_path):
   workdir, _ = random_run
-  config = checkpointing.load_run_config(workdir, {"data.data_dir": "/data/real",
+  config = rundir.load_run_config(workdir, {"data.data_dir": "/data/real",
                                                    "eval.studies": ("lowres",)})
   assert config.data.data_dir == "/data/real" and config.eval.studies == ("lowres",)
   with pytest.raises(errors.ConfigError, match="data.no_such_field: the run's config"):
-    checkpointing.load_run_config(workdir, {"data.no_such_field": 1})
+    rundir.load_run_config(workdir, {"data.no_such_field": 1})
   with pytest.raises(errors.ConfigError, match="train.steps"):
-    checkpointing.load_run_config(workdir, {"train.steps": "many"})
-  assert checkpointing.find_workdir(workdir / "checkpoints") == workdir
-  with pytest.raises(checkpointing.WorkdirError, match="not a training workdir"):
-    checkpointing.find_workdir(tmp_path)
+    rundir.load_run_config(workdir, {"train.steps": "many"})
+  assert rundir.find_workdir(workdir / "checkpoints") == workdir
+  with pytest.raises(rundir.WorkdirError, match="not a training workdir"):
+    rundir.find_workdir(tmp_path)
   # The config is written whole or not at all (a temporary file, then a rename).
-  checkpointing.write_run_config(tiny.get_config(), tmp_path)
+  rundir.write_run_config(tiny.get_config(), tmp_path)
   assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 4
   assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+# The model fields added since the first config.json (2026-11-21).
+_NEWER_MODEL_FIELDS = ("fgsa_compat", "batch_norm_unbiased_variance", "decoder_fusion", "head",
+                       "hih_decimal_size", "hih_channels", "recurrent_steps",
+                       "recurrent_channels", "recurrent_kernel", "remat_policy",
+                       "depthwise_impl", "pointwise_impl")
+
+
+def _first_release_json(config) -> dict:
+  """`config` as a run saved by the first release wrote it: no field added since,
+  and the boolean loss.rounded_targets that loss.target_rounding replaced."""
+  saved = json.loads(config.to_json_best_effort())
+  for key in rundir.UPGRADES:
+    section, _, field = key.partition(".")
+    if field:
+      del saved[section][field]
+    elif section != "model":  # The model section itself is from the first release.
+      del saved[section]
+  saved["model"] = {k: v for k, v in saved["model"].items() if k not in _NEWER_MODEL_FIELDS}
+  saved["model"]["variant"], saved["loss"]["rounded_targets"] = "tiny", True
+  return saved
+
+
+def test_an_old_config_json_is_upgraded_the_same_way_by_train_eval_and_predict(
+    random_run, tmp_path):
+  from fgtbt_jax import train
+  workdir, config = random_run
+  old = tmp_path / "old_run"
+  old.mkdir()
+  (old / "checkpoints").symlink_to(workdir / "checkpoints")
+  (old / "config.json").write_text(json.dumps(_first_release_json(config)))
+  # Every field declared today, each with the behaviour the run had.
+  upgraded = rundir.load_run_config(old)
+  assert rundir.missing_fields(upgraded, tiny.get_config()) == []
+  assert "rounded_targets" not in upgraded.loss and upgraded.loss.target_rounding == "nearest"
+  assert not upgraded.train.ema_bias_correction  # The plain average of its day.
+  assert (upgraded.model.head, upgraded.model.fgsa_compat) == ("heatmap", "paper")
+  assert upgraded.predict.to_dict() == tiny.get_config().predict.to_dict()
+  # Training: a resume compares the config with the upgraded one (nearest, not none).
+  wanted = _config(config.data.data_dir)
+  with pytest.raises(errors.ConfigError, match="loss.target_rounding 'nearest' -> 'none'"):
+    train._check_resume(wanted, old, latest=4)  # pylint: disable=protected-access
+  wanted.loss.target_rounding = "nearest"
+  train._check_resume(wanted, old, latest=4)  # pylint: disable=protected-access
+  # Eval: the upgraded config, with overrides, evaluates as today's does.
+  overrides = {"data.datasets": ("COFW",), "data.samples_per_dataset": 8}  # 8 devices
+  finals = [evaluate.evaluate_workdir(rundir.load_run_config(run, overrides), run, "latest",
+                                      write_report=False, out_dir=tmp_path / run.name).final
+            for run in (old, workdir)]
+  # (Equal within rounding: the old run's depthwise form is the default, tiny.py's "conv".)
+  assert finals[0]["COFW"] == pytest.approx(finals[1]["COFW"], rel=1e-6)
+  # Predict: the run's decoding and today's predict defaults.
+  predictor = predictor_lib.Predictor.from_checkpoint(old, "latest")
+  assert predictor.settings == inference.PredictSettings.from_config(config.eval)
+  assert predictor.batch_size == 8 and predictor.max_faces is None
+  assert predictor.min_face_confidence == 0.6
 
 
 def test_restore_errors_name_the_missing_checkpoint(random_run, tmp_path):
@@ -261,13 +319,13 @@ def test_restore_errors_name_the_missing_checkpoint(random_run, tmp_path):
     inference.restore_models(config, workdir, "newest", mesh, rules)
   narrow = _config(config.data.data_dir)
   narrow.data.datasets = ("WFLW", "COFW")
-  with pytest.raises(checkpointing.WorkdirError, match=r"trained on \['WFLW', 'COFW'\]"):
+  with pytest.raises(rundir.WorkdirError, match=r"trained on \['WFLW', 'COFW'\]"):
     inference.restore_models(narrow, workdir, "best", mesh, rules, datasets=["AFLW"])
-  checkpointing.write_run_config(config, tmp_path)
+  rundir.write_run_config(config, tmp_path)
   (tmp_path / "checkpoints").mkdir()
-  with pytest.raises(checkpointing.WorkdirError, match="no train-state checkpoint under"):
+  with pytest.raises(rundir.WorkdirError, match="no train-state checkpoint under"):
     inference.restore_models(config, tmp_path, "latest", mesh, rules)
-  with pytest.raises(checkpointing.WorkdirError, match="no best checkpoint for WFLW under"):
+  with pytest.raises(rundir.WorkdirError, match="no best checkpoint for WFLW under"):
     predictor_lib.Predictor.from_checkpoint(tmp_path, "best")
   wider = _config(config.data.data_dir)
   wider.model.decoder_dim = 2 * wider.model.decoder_dim

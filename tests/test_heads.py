@@ -17,6 +17,7 @@ from fgtbt_jax import landmarks
 from fgtbt_jax import losses
 from fgtbt_jax import models
 from fgtbt_jax import quantization
+from fgtbt_jax import rundir
 from fgtbt_jax import sharding
 from fgtbt_jax import state as state_lib
 from fgtbt_jax import studies
@@ -299,9 +300,10 @@ def test_a_run_saved_before_the_heads_loads_as_the_fgtbt_head(tmp_path):
   for field in ("hih_decimal_sigma", "hih_decimal_weight"):
     del saved["loss"][field]
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  loaded = checkpointing.load_run_config(tmp_path)
+  loaded = rundir.load_run_config(tmp_path)
   assert loaded.model.head == "heatmap" and loaded.model.hih_decimal_size == 8
-  assert "hih_decimal_weight" not in loaded.loss
+  # The upgrade gives the loss fields the values the run trained with.
+  assert (loaded.loss.hih_decimal_sigma, loaded.loss.hih_decimal_weight) == (1.0, 0.1)
   validation.validate_config(loaded, num_devices=1)
   assert losses.LossConfig.from_config(loaded.loss, 4).hih_decimal_weight == 0.1
   # The network it trained: the FGTBT head's parameters and nothing else.

@@ -11,8 +11,10 @@ layers (lowest first) are the project's architecture:
                  smoothing and tracking, detector calibration on annotated faces
   data           readers, synthetic stand-ins, conversion, the grain pipeline,
                  data preparation (they use the three layers above only)
-  devices / run  mesh and batches, checkpoints and the run directory, the
-                 report (pure functions of per-image arrays), torch weights
+  run directory  the workdir's lock, its config.json (the upgrade of older ones,
+                 the command line's overrides) and which checkpoint to use
+  devices / run  mesh and batches, Orbax checkpoints, the report (pure
+                 functions of per-image arrays), torch weights
   core           the one predict function and EMA restore; the train state
   users          studies, Predictor; config validation, export, the authors'
                  checkpoint import
@@ -46,6 +48,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data_pipelines.tfds_builders", "fgtbt_jax.quantization"),
     ("data_pipelines.convert", "data_pipelines.pipeline"),
     ("data_pipelines.prepare", "data_pipelines.visualize"),
+    ("fgtbt_jax.rundir",),
     ("fgtbt_jax.sharding", "fgtbt_jax.checkpointing", "fgtbt_jax.report",
      "fgtbt_jax.torch_weights"),
     ("fgtbt_jax.inference", "fgtbt_jax.state"),

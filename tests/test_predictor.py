@@ -709,7 +709,7 @@ def test_from_checkpoint_loads_the_ema_variables_of_a_run(tmp_path):
 @pytest.mark.slow  # Writes a run and compiles its tiny model in float32 (~20 s on 2 cores).
 def test_predict_main_with_a_boxes_file_max_faces_and_a_tracked_video(tmp_path):
   from configs import tiny
-  from fgtbt_jax import video
+  from fgtbt_jax import rundir
   (tmp_path / "run").mkdir()
   helpers.write_random_run(tmp_path / "run", tiny.get_config(), scale=None)  # Finite outputs.
   inputs = tmp_path / "in"
@@ -728,11 +728,13 @@ def test_predict_main_with_a_boxes_file_max_faces_and_a_tracked_video(tmp_path):
   boxes_file = tmp_path / "boxes.json"
   boxes_file.write_text(json.dumps({"face_frontal.jpg": [[78, 64, 212, 198], [70, 60, 220, 210]]}))
   out = tmp_path / "out"
-  status = predict_files.predict_main(
-      tmp_path / "run", [str(inputs)], str(out), which="latest", boxes_file=str(boxes_file),
-      # Random weights: heatmap peaks may be negative; no face is dropped as lost.
-      max_faces=1, min_face_confidence=-np.inf, detector="dlib_hog",
-      tracking=video.TrackerSettings(detect_every=4))
+  # The options as `run.py predict --config.predict.*` sets them. Random
+  # weights: heatmap peaks may be negative; no face is dropped as lost.
+  config = rundir.load_run_config(tmp_path / "run", {
+      "predict.max_faces": 1, "predict.min_face_confidence": -np.inf,
+      "predict.detector": "dlib_hog", "predict.detect_every": 4})
+  status = predict_files.predict_main(tmp_path / "run", [str(inputs)], str(out), config=config,
+                                      which="latest", boxes_file=str(boxes_file))
   assert status == 0
   given = json.loads((out / "face_frontal.jpg.json").read_text())
   assert given["boxes_from"] == "given" and len(given["faces"]) == 2  # Given: all of them.

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from fgtbt_jax import landmarks
@@ -70,8 +71,8 @@ def test_eval_mode_reevaluates_the_latest_and_best_checkpoints(trained_workdir):
         final[name]["nme"], rel=1e-4)
   assert (workdir / "report" / "ced.png").is_file()
 
-  process = _run("eval", f"--workdir={workdir}", "--checkpoint=best", "--studies=lowres",
-                 "--max_batches=1")
+  process = _run("eval", f"--workdir={workdir}", "--checkpoint=best",
+                 "--config.eval.studies=lowres", "--config.eval.study_max_batches=1")
   assert process.returncode == 0, process.stderr[-4000:]
   best = json.loads((workdir / "eval_best.json").read_text())
   assert best["steps"] == {name: 2 for name in PROTOCOLS}
@@ -105,9 +106,9 @@ def test_eval_mode_rejects_an_incompatible_checkpoint(trained_workdir, synthetic
     ((f"--config={TINY}", "--config.optimizer.learning_rate=-1.0"),
      "optimizer.learning_rate must be positive"),
     (("evaluate",), "expected an optional mode"),
-    (("eval", "--workdir=/tmp", "--studies=speed"), "--studies: unknown studies ['speed']"),
-    (("predict", "--workdir=/tmp", "--image=x.png", "--min_face_confidence=nan"),
-     "--min_face_confidence must be a number, not nan"),
+    (("eval", "--workdir=/tmp", f"--config={TINY}", "--config.eval.studies=speed"),
+     "eval.studies: unknown studies ['speed']"),
+    (("eval", "--workdir=/tmp", "--studies=lowres"), "Unknown command line flag 'studies'"),
     (("predict", f"--workdir={TINY}", "--image=x.png"), "is a file, not a folder"),
 ])
 def test_clear_errors(args, message):
@@ -123,7 +124,7 @@ def test_clear_errors(args, message):
 
 
 def test_help_is_a_success():
-  for flag, extra in (("--help", "--min_face_confidence"), ("--helpfull", "absl.logging:")):
+  for flag, extra in (("--help", "--config.predict.max_faces"), ("--helpfull", "absl.logging:")):
     process = _run(flag, timeout=120)
     assert process.returncode == 0, process.stderr[-2000:]
     assert "python run.py eval --workdir" in process.stdout and extra in process.stdout
@@ -149,15 +150,28 @@ def test_eval_applies_command_line_overrides_to_the_saved_config(trained_workdir
   assert "Traceback" not in process.stderr
   process = _run("eval", f"--workdir={workdir}", "--config.data.no_such_field=1", timeout=120)
   assert process.returncode != 0 and "unknown config field" in process.stderr
-  # A config saved before a field existed is named, not a traceback.
+  # A config saved before fields existed is upgraded (rundir.UPGRADES) and
+  # evaluates as the run did; one lacking a field no upgrade fills is named.
   old = tmp_path / "old_run"
   old.mkdir()
   (old / "checkpoints").symlink_to(workdir / "checkpoints")
   saved = json.loads((workdir / "config.json").read_text())
-  del saved["eval"]["studies"]
+  for section, field in (("eval", "studies"), ("eval", "coordinates"),
+                         ("data", "eval_pad_last_batch"), ("loss", "target_rounding")):
+    del saved[section][field]
+  del saved["predict"]
+  saved["loss"]["rounded_targets"] = False
+  (old / "config.json").write_text(json.dumps(saved))
+  process = _run("eval", f"--workdir={old}", "--noreport")
+  assert process.returncode == 0, process.stderr[-3000:]
+  final = json.loads((workdir / "final_metrics.json").read_text())
+  upgraded = json.loads((old / "eval_latest.json").read_text())
+  for name in PROTOCOLS:
+    assert upgraded[name] == pytest.approx(final[name], rel=1e-6)
+  del saved["train"]["steps"]
   (old / "config.json").write_text(json.dumps(saved))
   process = _run("eval", f"--workdir={old}", timeout=120)
-  assert process.returncode == 1 and "predates the config fields eval.studies" in process.stderr
+  assert process.returncode == 1 and "lacks the config fields train.steps" in process.stderr
   assert "Traceback" not in process.stderr
 
 
@@ -208,7 +222,7 @@ def test_predict_writes_json_and_overlays_and_reports_bad_files(trained_workdir,
   (inputs / "notes.jpg").write_text("not an image")
   out = tmp_path / "out"
   process = _run("predict", f"--workdir={workdir}", f"--image={inputs}", f"--out={out}",
-                 "--box=" + ",".join(f"{v:.2f}" for v in box), "--protocol=WFLW",
+                 "--box=" + ",".join(f"{v:.2f}" for v in box), "--config.predict.protocol=WFLW",
                  "--checkpoint=latest")
   # One unreadable file: exit status 1, the other images are written.
   assert process.returncode == 1, process.stderr[-4000:]
@@ -224,6 +238,47 @@ def test_predict_writes_json_and_overlays_and_reports_bad_files(trained_workdir,
     assert len(face["landmarks"]) == len(face["confidence"]) == 98
     assert (out / f"{name}.overlay.png").stat().st_size > 0
   assert not list(out.glob("notes*"))
+
+
+def test_predict_applies_command_line_overrides_to_the_saved_config(trained_workdir, tmp_path):
+  # --config.eval.* decodes otherwise than the run was evaluated; the
+  # --config.predict.* options apply; eval reads the same overrides the same way.
+  workdir, _ = trained_workdir
+  image = tmp_path / "face.png"
+  box = _write_face(image, 3)
+  common = ("predict", f"--workdir={workdir}", f"--image={image}", "--checkpoint=latest",
+            "--box=" + ",".join(f"{v:.2f}" for v in box))
+  written = {}
+  for name, overrides in (("run", ()), ("no_flip", ("--config.eval.flip_test=False",
+                                                   "--config.predict.protocol=COFW"))):
+    process = _run(*common, f"--out={tmp_path / name}", *overrides, timeout=300)
+    assert process.returncode == 0, process.stderr[-3000:]
+    written[name] = json.loads((tmp_path / name / "face.png.json").read_text())
+  assert written["run"]["flip_test"] and not written["no_flip"]["flip_test"]
+  assert (written["run"]["protocol"], written["no_flip"]["protocol"]) == ("unified", "COFW")
+  index = landmarks.get_protocol("COFW").unified_index
+  with_flip = np.asarray(written["run"]["faces"][0]["landmarks"])[index]
+  without = np.asarray(written["no_flip"]["faces"][0]["landmarks"])
+  assert np.abs(with_flip - without).max() > 1e-3  # Another prediction, not a label.
+
+
+def test_predict_options_are_checked_in_one_line_before_the_model_loads(tmp_path):
+  from configs import tiny
+  from fgtbt_jax import rundir
+  rundir.write_run_config(tiny.get_config(), tmp_path)
+  (tmp_path / "checkpoints").mkdir()  # No weights: each error comes before they load.
+  image = helpers.REPO / "docs" / "sample_faces" / "face_frontal.jpg"
+  for override, message in (
+      ("--config.predict.min_face_confidence=nan",
+       "predict.min_face_confidence must be a number, not nan"),
+      ("--config.predict.box_adjustment=1,2", "predict.box_adjustment: box adjustment '1,2'"),
+      ("--config.eval.decoder=argmax", None),  # Valid: reaches the (missing) weights.
+  ):
+    process = _run("predict", f"--workdir={tmp_path}", f"--image={image}", "--box=1,1,90,90",
+                   override, timeout=120)
+    lines = process.stderr.strip().splitlines()
+    assert process.returncode == 1 and len(lines) == 1 and lines[0].startswith("run.py: ")
+    assert (message or "no best checkpoint for WFLW") in lines[0], lines
 
 
 @pytest.mark.parametrize("args,message", [
@@ -281,8 +336,8 @@ def test_eval_mode_in_two_processes(trained_workdir, tmp_path):
     log = tmp_path / f"eval_{process_id}.log"
     with open(log, "w") as out:
       processes.append((subprocess.Popen(
-          [sys.executable, RUN, "eval", f"--workdir={workdir}", "--studies=lowres",
-           "--max_batches=1"], env=env, cwd=helpers.REPO,
+          [sys.executable, RUN, "eval", f"--workdir={workdir}", "--config.eval.studies=lowres",
+           "--config.eval.study_max_batches=1"], env=env, cwd=helpers.REPO,
           stdout=out, stderr=subprocess.STDOUT, text=True), log))
   outputs = []
   for process, log in processes:

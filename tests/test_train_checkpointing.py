@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fgtbt_jax import checkpointing
+from fgtbt_jax import rundir
 from tests.helpers import synthetic_data_dir  # noqa: F401  (fixture)
 
 
@@ -232,28 +233,28 @@ def test_one_trainer_per_workdir_and_stale_locks_are_taken_over(tmp_path, checkp
   saved = (workdir / "config.json").read_bytes()
   # A live holder (this very process) on this host: refused, nothing written.
   (workdir / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-  with pytest.raises(checkpointing.WorkdirError,
+  with pytest.raises(rundir.WorkdirError,
                      match=rf"in use by another trainer \(pid {os.getpid()} on host "
                            rf"{socket.gethostname()}"):
     train.train_and_evaluate(config, workdir)
   assert (workdir / "config.json").read_bytes() == saved and (workdir / ".lock").exists()
   # A holder on another host cannot be checked: refused too.
   (workdir / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
-  with pytest.raises(checkpointing.WorkdirError, match="pid 1 on host elsewhere"):
-    checkpointing.WorkdirLock(workdir).acquire()
+  with pytest.raises(rundir.WorkdirError, match="pid 1 on host elsewhere"):
+    rundir.WorkdirLock(workdir).acquire()
   # The lock of a killed process of this host is stale: taken over, released after.
   gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                         capture_output=True, text=True, check=True)
   (workdir / ".lock").write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
-  with checkpointing.WorkdirLock(workdir):
+  with rundir.WorkdirLock(workdir):
     holder = json.loads((workdir / ".lock").read_text())
     assert holder == {"pid": os.getpid(), "host": socket.gethostname()}
-    with pytest.raises(checkpointing.WorkdirError, match="in use by another trainer"):
-      checkpointing.WorkdirLock(workdir).acquire()
+    with pytest.raises(rundir.WorkdirError, match="in use by another trainer"):
+      rundir.WorkdirLock(workdir).acquire()
   assert not (workdir / ".lock").exists()
   # An empty lock file (a start that died before writing it) is stale as well.
   (workdir / ".lock").write_text("")
-  with checkpointing.WorkdirLock(workdir):
+  with rundir.WorkdirLock(workdir):
     assert json.loads((workdir / ".lock").read_text())["pid"] == os.getpid()
 
 
@@ -262,13 +263,13 @@ def test_a_lock_that_cannot_be_written_is_one_line_and_leaves_no_file(tmp_path, 
   def full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
   monkeypatch.setattr(json, "dump", full)
-  with pytest.raises(checkpointing.WorkdirError,
+  with pytest.raises(rundir.WorkdirError,
                      match=r"\.lock: cannot write the workdir lock \(No space left on device\)$"):
-    checkpointing.WorkdirLock(tmp_path).acquire()
+    rundir.WorkdirLock(tmp_path).acquire()
   assert not (tmp_path / ".lock").exists()
   monkeypatch.undo()
-  with pytest.raises(checkpointing.WorkdirError, match="cannot create the workdir lock"):
-    checkpointing.WorkdirLock(tmp_path / "no_such_folder").acquire()
+  with pytest.raises(rundir.WorkdirError, match="cannot create the workdir lock"):
+    rundir.WorkdirLock(tmp_path / "no_such_folder").acquire()
 
 
 # ---- Damaged checkpoints: detected, skipped for an intact step, one line when none. ----
@@ -382,7 +383,7 @@ def test_an_older_run_config_gets_the_model_fields_added_since_at_their_defaults
   for field in ("decoder_fusion", "fgsa_compat", "batch_norm_unbiased_variance"):
     del saved["model"][field]
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  loaded = checkpointing.load_run_config(tmp_path)
+  loaded = rundir.load_run_config(tmp_path)
   assert (loaded.model.decoder_fusion, loaded.model.fgsa_compat,
           loaded.model.batch_norm_unbiased_variance) == ("composed", "paper", False)
   from fgtbt_jax import models
@@ -391,9 +392,8 @@ def test_an_older_run_config_gets_the_model_fields_added_since_at_their_defaults
 
 def test_resume_changes_name_every_function_changing_field_but_compute_forms():
   from configs import tiny
-  from fgtbt_jax import checkpointing
   from fgtbt_jax import train
-  flat = lambda **fields: checkpointing.flat_config(_changed(tiny.get_config(), **fields))
+  flat = lambda **fields: rundir.flat_config(_changed(tiny.get_config(), **fields))
   saved = flat()
   assert train.resume_changes(saved, flat(**{"train.steps": 99, "model.dtype": "bfloat16",
                                              "model.remat_policy": "segments",
@@ -411,10 +411,10 @@ def test_the_run_config_is_readable_by_the_other_users_of_a_shared_run(tmp_path)
   from configs import tiny
   mask = os.umask(0o022)
   try:
-    path = checkpointing.write_run_config(tiny.get_config(), tmp_path)
+    path = rundir.write_run_config(tiny.get_config(), tmp_path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     os.umask(0o077)  # A private umask is respected.
-    path = checkpointing.write_run_config(tiny.get_config(), tmp_path, "config.private.json")
+    path = rundir.write_run_config(tiny.get_config(), tmp_path, "config.private.json")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
   finally:
     os.umask(mask)
