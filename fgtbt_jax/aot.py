@@ -391,6 +391,175 @@ def largest_values(hlo_text: str, top: int = 5) -> list[dict]:
   return [{"bytes": b, "shape": shape, "op": op} for b, shape, op in sizes[:top]]
 
 
+# One operand or result array with its layout: "bf16[8,120,120,64]{3,2,1,0:T(8,128)(2,1)S(1)}".
+_ARRAY_WITH_LAYOUT = re.compile(
+    r"\b(pred|[a-z]+\d+(?:e\d+m\d+\w*)?)\[([\d,]*)\](\{[^}]*\})?")
+# "  %name = bf16[8,64]{1,0:T(8,128)} opcode(..." with the result's text (a tuple may have spaces).
+_DEFINITION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# Instructions that make no traffic of their own (views, bookkeeping, async
+# halves whose partner is counted, control flow whose bodies are walked).
+_NO_TRAFFIC = frozenset((
+    "parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all",
+    "while", "conditional", "call", "opt-barrier", "partition-id", "replica-id",
+    "copy-done", "slice-done", "all-gather-done", "all-reduce-done", "collective-permute-done",
+    "send-done", "recv-done", "async-done", "async-update"))
+
+
+def _array_bytes_by_space(text: str) -> tuple[int, int]:
+  """(bytes in HBM, bytes in other memory spaces) of the arrays written in `text`.
+
+  A TPU layout names its memory space with "S(n)"; none (or S(0)) is HBM,
+  S(1) the on-chip vector memory the memory-space assignment prefetches into.
+  """
+  hbm = other = 0
+  for dtype, dims, layout in _ARRAY_WITH_LAYOUT.findall(text):
+    bits = 1 if dtype == "pred" else int(re.search(r"\d+", dtype).group())
+    count = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+    size = count * max(bits, 8) // 8
+    space = re.search(r"S\((\d+)\)", layout or "")
+    if space and space.group(1) != "0":
+      other += size
+    else:
+      hbm += size
+  return hbm, other
+
+
+def instruction_traffic(hlo_text: str) -> list[dict]:
+  """Per buffer-level instruction of a compiled HLO module: the bytes it moves, by memory.
+
+  Walks the entry computation and what it runs (loop bodies, branches,
+  calls), not fusions' inner computations or reducers. A fusion, copy,
+  convolution or custom call reads its operands and writes its result once:
+  its bytes are those of its operands and result, split by where they live
+  (TPU layouts name the memory space: none or S(0) is HBM, S(1) the on-chip
+  vector memory), `hbm_bytes` and `on_chip_bytes`. An asynchronous copy or
+  slice ("copy-start", "slice-start": the memory-space assignment's
+  prefetches into on-chip memory and evictions out of it) moves its
+  destination's bytes across the HBM boundary: counted once, as HBM, and its
+  "-done" as nothing. On a backend with one memory space (CPU) every byte is
+  `hbm_bytes`, and their sum is the compiler's "bytes accessed".
+
+  `source` is the JAX op name of the instruction's metadata (the Flax module
+  path and primitive); an instruction without one (the prefetches) takes
+  that of the first instruction that uses its value.
+  """
+  lines = hlo_text.splitlines()
+  results: dict[str, str] = {}
+  sources: dict[str, str] = {}
+  users: dict[str, list[str]] = {}
+  inner: set[str] = set()
+  for line in lines:
+    match = _DEFINITION.match(line)
+    if match:
+      name, rest = match.group(1), match.group(4)
+      results[name] = match.group(2)
+      source = _OP_NAME.search(rest)
+      if source:
+        sources[name] = source.group(1)
+      for operand in re.findall(r"%([\w.\-]+)", rest[:_operands_end(rest)]):
+        users.setdefault(operand, []).append(name)
+    if " fusion(" in line or "to_apply=" in line:
+      inner.update(re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line))
+
+  def source_of(name: str) -> str:
+    for _ in range(16):
+      if name in sources:
+        return sources[name]
+      following = users.get(name)
+      if not following:
+        return ""
+      name = following[0]
+    return sources.get(name, "")
+
+  rows = []
+  skip = False
+  for line in lines:
+    header = _COMPUTATION_HEADER.match(line)
+    if header:
+      skip = header.group(1) in inner
+      continue
+    match = _DEFINITION.match(line)
+    if skip or match is None:
+      continue
+    name, result, opcode, rest = match.groups()
+    if opcode in _NO_TRAFFIC:
+      continue
+    if opcode in ("copy-start", "slice-start"):
+      # (source, destination, context): the destination's bytes cross once.
+      parts = _ARRAY_WITH_LAYOUT.findall(result)
+      moved = _array_bytes_by_space("%s[%s]" % parts[1][:2]) if len(parts) > 1 else (0, 0)
+      hbm, other = sum(moved), 0
+    else:
+      end = _operands_end(rest)
+      operands = " ".join(results.get(operand, "")
+                          for operand in re.findall(r"%([\w.\-]+)", rest[:end]))
+      operand_hbm, operand_other = _array_bytes_by_space(operands)
+      result_hbm, result_other = _array_bytes_by_space(result)
+      hbm, other = operand_hbm + result_hbm, operand_other + result_other
+    kind = re.search(r"kind=(\w+)", rest)
+    rows.append({
+        "name": name, "opcode": opcode, "kind": kind.group(1) if kind else "",
+        "result": re.sub(r"\{[^}]*\}", "", result),
+        "hbm_bytes": hbm, "on_chip_bytes": other, "source": source_of(name)})
+  return rows
+
+
+def module_of(source: str) -> str:
+  """The network part an instruction's JAX op name belongs to, for grouping traffic.
+
+  "forward encoder/stage_0/patch_embed", "backward decoder/heatmap",
+  "backward encoder/stage_2/block_*" (blocks of a stage together), or
+  "outside the network" (the optimizer, EMA, loss, ...); "unknown" without
+  an op name.
+  """
+  if not source:
+    return "unknown"
+  direction = "backward" if "transpose(" in source else "forward"
+  match = re.search(r"FGTBT\.named_outputs\)*/(encoder/[^/]+/[^/]+|decoder/[^/]+|[^/]+)", source)
+  if match is None:
+    return "outside the network"
+  name = re.sub(r"block_\d+", "block_*", match.group(1))
+  return f"{direction} {name}"
+
+
+def traffic_summary(hlo_text: str, top: int = 10) -> dict:
+  """Where a compiled program's memory traffic goes (`instruction_traffic`), summed and ranked.
+
+  `hbm_bytes` / `on_chip_bytes`: the module's totals; `top_instructions`:
+  the `top` instructions by HBM bytes; `by_module`: HBM bytes per
+  `module_of` group, the `top` largest.
+  """
+  rows = instruction_traffic(hlo_text)
+  modules: dict[str, int] = {}
+  for row in rows:
+    key = module_of(row["source"])
+    modules[key] = modules.get(key, 0) + row["hbm_bytes"]
+  ranked = sorted(rows, key=lambda r: -r["hbm_bytes"])[:top]
+  return {
+      "hbm_bytes": sum(r["hbm_bytes"] for r in rows),
+      "on_chip_bytes": sum(r["on_chip_bytes"] for r in rows),
+      "instructions": len(rows),
+      "top_instructions": [{k: r[k] for k in ("name", "opcode", "result", "hbm_bytes", "source")}
+                           for r in ranked],
+      "by_module": [{"module": k, "hbm_bytes": v}
+                    for k, v in sorted(modules.items(), key=lambda kv: -kv[1])[:top]],
+  }
+
+
+def _operands_end(rest: str) -> int:
+  """Where the operand list of an instruction's text after "opcode(" ends."""
+  depth = 1
+  for i, char in enumerate(rest):
+    if char in "({":
+      depth += 1
+    elif char in ")}":
+      depth -= 1
+      if depth == 0:
+        return i
+  return len(rest)
+
+
 def roofline(flops: float, bytes_accessed: float, chip: Chip, devices_per_chip: int,
              images_per_device: float) -> dict:
   """Step time bound max(FLOPs / peak, bytes / bandwidth) of one device's program.
@@ -424,7 +593,7 @@ def out_of_memory_needs(message: str) -> tuple[float, float] | None:
 
 
 def compile_program(name: str, lower: Callable[[], jax.stages.Lowered], target: Target,
-                    images_per_device: float) -> dict:
+                    images_per_device: float, hlo_dir: str | None = None) -> dict:
   """Lowers and compiles one program; its figures (see the module docstring).
 
   Raises:
@@ -453,10 +622,17 @@ def compile_program(name: str, lower: Callable[[], jax.stages.Lowered], target: 
             "memory_bytes": memory_figures(compiled.memory_analysis()),
             "cost": cost_figures(compiled)}
   text = compiled.as_text()
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    with open(os.path.join(hlo_dir, f"{name}.hlo.txt"), "w") as f:
+      f.write(text)
   record["collectives"] = collectives(text)
+  record["traffic"] = traffic_summary(text)
   if target.chip is not None:
     record["roofline"] = roofline(record["cost"]["flops"], record["cost"]["bytes_accessed"],
                                   target.chip, target.devices_per_chip, images_per_device)
+    record["roofline_hbm"] = roofline(record["cost"]["flops"], record["traffic"]["hbm_bytes"],
+                                      target.chip, target.devices_per_chip, images_per_device)
   total = record["memory_bytes"]["total"]
   record["fits"] = target.hbm_bytes is None or total <= target.hbm_bytes
   if not record["fits"]:
@@ -478,7 +654,7 @@ def resolved_choices(model_config: ml_collections.ConfigDict, platform: str) -> 
 
 
 def compile_report(config: ml_collections.ConfigDict, target: Target,
-                   predict: bool = True) -> dict:
+                   predict: bool = True, hlo_dir: str | None = None) -> dict:
   """Compiles the train step (and the predict function) of `config` for `target`.
 
   Returns every figure (the --json record). Raises DoesNotFit as
@@ -512,7 +688,7 @@ def compile_report(config: ml_collections.ConfigDict, target: Target,
     programs["predict"] = (lambda: lower_predict(setup), int(config.data.eval_batch_size))
   with _persistent_cache(enabled=platform != "tpu"):
     for name, (lower, images) in programs.items():
-      record = compile_program(name, lower, target, images / devices)
+      record = compile_program(name, lower, target, images / devices, hlo_dir)
       record["global_batch"] = images
       report["programs"][name] = record
   return report
@@ -583,6 +759,18 @@ def format_report(report: dict) -> str:
           f"({bound['bound']}-bound; {bound['arithmetic_intensity']:.1f} FLOP/byte, ridge "
           f"{bound['ridge_flops_per_byte']:.0f}): MFU {bound['mfu']:.1%}, "
           f"{bound['images_per_s_per_chip']:.1f} images/s per chip")
+    traffic = record["traffic"]
+    lines.append(f"  traffic by memory space: {traffic['hbm_bytes']:.3g} bytes in HBM, "
+                 f"{traffic['on_chip_bytes']:.3g} on chip")
+    bound = record.get("roofline_hbm")
+    if bound:
+      lines.append(
+          f"  roofline on HBM bytes: memory {bound['memory_s'] * 1e3:.2f} ms -> "
+          f"{bound['step_s'] * 1e3:.2f} ms ({bound['bound']}-bound): MFU {bound['mfu']:.1%}, "
+          f"{bound['images_per_s_per_chip']:.1f} images/s per chip")
+    lines.append("  HBM bytes by part: " + ", ".join(
+        f"{m['module']} {m['hbm_bytes'] / traffic['hbm_bytes']:.0%}"
+        for m in traffic["by_module"][:6] if traffic["hbm_bytes"]))
   return "\n".join(lines)
 
 

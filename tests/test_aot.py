@@ -69,8 +69,21 @@ def test_cpu_topology_reports_memory_cost_and_collectives(cpu_run):
   # Data parallel over 8 devices: the gradients are summed across them.
   reduce = step["collectives"]["all-reduce"]
   assert reduce["count"] > 0 and reduce["payload_bytes"] > 0
+  # One memory space on CPU: every byte is HBM traffic, and the instructions'
+  # operand and result bytes add up to the compiler's own count (within 10%:
+  # the cost analysis counts some fused operands in part).
+  for name, program in report["programs"].items():
+    traffic = program["traffic"]
+    assert traffic["on_chip_bytes"] == 0, name
+    assert traffic["hbm_bytes"] == pytest.approx(program["cost"]["bytes_accessed"], rel=0.1), name
+    assert traffic["top_instructions"][0]["hbm_bytes"] > 0, name
+  modules = {m["module"] for m in step["traffic"]["by_module"]}
+  assert any(m.startswith("backward encoder/") for m in modules), modules
+  assert any(m.startswith("forward ") for m in
+             {m["module"] for m in report["programs"]["predict"]["traffic"]["by_module"]})
   for line in ("train_step: global batch 8 (1 per device)", "memory per chip: arguments",
-               "cost per chip:", "collectives: ", "all-reduce x", "predict: global batch 8"):
+               "cost per chip:", "collectives: ", "all-reduce x", "predict: global batch 8",
+               "traffic by memory space: ", "HBM bytes by part: "):
     assert line in out
 
 
@@ -235,4 +248,70 @@ def test_tiny_config_compiles_for_v5e(tmp_path, monkeypatch):
   bound = step["roofline"]
   assert bound["step_s"] == max(bound["compute_s"], bound["memory_s"]) > 0
   assert 0 < bound["mfu"] <= 1 and bound["images_per_s_per_chip"] > 0
-  assert "roofline: compute" in out and "libtpu" in out
+  # The memory-space assignment stages values in on-chip memory: part of the
+  # compiler's bytes never touch HBM, and the HBM roofline is the faster one.
+  traffic = step["traffic"]
+  assert 0 < traffic["hbm_bytes"] and 0 < traffic["on_chip_bytes"]
+  assert step["roofline_hbm"]["memory_s"] < bound["memory_s"]
+  assert "roofline: compute" in out and "roofline on HBM bytes" in out and "libtpu" in out
+
+
+# A compiled TPU module in miniature: a fusion reading an HBM parameter and a
+# prefetched on-chip (S(1)) copy of another, a sliced prefetch, an eviction,
+# and a fused computation whose inner instructions are not buffers.
+_TPU_HLO = """\
+HloModule jit_step_fn, is_scheduled=true
+
+%fused_computation (param_0: bf16[4,8], param_1: bf16[4,8]) -> bf16[4,8] {
+  %param_0 = bf16[4,8]{1,0:T(4,128)(2,1)} parameter(0)
+  %param_1 = bf16[4,8]{1,0:T(4,128)(2,1)S(1)} parameter(1)
+  ROOT %add.1 = bf16[4,8]{1,0:T(4,128)(2,1)} add(%param_0, %param_1), metadata={op_name="inner"}
+}
+
+ENTRY %main (p0: bf16[4,8], p1: f32[16,8]) -> bf16[4,8] {
+  %p0 = bf16[4,8]{1,0:T(4,128)(2,1)} parameter(0)
+  %p1 = f32[16,8]{1,0:T(8,128)} parameter(1)
+  %copy-start.1 = (bf16[4,8]{1,0:T(4,128)(2,1)}, bf16[4,8]{1,0:T(4,128)(2,1)S(1)}, u32[]{:S(2)}) copy-start(%p0)
+  %copy-done.1 = bf16[4,8]{1,0:T(4,128)(2,1)S(1)} copy-done(%copy-start.1)
+  %slice-start.1 = ((f32[16,8]{1,0:T(8,128)}), f32[4,8]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%p1), slice={[0:4], [0:8]}
+  %slice-done.1 = f32[4,8]{1,0:T(8,128)S(1)} slice-done(%slice-start.1)
+  %fusion.7 = bf16[4,8]{1,0:T(4,128)(2,1)} fusion(%p0, %copy-done.1), kind=kLoop, calls=%fused_computation, metadata={op_name="jit(step_fn)/transpose(jvp(FGTBT.named_outputs))/encoder/stage_2/block_11/mlp/fc1/dot_general"}
+  %convert.3 = bf16[4,8]{1,0:T(4,128)(2,1)S(1)} convert(%slice-done.1), metadata={op_name="jit(step_fn)/add"}
+  ROOT %copy.2 = bf16[4,8]{1,0:T(4,128)(2,1)} copy(%convert.3), metadata={op_name="jit(step_fn)/jvp(FGTBT.named_outputs)/decoder/heatmap/conv_general_dilated"}
+}
+"""
+
+
+def test_traffic_splits_hbm_from_on_chip_bytes_and_names_the_parts():
+  rows = {row["name"]: row for row in aot.instruction_traffic(_TPU_HLO)}
+  # Parameters, "-done" halves and the fused computation's inner add are not buffers' traffic.
+  assert set(rows) == {"copy-start.1", "slice-start.1", "fusion.7", "convert.3", "copy.2"}
+  # A prefetch moves its destination's bytes across the HBM boundary once.
+  assert rows["copy-start.1"]["hbm_bytes"] == 4 * 8 * 2 and rows["copy-start.1"]["on_chip_bytes"] == 0
+  assert rows["slice-start.1"]["hbm_bytes"] == 4 * 8 * 4  # the slice, not the whole f32[16,8]
+  # The fusion reads p0 from HBM, its prefetched copy on chip, writes its result to HBM.
+  assert rows["fusion.7"]["hbm_bytes"] == 2 * 64 and rows["fusion.7"]["on_chip_bytes"] == 64
+  assert rows["convert.3"]["hbm_bytes"] == 0 and rows["convert.3"]["on_chip_bytes"] == 128 + 64
+  assert rows["copy.2"]["hbm_bytes"] == 64 and rows["copy.2"]["on_chip_bytes"] == 64
+  # Without metadata a prefetch takes the op name of the first instruction using its value.
+  assert rows["copy-start.1"]["source"].endswith("block_11/mlp/fc1/dot_general")
+  assert rows["slice-start.1"]["source"] == "jit(step_fn)/add"
+  summary = aot.traffic_summary(_TPU_HLO, top=2)
+  assert summary["hbm_bytes"] == 64 + 128 + 128 + 0 + 64
+  assert summary["on_chip_bytes"] == 64 + 192 + 64
+  assert [row["name"] for row in summary["top_instructions"]] == ["slice-start.1", "fusion.7"]
+  assert summary["by_module"] == [
+      {"module": "backward encoder/stage_2/block_*", "hbm_bytes": 64 + 128},
+      {"module": "outside the network", "hbm_bytes": 128}]
+
+
+def test_module_of_names_network_parts():
+  assert aot.module_of("") == "unknown"
+  assert aot.module_of("jit(step_fn)/add") == "outside the network"
+  assert (aot.module_of("jit(step_fn)/jvp(FGTBT.named_outputs)/encoder/stage_0/patch_embed/"
+                        "conv_in/conv_general_dilated") == "forward encoder/stage_0/patch_embed")
+  assert (aot.module_of("jit(f)/transpose(jvp(jvp()))/checkpoint/rematted_computation/"
+                        "FGTBT.named_outputs/decoder/fuse_norm/reduce_sum")
+          == "backward decoder/fuse_norm")
+  assert (aot.module_of("jit(f)/FGTBT.named_outputs/fgsa_high_frequency/fft")
+          == "forward fgsa_high_frequency")
