@@ -15,6 +15,9 @@ the same values):
   "dots"           keep the outputs of matrix multiplies and convolutions
                    (`jax.checkpoint_policies.dots_saveable`); recompute the
                    elementwise work: norms, activations, softmax, dropout;
+  "dots_no_attention"  "dots" less the attention products (batched
+                   matmuls): convolutions and parameter matmuls are kept, the
+                   attention logits and softmax recomputed;
   "dots_no_batch"  keep only the outputs of the parameter matmuls (no batch
                    dimensions, `dots_with_no_batch_dims_saveable`); also
                    recompute the convolutions and the attention products;
@@ -57,10 +60,26 @@ import jax.numpy as jnp
 
 from fgtbt_jax.models.partitioning import target_platform
 
-REMAT_POLICIES = ("auto", "none", "dots", "dots_no_batch", "nothing", "segments")
+REMAT_POLICIES = ("auto", "none", "dots", "dots_no_attention", "dots_no_batch", "nothing",
+                  "segments")
+
+
+def _dots_no_attention(prim, *args, **params) -> bool:
+  """Saves convolutions and matmuls without batch dimensions: not the attention products.
+
+  The attention logits and their softmax are (B, heads, N, N / R^2) float32,
+  7x the size of the stage's tokens in stage 1 of the paper network; from the
+  saved query and key/value projections the backward pass recomputes them
+  with two small matmuls.
+  """
+  if prim.name == "conv_general_dilated":
+    return True
+  return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
+
 
 _POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_attention": _dots_no_attention,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "nothing": jax.checkpoint_policies.nothing_saveable,
 }
