@@ -34,6 +34,8 @@ at a tiny size.
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import os
 import statistics
@@ -110,7 +112,7 @@ def build_pair(encoder: str, seed: int):
 def jax_functions(module, config, params, dtype: str) -> dict[str, Callable]:
   """pass -> jitted (params, images) -> outputs."""
   if dtype != "float32":
-    module = module.clone(dtype=jnp.bfloat16)
+    module = module.clone(compute=dataclasses.replace(module.compute, dtype=jnp.bfloat16))
 
   def forward(params, images):
     return module.apply({"params": params}, images, None, train=False)

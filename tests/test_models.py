@@ -20,6 +20,7 @@ from fgtbt_jax.models import encoder as encoder_lib
 from fgtbt_jax.models import fgsa as fgsa_lib
 from fgtbt_jax.models import layers
 from fgtbt_jax.models import mit
+from fgtbt_jax.models.compute import Compute
 
 
 def _shapes(config, size, batch=1):
@@ -259,7 +260,7 @@ def test_initializers_have_the_requested_distributions():
 
 def _attention(impl, grid=(8, 8), sr=2):
   return mit.EfficientSelfAttention(dim=32, num_heads=2, sr_ratio=sr, grid=grid,
-                                    implementation=impl)
+                                    compute=Compute(attention=impl))
 
 
 @pytest.mark.parametrize("sr", [1, 2])
@@ -299,7 +300,7 @@ def test_remat_gives_the_same_outputs_and_gradients():
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 8))
   structure = None
   plain = encoder_lib.EncoderStage(**kwargs)
-  remat = encoder_lib.EncoderStage(**kwargs, remat=True)
+  remat = encoder_lib.EncoderStage(**kwargs, compute=Compute(remat_blocks=True))
   variables = jax.jit(plain.init, static_argnums=3)(jax.random.key(2), x, structure, False)
 
   @jax.jit

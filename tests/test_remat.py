@@ -12,6 +12,7 @@ from fgtbt_jax import models
 from fgtbt_jax import sharding
 from fgtbt_jax import train
 from fgtbt_jax.models import encoder as encoder_lib
+from fgtbt_jax.models.compute import Compute
 from fgtbt_jax.models import mit
 from fgtbt_jax.models import partitioning
 from tests.model_helpers import numpy_variables
@@ -184,7 +185,7 @@ def _encoder(recompute: bool, fgsa: bool = False, depths=(2, 2, 4, 2)):
       dims=(16, 32, 48, 64), depths=depths, num_heads=(1, 2, 2, 4),
       sr_ratios=(8, 4, 2, 1), patch_embed="conv_stem", drop_path_rate=0.2,
       fgsa=fgsa,
-      remat=recompute, remat_embed=recompute)
+      compute=Compute(remat_blocks=recompute, remat_segments=recompute))
 
 
 def _structure(encoder, images):

@@ -2,6 +2,9 @@
 
 Public API:
   model_config(variant="paper", **overrides) -> ConfigDict
+  compute_options(config) -> Compute: how the network is computed (dtype,
+    recomputation, attention / depthwise / 1x1 / fusion forms), one frozen
+    object every module takes as `compute`
   build_model(config) -> FGTBT;  build_encoder(config) -> MixTransformer
   normalize_images(images) -> ImageNet-normalised float32 images
   heads: the landmark heads (`heads.HEADS`, `model.head`) and their decoding
@@ -11,6 +14,7 @@ Public API:
 """
 
 from fgtbt_jax.models import heads
+from fgtbt_jax.models.compute import Compute, compute_options
 from fgtbt_jax.models.config import (COMPUTE_FIELDS, ENCODERS, VARIANTS, batch_dependent,
                                      model_config, validate_model_config)
 from fgtbt_jax.models.fgtbt import (
@@ -22,7 +26,7 @@ from fgtbt_jax.models.remat import (REMAT_POLICIES, recompute_in_backward, remat
                                     resolve_remat_policy)
 
 __all__ = [
-    "heads", "COMPUTE_FIELDS", "ENCODERS", "VARIANTS", "batch_dependent", "model_config",
+    "heads", "Compute", "compute_options", "COMPUTE_FIELDS", "ENCODERS", "VARIANTS", "batch_dependent", "model_config",
     "validate_model_config",
     "FGTBT", "IMAGENET_MEAN", "IMAGENET_STD", "abstract_variables", "build_encoder",
     "build_model", "normalize_images", "parameter_count",

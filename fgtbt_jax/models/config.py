@@ -18,6 +18,7 @@ from fgtbt_jax.models.decoder import FUSIONS
 from fgtbt_jax.models.fgsa import FGSA_COMPAT, FREQUENCY_EXTRACTORS
 from fgtbt_jax.models.heads import HEADS
 from fgtbt_jax.models.layers import POINTWISE_IMPLEMENTATIONS
+from fgtbt_jax.models.compute import COMPUTE_FIELDS  # noqa: F401  (re-exported)
 from fgtbt_jax.models.remat import REMAT_POLICIES
 from fgtbt_jax.models.mit import (ATTENTION_IMPLEMENTATIONS, DEPTHWISE_IMPLEMENTATIONS,
                                   PATCH_EMBEDDINGS)
@@ -186,10 +187,6 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
   return config
 
 
-# Fields that choose how the network is computed, not what it computes (each
-# form tested equal): a run may change them between resumes.
-COMPUTE_FIELDS = ("dtype", "remat", "remat_policy", "attention_impl", "depthwise_impl",
-                  "pointwise_impl", "decoder_fusion")
 
 
 def batch_dependent(config: ml_collections.ConfigDict) -> bool:

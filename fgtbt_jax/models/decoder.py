@@ -11,6 +11,7 @@ import numpy as np
 
 from fgtbt_jax.models import heads as heads_lib
 from fgtbt_jax.models import layers
+from fgtbt_jax.models.compute import Compute
 
 Dtype = Any
 
@@ -61,26 +62,25 @@ class ConvBlock(nn.Module):
   BN-ReLU-1x1(features / 2)-BN-ReLU-3x3(features / 2)-BN-ReLU-1x1(features),
   plus a BN-ReLU-1x1(features) shortcut when the width changes. Convolutions
   have no bias (each feeds a BatchNorm or the residual sum).
-  `batch_norm_unbiased_variance` and `pointwise_impl` as in `DecoderHead`.
+  `batch_norm_unbiased_variance` and `compute` as in `DecoderHead`.
   """
 
   features: int
   batch_norm_unbiased_variance: bool = False
-  pointwise_impl: str = "conv"
-  dtype: Dtype = jnp.float32
+  compute: Compute = Compute()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     hidden = self.features // 2
 
     def bn_relu(y, name):
-      y = layers.batch_norm(dtype=self.dtype, unbiased_variance=self.batch_norm_unbiased_variance,
+      y = layers.batch_norm(dtype=self.compute.dtype, unbiased_variance=self.batch_norm_unbiased_variance,
                             name=name)(y, use_running_average=not train)
       return nn.relu(y)
 
     def conv(y, features, k, name):
       return layers.conv(features, k, "decoder", padding=k // 2, use_bias=False,
-                         dtype=self.dtype, pointwise=self.pointwise_impl, name=name)(y)
+                         dtype=self.compute.dtype, pointwise=self.compute.pointwise, name=name)(y)
 
     y = conv(bn_relu(x, "norm1"), hidden, 1, "conv1")
     y = conv(bn_relu(y, "norm2"), hidden, 3, "conv2")
@@ -99,7 +99,8 @@ class DecoderHead(nn.Module):
   1x1 conv -> ConvBlock -> ConvTranspose(4, stride 2, padding 1) ->
   3x3 conv (no bias) -> num_points channels.
 
-  The fusion is computed in its composed form by default (`fusion`): the
+  The fusion is computed in its composed form by default
+  (`compute.decoder_fusion`): the
   per-stage linears, the bilinear resize and the fusion 1x1 conv are all
   linear, so
 
@@ -122,16 +123,16 @@ class DecoderHead(nn.Module):
     dropout: dropout rate after the fusion (0.1).
     batch_norm_unbiased_variance: BatchNorms update their running variance
       with the unbiased batch variance (PyTorch).
-    fusion: "composed" (default) or "concat" (`FUSIONS`), see above.
     head: the landmark head on the upsampled features, a name of
       `heads.HEADS` ("heatmap", the FGTBT head, by default). The call
       returns the head's named outputs ({"heatmaps": ...} for "heatmap").
     hih_decimal_size, hih_channels: the "hih" head's d and width.
     recurrent_steps, recurrent_channels, recurrent_kernel: the "recurrent"
       head's K, width and wide-kernel size.
-    pointwise_impl: how the 1x1 convolutions are computed
-      (`layers.POINTWISE_IMPLEMENTATIONS`: "conv", or "dot", a matmul).
-    dtype: compute dtype.
+    compute: how to compute (`compute.Compute`): dtype, the fusion form
+      ("composed", the default, or "concat", `FUSIONS`; see above), the 1x1
+      convolutions (`layers.POINTWISE_IMPLEMENTATIONS`: "conv", or "dot", a
+      matmul).
   """
 
   decoder_dim: int = 768
@@ -140,28 +141,26 @@ class DecoderHead(nn.Module):
   num_points: int = 124
   dropout: float = 0.1
   batch_norm_unbiased_variance: bool = False
-  fusion: str = "composed"
   head: str = "heatmap"
   hih_decimal_size: int = 8
   hih_channels: int = 64
   recurrent_steps: int = 2
   recurrent_channels: int = 32
   recurrent_kernel: int = 7
-  pointwise_impl: str = "conv"
-  dtype: Dtype = jnp.float32
+  compute: Compute = Compute()
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array], train: bool) -> dict[str, Any]:
-    if self.fusion not in FUSIONS:
-      raise ValueError(f"unknown decoder fusion {self.fusion!r}; expected one of {FUSIONS}")
+    if self.compute.decoder_fusion not in FUSIONS:
+      raise ValueError(f"unknown decoder fusion {self.compute.decoder_fusion!r}; expected one of {FUSIONS}")
     heads_lib.get_head(self.head)
     _, h, w, _ = features[0].shape
     stages = list(reversed(range(len(features))))  # Concatenation order: stage 4 first.
-    embeds = {i: layers.dense(self.decoder_dim, "embed", "decoder", dtype=self.dtype,
+    embeds = {i: layers.dense(self.decoder_dim, "embed", "decoder", dtype=self.compute.dtype,
                               name=f"embed_{i}") for i in stages}
-    fuse = layers.conv(self.decoder_dim, 1, "decoder", use_bias=False, dtype=self.dtype,
-                       pointwise=self.pointwise_impl, name="fuse")
-    if self.fusion == "concat":
+    fuse = layers.conv(self.decoder_dim, 1, "decoder", use_bias=False, dtype=self.compute.dtype,
+                       pointwise=self.compute.pointwise, name="fuse")
+    if self.compute.decoder_fusion == "concat":
       embedded = []
       for i in stages:
         y = embeds[i](features[i])
@@ -171,33 +170,33 @@ class DecoderHead(nn.Module):
       y = fuse(jnp.concatenate(embedded, axis=-1))
     else:
       y = self._composed(features, stages, embeds, fuse, h, w)
-    y = layers.batch_norm(dtype=self.dtype, unbiased_variance=self.batch_norm_unbiased_variance,
+    y = layers.batch_norm(dtype=self.compute.dtype, unbiased_variance=self.batch_norm_unbiased_variance,
                           name="fuse_norm")(y, use_running_average=not train)
     y = nn.relu(y)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = layers.conv(self.head_channels, 1, "decoder", dtype=self.dtype,
-                    pointwise=self.pointwise_impl, name="project")(y)
+    y = layers.conv(self.head_channels, 1, "decoder", dtype=self.compute.dtype,
+                    pointwise=self.compute.pointwise, name="project")(y)
     y = nn.with_logical_constraint(y, ("batch", "height", "width", "decoder"))
     y = ConvBlock(self.upsample_channels,
                   batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
-                  pointwise_impl=self.pointwise_impl, dtype=self.dtype,
+                  compute=self.compute,
                   name="conv_block")(y, train)
-    y = layers.conv_transpose(self.upsample_channels, 4, 2, 1, "decoder", dtype=self.dtype,
+    y = layers.conv_transpose(self.upsample_channels, 4, 2, 1, "decoder", dtype=self.compute.dtype,
                               name="upsample")(y)
     heatmaps = layers.conv(self.num_points, 3, "heatmaps", padding=1, use_bias=False,
-                           dtype=self.dtype, name="heatmap")(y)
+                           dtype=self.compute.dtype, name="heatmap")(y)
     if self.head == "hih":
       decimal = heads_lib.DecimalHead(
           decimal_size=self.hih_decimal_size, channels=self.hih_channels,
           num_points=self.num_points,
           batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
-          pointwise_impl=self.pointwise_impl, dtype=self.dtype,
+          compute=self.compute,
           name="decimal_head")(y, heatmaps, train)
       return {"heatmaps": heatmaps, "decimal": decimal}
     if self.head == "recurrent":
       step = heads_lib.RefinementStep(
           channels=self.recurrent_channels, kernel_size=self.recurrent_kernel,
-          num_points=self.num_points, pointwise_impl=self.pointwise_impl, dtype=self.dtype,
+          num_points=self.num_points, compute=self.compute,
           name="refine")
       maps = heads_lib.refine(step, y, heatmaps, self.recurrent_steps)
       return {"heatmaps": maps[-1], "step_heatmaps": maps}
@@ -207,17 +206,17 @@ class DecoderHead(nn.Module):
     """The fusion as sum_i resize(c_i @ (E_i F_i)) + sum_i b_i F_i (see the class doc)."""
     d = self.decoder_dim
     # The concatenated form's parameter tree, applied the composed way.
-    fuse_kernel = layers.bound_params(fuse, (0, 1, 1, len(stages) * d), self.dtype)["kernel"]
+    fuse_kernel = layers.bound_params(fuse, (0, 1, 1, len(stages) * d), self.compute.dtype)["kernel"]
     fuse_kernel = fuse_kernel.reshape(len(stages) * d, d)
     total, bias = None, jnp.zeros((d,), jnp.float32)
     for block, i in enumerate(stages):
-      params = layers.bound_params(embeds[i], (0, features[i].shape[-1]), self.dtype)
+      params = layers.bound_params(embeds[i], (0, features[i].shape[-1]), self.compute.dtype)
       rows = fuse_kernel[block * d:(block + 1) * d]  # (d, d): F_i
       with jax.named_scope(WEIGHT_SCOPE):
-        composed = (params["kernel"] @ rows).astype(self.dtype)  # (C_i, d): E_i F_i
+        composed = (params["kernel"] @ rows).astype(self.compute.dtype)  # (C_i, d): E_i F_i
         bias = bias + params["bias"] @ rows
-      y = jnp.einsum("bhwc,cd->bhwd", features[i].astype(self.dtype), composed)
+      y = jnp.einsum("bhwc,cd->bhwd", features[i].astype(self.compute.dtype), composed)
       if y.shape[1:3] != (h, w):
         y = resize_bilinear(y, h, w)
       total = y if total is None else total + y
-    return total + bias.astype(self.dtype)
+    return total + bias.astype(self.compute.dtype)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgtbt_jax.models.compute import Compute
 from fgtbt_jax.models.fgsa import FGSAStage
 from fgtbt_jax.models.layers import layer_norm
 from fgtbt_jax.models.mit import Block, OverlapPatchEmbed
@@ -41,15 +42,11 @@ class EncoderStage(nn.Module):
       with the unbiased batch variance (PyTorch).
     norm_epsilon: block and stage LayerNorm epsilon.
     embed_norm_epsilon: patch-embedding and spatial-reduction LayerNorm epsilon.
-    remat: recompute each block's activations in the backward pass
-      (`remat.recompute_in_backward`).
-    remat_embed: recompute the patch embedding, the stage's final LayerNorm
-      and FGSA's Refine and injections likewise (with `remat`, the
-      "segments" policy).
-    attention_impl: attention core (see `mit.attention_core`).
-    depthwise_impl: the Mix-FFN depthwise convolution (see `mit.MixFFN`).
-    pointwise_impl: the 1x1 convolutions of the conv stems (`layers.conv`).
-    dtype: compute dtype.
+    compute: how to compute (`compute.Compute`): dtype, the attention,
+      depthwise and 1x1 convolution forms; `remat_blocks` recomputes each
+      block's activations in the backward pass
+      (`remat.recompute_in_backward`), `remat_segments` the patch embedding,
+      the stage's final LayerNorm and FGSA's Refine and injections likewise.
   """
 
   dim: int
@@ -66,12 +63,7 @@ class EncoderStage(nn.Module):
   batch_norm_unbiased_variance: bool = False
   norm_epsilon: float = 1e-6
   embed_norm_epsilon: float = 1e-5
-  remat: bool = False
-  remat_embed: bool = False
-  attention_impl: str = "xla"
-  depthwise_impl: str = "auto"
-  pointwise_impl: str = "conv"
-  dtype: Dtype = jnp.float32
+  compute: Compute = Compute()
 
   @nn.compact
   def __call__(self, x: jax.Array, structure: jax.Array | None,
@@ -80,33 +72,31 @@ class EncoderStage(nn.Module):
 
     Also returns the next structure map (None when FGSA is off).
     """
-    tokens, grid = recompute_module(OverlapPatchEmbed, static_argnums=(2,),
-                                    enabled=self.remat_embed)(
+    segments = self.compute.remat_segments
+    tokens, grid = recompute_module(OverlapPatchEmbed, static_argnums=(2,), enabled=segments)(
         self.dim, self.patch_size, self.stride, kind=self.patch_embed,
         norm_epsilon=self.embed_norm_epsilon,
         batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
-        pointwise_impl=self.pointwise_impl, dtype=self.dtype, name="patch_embed")(x, train)
+        compute=self.compute, name="patch_embed")(x, train)
     if self.fgsa:
       fgsa = FGSAStage(
           self.dim, self.depth, self.patch_size, self.stride, patch_embed=self.patch_embed,
           reduction=self.fgsa_reduction, embed_norm_epsilon=self.embed_norm_epsilon,
           compat=self.fgsa_compat,
           batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
-          recompute=self.remat_embed, pointwise_impl=self.pointwise_impl, dtype=self.dtype,
-          name="fgsa")
+          compute=self.compute, name="fgsa")
       prompt, structure = fgsa.prompt(tokens, structure, train)
-    block_cls = recompute_module(Block, static_argnums=(2,), enabled=self.remat)
+    block_cls = recompute_module(Block, static_argnums=(2,), enabled=self.compute.remat_blocks)
     for j in range(self.depth):
       if self.fgsa:
         tokens = fgsa.inject(tokens, prompt, j, train)
       tokens = block_cls(
           self.dim, self.num_heads, self.sr_ratio, grid,
           drop_path=self.drop_path_rates[j], norm_epsilon=self.norm_epsilon,
-          sr_norm_epsilon=self.embed_norm_epsilon, attention_impl=self.attention_impl,
-          depthwise_impl=self.depthwise_impl, dtype=self.dtype,
+          sr_norm_epsilon=self.embed_norm_epsilon, compute=self.compute,
           name=f"block_{j}")(tokens, train)
-    tokens = layer_norm(self.norm_epsilon, dtype=self.dtype, name="norm",
-                        recompute=self.remat_embed)(tokens)
+    tokens = layer_norm(self.norm_epsilon, dtype=self.compute.dtype, name="norm",
+                        recompute=segments)(tokens)
     b = tokens.shape[0]
     out = tokens.reshape(b, *grid, self.dim)
     out = nn.with_logical_constraint(out, ("batch", "height", "width", "embed"))
@@ -137,12 +127,7 @@ class MixTransformer(nn.Module):
   drop_path_rate: float = 0.1
   norm_epsilon: float = 1e-6
   embed_norm_epsilon: float = 1e-5
-  remat: bool = False
-  remat_embed: bool = False
-  attention_impl: str = "xla"
-  depthwise_impl: str = "auto"
-  pointwise_impl: str = "conv"
-  dtype: Dtype = jnp.float32
+  compute: Compute = Compute()
 
   @nn.compact
   def __call__(self, images: jax.Array, structure: jax.Array | None = None,
@@ -157,9 +142,9 @@ class MixTransformer(nn.Module):
     if self.fgsa != (structure is not None):
       raise ValueError("MixTransformer: pass a structure image exactly when fgsa is on")
     rates = drop_path_rates(self.depths, self.drop_path_rate)
-    x = images.astype(self.dtype)
+    x = images.astype(self.compute.dtype)
     if structure is not None:
-      structure = structure.astype(self.dtype)
+      structure = structure.astype(self.compute.dtype)
     outputs = []
     for i, depth in enumerate(self.depths):
       x, structure = EncoderStage(
@@ -169,8 +154,6 @@ class MixTransformer(nn.Module):
           fgsa_compat=self.fgsa_compat,
           batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
           norm_epsilon=self.norm_epsilon, embed_norm_epsilon=self.embed_norm_epsilon,
-          remat=self.remat, remat_embed=self.remat_embed, attention_impl=self.attention_impl,
-          depthwise_impl=self.depthwise_impl, pointwise_impl=self.pointwise_impl,
-          dtype=self.dtype, name=f"stage_{i}")(x, structure, train)
+          compute=self.compute, name=f"stage_{i}")(x, structure, train)
       outputs.append(x)
     return tuple(outputs)

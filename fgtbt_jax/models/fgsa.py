@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgtbt_jax.models import layers
+from fgtbt_jax.models.compute import Compute
 from fgtbt_jax.models.mit import OverlapPatchEmbed
 from fgtbt_jax.models.remat import recompute_module
 
@@ -172,22 +173,23 @@ class ChannelAttention(nn.Module):
     reduction: bottleneck width divisor (16).
     use_bias: biases in both MLP layers.
     pool_batch: pool over the batch too.
-    dtype: compute dtype.
+    compute: how to compute (`compute.Compute`: its dtype).
   """
 
   reduction: int = 16
   use_bias: bool = False
   pool_batch: bool = False
-  dtype: Dtype = jnp.float32
+  compute: Compute = Compute()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Rescales the channels of (B, N, D) tokens."""
     channels = x.shape[-1]
     hidden = max(1, channels // self.reduction)
-    squeeze = layers.dense(hidden, "fused", "prompt", use_bias=self.use_bias, dtype=self.dtype,
+    dtype = self.compute.dtype
+    squeeze = layers.dense(hidden, "fused", "prompt", use_bias=self.use_bias, dtype=dtype,
                            name="squeeze")
-    excite = layers.dense(channels, "prompt", "fused", use_bias=self.use_bias, dtype=self.dtype,
+    excite = layers.dense(channels, "prompt", "fused", use_bias=self.use_bias, dtype=dtype,
                           name="excite")
     mlp = lambda d: excite(nn.relu(squeeze(d)))
     axes = (0, 1) if self.pool_batch else 1
@@ -225,11 +227,10 @@ class FGSAStage(nn.Module):
     compat: "paper" or "authors" (see above and `FGSA_COMPAT`).
     batch_norm_unbiased_variance: BatchNorms update their running variance
       with the unbiased batch variance (PyTorch).
-    recompute: Refine and each injection keep only their inputs and run again
-      in the backward pass (`remat.recompute_in_backward`; the "segments"
-      policy).
-    pointwise_impl: the 1x1 convolutions of Refine's conv stem (`layers.conv`).
-    dtype: compute dtype.
+    compute: how to compute (`compute.Compute`): dtype, the 1x1 convolutions
+      of Refine's conv stem; with `remat_segments` Refine and each injection
+      keep only their inputs and run again in the backward pass
+      (`remat.recompute_in_backward`; the "segments" policy).
   """
 
   dim: int
@@ -242,9 +243,7 @@ class FGSAStage(nn.Module):
   embed_norm_epsilon: float = 1e-5
   compat: str = "paper"
   batch_norm_unbiased_variance: bool = False
-  recompute: bool = False
-  pointwise_impl: str = "conv"
-  dtype: Dtype = jnp.float32
+  compute: Compute = Compute()
 
   def setup(self):
     if self.compat not in FGSA_COMPAT:
@@ -252,21 +251,20 @@ class FGSAStage(nn.Module):
     authors = self.compat == "authors"
     narrow = self.dim // self.reduction
     fused = self.dim + 2 * narrow
+    dtype = self.compute.dtype
     self.refine = recompute_module(OverlapPatchEmbed, static_argnums=(2,),
-                                   enabled=self.recompute)(
+                                   enabled=self.compute.remat_segments)(
         narrow, self.patch_size, self.stride, kind=self.patch_embed,
         norm_epsilon=self.embed_norm_epsilon, axis="prompt",
-        batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
-        pointwise_impl=self.pointwise_impl, dtype=self.dtype)
-    self.image_proj = layers.dense(narrow, "embed", "prompt", dtype=self.dtype)
+        batch_norm_unbiased_variance=self.batch_norm_unbiased_variance, compute=self.compute)
+    self.image_proj = layers.dense(narrow, "embed", "prompt", dtype=dtype)
     self.channel_attention = ChannelAttention(
-        self.attention_reduction, use_bias=authors, pool_batch=authors, dtype=self.dtype)
-    self.norm = layers.batch_norm(dtype=self.dtype,
-                                  unbiased_variance=self.batch_norm_unbiased_variance)
-    self.conv = layers.dense(fused, "conv_in", "fused", dtype=self.dtype)
-    self.reduce = [layers.dense(narrow, "fused", "prompt", dtype=self.dtype)
+        self.attention_reduction, use_bias=authors, pool_batch=authors, compute=self.compute)
+    self.norm = layers.batch_norm(dtype=dtype, unbiased_variance=self.batch_norm_unbiased_variance)
+    self.conv = layers.dense(fused, "conv_in", "fused", dtype=dtype)
+    self.reduce = [layers.dense(narrow, "fused", "prompt", dtype=dtype)
                    for _ in range(self.depth)]
-    self.expand = layers.dense(self.dim, "prompt", "embed", dtype=self.dtype)
+    self.expand = layers.dense(self.dim, "prompt", "embed", dtype=dtype)
 
   def prompt(self, tokens: jax.Array, structure: jax.Array,
              train: bool) -> tuple[jax.Array, jax.Array]:
@@ -298,7 +296,7 @@ class FGSAStage(nn.Module):
 
   def inject(self, x: jax.Array, prompt: jax.Array, block: int, train: bool) -> jax.Array:
     """x + FGSA(x, prompt) before block `block` of the stage."""
-    if self.recompute:
+    if self.compute.remat_segments:
       return _recomputed_inject(self, x, prompt, block, train)
     return self._inject(x, prompt, block, train)
 

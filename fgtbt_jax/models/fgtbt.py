@@ -25,11 +25,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fgtbt_jax.models.compute import compute_options
 from fgtbt_jax.models.config import ENCODERS, validate_model_config
 from fgtbt_jax.models.decoder import DecoderHead
 from fgtbt_jax.models.encoder import MixTransformer
 from fgtbt_jax.models.fgsa import high_frequency_image
-from fgtbt_jax.models.remat import recompute_module, resolve_remat_policy
+from fgtbt_jax.models.remat import recompute_module
 
 Dtype = Any
 
@@ -96,10 +97,6 @@ class FGTBT(nn.Module):
     return jax.tree.map(lambda x: x.astype(jnp.float32), outputs)
 
 
-def _dtype(name: str) -> Dtype:
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
 def build_encoder(config: ml_collections.ConfigDict) -> MixTransformer:
   """The encoder of `build_model(config)` as a standalone module.
 
@@ -108,7 +105,6 @@ def build_encoder(config: ml_collections.ConfigDict) -> MixTransformer:
   """
   validate_model_config(config)
   spec = ENCODERS[config.encoder]
-  segments = resolve_remat_policy(config.remat_policy) == "segments"
   return MixTransformer(
       dims=spec.dims, depths=spec.depths, num_heads=spec.num_heads,
       sr_ratios=spec.sr_ratios, patch_sizes=spec.patch_sizes, strides=spec.strides,
@@ -117,27 +113,22 @@ def build_encoder(config: ml_collections.ConfigDict) -> MixTransformer:
       batch_norm_unbiased_variance=config.batch_norm_unbiased_variance,
       drop_path_rate=config.drop_path_rate,
       norm_epsilon=config.norm_epsilon, embed_norm_epsilon=config.embed_norm_epsilon,
-      remat=config.remat or segments, remat_embed=segments,
-      attention_impl=config.attention_impl,
-      depthwise_impl=config.depthwise_impl, pointwise_impl=config.pointwise_impl,
-      dtype=_dtype(config.dtype), parent=None)
+      compute=compute_options(config), parent=None)
 
 
 def build_model(config: ml_collections.ConfigDict) -> FGTBT:
   """The FGTBT network described by a `model_config(...)` ConfigDict."""
   encoder = build_encoder(config)
-  segments = resolve_remat_policy(config.remat_policy) == "segments"
-  decoder = recompute_module(DecoderHead, static_argnums=(2,), enabled=segments)(
+  compute = compute_options(config)
+  decoder = recompute_module(DecoderHead, static_argnums=(2,), enabled=compute.remat_segments)(
       decoder_dim=config.decoder_dim, head_channels=config.head_channels,
       upsample_channels=config.upsample_channels, num_points=config.num_points,
       dropout=config.head_dropout,
       batch_norm_unbiased_variance=config.batch_norm_unbiased_variance,
-      fusion=config.decoder_fusion, head=config.head,
+      head=config.head,
       hih_decimal_size=config.hih_decimal_size, hih_channels=config.hih_channels,
       recurrent_steps=config.recurrent_steps, recurrent_channels=config.recurrent_channels,
-      recurrent_kernel=config.recurrent_kernel,
-      pointwise_impl=config.pointwise_impl, dtype=_dtype(config.dtype),
-      parent=None)
+      recurrent_kernel=config.recurrent_kernel, compute=compute, parent=None)
   return FGTBT(encoder=encoder, decoder=decoder,
                frequency_extractor=config.frequency_extractor,
                frequency_sigma=float(config.frequency_sigma))

@@ -32,6 +32,7 @@ import numpy as np
 
 from fgtbt_jax import heatmaps as heatmaps_lib
 from fgtbt_jax.models import layers
+from fgtbt_jax.models.compute import Compute
 
 Dtype = Any
 # Name scope of the decimal branch's area pooling: interpolation, like the
@@ -114,28 +115,26 @@ class DecimalHead(nn.Module):
     channels: width of the branch.
     num_points: landmarks.
     batch_norm_unbiased_variance: as in `decoder.DecoderHead`.
-    pointwise_impl: the 1x1 convolutions (`layers.conv`).
-    dtype: compute dtype.
+    compute: how to compute (`compute.Compute`: dtype, the 1x1 convolutions).
   """
 
   decimal_size: int = 8
   channels: int = 64
   num_points: int = 124
   batch_norm_unbiased_variance: bool = False
-  pointwise_impl: str = "conv"
-  dtype: Dtype = jnp.float32
+  compute: Compute = Compute()
 
   @nn.compact
   def __call__(self, features: jax.Array, heatmaps: jax.Array, train: bool) -> jax.Array:
     def conv(y, features, k, name, use_bias=False, axis="decoder"):
       return layers.conv(features, k, axis, padding=k // 2, use_bias=use_bias,
-                         dtype=self.dtype, pointwise=self.pointwise_impl, name=name)(y)
+                         dtype=self.compute.dtype, pointwise=self.compute.pointwise, name=name)(y)
 
     def norm(y, name):
-      return layers.batch_norm(dtype=self.dtype, unbiased_variance=self.batch_norm_unbiased_variance,
+      return layers.batch_norm(dtype=self.compute.dtype, unbiased_variance=self.batch_norm_unbiased_variance,
                                name=name)(y, use_running_average=not train)
 
-    x = jnp.concatenate([features.astype(self.dtype), heatmaps.astype(self.dtype)], axis=-1)
+    x = jnp.concatenate([features.astype(self.compute.dtype), heatmaps.astype(self.compute.dtype)], axis=-1)
     x = nn.relu(norm(conv(x, self.channels, 1, "reduce"), "reduce_norm"))
     x = area_pool(x, self.decimal_size)
     y = nn.relu(norm(conv(x, self.channels, 3, "block_conv1"), "block_norm1"))
@@ -165,29 +164,27 @@ class RefinementStep(nn.Module):
     channels: width of the step.
     kernel_size: the wide convolution's k.
     num_points: landmarks.
-    pointwise_impl: the 1x1 convolutions (`layers.conv`).
-    dtype: compute dtype.
+    compute: how to compute (`compute.Compute`: dtype, the 1x1 convolutions).
   """
 
   channels: int = 32
   kernel_size: int = 7
   num_points: int = 124
-  pointwise_impl: str = "conv"
-  dtype: Dtype = jnp.float32
+  compute: Compute = Compute()
 
   @nn.compact
   def __call__(self, features: jax.Array, heatmaps: jax.Array) -> jax.Array:
     def conv(y, features, k, name, axis="decoder"):
-      return layers.conv(features, k, axis, padding=k // 2, dtype=self.dtype,
-                         pointwise=self.pointwise_impl, name=name)(y)
+      return layers.conv(features, k, axis, padding=k // 2, dtype=self.compute.dtype,
+                         pointwise=self.compute.pointwise, name=name)(y)
 
-    x = jnp.concatenate([features.astype(self.dtype), heatmaps.astype(self.dtype)], axis=-1)
+    x = jnp.concatenate([features.astype(self.compute.dtype), heatmaps.astype(self.compute.dtype)], axis=-1)
     x = nn.relu(conv(x, self.channels, 1, "reduce"))
     x = nn.relu(conv(x, self.channels, self.kernel_size, "wide"))
     x = nn.relu(conv(x, 2 * self.channels, 1, "expand"))
-    correction = layers.conv(self.num_points, 1, "heatmaps", dtype=self.dtype, zero_init=True,
-                             pointwise=self.pointwise_impl, name="heatmap")(x)
-    return heatmaps.astype(self.dtype) + correction
+    correction = layers.conv(self.num_points, 1, "heatmaps", dtype=self.compute.dtype, zero_init=True,
+                             pointwise=self.compute.pointwise, name="heatmap")(x)
+    return heatmaps.astype(self.compute.dtype) + correction
 
 
 def refine(step: RefinementStep, features: jax.Array, heatmaps: jax.Array,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from fgtbt_jax.models import layers
+from fgtbt_jax.models.compute import Compute
 from fgtbt_jax.models.partitioning import target_platform
 
 Dtype = Any
@@ -72,8 +73,7 @@ class OverlapPatchEmbed(nn.Module):
       FGSA structure branch).
     batch_norm_unbiased_variance: conv-stem BatchNorms update their running
       variance with the unbiased batch variance (PyTorch).
-    pointwise_impl: the conv stem's 1x1 convolutions (`layers.conv`).
-    dtype: compute dtype.
+    compute: how to compute (`compute.Compute`: dtype, the 1x1 convolutions).
   """
 
   features: int
@@ -83,35 +83,33 @@ class OverlapPatchEmbed(nn.Module):
   norm_epsilon: float = 1e-5
   axis: str = "embed"
   batch_norm_unbiased_variance: bool = False
-  pointwise_impl: str = "conv"
-  dtype: Dtype = jnp.float32
+  compute: Compute = Compute()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, tuple[int, int]]:
     """Maps (B, H, W, C_in) to tokens (B, h * w, features) and the grid (h, w)."""
     c, k, s = self.features, self.patch_size, self.stride
+    dtype, pointwise = self.compute.dtype, self.compute.pointwise
     if self.kind == "plain":
-      x = layers.conv(c, k, self.axis, strides=s, padding=k // 2, dtype=self.dtype,
-                      name="proj")(x)
+      x = layers.conv(c, k, self.axis, strides=s, padding=k // 2, dtype=dtype, name="proj")(x)
     elif self.kind == "conv_stem":
       def bn_relu(y, name):
-        y = layers.batch_norm(dtype=self.dtype, unbiased_variance=self.batch_norm_unbiased_variance,
+        y = layers.batch_norm(dtype=dtype, unbiased_variance=self.batch_norm_unbiased_variance,
                               name=name)(y, use_running_average=not train)
         return nn.relu(y)
       x = bn_relu(x, "norm_in")
-      x = layers.conv(c, 1, self.axis, use_bias=False, dtype=self.dtype,
-                      pointwise=self.pointwise_impl, name="conv_in")(x)
+      x = layers.conv(c, 1, self.axis, use_bias=False, dtype=dtype, pointwise=pointwise,
+                      name="conv_in")(x)
       x = bn_relu(x, "norm_mid")
-      x = layers.conv(c, k, self.axis, strides=s, padding=k // 2, dtype=self.dtype,
-                      name="proj")(x)
+      x = layers.conv(c, k, self.axis, strides=s, padding=k // 2, dtype=dtype, name="proj")(x)
       x = bn_relu(x, "norm_out")
-      x = layers.conv(c, 1, self.axis, use_bias=False, dtype=self.dtype,
-                      pointwise=self.pointwise_impl, name="conv_out")(x)
+      x = layers.conv(c, 1, self.axis, use_bias=False, dtype=dtype, pointwise=pointwise,
+                      name="conv_out")(x)
     else:
       raise ValueError(f"unknown patch_embed {self.kind!r}; expected one of {PATCH_EMBEDDINGS}")
     b, h, w, _ = x.shape
     tokens = x.reshape(b, h * w, c)
-    tokens = layers.layer_norm(self.norm_epsilon, dtype=self.dtype, name="norm")(tokens)
+    tokens = layers.layer_norm(self.norm_epsilon, dtype=dtype, name="norm")(tokens)
     return tokens, (h, w)
 
 
@@ -129,8 +127,8 @@ class EfficientSelfAttention(nn.Module):
     sr_ratio: spatial reduction ratio.
     grid: (h, w) of the tokens.
     sr_norm_epsilon: epsilon of the reduction LayerNorm (1e-5 in MiT).
-    implementation: attention core, see `attention_core`.
-    dtype: compute dtype.
+    compute: how to compute (`compute.Compute`: dtype, the attention core of
+      `attention_core`).
   """
 
   dim: int
@@ -138,8 +136,7 @@ class EfficientSelfAttention(nn.Module):
   sr_ratio: int
   grid: tuple[int, int]
   sr_norm_epsilon: float = 1e-5
-  implementation: str = "xla"
-  dtype: Dtype = jnp.float32
+  compute: Compute = Compute()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -147,22 +144,23 @@ class EfficientSelfAttention(nn.Module):
     if c % self.num_heads:
       raise ValueError(f"attention: {c} channels do not split into {self.num_heads} heads")
     head_dim = c // self.num_heads
-    q = layers.dense(c, "embed", "qkv", dtype=self.dtype, name="q")(x)
+    dtype = self.compute.dtype
+    q = layers.dense(c, "embed", "qkv", dtype=dtype, name="q")(x)
     source = x
     if self.sr_ratio > 1:
       h, w = self.grid
       m = x.reshape(b, h, w, c)
       m = layers.conv(c, self.sr_ratio, "embed", strides=self.sr_ratio, padding="VALID",
-                      dtype=self.dtype, name="sr")(m)
+                      dtype=dtype, name="sr")(m)
       source = m.reshape(b, -1, c)
-      source = layers.layer_norm(self.sr_norm_epsilon, dtype=self.dtype, name="sr_norm")(source)
-    kv = layers.dense(2 * c, "embed", "qkv", dtype=self.dtype, name="kv")(source)
+      source = layers.layer_norm(self.sr_norm_epsilon, dtype=dtype, name="sr_norm")(source)
+    kv = layers.dense(2 * c, "embed", "qkv", dtype=dtype, name="kv")(source)
     k, v = kv[..., :c], kv[..., c:]
     heads = lambda t: t.reshape(b, t.shape[1], self.num_heads, head_dim)
     with jax.named_scope(ATTENTION_SCOPE):
-      out = attention_core(heads(q), heads(k), heads(v), self.implementation)
+      out = attention_core(heads(q), heads(k), heads(v), self.compute.attention)
     out = out.reshape(b, n, c)
-    return layers.dense(c, "qkv", "embed", dtype=self.dtype, name="proj")(out)
+    return layers.dense(c, "qkv", "embed", dtype=dtype, name="proj")(out)
 
 
 def resolve_depthwise_impl(implementation: str, platform: str | None = None) -> str:
@@ -231,7 +229,7 @@ depthwise_conv3x3_shifts.defvjp(_shifts_forward, _shifts_backward)
 class MixFFN(nn.Module):
   """Linear(C, rC) -> depthwise 3x3 conv (bias) -> GELU (exact) -> Linear(rC, C).
 
-  `depthwise_impl`: "conv" (a grouped convolution), "shifts" (nine shifted
+  `compute.depthwise`: "conv" (a grouped convolution), "shifts" (nine shifted
   multiply-adds, `depthwise_conv3x3_shifts`: the same parameters and
   function, much faster on XLA:CPU) or "auto" (shifts on CPU, else conv).
   """
@@ -239,25 +237,24 @@ class MixFFN(nn.Module):
   dim: int
   grid: tuple[int, int]
   ratio: int = 4
-  depthwise_impl: str = "auto"
-  dtype: Dtype = jnp.float32
+  compute: Compute = Compute()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, n, _ = x.shape
     hidden = self.ratio * self.dim
-    x = layers.dense(hidden, "embed", "mlp", dtype=self.dtype, name="fc1")(x)
+    dtype = self.compute.dtype
+    x = layers.dense(hidden, "embed", "mlp", dtype=dtype, name="fc1")(x)
     m = x.reshape(b, *self.grid, hidden)
-    dwconv = layers.conv(hidden, 3, "mlp", padding=1, groups=hidden, dtype=self.dtype,
-                         name="dwconv")
-    if resolve_depthwise_impl(self.depthwise_impl) == "shifts":
-      params = layers.bound_params(dwconv, (0, 1, 1, hidden), self.dtype)
-      m = depthwise_conv3x3_shifts(m.astype(self.dtype), params["kernel"].astype(self.dtype),
-                                   params["bias"].astype(self.dtype))
+    dwconv = layers.conv(hidden, 3, "mlp", padding=1, groups=hidden, dtype=dtype, name="dwconv")
+    if resolve_depthwise_impl(self.compute.depthwise) == "shifts":
+      params = layers.bound_params(dwconv, (0, 1, 1, hidden), dtype)
+      m = depthwise_conv3x3_shifts(m.astype(dtype), params["kernel"].astype(dtype),
+                                   params["bias"].astype(dtype))
     else:
       m = dwconv(m)
     x = nn.gelu(m.reshape(b, n, hidden), approximate=False)
-    return layers.dense(self.dim, "mlp", "embed", dtype=self.dtype, name="fc2")(x)
+    return layers.dense(self.dim, "mlp", "embed", dtype=dtype, name="fc2")(x)
 
 
 class Block(nn.Module):
@@ -270,20 +267,17 @@ class Block(nn.Module):
   drop_path: float = 0.0
   norm_epsilon: float = 1e-6
   sr_norm_epsilon: float = 1e-5
-  attention_impl: str = "xla"
-  depthwise_impl: str = "auto"
-  dtype: Dtype = jnp.float32
+  compute: Compute = Compute()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = layers.layer_norm(self.norm_epsilon, dtype=self.dtype, name="norm1")(x)
+    dtype = self.compute.dtype
+    y = layers.layer_norm(self.norm_epsilon, dtype=dtype, name="norm1")(x)
     y = EfficientSelfAttention(
         self.dim, self.num_heads, self.sr_ratio, self.grid,
-        sr_norm_epsilon=self.sr_norm_epsilon, implementation=self.attention_impl,
-        dtype=self.dtype, name="attention")(y)
+        sr_norm_epsilon=self.sr_norm_epsilon, compute=self.compute, name="attention")(y)
     x = x + layers.DropPath(self.drop_path)(y, train)
-    y = layers.layer_norm(self.norm_epsilon, dtype=self.dtype, name="norm2")(x)
-    y = MixFFN(self.dim, self.grid, depthwise_impl=self.depthwise_impl, dtype=self.dtype,
-               name="mlp")(y)
+    y = layers.layer_norm(self.norm_epsilon, dtype=dtype, name="norm2")(x)
+    y = MixFFN(self.dim, self.grid, compute=self.compute, name="mlp")(y)
     x = x + layers.DropPath(self.drop_path)(y, train)
     return nn.with_logical_constraint(x, ("batch", "tokens", "embed"))
