@@ -2,7 +2,7 @@
 
     python -m fgtbt_jax.aot --config=configs/fgtbt_paper.py --topology=v5e:2x2 \\
         --config.model.dtype=bfloat16 [--config.data.samples_per_dataset=8] \\
-        [--num_slices=2] [--hbm_gib=16] [--nopredict] [--json=aot.json]
+        [--num_slices=2] [--hbm_gib=16] [--nopredict] [--json=aot.json] [--hlo_dir=DIR]
 
     python -m fgtbt_jax.aot --config=configs/tiny.py --topology=cpu:8
 
@@ -45,7 +45,14 @@ description has one device per TensorCore, two per chip):
 * roofline: step time = max(FLOPs / peak, bytes / HBM bandwidth), with the
   FLOPs utilisation (MFU, on the compiler's FLOP count) and images/s per chip
   that it implies. A bound, not a measurement: it takes compute and memory
-  traffic to overlap fully and leaves the collectives' time out.
+  traffic to overlap fully and leaves the collectives' time out;
+* traffic: the compiled program's memory traffic instruction by instruction
+  (`instruction_traffic`), split by memory space: on TPU the compiler's
+  "bytes accessed" also counts the on-chip vector memory that the
+  memory-space assignment prefetches values into, so the bytes that cross
+  to HBM are a fraction of it (about a fifth for the paper step,
+  benchmarks/README.md); the roofline on HBM bytes, and the network parts
+  that move the most (`module_of`: forward / backward, stage, block, layer).
 
 A program that does not fit ends the command with one line, "does not fit:
 needs X GiB of Y GiB per chip", the largest values of the compiled program
@@ -794,6 +801,8 @@ def define_flags(argv: Sequence[str]) -> flags.FlagValues:
       "none for cpu).", flag_values=values)
   flags.DEFINE_bool("predict", True, "Also compile the predict function.", flag_values=values)
   flags.DEFINE_string("json", None, "Write the figures to this JSON file.", flag_values=values)
+  flags.DEFINE_string("hlo_dir", None, "Write each compiled program's HLO text into this "
+                      "folder (<program>.hlo.txt).", flag_values=values)
   return values
 
 
@@ -816,7 +825,7 @@ def main(argv: Sequence[str], configure_host: bool = False) -> int:
       chip_name, shape = parse_topology(values.topology)
       _configure_host(int(shape) if chip_name == "cpu" else None)
     target = make_target(values.topology, values.num_slices, values.hbm_gib)
-    report = compile_report(values.config, target, values.predict)
+    report = compile_report(values.config, target, values.predict, values.hlo_dir)
   except ConfigError as error:
     print(f"fgtbt_jax.aot: {error}", file=sys.stderr)
     return 2

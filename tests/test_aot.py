@@ -43,7 +43,8 @@ def _run(argv):
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
   path = tmp_path_factory.mktemp("aot") / "tiny_cpu8.json"
-  status, out, err = _run([f"--config={TINY}", "--topology=cpu:8", f"--json={path}"])
+  status, out, err = _run([f"--config={TINY}", "--topology=cpu:8", f"--json={path}",
+                           f"--hlo_dir={path.parent / 'hlo'}"])
   return status, out, err, path
 
 
@@ -77,6 +78,11 @@ def test_cpu_topology_reports_memory_cost_and_collectives(cpu_run):
     assert traffic["on_chip_bytes"] == 0, name
     assert traffic["hbm_bytes"] == pytest.approx(program["cost"]["bytes_accessed"], rel=0.1), name
     assert traffic["top_instructions"][0]["hbm_bytes"] > 0, name
+  # --hlo_dir keeps the compiled programs' text, the traffic's source.
+  for name in ("train_step", "predict"):
+    text = (path.parent / "hlo" / f"{name}.hlo.txt").read_text()
+    assert text.startswith("HloModule")
+    assert aot.traffic_summary(text)["hbm_bytes"] == report["programs"][name]["traffic"]["hbm_bytes"]
   modules = {m["module"] for m in step["traffic"]["by_module"]}
   assert any(m.startswith("backward encoder/") for m in modules), modules
   assert any(m.startswith("forward ") for m in
