@@ -45,10 +45,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from fgtbt_jax import checkpointing
-from fgtbt_jax import detector
+from fgtbt_jax.deploy import detector
 from fgtbt_jax import errors
 from fgtbt_jax import evaluate
-from fgtbt_jax import predict_files
+from fgtbt_jax.deploy import predict_files
 from fgtbt_jax import rundir
 from fgtbt_jax import train
 

@@ -7,7 +7,7 @@
     python -m benchmarks.inference --config=configs/fgtbt_paper.py \\
         --dtype=bfloat16 --batch=1,128                 # the paper network at 480
 
-Times the jitted function that `fgtbt_jax.predictor.Predictor` runs on
+Times the jitted function that `fgtbt_jax.deploy.predictor.Predictor` runs on
 network crops (`Predictor.inference_fn`: normalisation, the model in eval
 mode, with the flip test the mirrored crops in the same batch and the merged
 heatmaps, decoding to crop pixels) on random weights and random uint8 crops
@@ -38,10 +38,10 @@ from ml_collections import config_flags
 
 from benchmarks import common
 from data_pipelines import synthetic
-from fgtbt_jax import detector as detector_lib
+from fgtbt_jax.deploy import detector as detector_lib
 from fgtbt_jax import inference as inference_lib
 from fgtbt_jax import models
-from fgtbt_jax import predictor as predictor_lib
+from fgtbt_jax.deploy import predictor as predictor_lib
 from fgtbt_jax.models import cost
 
 FLAGS = flags.FlagValues()

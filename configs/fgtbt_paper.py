@@ -133,7 +133,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.lowres_sides = (16, 32, 64, 128)  # face box sides of the lowres study, px
   config.eval.study_max_batches = 0  # test batches per dataset and study pass; 0 = all
 
-  # `run.py predict` (and `python -m fgtbt_jax.export`): read from the run's
+  # `run.py predict` (and `python -m fgtbt_jax.deploy.export`): read from the run's
   # config.json, overridden from the command line, e.g.
   # `run.py predict --workdir=W --image=x.jpg --config.predict.max_faces=1`.
   # Decoding (decoder, flip test, smoothing) is the run's eval section's.
@@ -141,7 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.predict.dataset = ""          # whose best checkpoint; "" = data.datasets[0]
   config.predict.detector = "auto"     # auto (dlib, else Haar) | dlib_hog | haar_cascade
   # The detector's box calibration: real (photographs) | synthetic (the
-  # project's rendered faces) | "scale,shift_x,shift_y" (python -m fgtbt_jax.calibrate).
+  # project's rendered faces) | "scale,shift_x,shift_y" (python -m fgtbt_jax.deploy.calibrate).
   config.predict.box_adjustment = "real"
   config.predict.max_faces = 0         # the largest detected faces per image or frame; 0 = all
   # Faces whose mean point confidence is below this are flagged low_quality

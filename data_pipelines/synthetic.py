@@ -23,7 +23,7 @@ readers (`data_pipelines.readers`) read them end to end:
 
 `calibration_faces(num_faces, image_size, seed)` yields clean faces with their
 124 landmarks, e.g. to fit a face detector's box adjustment
-(`fgtbt_jax.detector.calibrate_box_adjustment`).
+(`fgtbt_jax.deploy.detector.calibrate_box_adjustment`).
 
 The facial part of each point (which contour it is drawn on) comes from
 `landmarks.FACE_PARTS`.

@@ -10,7 +10,7 @@ function that turns the passes' per-dataset NMEs into the report's table:
 * "quantization": the NME that each decoder the model's head supports
   (`models.heads.HEADS`: argmax / quarter / subpixel, and hih / hih_subpixel
   for the HIH head) gives on the test data, beside the decoding error of ideal
-  (target) heatmaps of random mean faces (`quantization.decoding_error`):
+  (target) heatmaps of random mean faces (`decoding_error.decoding_error`):
   what decoding alone costs; the HIH decoders' ideal error also at the
   decimal sizes of `QUANTIZATION_DECIMAL_SIZES`.
 
@@ -29,7 +29,7 @@ import numpy as np
 
 from fgtbt_jax import heatmaps
 from fgtbt_jax import models
-from fgtbt_jax import quantization
+from fgtbt_jax import decoding_error
 from fgtbt_jax.inference import PredictSettings
 
 STUDIES: tuple[str, ...] = ("lowres", "quantization")
@@ -124,14 +124,14 @@ def study_table(name: str, config: ml_collections.ConfigDict, settings: PredictS
   input_size = int(config.data.image_size)
   heatmap_size = input_size // 2
   sigma = float(config.loss.sigma)
-  faces = quantization.random_meanface_landmarks(QUANTIZATION_FACES, input_size, seed=0)
+  faces = decoding_error.random_meanface_landmarks(QUANTIZATION_FACES, input_size, seed=0)
   decimal_size = int(config.model.hih_decimal_size)
   decimal_sigma = float(config.loss.hih_decimal_sigma)
-  ideal = quantization.decoding_error(input_size, heatmap_size, sigma, faces)
+  ideal = decoding_error.decoding_error(input_size, heatmap_size, sigma, faces)
   by_size = {}
   for d in sorted({decimal_size, *QUANTIZATION_DECIMAL_SIZES}):
     hih = tuple(m for m in heatmaps.HIH_DECODERS if d >= 3 or m == "hih")
-    by_size[d] = quantization.decoding_error(input_size, heatmap_size, sigma, faces, methods=hih,
+    by_size[d] = decoding_error.decoding_error(input_size, heatmap_size, sigma, faces, methods=hih,
                                              decimal_size=d, decimal_sigma=decimal_sigma)
   ideal.update(by_size[decimal_size])
   by_decoder = {settings.decoder: dict(main_nmes), **{k: dict(v) for k, v in measured.items()}}

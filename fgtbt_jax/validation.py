@@ -6,13 +6,11 @@ so a run that cannot work stops at start, not after compiling or hours in.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import ml_collections
 
 from fgtbt_jax import datasets
-from fgtbt_jax import detector
+from fgtbt_jax.deploy.predict_files import validate_predict_config
 from fgtbt_jax import heatmaps
 from fgtbt_jax import inference
 from fgtbt_jax import landmarks
@@ -20,7 +18,6 @@ from fgtbt_jax import losses
 from fgtbt_jax import models
 from fgtbt_jax import sharding
 from fgtbt_jax import studies
-from fgtbt_jax import video
 from fgtbt_jax.errors import ConfigError
 from fgtbt_jax.inference import PredictSettings
 
@@ -51,44 +48,6 @@ def _check_eval(eval_config: ml_collections.ConfigDict) -> None:
   if eval_config.study_max_batches < 0:
     raise ConfigError(f"eval.study_max_batches must be >= 0 (0 = the whole split), got "
                       f"{eval_config.study_max_batches}")
-
-
-def validate_predict_config(config: ml_collections.ConfigDict) -> None:
-  """Checks what `run.py predict` reads: the predict section and the decoding (eval) settings."""
-  p = config.predict
-  if p.detector not in detector.DETECTOR_CHOICES:
-    raise ConfigError(f"predict.detector must be one of {detector.DETECTOR_CHOICES}, got "
-                      f"{p.detector!r}")
-  try:
-    detector.parse_box_adjustment(p.box_adjustment)
-  except ValueError as e:
-    raise ConfigError(f"predict.box_adjustment: {e}") from None
-  for key in ("batch_size", "detect_every"):
-    if p[key] < 1:
-      raise ConfigError(f"predict.{key} must be at least 1, got {p[key]}")
-  if p.max_faces < 0:
-    raise ConfigError(f"predict.max_faces must be >= 0 (0 = every face), got {p.max_faces}")
-  if math.isnan(p.min_face_confidence):  # -inf flags no face, +inf every face.
-    raise ConfigError("predict.min_face_confidence must be a number, not nan")
-  try:
-    landmarks.protocol_index(p.protocol)
-  except ValueError as e:
-    raise ConfigError(f"predict.protocol: {e}") from None
-  try:
-    trained = not p.dataset or landmarks.get_protocol(p.dataset).name in config.data.datasets
-  except ValueError as e:
-    raise ConfigError(f"predict.dataset: {e}") from None
-  if not trained:
-    raise ConfigError(f"predict.dataset {p.dataset!r}: the run trained on "
-                      f"{tuple(config.data.datasets)}")
-  try:
-    video.OneEuroSettings(min_cutoff=p.one_euro_min_cutoff, beta=p.one_euro_beta)
-  except ValueError as e:
-    raise ConfigError(f"predict.one_euro_*: {e}") from None
-  try:
-    PredictSettings.from_config(config.eval)
-  except ValueError as e:
-    raise ConfigError(f"eval.smoothing_sigma: {e}") from e
 
 
 def _check_data(data: ml_collections.ConfigDict) -> None:

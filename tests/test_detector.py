@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from data_pipelines import synthetic
-from fgtbt_jax import calibrate
-from fgtbt_jax import detector as detector_lib
+from fgtbt_jax.deploy import calibrate
+from fgtbt_jax.deploy import detector as detector_lib
 from fgtbt_jax.errors import DataError
 from fgtbt_jax.images import load_image
 from fgtbt_jax import models
 from fgtbt_jax.inference import PredictSettings
-from fgtbt_jax.predictor import Predictor
+from fgtbt_jax.deploy.predictor import Predictor
 import helpers
 
 SAMPLES = helpers.REPO / "docs" / "sample_faces"

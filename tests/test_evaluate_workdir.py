@@ -26,7 +26,7 @@ from fgtbt_jax import inference
 from fgtbt_jax import landmarks
 from fgtbt_jax import metrics
 from fgtbt_jax import models
-from fgtbt_jax import predictor as predictor_lib
+from fgtbt_jax.deploy import predictor as predictor_lib
 from fgtbt_jax import rundir
 from fgtbt_jax import sharding
 from fgtbt_jax import validation

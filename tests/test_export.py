@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from data_pipelines import synthetic
-from fgtbt_jax import detector as detector_lib
-from fgtbt_jax import export
+from fgtbt_jax.deploy import detector as detector_lib
+from fgtbt_jax.deploy import export
 from fgtbt_jax import heatmaps
 from fgtbt_jax import landmarks
 from fgtbt_jax import models
 from fgtbt_jax import inference
-from fgtbt_jax.predictor import Predictor
+from fgtbt_jax.deploy.predictor import Predictor
 from test_predictor import random_variables
 
 BATCH = 2

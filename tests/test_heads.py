@@ -16,7 +16,7 @@ from fgtbt_jax import inference
 from fgtbt_jax import landmarks
 from fgtbt_jax import losses
 from fgtbt_jax import models
-from fgtbt_jax import quantization
+from fgtbt_jax import decoding_error
 from fgtbt_jax import rundir
 from fgtbt_jax import sharding
 from fgtbt_jax import state as state_lib
@@ -273,14 +273,14 @@ def test_ablation_configs_choose_the_heads_and_validation_names_the_keys():
 
 
 def test_quantization_study_adds_the_hih_decoders():
-  faces = quantization.random_meanface_landmarks(16, 64, seed=2)
-  errors_by_d = {d: quantization.decoding_error(64, 32, 1.5, faces, methods=(
+  faces = decoding_error.random_meanface_landmarks(16, 64, seed=2)
+  errors_by_d = {d: decoding_error.decoding_error(64, 32, 1.5, faces, methods=(
       "argmax", "hih", "hih_subpixel"), decimal_size=d) for d in (4, 8, 16)}
   for d, result in errors_by_d.items():
     # The cell quantisation: ~1/d of argmax's error (uniform in a 1/d cell).
     np.testing.assert_allclose(result["hih"], result["argmax"] / d, rtol=0.2)
     assert result["hih_subpixel"] < 1e-2 * result["hih"]
-  table = quantization.main(["--setting", "64:32:1.5", "--num_faces", "3",
+  table = decoding_error.main(["--setting", "64:32:1.5", "--num_faces", "3",
                              "--decimal_sizes", "4", "8"])
   assert "| hih d=4 NME % | hih_subpixel d=4 NME % | hih d=8 NME %" in table
   config = ablations.get_config("base=default,head=hih")

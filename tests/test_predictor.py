@@ -26,13 +26,13 @@ from fgtbt_jax import errors
 from fgtbt_jax.errors import DataError
 from fgtbt_jax.images import load_image
 from fgtbt_jax import crop
-from fgtbt_jax import detector as detector_lib
+from fgtbt_jax.deploy import detector as detector_lib
 from fgtbt_jax import heatmaps
 from fgtbt_jax import landmarks
 from fgtbt_jax import models
-from fgtbt_jax import visualization
-from fgtbt_jax.predictor import Predictor
-from fgtbt_jax import predict_files
+from fgtbt_jax.deploy import visualization
+from fgtbt_jax.deploy.predictor import Predictor
+from fgtbt_jax.deploy import predict_files
 import helpers
 
 SIZE = 64  # Crop side of the tiny model; heatmaps are 32 x 32.

@@ -206,7 +206,7 @@ def _write_face(path, seed_index: int, size: int = 96, grey: bool = False):
   """A clean synthetic face image; returns its annotation-style box."""
   import cv2
   from data_pipelines import synthetic
-  from fgtbt_jax import detector
+  from fgtbt_jax.deploy import detector
   image, points, _ = synthetic.render_face(7, seed_index, size, clean=True)
   pixels = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if grey else image[..., ::-1]
   assert cv2.imwrite(str(path), pixels)

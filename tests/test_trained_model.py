@@ -71,10 +71,10 @@ def test_the_run_beats_the_mean_shape_baseline_on_every_test_split(trained_defau
 
 @pytest.mark.parametrize("protocol", ["WFLW", "300W"])
 def test_predictor_on_unseen_faces_beats_the_mean_shape_baseline(trained_default, protocol):
-  from fgtbt_jax import detector
+  from fgtbt_jax.deploy import detector
   from fgtbt_jax import landmarks
   from fgtbt_jax import metrics
-  from fgtbt_jax.predictor import Predictor
+  from fgtbt_jax.deploy.predictor import Predictor
   predictor = Predictor.from_checkpoint(trained_default, "best", dataset=protocol)
   images, unified = _unseen_faces(16)
   boxes = np.stack([detector.landmark_box(points) for points in unified])
@@ -92,10 +92,10 @@ def test_predictor_on_unseen_faces_beats_the_mean_shape_baseline(trained_default
 
 def test_detector_path_on_unseen_faces_beats_the_mean_shape_baseline(trained_default):
   """No boxes given: OpenCV's Haar cascade finds the near-upright faces."""
-  from fgtbt_jax import detector
+  from fgtbt_jax.deploy import detector
   from fgtbt_jax import landmarks
   from fgtbt_jax import metrics
-  from fgtbt_jax.predictor import Predictor
+  from fgtbt_jax.deploy.predictor import Predictor
   predictor = Predictor.from_checkpoint(trained_default, "best", dataset="WFLW")
   images, unified = _unseen_faces(16)
   results = predictor.predict(images, protocol="WFLW")
@@ -118,9 +118,9 @@ def test_flip_test_prediction_of_a_mirrored_image_is_the_mirrored_prediction(tra
   rarely, a point whose heatmap has two near-equal peaks to the other peak.
   Without the flip test the network alone is far from symmetric.
   """
-  from fgtbt_jax import detector
+  from fgtbt_jax.deploy import detector
   from fgtbt_jax import landmarks
-  from fgtbt_jax.predictor import Predictor
+  from fgtbt_jax.deploy.predictor import Predictor
   predictor = Predictor.from_checkpoint(trained_default, "best", dataset="WFLW")
   images, unified = _unseen_faces(4)
   distances = {True: [], False: []}

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from data_pipelines import synthetic
-from fgtbt_jax import detector as detector_lib
-from fgtbt_jax import video
+from fgtbt_jax.deploy import detector as detector_lib
+from fgtbt_jax.deploy import video
 
 FPS = 30.0
 

@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from fgtbt_jax import detector as detector_lib
+from fgtbt_jax.deploy import detector as detector_lib
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ Points are coloured by facial part (jaw, brows, nose ridge and base, eyes,
 lips, pupils: `landmarks.FACE_PARTS`, mapped through the protocol's
 `unified_index`). Face boxes are white; a face flagged low quality gets a
 red box and a "low <confidence>" label above it. Prediction on files is
-`fgtbt_jax.predict_files`.
+`fgtbt_jax.deploy.predict_files`.
 """
 
 from __future__ import annotations

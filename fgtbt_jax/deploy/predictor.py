@@ -29,7 +29,7 @@ the command line's `--config.*` overrides when the caller passes them).
 
 Face boxes come from the caller (x1, y1, x2, y2 in the training annotation
 style: landmarks' bounding box padded by ~5%) or from a face detector
-(`fgtbt_jax.detector`; default dlib's HOG detector, else the Haar cascade),
+(`fgtbt_jax.deploy.detector`; default dlib's HOG detector, else the Haar cascade),
 which sees a copy of huge images downscaled to `max_detection_side`; the
 crop itself always comes from the original pixels. Every detected face is
 predicted, the `max_faces` largest when that is set. An image where the
@@ -52,7 +52,7 @@ import ml_collections
 import numpy as np
 
 from fgtbt_jax import crop
-from fgtbt_jax import detector as detector_lib
+from fgtbt_jax.deploy import detector as detector_lib
 from fgtbt_jax import inference
 from fgtbt_jax import landmarks
 from fgtbt_jax import models

@@ -3,7 +3,7 @@ import pytest
 
 from fgtbt_jax import landmarks as L
 from fgtbt_jax import metrics as M
-from fgtbt_jax import quantization as Q
+from fgtbt_jax import decoding_error as Q
 
 # Mean distance from the centre of a unit square to a uniform point in it:
 # argmax's error in heatmap pixels when the sub-pixel phase is uniform.

@@ -19,7 +19,7 @@ the model code nor a checkpoint, only JAX (and flatbuffers):
 `<file>.json` with what a caller needs to make crops and read the outputs
 (shapes, the crop convention, each protocol's unified index). Command line:
 
-    python -m fgtbt_jax.export --workdir runs/paper --out fgtbt.stablehlo --batch_size 8
+    python -m fgtbt_jax.deploy.export --workdir runs/paper --out fgtbt.stablehlo --batch_size 8
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from fgtbt_jax import errors
 from fgtbt_jax import heatmaps
 from fgtbt_jax import inference
 from fgtbt_jax import landmarks
-from fgtbt_jax import predictor as predictor_lib
+from fgtbt_jax.deploy import predictor as predictor_lib
 from fgtbt_jax import rundir
 from fgtbt_jax.inference import PredictSettings
 
@@ -129,7 +129,7 @@ def load_exported(path: str | os.PathLike) -> jax.export.Exported:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m fgtbt_jax.export", description=__doc__.split("\n\n")[0])
+      prog="python -m fgtbt_jax.deploy.export", description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="training workdir (config.json, checkpoints/)")
   parser.add_argument("--out", required=True, help="artifact file to write")
   parser.add_argument("--which", default="best", choices=rundir.CHECKPOINT_KINDS)
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         exported, settings=predictor.settings, output=args.output,
         crop_enlarge=predictor.crop_enlarge))
   except _USER_ERRORS as e:
-    print(f"python -m fgtbt_jax.export: {e}", file=sys.stderr)
+    print(f"python -m fgtbt_jax.deploy.export: {e}", file=sys.stderr)
     return 1
   print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {path.name}.json")
   return 0

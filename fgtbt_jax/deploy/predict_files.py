@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import pathlib
 import tempfile
@@ -40,15 +41,15 @@ import cv2
 import ml_collections
 import numpy as np
 
-from fgtbt_jax import detector as detector_lib
+from fgtbt_jax.deploy import detector as detector_lib
 from fgtbt_jax import landmarks
-from fgtbt_jax import predictor as predictor_lib
+from fgtbt_jax.deploy import predictor as predictor_lib
 from fgtbt_jax import rundir
-from fgtbt_jax import validation
-from fgtbt_jax import video
-from fgtbt_jax.errors import DataError, OutputError, read_json_object
+from fgtbt_jax.deploy import video
+from fgtbt_jax.errors import ConfigError, DataError, OutputError, read_json_object
 from fgtbt_jax.images import load_image
-from fgtbt_jax.visualization import draw_landmarks
+from fgtbt_jax.inference import PredictSettings
+from fgtbt_jax.deploy.visualization import draw_landmarks
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -501,6 +502,44 @@ def parse_box(values: Sequence[str] | None) -> list[float] | None:
   return box
 
 
+def validate_predict_config(config: ml_collections.ConfigDict) -> None:
+  """Checks what `run.py predict` reads (`validation.validate_config` checks it too): the predict section and the decoding (eval) settings."""
+  p = config.predict
+  if p.detector not in detector_lib.DETECTOR_CHOICES:
+    raise ConfigError(f"predict.detector must be one of {detector_lib.DETECTOR_CHOICES}, got "
+                      f"{p.detector!r}")
+  try:
+    detector_lib.parse_box_adjustment(p.box_adjustment)
+  except ValueError as e:
+    raise ConfigError(f"predict.box_adjustment: {e}") from None
+  for key in ("batch_size", "detect_every"):
+    if p[key] < 1:
+      raise ConfigError(f"predict.{key} must be at least 1, got {p[key]}")
+  if p.max_faces < 0:
+    raise ConfigError(f"predict.max_faces must be >= 0 (0 = every face), got {p.max_faces}")
+  if math.isnan(p.min_face_confidence):  # -inf flags no face, +inf every face.
+    raise ConfigError("predict.min_face_confidence must be a number, not nan")
+  try:
+    landmarks.protocol_index(p.protocol)
+  except ValueError as e:
+    raise ConfigError(f"predict.protocol: {e}") from None
+  try:
+    trained = not p.dataset or landmarks.get_protocol(p.dataset).name in config.data.datasets
+  except ValueError as e:
+    raise ConfigError(f"predict.dataset: {e}") from None
+  if not trained:
+    raise ConfigError(f"predict.dataset {p.dataset!r}: the run trained on "
+                      f"{tuple(config.data.datasets)}")
+  try:
+    video.OneEuroSettings(min_cutoff=p.one_euro_min_cutoff, beta=p.one_euro_beta)
+  except ValueError as e:
+    raise ConfigError(f"predict.one_euro_*: {e}") from None
+  try:
+    PredictSettings.from_config(config.eval)
+  except ValueError as e:
+    raise ConfigError(f"eval.smoothing_sigma: {e}") from e
+
+
 def predict_main(workdir: str | os.PathLike, inputs: Sequence[str], out_dir: str | None = None,
                  *, config: ml_collections.ConfigDict | None = None, which: str = "best",
                  box: Sequence[float] | None = None, boxes_file: str | None = None) -> int:
@@ -547,7 +586,7 @@ def predict_main(workdir: str | os.PathLike, inputs: Sequence[str], out_dir: str
               else f"cannot be written ({e.strerror or e})")
     raise OutputError(f"{out_dir}: the output folder {reason}; pass --out=DIR") from None
   config = rundir.load_run_config(workdir) if config is None else config
-  validation.validate_predict_config(config)
+  validate_predict_config(config)
   options = config.predict
   # Made up front (a missing detector fails before the model loads), unless
   # every input has its boxes.

@@ -1,6 +1,6 @@
 """Fit a face detector's box calibration on your own annotated faces.
 
-    python -m fgtbt_jax.calibrate --faces=my_faces.json [--detector=dlib_hog] [--out=fit.json]
+    python -m fgtbt_jax.deploy.calibrate --faces=my_faces.json [--detector=dlib_hog] [--out=fit.json]
 
 The predictor crops a face from its box, and the model is sensitive to the
 box convention (the training annotations' box: the landmarks' bounding box
@@ -24,7 +24,7 @@ and the form `run.py predict --config.predict.box_adjustment=scale,shift_x,shift
 takes;
 `--out` writes the same as JSON. From Python:
 
-    from fgtbt_jax import calibrate, detector
+    from fgtbt_jax.deploy import calibrate, detector
     calibration = calibrate.calibrate_detector("dlib_hog", calibrate.read_annotated_faces(path))
     my_detector = detector.DlibHogDetector(adjustment=calibration.adjustment)
 """
@@ -39,7 +39,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from fgtbt_jax import detector as detector_lib
+from fgtbt_jax.deploy import detector as detector_lib
 from fgtbt_jax.errors import DataError, read_json_object
 from fgtbt_jax.images import load_image
 
@@ -110,7 +110,7 @@ def calibrate_detector(name: str, faces, *, min_matched: int = 8,
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m fgtbt_jax.calibrate", description=__doc__.split("\n\n")[0])
+      prog="python -m fgtbt_jax.deploy.calibrate", description=__doc__.split("\n\n")[0])
   parser.add_argument("--faces", required=True, help="the faces JSON file (see the module doc)")
   parser.add_argument("--detector", default="dlib_hog", choices=list(detector_lib.DETECTORS))
   parser.add_argument("--min_matched", type=int, default=8,
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     calibration = calibrate_detector(args.detector, read_annotated_faces(args.faces),
                                      min_matched=args.min_matched)
   except (DataError, ValueError, detector_lib.DetectorUnavailableError) as e:
-    parser.exit(1, f"python -m fgtbt_jax.calibrate: {e}\n")
+    parser.exit(1, f"python -m fgtbt_jax.deploy.calibrate: {e}\n")
   summary = {"detector": args.detector, "faces_file": args.faces, **calibration.summary()}
   adjustment = calibration.adjustment
   flag = f"{adjustment.scale:.4f},{adjustment.shift_x:.4f},{adjustment.shift_y:.4f}"

@@ -10,7 +10,7 @@ Table 8 "ideal" column); here it is measured for every decoder in
 perfect integer and d x d decimal maps, for any d), on mean-face landmarks
 placed at random in the input.
 
-Run `python -m fgtbt_jax.quantization` for the Markdown table in
+Run `python -m fgtbt_jax.decoding_error` for the Markdown table in
 docs/quantization.md.
 """
 
@@ -159,7 +159,7 @@ def markdown_table(rows: Sequence[tuple[tuple[int, int, float], bool, dict[str, 
 def main(argv: Sequence[str] | None = None) -> str:
   """Prints (and returns) the decoding-error table for the given settings."""
   parser = argparse.ArgumentParser(
-      prog="python -m fgtbt_jax.quantization", description=__doc__.split("\n\n")[0])
+      prog="python -m fgtbt_jax.decoding_error", description=__doc__.split("\n\n")[0])
   parser.add_argument("--setting", type=_parse_setting, action="append",
                       help="INPUT:HEATMAP:SIGMA, repeatable (default 480:240:3 and 256:64:1.5)")
   parser.add_argument("--num_faces", type=int, default=500)
