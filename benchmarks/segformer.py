@@ -9,7 +9,7 @@ Both sides compute the same function with the same weights: a
 heads and reduction ratios, LayerNorm epsilon 1e-5, plain overlapping patch
 embeddings) with random weights, and this project's encoder
 (`models.build_encoder`, FGSA off, patch_embed "plain") with those weights
-loaded through `fgtbt_jax.torch_weights.mit_from_torch`. The first record
+loaded through `fgtbt_jax.weights.imagenet.mit_from_torch`. The first record
 checks it: the largest difference of the four stage maps in float32.
 
 Each (framework, dtype, pass) is compiled or warmed up first; then the timed
@@ -50,7 +50,7 @@ import numpy as np
 
 from benchmarks import common
 from fgtbt_jax import models
-from fgtbt_jax import torch_weights
+from fgtbt_jax.weights import imagenet
 
 FRAMEWORKS = ("jax", "torch", "torch_compile")
 DTYPES = ("float32", "bfloat16")
@@ -100,7 +100,7 @@ def build_pair(encoder: str, seed: int):
   template = common.random_variables(
       models.abstract_variables(models.build_model(config), 64), seed)["params"]
   state = {k: v.detach().numpy().copy() for k, v in peer.state_dict().items()}
-  params, report = torch_weights.mit_from_torch(state, config, params=template)
+  params, report = imagenet.mit_from_torch(state, config, params=template)
   missing = [path for path in report.missing if path.startswith("encoder/")]
   if missing or report.skipped:
     raise RuntimeError("benchmarks.segformer: the peer's weights did not all load:\n"

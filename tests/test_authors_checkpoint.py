@@ -1,4 +1,4 @@
-"""Importing the authors' released checkpoint (fgtbt_jax/authors_checkpoint.py).
+"""Importing the authors' released checkpoint (fgtbt_jax/weights/: pth.py reads it, authors.py maps and converts it, import_authors.py writes the run).
 
 Checkpoints are written here with torch.save in the released structure
 (`{"model": {"name", "args": yacs CfgNode, "sd"}, "epoch", "optimizer"}`),
@@ -35,7 +35,8 @@ import pytest
 import torch
 from flax.traverse_util import flatten_dict
 
-from fgtbt_jax import authors_checkpoint as ac
+from fgtbt_jax.weights import authors as ac
+from fgtbt_jax.weights import import_authors
 from fgtbt_jax import inference
 from fgtbt_jax import rundir
 from fgtbt_jax import sharding
@@ -118,7 +119,7 @@ def _save(path, state_dict, epoch=0):
 
 
 def _tiny_shapes():
-  return ac.authors_state_dict_shapes(ac.run_config("WFLW", "tiny").model)
+  return ac.authors_state_dict_shapes(import_authors.run_config("WFLW", "tiny").model)
 
 
 # -- the name map, independently of the implementation --------------------------------
@@ -196,7 +197,7 @@ def _expected(name: str, tensor: np.ndarray, batch_norms: set[str]) -> tuple[tup
 
 
 def test_name_map_gives_the_released_state_dict():
-  shapes = ac.authors_state_dict_shapes(ac.run_config("WFLW").model)
+  shapes = ac.authors_state_dict_shapes(import_authors.run_config("WFLW").model)
   released = _released_shapes()
   assert len(released) == 929
   assert shapes == released
@@ -211,7 +212,7 @@ def test_every_released_entry_lands_where_the_name_map_says(tmp_path, fake_yacs)
   assert checkpoint.epoch == 0 and checkpoint.args["MODEL"]["NAME"] == "segformer"
   assert list(checkpoint.state_dict) == list(released)
   variables, report = ac.convert_state_dict(checkpoint.state_dict,
-                                            ac.run_config("WFLW").model, str(path))
+                                            import_authors.run_config("WFLW").model, str(path))
   flat = flatten_dict(variables)
   batch_norms = {n.rsplit(".", 1)[0] for n in released if n.endswith("running_mean")}
   assert len(batch_norms) == 33 and report.batches_tracked == {500: 33}
@@ -232,7 +233,7 @@ def test_converted_layers_compute_what_the_pytorch_layers_compute(tmp_path, fake
   state_dict = _random_state_dict(shapes, seed=1)
   path = _save(tmp_path / "tiny.pth", state_dict)
   variables, _ = ac.convert_state_dict(ac.read_checkpoint(path).state_dict,
-                                       ac.run_config("WFLW", "tiny").model)
+                                       import_authors.run_config("WFLW", "tiny").model)
   params = variables["params"]
   x = np.random.default_rng(2).normal(size=(2, 16, 6, 6)).astype(np.float32)  # NCHW
   nhwc = jnp.asarray(x.transpose(0, 2, 3, 1))
@@ -351,12 +352,12 @@ def test_state_dict_that_does_not_fit(tmp_path, fake_yacs, change, match):
   path = _save(tmp_path / "tiny.pth", state_dict)
   checkpoint = ac.read_checkpoint(path)
   with pytest.raises(ac.AuthorsCheckpointError, match=match) as caught:
-    ac.convert_state_dict(checkpoint.state_dict, ac.run_config("WFLW", "tiny").model, str(path))
+    ac.convert_state_dict(checkpoint.state_dict, import_authors.run_config("WFLW", "tiny").model, str(path))
   assert "\n" not in str(caught.value) and not caught.value.report.ok
   # Nothing is written when the file does not fit.
   workdir = tmp_path / "run"
   with pytest.raises(ac.AuthorsCheckpointError):
-    ac.import_authors_checkpoint(path, workdir, "WFLW", variant="tiny")
+    import_authors.import_authors_checkpoint(path, workdir, "WFLW", variant="tiny")
   assert not workdir.exists()
 
 
@@ -370,16 +371,16 @@ def test_a_bare_state_dict_imports_as_the_released_file_does(tmp_path, fake_yacs
   assert (released.structure, released.epoch) == (ac.RELEASE, 3)
   assert (bare.structure, bare.epoch, bare.args) == (ac.BARE_STATE_DICT, None, None)
   assert list(bare.state_dict) == list(released.state_dict) == list(state_dict)
-  model = ac.run_config("WFLW", "tiny").model
+  model = import_authors.run_config("WFLW", "tiny").model
   expected, _ = ac.convert_state_dict(released.state_dict, model)
   got, report = ac.convert_state_dict(bare.state_dict, model)
   assert report.ok and len(report.loaded) == 330 and not (report.prefix or report.converted)
   _assert_same_variables(got, expected)
   # Through the import: no epoch, so step 0; the record says which structure it read.
-  result = ac.import_authors_checkpoint(tmp_path / "bare.pth", tmp_path / "run", "wflw",
+  result = import_authors.import_authors_checkpoint(tmp_path / "bare.pth", tmp_path / "run", "wflw",
                                         variant="tiny")
   assert (result.dataset, result.step, len(result.report.loaded)) == ("WFLW", 0, 330)
-  record = json.loads((tmp_path / "run" / ac.IMPORT_RECORD).read_text())
+  record = json.loads((tmp_path / "run" / import_authors.IMPORT_RECORD).read_text())
   assert (record["structure"], record["epoch"], record["prefix_stripped"]) == (
       "state_dict", None, "")
 
@@ -390,7 +391,7 @@ def test_data_parallel_names_import_without_their_prefix(tmp_path, fake_yacs, pr
   state_dict = _random_state_dict(_tiny_shapes(), seed=5)
   prefixed = collections.OrderedDict((prefix + name, t) for name, t in state_dict.items())
   path = (_save_bare if bare else _save)(tmp_path / "parallel.pth", prefixed)
-  model = ac.run_config("WFLW", "tiny").model
+  model = import_authors.run_config("WFLW", "tiny").model
   expected, _ = ac.convert_state_dict({n: t.numpy() for n, t in state_dict.items()}, model)
   got, report = ac.convert_state_dict(ac.read_checkpoint(path).state_dict, model, str(path))
   assert report.ok and report.prefix == prefix and len(report.loaded) == 330
@@ -409,7 +410,7 @@ def test_data_parallel_names_with_a_tensor_missing(tmp_path, fake_yacs):
   with pytest.raises(ac.AuthorsCheckpointError, match=(
       r"parallel\.pth:module\.encoder\.decode_head\.conv2\.weight: missing from the state "
       r"dict$")) as caught:
-    ac.convert_state_dict(ac.read_checkpoint(path).state_dict, ac.run_config("WFLW", "tiny").model,
+    ac.convert_state_dict(ac.read_checkpoint(path).state_dict, import_authors.run_config("WFLW", "tiny").model,
                           str(path))
   assert caught.value.report.prefix == "module." and not caught.value.report.hint
 
@@ -442,7 +443,7 @@ def test_names_off_by_a_prefix_get_a_one_line_hint(tmp_path, fake_yacs, change, 
   with pytest.raises(ac.AuthorsCheckpointError, match=(
       r"^" + re.escape(str(path)) + r": the state dict's names do not fit the model " + hint)
                      ) as caught:
-    ac.convert_state_dict(ac.read_checkpoint(path).state_dict, ac.run_config("WFLW", "tiny").model,
+    ac.convert_state_dict(ac.read_checkpoint(path).state_dict, import_authors.run_config("WFLW", "tiny").model,
                           str(path))
   report = caught.value.report
   assert "\n" not in str(caught.value) and report.hint and not report.prefix
@@ -458,7 +459,7 @@ def test_float16_and_bfloat16_tensors_are_converted_and_reported(tmp_path, fake_
     halves[name] = tensor
   bfloat16 = sum(t.dtype == torch.bfloat16 for name, t in halves.items() if "conv_seg" not in name)
   path = _save_bare(tmp_path / "half.pth", halves)
-  model = ac.run_config("WFLW", "tiny").model
+  model = import_authors.run_config("WFLW", "tiny").model
   got, report = ac.convert_state_dict(ac.read_checkpoint(path).state_dict, model, str(path))
   assert report.ok and report.converted == {"bfloat16": bfloat16, "float16": 330 - bfloat16}
   assert 0 < bfloat16 < 330
@@ -471,24 +472,24 @@ def test_float16_and_bfloat16_tensors_are_converted_and_reported(tmp_path, fake_
   _, report = ac.convert_state_dict({n: t.numpy() for n, t in state_dict.items()}, model)
   assert report.converted == {} and "converted" not in report.summary()
   # The workdir's record keeps it.
-  ac.import_authors_checkpoint(path, tmp_path / "run", "WFLW", variant="tiny")
-  record = json.loads((tmp_path / "run" / ac.IMPORT_RECORD).read_text())
+  import_authors.import_authors_checkpoint(path, tmp_path / "run", "WFLW", variant="tiny")
+  record = json.loads((tmp_path / "run" / import_authors.IMPORT_RECORD).read_text())
   assert record["converted_to_float32"] == {"bfloat16": bfloat16, "float16": 330 - bfloat16}
 
 
 def test_dataset_from_the_file_name():
-  assert ac.dataset_from_filename("full_model_epoch0_best_wflw.pth") == "WFLW"
-  assert ac.dataset_from_filename("x/full_model_epoch0_best_300w.pth") == "300W"
-  assert ac.dataset_from_filename("full_model_epoch0_best_cofw.pth") == "COFW"
-  assert ac.dataset_from_filename("full_model_epoch10000_.pth") is None
-  assert ac.dataset_from_filename("full_model_epoch0_best_imagenet.pth") is None
+  assert import_authors.dataset_from_filename("full_model_epoch0_best_wflw.pth") == "WFLW"
+  assert import_authors.dataset_from_filename("x/full_model_epoch0_best_300w.pth") == "300W"
+  assert import_authors.dataset_from_filename("full_model_epoch0_best_cofw.pth") == "COFW"
+  assert import_authors.dataset_from_filename("full_model_epoch10000_.pth") is None
+  assert import_authors.dataset_from_filename("full_model_epoch0_best_imagenet.pth") is None
 
 
 # -- the workdir ----------------------------------------------------------------------
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "fgtbt_jax.authors_checkpoint", *args],
+  return subprocess.run([sys.executable, "-m", "fgtbt_jax.weights.import_authors", *args],
                         env=helpers.subprocess_env(devices=1), cwd=helpers.REPO,
                         capture_output=True, text=True, timeout=300, check=False)
 
@@ -497,7 +498,7 @@ def test_the_workdir_restores_as_the_best_ema_model(tmp_path, fake_yacs):
   shapes = _tiny_shapes()
   path = _save(tmp_path / "full_model_epoch7_best_cofw.pth", _random_state_dict(shapes), epoch=7)
   workdir = tmp_path / "run"
-  result = ac.import_authors_checkpoint(path, workdir, variant="tiny")
+  result = import_authors.import_authors_checkpoint(path, workdir, variant="tiny")
   assert (result.dataset, result.step, len(result.report.loaded)) == ("COFW", 7, 330)
   config = rundir.load_run_config(workdir)
   assert config.model.fgsa_compat == "authors" and config.model.variant == "tiny"
@@ -514,7 +515,7 @@ def test_the_workdir_restores_as_the_best_ema_model(tmp_path, fake_yacs):
     np.testing.assert_array_equal(got[key], value, err_msg=str(key))
   # A second import into the same workdir is refused.
   with pytest.raises(FileExistsError, match="already holds a run"):
-    ac.import_authors_checkpoint(path, workdir, variant="tiny")
+    import_authors.import_authors_checkpoint(path, workdir, variant="tiny")
 
 
 def test_cli_errors_are_one_line(tmp_path, fake_yacs):

@@ -1,7 +1,7 @@
 """Imports point down: every module sits in a layer and imports only lower layers.
 
 Read from the source with `ast`, so imports inside functions count too. A
-wing (a subpackage of `fgtbt_jax`: `models`, `deploy`) is one unit of the
+wing (a subpackage of `fgtbt_jax`: `models`, `deploy`, `weights`) is one unit of the
 table: imports inside it are free, and it sits in one layer as a whole, so
 no import loop runs through it. The layers (lowest first) are the project's
 architecture:
@@ -16,13 +16,15 @@ architecture:
   run directory  the workdir's lock, its config.json (the upgrade of older ones,
                  the command line's overrides) and which checkpoint to use
   devices / run  mesh and batches, Orbax checkpoints, the report (pure
-                 functions of per-image arrays), torch weights
+                 functions of per-image arrays)
   core           the one predict function and EMA restore; the train state
-  deploy         the `deploy` wing: face detectors and their box calibration,
+  wings          the `deploy` wing: face detectors and their box calibration,
                  video tracking and smoothing, overlays, `Predictor`, the
-                 predict command and its config checks, StableHLO export
+                 predict command and its config checks, StableHLO export;
+                 the `weights` wing: `.pth` files read without torch, the
+                 ImageNet encoder import, the authors' checkpoint import
   users          studies; config validation (the predict section's checks
-                 are the deploy wing's), the authors' checkpoint import
+                 are the deploy wing's)
   entry          the evaluation pass and eval-only mode
   loop           the training loop
   tools          commands built on the training loop's step: the ahead-of-time
@@ -54,19 +56,18 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data_pipelines.convert", "data_pipelines.pipeline"),
     ("data_pipelines.prepare", "data_pipelines.visualize"),
     ("fgtbt_jax.rundir",),
-    ("fgtbt_jax.sharding", "fgtbt_jax.checkpointing", "fgtbt_jax.report",
-     "fgtbt_jax.torch_weights"),
+    ("fgtbt_jax.sharding", "fgtbt_jax.checkpointing", "fgtbt_jax.report"),
     ("fgtbt_jax.inference", "fgtbt_jax.state"),
-    ("fgtbt_jax.deploy",),
+    ("fgtbt_jax.deploy", "fgtbt_jax.weights"),
     ("fgtbt_jax.studies",),
-    ("fgtbt_jax.validation", "fgtbt_jax.authors_checkpoint"),
+    ("fgtbt_jax.validation",),
     ("fgtbt_jax.evaluate",),
     ("fgtbt_jax.train",),
     ("fgtbt_jax.aot",),
 )
 # Subpackages whose modules form one unit of the table (imports inside them are free):
 # every wing of fgtbt_jax is one (test_every_wing_is_one_unit).
-UNITS = ("fgtbt_jax.models", "fgtbt_jax.deploy", "data_pipelines.readers")
+UNITS = ("fgtbt_jax.models", "fgtbt_jax.deploy", "fgtbt_jax.weights", "data_pipelines.readers")
 LEAF_FACTS = {"fgtbt_jax.landmarks", "fgtbt_jax.datasets", "fgtbt_jax.crop", "fgtbt_jax.images",
               "fgtbt_jax.errors"}
 ENTRY_LEVEL = {"fgtbt_jax.evaluate", "fgtbt_jax.train"}

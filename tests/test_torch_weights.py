@@ -1,4 +1,4 @@
-"""PyTorch MiT/SegFormer weight import (fgtbt_jax/torch_weights.py).
+"""PyTorch MiT/SegFormer weight import (fgtbt_jax/weights/imagenet.py; .pth files read by weights/pth.py).
 
 The parity test builds a transformers SegformerModel with random weights and
 requires the converted Flax encoder to reproduce its four stage outputs.
@@ -15,7 +15,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 from model_helpers import numpy_variables
 
-from fgtbt_jax import torch_weights
+from fgtbt_jax.weights import imagenet as torch_weights
 from fgtbt_jax.models import (
     ENCODERS, abstract_variables, build_encoder, build_model, model_config, parameter_count)
 

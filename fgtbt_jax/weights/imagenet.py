@@ -1,4 +1,4 @@
-"""Import PyTorch MiT / SegFormer encoder weights into the FGTBT encoder.
+"""Import ImageNet-pretrained PyTorch MiT / SegFormer encoder weights into the FGTBT encoder.
 
 ImageNet-pretrained MiT encoders circulate under three namings, all accepted:
 
@@ -26,8 +26,11 @@ plain patch-embedding convolutions against the conv-stem model) and the model
 parameters nothing loaded into are reported as missing (the decoder and FGSA
 always are).
 
+Files: `.safetensors` (read with numpy) and `torch.save` files (`.pth`, `.pt`,
+`.bin`, read without torch by `weights.pth`).
+
 CLI:
-  python -m fgtbt_jax.torch_weights --input mit_b1.pth --variant b1 \\
+  python -m fgtbt_jax.weights.imagenet --input mit_b1.pth --variant b1 \\
       --patch-embed plain --output params.msgpack
 writes the model's full 'params' collection (fresh seeded init where nothing
 was loaded) with `flax.serialization.msgpack_serialize`; read it back with
@@ -52,6 +55,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from fgtbt_jax import models
+from fgtbt_jax.weights import pth
 
 # Leading module names that wrap an encoder in training code or other models.
 _WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "segformer.")
@@ -284,15 +288,15 @@ def mit_from_torch(state_dict: Mapping[str, Any], model_config: ml_collections.C
 
 
 def load_state_dict(path: str | pathlib.Path) -> dict[str, Any]:
-  """Reads a checkpoint: `.safetensors` with numpy, `.pth`/`.pt`/`.bin` with torch.
+  """Reads a checkpoint: `.safetensors` with numpy, `.pth`/`.pt`/`.bin` with `pth.load`.
 
   A {"state_dict": ...} or {"model": ...} wrapper (training checkpoints) is
   unwrapped.
 
   Raises:
     FileNotFoundError: no such file.
-    ImportError: a PyTorch file without torch installed.
-    ValueError: unknown extension or no tensors in the file.
+    ValueError: unknown extension or no tensors in the file;
+      `pth.ArchiveError` (a ValueError): not a readable torch.save archive.
   """
   path = pathlib.Path(path)
   if not path.is_file():
@@ -302,13 +306,7 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, Any]:
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     state = load_file(str(path))
   elif suffix in (".pth", ".pt", ".bin"):
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError as error:
-      raise ImportError(
-          f"{path}: reading PyTorch checkpoints needs torch (pip install torch), "
-          "or convert the file to .safetensors") from error
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = pth.load(path)
   else:
     raise ValueError(f"{path}: unknown checkpoint type {suffix!r}; "
                      "expected .safetensors, .pth, .pt or .bin")
@@ -322,9 +320,9 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m fgtbt_jax.torch_weights",
+      prog="python -m fgtbt_jax.weights.imagenet",
       description="Convert PyTorch MiT/SegFormer encoder weights to FGTBT Flax params.")
-  parser.add_argument("--input", required=True, help=".pth/.pt/.bin (needs torch) or .safetensors")
+  parser.add_argument("--input", required=True, help=".pth/.pt/.bin or .safetensors")
   parser.add_argument("--output", required=True, help="output .msgpack of the params collection")
   parser.add_argument("--variant", default="paper", choices=models.VARIANTS)
   parser.add_argument("--patch-embed", default="conv_stem", choices=("conv_stem", "plain"))

@@ -1,9 +1,4 @@
-"""Import the FGTBT authors' released PyTorch checkpoint into a run directory.
-
-  python -m fgtbt_jax.authors_checkpoint \\
-      --authors-checkpoint full_model_epoch0_best_wflw.pth --workdir runs/authors_wflw
-  python run.py eval --workdir runs/authors_wflw --config.data.data_dir=DATA
-  python run.py predict --workdir runs/authors_wflw --image face.jpg
+"""The FGTBT authors' released PyTorch checkpoint: read it and map its names onto the model.
 
 The released file is a `torch.save` zip of
 `{"model": {"name": "segformer", "args": <yacs CfgNode>, "sd": <state dict>},
@@ -12,15 +7,9 @@ only weight set. A bare `torch.save(model.state_dict())` of the same
 network (a mapping of names to tensors, what other repositories' users hold)
 is read as well, without an epoch; a `module.` prefix on every name
 (torch.nn.DataParallel / DistributedDataParallel) is stripped on conversion.
-Either file is read without torch and without yacs, and without
-running pickled code: `read_checkpoint` unpickles `data.pkl` with a
-restricted unpickler that knows only PyTorch's tensor rebuild functions and
-storage types, `collections.OrderedDict`, plain containers and yacs'
-`CfgNode` (read as a dict); any other global is refused, naming it. Tensors
-become numpy arrays read from the archive's `data/<key>` entries (dtype,
-shape, stride and storage offset applied; byte order from the archive's
-`byteorder` entry, little-endian when absent), and only the model's tensors
-are read (the optimizer state is never loaded).
+Either file is read without torch and without yacs, and without running
+pickled code (`weights.pth`), and only the model's tensors are read (the
+optimizer state is never loaded).
 
 The state dict must hold exactly the tensors of the project's model with
 `fgsa_compat="authors"` (929 entries for the paper network: `_LAYERS` maps
@@ -31,60 +20,33 @@ the load report counts those that were not (float16, bfloat16, ...).
 `num_batches_tracked` counters (reported: a released file reads 500 in
 every BatchNorm) and the unused `encoder.decode_head.conv_seg` are dropped.
 Layouts go to Flax: linear (out, in) -> (in, out); convolution (out, in,
-kh, kw) -> (kh, kw, in, out) (`torch_weights.to_flax_layout`); the FGSA 1x1
+kh, kw) -> (kh, kw, in, out) (`imagenet.to_flax_layout`); the FGSA 1x1
 convolution (out, in, 1, 1) -> the project's dense (in, out); ConvTranspose
 (in, out, kh, kw) -> the flipped (kh, kw, in, out) of
 `layers.conv_transpose`; BatchNorm weight / bias / running_mean /
 running_var -> params scale / bias and batch_stats mean / var.
 
-`import_authors_checkpoint` then writes a workdir: `config.json` (the
-authors' recipe, configs/fgtbt_authors.py: `model.fgsa_compat="authors"`,
-`model.batch_norm_unbiased_variance=True` as PyTorch trained it, their
-evaluation conventions (heatmap mapping and quantised ground truth, FR from
-the inter-pupil NME, unpadded test batches of 8), `data.datasets` the one
-dataset) and the weights as that dataset's best EMA model
-(`checkpoints/best_<DATASET>/<epoch>/model`, NME metric `inf`: not measured
-here, so a training run in this workdir replaces it at its first
-evaluation). `run.py eval` reads the best model when there is no train
-state; it needs the converted data (`--config.data.data_dir`).
+`weights.import_authors` writes a run directory from such a file.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
-import io
-import json
-import math
 import os
-import pathlib
-import pickle
 import re
-import sys
-import zipfile
-import zlib
 from typing import Any, Mapping
 
 from absl import logging
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import ml_collections
-import ml_dtypes
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from configs import fgtbt_authors
-from fgtbt_jax import checkpointing
-from fgtbt_jax import landmarks
 from fgtbt_jax import models
-from fgtbt_jax import rundir
-from fgtbt_jax.torch_weights import to_flax_layout
+from fgtbt_jax.weights import pth
+from fgtbt_jax.weights.imagenet import to_flax_layout
 
-# The EMA model is saved with the test batch size the authors evaluated with:
-# with `fgsa_compat="authors"` a face's output depends on its batch-mates.
-AUTHORS_EVAL_BATCH_SIZE = 8
 # Where the released files keep their tensors.
 STATE_DICT_PATH = ("model", "sd")
 # AuthorsCheckpoint.structure: the released wrapper, or a bare torch.save(state_dict).
@@ -94,7 +56,6 @@ RELEASE, BARE_STATE_DICT = "release", "state_dict"
 WRAPPER_PREFIX = "module."
 DROPPED_LAYERS = ("encoder.decode_head.conv_seg",)
 BATCHES_TRACKED = "num_batches_tracked"
-IMPORT_RECORD = "authors_checkpoint.json"
 
 _STEM = (("norm_in", "bn1"), ("conv_in", "conv1"), ("norm_mid", "bn2"), ("proj", "proj"),
          ("norm_out", "bn3"), ("conv_out", "conv3"), ("norm", "norm"))
@@ -148,7 +109,7 @@ _LAYER_NORM_LEAVES = {("params", "scale"): "weight", ("params", "bias"): "bias"}
 _WEIGHT_LEAVES = {("params", "kernel"): "weight", ("params", "bias"): "bias"}
 
 
-class AuthorsCheckpointError(ValueError):
+class AuthorsCheckpointError(pth.ArchiveError):
   """A file that is not a usable authors' checkpoint; the message starts with `where`.
 
   Attributes:
@@ -158,192 +119,8 @@ class AuthorsCheckpointError(ValueError):
   """
 
   def __init__(self, where: str, reason: str, report: "LoadReport | None" = None):
-    super().__init__(f"{where}: {reason}")
-    self.where = where
-    self.reason = reason
+    super().__init__(where, reason)
     self.report = report
-
-
-# -- reading a torch.save archive without torch ----------------------------------
-
-
-class ConfigNode(dict):
-  """A pickled yacs `CfgNode`: a plain dict of its entries (yacs' own attributes dropped)."""
-
-  def __setstate__(self, state):
-    del state  # yacs' bookkeeping (immutability flags, renamed keys).
-
-
-@dataclasses.dataclass(frozen=True)
-class _StorageType:
-  name: str
-
-
-# PyTorch storage classes -> numpy dtypes of their elements.
-_STORAGE_DTYPES = {
-    "FloatStorage": np.dtype(np.float32), "DoubleStorage": np.dtype(np.float64),
-    "HalfStorage": np.dtype(np.float16), "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype(np.int64), "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16), "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8), "BoolStorage": np.dtype(np.bool_),
-    "UntypedStorage": np.dtype(np.uint8),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class StoredTensor:
-  """A tensor of the archive, not read yet: its storage entry and view into it."""
-
-  storage: str
-  dtype: np.dtype
-  numel: int
-  offset: int
-  shape: tuple[int, ...]
-  stride: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Storage:
-  key: str
-  dtype: np.dtype
-  numel: int
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, *unused) -> StoredTensor:
-  """Stands in for torch._utils._rebuild_tensor(_v2) (the extra arguments: grad flag, hooks)."""
-  del unused
-  if not isinstance(storage, _Storage):
-    raise pickle.UnpicklingError("a tensor without a storage")
-  return StoredTensor(storage.key, storage.dtype, storage.numel, int(storage_offset),
-                      tuple(int(s) for s in size), tuple(int(s) for s in stride))
-
-
-def _rebuild_parameter(data, *unused):
-  """Stands in for torch._utils._rebuild_parameter(_with_state): the parameter's tensor."""
-  del unused
-  return data
-
-
-_ALLOWED_GLOBALS = {
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
-    ("__builtin__", "set"): set, ("__builtin__", "frozenset"): frozenset,
-    ("yacs.config", "CfgNode"): ConfigNode,
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-  """Unpickles a torch.save `data.pkl` into dicts, lists and `StoredTensor`s, nothing else."""
-
-  def __init__(self, file, where: str):
-    super().__init__(file)
-    self._where = where
-
-  def find_class(self, module: str, name: str):
-    if (module, name) in _ALLOWED_GLOBALS:
-      return _ALLOWED_GLOBALS[(module, name)]
-    if module == "torch" and name in _STORAGE_DTYPES:
-      return _StorageType(name)
-    raise AuthorsCheckpointError(
-        self._where, f"refusing to unpickle {module}.{name}: a checkpoint holds only tensors, "
-        "storages and containers")
-
-  def persistent_load(self, pid):
-    if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
-        or not isinstance(pid[1], _StorageType)):
-      raise AuthorsCheckpointError(self._where, f"unknown persistent id {pid!r} in data.pkl")
-    _, storage_type, key, _, numel = pid
-    return _Storage(str(key), _STORAGE_DTYPES[storage_type.name], int(numel))
-
-
-class _Archive:
-  """The entries of a torch.save zip archive: data.pkl, byteorder, data/<key>."""
-
-  def __init__(self, path: pathlib.Path):
-    self.where = str(path)
-    try:
-      self._zip = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-      with open(path, "rb") as f:
-        head = f.read(4)
-      if head == b"PK\x03\x04":
-        raise AuthorsCheckpointError(
-            self.where, "truncated or damaged: a zip archive without its directory") from None
-      raise AuthorsCheckpointError(
-          self.where, "not a torch.save checkpoint (not a zip archive; files of torch < 1.6 "
-          "must be re-saved with a current torch)") from None
-    pickles = [n for n in self._zip.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
-    if len(pickles) != 1:
-      self._zip.close()
-      raise AuthorsCheckpointError(
-          self.where, "not a torch.save checkpoint: the zip archive has "
-          f"{'no' if not pickles else len(pickles)} data.pkl")
-    self._prefix = pickles[0][:-len("data.pkl")]
-    order = self._read_optional("byteorder")
-    self._byteorder = "<" if order in (None, b"little") else ">"
-    self._storages: dict[str, np.ndarray] = {}
-
-  def _read(self, name: str) -> bytes:
-    try:
-      return self._zip.read(self._prefix + name)
-    except KeyError:
-      raise AuthorsCheckpointError(self.where, f"the archive has no entry {name}") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-      raise AuthorsCheckpointError(self.where, f"truncated or damaged entry {name}: {e}") from None
-
-  def _read_optional(self, name: str) -> bytes | None:
-    if self._prefix + name not in self._zip.namelist():
-      return None
-    return self._read(name).strip()
-
-  def unpickle(self) -> Any:
-    data = self._read("data.pkl")
-    try:
-      return _RestrictedUnpickler(io.BytesIO(data), self.where).load()
-    except AuthorsCheckpointError:
-      raise
-    except Exception as e:  # A damaged pickle can fail in any of pickle's own ways.
-      raise AuthorsCheckpointError(self.where, f"unreadable data.pkl: {type(e).__name__}: "
-                                   f"{e}") from None
-
-  def _storage(self, key: str, dtype: np.dtype, numel: int) -> np.ndarray:
-    if key not in self._storages:
-      raw = self._read(f"data/{key}")
-      if len(raw) != numel * dtype.itemsize:
-        raise AuthorsCheckpointError(
-            self.where, f"storage data/{key} holds {len(raw)} bytes, {numel} x {dtype.itemsize} "
-            "expected (truncated or damaged)")
-      # Read as unsigned integers of the file's byte order, then view as the dtype
-      # (bfloat16 has no byte-swapped numpy form).
-      unsigned = np.frombuffer(raw, np.dtype(f"{self._byteorder}u{dtype.itemsize}"))
-      self._storages[key] = unsigned.astype(f"=u{dtype.itemsize}").view(dtype)
-    return self._storages[key]
-
-  def tensor(self, tensor: StoredTensor, name: str) -> np.ndarray:
-    """The numpy array of a stored tensor (a copy, C-contiguous)."""
-    storage = self._storage(tensor.storage, tensor.dtype, tensor.numel)
-    shape, stride = tensor.shape, tensor.stride
-    if len(shape) != len(stride) or min(shape + stride + (tensor.offset,), default=0) < 0:
-      raise AuthorsCheckpointError(f"{self.where}:{name}", f"bad tensor view: shape {shape}, "
-                                   f"stride {stride}, offset {tensor.offset}")
-    if math.prod(shape) == 0:
-      return np.zeros(shape, tensor.dtype)
-    last = tensor.offset + sum((n - 1) * s for n, s in zip(shape, stride))
-    if last >= storage.size:
-      raise AuthorsCheckpointError(
-          f"{self.where}:{name}", f"tensor of shape {shape} reaches element {last} of a "
-          f"{storage.size}-element storage")
-    view = np.lib.stride_tricks.as_strided(
-        storage[tensor.offset:], shape, tuple(s * storage.itemsize for s in stride),
-        writeable=False)
-    return np.array(view)
-
-  def close(self) -> None:
-    self._zip.close()
 
 
 @dataclasses.dataclass
@@ -375,7 +152,7 @@ def _find_state_dict(content: Any, where: str) -> tuple[Mapping, str]:
   state = model.get("sd") if isinstance(model, Mapping) else None
   if isinstance(state, Mapping):
     return state, RELEASE
-  not_tensors = ([name for name, value in content.items() if not isinstance(value, StoredTensor)]
+  not_tensors = ([name for name, value in content.items() if not isinstance(value, pth.StoredTensor)]
                  if isinstance(content, Mapping) else [])
   if isinstance(content, Mapping) and content and not not_tensors:
     return content, BARE_STATE_DICT
@@ -403,23 +180,21 @@ def read_checkpoint(path: str | os.PathLike) -> AuthorsCheckpoint:
       or neither the released `{"model": {"sd": ...}, ...}` structure nor a
       bare state dict (a mapping of names to tensors).
   """
-  path = pathlib.Path(path)
-  if path.is_dir():
-    raise IsADirectoryError(f"{path}: a folder, not a checkpoint file; name the .pth file in it")
-  if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such checkpoint file")
-  archive = _Archive(path)
+  path = pth._checked_file(path)  # pylint: disable=protected-access
   try:
-    content = archive.unpickle()
-    state, structure = _find_state_dict(content, str(path))
-    state_dict = {}
-    for name, tensor in state.items():
-      if not isinstance(tensor, StoredTensor):
-        raise AuthorsCheckpointError(f"{path}:{name}",
-                                     f"not a tensor but a {type(tensor).__name__}")
-      state_dict[str(name)] = archive.tensor(tensor, str(name))
-  finally:
-    archive.close()
+    with pth.Archive(path) as archive:
+      content = archive.unpickle()
+      state, structure = _find_state_dict(content, str(path))
+      state_dict = {}
+      for name, tensor in state.items():
+        if not isinstance(tensor, pth.StoredTensor):
+          raise AuthorsCheckpointError(f"{path}:{name}",
+                                       f"not a tensor but a {type(tensor).__name__}")
+        state_dict[str(name)] = archive.tensor(tensor, str(name))
+  except AuthorsCheckpointError:
+    raise
+  except pth.ArchiveError as e:
+    raise AuthorsCheckpointError(e.where, e.reason) from None
   if structure == BARE_STATE_DICT:
     return AuthorsCheckpoint(state_dict, None, None, BARE_STATE_DICT)
   epoch = content.get("epoch")
@@ -743,141 +518,3 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray],
   if report.converted:
     logging.info("%s: converted to float32: %s", where, report.converted)
   return unflatten_dict(flat), report
-
-
-# -- the workdir ------------------------------------------------------------------------
-
-
-def dataset_from_filename(path: str | os.PathLike) -> str | None:
-  """"WFLW" for full_model_epoch0_best_wflw.pth; None without a `_best_<dataset>` suffix."""
-  match = re.search(r"_best_([A-Za-z0-9]+)$", pathlib.Path(path).stem)
-  if match is None:
-    return None
-  try:
-    return landmarks.get_protocol(match[1]).name
-  except ValueError:
-    return None
-
-
-def run_config(dataset: str, variant: str = "paper") -> ml_collections.ConfigDict:
-  """The run config of an imported checkpoint (see the module docstring)."""
-  config = fgtbt_authors.get_config()  # Their model, recipe and evaluation.
-  config.model.update(models.model_config(
-      variant, fgsa_compat="authors", batch_norm_unbiased_variance=True))
-  config.data.datasets = (dataset,)
-  config.data.eval_batch_size = AUTHORS_EVAL_BATCH_SIZE
-  config.eval.best_on_subsets = tuple(
-      entry for entry in config.eval.best_on_subsets if entry.startswith(f"{dataset}:"))
-  return config
-
-
-@dataclasses.dataclass
-class ImportResult:
-  """What `import_authors_checkpoint` wrote.
-
-  Attributes:
-    workdir: the run directory.
-    dataset: whose best model the weights are.
-    step: the checkpoint's step (the file's epoch entry; 0 when absent).
-    report: the `LoadReport`.
-  """
-
-  workdir: pathlib.Path
-  dataset: str
-  step: int
-  report: LoadReport
-
-
-def _check_free(workdir: pathlib.Path) -> None:
-  for name in (rundir.CONFIG_FILE, rundir.CHECKPOINTS_DIR):
-    if (workdir / name).exists():
-      raise FileExistsError(f"{workdir} already holds a run ({workdir / name}); "
-                            "import into a new workdir")
-
-
-def import_authors_checkpoint(path: str | os.PathLike, workdir: str | os.PathLike,
-                              dataset: str | None = None, *,
-                              variant: str = "paper") -> ImportResult:
-  """Converts an authors' checkpoint into a workdir for `run.py eval` / `predict`.
-
-  Args:
-    path: the released .pth file.
-    workdir: a new (or empty) run directory.
-    dataset: whose best model the file is ("WFLW", "300W", "COFW", "AFLW",
-      any case); default from the file name's `_best_<dataset>` suffix.
-    variant: the model variant the state dict is of ("paper" for the
-      released files; smaller ones for tests).
-
-  Raises:
-    FileNotFoundError: no such file.
-    FileExistsError: the workdir already holds a run (config.json or checkpoints/).
-    AuthorsCheckpointError: the file is not a usable authors' checkpoint.
-    ValueError: no dataset given or in the file name, or an unknown one.
-  """
-  path, workdir = pathlib.Path(path), pathlib.Path(workdir)
-  if dataset is None:
-    dataset = dataset_from_filename(path)
-    if dataset is None:
-      raise ValueError(f"{path}: which dataset's best model is this? The file name has no "
-                       "_best_<dataset> suffix; pass the dataset, one of "
-                       f"{landmarks.PROTOCOL_NAMES}")
-  dataset = landmarks.get_protocol(dataset).name
-  _check_free(workdir)
-  checkpoint = read_checkpoint(path)
-  config = run_config(dataset, variant)
-  variables, report = convert_state_dict(checkpoint.state_dict, config.model, str(path))
-  step = checkpoint.epoch if checkpoint.epoch is not None and checkpoint.epoch >= 0 else 0
-  workdir.mkdir(parents=True, exist_ok=True)
-  rundir.write_run_config(config, workdir)
-  checkpoints = checkpointing.Checkpointer.for_run(config, workdir, enable_async=False)
-  try:
-    # Not measured here: any evaluated model of a later training run is better.
-    checkpoints.save_best(step, jax.tree.map(jnp.asarray, variables),
-                          {dataset: float("inf")})
-  finally:
-    checkpoints.close()
-  record = {"source": str(path.resolve()), "structure": checkpoint.structure,
-            "dataset": dataset, "step": step, "epoch": checkpoint.epoch,
-            "loaded": len(report.loaded), "dropped": len(report.dropped),
-            "prefix_stripped": report.prefix,
-            "converted_to_float32": report.converted,
-            "num_batches_tracked": {str(k): v for k, v in report.batches_tracked.items()}}
-  (workdir / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-  return ImportResult(workdir, dataset, step, report)
-
-
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m fgtbt_jax.authors_checkpoint",
-      description="Import the FGTBT authors' released checkpoint into a workdir that "
-                  "`run.py eval --checkpoint=best` and `run.py predict` read.")
-  parser.add_argument("--authors-checkpoint", required=True,
-                      help="the released .pth file, e.g. full_model_epoch0_best_wflw.pth, or a "
-                           "bare torch.save(state_dict) of the same network (keys may carry "
-                           "DataParallel's 'module.' prefix)")
-  parser.add_argument("--workdir", required=True, help="a new run directory to write")
-  parser.add_argument("--dataset", default=None,
-                      help="whose best model it is (default: the file name's _best_<dataset>)")
-  parser.add_argument("--variant", default="paper", choices=models.VARIANTS,
-                      help="model variant of the state dict (the released files: paper)")
-  args = parser.parse_args(argv)
-  try:
-    result = import_authors_checkpoint(args.authors_checkpoint, args.workdir, args.dataset,
-                                       variant=args.variant)
-  except AuthorsCheckpointError as e:
-    if e.report is not None and not e.report.hint:  # With a hint, the one line says it.
-      print(e.report.summary())
-    print(f"authors_checkpoint: {e}", file=sys.stderr)
-    return 1
-  except (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError) as e:
-    print(f"authors_checkpoint: {e}", file=sys.stderr)
-    return 1
-  print(result.report.summary())
-  print(f"wrote {result.workdir}: the {result.dataset} best model (step {result.step}); "
-        f"python run.py eval --workdir {result.workdir} --checkpoint=best "
-        "--config.data.data_dir=DATA")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
