@@ -37,7 +37,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from benchmarks import common
-from data_pipelines import synthetic
+from fgtbt_jax.data import synthetic
 from fgtbt_jax.deploy import detector as detector_lib
 from fgtbt_jax import inference as inference_lib
 from fgtbt_jax import models

@@ -28,9 +28,9 @@ import cv2
 import numpy as np
 from absl import flags
 
-from data_pipelines import config as data_config_lib
-from data_pipelines import convert
-from data_pipelines import pipeline
+from fgtbt_jax.data import config as data_config_lib
+from fgtbt_jax.data import convert
+from fgtbt_jax.data import pipeline
 
 
 def _emit(record: dict) -> None:

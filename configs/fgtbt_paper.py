@@ -28,7 +28,7 @@ start from it and change values only.
 
 import ml_collections
 
-from data_pipelines.config import data_config
+from fgtbt_jax.data.config import data_config
 from fgtbt_jax import models
 
 

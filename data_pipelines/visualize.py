@@ -21,8 +21,8 @@ import cv2
 import ml_collections
 import numpy as np
 
-from data_pipelines import config as data_config_lib
-from data_pipelines import pipeline
+from fgtbt_jax.data import config as data_config_lib
+from fgtbt_jax.data import pipeline
 from fgtbt_jax import landmarks as lm
 
 _LEFT_OF_PAIR = (230, 40, 40)

@@ -41,8 +41,8 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from data_pipelines import pipeline
-from data_pipelines import prepare
+from fgtbt_jax.data import pipeline
+from fgtbt_jax.data import prepare
 from fgtbt_jax import crop
 from fgtbt_jax import errors
 from fgtbt_jax import inference

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping
 import cv2
 import numpy as np
 
-from fgtbt_jax import datasets
+from fgtbt_jax.data import datasets
 from fgtbt_jax import landmarks
 from fgtbt_jax import metrics
 from fgtbt_jax import models

@@ -21,7 +21,7 @@ statistics, and returns the loss and per-dataset losses. Around it:
 
 The train state, optimizer and abstract shapes are built in `state`; data
 preparation (synthetic stand-ins, conversion checks) is
-`data_pipelines.prepare`; training and eval scalars go through one
+`fgtbt_jax.data.prepare`; training and eval scalars go through one
 `MetricWriter`.
 """
 
@@ -46,8 +46,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from data_pipelines import pipeline
-from data_pipelines import prepare
+from fgtbt_jax.data import pipeline
+from fgtbt_jax.data import prepare
 from fgtbt_jax import checkpointing
 from fgtbt_jax import errors
 from fgtbt_jax import evaluate

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from fgtbt_jax import datasets
+from fgtbt_jax.data import datasets
 from fgtbt_jax.deploy.predict_files import validate_predict_config
 from fgtbt_jax import heatmaps
 from fgtbt_jax import inference

@@ -45,7 +45,7 @@ def flatten(tree) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def synthetic_data_dir(tmp_path_factory) -> pathlib.Path:
   """Eight train and eight test synthetic faces of each dataset, converted."""
-  from data_pipelines import convert
+  from fgtbt_jax.data import convert
   out = tmp_path_factory.mktemp("synthetic")
   convert.convert_synthetic(out, SYNTHETIC_SIZES, render_workers=0, num_threads=2)
   return out

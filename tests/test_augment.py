@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data_pipelines import pipeline
+from fgtbt_jax.data import pipeline
 from fgtbt_jax import crop
 from fgtbt_jax import images
 from fgtbt_jax import landmarks as lm

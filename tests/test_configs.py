@@ -12,7 +12,7 @@ from configs import default
 from configs import fgtbt_authors
 from configs import fgtbt_paper
 from configs import tiny
-from data_pipelines import prepare
+from fgtbt_jax.data import prepare
 from fgtbt_jax import validation
 from fgtbt_jax import errors
 from fgtbt_jax import state as state_lib

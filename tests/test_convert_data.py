@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_pipelines import convert
-from data_pipelines import tfds_builders
-from data_pipelines.records import FaceRecord
+from data_pipelines import convert as convert_command
+from fgtbt_jax.data import convert
+from fgtbt_jax.data import tfds_builders
+from fgtbt_jax.data.records import FaceRecord
 from fgtbt_jax import crop
 from fgtbt_jax import images
 from fgtbt_jax import landmarks as lm
@@ -243,17 +244,17 @@ def test_convert_dataset_reads_with_the_readers(tmp_path):
 
 
 def test_cli_exit_codes(tmp_path, capsys):
-  assert convert.main(["--dataset", "wflw", "--src", str(tmp_path / "nope"),
+  assert convert_command.main(["--dataset", "wflw", "--src", str(tmp_path / "nope"),
                        "--out", str(tmp_path / "out")]) == 1
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and "nope: WFLW source not found" in err
-  assert convert.main(["--dataset", "helen", "--src", str(tmp_path),
+  assert convert_command.main(["--dataset", "helen", "--src", str(tmp_path),
                        "--out", str(tmp_path / "out")]) == 1
   assert "unknown protocol 'helen'" in capsys.readouterr().err
   src = tmp_path / "WFLW"
   (src / "WFLW_images").mkdir(parents=True)
   _write_wflw_line(src / "list_98pt_rect_attr_test.txt", good=False)
-  assert convert.main(["--dataset", "wflw", "--src", str(src), "--out",
+  assert convert_command.main(["--dataset", "wflw", "--src", str(src), "--out",
                        str(tmp_path / "out"), "--splits", "test"]) == 1
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and "list_98pt_rect_attr_test.txt:1" in err
@@ -380,12 +381,12 @@ def test_src_as_an_annotation_file_and_bad_out_folders(tmp_path, capsys, monkeyp
   cv2.imwrite(str(src / "WFLW_images" / "faces" / "a.jpg"), _face_image([], (220, 220)))
   annotation = src / "list_98pt_rect_attr_test.txt"
   _write_wflw_line(annotation)
-  assert convert.main(["--dataset", "wflw", "--src", str(annotation), "--out",
+  assert convert_command.main(["--dataset", "wflw", "--src", str(annotation), "--out",
                        str(tmp_path / "out"), "--splits", "test"]) == 0
   assert len(_read_back(tmp_path / "out", "WFLW", "test")) == 1
   capsys.readouterr()
   (tmp_path / "a_file").write_text("keep me")
-  assert convert.main(["--dataset", "wflw", "--src", str(src), "--out",
+  assert convert_command.main(["--dataset", "wflw", "--src", str(src), "--out",
                        str(tmp_path / "a_file"), "--splits", "test"]) == 1
   err = capsys.readouterr().err.strip()
   assert err == f"convert: error: {tmp_path / 'a_file'}: is a file, not a folder; choose another --out"
@@ -394,7 +395,7 @@ def test_src_as_an_annotation_file_and_bad_out_folders(tmp_path, capsys, monkeyp
   def refuse(*args, **kwargs):
     raise PermissionError(13, "Permission denied", str(tmp_path / "ro" / "fgtbt_wflw"))
   monkeypatch.setattr(tfds_builders.pathlib.Path, "mkdir", refuse)
-  assert convert.main(["--dataset", "wflw", "--src", str(src), "--out",
+  assert convert_command.main(["--dataset", "wflw", "--src", str(src), "--out",
                        str(tmp_path / "ro"), "--splits", "test"]) == 1
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and "Permission denied" in err and "ro/fgtbt_wflw" in err
@@ -405,11 +406,11 @@ def test_the_readers_convention_is_recorded_and_never_mixed(tmp_path, capsys):
   out = tmp_path / "out"
   convert.convert_dataset("wflw", src, out, splits=("test",), convention="authors")
   assert tfds_builders.conversion_convention(out, "WFLW") == "authors"
-  assert convert.main(["--dataset", "wflw", "--src", str(src), "--out", str(out),
+  assert convert_command.main(["--dataset", "wflw", "--src", str(src), "--out", str(out),
                        "--splits", "test"]) == 1
   assert "converted with convention 'authors', not 'project'; convert into another --out" in (
       capsys.readouterr().err)
-  assert convert.main(["--dataset", "wflw", "--src", str(src), "--out", str(out),
+  assert convert_command.main(["--dataset", "wflw", "--src", str(src), "--out", str(out),
                        "--splits", "test", "--overwrite"]) == 0
   assert tfds_builders.conversion_convention(out, "WFLW") == "project"
 
@@ -418,9 +419,9 @@ def test_the_authors_convention_stores_their_test_crops(tmp_path):
   """`--convention authors` test splits hold the authors' own test crop (their
   integer window, PIL bicubic, PNG), annotated in their nominal crop frame: the
   eval pipeline feeds those pixels unchanged, with the exact crop map's geometry."""
-  from data_pipelines import config as data_config_lib
-  from data_pipelines import pipeline
-  from data_pipelines import synthetic
+  from fgtbt_jax.data import config as data_config_lib
+  from fgtbt_jax.data import pipeline
+  from fgtbt_jax.data import synthetic
   size = 96
   image, points124, _ = synthetic.render_face(5, 2, 200)
   points = points124[lm.get_protocol("WFLW").unified_index]
@@ -470,7 +471,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, capsy
                     capture_output=True).returncode != 0:
     pytest.skip("a small full disk (tmpfs) needs root with mount rights")
   try:
-    assert convert.main(["--dataset", "wflw", "--src", str(src), "--out", str(disk / "out"),
+    assert convert_command.main(["--dataset", "wflw", "--src", str(src), "--out", str(disk / "out"),
                          "--splits", "test", "--max-side", "300"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("convert: error: [Errno 28] the disk is full") and "jpeg95_300" in err
@@ -486,12 +487,12 @@ def test_another_source_into_an_existing_conversion_is_refused(tmp_path, capsys)
   shutil.copytree(src, other)
   out = tmp_path / "out"
   args = ["--dataset", "wflw", "--out", str(out), "--splits", "test"]
-  assert convert.main(args + ["--src", str(src)]) == 0
+  assert convert_command.main(args + ["--src", str(src)]) == 0
   assert tfds_builders.conversion_source(out, "WFLW") == str(src.resolve())
-  assert convert.main(args + ["--src", str(src)]) == 0  # the same source: reused
+  assert convert_command.main(args + ["--src", str(src)]) == 0  # the same source: reused
   assert "reused" in capsys.readouterr().out
-  assert convert.main(args + ["--src", str(other)]) == 1
+  assert convert_command.main(args + ["--src", str(other)]) == 1
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and f"converted from {src.resolve()}, not {other.resolve()}" in err
-  assert convert.main(args + ["--src", str(other), "--overwrite"]) == 0
+  assert convert_command.main(args + ["--src", str(other), "--overwrite"]) == 0
   assert tfds_builders.conversion_source(out, "WFLW") == str(other.resolve())

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipelines import synthetic
+from fgtbt_jax.data import synthetic
 from fgtbt_jax.deploy import calibrate
 from fgtbt_jax.deploy import detector as detector_lib
 from fgtbt_jax.errors import DataError

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from data_pipelines import pipeline
+from fgtbt_jax.data import pipeline
 from fgtbt_jax import checkpointing
 from fgtbt_jax import crop
 from fgtbt_jax import errors
@@ -395,7 +395,7 @@ def _authors_nme(pred, gt, dataset, box_size, pupils=False):
 @pytest.fixture(scope="module")
 def uneven_splits(tmp_path_factory):
   """Synthetic test splits of 13, 12, 7 and 1 faces: none fills batches of 8."""
-  from data_pipelines import convert
+  from fgtbt_jax.data import convert
   out = tmp_path_factory.mktemp("uneven")
   convert.convert_synthetic(out, {"WFLW": (1, 13), "300W": (1, 12), "COFW": (1, 7),
                                   "AFLW": (1, 1)}, render_workers=0, num_threads=2)
@@ -409,7 +409,7 @@ def test_unpadded_eval_of_a_compat_run_is_the_authors_evaluation_at_any_split_si
   completes (each batch shape compiled), and its per-image NME and FR are their
   formulas on the same predictions: cells a of their integer argmax at T^-1(a - 1),
   the ground truth's cell trunc(T(x) + 1) at T^-1(cell - 1), T their crop map."""
-  from data_pipelines import tfds_builders
+  from fgtbt_jax.data import tfds_builders
   config = _config(uneven_splits, coordinates="authors", decoder="argmax", flip_test=True,
                    failure_normalizer="inter_pupil")
   config.model.fgsa_compat = "authors"

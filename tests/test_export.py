@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from data_pipelines import synthetic
+from fgtbt_jax.data import synthetic
 from fgtbt_jax.deploy import detector as detector_lib
 from fgtbt_jax.deploy import export
 from fgtbt_jax import heatmaps

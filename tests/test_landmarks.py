@@ -155,7 +155,7 @@ def test_face_parts_cover_the_unified_points_consistently():
 
 
 def test_dataset_registry_matches_the_protocols():
-  from fgtbt_jax import datasets
+  from fgtbt_jax.data import datasets
   assert tuple(datasets.DATASETS) == L.PROTOCOL_NAMES
   for name, spec in datasets.DATASETS.items():
     assert spec.protocol is L.get_protocol(name) and spec.dataset_id == L.PROTOCOL_NAMES.index(name)

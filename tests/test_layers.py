@@ -1,18 +1,19 @@
 """Imports point down: every module sits in a layer and imports only lower layers.
 
 Read from the source with `ast`, so imports inside functions count too. A
-wing (a subpackage of `fgtbt_jax`: `models`, `deploy`, `weights`) is one unit of the
+wing (a subpackage of `fgtbt_jax`: `models`, `data`, `deploy`, `weights`) is one unit of the
 table: imports inside it are free, and it sits in one layer as a whole, so
 no import loop runs through it. The layers (lowest first) are the project's
 architecture:
 
-  facts          error types, logical axis names, the record type, metric writer
+  facts          error types, metric writer
   protocol       the unified protocol, crop convention, image loading, heatmap
                  maths
-  registry       the dataset registry (subsets, counts, builder names, paper numbers)
-  maths / model  metrics, losses, decoding error, the network (the `models` wing)
-  data           readers, synthetic stand-ins, conversion, the grain pipeline,
-                 data preparation (they use the three layers above only)
+  maths / model  metrics, losses, the network (the `models` wing)
+  data           the `data` wing: the dataset registry (subsets, counts,
+                 builder names, paper numbers), readers, synthetic stand-ins,
+                 conversion, the grain pipeline, data preparation (it uses
+                 the layers above only); decoding error
   run directory  the workdir's lock, its config.json (the upgrade of older ones,
                  the command line's overrides) and which checkpoint to use
   devices / run  mesh and batches, Orbax checkpoints, the report (pure
@@ -28,14 +29,12 @@ architecture:
   entry          the evaluation pass and eval-only mode
   loop           the training loop
   tools          commands built on the training loop's step: the ahead-of-time
-                 compile for a device topology
+                 compile for a device topology; the data commands
+                 (`data_pipelines`: convert, synthetic, visualize)
 
-Packages: the graph of the top-level packages (`fgtbt_jax`, `data_pipelines`)
-has no loop but the one in KNOWN_PACKAGE_LOOPS, which `fgtbt_jax/data` (#31
-item 1, the data wing) removes: until then `data_pipelines` may use only the
-leaf facts of `fgtbt_jax` (protocol, registry, crop, image loading, errors),
-and only the entry-level modules of `fgtbt_jax` (evaluation, training loop)
-use `data_pipelines`.
+Packages: the top-level packages (`fgtbt_jax`, `data_pipelines`) import each
+other in no loop: `data_pipelines` is the command-line layer over
+`fgtbt_jax.data`, and no `fgtbt_jax` module imports it.
 """
 
 import ast
@@ -47,14 +46,10 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("fgtbt_jax", "data_pipelines")
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("fgtbt_jax.errors", "data_pipelines.records", "fgtbt_jax.metric_writer"),
+    ("fgtbt_jax.errors", "fgtbt_jax.metric_writer"),
     ("fgtbt_jax.landmarks", "fgtbt_jax.crop", "fgtbt_jax.images", "fgtbt_jax.heatmaps"),
-    ("fgtbt_jax.datasets",),
-    ("fgtbt_jax.metrics", "fgtbt_jax.losses", "fgtbt_jax.models", "data_pipelines.config",
-     "data_pipelines.synthetic", "data_pipelines.readers"),
-    ("data_pipelines.tfds_builders", "fgtbt_jax.decoding_error"),
-    ("data_pipelines.convert", "data_pipelines.pipeline"),
-    ("data_pipelines.prepare", "data_pipelines.visualize"),
+    ("fgtbt_jax.metrics", "fgtbt_jax.losses", "fgtbt_jax.models"),
+    ("fgtbt_jax.data", "fgtbt_jax.decoding_error"),
     ("fgtbt_jax.rundir",),
     ("fgtbt_jax.sharding", "fgtbt_jax.checkpointing", "fgtbt_jax.report"),
     ("fgtbt_jax.inference", "fgtbt_jax.state"),
@@ -63,13 +58,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("fgtbt_jax.validation",),
     ("fgtbt_jax.evaluate",),
     ("fgtbt_jax.train",),
-    ("fgtbt_jax.aot",),
+    ("fgtbt_jax.aot", "data_pipelines.convert", "data_pipelines.synthetic",
+     "data_pipelines.visualize"),
 )
 # Subpackages whose modules form one unit of the table (imports inside them are free):
 # every wing of fgtbt_jax is one (test_every_wing_is_one_unit).
-UNITS = ("fgtbt_jax.models", "fgtbt_jax.deploy", "fgtbt_jax.weights", "data_pipelines.readers")
-LEAF_FACTS = {"fgtbt_jax.landmarks", "fgtbt_jax.datasets", "fgtbt_jax.crop", "fgtbt_jax.images",
-              "fgtbt_jax.errors"}
+UNITS = ("fgtbt_jax.models", "fgtbt_jax.data", "fgtbt_jax.deploy", "fgtbt_jax.weights")
 ENTRY_LEVEL = {"fgtbt_jax.evaluate", "fgtbt_jax.train"}
 # Loops between top-level packages that are known and named (a pair, the reason).
 KNOWN_PACKAGE_LOOPS = {
@@ -134,12 +128,10 @@ def test_imports_point_down(module):
   assert not upward, f"{module} (layer {RANK[module]}) imports {upward}, not below it"
 
 
-def test_the_two_packages_cross_only_at_the_leaf_facts_and_the_entry_level():
+def test_data_pipelines_is_the_command_layer_over_fgtbt_jax():
+  # data_pipelines holds commands: fgtbt_jax imports none of it.
   for module in MODULES:
-    if module.startswith("data_pipelines"):
-      reached = {m for m in project_imports(module) if m.startswith("fgtbt_jax")}
-      assert reached <= LEAF_FACTS | {"fgtbt_jax"}, (module, sorted(reached - LEAF_FACTS))
-    elif _unit(module) not in ENTRY_LEVEL:
+    if module.startswith("fgtbt_jax"):
       reached = {m for m in project_imports(module) if m.startswith("data_pipelines")}
       assert not reached, (module, sorted(reached))
 
@@ -168,7 +160,5 @@ def _package_loops() -> set[tuple[str, ...]]:
   return {tuple(sorted((a, b))) for a in PACKAGES for b in reaches[a] if a in reaches[b]}
 
 
-def test_no_package_level_loop_but_the_known_ones():
-  # Exactly the known ones: a new loop fails, and so does a known one that is gone
-  # (then it leaves KNOWN_PACKAGE_LOOPS).
-  assert _package_loops() == set(KNOWN_PACKAGE_LOOPS)
+def test_no_package_level_loop():
+  assert not _package_loops()

@@ -10,11 +10,11 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 import grain
-from data_pipelines import config as data_config_lib
-from data_pipelines import convert
-from data_pipelines import pipeline
+from fgtbt_jax.data import config as data_config_lib
+from fgtbt_jax.data import convert
+from fgtbt_jax.data import pipeline
 from data_pipelines import visualize
-from data_pipelines.records import FaceRecord
+from fgtbt_jax.data.records import FaceRecord
 from fgtbt_jax import crop
 from fgtbt_jax import images
 from fgtbt_jax import landmarks as lm
@@ -277,8 +277,8 @@ _WORKERS_THEN_WAIT = """
 import sys, time
 from absl import flags
 flags.FLAGS(sys.argv[:1])  # grain reads its flags
-from data_pipelines import config
-from data_pipelines import pipeline
+from fgtbt_jax.data import config
+from fgtbt_jax.data import pipeline
 c = config.data_config()
 c.data_dir, c.image_size, c.num_workers, c.worker_buffer_size = sys.argv[1], 32, 2, 1
 c.read_threads, c.prefetch_buffer_size = 1, 1

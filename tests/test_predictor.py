@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipelines import synthetic
+from fgtbt_jax.data import synthetic
 from fgtbt_jax import errors
 from fgtbt_jax.errors import DataError
 from fgtbt_jax.images import load_image

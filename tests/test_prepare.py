@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_pipelines import config as data_config_lib
-from data_pipelines import convert
-from data_pipelines import prepare
-from data_pipelines import synthetic
-from data_pipelines import tfds_builders
-from data_pipelines.records import FaceRecord
+from fgtbt_jax.data import config as data_config_lib
+from fgtbt_jax.data import convert
+from fgtbt_jax.data import prepare
+from fgtbt_jax.data import synthetic
+from fgtbt_jax.data import tfds_builders
+from fgtbt_jax.data.records import FaceRecord
 from fgtbt_jax import images
 from fgtbt_jax import landmarks as lm
 from fgtbt_jax.errors import ConfigError, DataError

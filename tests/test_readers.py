@@ -1,4 +1,4 @@
-"""Tests for data_pipelines.readers on fixture files written here in each format."""
+"""Tests for fgtbt_jax.data.readers on fixture files written here in each format."""
 
 import csv
 import os
@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from data_pipelines import readers
+from fgtbt_jax.data import readers
 from fgtbt_jax import landmarks
 from fgtbt_jax.errors import DataError, UnknownProtocolError
 from fgtbt_jax.images import encode_image, load_image

@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from data_pipelines import pipeline
-from fgtbt_jax import datasets
+from fgtbt_jax.data import pipeline
+from fgtbt_jax.data import datasets
 from fgtbt_jax import landmarks
 from fgtbt_jax import metrics
 from fgtbt_jax import report

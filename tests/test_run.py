@@ -205,7 +205,7 @@ def test_a_signal_saves_and_exits_with_128_plus_its_number(tmp_path, synthetic_d
 def _write_face(path, seed_index: int, size: int = 96, grey: bool = False):
   """A clean synthetic face image; returns its annotation-style box."""
   import cv2
-  from data_pipelines import synthetic
+  from fgtbt_jax.data import synthetic
   from fgtbt_jax.deploy import detector
   image, points, _ = synthetic.render_face(7, seed_index, size, clean=True)
   pixels = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if grey else image[..., ::-1]

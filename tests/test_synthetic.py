@@ -1,4 +1,4 @@
-"""Tests for data_pipelines.synthetic: the renderer and the written datasets."""
+"""Tests for fgtbt_jax.data.synthetic (the renderer and the written datasets) and its command."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data_pipelines import readers, synthetic
+from fgtbt_jax.data import readers, synthetic
 from fgtbt_jax import landmarks
 from fgtbt_jax.errors import UnknownProtocolError
 from fgtbt_jax.images import load_image
@@ -188,17 +188,17 @@ def test_one_dataset_in_process_and_bad_sizes(tmp_path):
 
 
 def test_the_cli_writes_raw_datasets_the_converter_reads(tmp_path, capsys):
-  from data_pipelines import readers
-  from data_pipelines import synthetic as synthetic_lib
-  assert synthetic_lib.main(["--out", str(tmp_path), "--datasets", "cofw,aflw", "--train", "2",
+  from fgtbt_jax.data import readers
+  from data_pipelines import synthetic as synthetic_command
+  assert synthetic_command.main(["--out", str(tmp_path), "--datasets", "cofw,aflw", "--train", "2",
                              "--test", "1", "--image-size", "64", "--workers", "0"]) == 0
   out = capsys.readouterr().out
   assert f"COFW: 2 train + 1 test faces in {tmp_path / 'COFW'}" in out
   records, _ = readers.read_dataset("AFLW", str(tmp_path / "AFLW"), "train")
   assert len(records) == 2 and not (tmp_path / "WFLW").exists()
-  assert synthetic_lib.main(["--out", str(tmp_path), "--datasets", "helen"]) == 1
+  assert synthetic_command.main(["--out", str(tmp_path), "--datasets", "helen"]) == 1
   assert "synthetic: error: unknown protocol 'helen'" in capsys.readouterr().err
   (tmp_path / "a_file").write_text("")
-  assert synthetic_lib.main(["--out", str(tmp_path / "a_file"), "--train", "1", "--test", "0",
+  assert synthetic_command.main(["--out", str(tmp_path / "a_file"), "--train", "1", "--test", "0",
                              "--workers", "0", "--image-size", "64"]) == 1
   assert capsys.readouterr().err.count("\n") == 1

@@ -27,7 +27,7 @@ UNSEEN_SEED = 7  # The training data is rendered with seed 0.
 
 @pytest.fixture(scope="module")
 def trained_default(tmp_path_factory):
-  from data_pipelines import convert
+  from fgtbt_jax.data import convert
   data_dir = tmp_path_factory.mktemp("default_data")
   convert.convert_synthetic(data_dir, {name: (120, 16) for name in PROTOCOLS},
                             render_workers=0, num_threads=2)
@@ -45,7 +45,7 @@ def trained_default(tmp_path_factory):
 
 
 def _unseen_faces(count: int, size: int = 128):
-  from data_pipelines import synthetic
+  from fgtbt_jax.data import synthetic
   faces = [synthetic.render_face(UNSEEN_SEED, i, size, clean=True) for i in range(count)]
   return [image for image, _, _ in faces], np.stack([points for _, points, _ in faces])
 

@@ -12,7 +12,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from data_pipelines import synthetic
+from fgtbt_jax.data import synthetic
 from fgtbt_jax.deploy import detector as detector_lib
 from fgtbt_jax.deploy import video
 

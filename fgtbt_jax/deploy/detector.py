@@ -34,7 +34,7 @@ stop above the chin), so each detector maps them with a `BoxAdjustment`:
 (the default) and for the project's "synthetic" faces. Fit one for any
 detector with `calibrate_box_adjustment(raw_detector, faces)` on faces with
 known landmarks (a user's annotated photos: `python -m fgtbt_jax.deploy.calibrate`
-reads them from a JSON file; or `data_pipelines.synthetic.calibration_faces`).
+reads them from a JSON file; or `fgtbt_jax.data.synthetic.calibration_faces`).
 `parse_box_adjustment` reads "real", "synthetic" or "scale,shift_x,shift_y"
 (the config's predict.box_adjustment), `make_detector` makes one by name.
 """
@@ -252,7 +252,7 @@ def calibrate_box_adjustment(detector: Callable[[np.ndarray], np.ndarray],
   size whose centre lies in the face's annotation-style box (`landmark_box`
   of its landmarks), and fits the adjustment to those pairs. Clean
   synthetic faces work well:
-  `data_pipelines.synthetic.calibration_faces(num_faces, image_size, seed)`.
+  `fgtbt_jax.data.synthetic.calibration_faces(num_faces, image_size, seed)`.
 
   Raises:
     ValueError: fewer than `min_matched` faces were detected.

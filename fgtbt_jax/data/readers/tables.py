@@ -46,9 +46,9 @@ import os
 
 import numpy as np
 
-from data_pipelines.readers import common
-from data_pipelines.records import FaceRecord
-from fgtbt_jax import datasets
+from fgtbt_jax.data.readers import common
+from fgtbt_jax.data.records import FaceRecord
+from fgtbt_jax.data import datasets
 from fgtbt_jax import landmarks
 from fgtbt_jax.errors import DataError
 

@@ -72,9 +72,9 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines.records import FaceRecord
+from fgtbt_jax.data.records import FaceRecord
 from fgtbt_jax import crop
-from fgtbt_jax import datasets
+from fgtbt_jax.data import datasets
 from fgtbt_jax import errors
 from fgtbt_jax import images
 from fgtbt_jax import landmarks as lm
@@ -95,7 +95,7 @@ MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 The face datasets cannot be downloaded automatically (their licences require
 registration). Download them yourself and pass the folder as the manual
 directory (`python -m data_pipelines.convert --dataset NAME --src DIR`); the
-layouts each reader understands are described in data_pipelines/readers/:
+layouts each reader understands are described in fgtbt_jax/data/readers/:
 WFLW: list_98pt_rect_attr_{train,test}.txt and WFLW_images/ (or the HRNet
   CSVs); 300W: image folders with .pts files (or HRNet CSVs / STAR TSVs);
 COFW: COFW_{train,test}_color.mat; AFLW: AFLWinfo_release.mat with the
@@ -148,7 +148,7 @@ def crop_config(max_side: int = DEFAULT_MAX_SIDE, image_format: str = "jpeg",
 
 
 # Reads one split from the manual directory: (src, split) -> (records, report),
-# the contract of data_pipelines.readers.read_dataset.
+# the contract of fgtbt_jax.data.readers.read_dataset.
 ReadSplit = Callable[[pathlib.Path, str], tuple[Sequence[FaceRecord], object]]
 
 
@@ -167,7 +167,7 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared builder: reads a dataset's records and stores loose face crops.
 
   Subclasses set `PROTOCOL`. The dataset files are read from the manual
-  directory (or annotation file) with data_pipelines.readers
+  directory (or annotation file) with fgtbt_jax.data.readers
   (`source_format` None detects the format; `image_root` overrides where
   images are), or with `read_split(src, split) -> (records, report)` when
   given. `on_error` applies to the reader and to images that fail to load ("skip"
@@ -187,7 +187,7 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                source: str | os.PathLike | None = None, convention: str = "project",
                authors_crop_size: int = AUTHORS_CROP_SIZE, **kwargs):
     self._synthetic = bool(synthetic)  # _info() may run inside the base constructor.
-    self._convention = convention  # The readers' (data_pipelines.readers.common.CONVENTIONS).
+    self._convention = convention  # The readers' (fgtbt_jax.data.readers.common.CONVENTIONS).
     if int(authors_crop_size) < 32:
       raise ValueError(f"authors_crop_size must be at least 32 px, got {authors_crop_size}")
     self._authors_crop_size = int(authors_crop_size)
@@ -270,7 +270,7 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         disable_shuffling=True)
 
   def _read_with_readers(self, src: pathlib.Path, split: str):
-    from data_pipelines import readers  # pylint: disable=g-import-not-at-top
+    from fgtbt_jax.data import readers  # pylint: disable=g-import-not-at-top
     return readers.read_dataset(self.PROTOCOL, os.fspath(src), split,
                                 fmt=self._source_format, on_error=self._on_error,
                                 image_root=self._image_root, convention=self._convention)

@@ -35,9 +35,9 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 
-from data_pipelines import convert
-from data_pipelines import tfds_builders
-from fgtbt_jax import datasets
+from fgtbt_jax.data import convert
+from fgtbt_jax.data import tfds_builders
+from fgtbt_jax.data import datasets
 from fgtbt_jax.errors import ConfigError, UnknownProtocolError
 
 # TFDS creates this (empty, with a manual source) beside the builders.
@@ -61,7 +61,7 @@ def _is_synthetic_manifest(path: pathlib.Path) -> bool:
 
 
 def _raw_is_synthetic(raw: pathlib.Path) -> bool:
-  from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
+  from fgtbt_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   return (raw / synthetic.MARKER_FILE).is_file() or _is_synthetic_manifest(raw / "manifest.json")
 
 

@@ -28,15 +28,15 @@ import dataclasses
 import os
 from typing import Callable
 
-from data_pipelines.readers import aflw, cofw, common, tables, w300, wflw
-from data_pipelines.readers.aflw import read_aflw_mat
-from data_pipelines.readers.cofw import read_cofw_mat
-from data_pipelines.readers.common import ReadReport, SkippedSample
-from data_pipelines.readers.tables import read_hrnet_csv, read_star_tsv
-from data_pipelines.readers.w300 import read_300w_pts, read_pts
-from data_pipelines.readers.wflw import read_wflw_txt
-from data_pipelines.records import FaceRecord
-from fgtbt_jax import datasets
+from fgtbt_jax.data.readers import aflw, cofw, common, tables, w300, wflw
+from fgtbt_jax.data.readers.aflw import read_aflw_mat
+from fgtbt_jax.data.readers.cofw import read_cofw_mat
+from fgtbt_jax.data.readers.common import ReadReport, SkippedSample
+from fgtbt_jax.data.readers.tables import read_hrnet_csv, read_star_tsv
+from fgtbt_jax.data.readers.w300 import read_300w_pts, read_pts
+from fgtbt_jax.data.readers.wflw import read_wflw_txt
+from fgtbt_jax.data.records import FaceRecord
+from fgtbt_jax.data import datasets
 from fgtbt_jax import landmarks
 from fgtbt_jax.errors import DataError
 
@@ -126,7 +126,7 @@ def detect_format(dataset: str, src: str, split: str = "train") -> str:
     if _FORMATS[fmt].present(name, src, split):
       return fmt
   raise DataError(src, f"no {name} {split} annotations found in any known format "
-                  f"{FORMATS[name]}; see data_pipelines.readers for the file "
+                  f"{FORMATS[name]}; see fgtbt_jax.data.readers for the file "
                   "names each format expects", "missing_file")
 
 

@@ -28,7 +28,7 @@ from typing import Mapping
 
 from fgtbt_jax import landmarks
 
-# The annotation formats (`data_pipelines.readers` implements each).
+# The annotation formats (`fgtbt_jax.data.readers` implements each).
 WFLW_TXT = "wflw_txt"
 W300_PTS = "300w_pts"
 COFW_MAT = "cofw_mat"

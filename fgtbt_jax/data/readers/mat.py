@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
-from data_pipelines.readers.common import require_file
+from fgtbt_jax.data.readers.common import require_file
 from fgtbt_jax.errors import DataError
 
 

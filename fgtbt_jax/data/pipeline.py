@@ -55,9 +55,9 @@ import grain
 import ml_collections
 import numpy as np
 
-from data_pipelines import tfds_builders
+from fgtbt_jax.data import tfds_builders
 from fgtbt_jax import crop
-from fgtbt_jax import datasets
+from fgtbt_jax.data import datasets
 from fgtbt_jax import landmarks as lm
 
 _JPEG_START = b"\xff\xd8"

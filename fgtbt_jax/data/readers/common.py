@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from fgtbt_jax import datasets
+from fgtbt_jax.data import datasets
 from fgtbt_jax.errors import DataError
 
 MAX_OUTSIDE_BOX = 0.5
@@ -42,7 +42,7 @@ ON_ERROR_CHOICES = ("raise", "skip")
 # file format's order, which need not be the order reports list subsets in).
 WFLW_ATTRIBUTES = ("pose", "expression", "illumination", "makeup", "occlusion", "blur")
 
-_log = logging.getLogger("data_pipelines.readers")
+_log = logging.getLogger("fgtbt_jax.data.readers")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_pipelines.readers import common
-from data_pipelines.readers.mat import load_mat
-from data_pipelines.records import FaceRecord
-from fgtbt_jax import datasets
+from fgtbt_jax.data.readers import common
+from fgtbt_jax.data.readers.mat import load_mat
+from fgtbt_jax.data.records import FaceRecord
+from fgtbt_jax.data import datasets
 from fgtbt_jax.errors import DataError
 from fgtbt_jax.images import to_rgb_uint8
 

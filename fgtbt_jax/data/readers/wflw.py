@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import os
 
-from data_pipelines.readers import common
-from data_pipelines.records import FaceRecord
-from fgtbt_jax import datasets
+from fgtbt_jax.data.readers import common
+from fgtbt_jax.data.records import FaceRecord
+from fgtbt_jax.data import datasets
 from fgtbt_jax.errors import DataError
 
 NUM_POINTS = 98

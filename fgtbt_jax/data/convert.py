@@ -1,0 +1,211 @@
+"""Conversion of a face dataset into TFDS ArrayRecord files of loose face crops.
+
+The command is `python -m data_pipelines.convert` (its options say what each
+argument means). The dataset is read with fgtbt_jax.data.readers (the format
+is detected unless `fmt` names it), every face cropped
+(fgtbt_jax/data/tfds_builders.py) and `OUT/fgtbt_<dataset>/<crop config>/1.0.0/`
+written. `convention="authors"` reads the STAR TSV scale and the COFW crop
+extent as the FGTBT authors' loaders do (see fgtbt_jax.data.readers.tables /
+cofw; what their released weights expect) and stores the test splits as their
+own test crops (integer window, PIL bicubic, PNG) at `authors_crop_size` px.
+
+Library use: `convert_dataset(...)` and `convert_records(...)` return a
+`ConversionSummary`; `convert_synthetic(out_root)` writes the synthetic stand-in
+datasets and converts all four (run.py calls it on first use).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Mapping, Sequence
+
+import tensorflow_datasets as tfds
+
+from fgtbt_jax.data import tfds_builders
+from fgtbt_jax.data.records import FaceRecord
+from fgtbt_jax import landmarks as lm
+
+# `convert_synthetic` renders the raw synthetic files into this subfolder of
+# its output root.
+SYNTHETIC_RAW_DIR = "raw"
+
+
+@dataclasses.dataclass
+class SplitSummary:
+  """What the conversion of one split read, wrote and left out."""
+
+  split: str
+  read: int = 0
+  written: int = 0
+  skipped_reading: dict[str, int] = dataclasses.field(default_factory=dict)
+  skipped_images: dict[str, int] = dataclasses.field(default_factory=dict)
+  skipped_examples: list[str] = dataclasses.field(default_factory=list)
+  warnings: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def skipped(self) -> int:
+    return sum(self.skipped_reading.values()) + sum(self.skipped_images.values())
+
+
+@dataclasses.dataclass
+class ConversionSummary:
+  """The result of converting one dataset."""
+
+  dataset: str
+  path: pathlib.Path  # The version directory written (or reused).
+  reused: bool  # True: a finished conversion existed and was kept.
+  splits: dict[str, SplitSummary]
+
+  def text(self) -> str:
+    """A human-readable report."""
+    head = f"{self.dataset}: {'reused existing' if self.reused else 'wrote'} {self.path}"
+    lines = [head]
+    for s in self.splits.values():
+      lines.append(f"  {s.split}: read {s.read}, written {s.written}, skipped {s.skipped}")
+      for kind, count in sorted(s.skipped_reading.items()):
+        lines.append(f"    skipped while reading: {count} x {kind}")
+      for kind, count in sorted(s.skipped_images.items()):
+        lines.append(f"    skipped while cropping: {count} x {kind}")
+      lines.extend(f"      {example}" for example in s.skipped_examples[:10])
+      lines.extend(f"    WARNING: {w}" for w in s.warnings)
+    return "\n".join(lines)
+
+
+def convert_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike, *,
+                    fmt: str | None = None, image_root: str | None = None,
+                    splits: Sequence[str] = tfds_builders.SPLITS,
+                    on_error: str = "raise", max_side: int = tfds_builders.DEFAULT_MAX_SIDE,
+                    image_format: str = "jpeg",
+                    jpeg_quality: int = tfds_builders.DEFAULT_JPEG_QUALITY,
+                    num_threads: int = 4, overwrite: bool = False,
+                    synthetic: bool = False, convention: str = "project",
+                    authors_crop_size: int = tfds_builders.AUTHORS_CROP_SIZE
+                    ) -> ConversionSummary:
+  """Reads `dataset` from `src` (a folder or annotation file) into crops under `out`.
+
+  `fmt` names the source format (None: detected), `image_root` where the
+  annotation's image paths are relative to (None: the format's default); see
+  fgtbt_jax.data.readers.read_dataset. `synthetic` marks the conversion as
+  generated stand-in data (`convert_synthetic` sets it). `convention`:
+  the readers' ("project" or "authors"; fgtbt_jax.data.readers.read_dataset);
+  "authors" also stores the test splits as the authors' own test crops at
+  `authors_crop_size` px (fgtbt_jax.data.tfds_builders).
+
+  Raises:
+    FileNotFoundError: `src` does not exist.
+    UnknownProtocolError: unknown dataset name.
+    DataError: a bad file, or a bad sample with `on_error="raise"`.
+  """
+  protocol = lm.get_protocol(dataset)
+  if not os.path.exists(src):
+    raise FileNotFoundError(f"{src}: {protocol.name} source not found")
+  return _build(protocol.name, src, out, read_split=None, fmt=fmt,
+                image_root=image_root, splits=splits,
+                on_error=on_error, max_side=max_side, image_format=image_format,
+                jpeg_quality=jpeg_quality, num_threads=num_threads, overwrite=overwrite,
+                synthetic=synthetic, convention=convention,
+                authors_crop_size=authors_crop_size)
+
+
+def convert_records(dataset: str, records: Mapping[str, Sequence[FaceRecord]],
+                    out: str | os.PathLike, *, on_error: str = "raise",
+                    max_side: int = tfds_builders.DEFAULT_MAX_SIDE,
+                    image_format: str = "jpeg",
+                    jpeg_quality: int = tfds_builders.DEFAULT_JPEG_QUALITY,
+                    num_threads: int = 4, overwrite: bool = False) -> ConversionSummary:
+  """Writes already-read records ({split: records}) under `out`."""
+  protocol = lm.get_protocol(dataset)
+  for split, split_records in records.items():
+    for r in split_records:
+      if lm.get_protocol(r.dataset).name != protocol.name:
+        raise ValueError(f"{r.source}: a {r.dataset} record among "
+                         f"{protocol.name} {split} records")
+  os.makedirs(out, exist_ok=True)
+  return _build(protocol.name, out, out, read_split=lambda _, split: (records[split], None),
+                fmt=None, image_root=None, splits=tuple(records), on_error=on_error,
+                max_side=max_side, image_format=image_format, jpeg_quality=jpeg_quality,
+                num_threads=num_threads, overwrite=overwrite)
+
+
+def _build(dataset, src, out, *, read_split, fmt, image_root, splits, on_error,
+           max_side, image_format, jpeg_quality, num_threads,
+           overwrite, synthetic=False, convention="project",
+           authors_crop_size=tfds_builders.AUTHORS_CROP_SIZE) -> ConversionSummary:
+  config = tfds_builders.crop_config(max_side, image_format, jpeg_quality)
+  builder = tfds_builders.build(
+      dataset, src, out, source_format=fmt, image_root=image_root,
+      read_split=read_split, splits=splits,
+      config=config, on_error=on_error, num_threads=num_threads, overwrite=overwrite,
+      synthetic=synthetic, convention=convention, authors_crop_size=authors_crop_size)
+  path = pathlib.Path(builder.data_dir)
+  if not builder.split_stats:  # An existing conversion was reused.
+    return _existing_summary(dataset, path, builder.info)
+  summaries = {}
+  for split, stats in builder.split_stats.items():
+    report = stats.read_report
+    summaries[split] = SplitSummary(
+        split=split, read=stats.records, written=stats.written,
+        skipped_reading=report.skipped_by_kind() if report is not None else {},
+        skipped_images=dict(stats.skipped),
+        skipped_examples=([f"{s.where}: {s.reason}" for s in report.skipped[:10]]
+                          if report is not None else []) + stats.skipped_examples,
+        warnings=list(report.warnings) if report is not None else [])
+  return ConversionSummary(dataset, path, False, summaries)
+
+
+def _existing_summary(dataset: str, path: pathlib.Path, info) -> ConversionSummary:
+  """Summary of a finished conversion from the counts stored in its metadata."""
+  summaries = {}
+  for split in info.splits:
+    meta = info.metadata.get(f"{split}_conversion", {})
+    summaries[split] = SplitSummary(
+        split=split, read=meta.get("records", 0),
+        written=info.splits[split].num_examples,
+        skipped_images=dict(meta.get("skipped", {})))
+  return ConversionSummary(dataset, path, True, summaries)
+
+
+def convert_synthetic(out_root: str | os.PathLike,
+                      sizes: Mapping[str, tuple[int, int]] | None = None,
+                      seed: int = 0, image_size: int = 256,
+                      max_side: int = tfds_builders.DEFAULT_MAX_SIDE,
+                      render_workers: int | None = None,
+                      num_threads: int = 4) -> dict[str, ConversionSummary]:
+  """Writes the four synthetic datasets in their real formats and converts them.
+
+  Args:
+    out_root: raw files go to `out_root/raw` (`SYNTHETIC_RAW_DIR`),
+      converted data to `out_root` (use it as `data.data_dir`).
+    sizes: {dataset: (num_train, num_test)}; default
+      fgtbt_jax.data.synthetic.DEFAULT_SIZES.
+    seed, image_size: of the synthetic generator.
+    max_side: the stored crops' longest side.
+    render_workers: processes rendering faces (default: the CPU count).
+    num_threads: threads cropping and encoding during conversion.
+
+  Datasets already converted under `out_root` with this `max_side` are kept
+  as they are (and not rendered again).
+  """
+  from fgtbt_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  out_root = pathlib.Path(out_root)
+  sizes = dict(synthetic.DEFAULT_SIZES if sizes is None else sizes)
+  config = tfds_builders.crop_config_name(max_side)
+  summaries = {}
+  for name in lm.PROTOCOL_NAMES:
+    try:
+      path = tfds_builders.converted_dir(out_root, name, config)
+    except FileNotFoundError:
+      continue
+    info = tfds.builder_from_directory(os.fspath(path)).info
+    summaries[name] = _existing_summary(name, path, info)
+  missing = [name for name in lm.PROTOCOL_NAMES if name not in summaries]
+  if missing:
+    paths = synthetic.write_synthetic_datasets(
+        os.fspath(out_root / SYNTHETIC_RAW_DIR), {name: tuple(sizes[name]) for name in missing},
+        seed=seed, image_size=image_size, num_workers=render_workers)
+    for name in missing:
+      summaries[name] = convert_dataset(name, paths[name], out_root, max_side=max_side,
+                                        num_threads=num_threads, synthetic=True)
+  return {name: summaries[name] for name in lm.PROTOCOL_NAMES}
