@@ -16,11 +16,12 @@ the EMA model with the flip test and plain argmax decoding.
 Memory: with `--config.model.remat_policy=segments` the step at batch 8
 needs 4.75 GiB in bfloat16 and 6.36 GiB in float32 by XLA:CPU's memory
 analysis (everything kept: 25.2 and 26.5 GiB); benchmarks/README.md,
-"Memory budget". The default "auto" (none on CPU, dots on GPU/TPU) is not
-yet measured on a GPU; compiled for TPU v5e:2x2 in bfloat16 (`python -m
-fgtbt_jax.aot --config=configs/fgtbt_paper.py --topology=v5e:2x2
---config.model.dtype=bfloat16`) it needs 3.29 GiB per chip at batch 8
-(benchmarks/README.md, "Compiled for TPU").
+"Memory budget". The default "auto" (none on CPU, dots_no_attention on
+GPU/TPU) is not yet measured on a GPU; compiled for TPU v5e:2x2 in bfloat16
+(`python -m fgtbt_jax.aot --config=configs/fgtbt_paper.py --topology=v5e:2x2
+--config.model.dtype=bfloat16`) it needs 2.89 GiB per chip at batch 8 (2 per
+chip) and moves 5.2 GB of HBM traffic per image (benchmarks/README.md,
+"Compiled for TPU").
 
 This file declares every field of the experiment config; the other configs
 start from it and change values only.

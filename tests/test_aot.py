@@ -229,7 +229,7 @@ def test_auto_choices_lower_to_the_accelerator_forms_for_a_tpu_topology(monkeypa
   # On this CPU host "auto" would mean no remat and the shifted depthwise form;
   # for the TPU mesh it must be the program of the accelerator forms, exactly.
   auto = lowered(remat_policy="auto", depthwise_impl="auto")
-  assert auto == lowered(remat_policy="dots", depthwise_impl="conv")
+  assert auto == lowered(remat_policy="dots_no_attention", depthwise_impl="conv")
   assert auto != lowered(remat_policy="none", depthwise_impl="shifts")
 
 
@@ -246,7 +246,7 @@ def test_tiny_config_compiles_for_v5e(tmp_path, monkeypatch):
   assert status == 0, err
   report = json.loads(path.read_text())
   assert report["device_kind"] == "TPU v5 lite" and report["libtpu"]
-  assert report["resolved"] == {"remat_policy": "dots", "depthwise_impl": "conv"}
+  assert report["resolved"] == {"remat_policy": "dots_no_attention", "depthwise_impl": "conv"}
   assert set(report["programs"]) == {"train_step", "predict"}
   step = report["programs"]["train_step"]
   assert 0 < step["memory_bytes"]["total"] < 16 * aot.GIB and step["fits"]

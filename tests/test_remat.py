@@ -59,10 +59,10 @@ def test_unknown_policy_is_refused_naming_the_field():
     models.rematerialize(lambda x: x, "everything")
 
 
-def test_auto_policy_is_none_on_cpu_and_dots_on_accelerators():
+def test_auto_policy_is_none_on_cpu_and_dots_no_attention_on_accelerators():
   assert models.resolve_remat_policy("auto", "cpu") == "none"
-  assert models.resolve_remat_policy("auto", "gpu") == "dots"
-  assert models.resolve_remat_policy("auto", "tpu") == "dots"
+  assert models.resolve_remat_policy("auto", "gpu") == "dots_no_attention"
+  assert models.resolve_remat_policy("auto", "tpu") == "dots_no_attention"
   assert models.resolve_remat_policy("dots_no_batch", "cpu") == "dots_no_batch"
   assert models.model_config("paper").remat_policy == "auto"
 
@@ -83,12 +83,12 @@ def test_auto_resolves_for_the_devices_of_the_mesh_in_context():
     return seen[0]
 
   with jax.sharding.use_abstract_mesh(tpu):
-    assert choices() == traced_choices() == ("tpu", "dots", "conv")
+    assert choices() == traced_choices() == ("tpu", "dots_no_attention", "conv")
   with jax.set_mesh(sharding.single_device_mesh(jax.devices()[0])):
     assert choices() == traced_choices() == ("cpu", "none", "shifts")
   # No mesh: JAX's default backend (this suite's CPU); a named platform wins.
   assert choices() == ("cpu", "none", "shifts") and jax.default_backend() == "cpu"
-  assert models.resolve_remat_policy("auto", "tpu") == "dots"
+  assert models.resolve_remat_policy("auto", "tpu") == "dots_no_attention"
   assert mit.resolve_depthwise_impl("auto", "gpu") == "conv"
 
 

@@ -122,11 +122,12 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
       remat_policy: what the train step keeps of the forward pass for the
         backward pass (`remat.REMAT_POLICIES`): "none" (everything), "dots"
         (matmul and convolution outputs; the elementwise work is
-        recomputed), "dots_no_batch", "nothing", "segments" (each block,
+        recomputed), "dots_no_attention" ("dots" less the attention
+        products), "dots_no_batch", "nothing", "segments" (each block,
         patch embedding, FGSA Refine and injection, and the decoder
         recomputed when the backward pass reaches it: the smallest compiled
         step), or "auto" (the default:
-        "dots" on GPUs and TPUs, "none" on CPU, by the devices of the mesh
+        "dots_no_attention" on GPUs and TPUs, "none" on CPU, by the devices of the mesh
         the step is compiled for; measured in benchmarks/README.md).
       attention_impl: "xla", "cudnn" (NVIDIA GPU, bfloat16) or "einsum".
       depthwise_impl: the Mix-FFN depthwise 3x3 convolution: "conv", "shifts"

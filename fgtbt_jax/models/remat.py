@@ -31,17 +31,23 @@ the same values):
                    again when the backward pass reaches them
                    (`recompute_in_backward`), one segment's values live at a
                    time, on every backend;
-  "auto"           "dots" on GPUs and TPUs, "none" on CPU: for the devices
-                   of the mesh the step is traced under (a CPU host compiling
-                   for a TPU topology gets "dots"), `target_platform`.
+  "auto"           "dots_no_attention" on GPUs and TPUs, "none" on CPU: for
+                   the devices of the mesh the step is traced under (a CPU
+                   host compiling for a TPU topology gets
+                   "dots_no_attention"), `target_platform`.
 
 Under `jax.checkpoint` ("dots", "dots_no_batch", "nothing") XLA:CPU
 schedules the recomputation at the start of the backward pass, all of it at
 once, so there they raise the compiled step's peak instead of lowering it;
 "segments" ties each recomputation to its segment's cotangent and lowers it
 (paper step at 480, batch 8, bfloat16: 25.2 -> 4.75 GiB on XLA:CPU). "auto"
-is "none" on CPU, the fastest step there; GPU and TPU figures are not
-measured yet (benchmarks/device_run.sh).
+is "none" on CPU, the fastest step there. On TPU (the paper step compiled
+for v5e by libtpu, 2 images per chip, benchmarks/README.md "HBM against on-chip
+traffic") "dots_no_attention" needs the least memory and HBM traffic of the
+jax.checkpoint rules: 2.89 GiB and 5.2 GB per image against 3.28 GiB and
+5.7 GB for "dots", 5.2-5.3 GiB and 10-11 GB for "nothing" and
+"dots_no_batch". GPU figures are not measured yet
+(benchmarks/device_run.sh); "auto" takes the TPU's choice there.
 
 `model.remat` (each Transformer block only, `recompute_in_backward`)
 composes with the jax.checkpoint policies. The measured bytes and step
@@ -99,7 +105,7 @@ def resolve_remat_policy(policy: str, platform: str | None = None) -> str:
     raise ValueError(f"model config: remat_policy={policy!r}; expected one of {REMAT_POLICIES}")
   if policy != "auto":
     return policy
-  return "none" if (platform or target_platform()) == "cpu" else "dots"
+  return "none" if (platform or target_platform()) == "cpu" else "dots_no_attention"
 
 
 def rematerialize(fn: F, policy: str) -> F:
