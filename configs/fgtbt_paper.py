@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   # decimal cells and their loss's weight next to the integer heatmaps'.
   # Per map the decimal loss is about 6x the heatmap loss at the start and
   # stays high; at weight 1 it swamped the shared trunk on the synthetic
-  # benchmark (NME above the mean-shape baseline), 0.1 trains (README).
+  # benchmark (NME above the mean-shape baseline), 0.1 trains (docs/model.md, "Landmark heads").
   config.loss.hih_decimal_sigma = 1.0
   config.loss.hih_decimal_weight = 0.1
   config.loss.dwa_temperature = 2.0

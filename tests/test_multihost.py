@@ -18,7 +18,7 @@ import pytest
 from tests import helpers
 from tests.helpers import synthetic_data_dir  # noqa: F401  (fixture)
 
-pytestmark = pytest.mark.slow  # Subprocesses: the full suite only (see README).
+pytestmark = pytest.mark.slow  # Subprocesses: the full suite only (see docs/testing.md).
 
 
 def _free_port() -> int:

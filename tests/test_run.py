@@ -11,7 +11,7 @@ from fgtbt_jax import landmarks
 from tests import helpers
 from tests.helpers import synthetic_data_dir  # noqa: F401  (fixture)
 
-pytestmark = pytest.mark.slow  # Subprocesses: the full suite only (see README).
+pytestmark = pytest.mark.slow  # Subprocesses: the full suite only (see docs/testing.md).
 
 RUN = str(helpers.REPO / "run.py")
 TINY = str(helpers.REPO / "configs" / "tiny.py")

@@ -16,7 +16,7 @@ import pytest
 
 from tests import helpers
 
-pytestmark = pytest.mark.slow  # Subprocesses: the full suite only (see README).
+pytestmark = pytest.mark.slow  # Subprocesses: the full suite only (see docs/testing.md).
 
 PROTOCOLS = ("WFLW", "300W", "COFW", "AFLW")
 # 450 steps: at 300 the COFW margin depended on the CPU's float rounding (NME 0.69x
