@@ -124,8 +124,6 @@ _COLLECTIVE_LINE = re.compile(
 _ARRAY = re.compile(r"\b(pred|token|[a-z]+\d+(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
 # "%fused_computation.12 (param_0: f32[8]) -> f32[8] {" or "ENTRY %main.5 (...) -> ... {"
 _COMPUTATION_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
-# "  %name = f32[8,4]{1,0} opcode(" (array results; tuples have spaces and are skipped)
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (\S+) ([\w\-]+)\(")
 _VIEWS = ("parameter", "get-tuple-element", "tuple", "bitcast")
 _TPU_OUT_OF_MEMORY = re.compile(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
 
@@ -379,21 +377,15 @@ def largest_values(hlo_text: str, top: int = 5) -> list[dict]:
 
   Instructions of the entry computation and of what it calls (loop bodies,
   ...), not of fusions' inner computations or reducers (their values never
-  reach memory as buffers); views of other buffers (bitcasts, tuple
-  elements) left out. Not all of them are live at once.
+  reach memory as buffers, `_buffer_instructions`); views of other buffers
+  (bitcasts, tuple elements) and tuples left out. Not all of them are live
+  at once.
   """
   sizes = []
-  inside_fusion = False
-  for line in hlo_text.splitlines():
-    header = _COMPUTATION_HEADER.match(line)
-    if header:
-      inside_fusion = "fus" in header.group(1) or header.group(1).startswith("region")
+  for _, result, opcode, _ in _buffer_instructions(hlo_text.splitlines()):
+    if opcode in _VIEWS or result.startswith("("):
       continue
-    match = _INSTRUCTION.match(line)
-    if inside_fusion or match is None or match.group(2) in _VIEWS:
-      continue
-    sizes.append((array_bytes(match.group(1)), re.sub(r"\{[^}]*\}", "", match.group(1)),
-                  match.group(2)))
+    sizes.append((array_bytes(result), re.sub(r"\{[^}]*\}", "", result), opcode))
   sizes.sort(reverse=True)
   return [{"bytes": b, "shape": shape, "op": op} for b, shape, op in sizes[:top]]
 
@@ -455,7 +447,6 @@ def instruction_traffic(hlo_text: str) -> list[dict]:
   results: dict[str, str] = {}
   sources: dict[str, str] = {}
   users: dict[str, list[str]] = {}
-  inner: set[str] = set()
   for line in lines:
     match = _DEFINITION.match(line)
     if match:
@@ -466,8 +457,6 @@ def instruction_traffic(hlo_text: str) -> list[dict]:
         sources[name] = source.group(1)
       for operand in re.findall(r"%([\w.\-]+)", rest[:_operands_end(rest)]):
         users.setdefault(operand, []).append(name)
-    if " fusion(" in line or "to_apply=" in line:
-      inner.update(re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line))
 
   def source_of(name: str) -> str:
     for _ in range(16):
@@ -480,16 +469,7 @@ def instruction_traffic(hlo_text: str) -> list[dict]:
     return sources.get(name, "")
 
   rows = []
-  skip = False
-  for line in lines:
-    header = _COMPUTATION_HEADER.match(line)
-    if header:
-      skip = header.group(1) in inner
-      continue
-    match = _DEFINITION.match(line)
-    if skip or match is None:
-      continue
-    name, result, opcode, rest = match.groups()
+  for name, result, opcode, rest in _buffer_instructions(lines):
     if opcode in _NO_TRAFFIC:
       continue
     if opcode in ("copy-start", "slice-start"):
@@ -552,6 +532,28 @@ def traffic_summary(hlo_text: str, top: int = 10) -> dict:
       "by_module": [{"module": k, "hbm_bytes": v}
                     for k, v in sorted(modules.items(), key=lambda kv: -kv[1])[:top]],
   }
+
+
+def _buffer_instructions(lines: list[str]):
+  """(name, result text, opcode, text after "opcode(") of the instructions whose values are buffers.
+
+  Those of the entry computation and of what it runs (loop bodies, branches,
+  calls); the instructions of fusions' inner computations and of reducers
+  (`calls=` of a fusion, `to_apply=`) make values that never reach memory.
+  """
+  inner: set[str] = set()
+  for line in lines:
+    if " fusion(" in line or "to_apply=" in line:
+      inner.update(re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line))
+  skip = False
+  for line in lines:
+    header = _COMPUTATION_HEADER.match(line)
+    if header:
+      skip = header.group(1) in inner
+      continue
+    match = _DEFINITION.match(line)
+    if not skip and match is not None:
+      yield match.groups()
 
 
 def _operands_end(rest: str) -> int:
