@@ -18,7 +18,7 @@ needs 4.75 GiB in bfloat16 and 6.36 GiB in float32 by XLA:CPU's memory
 analysis (everything kept: 25.2 and 26.5 GiB); benchmarks/README.md,
 "Memory budget". The default "auto" (none on CPU, dots_no_attention on
 GPU/TPU) is not yet measured on a GPU; compiled for TPU v5e:2x2 in bfloat16
-(`python -m fgtbt_jax.aot --config=configs/fgtbt_paper.py --topology=v5e:2x2
+(`fgtbt aot --config=configs/fgtbt_paper.py --topology=v5e:2x2
 --config.model.dtype=bfloat16`) it needs 2.89 GiB per chip at batch 8 (2 per
 chip) and moves 5.2 GB of HBM traffic per image (benchmarks/README.md,
 "Compiled for TPU").
@@ -134,7 +134,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.lowres_sides = (16, 32, 64, 128)  # face box sides of the lowres study, px
   config.eval.study_max_batches = 0  # test batches per dataset and study pass; 0 = all
 
-  # `run.py predict` (and `python -m fgtbt_jax.deploy.export`): read from the run's
+  # `run.py predict` (and `fgtbt export`): read from the run's
   # config.json, overridden from the command line, e.g.
   # `run.py predict --workdir=W --image=x.jpg --config.predict.max_faces=1`.
   # Decoding (decoder, flip test, smoothing) is the run's eval section's.
@@ -142,7 +142,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.predict.dataset = ""          # whose best checkpoint; "" = data.datasets[0]
   config.predict.detector = "auto"     # auto (dlib, else Haar) | dlib_hog | haar_cascade
   # The detector's box calibration: real (photographs) | synthetic (the
-  # project's rendered faces) | "scale,shift_x,shift_y" (python -m fgtbt_jax.deploy.calibrate).
+  # project's rendered faces) | "scale,shift_x,shift_y" (fgtbt calibrate-detector).
   config.predict.box_adjustment = "real"
   config.predict.max_faces = 0         # the largest detected faces per image or frame; 0 = all
   # Faces whose mean point confidence is below this are flagged low_quality

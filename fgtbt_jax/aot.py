@@ -1,10 +1,10 @@
 """Ahead-of-time compilation for a device topology: per-chip memory, cost and a roofline.
 
-    python -m fgtbt_jax.aot --config=configs/fgtbt_paper.py --topology=v5e:2x2 \\
+    fgtbt aot --config=configs/fgtbt_paper.py --topology=v5e:2x2 \\
         --config.model.dtype=bfloat16 [--config.data.samples_per_dataset=8] \\
         [--num_slices=2] [--hbm_gib=16] [--nopredict] [--json=aot.json] [--hlo_dir=DIR]
 
-    python -m fgtbt_jax.aot --config=configs/tiny.py --topology=cpu:8
+    fgtbt aot --config=configs/tiny.py --topology=cpu:8
 
 Compiles the run's own programs for the devices it will train on, on any
 machine and without them: the train step (`state.build_setup` +
@@ -66,19 +66,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
-import json
 import math
 import os
 import re
-import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable
 
-from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 
 from fgtbt_jax import inference
 from fgtbt_jax import models
@@ -781,85 +777,3 @@ def format_report(report: dict) -> str:
         f"{m['module']} {m['hbm_bytes'] / traffic['hbm_bytes']:.0%}"
         for m in traffic["by_module"][:6] if traffic["hbm_bytes"]))
   return "\n".join(lines)
-
-
-def define_flags(argv: Sequence[str]) -> flags.FlagValues:
-  """The command's flags for the command line `argv`, in a `FlagValues` of their own.
-
-  `config_flags` finds the --config.* overrides in the command line it is
-  given (by default sys.argv), so `main` can be called with any `argv`.
-  """
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-      "config", "configs/default.py", "Experiment config file; --config.x=y overrides fields.",
-      flag_values=values, lock_config=True, sys_argv=list(argv))
-  flags.DEFINE_string(
-      "topology", "cpu:8", "Devices to compile for: v4:AxBxC, v5e:AxB, v5p:AxBxC, v6e:AxB "
-      "(compile-only TPU devices; needs libtpu) or cpu:N (N simulated CPU devices).",
-      flag_values=values)
-  flags.DEFINE_integer("num_slices", 1, "Slices of the TPU topology.", flag_values=values)
-  flags.DEFINE_float(
-      "hbm_gib", None, "Memory per device to check against, GiB (default: the chip's HBM; "
-      "none for cpu).", flag_values=values)
-  flags.DEFINE_bool("predict", True, "Also compile the predict function.", flag_values=values)
-  flags.DEFINE_string("json", None, "Write the figures to this JSON file.", flag_values=values)
-  flags.DEFINE_string("hlo_dir", None, "Write each compiled program's HLO text into this "
-                      "folder (<program>.hlo.txt).", flag_values=values)
-  return values
-
-
-def main(argv: Sequence[str], configure_host: bool = False) -> int:
-  """Parses the flags, compiles, prints; the exit status (see the module docstring).
-
-  `configure_host`: this is the command's own process, so make its JAX
-  backend the CPU (the host only traces and compiles) with as many devices as
-  a cpu:N topology asks for; a caller's process (a test) keeps its devices.
-  """
-  values = define_flags(argv)
-  try:
-    values(list(argv))
-  except flags.Error as error:
-    print(f"fgtbt_jax.aot: {error}", file=sys.stderr)
-    return 2
-  config_file = config_flags.get_config_filename(values["config"])
-  try:
-    if configure_host:
-      chip_name, shape = parse_topology(values.topology)
-      _configure_host(int(shape) if chip_name == "cpu" else None)
-    target = make_target(values.topology, values.num_slices, values.hbm_gib)
-    report = compile_report(values.config, target, values.predict, values.hlo_dir)
-  except ConfigError as error:
-    print(f"fgtbt_jax.aot: {error}", file=sys.stderr)
-    return 2
-  except DoesNotFit as error:
-    print(str(error), file=sys.stderr)
-    _write_json(values.json, {"config": config_file, "topology": values.topology,
-                              "fits": False, "program": error.program, **error.figures})
-    return 1
-  report["config"] = config_file
-  print(format_report(report), flush=True)
-  _write_json(values.json, report)
-  return 0
-
-
-def _configure_host(cpu_devices: int | None) -> None:
-  """The host backend: CPU unless JAX_PLATFORMS says otherwise, with `cpu_devices` devices.
-
-  Before JAX's backends start (the command's first JAX work comes after).
-  """
-  if "JAX_PLATFORMS" not in os.environ:
-    jax.config.update("jax_platforms", "cpu")
-  if cpu_devices is not None:
-    jax.config.update("jax_num_cpu_devices", cpu_devices)
-
-
-def _write_json(path: str | None, record: dict) -> None:
-  """Writes `record` to `path` (--json), when given."""
-  if path:
-    with open(path, "w") as f:
-      json.dump(record, f, indent=2)
-      f.write("\n")
-
-
-if __name__ == "__main__":
-  sys.exit(main(sys.argv, configure_host=True))

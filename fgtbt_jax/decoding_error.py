@@ -10,15 +10,13 @@ Table 8 "ideal" column); here it is measured for every decoder in
 perfect integer and d x d decimal maps, for any d), on mean-face landmarks
 placed at random in the input.
 
-Run `python -m fgtbt_jax.decoding_error` for the Markdown table in
+Run `fgtbt decoding-error` for the Markdown table in
 docs/quantization.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import sys
 from typing import Sequence
 
 import jax
@@ -132,15 +130,6 @@ def decoding_error(input_size: int, heatmap_size: int, sigma: float, landmarks_i
           for m in methods}
 
 
-def _parse_setting(text: str) -> tuple[int, int, float]:
-  try:
-    input_size, heatmap_size, sigma = text.split(":")
-    return int(input_size), int(heatmap_size), float(sigma)
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"setting {text!r} is not INPUT:HEATMAP:SIGMA, e.g. 480:240:3") from None
-
-
 def markdown_table(rows: Sequence[tuple[tuple[int, int, float], bool, dict[str, float]]],
                    methods: Sequence[str], protocol: str, normalizer: str) -> str:
   """Markdown table of NME (%) per setting, target form and decoder."""
@@ -154,49 +143,3 @@ def markdown_table(rows: Sequence[tuple[tuple[int, int, float], bool, dict[str, 
     size = f"{heatmap_size}x{heatmap_size}"
     lines.append(f"| {input_size} | {size} | {sigma:g} | {target} | {cells} |")
   return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> str:
-  """Prints (and returns) the decoding-error table for the given settings."""
-  parser = argparse.ArgumentParser(
-      prog="python -m fgtbt_jax.decoding_error", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--setting", type=_parse_setting, action="append",
-                      help="INPUT:HEATMAP:SIGMA, repeatable (default 480:240:3 and 256:64:1.5)")
-  parser.add_argument("--num_faces", type=int, default=500)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--protocol", default="WFLW", choices=["WFLW", "300W", "COFW"],
-                      help="protocol whose points and default normaliser are used "
-                           "(not AFLW: its box normaliser needs annotated boxes)")
-  parser.add_argument("--methods", nargs="+", default=list(heatmaps.DECODERS),
-                      choices=list(heatmaps.DECODERS))
-  parser.add_argument("--decimal_sizes", type=int, nargs="*", default=[],
-                      help="also the HIH decoders on perfect d x d decimal maps, per d "
-                           "(columns 'hih d=D', 'hih_subpixel d=D')")
-  parser.add_argument("--decimal_sigma", type=float, default=1.0,
-                      help="the decimal maps' Gaussian sigma, decimal cells")
-  args = parser.parse_args(argv)
-  settings = args.setting or [(480, 240, 3.0), (256, 64, 1.5)]
-  methods = tuple(args.methods)
-  columns = methods + tuple(f"{m} d={d}" for d in args.decimal_sizes
-                            for m in heatmaps.HIH_DECODERS)
-  rows = []
-  for setting in settings:
-    input_size, heatmap_size, sigma = setting
-    faces = random_meanface_landmarks(args.num_faces, input_size, args.seed, args.protocol)
-    for rounded in (False, True):
-      result = decoding_error(input_size, heatmap_size, sigma, faces, args.protocol,
-                              methods=methods, rounded_targets=rounded)
-      for d in args.decimal_sizes:
-        hih = decoding_error(input_size, heatmap_size, sigma, faces, args.protocol,
-                             methods=heatmaps.HIH_DECODERS, rounded_targets=rounded,
-                             decimal_size=d, decimal_sigma=args.decimal_sigma)
-        result.update({f"{m} d={d}": v for m, v in hih.items()})
-      rows.append((setting, rounded, result))
-  protocol = landmarks.get_protocol(args.protocol)
-  table = markdown_table(rows, columns, protocol.name, protocol.default_normalizer)
-  print(table)
-  return table
-
-
-if __name__ == "__main__":
-  main(sys.argv[1:])

@@ -1,4 +1,4 @@
-"""The ahead-of-time compile command (`python -m fgtbt_jax.aot`).
+"""The ahead-of-time compile command (`fgtbt aot`, fgtbt_jax/commands/aot.py over fgtbt_jax.aot).
 
 On `cpu:8` (the suite's 8 simulated devices) the tiny config's train step
 and predict function are compiled once for the module; the tests read that
@@ -24,6 +24,7 @@ import pytest
 
 from configs import tiny
 from fgtbt_jax import aot
+from fgtbt_jax.commands import aot as aot_command
 from fgtbt_jax import sharding
 from fgtbt_jax import state as state_lib
 from fgtbt_jax.errors import ConfigError
@@ -36,7 +37,7 @@ def _run(argv):
   """(exit status, stdout, stderr) of `aot.main` in this process."""
   out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    status = aot.main(["aot", *argv])
+    status = aot_command.main(argv, configure_host=False)
   return status, out.getvalue(), err.getvalue()
 
 
@@ -117,7 +118,7 @@ def test_out_of_memory_is_one_line_and_a_failure(tmp_path):
 def test_bad_topologies_are_refused_naming_the_flag(topology, expected):
   status, out, err = _run([f"--config={TINY}", f"--topology={topology}"])
   assert status == 2 and not out
-  assert err.startswith("fgtbt_jax.aot: --topology=") and topology in err
+  assert err.startswith("fgtbt aot: --topology=") and topology in err
   assert expected in err and len(err.strip().splitlines()) == 1
 
 

@@ -4,6 +4,7 @@ import pytest
 from fgtbt_jax import landmarks as L
 from fgtbt_jax import metrics as M
 from fgtbt_jax import decoding_error as Q
+from fgtbt_jax.commands import decoding_error as command
 
 # Mean distance from the centre of a unit square to a uniform point in it:
 # argmax's error in heatmap pixels when the sub-pixel phase is uniform.
@@ -85,7 +86,7 @@ def test_decoding_error_other_normalizer_and_bad_input():
 
 
 def test_main_prints_markdown_table(capsys):
-  table = Q.main(["--setting", "64:16:1.5", "--setting", "48:24:2", "--num_faces", "3"])
+  table = command.table(["--setting", "64:16:1.5", "--setting", "48:24:2", "--num_faces", "3"])
   assert capsys.readouterr().out.strip() == table.strip()
   lines = table.splitlines()
   assert lines[0].startswith("WFLW inter_ocular NME (%)")
@@ -98,4 +99,4 @@ def test_main_prints_markdown_table(capsys):
   argmax, quarter, subpixel = (float(v) for v in rows[0][4:])
   assert subpixel < quarter < argmax
   with pytest.raises(SystemExit):
-    Q.main(["--setting", "64x16"])
+    command.table(["--setting", "64x16"])

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from fgtbt_jax.data import synthetic
+from fgtbt_jax.commands import calibrate_detector
 from fgtbt_jax.deploy import calibrate
 from fgtbt_jax.deploy import detector as detector_lib
 from fgtbt_jax.errors import DataError
@@ -137,7 +138,7 @@ def test_calibrate_fits_a_detector_on_annotated_faces_from_the_command_line(tmp_
   faces = list(synthetic.calibration_faces(12, 192, seed=1))
   faces_file = write_faces(tmp_path, faces)
   out = tmp_path / "fit" / "dlib.json"
-  assert calibrate.main(["--faces", str(faces_file), "--out", str(out)]) == 0
+  assert calibrate_detector.main(["--faces", str(faces_file), "--out", str(out)]) == 0
   printed = capsys.readouterr().out
   fit = json.loads(out.read_text())
   assert fit["detector"] == "dlib_hog" and fit["num_faces"] == 12 and fit["num_matched"] >= 9
@@ -182,6 +183,6 @@ def test_calibration_inputs_are_checked_with_one_line_messages(tmp_path, capsys)
   assert loaded.shape == (96, 96, 3) and np.isnan(read[-1]).all()
   # The command line: too few faces found is one line, exit status 1.
   with pytest.raises(SystemExit) as exited:
-    calibrate.main(["--faces", str(tmp_path / "one.json"), "--detector", "dlib_hog"])
+    calibrate_detector.main(["--faces", str(tmp_path / "one.json"), "--detector", "dlib_hog"])
   assert exited.value.code == 1
   assert "found only" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import pytest
 
 from fgtbt_jax.data import synthetic
 from fgtbt_jax.deploy import detector as detector_lib
+from fgtbt_jax.commands import export as export_command
 from fgtbt_jax.deploy import export
 from fgtbt_jax import heatmaps
 from fgtbt_jax import landmarks
@@ -105,9 +106,9 @@ def test_load_exported_rejects_other_files(tmp_path):
 
 def test_the_export_command_reports_bad_inputs_in_one_line(tmp_path, capsys):
   """A missing run, and an --out that is a folder (found before any lowering)."""
-  assert export.main(["--workdir", str(tmp_path / "no_run"), "--out", str(tmp_path / "a")]) == 1
+  assert export_command.main(["--workdir", str(tmp_path / "no_run"), "--out", str(tmp_path / "a")]) == 1
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "no_run: not a training workdir" in err
-  assert export.main(["--workdir", str(tmp_path / "no_run"), "--out", str(tmp_path)]) == 1
+  assert export_command.main(["--workdir", str(tmp_path / "no_run"), "--out", str(tmp_path)]) == 1
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and f"--out {tmp_path} is a folder" in err

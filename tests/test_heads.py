@@ -17,6 +17,7 @@ from fgtbt_jax import landmarks
 from fgtbt_jax import losses
 from fgtbt_jax import models
 from fgtbt_jax import decoding_error
+from fgtbt_jax.commands import decoding_error as decoding_error_command
 from fgtbt_jax import rundir
 from fgtbt_jax import sharding
 from fgtbt_jax import state as state_lib
@@ -280,7 +281,7 @@ def test_quantization_study_adds_the_hih_decoders():
     # The cell quantisation: ~1/d of argmax's error (uniform in a 1/d cell).
     np.testing.assert_allclose(result["hih"], result["argmax"] / d, rtol=0.2)
     assert result["hih_subpixel"] < 1e-2 * result["hih"]
-  table = decoding_error.main(["--setting", "64:32:1.5", "--num_faces", "3",
+  table = decoding_error_command.table(["--setting", "64:32:1.5", "--num_faces", "3",
                              "--decimal_sizes", "4", "8"])
   assert "| hih d=4 NME % | hih_subpixel d=4 NME % | hih d=8 NME %" in table
   config = ablations.get_config("base=default,head=hih")

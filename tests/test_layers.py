@@ -28,13 +28,18 @@ architecture:
                  are the deploy wing's)
   entry          the evaluation pass and eval-only mode
   loop           the training loop
-  tools          commands built on the training loop's step: the ahead-of-time
-                 compile for a device topology; the data commands
-                 (`data_pipelines`: convert, synthetic, visualize)
+  tools          built on the training loop's step: the ahead-of-time compile
+                 for a device topology
+  commands       the `commands` wing: every command line (train / eval /
+                 predict of run.py, the data commands, export, the weight
+                 imports, calibration, aot, decoding error); no library
+                 module below defines an argument parser
+  shims          `data_pipelines.convert|synthetic|visualize`: the data
+                 commands under their design-card names
 
 Packages: the top-level packages (`fgtbt_jax`, `data_pipelines`) import each
-other in no loop: `data_pipelines` is the command-line layer over
-`fgtbt_jax.data`, and no `fgtbt_jax` module imports it.
+other in no loop: `data_pipelines` names three commands of
+`fgtbt_jax.commands`, and no `fgtbt_jax` module imports it.
 """
 
 import ast
@@ -58,12 +63,14 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("fgtbt_jax.validation",),
     ("fgtbt_jax.evaluate",),
     ("fgtbt_jax.train",),
-    ("fgtbt_jax.aot", "data_pipelines.convert", "data_pipelines.synthetic",
-     "data_pipelines.visualize"),
+    ("fgtbt_jax.aot",),
+    ("fgtbt_jax.commands",),
+    ("data_pipelines.convert", "data_pipelines.synthetic", "data_pipelines.visualize"),
 )
 # Subpackages whose modules form one unit of the table (imports inside them are free):
 # every wing of fgtbt_jax is one (test_every_wing_is_one_unit).
-UNITS = ("fgtbt_jax.models", "fgtbt_jax.data", "fgtbt_jax.deploy", "fgtbt_jax.weights")
+UNITS = ("fgtbt_jax.models", "fgtbt_jax.data", "fgtbt_jax.deploy", "fgtbt_jax.weights",
+         "fgtbt_jax.commands")
 ENTRY_LEVEL = {"fgtbt_jax.evaluate", "fgtbt_jax.train"}
 # Loops between top-level packages that are known and named (a pair, the reason).
 KNOWN_PACKAGE_LOOPS = {
@@ -162,3 +169,27 @@ def _package_loops() -> set[tuple[str, ...]]:
 
 def test_no_package_level_loop():
   assert not _package_loops()
+
+
+_PARSERS = {("argparse", "ArgumentParser"), ("flags", "FlagValues")}
+
+
+def _defines_a_parser(path: pathlib.Path) -> list[str]:
+  """The argument parsers and flag definitions a file makes (argparse, absl, config_flags)."""
+  found = []
+  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+      owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+      if (owner, node.func.attr) in _PARSERS or (
+          owner in ("flags", "config_flags") and node.func.attr.startswith("DEFINE")):
+        found.append(f"{path.name}:{node.lineno} {owner}.{node.func.attr}")
+  return found
+
+
+def test_only_the_commands_wing_parses_command_lines():
+  library = [m for m in MODULES if m.startswith("fgtbt_jax") and _unit(m) != "fgtbt_jax.commands"]
+  offenders = [hit for m in library for hit in _defines_a_parser(MODULES[m])]
+  assert not offenders, f"move these command lines into fgtbt_jax/commands: {offenders}"
+  # The scan sees what it looks for.
+  assert _defines_a_parser(MODULES["fgtbt_jax.commands.aot"])
+  assert _defines_a_parser(MODULES["fgtbt_jax.commands.run"])

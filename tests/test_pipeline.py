@@ -13,7 +13,7 @@ import grain
 from fgtbt_jax.data import config as data_config_lib
 from fgtbt_jax.data import convert
 from fgtbt_jax.data import pipeline
-from data_pipelines import visualize
+from fgtbt_jax.commands import visualize
 from fgtbt_jax.data.records import FaceRecord
 from fgtbt_jax import crop
 from fgtbt_jax import images

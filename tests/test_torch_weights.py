@@ -15,6 +15,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 from model_helpers import numpy_variables
 
+from fgtbt_jax.commands import import_imagenet
 from fgtbt_jax.weights import imagenet as torch_weights
 from fgtbt_jax.models import (
     ENCODERS, abstract_variables, build_encoder, build_model, model_config, parameter_count)
@@ -266,7 +267,7 @@ def test_command_line_writes_params_and_prints_the_report(tmp_path, capsys):
   hf = transformers.SegformerModel(_hf_config("tiny"))
   save_file({k: v.numpy() for k, v in hf.state_dict().items()}, str(tmp_path / "tiny.safetensors"))
   out = tmp_path / "params.msgpack"
-  code = torch_weights.main(["--input", str(tmp_path / "tiny.safetensors"), "--variant", "tiny",
+  code = import_imagenet.main(["--input", str(tmp_path / "tiny.safetensors"), "--variant", "tiny",
                        "--patch-embed", "plain", "--no-fgsa", "--output", str(out)])
   assert code == 0
   printed = capsys.readouterr().out

@@ -1,6 +1,6 @@
 """Fit a face detector's box calibration on your own annotated faces.
 
-    python -m fgtbt_jax.deploy.calibrate --faces=my_faces.json [--detector=dlib_hog] [--out=fit.json]
+    fgtbt calibrate-detector --faces=my_faces.json [--detector=dlib_hog] [--out=fit.json]
 
 The predictor crops a face from its box, and the model is sensitive to the
 box convention (the training annotations' box: the landmarks' bounding box
@@ -31,11 +31,10 @@ takes;
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 
@@ -106,42 +105,3 @@ def calibrate_detector(name: str, faces, *, min_matched: int = 8,
   """
   return detector_lib.calibrate_box_adjustment(raw_detector(name, **kwargs), faces,
                                                min_matched=min_matched)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m fgtbt_jax.deploy.calibrate", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--faces", required=True, help="the faces JSON file (see the module doc)")
-  parser.add_argument("--detector", default="dlib_hog", choices=list(detector_lib.DETECTORS))
-  parser.add_argument("--min_matched", type=int, default=8,
-                      help="fail when the detector finds fewer of the faces")
-  parser.add_argument("--out", default=None, help="also write the fit as JSON here")
-  args = parser.parse_args(argv)
-  try:
-    calibration = calibrate_detector(args.detector, read_annotated_faces(args.faces),
-                                     min_matched=args.min_matched)
-  except (DataError, ValueError, detector_lib.DetectorUnavailableError) as e:
-    parser.exit(1, f"python -m fgtbt_jax.deploy.calibrate: {e}\n")
-  summary = {"detector": args.detector, "faces_file": args.faces, **calibration.summary()}
-  adjustment = calibration.adjustment
-  flag = f"{adjustment.scale:.4f},{adjustment.shift_x:.4f},{adjustment.shift_y:.4f}"
-  summary["box_adjustment_flag"] = f"--config.predict.box_adjustment={flag}"
-  error, ratio = summary["centre_error"], summary["side_ratio"]
-  print(f"{args.detector}: found {calibration.num_matched} of {calibration.num_faces} faces; "
-        f"box adjustment scale {adjustment.scale:.4f}, shift_x {adjustment.shift_x:+.4f}, "
-        f"shift_y {adjustment.shift_y:+.4f}\n"
-        f"after it: centre error {100 * error['p50']:.1f}% of the face side at the median "
-        f"({100 * error['p90']:.1f}% at the 90th percentile), side ratio {ratio['p50']:.3f} "
-        f"(10-90%: {ratio['p10']:.3f}-{ratio['p90']:.3f})\n"
-        f"use it: python run.py predict ... --config.predict.detector={args.detector} "
-        f"--config.predict.box_adjustment={flag}")
-  if args.out is not None:
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"wrote {out}")
-  return 0
-
-
-if __name__ == "__main__":
-  raise SystemExit(main())

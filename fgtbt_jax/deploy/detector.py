@@ -33,7 +33,7 @@ stop above the chin), so each detector maps them with a `BoxAdjustment`:
 `BOX_ADJUSTMENTS[detector name][faces]`, measured for "real" photographs
 (the default) and for the project's "synthetic" faces. Fit one for any
 detector with `calibrate_box_adjustment(raw_detector, faces)` on faces with
-known landmarks (a user's annotated photos: `python -m fgtbt_jax.deploy.calibrate`
+known landmarks (a user's annotated photos: `fgtbt calibrate-detector`
 reads them from a JSON file; or `fgtbt_jax.data.synthetic.calibration_faces`).
 `parse_box_adjustment` reads "real", "synthetic" or "scale,shift_x,shift_y"
 (the config's predict.box_adjustment), `make_detector` makes one by name.
@@ -330,7 +330,7 @@ def box_adjustment(detector_name: str, adjustment: BoxAdjustment | str | None) -
 def parse_box_adjustment(text: str) -> BoxAdjustment | str:
   """ "real" / "synthetic", or "scale,shift_x,shift_y" (three numbers) -> a `BoxAdjustment`.
 
-  The form `python -m fgtbt_jax.deploy.calibrate` prints and `run.py predict
+  The form `fgtbt calibrate-detector` prints and `run.py predict
   --config.predict.box_adjustment` takes.
   """
   text = str(text).strip()

@@ -19,38 +19,27 @@ the model code nor a checkpoint, only JAX (and flatbuffers):
 `<file>.json` with what a caller needs to make crops and read the outputs
 (shapes, the crop convention, each protocol's unified index). Command line:
 
-    python -m fgtbt_jax.deploy.export --workdir runs/paper --out fgtbt.stablehlo --batch_size 8
+    fgtbt export --workdir runs/paper --out fgtbt.stablehlo --batch_size 8
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
-import sys
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from fgtbt_jax import checkpointing
 from fgtbt_jax import crop
-from fgtbt_jax import errors
-from fgtbt_jax import heatmaps
 from fgtbt_jax import inference
 from fgtbt_jax import landmarks
 from fgtbt_jax.deploy import predictor as predictor_lib
-from fgtbt_jax import rundir
 from fgtbt_jax.inference import PredictSettings
 
 OUTPUTS = inference.OUTPUTS
 DEFAULT_PLATFORMS = ("cpu", "cuda")
-# What the command reports in one line: a run that cannot be read, bad
-# settings, an artifact that cannot be written.
-_USER_ERRORS = (rundir.WorkdirError, checkpointing.IncompatibleCheckpointError,
-                checkpointing.NonFiniteStateError, checkpointing.CorruptCheckpointError,
-                errors.ConfigError, errors.DataError, OSError)
 
 
 def export_inference(predictor: predictor_lib.Predictor, *, batch_size: int | None = None,
@@ -125,50 +114,3 @@ def load_exported(path: str | os.PathLike) -> jax.export.Exported:
     return jax.export.deserialize(data)
   except Exception as e:  # The deserialiser raises assorted errors on bad bytes.
     raise ValueError(f"{path}: not a serialized jax.export artifact: {e}") from e
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m fgtbt_jax.deploy.export", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", required=True, help="training workdir (config.json, checkpoints/)")
-  parser.add_argument("--out", required=True, help="artifact file to write")
-  parser.add_argument("--which", default="best", choices=rundir.CHECKPOINT_KINDS)
-  parser.add_argument("--dataset", default=None, help="whose best checkpoint (default: the "
-                      "run's predict.dataset, else its first)")
-  parser.add_argument("--batch_size", type=int, default=None,
-                      help="default: the run's predict.batch_size")
-  parser.add_argument("--output", default="landmarks", choices=OUTPUTS)
-  parser.add_argument("--decoder", default=None, choices=heatmaps.ALL_DECODERS,
-                      help="default: the run's eval.decoder")
-  parser.add_argument("--flip_test", dest="flip_test", action="store_true", default=None,
-                      help="default: the run's eval.flip_test")
-  parser.add_argument("--no_flip_test", dest="flip_test", action="store_false")
-  parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
-                      help="comma-separated lowering platforms")
-  args = parser.parse_args(argv)
-  out = pathlib.Path(args.out)
-  try:
-    if out.is_dir():  # Found before the model is lowered, not after.
-      raise errors.OutputError(f"--out {out} is a folder; name the artifact file to write")
-    # The run's config read as eval and predict read it, these flags as its overrides.
-    workdir = rundir.find_workdir(args.workdir)
-    overrides = {key: value for key, value in (
-        ("eval.decoder", args.decoder), ("eval.flip_test", args.flip_test),
-        ("predict.dataset", args.dataset), ("predict.batch_size", args.batch_size))
-                 if value is not None}
-    predictor = predictor_lib.Predictor.from_checkpoint(
-        workdir, args.which, config=rundir.load_run_config(workdir, overrides))
-    exported = export_inference(predictor, output=args.output,
-                                platforms=[p for p in args.platforms.split(",") if p])
-    path = save_exported(exported, out, artifact_metadata(
-        exported, settings=predictor.settings, output=args.output,
-        crop_enlarge=predictor.crop_enlarge))
-  except _USER_ERRORS as e:
-    print(f"python -m fgtbt_jax.deploy.export: {e}", file=sys.stderr)
-    return 1
-  print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {path.name}.json")
-  return 0
-
-
-if __name__ == "__main__":
-  raise SystemExit(main())

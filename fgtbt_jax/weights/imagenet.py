@@ -30,7 +30,7 @@ Files: `.safetensors` (read with numpy) and `torch.save` files (`.pth`, `.pt`,
 `.bin`, read without torch by `weights.pth`).
 
 CLI:
-  python -m fgtbt_jax.weights.imagenet --input mit_b1.pth --variant b1 \\
+  fgtbt import-imagenet --input mit_b1.pth --variant b1 \\
       --patch-embed plain --output params.msgpack
 writes the model's full 'params' collection (fresh seeded init where nothing
 was loaded) with `flax.serialization.msgpack_serialize`; read it back with
@@ -39,14 +39,11 @@ was loaded) with `flax.serialization.msgpack_serialize`; read it back with
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import pathlib
 import re
-import sys
 from typing import Any, Mapping
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -316,27 +313,3 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, Any]:
   if not isinstance(state, Mapping) or not state:
     raise ValueError(f"{path}: no tensors found")
   return dict(state)
-
-
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m fgtbt_jax.weights.imagenet",
-      description="Convert PyTorch MiT/SegFormer encoder weights to FGTBT Flax params.")
-  parser.add_argument("--input", required=True, help=".pth/.pt/.bin or .safetensors")
-  parser.add_argument("--output", required=True, help="output .msgpack of the params collection")
-  parser.add_argument("--variant", default="paper", choices=models.VARIANTS)
-  parser.add_argument("--patch-embed", default="conv_stem", choices=("conv_stem", "plain"))
-  parser.add_argument("--fgsa", default=True, action=argparse.BooleanOptionalAction)
-  parser.add_argument("--seed", type=int, default=0, help="init seed of non-loaded parameters")
-  args = parser.parse_args(argv)
-  config = models.model_config(args.variant, patch_embed=args.patch_embed, fgsa=args.fgsa)
-  params, report = mit_from_torch(load_state_dict(args.input), config, seed=args.seed)
-  pathlib.Path(args.output).write_bytes(
-      flax.serialization.msgpack_serialize(jax.device_get(nn.meta.unbox(params))))
-  print(report.summary())
-  print(f"wrote {args.output}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,6 +1,6 @@
 """Import the FGTBT authors' released PyTorch checkpoint into a run directory.
 
-  python -m fgtbt_jax.weights.import_authors \\
+  fgtbt import-authors \\
       --authors-checkpoint full_model_epoch0_best_wflw.pth --workdir runs/authors_wflw
   python run.py eval --workdir runs/authors_wflw --config.data.data_dir=DATA
   python run.py predict --workdir runs/authors_wflw --image face.jpg
@@ -20,13 +20,11 @@ state; it needs the converted data (`--config.data.data_dir`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import pathlib
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +35,6 @@ from fgtbt_jax import checkpointing
 from fgtbt_jax import landmarks
 from fgtbt_jax import models
 from fgtbt_jax import rundir
-from fgtbt_jax.weights.authors import AuthorsCheckpointError
 from fgtbt_jax.weights.authors import LoadReport
 from fgtbt_jax.weights.authors import convert_state_dict
 from fgtbt_jax.weights.authors import read_checkpoint
@@ -144,40 +141,3 @@ def import_authors_checkpoint(path: str | os.PathLike, workdir: str | os.PathLik
             "num_batches_tracked": {str(k): v for k, v in report.batches_tracked.items()}}
   (workdir / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
   return ImportResult(workdir, dataset, step, report)
-
-
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m fgtbt_jax.weights.import_authors",
-      description="Import the FGTBT authors' released checkpoint into a workdir that "
-                  "`run.py eval --checkpoint=best` and `run.py predict` read.")
-  parser.add_argument("--authors-checkpoint", required=True,
-                      help="the released .pth file, e.g. full_model_epoch0_best_wflw.pth, or a "
-                           "bare torch.save(state_dict) of the same network (keys may carry "
-                           "DataParallel's 'module.' prefix)")
-  parser.add_argument("--workdir", required=True, help="a new run directory to write")
-  parser.add_argument("--dataset", default=None,
-                      help="whose best model it is (default: the file name's _best_<dataset>)")
-  parser.add_argument("--variant", default="paper", choices=models.VARIANTS,
-                      help="model variant of the state dict (the released files: paper)")
-  args = parser.parse_args(argv)
-  try:
-    result = import_authors_checkpoint(args.authors_checkpoint, args.workdir, args.dataset,
-                                       variant=args.variant)
-  except AuthorsCheckpointError as e:
-    if e.report is not None and not e.report.hint:  # With a hint, the one line says it.
-      print(e.report.summary())
-    print(f"authors_checkpoint: {e}", file=sys.stderr)
-    return 1
-  except (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError) as e:
-    print(f"authors_checkpoint: {e}", file=sys.stderr)
-    return 1
-  print(result.report.summary())
-  print(f"wrote {result.workdir}: the {result.dataset} best model (step {result.step}); "
-        f"python run.py eval --workdir {result.workdir} --checkpoint=best "
-        "--config.data.data_dir=DATA")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
