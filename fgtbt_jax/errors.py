@@ -4,7 +4,10 @@ A leaf module (it imports nothing from the project), so every layer can raise
 and catch these without importing the layers above it. `read_json_object`
 reads a user's JSON file with these errors (the boxes and faces files);
 `quiet_library_logs` keeps the libraries' errors to one line each on a
-command's console, so that it ends with the line that says what happened.
+command's console, so that it ends with the line that says what happened;
+`progress_bar` is the one look of the console's progress bars (training,
+evaluation, predict, synthetic rendering: done/total, rate and ETA) and
+`logs_above_bars` keeps log lines from breaking them.
 
 Every reader and the image loader raise `DataError` for anything wrong with
 the user's data (a missing image, a line with the wrong number of fields, a
@@ -15,12 +18,16 @@ that `ReadReport` counts skipped samples by.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import pathlib
 import sys
+from typing import Iterable, Iterator
+
+import tqdm
 
 
 class DataError(ValueError):
@@ -174,3 +181,61 @@ def quiet_library_logs() -> None:
   logging.getLogger("absl").addFilter(quiet)
   logging.getLogger("asyncio").addFilter(quiet)
   sys.unraisablehook = _drop_closed_loop_reports(sys.unraisablehook)
+
+
+# Every bar reads: label, percentage, bar, done/total, then elapsed time, ETA,
+# rate and the caller's postfix.
+BAR_FORMAT = ("{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+              "[{elapsed} elapsed, ETA {remaining}, {rate_fmt}{postfix}]")
+
+
+def progress_bar(iterable: Iterable | None = None, *, total: float | None = None,
+                 desc: str, unit: str, initial: int = 0, leave: bool = True,
+                 enabled: bool = True) -> tqdm.tqdm:
+  """A console progress bar (tqdm, on stderr) with done/total, rate and ETA.
+
+  `enabled` False (e.g. processes other than 0 of a multi-host run) gives a
+  bar that shows nothing; TQDM_DISABLE=1 in the environment turns every bar
+  off. The bar redraws at most every 0.5 s on a terminal, every 30 s when
+  stderr is a file or pipe (a log stays short); TQDM_MININTERVAL overrides it.
+  """
+  options = {}
+  if not enabled:  # Passed only when off: an explicit value would override TQDM_DISABLE.
+    options["disable"] = True
+  if "TQDM_MININTERVAL" not in os.environ:
+    try:
+      terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+      terminal = False
+    options["mininterval"] = 0.5 if terminal else 30.0
+  return tqdm.tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave,
+                   bar_format=BAR_FORMAT, dynamic_ncols=True, **options)
+
+
+class _AboveBars(logging.Handler):
+  """Hands records to `inner` with the progress bars cleared, then redraws them."""
+
+  def __init__(self, inner: logging.Handler):
+    super().__init__(inner.level)
+    self.inner = inner
+
+  def handle(self, record: logging.LogRecord) -> bool:
+    with tqdm.tqdm.external_write_mode():
+      return self.inner.handle(record)
+
+  def emit(self, record: logging.LogRecord) -> None:
+    self.inner.emit(record)
+
+
+@contextlib.contextmanager
+def logs_above_bars() -> Iterator[None]:
+  """Within it, log lines (the root logger's handlers: absl's among them) print above
+  the progress bars instead of through them."""
+  root = logging.getLogger()
+  wrapped = [_AboveBars(handler) for handler in root.handlers]
+  originals = {id(w): w.inner for w in wrapped}
+  root.handlers = wrapped
+  try:
+    yield
+  finally:
+    root.handlers = [originals.get(id(h), h) for h in root.handlers]

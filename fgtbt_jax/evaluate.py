@@ -38,7 +38,6 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import tqdm
 from jax.sharding import Mesh
 
 from fgtbt_jax.data import pipeline
@@ -146,9 +145,17 @@ def predict_split(predict_fn: Callable, variables: Any, data_config: ml_collecti
            for image in [np.asarray(batch["image"]) if transform is None
                          else transform(np.asarray(batch["image"]))])
   batches = sharding.GlobalBatches(local, sharding.batch_sharding(mesh), ("image",))
+  shown = desc is not None and jax.process_index() == 0
+  total = None
+  if shown:  # The bar's total, for its ETA: the split's batches (a cheap second opening).
+    total = len(pipeline.eval_dataset(data_config, dataset, data_config.eval_split,
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count()))
+    total = total if max_batches is None else min(total, max_batches)
   try:
-    for index, batch in enumerate(tqdm.tqdm(batches, desc=desc, leave=False,
-                                            disable=desc is None or jax.process_index() != 0)):
+    for index, batch in enumerate(errors.progress_bar(batches, total=total, desc=desc or "",
+                                                      unit="batch", leave=False,
+                                                      enabled=shown)):
       if max_batches is not None and index >= max_batches:
         break
       points, confidence = predict_fn(variables, batch["image"])
@@ -304,18 +311,28 @@ def format_table(final: Mapping[str, Any], threshold: float,
   return "\n".join(lines)
 
 
-def print_outputs(workdir: pathlib.Path, final: Mapping[str, Any], title: str) -> None:
-  """Prints `title`, the final table (`format_table`) and the workdir's outputs."""
+def print_outputs(workdir: pathlib.Path, final: Mapping[str, Any], title: str,
+                  next_after: str | None = "auto") -> None:
+  """Prints `title`, the final table (`format_table`), the workdir's outputs and
+  the commands to run next (`rundir.next_commands` after mode `next_after`:
+  "train", "eval", or None for none; "auto" is "train" for a training run's
+  final metrics, which hold its "wall_time_s", else None: the eval command
+  prints its own outputs after the table, then the next commands)."""
   print(f"\n{title}")
   print(format_table(final, final["failure_threshold"], final["synthetic"]))
   print(f"\noutputs in {workdir}:")
-  for name, what in (("final_metrics.json", "final metrics (NME as a fraction)"),
+  for name, what in (("config.json", "the run's config in full"),
+                     ("final_metrics.json", "final metrics (NME as a fraction)"),
                      ("eval_metrics.jsonl", "every evaluation, all subsets and normalisers"),
                      ("train_metrics.jsonl", "training losses"),
                      ("tensorboard", "TensorBoard events"),
                      ("checkpoints", "latest train states and best EMA models per dataset")):
     if (workdir / name).exists():
       print(f"  {name:<20} {what}")
+  if next_after == "auto":
+    next_after = "train" if "wall_time_s" in final else None
+  if next_after is not None:
+    print(f"\n{rundir.next_commands(workdir, next_after)}", flush=True)
 
 
 def log_results(step: int, results: Mapping[str, Any]) -> None:

@@ -20,7 +20,9 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import socket
+import sys
 import tempfile
 import time
 from typing import Any, Callable, Mapping
@@ -180,6 +182,48 @@ def default_eval_checkpoint(workdir: str | os.PathLike) -> str:
 def best_model_dataset(config: ml_collections.ConfigDict) -> str:
   """Whose best EMA model predict and export use: `predict.dataset`, else the run's first."""
   return str(config.predict.dataset or config.data.datasets[0])
+
+
+def shown_path(path: str | os.PathLike) -> str:
+  """`path` as a console shows it: relative to the working directory when it lies
+  below it, else as given."""
+  path = pathlib.Path(path)
+  try:
+    return str(path.resolve().relative_to(pathlib.Path.cwd().resolve()))
+  except (OSError, ValueError):
+    return str(path)
+
+
+def command_prefix() -> str:
+  """How to call the project's commands, as this process was called: `fgtbt` for
+  the installed command, else `python <run.py as typed>` ("python run.py")."""
+  program = sys.argv[0] if sys.argv and sys.argv[0] else ""
+  name = pathlib.Path(program).name
+  if name == "fgtbt":
+    return "fgtbt"
+  return f"python {shlex.quote(program)}" if name == "run.py" else "python run.py"
+
+
+# What a user runs after each mode: (command after the prefix, what it gives).
+_NEXT = {
+    "train": (("eval --workdir={w}", "the report: tables per subset, CED curves"),
+              ("predict --workdir={w} --image=PATH", "landmarks of your images, folders, videos")),
+    "eval": (("predict --workdir={w} --image=PATH", "landmarks of your images, folders, videos"),),
+    "predict": (("predict --workdir={w} --image=PATH --config.predict.protocol=WFLW",
+                 "more inputs; WFLW's 98 points (or 300W, COFW, AFLW) instead of all 124"),),
+}
+
+
+def next_commands(workdir: str | os.PathLike, after: str,
+                  first: tuple[tuple[str, str], ...] = ()) -> str:
+  """The "next:" lines a command ends with, for the run in `workdir` after mode
+  `after` ("train", "eval" or "predict"): the commands to run next, each with
+  what it gives; `first` (line, what) rows go on top."""
+  rows = list(first) + [
+      (f"{command_prefix()} " + command.format(w=shlex.quote(shown_path(workdir))), what)
+      for command, what in _NEXT[after]]
+  width = max(len(command) for command, _ in rows)
+  return "\n".join(["next:"] + [f"  {command:<{width}}  # {what}" for command, what in rows])
 
 
 # -- config.json -----------------------------------------------------------------

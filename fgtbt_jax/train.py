@@ -16,8 +16,12 @@ statistics, and returns the loss and per-dataset losses. Around it:
 * evaluation of the EMA model every `eval_every` steps and at the end, with
   the best EMA checkpoint per dataset kept;
 * safety rails: config validation before any work (`validation`), a loud
-  stop on a non-finite loss (the last good checkpoint stays), a parameter
-  table and the config in the log, and the transfer guard around the step.
+  stop on a non-finite loss (the last good checkpoint stays), and the
+  transfer guard around the step;
+* the console: one line that sums the run up (`run_summary`; the full
+  config is `<workdir>/config.json`), a progress bar over the steps with
+  rate (steps/s, images/s) and ETA on process 0, the metric line every
+  `log_every` steps above it.
 
 The train state, optimizer and abstract shapes are built in `state`; data
 preparation (synthetic stand-ins, conversion checks) is
@@ -27,6 +31,7 @@ preparation (synthetic stand-ins, conversion checks) is
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -75,7 +80,7 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_sharding: NamedShard
   benchmarks/memory.py) without making a batch.
   """
   size = int(config.data.image_size)
-  count = int(config.data.samples_per_dataset) * len(config.data.datasets)
+  count = global_batch_size(config)
   shapes = {"image": ((count, size, size, 3), jnp.uint8),
             "landmarks": ((count, landmarks.NUM_UNIFIED, 2), jnp.float32),
             "mask": ((count, landmarks.NUM_UNIFIED), np.asarray(landmarks.PROTOCOL_MASKS).dtype),
@@ -298,7 +303,8 @@ def _check_finite(metrics: Mapping[str, Any], step: int,
   return loss
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+                       config_name: str | None = None) -> dict:
   """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
 
   Returns the final metrics: for each dataset {"nme", "baseline_nme", "fr",
@@ -308,6 +314,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   {"stopped_at_step": step, "signal": signal number} without the final
   evaluation. The workdir is locked for the run (`rundir.WorkdirLock`):
   a second trainer on it stops at start with the holder's pid and host.
+  `config_name` (the config file, e.g. "configs/default.py") names the run
+  in the opening summary line (`run_summary`).
   """
   start_time = time.time()
   sharding.initialize_distributed(config.distributed)
@@ -324,20 +332,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if sharding.any_process(False):
     raise rundir.WorkdirError(f"{workdir}: process 0 could not lock the workdir")
   try:
-    return _train_and_evaluate(config, workdir, start_time)
+    return _train_and_evaluate(config, workdir, start_time, config_name)
   finally:
     lock.release()
 
 
+def global_batch_size(config: ml_collections.ConfigDict) -> int:
+  """Images per training step, over all processes: k samples of each dataset."""
+  return int(config.data.samples_per_dataset) * len(config.data.datasets)
+
+
+def run_summary(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                config_name: str | None = None) -> str:
+  """The one line a training run opens with; the full config is `<workdir>/config.json`.
+
+  E.g. "run configs/default.py: model tiny at 64 px, float32; data WFLW, 300W,
+  COFW, AFLW (synthetic); 1200 steps x 8 images; 1 cpu device (mesh data 1 x
+  fsdp 1); workdir runs/default (full config: runs/default/config.json)".
+  """
+  data, shown = config.data, rundir.shown_path(workdir)
+  devices = jax.device_count()
+  try:
+    mesh = sharding.mesh_shape(config.mesh, devices)
+  except ValueError:  # Named by the mesh's own check when it is built.
+    mesh = (config.mesh.data, config.mesh.fsdp)
+  where = "synthetic" if config.synthetic_data.generate else str(data.data_dir)
+  return (f"run{' ' + str(config_name) if config_name else ''}: model {config.model.variant} "
+          f"at {int(data.image_size)} px, {config.model.dtype}; data "
+          f"{', '.join(data.datasets)} ({where}); {int(config.train.steps)} steps x "
+          f"{global_batch_size(config)} images; {devices} {jax.devices()[0].platform} "
+          f"device{'s' if devices > 1 else ''}"
+          f"{f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''} "
+          f"(mesh data {mesh[0]} x fsdp {mesh[1]}); workdir {shown} (full config: "
+          f"{pathlib.Path(shown) / rundir.CONFIG_FILE})")
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                        start_time: float) -> dict:
-  logging.info("workdir: %s\nconfig: %s", workdir, config.to_json_best_effort(indent=2))
+                        start_time: float, config_name: str | None = None) -> dict:
+  # One line; the config in full is written to <workdir>/config.json below.
+  logging.info("%s", run_summary(config, workdir, config_name))
   prepare.prepare_data(config.data, config.synthetic_data)
   synthetic = prepare.synthetic_datasets(config.data)
 
   setup = build_setup(config)
   table, total_params = parameter_table(setup.boxed_params)
-  logging.info("model %s: %s parameters\n%s", config.model.variant, f"{total_params:,}", table)
+  logging.info("model %s: %s parameters", config.model.variant, f"{total_params:,}")
+  logging.debug("parameters per module:\n%s", table)
 
   checkpoints = checkpointing.Checkpointer.for_run(config, workdir)
   try:
@@ -501,7 +541,13 @@ def _train_loop(config, setup: Setup, state: TrainState, start_step: int, train_
   best_on_subsets = tuple(config.eval.best_on_subsets)
   log_start, log_step = time.time(), start_step
   previous = None
-  with _StopSignal() as stop:
+  images_per_step = global_batch_size(config)
+  # Steps dispatched, from the one resumed at; the loss and images/s of the
+  # last metric line ride along. Process 0 only.
+  bar = errors.progress_bar(total=train.steps, initial=start_step, desc="train", unit="step",
+                            enabled=jax.process_index() == 0)
+  logs = contextlib.nullcontext() if bar.disable else errors.logs_above_bars()
+  with bar, logs, _StopSignal() as stop:
     for step in range(start_step, train.steps):
       if stop.requested():
         checkpoints.save(step, state, train_iterator, force=True)
@@ -523,6 +569,7 @@ def _train_loop(config, setup: Setup, state: TrainState, start_step: int, train_
         _check_finite(previous, step, checkpoints)
       previous = metrics
       done = step + 1
+      bar.update(1)
       if done % train.log_every == 0 or done == train.steps:
         loss = _check_finite(metrics, done, checkpoints)
         host = jax.device_get(metrics)
@@ -534,9 +581,11 @@ def _train_loop(config, setup: Setup, state: TrainState, start_step: int, train_
                                    "learning_rate": float(host["learning_rate"]),
                                    "steps_per_second": rate,
                                    **{f"loss/{n}": v for n, v in per_dataset.items()}})
-        logging.info("step %d/%d  loss %.5f  %s  lr %.3g  %.2f steps/s", done, train.steps, loss,
-                     "  ".join(f"{n} {v:.4f}" for n, v in per_dataset.items()),
-                     float(host["learning_rate"]), rate)
+        bar.set_postfix_str(f"{rate * images_per_step:.1f} images/s, loss {loss:.4f}",
+                            refresh=False)
+        logging.info("step %d/%d  loss %.5f  %s  lr %.3g  %.2f steps/s  %.1f images/s", done,
+                     train.steps, loss, "  ".join(f"{n} {v:.4f}" for n, v in per_dataset.items()),
+                     float(host["learning_rate"]), rate, rate * images_per_step)
       if done % train.checkpoint_every == 0 and done < train.steps:
         _check_finite(metrics, done, checkpoints)
         checkpoints.save(done, state, train_iterator)

@@ -309,3 +309,35 @@ def test_the_bias_corrected_ema_is_the_average_of_the_trained_weights_only():
   assert float(train.ema_step_decay(decay, jnp.int32(1), True)) == 0.0
   assert float(train.ema_step_decay(0.5 ** (8 / 10_000), jnp.int32(100_000), True)) == (
       pytest.approx(0.5 ** (8 / 10_000), rel=1e-6))
+
+
+@pytest.mark.parametrize("start", [0, 2])
+def test_the_loop_shows_a_bar_with_rate_and_eta_and_keeps_the_metric_line(tmp_path, capsys,
+                                                                           caplog, start):
+  """Process 0's bar counts the steps from the one resumed at, with steps/s, images/s,
+  the loss and an ETA; the metric line is still logged; the log handlers are given back."""
+  import logging as std_logging
+  import re
+  handlers = list(std_logging.getLogger().handlers)
+  config = tiny.get_config()
+  config.train.steps, config.train.checkpoint_every, config.train.eval_every = 6, 2, 100
+  config.train.transfer_guard = False
+  checkpoints = checkpointing.Checkpointer(tmp_path / "ckpt", datasets=["WFLW"], max_to_keep=5,
+                                           save_interval_steps=2)
+  state = _tiny_state().replace(step=jnp.int32(start))
+  caplog.set_level(std_logging.INFO)
+  try:
+    result = train._train_loop(config, _Setup(), state, start, _fake_step(lambda done: 0.5),
+                               _iterator(), checkpoints, _FakeEvaluator(), _FakeWriter())
+  finally:
+    checkpoints.close()
+  logged = [record.getMessage() for record in caplog.records]
+  assert result["steps"] == 6
+  err = capsys.readouterr().err
+  bars = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("train:")]
+  assert bars[0].startswith(f"train:  {100 * start // 6:2d}%") and f" {start}/6 " in bars[0]
+  assert re.search(r"train: 100%\|.*\| 6/6 \[\d\d:\d\d elapsed, ETA \d\d:\d\d, +[\d.]+"
+                   r"(step/s|s/step), [\d.]+ images/s, loss 0\.5000\]", bars[-1]), bars
+  assert any(line.startswith("step 6/6  loss 0.50000") and line.endswith(" images/s")
+             for line in logged), logged
+  assert std_logging.getLogger().handlers == handlers

@@ -39,6 +39,7 @@ before the real data arrive):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
@@ -50,6 +51,7 @@ import cv2
 import h5py
 import numpy as np
 
+from fgtbt_jax import errors
 from fgtbt_jax import landmarks
 from fgtbt_jax.images import encode_image
 
@@ -570,13 +572,25 @@ def _worker_init():
 
 
 def _run_jobs(jobs: list, num_workers: int) -> list:
-  if num_workers <= 1 or len(jobs) < 2:
-    return [_render_job(job) for job in jobs]
-  # spawn, not fork: the caller may have started JAX, whose threads do not
-  # survive a fork.
-  context = multiprocessing.get_context("spawn")
-  with context.Pool(min(num_workers, len(jobs)), initializer=_worker_init) as pool:
-    return pool.map(_render_job, jobs, chunksize=max(1, min(32, len(jobs) // (4 * num_workers))))
+  """The jobs' results in order, with a progress bar (faces rendered, rate, ETA)."""
+  results = []
+  with contextlib.ExitStack() as stack:
+    bar = stack.enter_context(errors.progress_bar(total=len(jobs), desc="render synthetic faces",
+                                                  unit="face"))
+    if num_workers <= 1 or len(jobs) < 2:
+      done = map(_render_job, jobs)
+    else:
+      # spawn, not fork: the caller may have started JAX, whose threads do not
+      # survive a fork.
+      context = multiprocessing.get_context("spawn")
+      pool = stack.enter_context(context.Pool(min(num_workers, len(jobs)),
+                                              initializer=_worker_init))
+      done = pool.imap(_render_job, jobs,
+                       chunksize=max(1, min(32, len(jobs) // (4 * num_workers))))
+    for result in done:
+      results.append(result)
+      bar.update(1)
+  return results
 
 
 def _allocate(total: int, shares: tuple[tuple[str, int], ...]) -> list[str]:

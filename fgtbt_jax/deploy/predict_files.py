@@ -27,6 +27,7 @@ its file name; inputs it does not name are detected.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -42,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from fgtbt_jax.deploy import detector as detector_lib
+from fgtbt_jax import errors
 from fgtbt_jax import landmarks
 from fgtbt_jax.deploy import predictor as predictor_lib
 from fgtbt_jax import rundir
@@ -268,7 +270,8 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 def predict_files(predictor: predictor_lib.Predictor, sources, out_dir: str | os.PathLike, *,
                   box=None, boxes: dict | None = None, boxes_source: str = "boxes",
                   protocol: str = landmarks.UNIFIED, min_confidence: float | None = None,
-                  tracking: video.TrackerSettings = video.TrackerSettings()) -> PredictReport:
+                  tracking: video.TrackerSettings = video.TrackerSettings(),
+                  progress: bool = True) -> PredictReport:
   """Predicts landmarks for image files, folders of them and videos; writes JSON and overlays.
 
   Args:
@@ -286,6 +289,8 @@ def predict_files(predictor: predictor_lib.Predictor, sources, out_dir: str | os
       are the predictor's settings.
     min_confidence: overlays draw points below this confidence as rings.
     tracking: detection interval and landmark smoothing of videos.
+    progress: a progress bar over the files (and one over a video's frames)
+      with rate and ETA, on stderr (`errors.progress_bar`).
 
   Returns:
     A `PredictReport`; failed files carry their error (a given box outside
@@ -315,23 +320,28 @@ def predict_files(predictor: predictor_lib.Predictor, sources, out_dir: str | os
   images = [f for f in files if f.suffix.lower() not in VIDEO_EXTENSIONS]
   results = {str(f): FileResult(str(f)) for f in files}
   names = output_names(files)
-  for chunk in _batches(images, predictor.batch_size):
-    frames = []
-    for path in chunk:
-      result = results[str(path)]
-      try:
-        image = load_image(path, orient=True)
-        image_boxes = _given_boxes(image, *given(path))
-      except (DataError, ValueError) as e:
-        result.error = str(e)
-        continue
-      result.num_frames = 1
-      frames.append((path, image, image_boxes))
-    _predict_and_write(predictor, frames, protocol, min_confidence,
-                       lambda path: out / names[path], results)
-  for path in videos:
-    _predict_video(predictor, path, out / names[path], given(path), protocol, min_confidence,
-                   tracking, results[str(path)])
+  # Files done, a batch of images at a time; the first batch includes the compile.
+  bar = errors.progress_bar(total=len(files), desc="predict", unit="file", enabled=progress)
+  with bar, (contextlib.nullcontext() if bar.disable else errors.logs_above_bars()):
+    for chunk in _batches(images, predictor.batch_size):
+      frames = []
+      for path in chunk:
+        result = results[str(path)]
+        try:
+          image = load_image(path, orient=True)
+          image_boxes = _given_boxes(image, *given(path))
+        except (DataError, ValueError) as e:
+          result.error = str(e)
+          continue
+        result.num_frames = 1
+        frames.append((path, image, image_boxes))
+      _predict_and_write(predictor, frames, protocol, min_confidence,
+                         lambda path: out / names[path], results)
+      bar.update(len(chunk))
+    for path in videos:
+      _predict_video(predictor, path, out / names[path], given(path), protocol, min_confidence,
+                     tracking, results[str(path)], progress=not bar.disable)
+      bar.update(1)
   return PredictReport([results[str(f)] for f in files])
 
 
@@ -390,12 +400,14 @@ def read_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
 
 def _predict_video(predictor: predictor_lib.Predictor, path: pathlib.Path, stem: pathlib.Path,
                    given: tuple, protocol: str, min_confidence: float | None,
-                   tracking: video.TrackerSettings, result: FileResult) -> None:
+                   tracking: video.TrackerSettings, result: FileResult,
+                   progress: bool = False) -> None:
   """Tracks and predicts the faces of every frame of the video at `path`; outputs from `stem`.
 
   `given` is (boxes or None, where): given boxes are used in every frame
   (as a detector that runs on each), else the predictor's detector runs
-  every `tracking.detect_every` frames.
+  every `tracking.detect_every` frames. `progress`: a bar over the frames
+  (its total the video's frame count, where the file says it).
   """
   name, index = landmarks.protocol_index(protocol)
   box, where = given
@@ -416,8 +428,11 @@ def _predict_video(predictor: predictor_lib.Predictor, path: pathlib.Path, stem:
                               min_face_confidence=predictor.min_face_confidence,
                               max_faces=predictor.max_faces if box is None else None)
   writer, image_shape = None, None
+  frame_count = _video_frame_count(path)
   try:
-    with open(lines_path, "w") as lines:
+    with open(lines_path, "w") as lines, errors.progress_bar(
+        total=frame_count or None, desc=path.name, unit="frame", leave=False,
+        enabled=progress) as bar:
       for frame_index, image in enumerate(read_video_frames(path)):
         result.num_frames += 1
         frame = tracker.step(frame_index, image)
@@ -440,6 +455,7 @@ def _predict_video(predictor: predictor_lib.Predictor, path: pathlib.Path, stem:
           writer = cv2.VideoWriter(str(overlay_path), cv2.VideoWriter_fourcc(*"MJPG"), fps,
                                    (overlay.shape[1], overlay.shape[0]))
         writer.write(np.ascontiguousarray(overlay[..., ::-1]))
+        bar.update(1)
   except (DataError, ValueError) as e:
     result.error = str(e)
   finally:
@@ -472,6 +488,14 @@ def _predict_video(predictor: predictor_lib.Predictor, path: pathlib.Path, stem:
       "min_face_confidence": predictor.min_face_confidence, "max_faces": predictor.max_faces,
       **dataclasses.asdict(predictor.settings)})
   result.outputs.append(str(summary))
+
+
+def _video_frame_count(path: pathlib.Path) -> int:
+  """The frame count the video file states (0 where it does not say)."""
+  capture = cv2.VideoCapture(str(path))
+  count = capture.get(cv2.CAP_PROP_FRAME_COUNT)
+  capture.release()
+  return int(count) if count and count > 0 else 0
 
 
 def _video_fps(path: pathlib.Path) -> float:
@@ -604,4 +628,10 @@ def predict_main(workdir: str | os.PathLike, inputs: Sequence[str], out_dir: str
       logging.info("%s: %d face(s) in %d frame(s) -> %s", done.source, done.num_faces,
                    done.num_frames, ", ".join(done.outputs))
   print(f"{report.summary()}\noutputs in {out_dir}", flush=True)
+  overlays = [output for done in report.files if done.error is None
+              for output in done.outputs if output.endswith(OVERLAY_SUFFIXES)]
+  if overlays:
+    first = ((f"see {rundir.shown_path(overlays[0])}",
+              "an overlay; the landmarks are in the .json beside it"),)
+    print(rundir.next_commands(workdir, "predict", first=first), flush=True)
   return 1 if report.failed or not report.files else 0
