@@ -196,12 +196,14 @@ def shown_path(path: str | os.PathLike) -> str:
 
 def command_prefix() -> str:
   """How to call the project's commands, as this process was called: `fgtbt` for
-  the installed command, else `python <run.py as typed>` ("python run.py")."""
-  program = sys.argv[0] if sys.argv and sys.argv[0] else ""
-  name = pathlib.Path(program).name
-  if name == "fgtbt":
+  the installed command, `python -m fgtbt_jax.commands` for the package, else
+  `python <run.py as typed>` ("python run.py")."""
+  program = pathlib.Path(sys.argv[0] if sys.argv and sys.argv[0] else "")
+  if program.name == "fgtbt":
     return "fgtbt"
-  return f"python {shlex.quote(program)}" if name == "run.py" else "python run.py"
+  if program.name == "__main__.py" and program.parent.name == "commands":
+    return "python -m fgtbt_jax.commands"
+  return f"python {shlex.quote(sys.argv[0])}" if program.name == "run.py" else "python run.py"
 
 
 # What a user runs after each mode: (command after the prefix, what it gives).

@@ -72,6 +72,9 @@ def test_next_commands_follow_the_way_the_command_was_called(tmp_path, monkeypat
   monkeypatch.setattr("sys.argv", ["/usr/bin/fgtbt", "eval"])
   assert rundir.next_commands("/elsewhere/my run", "eval").splitlines()[1].startswith(
       "  fgtbt predict --workdir='/elsewhere/my run' --image=PATH")
+  monkeypatch.setattr("sys.argv", ["/site/fgtbt_jax/commands/__main__.py", "train"])
+  assert rundir.next_commands("/elsewhere/run", "train").splitlines()[1].startswith(
+      "  python -m fgtbt_jax.commands eval --workdir=/elsewhere/run  ")
 
 
 def test_predict_shows_progress_per_file_and_frame_and_ends_with_the_next_command(
