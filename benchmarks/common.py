@@ -8,7 +8,7 @@ they share lives here:
 * `machine_record()`: date, JAX version, devices, load average and whether
   the persistent compilation cache is on (then "compile" times of programs
   compiled before are cache reads);
-* `random_variables` / `random_train_state`: weights drawn with numpy from
+* `random_train_state` (`models.random_variables`): weights drawn with numpy from
   the abstract shapes. Compiling the model's own initialisers costs about a
   minute for the tiny model on a 2-core CPU (one random kernel per
   parameter tensor) and more for the paper network; a step's cost does not
@@ -32,17 +32,16 @@ import time
 from typing import Any, Callable, Sequence
 
 from absl import flags
-import flax.linen as nn
 import jax
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import NamedSharding
 
 from fgtbt_jax import aot
 from fgtbt_jax import landmarks
 from fgtbt_jax import losses
+from fgtbt_jax import models
 from fgtbt_jax import sharding as sharding_lib
 from fgtbt_jax import state as state_lib
 from fgtbt_jax import train
@@ -101,29 +100,6 @@ def parse_batches(values: Sequence[str]) -> list[int]:
 # Random weights and train state.
 
 
-def random_variables(abstract: Any, seed: int = 0) -> Any:
-  """Numpy-drawn arrays shaped like the (possibly boxed) abstract variables.
-
-  Kernels ~ N(0, 1 / fan_in) keep activations of a deep random network in
-  range; LayerNorm/BatchNorm scales and running variances near 1; biases and
-  running means small. Returns plain numpy arrays in the same tree.
-  """
-  rng = np.random.default_rng(seed)
-  flat = flatten_dict(nn.meta.unbox(abstract))
-  out = {}
-  for path, leaf in flat.items():
-    name = path[-1]
-    if name == "kernel":
-      fan_in = max(int(np.prod(leaf.shape[:-1])), 1)
-      value = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
-    elif name in ("scale", "var"):
-      value = 1.0 + 0.1 * rng.random(leaf.shape)
-    else:
-      value = 0.05 * rng.standard_normal(leaf.shape)
-    out[path] = value.astype(leaf.dtype)
-  return unflatten_dict(out)
-
-
 def random_train_state(setup: state_lib.Setup, seed: int = 0) -> state_lib.TrainState:
   """A train state with random weights, placed in the setup's shardings.
 
@@ -133,8 +109,8 @@ def random_train_state(setup: state_lib.Setup, seed: int = 0) -> state_lib.Train
   """
   shardings = setup.state_shardings
   abstract = setup.abstract_state
-  params = random_variables(abstract.params, seed)
-  batch_stats = random_variables(abstract.batch_stats, seed + 1)
+  params = models.random_variables(abstract.params, seed)
+  batch_stats = models.random_variables(abstract.batch_stats, seed + 1)
   balancer_params, balancer_state = losses.init_balancer(setup.loss_config)
   put = jax.device_put
   params_on_device = put(params, shardings.params)

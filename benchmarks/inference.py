@@ -91,7 +91,7 @@ def make_predictor(model_config: ml_collections.ConfigDict, dtype: str, batch_si
   """A Predictor of the config's model with random float32 weights."""
   model = models.build_model(model_config)
   abstract = models.abstract_variables(model, model_config.input_size)
-  variables = common.random_variables(abstract, seed)
+  variables = models.random_variables(abstract, seed)
   return predictor_lib.Predictor(model_config, variables, dtype=dtype, batch_size=batch_size,
                                  detector=None)
 

@@ -97,7 +97,7 @@ def build_pair(encoder: str, seed: int):
   peer = transformers.SegformerModel(segformer_config(encoder)).eval()
   config = models.model_config(encoder, patch_embed="plain", fgsa=False,
                                norm_epsilon=1e-5, embed_norm_epsilon=1e-5)
-  template = common.random_variables(
+  template = models.random_variables(
       models.abstract_variables(models.build_model(config), 64), seed)["params"]
   state = {k: v.detach().numpy().copy() for k, v in peer.state_dict().items()}
   params, report = imagenet.mit_from_torch(state, config, params=template)

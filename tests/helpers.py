@@ -91,6 +91,13 @@ def write_random_run(workdir: pathlib.Path, config, scale: float | None = 1.0, s
   return state
 
 
+def model_variables(config, seed: int = 0):
+  """`models.random_variables` of a model config's network (no slow `model.init`)."""
+  from fgtbt_jax import models
+  model = models.build_model(config)
+  return models.random_variables(models.abstract_variables(model, config.input_size), seed)
+
+
 def mixed_batch(seed: int, size: int = 64, k: int = 2) -> dict:
   """A mixed batch: k samples of each dataset, mean-face landmarks jittered."""
   rng = np.random.default_rng(seed)

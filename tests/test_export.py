@@ -18,7 +18,7 @@ from fgtbt_jax import landmarks
 from fgtbt_jax import models
 from fgtbt_jax import inference
 from fgtbt_jax.deploy.predictor import Predictor
-from test_predictor import random_variables
+from tests import helpers
 
 BATCH = 2
 
@@ -26,7 +26,7 @@ BATCH = 2
 @pytest.fixture(scope="module")
 def predictor():
   config = models.model_config("tiny")
-  return Predictor(config, random_variables(config, seed=1), batch_size=BATCH)
+  return Predictor(config, helpers.model_variables(config, seed=1), batch_size=BATCH)
 
 
 @pytest.fixture(scope="module")

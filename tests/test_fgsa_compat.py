@@ -16,16 +16,16 @@ import pytest
 from flax.traverse_util import flatten_dict
 from scipy import special
 
+from fgtbt_jax import models
 from fgtbt_jax.models import abstract_variables, build_model, model_config, parameter_count
 from fgtbt_jax.models import fgsa as fgsa_lib
 from fgtbt_jax.models import layers
-from tests.model_helpers import numpy_variables
 
 
 def _numpy_params(module, *inputs, seed=0, **kwargs):
   """Random numpy variables of `module` (no compiled init), as plain arrays."""
   abstract = jax.eval_shape(lambda *x: module.init(jax.random.key(0), *x, **kwargs), *inputs)
-  return numpy_variables(abstract, seed)
+  return models.random_variables(abstract, seed)
 
 
 def _dense(params, x):
@@ -104,7 +104,7 @@ def _stage_variables(stage, b=2, grid=4, seed=0):
 
   abstract = jax.eval_shape(
       lambda t, s: nn.init(init, stage)(jax.random.key(0), t, s), tokens, structure)
-  return numpy_variables(abstract, seed)
+  return models.random_variables(abstract, seed)
 
 
 def test_authors_inject_against_numpy():
@@ -156,7 +156,7 @@ def test_authors_mode_needs_square_grids():
 def test_authors_model_outputs_depend_on_the_batch_mates():
   config = model_config("tiny", fgsa_compat="authors")
   model = build_model(config)
-  variables = numpy_variables(abstract_variables(model, 64, batch=2), seed=6)
+  variables = models.random_variables(abstract_variables(model, 64, batch=2), seed=6)
   images = np.random.default_rng(7).normal(size=(2, 64, 64, 3)).astype(np.float32)
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
   out = np.asarray(forward(variables, jnp.asarray(images)))

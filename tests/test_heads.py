@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from model_helpers import numpy_variables
 
 from configs import ablations
 from configs import tiny
@@ -138,7 +137,7 @@ def test_count_macs_counts_each_heads_layers():
 
 def test_each_refinement_step_reads_the_previous_steps_heatmaps():
   model = models.build_model(models.model_config("tiny", head="recurrent", recurrent_steps=2))
-  variables = numpy_variables(models.abstract_variables(model, 64))
+  variables = models.random_variables(models.abstract_variables(model, 64))
   images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
   outputs, state = jax.jit(lambda v, x: model.apply(
       v, x, train=False, method=models.FGTBT.named_outputs, capture_intermediates=True,

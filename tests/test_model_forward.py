@@ -1,6 +1,6 @@
 """Full-model forward tests of the tiny variant (fgtbt_jax/models).
 
-Variables are drawn with numpy (`model_helpers.numpy_variables`);
+Variables are drawn with numpy (`models.random_variables`);
 initialisation itself is tested on a single block
 (`test_init_is_deterministic_from_the_seed`).
 """
@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
-from model_helpers import numpy_variables
 
+from fgtbt_jax import models
 from fgtbt_jax.models import abstract_variables, build_model, model_config, normalize_images
 from fgtbt_jax.models import mit
 
@@ -30,7 +30,7 @@ def images():
 @pytest.fixture(scope="module")
 def tiny():
   model = build_model(model_config("tiny"))
-  variables = numpy_variables(abstract_variables(model, SIZE))
+  variables = models.random_variables(abstract_variables(model, SIZE))
   return model, variables
 
 

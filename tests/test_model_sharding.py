@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from model_helpers import numpy_variables
 
+from fgtbt_jax import models
 from fgtbt_jax.models import (
     LOGICAL_AXIS_NAMES, abstract_variables, build_model, logical_axis_rules, model_config,
     variable_shardings)
@@ -28,7 +28,7 @@ def paper_abstract():
 def tiny():
   model = build_model(model_config("tiny"))
   abstract = abstract_variables(model, 64)
-  return model, abstract, numpy_variables(abstract)
+  return model, abstract, models.random_variables(abstract)
 
 
 def test_eight_simulated_devices():

@@ -39,38 +39,10 @@ SIZE = 64  # Crop side of the tiny model; heatmaps are 32 x 32.
 HEATMAP = SIZE // 2
 
 
-def random_variables(config, seed: int = 0):
-  """Random but well-scaled variables of a model config (no slow `model.init`).
-
-  Kernels ~ N(0, 1 / fan_in), small biases, LayerNorm/BatchNorm scales near
-  1, BatchNorm statistics mean 0 and variance 1.
-  """
-  model = models.build_model(config)
-  abstract = nn.meta.unbox(models.abstract_variables(model, config.input_size))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name == "kernel":
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      value = rng.normal(0.0, 1.0 / np.sqrt(fan_in), leaf.shape)
-    elif name == "scale":
-      value = 1.0 + 0.1 * rng.normal(size=leaf.shape)
-    elif name == "var":
-      value = np.ones(leaf.shape)
-    elif name == "mean":
-      value = np.zeros(leaf.shape)
-    else:
-      value = 0.02 * rng.normal(size=leaf.shape)
-    return np.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, abstract)
-
-
 @pytest.fixture(scope="module")
 def tiny_predictor():
   config = models.model_config("tiny")
-  return Predictor(config, random_variables(config), batch_size=4)
+  return Predictor(config, helpers.model_variables(config), batch_size=4)
 
 
 def face_image(seed_index: int, size: int):
@@ -107,7 +79,7 @@ def test_a_batch_dependent_model_runs_its_batches_unpadded(tmp_path):
   batch runs at its own size."""
   from fgtbt_jax import inference
   config = models.model_config("tiny", fgsa_compat="authors")
-  predictor = Predictor(config, random_variables(config), batch_size=4)
+  predictor = Predictor(config, helpers.model_variables(config), batch_size=4)
   assert predictor.batch_dependent and not models.batch_dependent(models.model_config("tiny"))
   faces = [face_image(i, 96) for i in range(5)]
   crops = np.concatenate([predictor.crop_faces(image, box[None])[0] for image, box in faces])

@@ -15,7 +15,6 @@ from fgtbt_jax.models import encoder as encoder_lib
 from fgtbt_jax.models.compute import Compute
 from fgtbt_jax.models import mit
 from fgtbt_jax.models import partitioning
-from tests.model_helpers import numpy_variables
 
 SIZE = 64
 
@@ -23,7 +22,7 @@ SIZE = 64
 def _tiny(policy="auto"):
   config = models.model_config("tiny", input_size=SIZE, remat_policy=policy)
   model = models.build_model(config)
-  variables = numpy_variables(models.abstract_variables(model, SIZE))
+  variables = models.random_variables(models.abstract_variables(model, SIZE))
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.standard_normal((2, SIZE, SIZE, 3)), jnp.float32)
   points = jnp.asarray((0.1 + 0.8 * landmarks.mean_face()[None].repeat(2, 0)) * SIZE,
@@ -217,7 +216,7 @@ def test_recomputed_blocks_and_embeddings_give_the_same_gradients_and_statistics
       lambda x: e.init(jax.random.key(0), x, _structure(e, x)), images)
       for recompute, e in encoders.items()}
   assert jax.tree.structure(abstract[False]) == jax.tree.structure(abstract[True])
-  variables = numpy_variables(abstract[False])  # compiling the initialisers takes longer
+  variables = models.random_variables(abstract[False])  # compiling the initialisers takes longer
   grads = {}
   for recompute, encoder in encoders.items():
     step = jax.jit(jax.value_and_grad(_encoder_loss(encoder), has_aux=True))

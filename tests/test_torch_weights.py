@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
-from model_helpers import numpy_variables
 
+from fgtbt_jax import models
 from fgtbt_jax.commands import import_imagenet
 from fgtbt_jax.weights import imagenet as torch_weights
 from fgtbt_jax.models import (
@@ -58,7 +58,7 @@ def _config(**overrides):
 
 def _template(config):
   """A params collection to convert into (numpy-filled: cheap)."""
-  return numpy_variables(abstract_variables(build_model(config), 64), seed=1)["params"]
+  return models.random_variables(abstract_variables(build_model(config), 64), seed=1)["params"]
 
 
 def _to_nvlabs(state):

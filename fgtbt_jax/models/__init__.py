@@ -19,7 +19,7 @@ from fgtbt_jax.models.config import (COMPUTE_FIELDS, ENCODERS, VARIANTS, batch_d
                                      model_config, validate_model_config)
 from fgtbt_jax.models.fgtbt import (
     FGTBT, IMAGENET_MEAN, IMAGENET_STD, abstract_variables, build_encoder, build_model,
-    normalize_images, parameter_count)
+    normalize_images, parameter_count, random_variables)
 from fgtbt_jax.models.partitioning import LOGICAL_AXIS_NAMES, logical_axis_rules, variable_shardings
 from fgtbt_jax.models.cost import count_macs
 from fgtbt_jax.models.remat import (REMAT_POLICIES, recompute_in_backward, rematerialize,
@@ -29,7 +29,7 @@ __all__ = [
     "heads", "Compute", "compute_options", "COMPUTE_FIELDS", "ENCODERS", "VARIANTS", "batch_dependent", "model_config",
     "validate_model_config",
     "FGTBT", "IMAGENET_MEAN", "IMAGENET_STD", "abstract_variables", "build_encoder",
-    "build_model", "normalize_images", "parameter_count",
+    "build_model", "normalize_images", "parameter_count", "random_variables",
     "LOGICAL_AXIS_NAMES", "logical_axis_rules", "variable_shardings", "count_macs",
     "REMAT_POLICIES", "recompute_in_backward", "rematerialize", "resolve_remat_policy",
 ]

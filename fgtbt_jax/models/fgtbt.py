@@ -146,3 +146,28 @@ def abstract_variables(model: nn.Module, input_size: int | Sequence[int], batch:
     input_size = (input_size, input_size)
   images = jax.ShapeDtypeStruct((batch, *input_size, 3), jnp.float32)
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+
+
+def random_variables(abstract, seed: int = 0):
+  """Well-scaled random variables shaped like `abstract` (boxed or not), drawn with numpy.
+
+  For tests and benchmarks, which need a network's shapes and sensible
+  activations but not its initialisers (compiling those costs seconds per
+  tensor on a small CPU): kernels ~ N(0, 1 / fan_in), LayerNorm/BatchNorm
+  scales and running variances near 1, small biases, offsets and running
+  means. Plain numpy arrays of the leaves' dtypes in the same tree.
+  """
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = getattr(path[-1], "key", None)
+    if name == "kernel":
+      fan_in = max(int(np.prod(leaf.shape[:-1])), 1)
+      value = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
+    elif name in ("scale", "var"):
+      value = 1.0 + 0.1 * rng.random(leaf.shape)
+    else:
+      value = 0.05 * rng.standard_normal(leaf.shape)
+    return value.astype(leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(abstract))
