@@ -128,7 +128,8 @@ def run_mode(mode: str, workdir: pathlib.Path) -> int:
   if workdir.exists() and not workdir.is_dir():
     raise app.UsageError(f"workdir {workdir} is a file, not a folder; pass --workdir=DIR")
   if mode == "train":
-    final = train.train_and_evaluate(_CONFIG.value, workdir)
+    final = train.train_and_evaluate(
+        _CONFIG.value, workdir, config_name=config_flags.get_config_filename(flags.FLAGS["config"]))
     if "stopped_at_step" in final:
       print(f"stopped by signal {final['signal']} at step {final['stopped_at_step']}; the "
             f"checkpoint in {workdir / 'checkpoints'} resumes it")
@@ -153,6 +154,7 @@ def run_mode(mode: str, workdir: pathlib.Path) -> int:
         f"{pathlib.Path(_OUT.value or workdir) / f'eval_{which}.json'}")
   if done.report is not None:
     print(f"  {'report/':<20} the report: {done.report} (+ report.json, ced.png)")
+  print("\n" + rundir.next_commands(workdir, "eval"))
   return 0
 
 
