@@ -7,4 +7,5 @@
   predictor      `Predictor`: a run's EMA model on whole images (boxes or a detector)
   predict_files  the predict command: files, folders and videos to JSON and overlays
   export         the inference function as a standalone StableHLO artifact
+  onnx_export    the inference function as an ONNX model, run with onnxruntime
 """

@@ -16,8 +16,9 @@ protocol's unified index). Run it anywhere onnxruntime runs:
     session = onnxruntime.InferenceSession("fgtbt.onnx", providers=["CPUExecutionProvider"])
     points, confidence = session.run(None, {"crops": crops})   # crops: uint8 (B, S, S, 3)
 
-or `OnnxPredictor("fgtbt.onnx").run_crops(crops)`, which checks the crops
-first and runs any number of them in batches of B.
+(onnxruntime and numpy only), or, where this project is installed,
+`OnnxPredictor("fgtbt.onnx").run_crops(crops)`, which checks the crops first
+and runs any number of them in batches of B.
 
 How: the predict function is traced to a jaxpr (`jax.make_jaxpr`) and the
 jaxpr, not the Flax modules, is converted by jax2onnx, so every operation
@@ -37,7 +38,10 @@ are untouched; only the exported graph uses the matrix form (equal to the
 FFT form to float32 rounding, `tests/test_onnx_export.py`).
 
 Needs the optional packages jax2onnx, onnx and onnxruntime (pins:
-requirements-dev.txt); `OnnxPredictor` needs only onnxruntime and numpy.
+requirements-dev.txt, and requirements-onnx.txt for jax2onnx, installed with
+--no-deps: docs/onnx.md); `OnnxPredictor` needs onnxruntime, not jax2onnx.
+Without them the functions here raise `OnnxUnavailableError` (an ImportError
+naming the packages).
 """
 
 from __future__ import annotations
@@ -62,13 +66,16 @@ from fgtbt_jax.deploy import predictor as predictor_lib
 from fgtbt_jax.inference import PredictSettings
 from fgtbt_jax.models import fgsa
 
-# ONNX opset of the exported graph (onnxruntime 1.20 and later run it).
+# ONNX opset of the exported graph (tested with onnxruntime 1.32.0).
 OPSET = 21
 INPUT_NAME = "crops"
 OUTPUT_NAMES = {"landmarks": ("points", "confidence"), "heatmaps": ("heatmaps",)}
+# The key of the export's description (JSON) in the model's metadata_props.
+METADATA_KEY = "fgtbt_jax"
 # What `OnnxPredictor` needs; the export needs jax2onnx and onnx too.
 _MISSING = ("ONNX export needs the optional packages jax2onnx, onnx and onnxruntime "
-            "(pip install -r requirements-dev.txt)")
+            "(pip install -r requirements-dev.txt; pip install --no-deps -r "
+            "requirements-onnx.txt)")
 
 
 class OnnxUnavailableError(ImportError):
@@ -160,8 +167,9 @@ def _converter_settings():
   are silenced while converting. After every equation it checks that each
   output value is connected to the graph by scanning all nodes built so far
   (`output_binding._value_is_graph_connected`), quadratic in the graph size:
-  most of the tiny model's export time, hours for the paper model with the
-  flip test. `_connected_fast` answers the common case (a value whose
+  55 of the 72 s of the tiny model's export when profiled, and the paper
+  network has 4 times its equations (8 with the flip test).
+  `_connected_fast` answers the common case (a value whose
   producing node is in the graph: the check's own first match) in constant
   time and asks the original scan otherwise, so the answers are the same.
   """
@@ -258,16 +266,22 @@ def export_onnx(predictor: predictor_lib.Predictor, path: str | os.PathLike, *,
   if path.is_dir():
     raise ValueError(f"export_onnx: {path} is a folder; name the .onnx file to write")
   model = onnx_model(predictor, batch_size=batch_size, settings=settings, output=output)
+  metadata = onnx_metadata(model, settings=settings, output=output,
+                           crop_enlarge=predictor.crop_enlarge,
+                           batch_dependent=predictor.batch_dependent)
+  # Inside the model too, for `OnnxPredictor` (onnxruntime's custom metadata map).
+  entry = model.metadata_props.add()
+  entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
   path.parent.mkdir(parents=True, exist_ok=True)
   onnx.save_model(model, os.fspath(path))
-  metadata = onnx_metadata(model, settings=settings, output=output,
-                           crop_enlarge=predictor.crop_enlarge)
   path.with_name(path.name + ".json").write_text(json.dumps(metadata, indent=1) + "\n")
   return metadata
 
 
-def onnx_metadata(model, *, settings: PredictSettings, output: str, crop_enlarge: float) -> dict:
-  """The sidecar description of an exported ONNX model (like the StableHLO export's)."""
+def onnx_metadata(model, *, settings: PredictSettings, output: str, crop_enlarge: float,
+                  batch_dependent: bool = False) -> dict:
+  """The description of an exported ONNX model: `export.artifact_metadata`'s fields
+  (the crop convention, settings, each protocol's unified index) for this graph."""
   onnx = _import("onnx")
 
   def described(value):
@@ -276,29 +290,22 @@ def onnx_metadata(model, *, settings: PredictSettings, output: str, crop_enlarge
             "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))}
 
   [crops] = [described(v) for v in model.graph.input]
-  outputs = [described(v) for v in model.graph.output]
-  metadata = {
-      "format": f"ONNX (opset {OPSET}); run with onnxruntime: "
-                f"InferenceSession(path).run(None, {{'{INPUT_NAME}': crops}})",
-      "input": {**crops, "meaning": "RGB face crops, uint8 0-255 (normalised inside)"},
-      "outputs": outputs,
-      "output": output,
-      "output_meaning": None, "flip_test": None, "decoder": None, "smoothing_sigma": None,
-      "crop": None, "unified_index": None,
-      "fft_high_pass": "as real matrix products (x - L_h x L_w^T), equal to the model's "
-                       "jnp.fft form to float32 rounding",
-  }
-  # The StableHLO export's description of the same function, field for field.
-  shared = export_lib.artifact_metadata(
-      _AvalsOnly(crops["shape"]), settings=settings, output=output, crop_enlarge=crop_enlarge)
-  for key in ("output_meaning", "flip_test", "decoder", "smoothing_sigma", "crop",
-              "unified_index"):
-    metadata[key] = shared[key]
+  metadata = export_lib.artifact_metadata(
+      _Signature(crops["shape"]), settings=settings, output=output, crop_enlarge=crop_enlarge)
+  del metadata["platforms"]
+  metadata.update(
+      format=f"ONNX (opset {OPSET}); onnxruntime: InferenceSession(path).run(None, "
+             f"{{'{INPUT_NAME}': crops}})",
+      input={**crops, "meaning": metadata["input"]["meaning"]},
+      outputs=[described(v) for v in model.graph.output],
+      batch_dependent=bool(batch_dependent),
+      fft_high_pass="real matrix products x - L_h x L_w^T (fgtbt_jax.deploy.onnx_export."
+                    "dft_high_frequency), the model's jnp.fft filter to float32 rounding")
   return metadata
 
 
-class _AvalsOnly:
-  """What `export.artifact_metadata` reads of an `Exported`: its input and output avals."""
+class _Signature:
+  """The input and output avals `export.artifact_metadata` reads of an `Exported`."""
 
   def __init__(self, shape):
     self.in_avals = (jax.ShapeDtypeStruct(tuple(shape), jnp.uint8),)
@@ -334,6 +341,9 @@ class OnnxPredictor:
     self.batch_size, size, _, _ = crops.shape
     self.image_size = int(size)
     self.output_names = [o.name for o in self.session.get_outputs()]
+    # `export_onnx`'s description ({} for a model from elsewhere).
+    described = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    self.metadata: dict = json.loads(described) if described else {}
 
   def __call__(self, crops: np.ndarray) -> list[np.ndarray]:
     """The graph's outputs for exactly one batch (B, S, S, 3) uint8."""
@@ -358,8 +368,10 @@ class OnnxPredictor:
     """(M, 124, 2) points in crop pixels and (M, 124) confidence of (M, S, S, 3) crops.
 
     Runs batches of the exported size, the last padded with zeros (as
-    `Predictor.run_crops` does); a model exported with output="heatmaps"
-    gives no landmarks (ValueError).
+    `Predictor.run_crops` does). A model whose outputs depend on the
+    batch-mates (the authors' FGSA: `batch_dependent` in the metadata)
+    cannot be padded: it takes whole batches only. A model exported with
+    output="heatmaps" gives no landmarks. Both raise ValueError.
     """
     if self.output_names != list(OUTPUT_NAMES["landmarks"]):
       raise ValueError(f"{self.path.name}: outputs {self.output_names}, not landmarks")
@@ -368,6 +380,10 @@ class OnnxPredictor:
     if count == 0:
       return (np.zeros((0, landmarks.NUM_UNIFIED, 2), np.float32),
               np.zeros((0, landmarks.NUM_UNIFIED), np.float32))
+    if count % batch and self.metadata.get("batch_dependent"):
+      raise ValueError(f"{self.path.name}: this model's outputs depend on the other crops of "
+                       f"its batch, so its last batch cannot be padded: give a multiple of "
+                       f"{batch} crops (got {count}), or export it with batch_size={count}")
     padded = -(-count // batch) * batch
     crops = np.concatenate([crops, np.zeros((padded - count, *crops.shape[1:]), np.uint8)])
     outputs = [self.session.run(None, {self.input_name: crops[i:i + batch]})
