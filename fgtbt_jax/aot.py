@@ -777,3 +777,8 @@ def format_report(report: dict) -> str:
         f"{m['module']} {m['hbm_bytes'] / traffic['hbm_bytes']:.0%}"
         for m in traffic["by_module"][:6] if traffic["hbm_bytes"]))
   return "\n".join(lines)
+
+
+if __name__ == "__main__":  # The command moved; say where instead of doing nothing.
+  raise SystemExit("this module is a library now; the command is `fgtbt aot` "
+                   "(or `python -m fgtbt_jax.commands aot`)")

@@ -143,3 +143,8 @@ def markdown_table(rows: Sequence[tuple[tuple[int, int, float], bool, dict[str, 
     size = f"{heatmap_size}x{heatmap_size}"
     lines.append(f"| {input_size} | {size} | {sigma:g} | {target} | {cells} |")
   return "\n".join(lines)
+
+
+if __name__ == "__main__":  # The command moved; say where instead of doing nothing.
+  raise SystemExit("this module is a library now; the command is `fgtbt decoding-error` "
+                   "(or `python -m fgtbt_jax.commands decoding-error`)")

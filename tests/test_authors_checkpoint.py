@@ -35,6 +35,7 @@ import pytest
 import torch
 from flax.traverse_util import flatten_dict
 
+from configs import fgtbt_authors
 from fgtbt_jax.weights import authors as ac
 from fgtbt_jax.weights import import_authors
 from fgtbt_jax import inference
@@ -43,6 +44,8 @@ from fgtbt_jax import sharding
 from fgtbt_jax.models import layers
 from tests import helpers
 from tests.helpers import synthetic_data_dir  # noqa: F401  (fixture)
+
+RECIPE = fgtbt_authors.get_config()  # The authors recipe; the library imports no config file.
 
 ASSET = pathlib.Path(__file__).parent / "assets" / "authors_state_dict.tsv"
 RUN = str(helpers.REPO / "run.py")
@@ -119,7 +122,7 @@ def _save(path, state_dict, epoch=0):
 
 
 def _tiny_shapes():
-  return ac.authors_state_dict_shapes(import_authors.run_config("WFLW", "tiny").model)
+  return ac.authors_state_dict_shapes(import_authors.run_config(RECIPE, "WFLW", "tiny").model)
 
 
 # -- the name map, independently of the implementation --------------------------------
@@ -197,7 +200,7 @@ def _expected(name: str, tensor: np.ndarray, batch_norms: set[str]) -> tuple[tup
 
 
 def test_name_map_gives_the_released_state_dict():
-  shapes = ac.authors_state_dict_shapes(import_authors.run_config("WFLW").model)
+  shapes = ac.authors_state_dict_shapes(import_authors.run_config(RECIPE, "WFLW").model)
   released = _released_shapes()
   assert len(released) == 929
   assert shapes == released
@@ -212,7 +215,7 @@ def test_every_released_entry_lands_where_the_name_map_says(tmp_path, fake_yacs)
   assert checkpoint.epoch == 0 and checkpoint.args["MODEL"]["NAME"] == "segformer"
   assert list(checkpoint.state_dict) == list(released)
   variables, report = ac.convert_state_dict(checkpoint.state_dict,
-                                            import_authors.run_config("WFLW").model, str(path))
+                                            import_authors.run_config(RECIPE, "WFLW").model, str(path))
   flat = flatten_dict(variables)
   batch_norms = {n.rsplit(".", 1)[0] for n in released if n.endswith("running_mean")}
   assert len(batch_norms) == 33 and report.batches_tracked == {500: 33}
@@ -233,7 +236,7 @@ def test_converted_layers_compute_what_the_pytorch_layers_compute(tmp_path, fake
   state_dict = _random_state_dict(shapes, seed=1)
   path = _save(tmp_path / "tiny.pth", state_dict)
   variables, _ = ac.convert_state_dict(ac.read_checkpoint(path).state_dict,
-                                       import_authors.run_config("WFLW", "tiny").model)
+                                       import_authors.run_config(RECIPE, "WFLW", "tiny").model)
   params = variables["params"]
   x = np.random.default_rng(2).normal(size=(2, 16, 6, 6)).astype(np.float32)  # NCHW
   nhwc = jnp.asarray(x.transpose(0, 2, 3, 1))
@@ -352,12 +355,12 @@ def test_state_dict_that_does_not_fit(tmp_path, fake_yacs, change, match):
   path = _save(tmp_path / "tiny.pth", state_dict)
   checkpoint = ac.read_checkpoint(path)
   with pytest.raises(ac.AuthorsCheckpointError, match=match) as caught:
-    ac.convert_state_dict(checkpoint.state_dict, import_authors.run_config("WFLW", "tiny").model, str(path))
+    ac.convert_state_dict(checkpoint.state_dict, import_authors.run_config(RECIPE, "WFLW", "tiny").model, str(path))
   assert "\n" not in str(caught.value) and not caught.value.report.ok
   # Nothing is written when the file does not fit.
   workdir = tmp_path / "run"
   with pytest.raises(ac.AuthorsCheckpointError):
-    import_authors.import_authors_checkpoint(path, workdir, "WFLW", variant="tiny")
+    import_authors.import_authors_checkpoint(path, workdir, "WFLW", recipe=RECIPE, variant="tiny")
   assert not workdir.exists()
 
 
@@ -371,14 +374,14 @@ def test_a_bare_state_dict_imports_as_the_released_file_does(tmp_path, fake_yacs
   assert (released.structure, released.epoch) == (ac.RELEASE, 3)
   assert (bare.structure, bare.epoch, bare.args) == (ac.BARE_STATE_DICT, None, None)
   assert list(bare.state_dict) == list(released.state_dict) == list(state_dict)
-  model = import_authors.run_config("WFLW", "tiny").model
+  model = import_authors.run_config(RECIPE, "WFLW", "tiny").model
   expected, _ = ac.convert_state_dict(released.state_dict, model)
   got, report = ac.convert_state_dict(bare.state_dict, model)
   assert report.ok and len(report.loaded) == 330 and not (report.prefix or report.converted)
   _assert_same_variables(got, expected)
   # Through the import: no epoch, so step 0; the record says which structure it read.
   result = import_authors.import_authors_checkpoint(tmp_path / "bare.pth", tmp_path / "run", "wflw",
-                                        variant="tiny")
+                                        recipe=RECIPE, variant="tiny")
   assert (result.dataset, result.step, len(result.report.loaded)) == ("WFLW", 0, 330)
   record = json.loads((tmp_path / "run" / import_authors.IMPORT_RECORD).read_text())
   assert (record["structure"], record["epoch"], record["prefix_stripped"]) == (
@@ -391,7 +394,7 @@ def test_data_parallel_names_import_without_their_prefix(tmp_path, fake_yacs, pr
   state_dict = _random_state_dict(_tiny_shapes(), seed=5)
   prefixed = collections.OrderedDict((prefix + name, t) for name, t in state_dict.items())
   path = (_save_bare if bare else _save)(tmp_path / "parallel.pth", prefixed)
-  model = import_authors.run_config("WFLW", "tiny").model
+  model = import_authors.run_config(RECIPE, "WFLW", "tiny").model
   expected, _ = ac.convert_state_dict({n: t.numpy() for n, t in state_dict.items()}, model)
   got, report = ac.convert_state_dict(ac.read_checkpoint(path).state_dict, model, str(path))
   assert report.ok and report.prefix == prefix and len(report.loaded) == 330
@@ -410,7 +413,7 @@ def test_data_parallel_names_with_a_tensor_missing(tmp_path, fake_yacs):
   with pytest.raises(ac.AuthorsCheckpointError, match=(
       r"parallel\.pth:module\.encoder\.decode_head\.conv2\.weight: missing from the state "
       r"dict$")) as caught:
-    ac.convert_state_dict(ac.read_checkpoint(path).state_dict, import_authors.run_config("WFLW", "tiny").model,
+    ac.convert_state_dict(ac.read_checkpoint(path).state_dict, import_authors.run_config(RECIPE, "WFLW", "tiny").model,
                           str(path))
   assert caught.value.report.prefix == "module." and not caught.value.report.hint
 
@@ -443,7 +446,7 @@ def test_names_off_by_a_prefix_get_a_one_line_hint(tmp_path, fake_yacs, change, 
   with pytest.raises(ac.AuthorsCheckpointError, match=(
       r"^" + re.escape(str(path)) + r": the state dict's names do not fit the model " + hint)
                      ) as caught:
-    ac.convert_state_dict(ac.read_checkpoint(path).state_dict, import_authors.run_config("WFLW", "tiny").model,
+    ac.convert_state_dict(ac.read_checkpoint(path).state_dict, import_authors.run_config(RECIPE, "WFLW", "tiny").model,
                           str(path))
   report = caught.value.report
   assert "\n" not in str(caught.value) and report.hint and not report.prefix
@@ -459,7 +462,7 @@ def test_float16_and_bfloat16_tensors_are_converted_and_reported(tmp_path, fake_
     halves[name] = tensor
   bfloat16 = sum(t.dtype == torch.bfloat16 for name, t in halves.items() if "conv_seg" not in name)
   path = _save_bare(tmp_path / "half.pth", halves)
-  model = import_authors.run_config("WFLW", "tiny").model
+  model = import_authors.run_config(RECIPE, "WFLW", "tiny").model
   got, report = ac.convert_state_dict(ac.read_checkpoint(path).state_dict, model, str(path))
   assert report.ok and report.converted == {"bfloat16": bfloat16, "float16": 330 - bfloat16}
   assert 0 < bfloat16 < 330
@@ -472,7 +475,8 @@ def test_float16_and_bfloat16_tensors_are_converted_and_reported(tmp_path, fake_
   _, report = ac.convert_state_dict({n: t.numpy() for n, t in state_dict.items()}, model)
   assert report.converted == {} and "converted" not in report.summary()
   # The workdir's record keeps it.
-  import_authors.import_authors_checkpoint(path, tmp_path / "run", "WFLW", variant="tiny")
+  import_authors.import_authors_checkpoint(path, tmp_path / "run", "WFLW", recipe=RECIPE,
+                                           variant="tiny")
   record = json.loads((tmp_path / "run" / import_authors.IMPORT_RECORD).read_text())
   assert record["converted_to_float32"] == {"bfloat16": bfloat16, "float16": 330 - bfloat16}
 
@@ -489,7 +493,7 @@ def test_dataset_from_the_file_name():
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "fgtbt_jax.weights.import_authors", *args],
+  return subprocess.run([sys.executable, "-m", "fgtbt_jax.commands", "import-authors", *args],
                         env=helpers.subprocess_env(devices=1), cwd=helpers.REPO,
                         capture_output=True, text=True, timeout=300, check=False)
 
@@ -498,7 +502,7 @@ def test_the_workdir_restores_as_the_best_ema_model(tmp_path, fake_yacs):
   shapes = _tiny_shapes()
   path = _save(tmp_path / "full_model_epoch7_best_cofw.pth", _random_state_dict(shapes), epoch=7)
   workdir = tmp_path / "run"
-  result = import_authors.import_authors_checkpoint(path, workdir, variant="tiny")
+  result = import_authors.import_authors_checkpoint(path, workdir, recipe=RECIPE, variant="tiny")
   assert (result.dataset, result.step, len(result.report.loaded)) == ("COFW", 7, 330)
   config = rundir.load_run_config(workdir)
   assert config.model.fgsa_compat == "authors" and config.model.variant == "tiny"
@@ -515,7 +519,7 @@ def test_the_workdir_restores_as_the_best_ema_model(tmp_path, fake_yacs):
     np.testing.assert_array_equal(got[key], value, err_msg=str(key))
   # A second import into the same workdir is refused.
   with pytest.raises(FileExistsError, match="already holds a run"):
-    import_authors.import_authors_checkpoint(path, workdir, variant="tiny")
+    import_authors.import_authors_checkpoint(path, workdir, recipe=RECIPE, variant="tiny")
 
 
 def test_cli_errors_are_one_line(tmp_path, fake_yacs):
@@ -524,7 +528,7 @@ def test_cli_errors_are_one_line(tmp_path, fake_yacs):
               "--variant", "tiny")
   assert done.returncode == 1
   assert done.stderr.strip().splitlines() == [
-      f"authors_checkpoint: {path}: which dataset's best model is this? The file name has no "
+      f"fgtbt import-authors: {path}: which dataset's best model is this? The file name has no "
       "_best_<dataset> suffix; pass the dataset, one of ('WFLW', '300W', 'COFW', 'AFLW')"]
   assert not (tmp_path / "run").exists()
 
@@ -535,7 +539,7 @@ def test_cli_names_off_by_a_prefix_is_one_line_not_a_dump(tmp_path, fake_yacs):
               "--dataset", "wflw", "--variant", "tiny")
   assert done.returncode == 1 and done.stdout == ""
   [line] = done.stderr.strip().splitlines()
-  assert line.startswith(f"authors_checkpoint: {path}: the state dict's names do not fit")
+  assert line.startswith(f"fgtbt import-authors: {path}: the state dict's names do not fit")
   assert "start with 'net.'; without it 330 of the model's 330 tensors would be found" in line
   assert not (tmp_path / "run").exists()
 

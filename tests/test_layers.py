@@ -193,3 +193,14 @@ def test_only_the_commands_wing_parses_command_lines():
   # The scan sees what it looks for.
   assert _defines_a_parser(MODULES["fgtbt_jax.commands.aot"])
   assert _defines_a_parser(MODULES["fgtbt_jax.commands.run"])
+
+
+def test_the_library_imports_no_config_file():
+  # configs/ import fgtbt_jax: the library takes configs as arguments and
+  # only the commands read config files.
+  for module, path in MODULES.items():
+    if module.startswith("fgtbt_jax") and _unit(module) != "fgtbt_jax.commands":
+      for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        assert not any(n.split(".")[0] == "configs" for n in names), (module, node.lineno)

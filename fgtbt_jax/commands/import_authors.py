@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from configs import fgtbt_authors
 from fgtbt_jax import models
 from fgtbt_jax.weights import import_authors
 from fgtbt_jax.weights.authors import AuthorsCheckpointError
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     result = import_authors.import_authors_checkpoint(args.authors_checkpoint, args.workdir, args.dataset,
-                                       variant=args.variant)
+                                                      recipe=fgtbt_authors.get_config(),
+                                                      variant=args.variant)
   except AuthorsCheckpointError as e:
     if e.report is not None and not e.report.hint:  # With a hint, the one line says it.
       print(e.report.summary())

@@ -105,3 +105,8 @@ def calibrate_detector(name: str, faces, *, min_matched: int = 8,
   """
   return detector_lib.calibrate_box_adjustment(raw_detector(name, **kwargs), faces,
                                                min_matched=min_matched)
+
+
+if __name__ == "__main__":  # The command moved; say where instead of doing nothing.
+  raise SystemExit("this module is a library now; the command is `fgtbt calibrate-detector` "
+                   "(or `python -m fgtbt_jax.commands calibrate-detector`)")

@@ -114,3 +114,8 @@ def load_exported(path: str | os.PathLike) -> jax.export.Exported:
     return jax.export.deserialize(data)
   except Exception as e:  # The deserialiser raises assorted errors on bad bytes.
     raise ValueError(f"{path}: not a serialized jax.export artifact: {e}") from e
+
+
+if __name__ == "__main__":  # The command moved; say where instead of doing nothing.
+  raise SystemExit("this module is a library now; the command is `fgtbt export` "
+                   "(or `python -m fgtbt_jax.commands export`)")

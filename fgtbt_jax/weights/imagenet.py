@@ -313,3 +313,8 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, Any]:
   if not isinstance(state, Mapping) or not state:
     raise ValueError(f"{path}: no tensors found")
   return dict(state)
+
+
+if __name__ == "__main__":  # The command moved; say where instead of doing nothing.
+  raise SystemExit("this module is a library now; the command is `fgtbt import-imagenet` "
+                   "(or `python -m fgtbt_jax.commands import-imagenet`)")

@@ -20,6 +20,7 @@ state; it needs the converted data (`--config.data.data_dir`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -30,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from configs import fgtbt_authors
 from fgtbt_jax import checkpointing
 from fgtbt_jax import landmarks
 from fgtbt_jax import models
@@ -56,9 +56,15 @@ def dataset_from_filename(path: str | os.PathLike) -> str | None:
     return None
 
 
-def run_config(dataset: str, variant: str = "paper") -> ml_collections.ConfigDict:
-  """The run config of an imported checkpoint (see the module docstring)."""
-  config = fgtbt_authors.get_config()  # Their model, recipe and evaluation.
+def run_config(recipe: ml_collections.ConfigDict, dataset: str,
+               variant: str = "paper") -> ml_collections.ConfigDict:
+  """The run config of an imported checkpoint (see the module docstring).
+
+  `recipe`: the authors' recipe, `configs/fgtbt_authors.get_config()` (their
+  model, training and evaluation; the caller reads the config file, the
+  library imports no config); it is copied, not changed.
+  """
+  config = copy.deepcopy(recipe)  # Its field references (image size = input size) kept.
   config.model.update(models.model_config(
       variant, fgsa_compat="authors", batch_norm_unbiased_variance=True))
   config.data.datasets = (dataset,)
@@ -93,7 +99,7 @@ def _check_free(workdir: pathlib.Path) -> None:
 
 
 def import_authors_checkpoint(path: str | os.PathLike, workdir: str | os.PathLike,
-                              dataset: str | None = None, *,
+                              dataset: str | None = None, *, recipe: ml_collections.ConfigDict,
                               variant: str = "paper") -> ImportResult:
   """Converts an authors' checkpoint into a workdir for `run.py eval` / `predict`.
 
@@ -102,6 +108,7 @@ def import_authors_checkpoint(path: str | os.PathLike, workdir: str | os.PathLik
     workdir: a new (or empty) run directory.
     dataset: whose best model the file is ("WFLW", "300W", "COFW", "AFLW",
       any case); default from the file name's `_best_<dataset>` suffix.
+    recipe: the authors' recipe (`configs/fgtbt_authors.get_config()`).
     variant: the model variant the state dict is of ("paper" for the
       released files; smaller ones for tests).
 
@@ -121,7 +128,7 @@ def import_authors_checkpoint(path: str | os.PathLike, workdir: str | os.PathLik
   dataset = landmarks.get_protocol(dataset).name
   _check_free(workdir)
   checkpoint = read_checkpoint(path)
-  config = run_config(dataset, variant)
+  config = run_config(recipe, dataset, variant)
   variables, report = convert_state_dict(checkpoint.state_dict, config.model, str(path))
   step = checkpoint.epoch if checkpoint.epoch is not None and checkpoint.epoch >= 0 else 0
   workdir.mkdir(parents=True, exist_ok=True)
@@ -141,3 +148,8 @@ def import_authors_checkpoint(path: str | os.PathLike, workdir: str | os.PathLik
             "num_batches_tracked": {str(k): v for k, v in report.batches_tracked.items()}}
   (workdir / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
   return ImportResult(workdir, dataset, step, report)
+
+
+if __name__ == "__main__":  # The command moved; say where instead of doing nothing.
+  raise SystemExit("this module is a library now; the command is `fgtbt import-authors` "
+                   "(or `python -m fgtbt_jax.commands import-authors`)")
