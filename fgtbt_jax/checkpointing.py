@@ -420,16 +420,8 @@ class Checkpointer:
     return state, restored_step
 
   def _restore_latest(self, step: int, abstract_state: Any, data_iterator: Any | None):
-    metadata, where = self._checked_metadata(self._latest, step, "state")
-    _check_compatible(metadata, abstract_state, where)
-    try:
-      restored = self._latest.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    except Exception as e:  # pylint: disable=broad-except
-      # The metadata fits the target, so a failing read is a damaged file.
-      raise CorruptCheckpointError(
-          f"checkpoint {where} is broken: the train state does not read back "
-          f"({_one_line(e)})") from e
+    restored, where = self._read_back(self._latest, step, "state", abstract_state,
+                                      "the train state")
     if data_iterator is not None:
       try:
         self._latest.restore(step, args=ocp.args.Composite(
@@ -440,6 +432,23 @@ class Checkpointer:
             f"not read back ({_one_line(e)})") from e
     _check_finite(restored["state"], f"checkpoint {where}")
     return restored["state"], step
+
+  def _read_back(self, manager, step: int, item: str, abstract: Any, what: str):
+    """Item `item` of `manager`'s step restored onto `abstract`, and where it is.
+
+    Its metadata is checked against `abstract` first (an incompatible
+    checkpoint is `IncompatibleCheckpointError`), so a read that then fails
+    is a damaged file: `CorruptCheckpointError` naming `what`.
+    """
+    metadata, where = self._checked_metadata(manager, step, item)
+    _check_compatible(metadata, abstract, where)
+    try:
+      restored = manager.restore(
+          step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CorruptCheckpointError(
+          f"checkpoint {where} is broken: {what} does not read back ({_one_line(e)})") from e
+    return restored, where
 
   def _existing_step(self, step: int | None) -> int:
     """`step` (default: the latest) if it is a committed train-state step."""
@@ -525,15 +534,7 @@ class Checkpointer:
     step = manager.best_step()
     if step is None:
       raise WorkdirError(f"no best checkpoint for {dataset} under {manager.directory}")
-    metadata, where = self._checked_metadata(manager, step, "model")
-    _check_compatible(metadata, abstract_variables, where)
-    try:
-      restored = manager.restore(
-          step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract_variables)))
-    except Exception as e:  # pylint: disable=broad-except
-      raise CorruptCheckpointError(
-          f"checkpoint {where} is broken: the model does not read back "
-          f"({_one_line(e)})") from e
+    restored, where = self._read_back(manager, step, "model", abstract_variables, "the model")
     _check_finite(restored["model"], f"checkpoint {where}")
     return restored["model"], step
 
