@@ -86,21 +86,11 @@ class PredictSettings:
                        f"decoder only, not {self.decoder!r}")
 
   @classmethod
-  def from_config(cls, eval_config: ml_collections.ConfigDict, *, decoder: str | None = None,
-                  flip_test: bool | None = None,
-                  smoothing_sigma: float | None = None) -> "PredictSettings":
-    """A run's settings (`config.eval`), with the fields given here overriding them.
-
-    Overriding the decoder of a run that smooths with a decoder that cannot
-    smooth turns the smoothing off (it is a sub-pixel fit option).
-    """
-    run = cls(decoder=eval_config.decoder, flip_test=bool(eval_config.flip_test),
-              smoothing_sigma=float(eval_config.smoothing_sigma),
-              coordinates=str(eval_config.coordinates))
-    changes = {name: value for name, value in (("decoder", decoder), ("flip_test", flip_test),
-                                                ("smoothing_sigma", smoothing_sigma))
-               if value is not None}
-    return run.replace(**changes) if changes else run
+  def from_config(cls, eval_config: ml_collections.ConfigDict) -> "PredictSettings":
+    """A run's settings: its `config.eval` (with any `--config.eval.*` overrides applied)."""
+    return cls(decoder=eval_config.decoder, flip_test=bool(eval_config.flip_test),
+               smoothing_sigma=float(eval_config.smoothing_sigma),
+               coordinates=str(eval_config.coordinates))
 
   def replace(self, **changes) -> "PredictSettings":
     """These settings with `changes`; another decoder than "subpixel" drops the smoothing."""

@@ -211,7 +211,8 @@ def test_predictor_defaults_come_from_the_run_config(random_run, tmp_path):
   rundir.write_run_config(saved, paper_style)
   predictor = predictor_lib.Predictor.from_checkpoint(paper_style, "best", dataset="AFLW")
   assert predictor.settings == inference.PredictSettings("argmax", False, 0.0)
-  override = predictor_lib.Predictor.from_checkpoint(paper_style, "best", decoder="quarter")
+  override = predictor_lib.Predictor.from_checkpoint(
+      paper_style, "best", config=rundir.load_run_config(paper_style, {"eval.decoder": "quarter"}))
   assert override.settings == inference.PredictSettings("quarter", False, 0.0)
 
 

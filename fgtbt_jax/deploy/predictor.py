@@ -222,9 +222,7 @@ class Predictor:
   @classmethod
   def from_checkpoint(cls, workdir_or_path: str | os.PathLike, which: str = "best", *,
                       config: ml_collections.ConfigDict | None = None,
-                      dataset: str | None = None, decoder: str | None = None,
-                      flip_test: bool | None = None, smoothing_sigma: float | None = None,
-                      **kwargs) -> "Predictor":
+                      dataset: str | None = None, **kwargs) -> "Predictor":
     """A predictor with the EMA model of a training run, set up as the run was evaluated.
 
     Args:
@@ -233,11 +231,12 @@ class Predictor:
       which: "best" (the EMA model with the lowest NME on `dataset`) or
         "latest" (the EMA variables of the newest train state).
       config: the run's config with any overrides, e.g.
-        `rundir.load_run_config(workdir, {"eval.flip_test": False})`;
-        default its config.json (upgraded, `rundir.load_run_config`).
+        `rundir.load_run_config(workdir, {"eval.flip_test": False})` (the
+        one way to set the decoding: the config's `eval`, as eval and the
+        predict command read it; `predict(..., flip_test=, decoder=)` overrides
+        it per call); default its config.json (upgraded).
       dataset: whose best checkpoint; default the config's `predict.dataset`,
         else the run's first dataset.
-      decoder, flip_test, smoothing_sigma: override the config's `eval`.
       **kwargs: passed to the constructor. image_size and crop_enlarge
         default to the config's `data`, the compute dtype to its `model`,
         batch_size, max_faces and min_face_confidence to its `predict`.
@@ -256,8 +255,7 @@ class Predictor:
     kwargs.setdefault("min_face_confidence", float(config.predict.min_face_confidence))
     if "settings" not in kwargs:
       try:
-        kwargs["settings"] = PredictSettings.from_config(
-            config.eval, decoder=decoder, flip_test=flip_test, smoothing_sigma=smoothing_sigma)
+        kwargs["settings"] = PredictSettings.from_config(config.eval)
       except ValueError as e:
         raise ConfigError(f"the run's eval settings: {e}") from None
     predictor = cls(config.model, restored.variables, **kwargs)
