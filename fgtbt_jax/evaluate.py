@@ -293,21 +293,25 @@ def final_table(results: Mapping[str, Mapping[str, Any]]) -> dict:
 
 
 def format_table(final: Mapping[str, Any], threshold: float,
-                 synthetic: Iterable[str] = ()) -> str:
+                 synthetic: Iterable[str] = (), kinds: Mapping[str, str] | None = None) -> str:
   """The per-protocol NME table printed at the end of a run (NME in %).
 
-  The "data" column says which rows are synthetic stand-ins and which the
-  real (converted) benchmark.
+  The "data" column says what each row's data is: `kinds[dataset]`
+  ("synthetic", "benchmark", "own folder": `prepare.data_kinds`), else
+  "synthetic" for the datasets in `synthetic` and "benchmark" for the rest.
+  Rows: the benchmarks in protocol order, then a user's own datasets.
   """
-  synthetic = set(synthetic)
+  synthetic, kinds = set(synthetic), dict(kinds or {})
   lines = [f"{'protocol':<8} {'NME %':>8} {'baseline %':>11} {f'FR@{threshold:g} %':>9} "
            f"{f'AUC@{threshold:g}':>8}  data"]
-  for dataset in landmarks.PROTOCOL_NAMES:
+  own = [d for d, r in final.items() if d not in landmarks.PROTOCOL_NAMES
+         and isinstance(r, Mapping) and "nme" in r]
+  for dataset in [*landmarks.PROTOCOL_NAMES, *own]:
     if dataset in final:
       r = final[dataset]
+      kind = kinds.get(dataset, "synthetic" if dataset in synthetic else "benchmark")
       lines.append(f"{dataset:<8} {100 * r['nme']:>8.2f} {100 * r['baseline_nme']:>11.2f} "
-                   f"{100 * r['fr']:>9.2f} {r['auc']:>8.4f}  "
-                   f"{'synthetic' if dataset in synthetic else 'real'}")
+                   f"{100 * r['fr']:>9.2f} {r['auc']:>8.4f}  {kind}")
   return "\n".join(lines)
 
 
@@ -319,7 +323,8 @@ def print_outputs(workdir: pathlib.Path, final: Mapping[str, Any], title: str,
   final metrics, which hold its "wall_time_s", else None: the eval command
   prints its own outputs after the table, then the next commands)."""
   print(f"\n{title}")
-  print(format_table(final, final["failure_threshold"], final["synthetic"]))
+  print(format_table(final, final["failure_threshold"], final["synthetic"],
+                     final.get("data")))
   print(f"\noutputs in {workdir}:")
   for name, what in (("config.json", "the run's config in full"),
                      ("final_metrics.json", "final metrics (NME as a fraction)"),
@@ -480,6 +485,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.P
   workdir = rundir.find_workdir(workdir)
   prepare.prepare_data(config.data, config.synthetic_data, splits=(config.data.eval_split,))
   synthetic = prepare.synthetic_datasets(config.data)
+  kinds = prepare.data_kinds(config.data)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh.logical_axis_rules)
   restored = inference.restore_models(config, workdir, checkpoint, mesh, rules)
@@ -499,6 +505,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.P
   final["steps"] = (restored[0].step if checkpoint == "latest"
                     else {m.datasets[0]: m.step for m in restored})
   final["synthetic"] = sorted(synthetic)
+  final["data"] = kinds
   final["failure_threshold"] = evaluator.threshold
   path = None
   if on_results is not None:

@@ -210,15 +210,183 @@ del _p
 
 
 def get_protocol(name: str) -> Protocol:
-  """The protocol called `name` (case-insensitive).
+  """The protocol called `name` (case-insensitive): a benchmark's, or a
+  user scheme's registered with `register_protocol`.
 
   Raises:
     UnknownProtocolError: (a ValueError) no protocol has that name.
   """
-  key = {k.upper(): k for k in PROTOCOLS}.get(str(name).upper())
+  known = {**PROTOCOLS, **_REGISTERED}
+  key = {k.upper(): k for k in known}.get(str(name).upper())
   if key is None:
-    raise UnknownProtocolError(name, PROTOCOLS)
-  return PROTOCOLS[key]
+    raise UnknownProtocolError(name, known)
+  return known[key]
+
+
+# ----------------------------------------------------------------------------
+# User point schemes: a dataset of the user's own that annotates a subset of
+# the unified points (named by `POINT_NAMES`), trained jointly with the
+# benchmarks and masked like them. Its dataset id follows the benchmarks':
+# the k-th user dataset of a run's `data.datasets` is id 4 + k
+# (`dataset_ids`), so the ids are a function of the config alone.
+
+# A user dataset's name: a letter, then letters, digits or "_" (it becomes
+# part of a TFDS builder name).
+USER_NAME_PATTERN = r"[A-Za-z][A-Za-z0-9_]{0,39}"
+
+_REGISTERED: dict[str, Protocol] = {}
+
+
+def _point_names() -> tuple[str, ...]:
+  """One name per unified point: its face part and its rank in that part
+  (unified order), "jaw_00" ... ; a part of one point is its own name."""
+  counts: dict[str, int] = {}
+  for part in FACE_PARTS.values():
+    counts[part] = counts.get(part, 0) + 1
+  seen: dict[str, int] = {}
+  names = []
+  for u in range(NUM_UNIFIED):
+    part = FACE_PARTS[u]
+    k = seen.get(part, 0)
+    seen[part] = k + 1
+    names.append(part if counts[part] == 1 else f"{part}_{k:02d}")
+  return tuple(names)
+
+
+# The name of every unified point, in unified order ("jaw_00", ...,
+# "right_eye_03", ..., "left_pupil").
+POINT_NAMES: tuple[str, ...] = _point_names()
+
+
+def point_ids(names, where: str = "scheme") -> np.ndarray:
+  """The unified ids of points named as in `POINT_NAMES`, or as
+  "<benchmark>:<i>" (the benchmark's own 0-based point i, e.g. "300W:36").
+
+  Raises:
+    ValueError: naming `where`, the position and the name that is unknown
+      or repeated.
+  """
+  by_name = {n: u for u, n in enumerate(POINT_NAMES)}
+  ids = []
+  for i, raw in enumerate(names):
+    name = str(raw).strip()
+    u = by_name.get(name)
+    if u is None and ":" in name:
+      protocol, _, index = name.rpartition(":")
+      p = {k.upper(): v for k, v in PROTOCOLS.items()}.get(protocol.strip().upper())
+      if p is not None and index.strip().isdigit() and int(index) < p.num_landmarks:
+        u = int(p.unified_index[int(index)])
+    if u is None:
+      raise ValueError(f"{where}: point {i} {name!r} is not a unified point name (one of "
+                       f"{POINT_NAMES[0]!r} ... {POINT_NAMES[-1]!r}, or <benchmark>:<0-based "
+                       "index> such as '300W:36'; `fgtbt convert --list-points` lists them)")
+    if u in ids:
+      raise ValueError(f"{where}: point {i} {name!r} repeats point {ids.index(u)} "
+                       f"({POINT_NAMES[u]})")
+    ids.append(u)
+  if not ids:
+    raise ValueError(f"{where}: names no points")
+  return np.asarray(ids, np.int32)
+
+
+def _benchmark_pair(protocol: str, normalizer: str) -> tuple[int, int]:
+  """The unified ids of a benchmark normaliser's two points."""
+  p = PROTOCOLS[protocol]
+  n = p.normalizers[normalizer]
+  return int(p.unified_index[n.a[0]]), int(p.unified_index[n.b[0]])
+
+
+# Outer eye corners (WFLW's and 300W's inter-ocular points) and pupils
+# (WFLW's inter-pupil points), in unified ids.
+OUTER_EYE_CORNERS = _benchmark_pair("300W", "inter_ocular")
+PUPILS = _benchmark_pair("WFLW", "inter_pupil")
+
+
+def user_protocol(name: str, unified_index, dataset_id: int) -> Protocol:
+  """The protocol of a user point scheme: its points are `unified_index`
+  (unified ids, in the user's own order).
+
+  Flip pairs are the unified ones; every point's mirror must be in the
+  scheme (the flip augmentation swaps them). Normalisers: "inter_ocular"
+  when both outer eye corners are among its points (its default), or
+  "inter_pupil" when both pupils are, and always "box" (the default
+  otherwise).
+
+  Raises:
+    ValueError: the name is not a valid user dataset name, is a
+      benchmark's, or a point's mirror is missing (naming both).
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  if not re.fullmatch(USER_NAME_PATTERN, str(name)):
+    raise ValueError(f"dataset name {name!r}: a letter then letters, digits or '_' "
+                     "(at most 40)")
+  if str(name).upper() in {k.upper() for k in PROTOCOLS} | {UNIFIED.upper()}:
+    raise ValueError(f"dataset name {name!r} is a benchmark's; name your own data otherwise")
+  index = np.asarray(unified_index, np.int32).reshape(-1)
+  if len(set(index.tolist())) != index.size or index.size == 0 or (
+      index.min() < 0 or index.max() >= NUM_UNIFIED):
+    raise ValueError(f"{name}: the scheme's points must be distinct unified ids")
+  own = {int(u): j for j, u in enumerate(index)}
+  pairs = []
+  for j, u in enumerate(index.tolist()):
+    m = int(UNIFIED_FLIP_PERMUTATION[u])
+    if m not in own:
+      raise ValueError(f"{name}: point {j} {POINT_NAMES[u]!r} has its mirror "
+                       f"{POINT_NAMES[m]!r} outside the scheme; add it (the flip "
+                       "augmentation swaps the two)")
+    if own[m] > j:
+      pairs.append((j, own[m]))
+  normalizers = {}
+  for kind, (a, b) in (("inter_ocular", OUTER_EYE_CORNERS), ("inter_pupil", PUPILS)):
+    if a in own and b in own:
+      normalizers[kind] = Normalizer("points", (own[a],), (own[b],))
+  normalizers["box"] = Normalizer("box")
+  index.setflags(write=False)
+  perm = _flip_permutation(index.size, pairs, name)
+  perm.setflags(write=False)
+  return Protocol(name=str(name), dataset_id=int(dataset_id), num_landmarks=int(index.size),
+                  unified_index=index, flip_pairs=tuple(pairs), flip_permutation=perm,
+                  normalizers=normalizers,
+                  default_normalizer="inter_ocular" if "inter_ocular" in normalizers else "box")
+
+
+def register_protocol(protocol: Protocol) -> None:
+  """Makes a user scheme's protocol known to `get_protocol` (replacing one
+  of the same name; benchmarks cannot be replaced)."""
+  if protocol.name.upper() in {k.upper() for k in PROTOCOLS}:
+    raise ValueError(f"{protocol.name} is a benchmark protocol")
+  for key in [k for k in _REGISTERED if k.upper() == protocol.name.upper()]:
+    del _REGISTERED[key]
+  _REGISTERED[protocol.name] = protocol
+
+
+def unregister_protocols() -> None:
+  """Forgets every registered user scheme."""
+  _REGISTERED.clear()
+
+
+def is_benchmark(name: str) -> bool:
+  """Whether `name` (case-insensitive) is one of the four benchmark protocols."""
+  return str(name).upper() in {k.upper() for k in PROTOCOL_NAMES}
+
+
+def dataset_ids(names) -> dict[str, int]:
+  """{name: dataset id} of a run's `data.datasets`: a benchmark's fixed id,
+  and 4 + k for the k-th user dataset among `names` (config order)."""
+  ids, k = {}, 0
+  for name in names:
+    if is_benchmark(name):
+      ids[name] = get_protocol(name).dataset_id
+    else:
+      ids[name] = len(PROTOCOL_NAMES) + k
+      k += 1
+  return ids
+
+
+def num_dataset_ids(names) -> int:
+  """How many dataset ids a run over `names` uses (the loss's D): the four
+  benchmarks' and one per user dataset."""
+  return len(PROTOCOL_NAMES) + sum(not is_benchmark(n) for n in names)
 
 
 # The name of the whole 124-point unified set where a protocol is asked for.

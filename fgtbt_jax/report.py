@@ -281,10 +281,19 @@ def write_report(per_image: Mapping[str, SplitPredictions], out_dir: str | pathl
   Returns:
     The path of report.md.
   """
-  unknown = [d for d in per_image if d not in landmarks.PROTOCOLS]
+  unknown = []
+  for d in per_image:
+    try:
+      landmarks.get_protocol(d)
+    except ValueError:
+      unknown.append(d)
   if unknown:
-    raise ValueError(f"per_image: unknown datasets {unknown}; expected {landmarks.PROTOCOL_NAMES}")
-  names = [d for d in landmarks.PROTOCOL_NAMES if d in per_image]
+    raise ValueError(f"per_image: unknown datasets {unknown}; expected {landmarks.PROTOCOL_NAMES} "
+                     "or registered own datasets")
+  # The benchmarks in protocol order, then a user's own datasets (no paper
+  # numbers: their tables leave that column out, as synthetic ones do).
+  names = [d for d in landmarks.PROTOCOL_NAMES if d in per_image] + [
+      d for d in per_image if d not in landmarks.PROTOCOL_NAMES]
   if not names:
     raise ValueError("per_image holds no dataset")
   if not threshold > 0:
@@ -308,8 +317,13 @@ def write_report(per_image: Mapping[str, SplitPredictions], out_dir: str | pathl
               "; the paper's FGTBT column does not apply to these and is left out.", ""]
   lines += ["## Results per dataset and subset (paper Tables 1-4)", ""]
   for d in names:
-    lines += dataset_markdown(d, tables[d], threshold, real_data=d not in synthetic,
-                              failure_normalizer=failure_normalizer)
+    if d in landmarks.PROTOCOL_NAMES:
+      lines += dataset_markdown(d, tables[d], threshold, real_data=d not in synthetic,
+                                failure_normalizer=failure_normalizer)
+    else:
+      table = dataset_markdown(d, tables[d], threshold, real_data=False,
+                               failure_normalizer=failure_normalizer)
+      lines += [f"### {d} (own data)"] + table[1:]
   lines += ["## Cumulative error distribution", "", "![CED curves](ced.png)", ""]
   bias = {d: bias_by_axis(per_image[d]) for d in names}
   if any(bias.values()):
@@ -332,7 +346,8 @@ def write_report(per_image: Mapping[str, SplitPredictions], out_dir: str | pathl
   summary = {"title": title, "threshold": threshold,
              "synthetic": sorted(synthetic & set(names)), "tables": tables,
              "nme_by_occurrence": occurrence, "bias_heatmap_px": bias,
-             "paper": {d: datasets.paper_results()[d] for d in names if d not in synthetic},
+             "paper": {d: datasets.paper_results()[d] for d in names
+                       if d not in synthetic and d in landmarks.PROTOCOL_NAMES},
              "studies": {k: {str(i): v for i, v in s.items()} if k == "lowres" else s
                          for k, s in studies.items()}}
   (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")

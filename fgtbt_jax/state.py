@@ -132,7 +132,9 @@ def build_setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> 
   rules = sharding.logical_rules(config.mesh.logical_axis_rules)
   model = models.build_model(config.model)
   tx, schedule = make_optimizer(config.optimizer)
-  loss_config = losses.LossConfig.from_config(config.loss, len(landmarks.PROTOCOL_NAMES))
+  # One dataset id per benchmark and per own dataset of the run (the loss's D).
+  loss_config = losses.LossConfig.from_config(
+      config.loss, landmarks.num_dataset_ids(config.data.datasets))
   init = _init_state_fn(model, tx, loss_config, config.data.image_size)
   # An abstract key: no array is made, so the mesh's devices may be compile-only
   # (`fgtbt_jax.aot` builds the step for a TPU topology on a CPU host).

@@ -373,6 +373,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   logging.info("%s", run_summary(config, workdir, config_name))
   prepare.prepare_data(config.data, config.synthetic_data)
   synthetic = prepare.synthetic_datasets(config.data)
+  kinds = prepare.data_kinds(config.data)
 
   setup = build_setup(config)
   table, total_params = parameter_table(setup.boxed_params)
@@ -422,6 +423,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
             ("data iterator", train_iterator)], quiet=failed)
   if "stopped_at_step" not in result:
     result["synthetic"] = sorted(synthetic)
+    result["data"] = kinds
     result["failure_threshold"] = float(config.eval.failure_threshold)
     result["wall_time_s"] = time.time() - start_time
     if jax.process_index() == 0:

@@ -6,6 +6,8 @@ so a run that cannot work stops at start, not after compiling or hours in.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import ml_collections
 
@@ -102,7 +104,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     raise ConfigError(f"optimizer.lr_decay_steps must be increasing positive steps, "
                       f"got {tuple(opt.lr_decay_steps)}")
   try:
-    losses.LossConfig.from_config(config.loss, len(landmarks.PROTOCOL_NAMES))
+    losses.LossConfig.from_config(config.loss, landmarks.num_dataset_ids(config.data.datasets))
   except ValueError as e:
     raise ConfigError(str(e)) from e
   for key in ("steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):
@@ -116,10 +118,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   if config.model.input_size != data.image_size:
     raise ConfigError(f"data.image_size ({data.image_size}) must equal model.input_size "
                       f"({config.model.input_size})")
-  unknown = [d for d in data.datasets if d not in landmarks.PROTOCOL_NAMES]
+  # A name other than a benchmark's is a user's own converted dataset: its
+  # conversion is looked up under data.data_dir by the data preparation.
+  unknown = [d for d in data.datasets if d not in landmarks.PROTOCOL_NAMES and (
+      landmarks.is_benchmark(d) or not re.fullmatch(landmarks.USER_NAME_PATTERN, str(d)))]
   if unknown or not data.datasets:
-    raise ConfigError(f"data.datasets must be a non-empty subset of {landmarks.PROTOCOL_NAMES}, "
-                      f"got {tuple(data.datasets)}")
+    raise ConfigError(f"data.datasets must be a non-empty list of {landmarks.PROTOCOL_NAMES} "
+                      f"and names of your own converted datasets, got {tuple(data.datasets)}")
   repeated = sorted({d for d in data.datasets if list(data.datasets).count(d) > 1})
   if repeated:
     raise ConfigError(f"data.datasets names {', '.join(repeated)} more than once "

@@ -127,7 +127,8 @@ def test_head_ablations_parse_validate_and_build(study):
     ("optimizer.lr_decay_steps", (300, 100), "lr_decay_steps must be increasing"),
     ("eval.decoder", "softargmax", "eval.decoder must be one of"),
     ("mesh.fsdp", 3, "does not cover the 8 devices"),
-    ("data.datasets", ("WFLW", "MENPO"), "non-empty subset"),
+    # Other names are own datasets (looked up under data.data_dir when the run starts).
+    ("data.datasets", ("WFLW", "my faces"), "data.datasets must be a non-empty list"),
     ("data.datasets", ("WFLW", "COFW", "WFLW", "AFLW"), "data.datasets names WFLW more than once"),
     ("data.flip_prob", 2.0, r"data.flip_prob must be a probability in \[0, 1\], got 2.0"),
     ("data.rotation_prob", -1.0, "data.rotation_prob must be a probability"),

@@ -157,7 +157,7 @@ def test_flatten_and_tables():
   table = evaluate.format_table(final, 0.1, synthetic=["COFW"]).splitlines()
   assert table[0].split() == ["protocol", "NME", "%", "baseline", "%", "FR@0.1", "%", "AUC@0.1",
                               "data"]
-  assert table[1].split() == ["WFLW", "5.00", "20.00", "1.00", "0.5000", "real"]
+  assert table[1].split() == ["WFLW", "5.00", "20.00", "1.00", "0.5000", "benchmark"]
   assert table[2].split()[0] == "COFW" and table[2].split()[-1] == "synthetic"
   # The headers follow the configured failure threshold.
   assert "FR@0.08 %" in evaluate.format_table(final, 0.08).splitlines()[0]

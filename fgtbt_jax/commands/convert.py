@@ -1,5 +1,20 @@
 """Converts a face dataset into TFDS ArrayRecord files of loose face crops.
 
+Your own faces (a folder of images with a `.pts`, `.json` or `.csv` of
+points beside each; fgtbt_jax/data/readers/folder.py), as a dataset of
+their own that trains jointly with the benchmarks:
+
+    python -m data_pipelines.convert --dataset mine --format folder \
+        --src ~/faces --scheme 300W --out ~/fgtbt_data \
+        [--split-ratio 0.9 | --split-list test.txt]
+
+`--scheme` is the points each annotation holds, in order: a benchmark's
+(WFLW, 300W, COFW, AFLW) or a file listing unified point names
+(`--list-points` prints them; fgtbt_jax/data/schemes.py). Then train with
+configs/own_data.py (docs/training.md).
+
+Benchmarks:
+
     python -m data_pipelines.convert --dataset wflw --src ~/data/WFLW \\
         --out ~/fgtbt_data [--format wflw_txt] [--image-root DIR] \\
         [--on-error skip] [--max-side 512] [--image-format jpeg] \\
@@ -40,11 +55,23 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m data_pipelines.convert",
       description="Convert a face landmark dataset to TFDS ArrayRecord crops.")
-  parser.add_argument("--dataset", required=True,
-                      help=f"one of {', '.join(n.lower() for n in lm.PROTOCOL_NAMES)}")
-  parser.add_argument("--src", required=True,
+  parser.add_argument("--dataset",
+                      help=f"one of {', '.join(n.lower() for n in lm.PROTOCOL_NAMES)}, or "
+                           "a name of your own (with --scheme)")
+  parser.add_argument("--src",
                       help="folder holding the dataset files, or an annotation file")
-  parser.add_argument("--out", required=True, help="root folder of converted datasets")
+  parser.add_argument("--out", help="root folder of converted datasets")
+  parser.add_argument("--scheme", default=None,
+                      help="own data: the points of each annotation, in order: WFLW, "
+                           "300W, COFW, AFLW, or a JSON/text file of unified point names")
+  parser.add_argument("--split-ratio", type=float, default=None,
+                      help="--format folder: the share of images for train (default 0.9; "
+                           "train/ and test/ subfolders are used when present)")
+  parser.add_argument("--split-list", default=None,
+                      help="--format folder: a file naming the test images, one a line")
+  parser.add_argument("--list-points", action="store_true",
+                      help="print the unified point names (and each benchmark's index of "
+                           "them) for a --scheme file, and exit")
   parser.add_argument("--format", default=None,
                       help="source format (default: detected from the files)")
   parser.add_argument("--image-root", default=None,
@@ -68,12 +95,32 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                            "(the network input size of the evaluation)")
   parser.add_argument("--overwrite", action="store_true",
                       help="rebuild even if a finished conversion exists")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if not args.list_points:
+    missing = [f"--{k}" for k in ("dataset", "src", "out") if not getattr(args, k)]
+    if missing:
+      parser.error(f"the following arguments are required: {', '.join(missing)}")
+  return args
+
+
+def points_table() -> str:
+  """The unified point names, each with its index in every benchmark that has it."""
+  head = f"{'name':<14} {'unified':>7}  " + "  ".join(f"{n:>5}" for n in lm.PROTOCOL_NAMES)
+  lines = [head]
+  own = {n: {int(u): j for j, u in enumerate(lm.PROTOCOLS[n].unified_index)}
+         for n in lm.PROTOCOL_NAMES}
+  for u, name in enumerate(lm.POINT_NAMES):
+    cells = "  ".join(f"{own[n].get(u, '-'):>5}" for n in lm.PROTOCOL_NAMES)
+    lines.append(f"{name:<14} {u:>7}  {cells}")
+  return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(sys.argv[1:] if argv is None else argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  if args.list_points:
+    print(points_table())
+    return 0
   try:
     summary = convert_dataset(
         args.dataset, args.src, args.out, fmt=args.format, image_root=args.image_root,
@@ -81,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_error=args.on_error, max_side=args.max_side,
         image_format=args.image_format, jpeg_quality=args.jpeg_quality,
         num_threads=args.threads, overwrite=args.overwrite, convention=args.convention,
-        authors_crop_size=args.authors_crop_size)
+        authors_crop_size=args.authors_crop_size, scheme=args.scheme,
+        split_ratio=args.split_ratio, split_list=args.split_list)
   # DataError and UnknownProtocolError are ValueErrors with one-line messages;
   # an OSError (a read-only or full --out, a file where a folder goes) names
   # its path. What was converted before stays (TFDS writes into a temporary

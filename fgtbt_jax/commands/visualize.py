@@ -1,9 +1,11 @@
 """A PNG grid of augmented training samples with their landmarks drawn.
 
     python -m data_pipelines.visualize --data-dir ~/fgtbt_data --out grid.png \\
-        [--num 16] [--image-size 480] [--tile 160] [--seed 0] [--crop-config NAME]
+        [--datasets mine,300W] [--num 16] [--image-size 480] [--tile 160] \\
+        [--seed 0] [--crop-config NAME]
 
-One row per dataset (in the pipeline's dataset order), `--num` samples each,
+One row per dataset (`--datasets`, default every dataset converted under
+`--data-dir`: the benchmarks, then your own), `--num` samples each,
 exactly as the training pipeline augments them: a quick check that crops,
 rotations, flips and landmarks line up. Of each left/right pair, the point on
 the image-left side of the mean face is drawn red and its partner blue;
@@ -14,6 +16,7 @@ keep red on the left and blue on the right.
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 from typing import Sequence
 
@@ -22,7 +25,9 @@ import ml_collections
 import numpy as np
 
 from fgtbt_jax.data import config as data_config_lib
+from fgtbt_jax.data import datasets as datasets_lib
 from fgtbt_jax.data import pipeline
+from fgtbt_jax.data import schemes
 from fgtbt_jax import landmarks as lm
 
 _LEFT_OF_PAIR = (230, 40, 40)
@@ -40,11 +45,12 @@ def _point_colours(protocol: lm.Protocol) -> np.ndarray:
   return colours
 
 
-def draw_sample(sample: dict, tile: int) -> np.ndarray:
-  """One augmented sample resized to tile x tile RGB with its landmarks drawn."""
+def draw_sample(sample: dict, tile: int, protocol: lm.Protocol | None = None) -> np.ndarray:
+  """One augmented sample resized to tile x tile RGB with its landmarks drawn
+  (`protocol`: its dataset's; default the benchmark of its dataset id)."""
   size = sample["image"].shape[0]
   image = cv2.resize(sample["image"], (tile, tile), interpolation=cv2.INTER_AREA)
-  protocol = lm.PROTOCOLS[lm.PROTOCOL_NAMES[int(sample["dataset_id"])]]
+  protocol = protocol or lm.PROTOCOLS[lm.PROTOCOL_NAMES[int(sample["dataset_id"])]]
   points = lm.from_unified(sample["landmarks"], protocol)
   present = lm.from_unified(np.repeat(sample["mask"][:, None], 2, 1), protocol)[:, 0]
   # Pixel centres: x_tile = (x + 0.5) * tile / size - 0.5.
@@ -62,7 +68,8 @@ def sample_grid(config: ml_collections.ConfigDict, num: int, tile: int = 160) ->
   rows = []
   for name in config.datasets:
     samples = pipeline.augmented_samples(config, name)
-    tiles = [draw_sample(samples[i], tile) for i in range(num)]
+    protocol = lm.get_protocol(name)
+    tiles = [draw_sample(samples[i % len(samples)], tile, protocol) for i in range(num)]
     label = np.full((_LABEL_HEIGHT, tile * num, 3), 255, np.uint8)
     cv2.putText(label, name, (4, _LABEL_HEIGHT - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
                 (0, 0, 0), 1, cv2.LINE_AA)
@@ -70,11 +77,26 @@ def sample_grid(config: ml_collections.ConfigDict, num: int, tile: int = 160) ->
   return np.concatenate(rows, axis=0)
 
 
+def converted_datasets(data_dir: str) -> list[str]:
+  """The datasets converted under `data_dir`: benchmarks (protocol order),
+  then own datasets (by name)."""
+  found = [name for name, spec in datasets_lib.DATASETS.items()
+           if (pathlib.Path(data_dir) / spec.builder_name).is_dir()]
+  root = pathlib.Path(data_dir)
+  if root.is_dir():
+    found += sorted(p.name[len(datasets_lib.OWN_BUILDER_PREFIX):] for p in root.iterdir()
+                    if p.is_dir() and p.name.startswith(datasets_lib.OWN_BUILDER_PREFIX))
+  return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m data_pipelines.visualize",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--data-dir", required=True, help="root of converted datasets")
   parser.add_argument("--out", required=True, help="PNG file to write")
+  parser.add_argument("--datasets", default="",
+                      help="comma-separated datasets, one row each (default: every one "
+                           "converted under --data-dir)")
   parser.add_argument("--num", type=int, default=16, help="samples per dataset")
   parser.add_argument("--image-size", type=int, default=480)
   parser.add_argument("--tile", type=int, default=160, help="tile side in the grid")
@@ -87,6 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   config.seed = args.seed
   config.crop_config = args.crop_config
   try:
+    names = [n.strip() for n in args.datasets.split(",") if n.strip()] or converted_datasets(
+        args.data_dir)
+    if not names:
+      raise FileNotFoundError(f"{args.data_dir}: no converted datasets (python -m "
+                              "data_pipelines.convert --out writes them)")
+    config.datasets = tuple(names)
+    schemes.register_own_datasets(config)
     grid = sample_grid(config, args.num, args.tile)
   except (FileNotFoundError, KeyError, ValueError) as error:
     print(f"visualize: error: {' '.join(str(error).split())}", file=sys.stderr)

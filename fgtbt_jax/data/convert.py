@@ -9,6 +9,12 @@ extent as the FGTBT authors' loaders do (see fgtbt_jax.data.readers.tables /
 cofw; what their released weights expect) and stores the test splits as their
 own test crops (integer window, PIL bicubic, PNG) at `authors_crop_size` px.
 
+A user's own folder of faces (images with a `.pts`/`.json`/`.csv` beside
+each; fgtbt_jax.data.readers.folder) converts under a benchmark's name and
+points, or under its own name with `scheme` (a benchmark's points or a list
+of unified point names; fgtbt_jax.data.schemes), stored with it so that a
+run reads it back.
+
 Library use: `convert_dataset(...)` and `convert_records(...)` return a
 `ConversionSummary`; `convert_synthetic(out_root)` writes the synthetic stand-in
 datasets and converts all four (run.py calls it on first use).
@@ -23,6 +29,7 @@ from typing import Mapping, Sequence
 
 import tensorflow_datasets as tfds
 
+from fgtbt_jax.data import datasets
 from fgtbt_jax.data import tfds_builders
 from fgtbt_jax.data.records import FaceRecord
 from fgtbt_jax import landmarks as lm
@@ -81,8 +88,9 @@ def convert_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike
                     jpeg_quality: int = tfds_builders.DEFAULT_JPEG_QUALITY,
                     num_threads: int = 4, overwrite: bool = False,
                     synthetic: bool = False, convention: str = "project",
-                    authors_crop_size: int = tfds_builders.AUTHORS_CROP_SIZE
-                    ) -> ConversionSummary:
+                    authors_crop_size: int = tfds_builders.AUTHORS_CROP_SIZE,
+                    scheme=None, split_ratio: float | None = None,
+                    split_list: str | None = None) -> ConversionSummary:
   """Reads `dataset` from `src` (a folder or annotation file) into crops under `out`.
 
   `fmt` names the source format (None: detected), `image_root` where the
@@ -93,20 +101,83 @@ def convert_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike
   "authors" also stores the test splits as the authors' own test crops at
   `authors_crop_size` px (fgtbt_jax.data.tfds_builders).
 
+  `dataset` not a benchmark's name is a user's own dataset, read from a
+  folder (fmt "folder") under `scheme`: a benchmark name, a scheme file or
+  a list of unified point names (fgtbt_jax.data.schemes; None: the scheme
+  of an earlier conversion of it under `out`). `split_ratio` / `split_list`
+  split a folder (fgtbt_jax.data.readers.folder). Sources that
+  `data_pipelines.synthetic` wrote are marked synthetic.
+
   Raises:
     FileNotFoundError: `src` does not exist.
     UnknownProtocolError: unknown dataset name.
     DataError: a bad file, or a bad sample with `on_error="raise"`.
   """
-  protocol = lm.get_protocol(dataset)
+  if lm.is_benchmark(dataset):
+    protocol = lm.get_protocol(dataset)
+    if scheme is not None and not (isinstance(scheme, str) and lm.is_benchmark(scheme)
+                                   and lm.get_protocol(scheme).name == protocol.name):
+      raise ValueError(f"{protocol.name} annotates its own {protocol.num_landmarks} points: "
+                       f"a scheme is for a dataset of your own name (--dataset NAME "
+                       f"--scheme {scheme})")
+  else:
+    protocol = _own_protocol(dataset, out, scheme, fmt, overwrite)
+    fmt = datasets.FOLDER
   if not os.path.exists(src):
     raise FileNotFoundError(f"{src}: {protocol.name} source not found")
+  if fmt is None and os.path.isdir(src):
+    from fgtbt_jax.data import readers  # pylint: disable=g-import-not-at-top
+    try:  # Recorded in the metadata (the data column); a failure shows below.
+      fmt = readers.detect_format(protocol.name, os.fspath(src), tuple(splits)[0])
+    except ValueError:
+      fmt = None
+  options = {"split_ratio": split_ratio, "split_list": split_list}
+  if any(v is not None for v in options.values()) and fmt not in (datasets.FOLDER, None):
+    raise ValueError(f"a split ratio or list is for the {datasets.FOLDER} format; "
+                     f"{src} holds {protocol.name} as {fmt}")
   return _build(protocol.name, src, out, read_split=None, fmt=fmt,
                 image_root=image_root, splits=splits,
                 on_error=on_error, max_side=max_side, image_format=image_format,
                 jpeg_quality=jpeg_quality, num_threads=num_threads, overwrite=overwrite,
-                synthetic=synthetic, convention=convention,
-                authors_crop_size=authors_crop_size)
+                synthetic=synthetic or is_synthetic_source(src), convention=convention,
+                authors_crop_size=authors_crop_size,
+                reader_options={k: v for k, v in options.items() if v is not None})
+
+
+def _own_protocol(dataset, out, scheme, fmt, overwrite) -> lm.Protocol:
+  """The registered protocol of own dataset `dataset` under `scheme` (or the
+  scheme its earlier conversion under `out` holds)."""
+  from fgtbt_jax.data import schemes  # pylint: disable=g-import-not-at-top
+  if fmt not in (None, datasets.FOLDER):
+    raise ValueError(f"{dataset} is not a benchmark {lm.PROTOCOL_NAMES}: your own data is "
+                     f"read from a folder (--format {datasets.FOLDER}), not {fmt}")
+  try:
+    held = schemes.stored_scheme(out, dataset) if os.path.isdir(out) else None
+  except ValueError:
+    held = None  # Several crop configs, or no scheme: the conversion says.
+  if scheme is None and held is None:
+    raise ValueError(f"unknown protocol {dataset!r}: not a benchmark {lm.PROTOCOL_NAMES}; to "
+                     "convert your "
+                     "own data under this name give its point scheme: --scheme WFLW|300W|"
+                     "COFW|AFLW, or --scheme points.json (unified point names; "
+                     "--list-points)")
+  protocol = schemes.own_protocol(dataset, held if scheme is None else scheme)
+  if held is not None and not overwrite and list(schemes.scheme_metadata(protocol)["points"]) != held:
+    raise ValueError(f"{out}: {dataset} is converted there with another point scheme "
+                     f"({len(held)} points); pass --overwrite to replace it, or convert "
+                     "under another name")
+  lm.register_protocol(protocol)
+  return protocol
+
+
+def is_synthetic_source(src: str | os.PathLike) -> bool:
+  """Whether `src` lies in raw files that `data_pipelines.synthetic` wrote
+  (its marker file in `src` or up to two folders above)."""
+  from fgtbt_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(src).resolve()
+  folder = path if path.is_dir() else path.parent
+  return any((p / synthetic.MARKER_FILE).is_file()
+             for p in [folder, *folder.parents][:3])
 
 
 def convert_records(dataset: str, records: Mapping[str, Sequence[FaceRecord]],
@@ -132,13 +203,15 @@ def convert_records(dataset: str, records: Mapping[str, Sequence[FaceRecord]],
 def _build(dataset, src, out, *, read_split, fmt, image_root, splits, on_error,
            max_side, image_format, jpeg_quality, num_threads,
            overwrite, synthetic=False, convention="project",
-           authors_crop_size=tfds_builders.AUTHORS_CROP_SIZE) -> ConversionSummary:
+           authors_crop_size=tfds_builders.AUTHORS_CROP_SIZE,
+           reader_options=None) -> ConversionSummary:
   config = tfds_builders.crop_config(max_side, image_format, jpeg_quality)
   builder = tfds_builders.build(
       dataset, src, out, source_format=fmt, image_root=image_root,
       read_split=read_split, splits=splits,
       config=config, on_error=on_error, num_threads=num_threads, overwrite=overwrite,
-      synthetic=synthetic, convention=convention, authors_crop_size=authors_crop_size)
+      synthetic=synthetic, convention=convention, authors_crop_size=authors_crop_size,
+      reader_options=reader_options)
   path = pathlib.Path(builder.data_dir)
   if not builder.split_stats:  # An existing conversion was reused.
     return _existing_summary(dataset, path, builder.info)

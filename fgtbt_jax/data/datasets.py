@@ -12,7 +12,11 @@ protocol:
 * the sample counts of the published splits and test subsets (readers warn
   when a read finds other numbers);
 * the FGTBT paper's test results (NME and FR in %);
-* the annotation formats it can be read from, in detection order.
+* the annotation formats it can be read from, in detection order (a
+  folder of images with one annotation file each last: `FOLDER`).
+
+A user's own dataset (a folder under a benchmark's or its own point scheme)
+gets a spec from `get(name)` once its scheme is registered.
 
 A leaf module: it imports nothing from the project but `landmarks` (and,
 through it, `errors`), so the data pipelines, training, evaluation and
@@ -35,6 +39,11 @@ COFW_MAT = "cofw_mat"
 AFLW_MAT = "aflw_mat"
 HRNET_CSV = "hrnet_csv"
 STAR_TSV = "star_tsv"
+# A folder of images with one annotation file each (any point scheme).
+FOLDER = "folder"
+
+# The TFDS builder name of a user's own dataset: this prefix and its name.
+OWN_BUILDER_PREFIX = "fgtbt_own_"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -114,7 +123,7 @@ DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType({s.name: s for s in
                                   "illumination": (698,), "makeup": (206,),
                                   "occlusion": (736,), "blur": (773,)},
           paper_results={k: {"inter_ocular": v} for k, v in _WFLW_PAPER.items()},
-          formats=(WFLW_TXT, HRNET_CSV, STAR_TSV)),
+          formats=(WFLW_TXT, HRNET_CSV, STAR_TSV, FOLDER)),
     _spec("300W", builder_name="fgtbt_300w",
           subsets=("common", "challenging"),
           expected_counts={"train": 3148, "test": 689},
@@ -122,19 +131,19 @@ DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType({s.name: s for s in
           paper_results={"common": {"inter_ocular": 2.71},
                          "challenging": {"inter_ocular": 4.51},
                          "full": {"inter_ocular": 3.06}},
-          formats=(W300_PTS, HRNET_CSV, STAR_TSV)),
+          formats=(W300_PTS, HRNET_CSV, STAR_TSV, FOLDER)),
     _spec("COFW", builder_name="fgtbt_cofw",
           point_flags=("occluded",),
           expected_counts={"train": 1345, "test": 507},
           # FR: the failure rate at NME 0.1.
           paper_results={"full": {"inter_pupil": 4.79, "fr": 0.59}},
-          formats=(COFW_MAT, STAR_TSV)),
+          formats=(COFW_MAT, STAR_TSV, FOLDER)),
     _spec("AFLW", builder_name="fgtbt_aflw",
           subsets=("frontal",), point_flags=("visible",),
           expected_counts={"train": 20000, "test": 4386},
           expected_subset_counts={"frontal": (1165, 1314)},
           paper_results={"full": {"box": 1.67}},
-          formats=(AFLW_MAT, HRNET_CSV, STAR_TSV)),
+          formats=(AFLW_MAT, HRNET_CSV, STAR_TSV, FOLDER)),
 )})
 
 if tuple(DATASETS) != landmarks.PROTOCOL_NAMES:
@@ -143,12 +152,27 @@ if tuple(DATASETS) != landmarks.PROTOCOL_NAMES:
 
 
 def get(name: str) -> DatasetSpec:
-  """The dataset called `name` (case-insensitive).
+  """The dataset called `name` (case-insensitive): a benchmark, or a user's
+  own dataset whose point scheme is registered (`landmarks.register_protocol`;
+  `fgtbt_jax.data.schemes` does it for converted data). An own dataset has
+  no subsets, point flags, published counts or paper results; it is read
+  from a folder (`FOLDER`) and stored as `OWN_BUILDER_PREFIX + name.lower()`.
 
   Raises:
     UnknownProtocolError: (a ValueError) no dataset has that name.
   """
-  return DATASETS[landmarks.get_protocol(name).name]
+  protocol = landmarks.get_protocol(name)
+  if protocol.name in DATASETS:
+    return DATASETS[protocol.name]
+  return DatasetSpec(
+      name=protocol.name, protocol=protocol, builder_name=own_builder_name(protocol.name),
+      subsets=(), point_flags=(), expected_counts=_frozen({}),
+      expected_subset_counts=_frozen({}), paper_results=_frozen({}), formats=(FOLDER,))
+
+
+def own_builder_name(name: str) -> str:
+  """The TFDS builder (folder) name of a user's own dataset called `name`."""
+  return OWN_BUILDER_PREFIX + str(name).lower()
 
 
 def paper_results() -> dict[str, dict[str, dict[str, float]]]:

@@ -17,7 +17,10 @@ A folder counts as earlier synthetic output when every entry in it is one of:
 * TFDS's `downloads/` folder without files in it.
 
 `synthetic_datasets(data_config)` says which configured datasets are
-synthetic conversions, so tables can label their rows.
+synthetic conversions, `data_kinds(data_config)` what each one is
+(synthetic, benchmark, own folder), so tables can label their rows. A
+user's own datasets in `data.datasets` have their point schemes read from
+their conversions and registered first (`schemes.register_own_datasets`).
 
 Errors are `fgtbt_jax.errors.ConfigError`s naming the config key. This module
 needs neither the trainer nor its sharding helpers: multi-process runs
@@ -36,6 +39,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 
 from fgtbt_jax.data import convert
+from fgtbt_jax.data import schemes
 from fgtbt_jax.data import tfds_builders
 from fgtbt_jax.data import datasets
 from fgtbt_jax.errors import ConfigError, UnknownProtocolError
@@ -181,6 +185,7 @@ def prepare_data(data_config: ml_collections.ConfigDict,
       cut short.
   """
   barrier = barrier or _barrier
+  schemes.register_own_datasets(data_config)
   names = _configured_datasets(data_config)
   if not data_config.data_dir:
     raise ConfigError("data.data_dir is empty: set it to the --out folder of "
@@ -246,3 +251,19 @@ def synthetic_datasets(data_config: ml_collections.ConfigDict) -> set[str]:
     except FileNotFoundError:
       continue
   return found
+
+
+def data_kinds(data_config: ml_collections.ConfigDict) -> dict[str, str]:
+  """{dataset: what its conversion under data.data_dir is} of the configured
+  datasets: "synthetic", "benchmark" or "own folder"
+  (`tfds_builders.data_kind`); one not converted there is left out."""
+  if not data_config.data_dir:
+    return {}
+  kinds = {}
+  for name in _configured_datasets(data_config):
+    try:
+      kinds[name] = tfds_builders.data_kind(data_config.data_dir, name,
+                                            data_config.crop_config)
+    except FileNotFoundError:
+      continue
+  return kinds

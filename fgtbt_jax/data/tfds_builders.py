@@ -66,6 +66,7 @@ import json
 import os
 import pathlib
 import shutil
+import types
 from typing import Callable, Iterator, Mapping, Sequence
 
 from absl import logging
@@ -185,8 +186,9 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                read_split: ReadSplit | None = None, splits: Sequence[str] = SPLITS,
                on_error: str = "raise", num_threads: int = 4, synthetic: bool = False,
                source: str | os.PathLike | None = None, convention: str = "project",
-               authors_crop_size: int = AUTHORS_CROP_SIZE, **kwargs):
+               authors_crop_size: int = AUTHORS_CROP_SIZE, reader_options=None, **kwargs):
     self._synthetic = bool(synthetic)  # _info() may run inside the base constructor.
+    self._source_format = source_format  # Also recorded in the metadata.
     self._convention = convention  # The readers' (fgtbt_jax.data.readers.common.CONVENTIONS).
     if int(authors_crop_size) < 32:
       raise ValueError(f"authors_crop_size must be at least 32 px, got {authors_crop_size}")
@@ -200,8 +202,8 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     unknown = [s for s in splits if s not in SPLITS]
     if unknown or not splits:
       raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits}")
-    self._source_format = source_format
     self._image_root = image_root
+    self._reader_options = dict(reader_options or {})
     self._read_split = read_split or self._read_with_readers
     self._splits = tuple(splits)
     self._on_error = on_error
@@ -257,6 +259,10 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         jpeg_quality=cfg.jpeg_quality, synthetic=getattr(self, "_synthetic", False),
         convention=getattr(self, "_convention", "project"),
         source=_source_key(getattr(self, "_source", None)),
+        format=getattr(self, "_source_format", None) or "",
+        **({} if lm.is_benchmark(self.PROTOCOL) else {"scheme": {
+            "name": self.PROTOCOL,
+            "points": [lm.POINT_NAMES[u] for u in self.protocol.unified_index.tolist()]}}),
         **({"authors_crops": {"size": self._authors_crop_size,
                               "splits": [s for s in getattr(self, "_splits", SPLITS)
                                          if s != "train"]}}
@@ -273,7 +279,8 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     from fgtbt_jax.data import readers  # pylint: disable=g-import-not-at-top
     return readers.read_dataset(self.PROTOCOL, os.fspath(src), split,
                                 fmt=self._source_format, on_error=self._on_error,
-                                image_root=self._image_root, convention=self._convention)
+                                image_root=self._image_root, convention=self._convention,
+                                options=self._reader_options)
 
   def _split_generators(self, dl_manager):
     src = pathlib.Path(self._source if self._source is not None else dl_manager.manual_dir)
@@ -504,9 +511,32 @@ BUILDERS: Mapping[str, type[FaceCropBuilder]] = {
     b.PROTOCOL: b for b in (FgtbtWflw, Fgtbt300w, FgtbtCofw, FgtbtAflw)}
 
 
+_OWN_BUILDERS: dict[str, type[FaceCropBuilder]] = {}
+
+
 def builder_class(dataset: str) -> type[FaceCropBuilder]:
-  """The builder class of a dataset named like a protocol (case-insensitive)."""
-  return BUILDERS[lm.get_protocol(dataset).name]
+  """The builder class of a dataset named like a protocol (case-insensitive):
+  a benchmark's, or one made for an own dataset whose scheme is registered
+  (`fgtbt_jax.data.schemes`; not in TFDS's registry)."""
+  name = lm.get_protocol(dataset).name
+  if name in BUILDERS:
+    return BUILDERS[name]
+  key = (name, datasets.get(name).builder_name)
+  if key not in _OWN_BUILDERS:
+    _OWN_BUILDERS[key] = types.new_class(
+        "FgtbtOwn", (FaceCropBuilder,), {"skip_registration": True},
+        lambda ns: ns.update(name=key[1], PROTOCOL=name,
+                             __doc__=f"{name}: a user's own folder of faces."))
+  return _OWN_BUILDERS[key]
+
+
+def _builder_folder(dataset: str) -> tuple[str, str]:
+  """(shown name, builder folder name) of a benchmark or an own dataset
+  (which needs no registered scheme here: its folder is its name's)."""
+  if lm.is_benchmark(dataset):
+    name = lm.get_protocol(dataset).name
+    return name, datasets.get(name).builder_name
+  return str(dataset), datasets.own_builder_name(dataset)
 
 
 def converted_dir(data_dir: str | os.PathLike, dataset: str, config_name: str = "") -> pathlib.Path:
@@ -518,10 +548,11 @@ def converted_dir(data_dir: str | os.PathLike, dataset: str, config_name: str = 
   Raises:
     FileNotFoundError: nothing converted there, with the command that does it.
   """
-  protocol = lm.get_protocol(dataset).name
-  root = pathlib.Path(data_dir) / datasets.get(protocol).builder_name
+  protocol, builder_name = _builder_folder(dataset)
+  root = pathlib.Path(data_dir) / builder_name
+  own = "" if lm.is_benchmark(dataset) else " --format folder --scheme 300W|points.json"
   hint = (f"convert it with `python -m data_pipelines.convert --dataset "
-          f"{protocol.lower()} --src DIR --out {data_dir}`")
+          f"{protocol.lower()}{own} --src DIR --out {data_dir}`")
   # TFDS keeps its own bookkeeping in hidden folders (".config").
   configs = sorted(p.name for p in root.iterdir()
                    if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
@@ -563,6 +594,26 @@ def conversion_metadata(data_dir: str | os.PathLike, dataset: str,
 def is_synthetic(data_dir: str | os.PathLike, dataset: str, config_name: str = "") -> bool:
   """Whether the converted `dataset` under `data_dir` is generated synthetic data."""
   return bool(conversion_metadata(data_dir, dataset, config_name).get("synthetic", False))
+
+
+# What converted data is (`data_kind`): generated stand-in faces, a benchmark
+# read from its published files, or a user's own folder of faces.
+DATA_SYNTHETIC = "synthetic"
+DATA_BENCHMARK = "benchmark"
+DATA_OWN_FOLDER = "own folder"
+
+
+def data_kind(data_dir: str | os.PathLike, dataset: str, config_name: str = "") -> str:
+  """What the converted `dataset` under `data_dir` is: `DATA_SYNTHETIC`,
+  `DATA_OWN_FOLDER` (read with the folder format, under any name) or
+  `DATA_BENCHMARK` (conversions made before the format was recorded are
+  the benchmark's)."""
+  metadata = conversion_metadata(data_dir, dataset, config_name)
+  if metadata.get("synthetic", False):
+    return DATA_SYNTHETIC
+  if metadata.get("format") == datasets.FOLDER or not lm.is_benchmark(dataset):
+    return DATA_OWN_FOLDER
+  return DATA_BENCHMARK
 
 
 def conversion_convention(data_dir: str | os.PathLike, dataset: str,
@@ -691,7 +742,7 @@ def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
           config: CropConfig | None = None, on_error: str = "raise", num_threads: int = 4,
           overwrite: bool = False, synthetic: bool = False,
           convention: str = "project",
-          authors_crop_size: int = AUTHORS_CROP_SIZE) -> FaceCropBuilder:
+          authors_crop_size: int = AUTHORS_CROP_SIZE, reader_options=None) -> FaceCropBuilder:
   """Builds one dataset from `src` (a folder or annotation file) into ArrayRecord files.
 
   An existing finished conversion that holds every split asked for is kept
@@ -707,7 +758,10 @@ def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
 
   One conversion at a time writes a dataset's crop config (a lock file in
   `out_dir/<builder>/`); temporary folders that a killed conversion left
-  there (`incomplete.*`) are removed first.
+  there (`incomplete.*`) are removed first. A conversion that fails leaves
+  no folder or file it created: the builder folder with its lock and TFDS's
+  `.config/`, TFDS's empty `downloads/`, and `out_dir` itself when it made
+  them (`reader_options`: the reader's, `readers.read_dataset`'s `options`).
 
   Raises:
     DataError: `out_dir` (or a folder in it) is a file, or another
@@ -721,7 +775,43 @@ def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
     if folder.exists() and not folder.is_dir():
       raise DataError(os.fspath(folder), "is a file, not a folder; choose another --out",
                       "bad_output")
+  # What this conversion creates, removed again when it fails.
+  made = [p for p in (out_dir, out_dir / _TFDS_DOWNLOADS, root) if not p.exists()]
   root.mkdir(parents=True, exist_ok=True)
+  try:
+    return _build_locked(cls, src, out_dir, root, source_format=source_format,
+                         image_root=image_root, read_split=read_split, splits=splits,
+                         config=config, on_error=on_error, num_threads=num_threads,
+                         overwrite=overwrite, synthetic=synthetic, convention=convention,
+                         authors_crop_size=authors_crop_size, reader_options=reader_options)
+  except BaseException:
+    _remove_created(out_dir, root, made)
+    raise
+
+
+# TFDS's download folder beside the builders (empty: nothing is downloaded).
+_TFDS_DOWNLOADS = "downloads"
+
+
+def _remove_created(out_dir: pathlib.Path, root: pathlib.Path,
+                    made: Sequence[pathlib.Path]) -> None:
+  """Removes what a failed conversion created (`made`: those of `out_dir`,
+  its TFDS `downloads/` and the builder folder `root` that did not exist):
+  the builder folder with its lock and `.config/` (nothing in it finished),
+  `downloads/` when it holds no file, `out_dir` when left empty."""
+  downloads = out_dir / _TFDS_DOWNLOADS
+  if root in made:
+    shutil.rmtree(root, ignore_errors=True)
+  if downloads in made and downloads.is_dir() and not any(
+      p.is_file() for p in downloads.rglob("*")):
+    shutil.rmtree(downloads, ignore_errors=True)
+  if out_dir in made and out_dir.is_dir() and not any(out_dir.iterdir()):
+    out_dir.rmdir()
+
+
+def _build_locked(cls, src, out_dir, root, *, source_format, image_root, read_split,
+                  splits, config, on_error, num_threads, overwrite, synthetic, convention,
+                  authors_crop_size, reader_options) -> FaceCropBuilder:
   with _ConversionLock(root / f".{config.name}.lock"):
     _remove_incomplete(root / config.name)
     splits = tuple(splits)
@@ -754,7 +844,7 @@ def build(dataset: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
                   read_split=read_split, splits=splits,
                   on_error=on_error, num_threads=num_threads, synthetic=synthetic,
                   source=src, convention=convention, authors_crop_size=authors_crop_size,
-                  file_format="array_record")
+                  reader_options=reader_options, file_format="array_record")
     src = pathlib.Path(src)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)

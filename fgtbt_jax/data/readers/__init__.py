@@ -14,6 +14,7 @@ is detected from what `src` holds when `fmt` is None:
 | `aflw_mat`  | AFLW            | `AFLWinfo_release.mat` (v5 or v7.3) and the images         |
 | `hrnet_csv` | WFLW, 300W, AFLW | `face_landmarks_<dataset>_{split}.csv` (+ subset CSVs), `images/` |
 | `star_tsv`  | all             | `<dataset>/{split}.tsv` or `{split}.tsv`                   |
+| `folder`    | all, and user schemes | images with a `.pts`/`.json`/`.csv` beside each (`folder`) |
 
 When several are present the first in `FORMATS[dataset]` wins (raw formats
 before the derived tables; the order is `datasets.get(name).formats`). Each format module documents its layout and
@@ -28,9 +29,10 @@ import dataclasses
 import os
 from typing import Callable
 
-from fgtbt_jax.data.readers import aflw, cofw, common, tables, w300, wflw
+from fgtbt_jax.data.readers import aflw, cofw, common, folder, tables, w300, wflw
 from fgtbt_jax.data.readers.aflw import read_aflw_mat
 from fgtbt_jax.data.readers.cofw import read_cofw_mat
+from fgtbt_jax.data.readers.folder import read_folder
 from fgtbt_jax.data.readers.common import ReadReport, SkippedSample
 from fgtbt_jax.data.readers.tables import read_hrnet_csv, read_star_tsv
 from fgtbt_jax.data.readers.w300 import read_300w_pts, read_pts
@@ -44,7 +46,7 @@ __all__ = [
     "DataError", "ReadReport", "SkippedSample", "FaceRecord", "FORMATS",
     "read_dataset", "detect_format",
     "read_wflw_txt", "read_300w_pts", "read_pts", "read_cofw_mat",
-    "read_aflw_mat", "read_hrnet_csv", "read_star_tsv",
+    "read_aflw_mat", "read_hrnet_csv", "read_star_tsv", "read_folder",
 ]
 
 
@@ -62,6 +64,8 @@ class _Format:
   image_root: bool | str = True
   # Whether `read` takes a `convention` (common.CONVENTIONS) after image_root.
   conventions: bool = False
+  # Keyword options `read` takes (read_dataset's `options`).
+  options: tuple[str, ...] = ()
 
 
 def _star_present(dataset: str, src: str, split: str) -> bool:
@@ -92,6 +96,10 @@ _FORMATS: dict[str, _Format] = {
             src, [tables.HRNET_FILES[d][split]]) is not None,
         read=read_hrnet_csv),
     tables.STAR_FMT: _Format(present=_star_present, read=read_star_tsv, conventions=True),
+    folder.FMT: _Format(
+        present=lambda d, src, split: folder.has_annotated_images(src),
+        read=read_folder, image_root="its images are beside the annotation files",
+        options=("split_ratio", "split_list")),
 }
 
 # Formats each dataset can be read from, in detection order.
@@ -104,6 +112,11 @@ for _name, _formats in FORMATS.items():
 del _name, _formats
 
 
+def formats_of(dataset: str) -> tuple[str, ...]:
+  """The formats `dataset` (a benchmark or a registered own dataset) is read from."""
+  return datasets.get(dataset).formats
+
+
 def detect_format(dataset: str, src: str, split: str = "train") -> str:
   """The format `read_dataset` would read `dataset` from `src` in.
 
@@ -111,28 +124,30 @@ def detect_format(dataset: str, src: str, split: str = "train") -> str:
   directory by the file names in the table of the module doc.
   """
   name = landmarks.get_protocol(dataset).name
+  formats = formats_of(name)
   src = os.fspath(src)
   if os.path.isfile(src):
     by_extension = {".txt": wflw.FMT, ".csv": tables.HRNET_FMT, ".tsv": tables.STAR_FMT,
                     ".mat": cofw.FMT if name == "COFW" else aflw.FMT}
     fmt = by_extension.get(os.path.splitext(src)[1].lower())
-    if fmt is None or fmt not in FORMATS[name]:
+    if fmt is None or fmt not in formats:
       raise DataError(src, f"cannot tell the {name} annotation format from this "
-                      f"file name; pass fmt= (one of {FORMATS[name]})", "missing_file")
+                      f"file name; pass fmt= (one of {formats})", "missing_file")
     return fmt
   if not os.path.isdir(src):
     raise DataError(src, "no such file or directory", "missing_file")
-  for fmt in FORMATS[name]:
+  for fmt in formats:
     if _FORMATS[fmt].present(name, src, split):
       return fmt
   raise DataError(src, f"no {name} {split} annotations found in any known format "
-                  f"{FORMATS[name]}; see fgtbt_jax.data.readers for the file "
+                  f"{formats}; see fgtbt_jax.data.readers for the file "
                   "names each format expects", "missing_file")
 
 
 def read_dataset(dataset: str, src: str, split: str, fmt: str | None = None,
                  on_error: str = "raise", image_root: str | None = None,
-                 convention: str = "project") -> tuple[list[FaceRecord], ReadReport]:
+                 convention: str = "project", options=None
+                 ) -> tuple[list[FaceRecord], ReadReport]:
   """Reads one split of one dataset.
 
   Args:
@@ -148,18 +163,26 @@ def read_dataset(dataset: str, src: str, split: str, fmt: str | None = None,
     convention: "project" or "authors" (`common.CONVENTIONS`): how the STAR
       TSV scale and the COFW crop extent are read; formats without such a
       choice read the same either way.
+    options: keyword options of the format's reader, e.g. `folder`'s
+      {"split_ratio": 0.9} or {"split_list": "test.txt"} (None values are
+      dropped).
 
   Returns:
     (records, report).
   """
   name = landmarks.get_protocol(dataset).name
   fmt = fmt or detect_format(name, src, split)
-  if fmt not in FORMATS[name]:
-    raise ValueError(f"{name} cannot be read as {fmt!r}; formats: {FORMATS[name]}")
+  if fmt not in formats_of(name):
+    raise ValueError(f"{name} cannot be read as {fmt!r}; formats: {formats_of(name)}")
   reader = _FORMATS[fmt]
   if image_root is not None and reader.image_root is not True:
     raise ValueError(f"{fmt} takes no image_root: {reader.image_root}")
   common.check_convention(convention)
+  options = {k: v for k, v in dict(options or {}).items() if v is not None}
+  unknown = sorted(set(options) - set(reader.options))
+  if unknown:
+    raise ValueError(f"{fmt} takes no {', '.join(unknown)} (a split ratio or list is "
+                     f"for the {folder.FMT} format)")
   if reader.conventions:
-    return reader.read(name, src, split, on_error, image_root, convention)
-  return reader.read(name, src, split, on_error, image_root)
+    return reader.read(name, src, split, on_error, image_root, convention, **options)
+  return reader.read(name, src, split, on_error, image_root, **options)
