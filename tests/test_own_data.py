@@ -392,17 +392,25 @@ def test_the_recipe_converts_trains_and_evaluates_a_flat_folder(tmp_path):
     process = _command("-m", "data_pipelines.convert", "--dataset", name, "--format", "folder",
                        "--src", str(src), "--out", str(out), *extra)
     assert process.returncode == 0, process.stderr[-3000:]
-  process = _command("run.py", "--config=configs/own_data.py:mine,mine20",
+  # A benchmark beside them: 300W's raw files as data_pipelines.synthetic writes them.
+  process = _command("-m", "data_pipelines.synthetic", "--out", str(tmp_path / "raw"),
+                     "--datasets", "300w", "--train", "6", "--test", "4", "--workers", "1")
+  assert process.returncode == 0, process.stderr[-3000:]
+  process = _command("-m", "data_pipelines.convert", "--dataset", "300w", "--src",
+                     str(tmp_path / "raw" / "300W"), "--out", str(out))
+  assert process.returncode == 0, process.stderr[-3000:]
+  process = _command("run.py", "--config=configs/own_data.py:mine,mine20,300W",
                      f"--workdir={workdir}", f"--config.data.data_dir={out}",
                      "--config.train.steps=2", "--config.train.eval_every=2",
                      "--config.train.checkpoint_every=2")
   assert process.returncode == 0, process.stderr[-3000:]
   rows = {line.split()[0]: line.split() for line in process.stdout.splitlines()
-          if line.startswith("mine")}
-  assert set(rows) == {"mine", "mine20"}
-  assert all(r[-2:] == ["own", "folder"] for r in rows.values())
+          if line.startswith(("mine", "300W"))}
+  assert set(rows) == {"mine", "mine20", "300W"}
+  assert rows["mine"][-2:] == rows["mine20"][-2:] == ["own", "folder"]
+  assert rows["300W"][-1] == "synthetic"
   final = json.loads((workdir / "final_metrics.json").read_text())
-  assert final["data"] == {"mine": "own folder", "mine20": "own folder"}
+  assert final["data"] == {"mine": "own folder", "mine20": "own folder", "300W": "synthetic"}
   process = _command("run.py", "eval", f"--workdir={workdir}")
   assert process.returncode == 0, process.stderr[-3000:]
   latest = json.loads((workdir / "eval_latest.json").read_text())
