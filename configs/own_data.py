@@ -17,10 +17,12 @@ The recipe (docs/training.md, "Your own data"):
   # 3. Evaluate the EMA model on the test split, then predict.
   python run.py eval --workdir=runs/mine
   python run.py predict --workdir=runs/mine --image=photo.jpg --config.predict.protocol=300W
+  #    (any benchmark's points, or unified: the model outputs all 124)
 
 Each own dataset is one task of the batch, masked to its own points like a
-benchmark, and evaluated with its normaliser: inter-ocular when both outer
-eye corners are among its points, else the face box. `data.data_dir`
+benchmark, and evaluated with its normaliser: a benchmark scheme's own
+(COFW inter-pupil, AFLW box, ...), else inter-ocular when both outer eye
+corners are among its points, else the face box. `data.data_dir`
 defaults to data/own in the checkout (`--config.data.data_dir=DIR` for
 another `--out`); synthetic generation is off. Model and schedule are the
 embedded default's (configs/default.py: the tiny variant at 64 px, 1,200

@@ -237,7 +237,10 @@ def restore_models(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     IncompatibleCheckpointError: it does not fit the configured model.
   """
   rundir.check_kind(kind)
-  names = [landmarks.get_protocol(d).name for d in (datasets or config.data.datasets)]
+  # A user's own dataset is named as the run's config names it (its scheme
+  # need not be registered to restore the model).
+  names = [landmarks.get_protocol(d).name if landmarks.is_benchmark(d) else str(d)
+           for d in (datasets or config.data.datasets)]
   foreign = [n for n in names if n not in config.data.datasets]
   if foreign:
     raise rundir.WorkdirError(

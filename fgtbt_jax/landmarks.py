@@ -9,7 +9,9 @@ semantically distinct points. This module is the one place that defines:
 * the NME normalisers of each protocol and the one the paper reports,
 * the facial part of every unified point (`FACE_PARTS`),
 * the unified flip permutation and the occurrence count C(p) of every point,
-* the FMB weights derived from C(p).
+* the FMB weights derived from C(p);
+* a name for every unified point (`POINT_NAMES`) and the protocols of user
+  point schemes (`user_protocol`, `register_protocol`, `dataset_ids`).
 
 The tables are read from `assets/unified_124.json` (shipped with the package);
 everything else is derived and checked here at import time. A table missing
@@ -22,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import re
 from typing import Mapping
 
 import numpy as np
@@ -307,16 +310,16 @@ def user_protocol(name: str, unified_index, dataset_id: int) -> Protocol:
   (unified ids, in the user's own order).
 
   Flip pairs are the unified ones; every point's mirror must be in the
-  scheme (the flip augmentation swaps them). Normalisers: "inter_ocular"
-  when both outer eye corners are among its points (its default), or
-  "inter_pupil" when both pupils are, and always "box" (the default
-  otherwise).
+  scheme (the flip augmentation swaps them). Normalisers: a benchmark's
+  points in its order keep the benchmark's (and its default); otherwise
+  "inter_ocular" when both outer eye corners are among its points (its
+  default), "inter_pupil" when both pupils are, and always "box" (the
+  default otherwise).
 
   Raises:
     ValueError: the name is not a valid user dataset name, is a
       benchmark's, or a point's mirror is missing (naming both).
   """
-  import re  # pylint: disable=g-import-not-at-top
   if not re.fullmatch(USER_NAME_PATTERN, str(name)):
     raise ValueError(f"dataset name {name!r}: a letter then letters, digits or '_' "
                      "(at most 40)")
@@ -341,13 +344,16 @@ def user_protocol(name: str, unified_index, dataset_id: int) -> Protocol:
     if a in own and b in own:
       normalizers[kind] = Normalizer("points", (own[a],), (own[b],))
   normalizers["box"] = Normalizer("box")
+  default = "inter_ocular" if "inter_ocular" in normalizers else "box"
+  for benchmark in PROTOCOLS.values():
+    if np.array_equal(benchmark.unified_index, index):
+      normalizers, default = dict(benchmark.normalizers), benchmark.default_normalizer
   index.setflags(write=False)
   perm = _flip_permutation(index.size, pairs, name)
   perm.setflags(write=False)
   return Protocol(name=str(name), dataset_id=int(dataset_id), num_landmarks=int(index.size),
                   unified_index=index, flip_pairs=tuple(pairs), flip_permutation=perm,
-                  normalizers=normalizers,
-                  default_normalizer="inter_ocular" if "inter_ocular" in normalizers else "box")
+                  normalizers=normalizers, default_normalizer=default)
 
 
 def register_protocol(protocol: Protocol) -> None:

@@ -95,7 +95,12 @@ def test_a_user_protocol_of_a_benchmarks_points_matches_it():
   np.testing.assert_array_equal(own.flip_permutation, w300.flip_permutation)
   np.testing.assert_array_equal(own.unified_mask, w300.unified_mask)
   assert own.default_normalizer == "inter_ocular"
-  assert own.normalizers["inter_ocular"] == w300.normalizers["inter_ocular"]
+  assert own.normalizers == dict(w300.normalizers)
+  # Each benchmark's scheme keeps its normalisers: COFW inter-pupil, AFLW the box.
+  for name in landmarks.PROTOCOL_NAMES:
+    benchmark = landmarks.get_protocol(name)
+    own = schemes.own_protocol("mine", name, dataset_id=4)
+    assert own.default_normalizer == benchmark.default_normalizer, name
 
 
 def test_a_subset_scheme_keeps_its_points_flips_and_normaliser(tmp_path):
@@ -417,3 +422,10 @@ def test_the_recipe_converts_trains_and_evaluates_a_flat_folder(tmp_path):
   for name in ("mine", "mine20"):
     assert latest[name] == pytest.approx(final[name], rel=1e-6)
   assert "### mine20 (own data)" in (workdir / "report" / "report.md").read_text()
+  # The run predicts any benchmark's points (the model outputs all 124).
+  process = _command("run.py", "predict", f"--workdir={workdir}",
+                     f"--image={faces68 / 'face_000.png'}", "--config.predict.protocol=300W",
+                     f"--out={tmp_path / 'predictions'}")
+  assert process.returncode == 0, process.stderr[-3000:]
+  predicted = json.loads((tmp_path / "predictions" / "face_000.png.json").read_text())
+  assert len(predicted["faces"][0]["landmarks"]) == 68
