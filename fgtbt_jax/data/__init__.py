@@ -5,7 +5,8 @@ visualize).
 
   datasets       the registry: subsets, point flags, builder names, counts, paper numbers
   records        the record type readers produce
-  readers        one reader per annotation format
+  readers        one reader per annotation format, and a folder of images with one each
+  schemes        the point schemes of a user's own datasets (unified point names)
   synthetic      synthetic faces written in the real formats
   tfds_builders  the TFDS builders (crops, conventions)
   convert        a dataset's conversion; the synthetic set's on first use
