@@ -157,3 +157,25 @@ def test_bad_inputs_fail_with_clear_errors(predictor, exported, tmp_path):
     onnx_export.export_onnx(predictor, tmp_path / "a.onnx", batch_size=0)
   with pytest.raises(ValueError, match="unknown output 'logits'"):
     onnx_export.export_onnx(predictor, tmp_path / "a.onnx", output="logits")
+
+
+@needs_onnx
+def test_the_export_command_writes_onnx_from_a_run(tmp_path, crops):
+  # `fgtbt export --format onnx` on a run's workdir: the run's model and eval
+  # settings, one line of output, and a file onnxruntime runs.
+  from configs import tiny
+  from fgtbt_jax.commands import export as export_command
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  config = tiny.get_config()
+  helpers.write_random_run(workdir, config, scale=None)
+  out = tmp_path / "model.onnx"
+  assert export_command.main(["--format", "onnx", "--workdir", str(workdir), "--out", str(out),
+                              "--which", "latest", "--batch_size", str(BATCH),
+                              "--no_flip_test"]) == 0
+  metadata = json.loads((tmp_path / "model.onnx.json").read_text())
+  assert metadata["input"]["shape"][0] == BATCH and metadata["flip_test"] is False
+  points, _ = onnx_export.OnnxPredictor(out).run_crops(crops)
+  run = Predictor.from_checkpoint(workdir, "latest")
+  expected, _ = run.run_crops(crops, flip_test=False)
+  assert np.abs(points - expected).max() < POINT_TOLERANCE

@@ -1,10 +1,12 @@
-"""The inference function as a standalone StableHLO artifact.
+"""The inference function as a standalone artifact: StableHLO (JAX) or ONNX (onnxruntime).
 
     fgtbt export --workdir runs/paper --out fgtbt.stablehlo [--batch_size 8]
         [--which best] [--output landmarks|heatmaps] [--no_flip_test]
+    fgtbt export --format onnx --workdir runs/paper --out fgtbt.onnx [...]
 
-The command over `fgtbt_jax.deploy.export` (what the artifact holds and how
-to call it are in its docstring).
+The command over `fgtbt_jax.deploy.export` and `fgtbt_jax.deploy.onnx_export`
+(what each artifact holds and how to call it are in their docstrings and
+docs/onnx.md; ONNX needs the optional packages named there).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fgtbt_jax import errors
 from fgtbt_jax import heatmaps
 from fgtbt_jax import rundir
 from fgtbt_jax.deploy import export
+from fgtbt_jax.deploy import onnx_export
 from fgtbt_jax.deploy import predictor as predictor_lib
 
 
@@ -26,7 +29,7 @@ from fgtbt_jax.deploy import predictor as predictor_lib
 # settings, an artifact that cannot be written.
 USER_ERRORS = (rundir.WorkdirError, checkpointing.IncompatibleCheckpointError,
                 checkpointing.NonFiniteStateError, checkpointing.CorruptCheckpointError,
-                errors.ConfigError, errors.DataError, OSError)
+                errors.ConfigError, errors.DataError, OSError, onnx_export.OnnxUnavailableError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       prog="fgtbt export", description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="training workdir (config.json, checkpoints/)")
   parser.add_argument("--out", required=True, help="artifact file to write")
+  parser.add_argument("--format", default="stablehlo", choices=("stablehlo", "onnx"),
+                      help="stablehlo (jax.export; needs JAX to run) or onnx (onnxruntime)")
   parser.add_argument("--which", default="best", choices=rundir.CHECKPOINT_KINDS)
   parser.add_argument("--dataset", default=None, help="whose best checkpoint (default: the "
                       "run's predict.dataset, else its first)")
@@ -46,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="default: the run's eval.flip_test")
   parser.add_argument("--no_flip_test", dest="flip_test", action="store_false")
   parser.add_argument("--platforms", default=",".join(export.DEFAULT_PLATFORMS),
-                      help="comma-separated lowering platforms")
+                      help="stablehlo: comma-separated lowering platforms")
   args = parser.parse_args(argv)
   out = pathlib.Path(args.out)
   try:
@@ -60,11 +65,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                  if value is not None}
     predictor = predictor_lib.Predictor.from_checkpoint(
         workdir, args.which, config=rundir.load_run_config(workdir, overrides))
-    exported = export.export_inference(predictor, output=args.output,
-                                platforms=[p for p in args.platforms.split(",") if p])
-    path = export.save_exported(exported, out, export.artifact_metadata(
-        exported, settings=predictor.settings, output=args.output,
-        crop_enlarge=predictor.crop_enlarge))
+    if args.format == "onnx":
+      onnx_export.export_onnx(predictor, out, output=args.output)
+      path = out
+    else:
+      exported = export.export_inference(predictor, output=args.output,
+                                         platforms=[p for p in args.platforms.split(",") if p])
+      path = export.save_exported(exported, out, export.artifact_metadata(
+          exported, settings=predictor.settings, output=args.output,
+          crop_enlarge=predictor.crop_enlarge))
   except USER_ERRORS as e:
     print(f"fgtbt export: {e}", file=sys.stderr)
     return 1
