@@ -343,3 +343,20 @@ def test_memory_probe_measures_the_decoder_projection_alone():
       assert record["temp_bytes"] > 0
       if dtype == "float32":
         assert record["float32_copies_of_input"] == 0
+
+
+def test_pointwise_probe_compiles_both_forms_of_each_part():
+  from benchmarks import pointwise_probe
+  from fgtbt_jax import aot
+  target = aot.make_target("cpu:1")
+  for part in pointwise_probe.PARTS:
+    records = [pointwise_probe.probe(target, part, form, batch=1, size=32)
+               for form in ("conv", "dot")]
+    assert [r["form"] for r in records] == ["conv", "dot"]
+    for record in records:
+      json.dumps(record)
+      assert record["part"] == part and record["hbm_bytes"] > 0 and record["flops"] > 0
+    # The same maths in both forms (the dot form may skip a zero-padding multiply).
+    assert records[1]["flops"] == pytest.approx(records[0]["flops"], rel=0.1)
+  assert pointwise_probe.main(["--parts=stem", "--topology=cpu:1"]) == 2
+
