@@ -157,12 +157,11 @@ def _own_protocol(dataset, out, scheme, fmt, overwrite) -> lm.Protocol:
     held = None  # Several crop configs, or no scheme: the conversion says.
   if scheme is None and held is None:
     raise ValueError(f"unknown protocol {dataset!r}: not a benchmark {lm.PROTOCOL_NAMES}; to "
-                     "convert your "
-                     "own data under this name give its point scheme: --scheme WFLW|300W|"
-                     "COFW|AFLW, or --scheme points.json (unified point names; "
+                     "convert your own data under this name give its point scheme: --scheme "
+                     "WFLW|300W|COFW|AFLW, or --scheme points.json (unified point names; "
                      "--list-points)")
   protocol = schemes.own_protocol(dataset, held if scheme is None else scheme)
-  if held is not None and not overwrite and list(schemes.scheme_metadata(protocol)["points"]) != held:
+  if held is not None and not overwrite and schemes.scheme_metadata(protocol)["points"] != held:
     raise ValueError(f"{out}: {dataset} is converted there with another point scheme "
                      f"({len(held)} points); pass --overwrite to replace it, or convert "
                      "under another name")

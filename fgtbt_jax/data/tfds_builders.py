@@ -1,7 +1,9 @@
 """TFDS builders that store each dataset as loose face crops in ArrayRecord files.
 
 One builder per dataset (`fgtbt_wflw`, `fgtbt_300w`, `fgtbt_cofw`,
-`fgtbt_aflw`: `datasets.get(name).builder_name`), sharing `FaceCropBuilder`. Every example is one annotated face:
+`fgtbt_aflw`: `datasets.get(name).builder_name`), sharing `FaceCropBuilder`;
+a user's own dataset gets one made for it (`fgtbt_own_<name>`, its point
+scheme in the metadata: `builder_class`). Every example is one annotated face:
 
 * "image": the loose crop, a square of `LOOSE_CROP_FACTOR` (2) times the
   HRNet crop side (200 * scale) around the face centre, resized only when its
@@ -511,7 +513,7 @@ BUILDERS: Mapping[str, type[FaceCropBuilder]] = {
     b.PROTOCOL: b for b in (FgtbtWflw, Fgtbt300w, FgtbtCofw, FgtbtAflw)}
 
 
-_OWN_BUILDERS: dict[str, type[FaceCropBuilder]] = {}
+_OWN_BUILDERS: dict[tuple[str, str], type[FaceCropBuilder]] = {}
 
 
 def builder_class(dataset: str) -> type[FaceCropBuilder]:
