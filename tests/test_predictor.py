@@ -438,6 +438,17 @@ def test_predict_files_writes_json_and_overlays_and_reports_failures(tmp_path):
   assert "3 of 6 files done" in report.summary()
 
 
+def test_folders_are_searched_with_their_subfolders(tmp_path):
+  for relative in ("top.jpg", "sub/deeper/face.PNG", "sub/clip.mp4", "sub/notes.txt",
+                   ".cache/hidden.jpg", "sub/.hidden/also.jpg", "sub/face.overlay.png"):
+    (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / relative).write_bytes(b"x")
+  assert predict_files.list_inputs(tmp_path) == [
+      tmp_path / "sub" / "clip.mp4", tmp_path / "sub" / "deeper" / "face.PNG", tmp_path / "top.jpg"]
+  # Names the same file in a subfolder and by name: done once.
+  assert len(predict_files.list_inputs([tmp_path, tmp_path / "top.jpg"])) == 3
+
+
 def test_inputs_of_the_same_name_in_different_folders_get_distinct_outputs(tmp_path):
   scene = Scene()
   for folder in ("a", "b"):

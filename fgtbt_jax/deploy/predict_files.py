@@ -115,19 +115,21 @@ def check_inputs(inputs: Sequence[str]) -> None:
 def list_inputs(sources) -> list[pathlib.Path]:
   """Input files: each source is a file, or a folder whose image and video files are taken.
 
-  Folders are read non-recursively, sorted by name; files in them with other
-  extensions, and this command's own overlays (`OVERLAY_SUFFIXES`), are
-  skipped. A named file is always taken (and fails later if it is not an
-  image or video).
+  Folders are searched with their subfolders (hidden ones, named ".*", left
+  out), files sorted by path; files with other extensions, and this command's
+  own overlays (`OVERLAY_SUFFIXES`), are skipped. A named file is always
+  taken (and fails later if it is not an image or video). `output_names`
+  keeps the outputs of same-named files in different subfolders apart.
   """
   if isinstance(sources, (str, os.PathLike)):
     sources = [sources]
   files, seen = [], set()
   for source in sources:
     path = pathlib.Path(source)
-    found = (sorted(p for p in path.iterdir() if p.is_file() and
+    found = (sorted(p for p in path.rglob("*") if p.is_file() and
                     p.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS and
-                    not p.name.lower().endswith(OVERLAY_SUFFIXES))
+                    not p.name.lower().endswith(OVERLAY_SUFFIXES) and
+                    not any(part.startswith(".") for part in p.relative_to(path).parts))
              if path.is_dir() else [path])
     for file in found:  # A file named twice (or in a folder and by name) is done once.
       if file.resolve() not in seen:
