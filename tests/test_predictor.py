@@ -372,6 +372,27 @@ def test_draw_landmarks_colours_points_by_face_part():
     visualization.draw_landmarks(image, points[:68], "WFLW")
 
 
+def test_labels_and_dots_scale_with_the_face():
+  # A 600 px face on a 1,920 px photo gets a readable label; a 37 px face's
+  # 124 dots stay apart (finer than the old 1.5 px minimum radius).
+  def label_rows(width):
+    image = np.zeros((1080, 1920, 3), np.uint8)
+    box = [300.0, 400.0, 300.0 + width, 400.0 + width]
+    points = np.array(box[:2]) + width * landmarks.mean_face()
+    overlay = visualization.draw_landmarks(image, points, boxes=[box], low_quality=[True],
+                                           face_confidence=[0.4])
+    red = (overlay[:400, :, 0] > 150) & (overlay[:400, :, 1] < 120)
+    return np.ptp(np.flatnonzero(red.any(1))) + 1
+
+  assert label_rows(600) > 25 > label_rows(100) > 4
+  small = visualization.draw_landmarks(np.zeros((64, 64, 3), np.uint8),
+                                       10 + 37 * landmarks.mean_face())
+  big_dots = visualization.draw_landmarks(np.zeros((64, 64, 3), np.uint8),
+                                          10 + 37 * landmarks.mean_face(), radius=1.5)
+  ink = lambda overlay: int(overlay.astype(np.int64).sum())  # noqa: E731
+  assert ink(small) < 0.8 * ink(big_dots)  # 0.65 measured: anti-aliased 0.6 px dots
+
+
 def test_predict_files_writes_json_and_overlays_and_reports_failures(tmp_path):
   scene = Scene()
   inputs = tmp_path / "in"

@@ -46,6 +46,17 @@ def quality_label(confidence: float) -> str:
   return f"{np.floor(confidence * 100.0 + 1e-9) / 100.0:.2f}"  # 0.29 * 100 = 28.999...
 
 
+def label_style(box_width: float) -> tuple[float, int]:
+  """(font scale, line thickness) of a face box's label and outline: readable at any size.
+
+  Scale 0.35 (about 8 px capitals) up to a 120 px box, then growing with it
+  (a 600 px face on a 1,920 px photo gets 1.75, about 38 px); the thickness
+  follows (1 px up to a box of about 400 px).
+  """
+  scale = float(np.clip(box_width / 340.0, 0.35, 4.0))
+  return scale, max(1, int(round(scale * 1.2)))
+
+
 def draw_landmarks(image: np.ndarray, points, protocol: str = landmarks.UNIFIED, *,
                    boxes=None, confidence=None, min_confidence: float | None = None,
                    radius: float | None = None, low_quality=None, face_confidence=None,
@@ -60,7 +71,9 @@ def draw_landmarks(image: np.ndarray, points, protocol: str = landmarks.UNIFIED,
     boxes: optional (F, 4) face boxes, drawn as white rectangles.
     confidence: optional (F, N); with `min_confidence`, points below it are
       drawn as rings instead of dots.
-    radius: dot radius in pixels; default about 1% of each face's size.
+    radius: dot radius in pixels; default 1% of each face's size (at least
+      0.6 px, so a small face's 124 dots stay apart). Labels and box lines
+      grow with the box (`label_style`), so they read on large photos.
     low_quality: optional (F,) bool; flagged faces' boxes are drawn red
       with the label "low" (and their `face_confidence`, (F,), if given).
     labels: optional F strings written above the boxes (e.g. track ids).
@@ -83,20 +96,23 @@ def draw_landmarks(image: np.ndarray, points, protocol: str = landmarks.UNIFIED,
       color = LOW_QUALITY_COLOR if flagged[face] else BOX_COLOR
       corner_a = tuple(int(v) for v in np.round(np.array([x1, y1]) * (1 << _SHIFT)))
       corner_b = tuple(int(v) for v in np.round(np.array([x2, y2]) * (1 << _SHIFT)))
-      cv2.rectangle(canvas, corner_a, corner_b, color, 1, cv2.LINE_AA, _SHIFT)
+      font_scale, thickness = label_style(x2 - x1)
+      cv2.rectangle(canvas, corner_a, corner_b, color, thickness, cv2.LINE_AA, _SHIFT)
       text = [] if labels is None else [str(labels[face])]
       if flagged[face]:
         text.append("low" if face_confidence is None
                     else f"low {quality_label(float(face_confidence[face]))}")
       if text:
-        cv2.putText(canvas, " ".join(text), (int(round(x1)), max(10, int(round(y1)) - 3)),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.35, color, 1, cv2.LINE_AA)
+        height = int(np.ceil(22 * font_scale))  # The font's cap height is ~22 px at scale 1.
+        cv2.putText(canvas, " ".join(text),
+                    (int(round(x1)), max(height, int(round(y1)) - 3 * thickness)),
+                    cv2.FONT_HERSHEY_SIMPLEX, font_scale, color, thickness, cv2.LINE_AA)
   for face, face_points in enumerate(points):
     finite = np.isfinite(face_points).all(1)
     if not finite.any():
       continue
     extent = float(np.ptp(face_points[finite], 0).max()) if finite.sum() > 1 else 100.0
-    dot = float(radius) if radius is not None else max(1.5, 0.01 * extent)
+    dot = float(radius) if radius is not None else max(0.6, 0.01 * extent)
     for k in np.flatnonzero(finite):
       centre = tuple(int(v) for v in np.round(face_points[k] * (1 << _SHIFT)))
       weak = (confidence is not None and min_confidence is not None
