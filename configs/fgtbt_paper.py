@@ -140,7 +140,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Decoding (decoder, flip test, smoothing) is the run's eval section's.
   config.predict = ml_collections.ConfigDict()
   config.predict.dataset = ""          # whose best checkpoint; "" = data.datasets[0]
-  config.predict.detector = "auto"     # auto (dlib, else Haar) | dlib_hog | haar_cascade
+  # auto | dlib_cnn | dlib_hog | haar_cascade. auto, chosen by the table in
+  # docs/inference.md ("Which detector"): still images dlib_cnn (weights from
+  # face_recognition_models), else dlib_hog; video frames dlib_hog; without
+  # dlib the Haar cascade; a fallback logs the package to install.
+  config.predict.detector = "auto"
   # The detector's box calibration: real (photographs) | synthetic (the
   # project's rendered faces) | "scale,shift_x,shift_y" (fgtbt calibrate-detector).
   config.predict.box_adjustment = "real"

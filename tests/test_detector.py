@@ -1,4 +1,4 @@
-"""Tests of the face detectors: dlib's HOG default, the Haar fallback, box calibration.
+"""Tests of the face detectors: dlib's CNN and HOG, the Haar fallback, "auto", box calibration.
 
 The detectors run on the project's own sample faces (docs/sample_faces) and
 on synthetic faces with known landmarks, whose annotation-style box
@@ -28,6 +28,12 @@ import helpers
 SAMPLES = helpers.REPO / "docs" / "sample_faces"
 HAS_HAAR = (detector_lib._cascade_classifier_class() is not None
             and detector_lib.bundled_cascade_path() is not None)
+try:
+  detector_lib.mmod_weights_path()
+  NO_CNN_WEIGHTS = None
+except detector_lib.DetectorUnavailableError as e:
+  NO_CNN_WEIGHTS = f"dlib's CNN detector cannot run here: {e}"
+needs_cnn_weights = pytest.mark.skipif(NO_CNN_WEIGHTS is not None, reason=str(NO_CNN_WEIGHTS))
 
 
 class FlatHeatmaps(nn.Module):
@@ -47,7 +53,7 @@ def box_errors(box, points):
 
 
 def test_dlib_finds_the_sample_faces_and_each_face_of_a_group():
-  detector = detector_lib.default_detector()
+  detector = detector_lib.default_detector(input_kind="video")  # "auto" on video frames.
   assert isinstance(detector, detector_lib.DlibHogDetector)
   described = detector_lib.describe_detector(detector)
   assert described["name"] == "dlib_hog" and described["fallback_reason"] is None
@@ -110,6 +116,83 @@ def test_without_dlib_the_default_detector_falls_back_to_haar_and_says_so(monkey
   with pytest.raises(detector_lib.DetectorUnavailableError,
                      match="no face detector can run: dlib is not installed.*opencv_contrib"):
     detector_lib.default_detector()
+
+
+@needs_cnn_weights
+def test_the_cnn_detector_finds_the_sample_faces_in_boxes_close_to_hogs():
+  """dlib's MMOD CNN, weights from face_recognition_models: "auto" for still images."""
+  detector = detector_lib.default_detector()
+  assert isinstance(detector, detector_lib.DlibCnnDetector)
+  described = json.loads(json.dumps(detector_lib.describe_detector(detector)))
+  assert described["name"] == "dlib_cnn" and described["fallback_reason"] is None
+  assert described["max_side"] == detector_lib.DLIB_CNN_MAX_SIDE and described["upsample"] == 0
+  assert described["weights"] == "mmod_human_face_detector.dat"
+  hog = detector_lib.DlibHogDetector()
+  for name in ("face_frontal.jpg", "face_occluded.jpg"):
+    image = load_image(SAMPLES / name)
+    [box] = detector(image)
+    detector_lib.check_boxes(box, image.shape)
+    [reference] = hog(image)  # Both adjusted to annotation-style boxes for real faces.
+    side = (reference[2:] - reference[:2]).max()
+    centre = np.linalg.norm((box[:2] + box[2:]) / 2 - (reference[:2] + reference[2:]) / 2)
+    assert centre < 0.15 * side and 0.8 < (box[2:] - box[:2]).max() / side < 1.25, (name, box,
+                                                                                      reference)
+  # A large image is searched at max_side and its boxes mapped back to its pixels.
+  big = cv2.resize(load_image(SAMPLES / "face_frontal.jpg"), (1536, 1536),
+                   interpolation=cv2.INTER_CUBIC)
+  small = detector_lib.DlibCnnDetector(max_side=256)
+  [scaled] = small(big)
+  [direct] = small(load_image(SAMPLES / "face_frontal.jpg"))
+  np.testing.assert_allclose(scaled, (direct + 0.5) * 6 - 0.5, atol=0.5 * 6)
+  with pytest.raises(ValueError, match="upsample must be >= 0"):
+    detector_lib.DlibCnnDetector(upsample=-1)
+
+
+def test_without_face_recognition_models_the_cnn_says_what_to_install(monkeypatch, caplog):
+  """No weights package: the CNN detector fails naming the pip command, and "auto" on
+  images uses HOG with one warning and the reason in its JSON."""
+  real_find_spec = detector_lib.importlib.util.find_spec
+  monkeypatch.setattr(detector_lib.importlib.util, "find_spec",
+                      lambda name, *a: None if name == "face_recognition_models"
+                      else real_find_spec(name, *a))
+  with pytest.raises(detector_lib.DetectorUnavailableError,
+                     match=r"face_recognition_models is not installed; "
+                           r"pip install face_recognition_models==0\.3\.0"):
+    detector_lib.DlibCnnDetector()
+  with pytest.raises(detector_lib.DetectorUnavailableError, match="pip install face_recog"):
+    detector_lib.make_detector("dlib_cnn")
+  with caplog.at_level("WARNING"):
+    detector = detector_lib.make_detector("auto")
+  assert isinstance(detector, detector_lib.DlibHogDetector)
+  assert "pip install face_recognition_models" in detector.describe()["fallback_reason"]
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and "using dlib_hog instead" in warnings[0], warnings
+  # Video frames use HOG anyway: nothing is missing, nothing to warn about.
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    video_detector = detector_lib.make_detector("auto", input_kind="video")
+  assert video_detector.fallback_reason is None and not caplog.records
+
+
+def test_auto_resolves_per_input_kind(monkeypatch):
+  expected = {"image": (detector_lib.DlibCnnDetector if NO_CNN_WEIGHTS is None
+                        else detector_lib.DlibHogDetector),
+              "video": detector_lib.DlibHogDetector}
+  for kind, cls in expected.items():
+    detector = detector_lib.make_detector("auto", "synthetic", input_kind=kind)
+    assert type(detector) is cls, kind  # pylint: disable=unidiomatic-typecheck
+    assert detector.adjustment == detector_lib.BOX_ADJUSTMENTS[detector.name]["synthetic"]
+  assert detector_lib.DETECTOR_CHOICES == ("auto", "dlib_cnn", "dlib_hog", "haar_cascade")
+  with pytest.raises(ValueError, match="unknown input kind 'stills'"):
+    detector_lib.make_detector("auto", input_kind="stills")
+  with pytest.raises(ValueError, match="unknown face detector 'mtcnn'"):
+    detector_lib.make_detector("mtcnn")
+  if HAS_HAAR:  # Without dlib both kinds come down to the Haar cascade, saying why.
+    monkeypatch.setitem(sys.modules, "dlib", None)
+    for kind in detector_lib.INPUT_KINDS:
+      detector = detector_lib.make_detector("auto", input_kind=kind)
+      assert isinstance(detector, detector_lib.HaarCascadeDetector)
+      assert "dlib is not installed" in detector.fallback_reason
 
 
 def test_parse_box_adjustment():

