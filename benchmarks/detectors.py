@@ -1,6 +1,6 @@
 """Face detectors side by side on annotated photos: faces found, other boxes, ms per image.
 
-    python -m benchmarks.detectors FOLDER [--detectors dlib_cnn,dlib_hog,haar_cascade] \\
+    python -m benchmarks.detectors FOLDER [--detectors dlib_cnn,dlib_cnn@640,dlib_hog] \\
         [--runs 3] [--max_side 1024] [--crops_dir DIR]
 
 FOLDER holds images (jpg, png, ppm, ...) and, beside each, its annotated
@@ -87,17 +87,29 @@ def match(boxes: np.ndarray, faces: list[np.ndarray]) -> tuple[int, list[int]]:
   return found, [i for i in range(len(boxes)) if i not in used]
 
 
+def make(name: str):
+  """A detector by name; "dlib_cnn@640" is the CNN at another max_side."""
+  if "@" in name:
+    base, side = name.split("@")
+    if base != "dlib_cnn":
+      raise SystemExit(f"{name}: only dlib_cnn takes @max_side")
+    return detector_lib.DlibCnnDetector(max_side=int(side))
+  return detector_lib.make_detector(name)
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("folder", type=pathlib.Path)
-  parser.add_argument("--detectors", default="dlib_cnn,dlib_hog")
+  parser.add_argument("--detectors", default="dlib_cnn,dlib_hog",
+                      help="comma-separated detector names; dlib_cnn@SIDE: the CNN at that "
+                           "max_side")
   parser.add_argument("--runs", type=int, default=3)
   parser.add_argument("--max_side", type=int, default=detector_lib.DEFAULT_MAX_DETECTION_SIDE)
   parser.add_argument("--crops_dir", type=pathlib.Path, default=None,
                       help="save each box that matches no annotated face here")
   args = parser.parse_args(argv)
   names = [n.strip() for n in args.detectors.split(",") if n.strip()]
-  detectors = {name: detector_lib.make_detector(name) for name in names}
+  detectors = {name: make(name) for name in names}
   print(json.dumps({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
       timespec="minutes"), "cpu": cpu_model(), "cores": os.cpu_count(),
       "load_average": [round(v, 2) for v in os.getloadavg()], "python": sys.version.split()[0],

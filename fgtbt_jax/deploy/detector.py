@@ -22,7 +22,7 @@ Detectors (each has a `name` and `describe()`, which output JSON records):
   100 MB, most of it other models; nothing is downloaded at run time), run
   on the image scaled down to a 960 px longer side without upsampling. It
   finds the turned and small faces HOG misses (docs/inference.md, "Which
-  detector"), at 10-100x HOG's time on a CPU.
+  detector"), at about 20x HOG's time on a CPU.
 - `DlibHogDetector` ("dlib_hog", the default for video frames, and for
   stills when face_recognition_models is missing): dlib's HOG + linear SVM
   frontal-face detector (package dlib-bin, no model file to download), run
@@ -596,7 +596,7 @@ class DlibCnnDetector:
   package (`mmod_weights_path`): a small CNN trained with max-margin object
   detection on faces of all poses, 80 x 80 px windows over an image
   pyramid. It finds turned, tilted and small faces that HOG misses, at
-  10-100x HOG's time on a CPU (docs/inference.md, "Which detector").
+  about 20x HOG's time on a CPU (docs/inference.md, "Which detector").
 
   The image is scaled down (area averaging, never up) to `max_side` on its
   longer side first and the boxes mapped back exactly (`detect_faces`), so
