@@ -182,11 +182,14 @@ def test_eval_and_predictor_give_the_same_landmarks(random_run, smoothing_sigma)
   config.data.datasets, config.data.samples_per_dataset = ("COFW",), 8  # 8 devices
   done = evaluate.evaluate_workdir(config, workdir, "latest", write_report=False)
 
-  # The predictor on one device takes its settings from the run (the saved
-  # config has no smoothing: it is set as an explicit override, like
-  # --smoothing_sigma).
-  predictor = predictor_lib.Predictor.from_checkpoint(
-      workdir, "latest", smoothing_sigma=smoothing_sigma)
+  # The predictor on one device takes its settings from the run's config (the
+  # saved one has no smoothing: it comes as an override, like
+  # --config.eval.smoothing_sigma).
+  def predictor_with(sigma):
+    return predictor_lib.Predictor.from_checkpoint(workdir, "latest", config=rundir.load_run_config(
+        workdir, {"eval.smoothing_sigma": sigma}))
+
+  predictor = predictor_with(smoothing_sigma)
   assert predictor.settings == inference.PredictSettings("subpixel", True, smoothing_sigma)
   assert predictor.settings == inference.PredictSettings.from_config(config.eval)
   assert predictor.step == 4
@@ -197,8 +200,7 @@ def test_eval_and_predictor_give_the_same_landmarks(random_run, smoothing_sigma)
   in_stored_crop = crop.apply_affine(points[:, index], np.asarray(batch["inverse_affine"])[valid])
   np.testing.assert_allclose(in_stored_crop, done.per_image["COFW"].predictions, atol=1e-3)
   if smoothing_sigma:
-    unsmoothed, _ = predictor_lib.Predictor.from_checkpoint(
-        workdir, "latest", smoothing_sigma=0.0).run_crops(np.asarray(batch["image"])[valid])
+    unsmoothed, _ = predictor_with(0.0).run_crops(np.asarray(batch["image"])[valid])
     assert np.abs(unsmoothed - points).max() > 1e-2  # The smoothing is really applied.
 
 
