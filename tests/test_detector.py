@@ -126,6 +126,7 @@ def test_the_cnn_detector_finds_the_sample_faces_in_boxes_close_to_hogs():
   described = json.loads(json.dumps(detector_lib.describe_detector(detector)))
   assert described["name"] == "dlib_cnn" and described["fallback_reason"] is None
   assert described["max_side"] == detector_lib.DLIB_CNN_MAX_SIDE and described["upsample"] == 0
+  assert described["min_side"] == detector_lib.DLIB_CNN_MIN_SIDE
   assert described["weights"] == "mmod_human_face_detector.dat"
   hog = detector_lib.DlibHogDetector()
   for name in ("face_frontal.jpg", "face_occluded.jpg"):
@@ -140,12 +141,19 @@ def test_the_cnn_detector_finds_the_sample_faces_in_boxes_close_to_hogs():
   # A large image is searched at max_side and its boxes mapped back to its pixels.
   big = cv2.resize(load_image(SAMPLES / "face_frontal.jpg"), (1536, 1536),
                    interpolation=cv2.INTER_CUBIC)
-  small = detector_lib.DlibCnnDetector(max_side=256)
+  small = detector_lib.DlibCnnDetector(max_side=256, min_side=256)
   [scaled] = small(big)
   [direct] = small(load_image(SAMPLES / "face_frontal.jpg"))
   np.testing.assert_allclose(scaled, (direct + 0.5) * 6 - 0.5, atol=0.5 * 6)
+  # A small image is scaled up to min_side: a face of about 40 px is found.
+  image, points, _ = synthetic.render_face(7, 0, 64, clean=True)
+  [box] = detector_lib.DlibCnnDetector(adjustment="synthetic")(image)
+  centre, ratio = box_errors(box, points)
+  assert centre < 0.15 and 0.75 < ratio < 1.3, (centre, ratio)
   with pytest.raises(ValueError, match="upsample must be >= 0"):
     detector_lib.DlibCnnDetector(upsample=-1)
+  with pytest.raises(ValueError, match="min_side <= max_side"):
+    detector_lib.DlibCnnDetector(max_side=320)
 
 
 def test_without_face_recognition_models_the_cnn_says_what_to_install(monkeypatch, caplog):

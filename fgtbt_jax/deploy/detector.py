@@ -328,7 +328,7 @@ def calibrate_box_adjustment(detector: Callable[[np.ndarray], np.ndarray],
 # 1.125 (its 46-face fit above: 1.031), so expect a few % of scale error.
 # shift_x is kept: the mirrored pairs cancel the pose mix, and the synthetic
 # fit shows the same sign. "synthetic": `synthetic.calibration_faces(120,
-# 320, seed=0)`, 120 of 120 found (HOG: 86%): side ratio 1.235 (10-90% after
+# 320, seed=0)` at their own 320 px (before DLIB_CNN_MIN_SIDE), 120 of 120 found (HOG: 86%): side ratio 1.235 (10-90% after
 # it: 0.91-1.11), shift_x +0.055, shift_y +0.155; centre error 5.3% median,
 # 8.9% at the 90th percentile.
 FACE_KINDS = ("real", "synthetic")
@@ -558,6 +558,11 @@ MMOD_WEIGHTS_FILE = "mmod_human_face_detector.dat"
 # (about 90 px in a 1,024 px photo: MMOD's 80 px window needs faces of
 # about 80 px or more), and each doubling of the side costs about 4x.
 DLIB_CNN_MAX_SIDE = 960
+# A smaller image is scaled up to this longer side first, so the CNN finds
+# faces from about 17% of a small image's longer side (80 / 480), as HOG with
+# its 2x upsampling does (40 px); at its own size it missed every synthetic
+# face in 64 px images and 4 of 6 in 96 px ones (HOG: 5 of 6 each).
+DLIB_CNN_MIN_SIDE = 480
 
 
 def mmod_weights_path() -> pathlib.Path:
@@ -598,14 +603,15 @@ class DlibCnnDetector:
   pyramid. It finds turned, tilted and small faces that HOG misses, at
   about 20x HOG's time on a CPU (docs/inference.md, "Which detector").
 
-  The image is scaled down (area averaging, never up) to `max_side` on its
-  longer side first and the boxes mapped back exactly (`detect_faces`), so
-  faces from about 80 px at that scale are found (8% of the longer side at
-  960 px); `upsample` doubles the scaled image before the search (finds
-  faces half as large, about 4x the time).
+  The image is scaled down (area averaging) to `max_side` on its longer side
+  first, or up (bilinear) to `min_side` when smaller, and the boxes mapped
+  back exactly, so faces from about 80 px at that scale are found (8% of
+  the longer side at 960 px, 17% at 480); `upsample` doubles the scaled
+  image before the search (finds faces half as large, about 4x the time).
 
   Args:
-    max_side: longer side of the copy the CNN sees (DLIB_CNN_MAX_SIDE).
+    max_side: a larger image is scaled down to this longer side (DLIB_CNN_MAX_SIDE).
+    min_side: a smaller image is scaled up to this longer side (DLIB_CNN_MIN_SIDE).
     upsample: times the scaled image is doubled before the search.
     adjustment: a `BoxAdjustment`, or "real" (default) / "synthetic" for
       the measured one (`BOX_ADJUSTMENTS["dlib_cnn"]`).
@@ -621,26 +627,37 @@ class DlibCnnDetector:
   name = "dlib_cnn"
 
   def __init__(self, max_side: int = DLIB_CNN_MAX_SIDE, upsample: int = 0, *,
+               min_side: int = DLIB_CNN_MIN_SIDE,
                adjustment: BoxAdjustment | str | None = None, threshold: float = 0.0,
                weights: str | os.PathLike | None = None):
     if int(upsample) < 0:
       raise ValueError(f"DlibCnnDetector: upsample must be >= 0, got {upsample}")
-    if int(max_side) < 16:
-      raise ValueError(f"DlibCnnDetector: max_side must be >= 16, got {max_side}")
+    if not 16 <= int(min_side) <= int(max_side):
+      raise ValueError(f"DlibCnnDetector: needs 16 <= min_side <= max_side, got min_side "
+                       f"{min_side}, max_side {max_side}")
     dlib = _import_dlib()
     self.weights = mmod_weights_path() if weights is None else pathlib.Path(weights)
     if not self.weights.is_file():
       raise DetectorUnavailableError(f"{self.weights}: no such MMOD weights file")
     self._net = dlib.cnn_face_detection_model_v1(str(self.weights))
     self.max_side = int(max_side)
+    self.min_side = int(min_side)
     self.upsample = int(upsample)
     self.threshold = float(threshold)
     self.adjustment = box_adjustment(self.name, adjustment)
     self.fallback_reason: str | None = None
 
   def raw_boxes(self, image: np.ndarray) -> np.ndarray:
-    """(F, 4) unadjusted boxes in `image`'s pixels (the CNN sees it at `max_side`)."""
-    return detect_faces(image, self._run, self.max_side)
+    """(F, 4) unadjusted boxes in `image`'s pixels (the CNN sees it at min_side-max_side)."""
+    height, width = image.shape[:2]
+    if max(height, width) >= self.min_side:
+      return detect_faces(image, self._run, self.max_side)
+    factor = self.min_side / max(height, width)
+    new_w, new_h = round(width * factor), round(height * factor)
+    boxes = self._run(cv2.resize(np.ascontiguousarray(image), (new_w, new_h),
+                                 interpolation=cv2.INTER_LINEAR))
+    ratio = np.array([new_w / width, new_h / height] * 2)
+    return (boxes + 0.5) / ratio - 0.5
 
   def _run(self, image: np.ndarray) -> np.ndarray:
     found = self._net(np.ascontiguousarray(image, np.uint8), self.upsample)
@@ -655,11 +672,13 @@ class DlibCnnDetector:
 
   def describe(self) -> dict:
     return {"name": self.name, "box_adjustment": self.adjustment.to_json(),
-            "max_side": self.max_side, "upsample": self.upsample, "threshold": self.threshold,
+            "max_side": self.max_side, "min_side": self.min_side, "upsample": self.upsample,
+            "threshold": self.threshold,
             "weights": self.weights.name, "fallback_reason": self.fallback_reason}
 
   def __repr__(self) -> str:
-    return (f"DlibCnnDetector(max_side={self.max_side}, upsample={self.upsample}, "
+    return (f"DlibCnnDetector(max_side={self.max_side}, min_side={self.min_side}, "
+            f"upsample={self.upsample}, "
             f"adjustment={self.adjustment})")
 
 
