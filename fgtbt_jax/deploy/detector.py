@@ -20,7 +20,8 @@ Detectors (each has a `name` and `describe()`, which output JSON records):
   `mmod_human_face_detector.dat` (CC0) read from the installed
   `face_recognition_models` package (`pip install face_recognition_models`,
   100 MB, most of it other models; nothing is downloaded at run time), run
-  on the image scaled down to a 960 px longer side without upsampling. It
+  on the image scaled to a 960 px longer side (down; small images up to
+  480 px) without upsampling. It
   finds the turned and small faces HOG misses (docs/inference.md, "Which
   detector"), at about 20x HOG's time on a CPU.
 - `DlibHogDetector` ("dlib_hog", the default for video frames, and for
