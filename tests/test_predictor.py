@@ -753,3 +753,30 @@ def test_predict_main_with_a_boxes_file_max_faces_and_a_tracked_video(tmp_path):
   assert capture.get(cv2.CAP_PROP_FRAME_COUNT) == 12
   capture.release()
 
+
+
+@pytest.mark.slow  # Writes a run, compiles its tiny model, runs the CNN detector.
+def test_auto_detects_stills_and_video_frames_each_with_their_detector(tmp_path):
+  # predict.detector="auto": the CNN for still images (when its weights
+  # package is installed), HOG for video frames (it runs every few frames).
+  from configs import tiny
+  from fgtbt_jax import rundir
+  (tmp_path / "run").mkdir()
+  helpers.write_random_run(tmp_path / "run", tiny.get_config(), scale=None)
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  face = cv2.imread(str(helpers.REPO / "docs" / "sample_faces" / "face_frontal.jpg"))
+  cv2.imwrite(str(inputs / "still.png"), face)
+  writer = cv2.VideoWriter(str(inputs / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10,
+                           face.shape[1::-1])
+  for _ in range(3):
+    writer.write(face)
+  writer.release()
+  config = rundir.load_run_config(tmp_path / "run", {
+      "predict.detector": "auto", "predict.min_face_confidence": -np.inf})
+  assert predict_files.predict_main(tmp_path / "run", [str(inputs)], str(tmp_path / "out"),
+                                    config=config, which="latest") == 0
+  still = json.loads((tmp_path / "out" / "still.png.json").read_text())["detector"]["name"]
+  clip = json.loads((tmp_path / "out" / "clip.avi.json").read_text())["detector"]["name"]
+  cnn = detector_lib.make_detector("auto", input_kind="image")
+  assert (still, clip) == (detector_lib.describe_detector(cnn)["name"], "dlib_hog")

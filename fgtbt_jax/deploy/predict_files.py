@@ -273,6 +273,7 @@ def predict_files(predictor: predictor_lib.Predictor, sources, out_dir: str | os
                   box=None, boxes: dict | None = None, boxes_source: str = "boxes",
                   protocol: str = landmarks.UNIFIED, min_confidence: float | None = None,
                   tracking: video.TrackerSettings = video.TrackerSettings(),
+                  video_detector: detector_lib.FaceDetector | None = None,
                   progress: bool = True) -> PredictReport:
   """Predicts landmarks for image files, folders of them and videos; writes JSON and overlays.
 
@@ -291,6 +292,8 @@ def predict_files(predictor: predictor_lib.Predictor, sources, out_dir: str | os
       are the predictor's settings.
     min_confidence: overlays draw points below this confidence as rings.
     tracking: detection interval and landmark smoothing of videos.
+    video_detector: the face detector of video frames (`make_detector(...,
+      input_kind="video")`: "auto" is faster there); default the predictor's.
     progress: a progress bar over the files (and one over a video's frames)
       with rate and ETA, on stderr (`errors.progress_bar`).
 
@@ -342,7 +345,8 @@ def predict_files(predictor: predictor_lib.Predictor, sources, out_dir: str | os
       bar.update(len(chunk))
     for path in videos:
       _predict_video(predictor, path, out / names[path], given(path), protocol, min_confidence,
-                     tracking, results[str(path)], progress=not bar.disable)
+                     tracking, results[str(path)], progress=not bar.disable,
+                     face_detector=video_detector)
       bar.update(1)
   return PredictReport([results[str(f)] for f in files])
 
@@ -403,12 +407,13 @@ def read_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
 def _predict_video(predictor: predictor_lib.Predictor, path: pathlib.Path, stem: pathlib.Path,
                    given: tuple, protocol: str, min_confidence: float | None,
                    tracking: video.TrackerSettings, result: FileResult,
-                   progress: bool = False) -> None:
+                   progress: bool = False,
+                   face_detector: detector_lib.FaceDetector | None = None) -> None:
   """Tracks and predicts the faces of every frame of the video at `path`; outputs from `stem`.
 
   `given` is (boxes or None, where): given boxes are used in every frame
-  (as a detector that runs on each), else the predictor's detector runs
-  every `tracking.detect_every` frames. `progress`: a bar over the frames
+  (as a detector that runs on each), else `face_detector` (default the
+  predictor's) runs every `tracking.detect_every` frames. `progress`: a bar over the frames
   (its total the video's frame count, where the file says it).
   """
   name, index = landmarks.protocol_index(protocol)
@@ -416,8 +421,13 @@ def _predict_video(predictor: predictor_lib.Predictor, path: pathlib.Path, stem:
   fps = _video_fps(path)
   overlay_path = stem.with_name(f"{stem.name}.overlay.avi")
   lines_path = stem.with_name(f"{stem.name}.frames.jsonl")
+  face_detector = predictor.detector if face_detector is None else face_detector
   if box is None:
-    detect, settings, boxes_label = predictor.detect, tracking, None
+    settings, boxes_label = tracking, None
+
+    def detect(image):
+      boxes = detector_lib.detect_faces(image, face_detector, predictor.max_detection_side)
+      return detector_lib.largest_faces(boxes, predictor.max_faces)
   else:
     detect = lambda image: detector_lib.check_boxes(box, image.shape, where)
     settings, boxes_label = dataclasses.replace(tracking, detect_every=1), "given"
@@ -482,7 +492,7 @@ def _predict_video(predictor: predictor_lib.Predictor, path: pathlib.Path, stem:
       "num_frames": result.num_frames, "num_faces": result.num_faces,
       "frames": lines_path.name,
       "boxes_from": "given" if box is not None else "detector",
-      "detector": None if box is not None else detector_lib.describe_detector(predictor.detector),
+      "detector": None if box is not None else detector_lib.describe_detector(face_detector),
       "detector_runs": 0 if box is not None else tracker.detector_runs,
       "tracking": {"detect_every": settings.detect_every, "min_iou": settings.min_iou,
                    "max_size_change": settings.max_size_change},
@@ -616,15 +626,18 @@ def predict_main(workdir: str | os.PathLike, inputs: Sequence[str], out_dir: str
   options = config.predict
   # Made up front (a missing detector fails before the model loads), unless
   # every input has its boxes.
-  face_detector = None
+  face_detector = video_detector = None
   if box is None and not (boxes is not None and len(boxes) >= len(list_inputs(inputs))):
-    face_detector = detector_lib.make_detector(
-        options.detector, detector_lib.parse_box_adjustment(options.box_adjustment))
+    adjustment = detector_lib.parse_box_adjustment(options.box_adjustment)
+    face_detector = detector_lib.make_detector(options.detector, adjustment)
+    if any(p.suffix.lower() in VIDEO_EXTENSIONS for p in list_inputs(inputs)):
+      # "auto" picks per input kind (stills: the CNN; frames: HOG, faster).
+      video_detector = detector_lib.make_detector(options.detector, adjustment, input_kind="video")
   predictor = predictor_lib.Predictor.from_checkpoint(workdir, which, config=config,
                                                       detector=face_detector)
   report = predict_files(predictor, list(inputs), out_dir, box=box, boxes=boxes,
                          boxes_source=boxes_file or "boxes", protocol=options.protocol,
-                         tracking=tracker_settings(options))
+                         tracking=tracker_settings(options), video_detector=video_detector)
   for done in report.files:
     if done.error is None:
       logging.info("%s: %d face(s) in %d frame(s) -> %s", done.source, done.num_faces,
