@@ -4,4 +4,5 @@ import sys
 
 from fgtbt_jax.commands import main
 
-sys.exit(main())
+if __name__ == "__main__":  # Importing the package's modules (a scan of them) runs nothing.
+  sys.exit(main())
