@@ -100,16 +100,18 @@ class InputError(ValueError):
   """The inputs named on the command line are missing or hold no image or video."""
 
 
-def check_inputs(inputs: Sequence[str]) -> None:
-  """Raises InputError unless every input exists and they hold an image or video."""
+def check_inputs(inputs: Sequence[str]) -> list[pathlib.Path]:
+  """The input files (`list_inputs`); InputError unless every input exists and they hold one."""
   if not inputs:
     raise InputError("predict needs --image=PATH (an image, a folder or a video)")
   missing = [str(p) for p in inputs if not pathlib.Path(p).exists()]
   if missing:
     raise InputError(f"--image: {', '.join(missing)} does not exist")
-  if not list_inputs(inputs):
+  files = list_inputs(inputs)
+  if not files:
     raise InputError(f"--image: no image or video files in {', '.join(map(str, inputs))} "
                      f"(extensions {' '.join(IMAGE_EXTENSIONS)} and {' '.join(VIDEO_EXTENSIONS)})")
+  return files
 
 
 def list_inputs(sources) -> list[pathlib.Path]:
@@ -603,14 +605,14 @@ def predict_main(workdir: str | os.PathLike, inputs: Sequence[str], out_dir: str
     `detector.DetectorUnavailableError`, `errors.OutputError` (the output
     folder cannot be made or written).
   """
-  check_inputs(inputs)
+  files = check_inputs(inputs)  # Folders are walked once.
   if box is not None and boxes_file is not None:
     raise InputError("--box and --boxes: give one face box for every input or a boxes file, "
                      "not both")
   boxes = None
   if boxes_file is not None:
     boxes = read_boxes_file(boxes_file)
-    match_boxes_to_inputs(boxes, list_inputs(inputs), boxes_file)
+    match_boxes_to_inputs(boxes, files, boxes_file)
   workdir = rundir.find_workdir(workdir)
   out_dir = workdir / "predictions" if out_dir is None else out_dir
   try:  # Before the model loads: a read-only run's default --out, or a file there.
@@ -627,11 +629,12 @@ def predict_main(workdir: str | os.PathLike, inputs: Sequence[str], out_dir: str
   # Made up front (a missing detector fails before the model loads), unless
   # every input has its boxes.
   face_detector = video_detector = None
-  if box is None and not (boxes is not None and len(boxes) >= len(list_inputs(inputs))):
+  if box is None and not (boxes is not None and len(boxes) >= len(files)):
     adjustment = detector_lib.parse_box_adjustment(options.box_adjustment)
     face_detector = detector_lib.make_detector(options.detector, adjustment)
-    if any(p.suffix.lower() in VIDEO_EXTENSIONS for p in list_inputs(inputs)):
-      # "auto" picks per input kind (stills: the CNN; frames: HOG, faster).
+    if options.detector == "auto" and any(p.suffix.lower() in VIDEO_EXTENSIONS for p in files):
+      # "auto" picks per input kind (stills: the CNN; frames: HOG, faster); a
+      # named detector serves both (the predictor's, not loaded twice).
       video_detector = detector_lib.make_detector(options.detector, adjustment, input_kind="video")
   predictor = predictor_lib.Predictor.from_checkpoint(workdir, which, config=config,
                                                       detector=face_detector)
