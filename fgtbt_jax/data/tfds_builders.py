@@ -485,28 +485,20 @@ def face_example(record: FaceRecord, cfg: CropConfig, protocol: lm.Protocol,
   }
 
 
-class FgtbtWflw(FaceCropBuilder):
-  """WFLW, 98 landmarks, six attribute subsets."""
-  name = datasets.get("WFLW").builder_name
-  PROTOCOL = "WFLW"
+def _benchmark_builder(class_name: str, protocol: str, doc: str) -> type[FaceCropBuilder]:
+  """The builder class `class_name` of a benchmark, registered with TFDS under
+  its builder name (`datasets.get(protocol).builder_name`)."""
+  return types.new_class(class_name, (FaceCropBuilder,), {}, lambda ns: ns.update(
+      name=datasets.get(protocol).builder_name, PROTOCOL=protocol, __doc__=doc,
+      __module__=__name__, __qualname__=class_name))
 
 
-class Fgtbt300w(FaceCropBuilder):
-  """300W, 68 landmarks, common/challenging test subsets."""
-  name = datasets.get("300W").builder_name
-  PROTOCOL = "300W"
-
-
-class FgtbtCofw(FaceCropBuilder):
-  """COFW, 29 landmarks with occlusion flags."""
-  name = datasets.get("COFW").builder_name
-  PROTOCOL = "COFW"
-
-
-class FgtbtAflw(FaceCropBuilder):
-  """AFLW, 19 landmarks with visibility flags, frontal test subset."""
-  name = datasets.get("AFLW").builder_name
-  PROTOCOL = "AFLW"
+FgtbtWflw = _benchmark_builder("FgtbtWflw", "WFLW", "WFLW, 98 landmarks, six attribute subsets.")
+Fgtbt300w = _benchmark_builder("Fgtbt300w", "300W",
+                               "300W, 68 landmarks, common/challenging test subsets.")
+FgtbtCofw = _benchmark_builder("FgtbtCofw", "COFW", "COFW, 29 landmarks with occlusion flags.")
+FgtbtAflw = _benchmark_builder("FgtbtAflw", "AFLW",
+                               "AFLW, 19 landmarks with visibility flags, frontal test subset.")
 
 
 BUILDERS: Mapping[str, type[FaceCropBuilder]] = {
