@@ -12,7 +12,7 @@ import jax
 import ml_collections
 
 from fgtbt_jax.data import datasets
-from fgtbt_jax.deploy.predict_files import validate_predict_config
+from fgtbt_jax.deploy.predict_files import config_errors, validate_predict_config
 from fgtbt_jax import heatmaps
 from fgtbt_jax import inference
 from fgtbt_jax import landmarks
@@ -33,17 +33,13 @@ def _check_eval(eval_config: ml_collections.ConfigDict) -> None:
   if eval_config.coordinates not in inference.COORDINATES:
     raise ConfigError(f"eval.coordinates must be one of {inference.COORDINATES}, got "
                       f"{eval_config.coordinates!r}")
-  try:
+  with config_errors("eval.smoothing_sigma"):
     PredictSettings.from_config(eval_config)
-  except ValueError as e:
-    raise ConfigError(f"eval.smoothing_sigma: {e}") from e
   if not 0 < eval_config.failure_threshold <= 1:
     raise ConfigError(f"eval.failure_threshold must be in (0, 1], got "
                       f"{eval_config.failure_threshold}")
-  try:
+  with config_errors("eval.studies"):
     studies.check_studies(eval_config.studies)
-  except ValueError as e:
-    raise ConfigError(f"eval.studies: {e}") from e
   sides = tuple(eval_config.lowres_sides)
   if not sides or any(int(s) != s or s < 1 for s in sides):
     raise ConfigError(f"eval.lowres_sides must be positive face sides in pixels, got {sides}")
@@ -85,10 +81,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
   opt, train, data = config.optimizer, config.train, config.data
-  try:
+  with config_errors():
     models.validate_model_config(config.model)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
   if not opt.learning_rate > 0:
     raise ConfigError(f"optimizer.learning_rate must be positive, got {opt.learning_rate}")
   if opt.weight_decay < 0:
@@ -103,10 +97,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
       s <= 0 for s in opt.lr_decay_steps):
     raise ConfigError(f"optimizer.lr_decay_steps must be increasing positive steps, "
                       f"got {tuple(opt.lr_decay_steps)}")
-  try:
+  with config_errors():
     losses.LossConfig.from_config(config.loss, landmarks.num_dataset_ids(config.data.datasets))
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
   for key in ("steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):
     if train[key] < 1:
       raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")
@@ -115,6 +107,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
                       f"{train.freeze_batch_norm_after_step}")
   if not train.ema_half_life_images > 0:
     raise ConfigError(f"train.ema_half_life_images must be positive, got {train.ema_half_life_images}")
+  _validate_lowres(config)
   if config.model.input_size != data.image_size:
     raise ConfigError(f"data.image_size ({data.image_size}) must equal model.input_size "
                       f"({config.model.input_size})")
@@ -146,10 +139,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   if data.eval_batch_size < 1 or data.eval_batch_size % num_devices:
     raise ConfigError(f"data.eval_batch_size ({data.eval_batch_size}) must be a positive "
                       f"multiple of the number of devices ({num_devices})")
-  try:
+  with config_errors():
     sharding.mesh_shape(config.mesh, num_devices)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
   _check_eval(config.eval)
   validate_predict_config(config)
   head = models.heads.get_head(config.model.head)
@@ -183,3 +174,18 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   if not str(data.data_dir):
     raise ConfigError("data.data_dir is required: the directory of converted datasets "
                       "(see data_pipelines/convert.py)")
+
+
+def _validate_lowres(config: ml_collections.ConfigDict) -> None:
+  """The low-resolution training mode: factors that divide the input, a probability."""
+  lowres, size = config.lowres, int(config.data.image_size)
+  for factor in lowres.factors:
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2 or size % factor:
+      raise ConfigError(f"lowres.factors: {factor!r} must be an integer >= 2 dividing "
+                        f"data.image_size ({size}); got {tuple(lowres.factors)}")
+  if not 0.0 <= lowres.probability <= 1.0:
+    raise ConfigError(f"lowres.probability must be in [0, 1], got {lowres.probability}")
+  if config.model.hallucination and not lowres.factors:
+    raise ConfigError("model.hallucination (DHLN) learns low- to high-resolution faces: set "
+                      "lowres.factors too, e.g. --config.lowres.factors='(2, 4, 8)'")
+

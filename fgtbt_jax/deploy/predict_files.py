@@ -540,16 +540,24 @@ def parse_box(values: Sequence[str] | None) -> list[float] | None:
   return box
 
 
+@contextlib.contextmanager
+def config_errors(key: str = "") -> Iterator[None]:
+  """Raises a ValueError from the block as a ConfigError, "key: message"
+  (the message alone without `key`); `validation` checks with it too."""
+  try:
+    yield
+  except ValueError as e:
+    raise ConfigError(f"{key}: {e}" if key else str(e)) from e
+
+
 def validate_predict_config(config: ml_collections.ConfigDict) -> None:
   """Checks what `run.py predict` reads (`validation.validate_config` checks it too): the predict section and the decoding (eval) settings."""
   p = config.predict
   if p.detector not in detector_lib.DETECTOR_CHOICES:
     raise ConfigError(f"predict.detector must be one of {detector_lib.DETECTOR_CHOICES}, got "
                       f"{p.detector!r}")
-  try:
+  with config_errors("predict.box_adjustment"):
     detector_lib.parse_box_adjustment(p.box_adjustment)
-  except ValueError as e:
-    raise ConfigError(f"predict.box_adjustment: {e}") from None
   for key in ("batch_size", "detect_every"):
     if p[key] < 1:
       raise ConfigError(f"predict.{key} must be at least 1, got {p[key]}")
@@ -557,25 +565,17 @@ def validate_predict_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"predict.max_faces must be >= 0 (0 = every face), got {p.max_faces}")
   if math.isnan(p.min_face_confidence):  # -inf flags no face, +inf every face.
     raise ConfigError("predict.min_face_confidence must be a number, not nan")
-  try:
+  with config_errors("predict.protocol"):
     landmarks.protocol_index(p.protocol)
-  except ValueError as e:
-    raise ConfigError(f"predict.protocol: {e}") from None
-  try:
+  with config_errors("predict.dataset"):
     trained = not p.dataset or landmarks.get_protocol(p.dataset).name in config.data.datasets
-  except ValueError as e:
-    raise ConfigError(f"predict.dataset: {e}") from None
   if not trained:
     raise ConfigError(f"predict.dataset {p.dataset!r}: the run trained on "
                       f"{tuple(config.data.datasets)}")
-  try:
+  with config_errors("predict.one_euro_*"):
     video.OneEuroSettings(min_cutoff=p.one_euro_min_cutoff, beta=p.one_euro_beta)
-  except ValueError as e:
-    raise ConfigError(f"predict.one_euro_*: {e}") from None
-  try:
+  with config_errors("eval.smoothing_sigma"):
     PredictSettings.from_config(config.eval)
-  except ValueError as e:
-    raise ConfigError(f"eval.smoothing_sigma: {e}") from e
 
 
 def predict_main(workdir: str | os.PathLike, inputs: Sequence[str], out_dir: str | None = None,
