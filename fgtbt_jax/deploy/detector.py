@@ -413,7 +413,32 @@ def bundled_cascade_path(name: str = HAAR_CASCADE_FILE) -> pathlib.Path | None:
   return next(iter(sorted(package.rglob(name))), None)
 
 
-class HaarCascadeDetector:
+class _AdjustedDetector:
+  """What the detectors below share: a `name`, the `adjustment` that maps
+  their boxes to annotation style, a `fallback_reason` and `describe()`.
+
+  Subclasses call `super().__init__(adjustment)` once their own settings are
+  checked and give `describe()` those settings (`_settings`).
+  """
+
+  name = ""
+
+  def __init__(self, adjustment: BoxAdjustment | str | None):
+    self.adjustment = box_adjustment(self.name, adjustment)
+    # Why "auto" chose this detector over a better one, or None (`default_detector`).
+    self.fallback_reason: str | None = None
+
+  def _settings(self) -> dict:
+    """The detector's own settings, for `describe()`."""
+    raise NotImplementedError
+
+  def describe(self) -> dict:
+    """A JSON record: name, box adjustment, the detector's settings, fallback reason."""
+    return {"name": self.name, "box_adjustment": self.adjustment.to_json(),
+            **self._settings(), "fallback_reason": self.fallback_reason}
+
+
+class HaarCascadeDetector(_AdjustedDetector):
   """OpenCV's Haar cascade frontal-face detector with annotation-style boxes.
 
   Args:
@@ -457,9 +482,7 @@ class HaarCascadeDetector:
     self.scale_factor = float(scale_factor)
     self.min_neighbors = int(min_neighbors)
     self.min_face_fraction = float(min_face_fraction)
-    self.adjustment = box_adjustment(self.name, adjustment)
-    # Why the default detector fell back to this one, or None (`default_detector`).
-    self.fallback_reason: str | None = None
+    super().__init__(adjustment)
 
   def __call__(self, image: np.ndarray) -> np.ndarray:
     """(F, 4) annotation-style boxes, largest face first."""
@@ -474,10 +497,9 @@ class HaarCascadeDetector:
     boxes = boxes[np.argsort(-(rects[:, 2] * rects[:, 3]), kind="stable")]
     return self.adjustment.apply(boxes)
 
-  def describe(self) -> dict:
-    return {"name": self.name, "box_adjustment": self.adjustment.to_json(),
-            "cascade": self.cascade_path.name, "scale_factor": self.scale_factor,
-            "min_neighbors": self.min_neighbors, "fallback_reason": self.fallback_reason}
+  def _settings(self) -> dict:
+    return {"cascade": self.cascade_path.name, "scale_factor": self.scale_factor,
+            "min_neighbors": self.min_neighbors}
 
   def __repr__(self) -> str:
     return f"HaarCascadeDetector({str(self.cascade_path)!r}, adjustment={self.adjustment})"
@@ -496,7 +518,7 @@ def _import_dlib():
   return dlib
 
 
-class DlibHogDetector:
+class DlibHogDetector(_AdjustedDetector):
   """dlib's HOG frontal-face detector with annotation-style boxes.
 
   dlib's `get_frontal_face_detector`: a HOG + linear SVM sliding-window
@@ -525,9 +547,7 @@ class DlibHogDetector:
     self._detector = _import_dlib().get_frontal_face_detector()
     self.upsample = int(upsample)
     self.threshold = float(threshold)
-    self.adjustment = box_adjustment(self.name, adjustment)
-    # Why "auto" chose this detector over a better one, or None (`default_detector`).
-    self.fallback_reason: str | None = None
+    super().__init__(adjustment)
 
   def __call__(self, image: np.ndarray) -> np.ndarray:
     """(F, 4) annotation-style boxes, largest face first."""
@@ -538,10 +558,8 @@ class DlibHogDetector:
                       for r in rects], np.float64).reshape(-1, 4)
     return self.adjustment.apply(largest_faces(boxes, None))
 
-  def describe(self) -> dict:
-    return {"name": self.name, "box_adjustment": self.adjustment.to_json(),
-            "upsample": self.upsample, "threshold": self.threshold,
-            "fallback_reason": self.fallback_reason}
+  def _settings(self) -> dict:
+    return {"upsample": self.upsample, "threshold": self.threshold}
 
   def __repr__(self) -> str:
     return f"DlibHogDetector(upsample={self.upsample}, adjustment={self.adjustment})"
@@ -594,7 +612,7 @@ def mmod_weights_path() -> pathlib.Path:
       "--config.predict.detector=dlib_hog")
 
 
-class DlibCnnDetector:
+class DlibCnnDetector(_AdjustedDetector):
   """dlib's MMOD CNN face detector with annotation-style boxes.
 
   dlib's `cnn_face_detection_model_v1` with the weights
@@ -645,8 +663,7 @@ class DlibCnnDetector:
     self.min_side = int(min_side)
     self.upsample = int(upsample)
     self.threshold = float(threshold)
-    self.adjustment = box_adjustment(self.name, adjustment)
-    self.fallback_reason: str | None = None
+    super().__init__(adjustment)
 
   def raw_boxes(self, image: np.ndarray) -> np.ndarray:
     """(F, 4) unadjusted boxes in `image`'s pixels (the CNN sees it at min_side-max_side)."""
@@ -671,11 +688,9 @@ class DlibCnnDetector:
     """(F, 4) annotation-style boxes, largest face first."""
     return self.adjustment.apply(largest_faces(self.raw_boxes(image), None))
 
-  def describe(self) -> dict:
-    return {"name": self.name, "box_adjustment": self.adjustment.to_json(),
-            "max_side": self.max_side, "min_side": self.min_side, "upsample": self.upsample,
-            "threshold": self.threshold,
-            "weights": self.weights.name, "fallback_reason": self.fallback_reason}
+  def _settings(self) -> dict:
+    return {"max_side": self.max_side, "min_side": self.min_side, "upsample": self.upsample,
+            "threshold": self.threshold, "weights": self.weights.name}
 
   def __repr__(self) -> str:
     return (f"DlibCnnDetector(max_side={self.max_side}, min_side={self.min_side}, "
