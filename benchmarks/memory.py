@@ -419,21 +419,19 @@ def projection_probe(config: ml_collections.ConfigDict) -> list[dict]:
 def main(argv: list[str]) -> int:
   FLAGS(argv)
   common.emit(common.machine_record())
-  batches = common.parse_batches(_BATCH.value) or [None]
-  for dtype in _DTYPE.value:
-    for batch in batches:
-      config = train_step_bench.benchmark_config(_CONFIG.value, batch, dtype)
-      if _PROBE.value:
-        for record in projection_probe(config):
-          common.emit(record)
-        continue
-      dump_dir = None
-      if _DUMP_DIR.value:
-        dump_dir = os.path.join(_DUMP_DIR.value, f"{dtype}_b{batch}")
-      record = measure(config, _BREAKDOWN.value, _RESIDUALS.value, _COMPILE.value, _TOP.value,
-                       dump_dir, _THREEFRY.value)
-      record["config"] = config_flags.get_config_filename(FLAGS["config"])
-      common.emit(record)
+  for dtype, batch, config in train_step_bench.step_configs(_CONFIG.value, _BATCH.value,
+                                                            _DTYPE.value):
+    if _PROBE.value:
+      for record in projection_probe(config):
+        common.emit(record)
+      continue
+    dump_dir = None
+    if _DUMP_DIR.value:
+      dump_dir = os.path.join(_DUMP_DIR.value, f"{dtype}_b{batch}")
+    record = measure(config, _BREAKDOWN.value, _RESIDUALS.value, _COMPILE.value, _TOP.value,
+                     dump_dir, _THREEFRY.value)
+    record["config"] = config_flags.get_config_filename(FLAGS["config"])
+    common.emit(record)
   return 0
 
 

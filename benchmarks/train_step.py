@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Iterator, Sequence
 
 from absl import flags
 import jax
@@ -250,17 +251,26 @@ def _breakdown(setup: state_lib.Setup, state: state_lib.TrainState, batch: dict,
   return record
 
 
+def step_configs(config: ml_collections.ConfigDict, batch_values: Sequence[str],
+                 dtypes: Sequence[str]) -> Iterator[tuple[str, int | None,
+                                                          ml_collections.ConfigDict]]:
+  """(dtype, batch, `benchmark_config`) for every dtype and batch of the
+  --dtype and --batch flags (`common.define_step_flags`; no batch: the
+  config's)."""
+  batches = common.parse_batches(batch_values) or [None]
+  for dtype in dtypes:
+    for batch in batches:
+      yield dtype, batch, benchmark_config(config, batch, dtype)
+
+
 def main(argv: list[str]) -> int:
   FLAGS(argv)
   common.emit(common.machine_record())
-  batches = common.parse_batches(_BATCH.value) or [None]
-  for dtype in _DTYPE.value:
-    for batch in batches:
-      config = benchmark_config(_CONFIG.value, batch, dtype)
-      for record in time_step(config, _STEPS.value, _WARMUP.value, _SEED.value,
-                              _BREAKDOWN.value):
-        record["config"] = config_flags.get_config_filename(FLAGS["config"])
-        common.emit(record)
+  for _, _, config in step_configs(_CONFIG.value, _BATCH.value, _DTYPE.value):
+    for record in time_step(config, _STEPS.value, _WARMUP.value, _SEED.value,
+                            _BREAKDOWN.value):
+      record["config"] = config_flags.get_config_filename(FLAGS["config"])
+      common.emit(record)
   return 0
 
 
