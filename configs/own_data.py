@@ -16,8 +16,9 @@ The recipe (docs/training.md, "Your own data"):
 
   # 3. Evaluate the EMA model on the test split, then predict.
   python run.py eval --workdir=runs/mine
-  python run.py predict --workdir=runs/mine --image=photo.jpg --config.predict.protocol=300W
-  #    (any benchmark's points, or unified: the model outputs all 124)
+  python run.py predict --workdir=runs/mine --image=photo.jpg --config.predict.protocol=mine
+  #    (your scheme's points in its order, kept with the run in schemes.json;
+  #    or any benchmark's, or unified: the model outputs all 124)
 
 Each own dataset is one task of the batch, masked to its own points like a
 benchmark, and evaluated with its normaliser: a benchmark scheme's own

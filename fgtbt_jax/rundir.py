@@ -3,6 +3,7 @@
 A training run's workdir holds:
 
   config.json     the experiment config the run was started with
+  schemes.json    its own datasets' point schemes, when it has any (`fgtbt_jax.data.schemes`)
   checkpoints/    latest train states and best EMA models (`checkpointing`)
   .lock           the trainer's pid and host while one trains it (`WorkdirLock`)
 

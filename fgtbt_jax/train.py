@@ -53,6 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fgtbt_jax.data import pipeline
 from fgtbt_jax.data import prepare
+from fgtbt_jax.data import schemes
 from fgtbt_jax import checkpointing
 from fgtbt_jax import errors
 from fgtbt_jax import evaluate
@@ -396,6 +397,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     start_step = int(jax.device_get(state.step))
     if jax.process_index() == 0:
       _record_config(config, workdir, start_step)
+      # The own datasets' point schemes, for predict without the data (#32).
+      schemes.write_run_schemes(workdir, config.data)
     # Rows of steps after the one resumed from (lost with the process that
     # wrote them) are dropped, so each step has one row.
     writer.discard_after(start_step)

@@ -378,6 +378,71 @@ def test_visualize_draws_every_converted_dataset(converted, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------
+# Predict's view: the run keeps its own schemes (schemes.json).
+
+
+def test_a_run_keeps_its_schemes_and_registers_them_without_the_data(converted, tmp_path):
+  from fgtbt_jax.deploy import predictor  # pylint: disable=g-import-not-at-top
+  config = _data_config(converted, ["mine", "WFLW", "mine20"])
+  schemes.register_own_datasets(config.data)
+  path = schemes.write_run_schemes(tmp_path, config.data)
+  assert path == tmp_path / schemes.RUN_FILE
+  held = json.loads(path.read_text())["schemes"]
+  assert list(held) == ["mine", "mine20"]
+  assert held["mine20"] == [landmarks.POINT_NAMES[u] for u in
+                            landmarks.get_protocol("300W").unified_index[list(SUBSET_300W)]]
+  landmarks.unregister_protocols()
+  config.data.data_dir = str(tmp_path / "moved")  # The data is gone; the run still knows.
+  predictor.register_run_schemes(tmp_path, config)
+  mine20 = landmarks.get_protocol("mine20")
+  assert mine20.dataset_id == 5 and landmarks.get_protocol("mine").dataset_id == 4
+  name, index = landmarks.protocol_index("MINE20")
+  assert name == "mine20"
+  np.testing.assert_array_equal(
+      index, landmarks.get_protocol("300W").unified_index[list(SUBSET_300W)])
+  # A run of benchmarks alone writes nothing and forgets schemes registered before.
+  assert schemes.write_run_schemes(tmp_path / "b", _data_config("x", ["300W"]).data) is None
+  predictor.register_run_schemes(tmp_path / "b", _data_config("x", ["300W"]))
+  with pytest.raises(ValueError, match="unknown protocol 'mine20'"):
+    landmarks.get_protocol("mine20")
+
+
+def test_an_older_run_reads_its_schemes_from_its_conversions(converted, tmp_path):
+  config = _data_config(converted, ["mine20"])
+  registered = schemes.register_run_schemes(tmp_path, config)  # No schemes.json here.
+  assert list(registered) == ["mine20"] and len(registered["mine20"].unified_index) == 20
+  (tmp_path / schemes.RUN_FILE).write_text('{"schemes": {"mine20": ["jaw_00", 3]}}')
+  with pytest.raises(DataError, match=r"schemes.json\[schemes\]\[mine20\]: expected a list"):
+    schemes.register_run_schemes(tmp_path, config)
+
+
+def test_predict_protocol_may_name_an_own_dataset_and_an_unknown_name_is_one_error(tmp_path):
+  from fgtbt_jax.deploy import predict_files  # pylint: disable=g-import-not-at-top
+  config = _data_config(tmp_path / "nothing", ["mine", "300W"])
+  config.predict.protocol = "mine"
+  # A training config: checked before its data registers the scheme.
+  predict_files.validate_predict_config(config)
+  # Predict: the scheme must be found (schemes.json or the conversion).
+  with pytest.raises(ConfigError, match=r"^predict.protocol 'mine': the point scheme of the "
+                     r"run's own dataset mine is neither in the run's schemes.json .* expected "
+                     r"one of \['unified', 'WFLW', '300W', 'COFW', 'AFLW'\]$"):
+    predict_files.validate_predict_config(config, schemes_registered=True)
+  config.predict.protocol = "theirs"
+  for registered in (False, True):
+    with pytest.raises(ConfigError) as raised:
+      predict_files.validate_predict_config(config, schemes_registered=registered)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith(
+        "predict.protocol: unknown protocol 'theirs'; expected one of ['unified', 'WFLW'")
+    assert ("'mine'" in message) == (not registered)
+  landmarks.register_protocol(schemes.own_protocol("mine", "300W", 4))
+  config.predict.protocol = "Mine"  # Case-insensitive, as the benchmarks' names.
+  predict_files.validate_predict_config(config, schemes_registered=True)
+  config.predict.dataset = "mine"  # Its best model: an own dataset of the run.
+  predict_files.validate_predict_config(config, schemes_registered=True)
+
+
+# ---------------------------------------------------------------------------
 # The documented recipe, as commands (configs/own_data.py's docstring).
 
 
@@ -429,3 +494,25 @@ def test_the_recipe_converts_trains_and_evaluates_a_flat_folder(tmp_path):
   assert process.returncode == 0, process.stderr[-3000:]
   predicted = json.loads((tmp_path / "predictions" / "face_000.png.json").read_text())
   assert len(predicted["faces"][0]["landmarks"]) == 68
+  # And its own schemes, kept with the run (schemes.json), with the data moved
+  # away: exactly the scheme's points, in its order.
+  held = json.loads((workdir / "schemes.json").read_text())["schemes"]
+  assert list(held) == ["mine", "mine20"] and len(held["mine20"]) == 20
+  out.rename(tmp_path / "own_moved")
+  process = _command("run.py", "predict", f"--workdir={workdir}",
+                     f"--image={faces68 / 'face_000.png'}", "--config.predict.protocol=mine20",
+                     f"--out={tmp_path / 'predictions20'}")
+  assert process.returncode == 0, process.stderr[-3000:]
+  predicted20 = json.loads((tmp_path / "predictions20" / "face_000.png.json").read_text())
+  assert predicted20["protocol"] == "mine20" and predicted20["num_landmarks"] == 20
+  np.testing.assert_allclose(
+      np.asarray(predicted20["faces"][0]["landmarks"]),
+      np.asarray(predicted["faces"][0]["landmarks"])[list(SUBSET_300W)], atol=1e-3)
+  # An unknown name: one line naming the choices, the run's own schemes among them.
+  process = _command("run.py", "predict", f"--workdir={workdir}",
+                     f"--image={faces68 / 'face_000.png'}", "--config.predict.protocol=theirs",
+                     f"--out={tmp_path / 'predictions20'}")
+  lines = process.stderr.strip().splitlines()
+  assert process.returncode != 0 and len(lines) == 1, lines
+  assert ("predict.protocol: unknown protocol 'theirs'; expected one of ['unified', 'WFLW', "
+          "'300W', 'COFW', 'AFLW', 'mine', 'mine20']") in lines[0]

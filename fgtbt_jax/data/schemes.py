@@ -18,6 +18,15 @@ protocols of a config's own datasets (`landmarks.register_protocol`) with
 their dataset ids (`landmarks.dataset_ids`: 4 + k for the k-th in
 `data.datasets`), after which every part of the code sees them as it sees
 the benchmarks, masked by their points.
+
+A training run also keeps its own datasets' schemes: `write_run_schemes`
+writes `<workdir>/schemes.json` ({"schemes": {name: [point names]}}) when
+it starts, and `register_run_schemes` registers them again for the run's
+predict and export (`Predictor.from_checkpoint`, `run.py predict`), so
+`--config.predict.protocol=<own dataset>` gives that scheme's points in
+its order without the converted data. A run trained before the file
+existed reads them from its conversions under `data.data_dir`, where still
+there.
 """
 
 from __future__ import annotations
@@ -29,12 +38,13 @@ from typing import Sequence
 
 import numpy as np
 
-from fgtbt_jax.data import tfds_builders
 from fgtbt_jax import landmarks
 from fgtbt_jax.errors import ConfigError, DataError
 
 # The conversion metadata key holding an own dataset's scheme.
 METADATA_KEY = "scheme"
+# The file of a run's workdir holding its own datasets' schemes.
+RUN_FILE = "schemes.json"
 
 
 def scheme_points(scheme: str | os.PathLike | Sequence[str]) -> np.ndarray:
@@ -100,6 +110,8 @@ def scheme_metadata(protocol: landmarks.Protocol) -> dict:
 def stored_scheme(data_dir, name: str, crop_config: str = "") -> list[str] | None:
   """The point names stored with own dataset `name` under `data_dir` (None:
   not converted there)."""
+  # Here, not at the top: it loads tensorflow_datasets, which predict does not need.
+  from fgtbt_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
   try:
     metadata = tfds_builders.conversion_metadata(data_dir, name, crop_config)
   except FileNotFoundError:
@@ -145,6 +157,92 @@ def register_own_datasets(data_config) -> dict[str, landmarks.Protocol]:
       protocol = landmarks.user_protocol(name, landmarks.point_ids(points, name), ids[name])
     except ValueError as e:
       raise ConfigError(f"data.datasets: {e}") from e
+    landmarks.register_protocol(protocol)
+    registered[protocol.name] = protocol
+  return registered
+
+
+def own_dataset_names(datasets: Sequence[str]) -> list[str]:
+  """The names of `datasets` (a run's `data.datasets`) that are not benchmarks."""
+  return [str(n) for n in datasets if not landmarks.is_benchmark(n)]
+
+
+def write_run_schemes(workdir, data_config) -> pathlib.Path | None:
+  """Writes `<workdir>/schemes.json`: the point names of the config's own
+  datasets as registered now (`register_own_datasets` ran); None (nothing
+  written) when the run has no own dataset.
+
+  Written whole to a temporary file and renamed, so a kill leaves the
+  previous file.
+  """
+  names = own_dataset_names(data_config.datasets)
+  if not names:
+    return None
+  held = {name: scheme_metadata(landmarks.get_protocol(name))["points"] for name in names}
+  path = pathlib.Path(workdir) / RUN_FILE
+  temporary = path.with_name(f".{RUN_FILE}.{os.getpid()}")
+  try:
+    temporary.write_text(json.dumps({"schemes": held}, indent=1) + "\n")
+    os.replace(temporary, path)
+  except BaseException:
+    temporary.unlink(missing_ok=True)
+    raise
+  return path
+
+
+def run_schemes(workdir, data_config) -> dict[str, list[str]]:
+  """{own dataset: its point names} of a run: from `<workdir>/schemes.json`,
+  else (a run trained before it) from the conversions under `data.data_dir`;
+  an own dataset found in neither is left out.
+
+  Raises:
+    DataError: naming schemes.json, when it is not the file training writes.
+  """
+  names = own_dataset_names(data_config.datasets)
+  path = pathlib.Path(workdir) / RUN_FILE
+  held: dict = {}
+  if names and path.is_file():
+    try:
+      held = json.loads(path.read_text(encoding="utf-8"))["schemes"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+      raise DataError(os.fspath(path), f"not a run's point schemes ({type(e).__name__}: {e}); "
+                      "training writes it", "bad_value") from None
+    if not isinstance(held, dict):
+      raise DataError(os.fspath(path), "'schemes' is not an object", "bad_value")
+  found = {}
+  for name in names:
+    points = held.get(name)
+    if points is not None and (not isinstance(points, list)
+                               or not all(isinstance(p, str) for p in points)):
+      raise DataError(f"{os.fspath(path)}[schemes][{name}]", "expected a list of unified "
+                      "point names", "bad_value")
+    if points is None and data_config.data_dir:
+      try:
+        points = stored_scheme(data_config.data_dir, name, data_config.crop_config)
+      except DataError:
+        points = None
+    if points is not None:
+      found[name] = list(points)
+  return found
+
+
+def register_run_schemes(workdir, config) -> dict[str, landmarks.Protocol]:
+  """Registers the own datasets' schemes of the run in `workdir` (`run_schemes`)
+  with their dataset ids, forgetting those registered before; returns them.
+
+  Raises:
+    DataError: naming the file, for a stored scheme that names an unknown
+      or repeated point.
+  """
+  landmarks.unregister_protocols()
+  ids = landmarks.dataset_ids(config.data.datasets)
+  registered = {}
+  where = os.fspath(pathlib.Path(workdir) / RUN_FILE)
+  for name, points in run_schemes(workdir, config.data).items():
+    try:
+      protocol = landmarks.user_protocol(name, landmarks.point_ids(points, name), ids[name])
+    except ValueError as e:
+      raise DataError(where, str(e), "bad_value") from None
     landmarks.register_protocol(protocol)
     registered[protocol.name] = protocol
   return registered

@@ -42,6 +42,7 @@ import cv2
 import ml_collections
 import numpy as np
 
+from fgtbt_jax.data import schemes
 from fgtbt_jax.deploy import detector as detector_lib
 from fgtbt_jax import errors
 from fgtbt_jax import landmarks
@@ -550,8 +551,48 @@ def config_errors(key: str = "") -> Iterator[None]:
     raise ConfigError(f"{key}: {e}" if key else str(e)) from e
 
 
-def validate_predict_config(config: ml_collections.ConfigDict) -> None:
-  """Checks what `run.py predict` reads (`validation.validate_config` checks it too): the predict section and the decoding (eval) settings."""
+def _own_dataset(config: ml_collections.ConfigDict, name: str) -> str | None:
+  """The run's own dataset (not a benchmark) of `data.datasets` called `name`
+  (case-insensitive), else None."""
+  own = {str(n).upper(): str(n) for n in config.data.datasets if not landmarks.is_benchmark(n)}
+  return own.get(str(name).upper())
+
+
+def check_protocol(config: ml_collections.ConfigDict, schemes_registered: bool) -> None:
+  """predict.protocol: "unified", a benchmark, or one of the run's own datasets;
+  else a ConfigError naming the valid choices.
+
+  With `schemes_registered` (predict, after `predictor.register_run_schemes`)
+  an own dataset's scheme must be registered; without (a training config,
+  checked before its data registers them), its name is enough.
+  """
+  wanted = str(config.predict.protocol)
+  own = _own_dataset(config, wanted)
+  try:
+    landmarks.protocol_index(wanted)
+    return
+  except errors.UnknownProtocolError as e:
+    if own is not None and not schemes_registered:
+      return
+    choices = [landmarks.UNIFIED, *e.known]
+    if not schemes_registered:
+      choices += [n for n in config.data.datasets if n not in e.known]
+  if own is not None:
+    raise ConfigError(
+        f"predict.protocol {wanted!r}: the point scheme of the run's own dataset {own} is "
+        f"neither in the run's {schemes.RUN_FILE} (training writes it) nor converted under "
+        f"data.data_dir {str(config.data.data_dir)!r}; expected one of {choices}")
+  raise ConfigError(f"predict.protocol: unknown protocol {wanted!r}; expected one of {choices}")
+
+
+def validate_predict_config(config: ml_collections.ConfigDict,
+                            schemes_registered: bool = False) -> None:
+  """Checks what `run.py predict` reads (`validation.validate_config` checks it too): the predict section and the decoding (eval) settings.
+
+  `schemes_registered`: the run's own point schemes are registered
+  (`predictor.register_run_schemes`), so predict.protocol may name an own
+  dataset only if its scheme was found (`check_protocol`).
+  """
   p = config.predict
   if p.detector not in detector_lib.DETECTOR_CHOICES:
     raise ConfigError(f"predict.detector must be one of {detector_lib.DETECTOR_CHOICES}, got "
@@ -565,10 +606,10 @@ def validate_predict_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"predict.max_faces must be >= 0 (0 = every face), got {p.max_faces}")
   if math.isnan(p.min_face_confidence):  # -inf flags no face, +inf every face.
     raise ConfigError("predict.min_face_confidence must be a number, not nan")
-  with config_errors("predict.protocol"):
-    landmarks.protocol_index(p.protocol)
+  check_protocol(config, schemes_registered)
   with config_errors("predict.dataset"):
-    trained = not p.dataset or landmarks.get_protocol(p.dataset).name in config.data.datasets
+    trained = (not p.dataset or _own_dataset(config, p.dataset) is not None
+               or landmarks.get_protocol(p.dataset).name in config.data.datasets)
   if not trained:
     raise ConfigError(f"predict.dataset {p.dataset!r}: the run trained on "
                       f"{tuple(config.data.datasets)}")
@@ -624,7 +665,9 @@ def predict_main(workdir: str | os.PathLike, inputs: Sequence[str], out_dir: str
               else f"cannot be written ({e.strerror or e})")
     raise OutputError(f"{out_dir}: the output folder {reason}; pass --out=DIR") from None
   config = rundir.load_run_config(workdir) if config is None else config
-  validate_predict_config(config)
+  # The run's own point schemes are protocols too (predict.protocol=<own dataset>).
+  predictor_lib.register_run_schemes(workdir, config)
+  validate_predict_config(config, schemes_registered=True)
   options = config.predict
   # Made up front (a missing detector fails before the model loads), unless
   # every input has its boxes.

@@ -53,6 +53,7 @@ import ml_collections
 import numpy as np
 
 from fgtbt_jax import crop
+from fgtbt_jax.data import schemes
 from fgtbt_jax.deploy import detector as detector_lib
 from fgtbt_jax import inference
 from fgtbt_jax import landmarks
@@ -154,6 +155,16 @@ def _is_single_image(images) -> bool:
   return isinstance(images, np.ndarray) and images.ndim in (2, 3)
 
 
+def register_run_schemes(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+  """Makes the run's own point schemes known as protocols (`schemes.register_run_schemes`:
+  from its schemes.json, else its conversions), forgetting any registered before.
+
+  `predict(protocol=<own dataset>)` then gives that dataset's points in its
+  order. A run of benchmarks alone registers none.
+  """
+  schemes.register_run_schemes(workdir, config)
+
+
 class Predictor:
   """Facial landmarks of whole images with an FGTBT model; see the module docstring.
 
@@ -246,6 +257,7 @@ class Predictor:
     workdir = rundir.find_workdir(workdir_or_path)
     if config is None:
       config = rundir.load_run_config(workdir)
+    register_run_schemes(workdir, config)
     [restored] = inference.restore_models(
         config, workdir, which, sharding.single_device_mesh(),
         sharding.logical_rules(config.mesh.logical_axis_rules),
