@@ -251,6 +251,32 @@ def test_device_run_smoke_mode_runs_every_step_and_writes_json(tmp_path):
   assert bad.returncode == 2 and "no_wheels does not exist" in bad.stderr
 
 
+def _importable(*names: str) -> bool:
+  import importlib.util
+  return all(importlib.util.find_spec(name) is not None for name in names)
+
+
+@pytest.mark.slow  # An ONNX export and three compiles of the tiny model (about a minute).
+@pytest.mark.skipif(not _importable("onnxruntime", "onnx", "jax2onnx", "torch", "transformers"),
+                    reason="needs onnxruntime, onnx, jax2onnx, torch and transformers")
+def test_onnx_timing_times_jax_onnxruntime_and_the_pytorch_peer_alternating(capsys, tmp_path):
+  from benchmarks import onnx_timing
+  assert onnx_timing.main(["--configs=tiny", "--batches=2", "--repeats=1", "--warmup=0",
+                           f"--out_dir={tmp_path}"]) == 0
+  records = _records(capsys)
+  machine = records["machine"][0]
+  assert machine["cpu_model"] and machine["torch"] != "not installed"
+  [record] = records["onnx_timing"]
+  assert record["variant"] == "tiny" and record["batch"] == 2 and record["flip_test"]
+  for name in ("jax", "onnxruntime", "jax_encoder", "torch_encoder"):
+    assert record[f"{name}_ms"] > 0 and record[f"{name}_images_per_s"] > 0
+  assert record["max_point_difference_px"] < 1e-2
+  # The peer computes the same encoder with the same weights.
+  assert record["encoder_max_abs_difference"] < 1e-4
+  assert record["torch_vs_jax_encoder"] > 0 and record["peer"].startswith("transformers")
+  assert (tmp_path / "tiny_b2_flip1.onnx").is_file()
+
+
 def test_memory_benchmark_residuals_fall_with_the_remat_policy():
   from benchmarks import memory
   records = {}
