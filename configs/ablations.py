@@ -19,6 +19,13 @@ The landmark heads of the related work (docs/model.md, "Landmark heads"):
   head=heatmap | head=hih | head=recurrent                 FGTBT heatmaps, Heatmap in
                                                            Heatmap, recurrent refinement
 
+Low-resolution faces (SHT, docs/model.md "Low-resolution faces"):
+
+  lowres=on                                                low-resolution training (faces
+                                                           downsampled 2x / 4x / 8x)
+  dhln=on                                                  + SHT's dual hallucination
+                                                           stream (DHLN; implies lowres=on)
+
 head=hih also decodes with the decimal maps: eval.decoder "hih" where the
 base decodes with argmax or quarter, "hih_subpixel" where it uses subpixel.
 
@@ -41,7 +48,10 @@ STUDIES = (
     "frequency=fft", "frequency=srm", "frequency=wavelet",
     "fgsa=off", "fmb=off", "fgsa=off,fmb=off",
     "head=heatmap", "head=hih", "head=recurrent",
+    "lowres=on", "dhln=on",
 )
+# The low-resolution training mode's factors (SHT's 2x / 4x / 8x faces).
+LOWRES_FACTORS = (2, 4, 8)
 # The HIH decoder that decodes the decimal map as the base decodes the heatmaps.
 _HIH_DECODER = {"argmax": "hih", "quarter": "hih", "subpixel": "hih_subpixel"}
 
@@ -81,7 +91,13 @@ def get_config(study: str = "") -> ml_collections.ConfigDict:
       config.model.head = _choice(key, value, heads_lib.HEADS)
       if value == "hih":
         config.eval.decoder = _HIH_DECODER[config.eval.decoder]
+    elif key in ("lowres", "dhln"):
+      on = _ON_OFF[_choice(key, value, _ON_OFF)]
+      if key == "dhln":
+        config.model.hallucination = on
+      if on:
+        config.lowres.factors = LOWRES_FACTORS
     else:
       raise ValueError(f"ablations: unknown setting {key!r}; expected base, beta, balancer, "
-                       f"frequency, fgsa, fmb or head (studies: {STUDIES})")
+                       f"frequency, fgsa, fmb, head, lowres or dhln (studies: {STUDIES})")
   return config

@@ -76,6 +76,11 @@ def get_config() -> ml_collections.ConfigDict:
   # benchmark (NME above the mean-shape baseline), 0.1 trains (docs/model.md, "Landmark heads").
   config.loss.hih_decimal_sigma = 1.0
   config.loss.hih_decimal_weight = 0.1
+  # SHT's DHLN (model.hallucination): weights of the L1 and gradient-map L1
+  # between the hallucinated and the high-resolution face, both in [0, 1]
+  # images, next to the FMB-loss.
+  config.loss.hallucination_l1_weight = 1.0
+  config.loss.hallucination_gradient_weight = 1.0
   config.loss.dwa_temperature = 2.0
   config.loss.dwa_window = 1000       # steps per DWA loss window
 
@@ -113,6 +118,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.freeze_batch_norm_after_step = 0
   # Fail on implicit host<->device transfers inside the step.
   config.train.transfer_guard = True
+
+  # Low-resolution training (SHT): each training face is, with `probability`,
+  # area-downsampled by a factor drawn from `factors` and bilinearly upsampled
+  # back to the input size on device; the high-resolution crop is DHLN's
+  # hallucination target. () = off.
+  config.lowres = ml_collections.ConfigDict()
+  config.lowres.factors = ()
+  config.lowres.probability = 1.0
 
   config.eval = ml_collections.ConfigDict()
   config.eval.decoder = "argmax"     # argmax (paper) | quarter | subpixel

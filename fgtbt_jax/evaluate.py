@@ -182,6 +182,55 @@ def predict_split(predict_fn: Callable, variables: Any, data_config: ml_collecti
     getattr(iterator, "close", lambda: None)()
 
 
+def hallucination_quality(model: nn.Module, variables: Any, data_config: ml_collections.ConfigDict,
+                          datasets: Sequence[str], mesh: Mesh, rules,
+                          transform: Callable[[np.ndarray], np.ndarray],
+                          max_batches: int | None = None) -> dict[str, float]:
+  """PSNR (dB) and SSIM of faces against their high-resolution crops, over `datasets`' splits.
+
+  Each eval crop goes through `transform` (a degradation, e.g. the
+  `lowres` study's); "input_psnr" / "input_ssim" compare the degraded crop
+  itself with the original, and with a DHLN model (`model.hallucination`)
+  "psnr" / "ssim" compare its hallucinated face (`models.hallucination`).
+  Images in [0, 1]; means over every real image of every process; a mean
+  that is not finite (the input left as it was: infinite PSNR) is None.
+  """
+  with_model = isinstance(model, models.FGTBT) and model.decoder.hallucination
+  if with_model:
+    apply = sharding.CompiledPerShape(jax.jit(
+        lambda v, crops: model.apply(v, models.normalize_images(crops), train=False,
+                                     method=models.FGTBT.named_outputs)["hallucination"],
+        out_shardings=sharding.batch_sharding(mesh)), "hallucination", mesh, rules)
+  rows: dict[str, list[np.ndarray]] = {}
+  for dataset in datasets:
+    iterator = pipeline.make_eval_iterator(
+        data_config, dataset, data_config.eval_split, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    local = ({**batch, "target": target, "image": transform(target)} for batch in iterator
+             for target in [np.asarray(batch["image"])])
+    batches = sharding.GlobalBatches(local, sharding.batch_sharding(mesh), ("image",))
+    try:
+      for index, batch in enumerate(batches):
+        if max_batches is not None and index >= max_batches:
+          break
+        valid = np.asarray(batch["valid"], bool)
+        target = batch["target"][valid] / 255.0
+        degraded = sharding.local_rows(batch["image"])[valid] / 255.0
+        rows.setdefault("input_psnr", []).append(metrics.psnr(degraded, target))
+        rows.setdefault("input_ssim", []).append(metrics.ssim(degraded, target))
+        if with_model:
+          faces = sharding.local_rows(apply(variables, batch["image"]))[valid]
+          faces = np.clip(np.asarray(models.denormalize_images(faces)) / 255.0, 0.0, 1.0)
+          rows.setdefault("psnr", []).append(metrics.psnr(faces, target))
+          rows.setdefault("ssim", []).append(metrics.ssim(faces, target))
+    finally:
+      batches.close()
+  means = {name: float(np.mean(sharding.gather_from_processes(np.concatenate(values))))
+           for name, values in rows.items()}
+  # An unchanged input has no finite PSNR: None (JSON null), shown as "same".
+  return {name: value if np.isfinite(value) else None for name, value in means.items()}
+
+
 def _real_rows(batch: Mapping[str, Any]) -> dict:
   """A padded eval batch cut to its real rows (they come first)."""
   count = int(np.asarray(batch["valid"], bool).sum())
@@ -427,6 +476,10 @@ class Evaluator:
                           label=f"{name} {study_pass.key}")
         measured.setdefault(name, {}).setdefault(study_pass.key, {}).update(
             {d: split.nme() for d, split in passes.items()})
+        if name == "lowres":  # The faces' quality: the input's, and DHLN's hallucinated.
+          measured.setdefault(studies_lib.HALLUCINATION_TABLE, {})[study_pass.key] = (
+              hallucination_quality(self.model, variables, self.config.data, datasets,
+                                    self.mesh, self.rules, study_pass.transform, max_batches))
 
 
 # -- the eval-only mode ------------------------------------------------------------------
@@ -520,6 +573,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.P
         tables = {name: studies_lib.study_table(name, config, evaluator.settings,
                                                 measured[name], main_nmes)
                   for name in study_names}
+        if studies_lib.HALLUCINATION_TABLE in measured:
+          tables[studies_lib.HALLUCINATION_TABLE] = measured[studies_lib.HALLUCINATION_TABLE]
         path = report.write_report(
             per_image, out_dir / "report",
             title=_report_title(workdir, checkpoint, final["steps"], evaluator.settings),

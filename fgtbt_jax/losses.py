@@ -208,6 +208,8 @@ class LossConfig:
   hih_decimal_weight: float = 0.1
   dwa_temperature: float = 2.0
   dwa_window: int = 100
+  hallucination_l1_weight: float = 1.0  # DHLN (`hallucination_loss`)
+  hallucination_gradient_weight: float = 1.0
   num_datasets: int = len(landmarks_lib.PROTOCOL_NAMES)
 
   def __post_init__(self):
@@ -229,6 +231,9 @@ class LossConfig:
       raise ValueError(f"loss.dwa_temperature must be positive, got {self.dwa_temperature}")
     if self.dwa_window < 1:
       raise ValueError(f"loss.dwa_window must be at least 1, got {self.dwa_window}")
+    for field in ("hallucination_l1_weight", "hallucination_gradient_weight"):
+      if not getattr(self, field) >= 0:
+        raise ValueError(f"loss.{field} must be >= 0, got {getattr(self, field)}")
 
   @classmethod
   def from_config(cls, loss_config: Mapping[str, Any], num_datasets: int) -> "LossConfig":
@@ -246,6 +251,8 @@ class LossConfig:
         hih_decimal_weight=float(loss_config["hih_decimal_weight"]),
         dwa_temperature=float(loss_config["dwa_temperature"]),
         dwa_window=int(loss_config["dwa_window"]),
+        hallucination_l1_weight=float(loss_config["hallucination_l1_weight"]),
+        hallucination_gradient_weight=float(loss_config["hallucination_gradient_weight"]),
         num_datasets=num_datasets)
 
   def landmark_weights(self) -> np.ndarray:
@@ -448,3 +455,58 @@ def head_loss(config: LossConfig, outputs: Mapping[str, Any], points: jax.Array,
       config, losses, present, balancer_params, balancer_state)
   return total, {"dataset_loss": losses, "present": present, "dataset_weight": dataset_weights,
                  "map_loss": {name: map_losses for name, ((map_losses, _), _) in terms.items()}}
+
+
+# -----------------------------------------------------------------------------
+# DHLN's face-hallucination terms (SHT paper, eqs. 3-4 and 10).
+
+
+def gradient_map(images: jax.Array) -> jax.Array:
+  """SHT eq. (3): per channel, the magnitude of the central differences.
+
+  I_x(x, y) = I(x + 1, y) - I(x - 1, y), I_y(x, y) = I(x, y + 1) - I(x, y - 1),
+  G(I) = sqrt(I_x^2 + I_y^2): fixed-kernel convolutions with zero padding
+  (pixels outside the image are 0). (B, H, W, C) -> (B, H, W, C) float32.
+  The square root's gradient at a zero difference is taken as 0.
+  """
+  images = jnp.asarray(images, jnp.float32)
+  padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  along_x = padded[:, 1:-1, 2:, :] - padded[:, 1:-1, :-2, :]  # x: columns
+  along_y = padded[:, 2:, 1:-1, :] - padded[:, :-2, 1:-1, :]  # y: rows
+  squared = along_x * along_x + along_y * along_y
+  positive = squared > 0.0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
+def hallucination_loss(hallucinated: jax.Array, target: jax.Array, l1_weight: float,
+                       gradient_weight: float, weight: jax.Array | None = None
+                       ) -> tuple[jax.Array, dict]:
+  """DHLN's image terms: l1_weight * |I_SR - I_HR| + gradient_weight * |G(I_SR) - G(I_HR)|.
+
+  SHT eq. (4)'s gamma_2 and gamma_3 terms (eq. (10) on unlabeled faces is the
+  same two terms). Both are means over pixels and channels of each sample,
+  averaged over the samples with `weight` (B,) (default: all of them).
+
+  Args:
+    hallucinated, target: (B, H, W, C) images in [0, 1] (any float dtype).
+    l1_weight, gradient_weight: the two weights.
+    weight: (B,) sample weights (e.g. 0 for samples without a
+      high-resolution target).
+
+  Returns:
+    (weighted sum, {"hallucination_l1": mean L1, "hallucination_gradient":
+    mean gradient-map L1}).
+  """
+  hallucinated = jnp.asarray(hallucinated, jnp.float32)
+  target = jnp.asarray(target, jnp.float32)
+  per_sample_l1 = jnp.abs(hallucinated - target).mean(axis=(1, 2, 3))
+  per_sample_gradient = jnp.abs(gradient_map(hallucinated) - gradient_map(target)).mean(
+      axis=(1, 2, 3))
+  if weight is None:
+    weight = jnp.ones(per_sample_l1.shape, jnp.float32)
+  weight = jnp.asarray(weight, jnp.float32)
+  count = jnp.maximum(weight.sum(), 1e-6)
+  l1 = (weight * per_sample_l1).sum() / count
+  gradient = (weight * per_sample_gradient).sum() / count
+  total = l1_weight * l1 + gradient_weight * gradient
+  return total, {"hallucination_l1": l1, "hallucination_gradient": gradient}

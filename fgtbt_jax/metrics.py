@@ -231,3 +231,54 @@ class SplitPredictions:
     mask = np.isfinite(self.ground_truth).all(-1)
     return float(np.mean(nme(self.predictions, self.ground_truth, self.dataset,
                              box_size=self.box_size, mask=mask)))
+
+
+# -----------------------------------------------------------------------------
+# Hallucinated faces (SHT's DHLN): PSNR and SSIM against the high-resolution crop.
+
+
+def psnr(images: np.ndarray, reference: np.ndarray, data_range: float = 1.0) -> np.ndarray:
+  """(B,) peak signal-to-noise ratio in dB of (B, H, W, C) images; inf where equal."""
+  images, reference = np.asarray(images, np.float64), np.asarray(reference, np.float64)
+  mse = ((images - reference) ** 2).mean(axis=(1, 2, 3))
+  with np.errstate(divide="ignore"):
+    return 10.0 * np.log10(data_range ** 2 / mse)
+
+
+def _gaussian_valid_matrix(size: int, window: int, sigma: float) -> np.ndarray:
+  """(size - window + 1, size) rows of a normalised Gaussian window ('valid' filtering)."""
+  taps = np.exp(-0.5 * ((np.arange(window) - (window - 1) / 2) / sigma) ** 2)
+  taps /= taps.sum()
+  rows = np.zeros((size - window + 1, size))
+  for i in range(size - window + 1):
+    rows[i, i:i + window] = taps
+  return rows
+
+
+def ssim(images: np.ndarray, reference: np.ndarray, data_range: float = 1.0,
+         window: int = 11, sigma: float = 1.5) -> np.ndarray:
+  """(B,) structural similarity (Wang et al. 2004) of (B, H, W, C) images, channels averaged.
+
+  The standard form: local means, variances and covariance under an 11-tap
+  Gaussian window of sigma 1.5 (population statistics), K1 = 0.01,
+  K2 = 0.03, the SSIM map averaged over the window positions inside the
+  image ('valid') and over the channels. Images smaller than the window
+  use a window of their side.
+  """
+  x = np.asarray(images, np.float64).transpose(0, 3, 1, 2)
+  y = np.asarray(reference, np.float64).transpose(0, 3, 1, 2)
+  _, _, h, w = x.shape
+  window = min(window, h, w)
+  rows, cols = _gaussian_valid_matrix(h, window, sigma), _gaussian_valid_matrix(w, window, sigma)
+
+  def blur(a):  # (B, C, H, W) maps: two batched matrix products.
+    return rows @ a @ cols.T
+
+  c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+  mu_x, mu_y = blur(x), blur(y)
+  var_x = blur(x * x) - mu_x ** 2
+  var_y = blur(y * y) - mu_y ** 2
+  cov = blur(x * y) - mu_x * mu_y
+  value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+      (mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+  return value.mean(axis=(1, 2, 3))

@@ -231,6 +231,25 @@ def lowres_markdown(lowres: Mapping[int, Mapping[str, float]], names: list[str],
   return lines + [""]
 
 
+def lowres_faces_markdown(faces: Mapping[int, Mapping[str, float]]) -> list[str]:
+  """The lowres study's face quality: PSNR dB / SSIM of the inputs and hallucinated faces."""
+  model = any("psnr" in row for row in faces.values())
+  lines = ["### Face quality at low resolution", "",
+           "PSNR (dB) and SSIM against the original crops, all test images: the degraded "
+           "input" + (" and the model's hallucinated face (DHLN)." if model else "."), "",
+           "| face side px | input PSNR | input SSIM |" + (" DHLN PSNR | DHLN SSIM |" if model else ""),
+           "|---|---|---|" + ("---|---|" if model else "")]
+  def cell(value, digits):
+    return "same" if value is None else f"{value:.{digits}f}"
+
+  for side, row in faces.items():
+    cells = [cell(row["input_psnr"], 2), cell(row["input_ssim"], 4)]
+    if model:
+      cells += [cell(row["psnr"], 2), cell(row["ssim"], 4)]
+    lines.append(f"| {side} | " + " | ".join(cells) + " |")
+  return lines + [""]
+
+
 def quantization_markdown(q: Mapping[str, Any], names: list[str]) -> list[str]:
   lines = ["## Heatmap quantization study", "",
            f"Input {q['input_size']}, heatmap {q['heatmap_size']}x{q['heatmap_size']}, "
@@ -339,6 +358,8 @@ def write_report(per_image: Mapping[str, SplitPredictions], out_dir: str | pathl
               "each scaled to its maximum.", "", "![high-frequency images](high_frequency.png)", ""]
   if "lowres" in studies:
     lines += lowres_markdown(studies["lowres"], names, face_side_px)
+  if "lowres_faces" in studies:
+    lines += lowres_faces_markdown(studies["lowres_faces"])
   if "quantization" in studies:
     lines += quantization_markdown(studies["quantization"], names)
   path = out / "report.md"
@@ -348,7 +369,7 @@ def write_report(per_image: Mapping[str, SplitPredictions], out_dir: str | pathl
              "nme_by_occurrence": occurrence, "bias_heatmap_px": bias,
              "paper": {d: datasets.paper_results()[d] for d in names
                        if d not in synthetic and d in landmarks.PROTOCOL_NAMES},
-             "studies": {k: {str(i): v for i, v in s.items()} if k == "lowres" else s
+             "studies": {k: {str(i): v for i, v in s.items()} if k in ("lowres", "lowres_faces") else s
                          for k, s in studies.items()}}
   (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
   return path

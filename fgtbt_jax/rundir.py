@@ -252,6 +252,9 @@ UPGRADES: dict[str, Any | Callable[[ml_collections.ConfigDict], Any]] = {
         "nearest" if config.loss.get("rounded_targets", False) else "none"),
     "loss.hih_decimal_sigma": 1.0,
     "loss.hih_decimal_weight": 0.1,
+    "loss.hallucination_l1_weight": 1.0,
+    "loss.hallucination_gradient_weight": 1.0,
+    "lowres": {"factors": (), "probability": 1.0},
     "train.resume_with_changes": False,
     # Before it, the evaluated EMA was the plain average (initial weights included).
     "train.ema_bias_correction": False,

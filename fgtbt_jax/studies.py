@@ -6,7 +6,10 @@ transform of the input crops or an override of the predict settings, and a
 function that turns the passes' per-dataset NMEs into the report's table:
 
 * "lowres": faces downsampled to a face-box side of 16 / 32 / 64 / 128 px
-  (`eval.lowres_sides`) and upsampled back to the input size;
+  (`eval.lowres_sides`) and upsampled back to the input size; beside the
+  NMEs, the PSNR and SSIM of those inputs against the original crops and,
+  for a DHLN model (`model.hallucination`), of its hallucinated faces
+  (`HALLUCINATION_TABLE`);
 * "quantization": the NME that each decoder the model's head supports
   (`models.heads.HEADS`: argmax / quarter / subpixel, and hih / hih_subpixel
   for the HIH head) gives on the test data, beside the decoding error of ideal
@@ -33,6 +36,9 @@ from fgtbt_jax import decoding_error
 from fgtbt_jax.inference import PredictSettings
 
 STUDIES: tuple[str, ...] = ("lowres", "quantization")
+# The lowres study's second table: {face side: PSNR / SSIM of the degraded
+# input and, for a DHLN model, of its hallucinated face} (`evaluate.hallucination_quality`).
+HALLUCINATION_TABLE = "lowres_faces"
 # Faces of random mean-face landmarks for the ideal-heatmap decoding error.
 QUANTIZATION_FACES = 64
 # Decimal map sizes d of the HIH decoders' ideal decoding error (HIH Table 8).

@@ -69,6 +69,8 @@ from fgtbt_jax.validation import validate_config
 
 # The keys of a training batch that the step reads.
 TRAIN_BATCH_KEYS = ("image", "landmarks", "mask", "dataset_id")
+# Folded into a step's dropout key for the low-resolution mode's draws.
+LOWRES_STREAM = 0x10
 
 
 def abstract_batch(config: ml_collections.ConfigDict, batch_sharding: NamedSharding) -> dict:
@@ -177,15 +179,29 @@ def train_loss(setup: Setup, frozen_batch_norm: bool = False) -> Callable:
   """
   model, loss_config = setup.model, setup.loss_config
   remat_policy = setup.config.model.remat_policy
+  factors = tuple(int(f) for f in setup.config.lowres.factors)
+  probability = float(setup.config.lowres.probability)
 
   def loss(trainable, batch_stats, balancer_state, dropout_rng, batch):
-    images = models.normalize_images(batch["image"])
+    inputs = batch["image"]
+    if factors:  # The low-resolution training mode: a degraded copy goes in.
+      inputs = models.hallucination.random_degrade(
+          inputs, jax.random.fold_in(dropout_rng, LOWRES_STREAM), factors, probability)
+    images = models.normalize_images(inputs)
     forward = model_forward(model, batch_stats, dropout_rng, remat_policy, frozen_batch_norm)
     outputs, updates = forward(trainable["model"], images)
+    hallucinated = outputs.pop("hallucination", None)
     stride = images.shape[1] / outputs["heatmaps"].shape[1]
     total, aux = losses.head_loss(loss_config, outputs, batch["landmarks"], batch["mask"],
                                   batch["dataset_id"], stride, trainable["balancer"],
                                   balancer_state)
+    if hallucinated is not None:  # DHLN: the high-resolution crop is the target.
+      image_loss, image_aux = losses.hallucination_loss(
+          models.denormalize_images(hallucinated) / 255.0,
+          jnp.asarray(batch["image"], jnp.float32) / 255.0,
+          loss_config.hallucination_l1_weight, loss_config.hallucination_gradient_weight)
+      total = total + image_loss
+      aux = {**aux, **image_aux}
     return total, (aux, updates.get("batch_stats", batch_stats))
 
   return loss

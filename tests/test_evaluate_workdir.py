@@ -113,6 +113,12 @@ def test_eval_restores_each_checkpoint_once_and_runs_the_studies_on_the_same_pas
     assert measured["subpixel"][name] == pytest.approx(main["nme"])
     assert all(np.isfinite(measured[d][name]) for d in ("argmax", "quarter"))
   assert (tmp_path / "report" / "high_frequency.png").is_file()
+  # The faces' quality beside the NMEs: the degraded inputs' (no DHLN here).
+  assert "Face quality at low resolution" in text
+  faces = summary["studies"]["lowres_faces"]
+  assert faces["128"] == {"input_psnr": None, "input_ssim": 1.0}  # unchanged inputs
+  assert 10.0 < faces["16"]["input_psnr"] < faces["32"]["input_psnr"]
+  assert faces["16"]["input_ssim"] < faces["32"]["input_ssim"] < 1.0
 
   restores.calls.update(restore=0, restore_ema=0, restore_best=0)
   best = evaluate.evaluate_workdir(_config(config.data.data_dir), workdir, "best",

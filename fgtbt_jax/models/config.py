@@ -115,6 +115,12 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
         shared step module.
       recurrent_channels: width of a refinement step (32).
       recurrent_kernel: odd side of a step's wide convolution (7).
+      hallucination: SHT's DHLN on the head (`hallucination.DualHallucination`):
+        a face-hallucination stream fused with the landmark stream, trained
+        with `loss.hallucination_l1_weight` / `hallucination_gradient_weight`
+        (off: the FGTBT network).
+      hallucination_channels: that stream's width (32).
+      hallucination_blocks: its super-resolution blocks (4, SHT's per module).
       dtype: compute dtype "float32" or "bfloat16" (parameters stay float32).
       drop_path_rate: stochastic depth of the last block (0.1).
       head_dropout: dropout after the head's fusion (0.1).
@@ -169,6 +175,9 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
   config.recurrent_steps = 2
   config.recurrent_channels = 32
   config.recurrent_kernel = 7
+  config.hallucination = False
+  config.hallucination_channels = 32
+  config.hallucination_blocks = 4
   config.dtype = "float32"
   config.drop_path_rate = 0.1
   config.head_dropout = 0.1
@@ -241,6 +250,8 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= config[field] < 1.0:
       raise ValueError(f"model config: {field}={config[field]} must be in [0, 1)")
   _validate_head(config)
+  if not isinstance(config.hallucination, bool):
+    raise ValueError(f"model config: hallucination={config.hallucination!r} must be True or False")
   if not isinstance(config.batch_norm_unbiased_variance, bool):
     raise ValueError(f"model config: batch_norm_unbiased_variance="
                      f"{config.batch_norm_unbiased_variance!r} must be True or False")
@@ -249,7 +260,8 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
 def _validate_head(config: ml_collections.ConfigDict) -> None:
   """The head fields: positive integer widths and counts, an odd wide kernel."""
   minimum = {"hih_decimal_size": 2, "hih_channels": 1, "recurrent_steps": 1,
-             "recurrent_channels": 1, "recurrent_kernel": 1}
+             "recurrent_channels": 1, "recurrent_kernel": 1, "hallucination_channels": 1,
+             "hallucination_blocks": 0}
   for field, low in minimum.items():
     value = config[field]
     if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgtbt_jax.models import heads as heads_lib
+from fgtbt_jax.models.hallucination import DualHallucination
 from fgtbt_jax.models import layers
+from fgtbt_jax.models.layers import bilinear_matrix
 from fgtbt_jax.models.compute import Compute
 
 Dtype = Any
@@ -24,24 +26,6 @@ RESIZE_SCOPE = "bilinear_resize"
 WEIGHT_SCOPE = "composed_weights"
 # How the head fuses the stages (`DecoderHead.fusion`).
 FUSIONS = ("composed", "concat")
-
-
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """(out, in) linear-interpolation weights with half-pixel centres.
-
-  PyTorch's `interpolate(mode="bilinear", align_corners=False)` along one
-  axis: source coordinate (o + 0.5) in / out - 0.5, clamped at 0, blending
-  its floor and the next pixel (clamped at the last one). No antialiasing.
-  """
-  source = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
-  source = np.maximum(source, 0.0)
-  low = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
-  high = np.minimum(low + 1, in_size - 1)
-  frac = source - low
-  weights = np.zeros((out_size, in_size), np.float64)
-  np.add.at(weights, (np.arange(out_size), low), 1.0 - frac)
-  np.add.at(weights, (np.arange(out_size), high), frac)
-  return weights.astype(np.float32)
 
 
 def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
@@ -129,6 +113,12 @@ class DecoderHead(nn.Module):
     hih_decimal_size, hih_channels: the "hih" head's d and width.
     recurrent_steps, recurrent_channels, recurrent_kernel: the "recurrent"
       head's K, width and wide-kernel size.
+    hallucination: SHT's DHLN on this head (`hallucination.DualHallucination`):
+      a face-hallucination stream from the input images fused with the
+      upsampled features before the landmark head; the call then needs the
+      images and its outputs add "hallucination", the face at the input size.
+    hallucination_channels, hallucination_blocks: that stream's width and
+      super-resolution blocks.
     compute: how to compute (`compute.Compute`): dtype, the fusion form
       ("composed", the default, or "concat", `FUSIONS`; see above), the 1x1
       convolutions (`layers.POINTWISE_IMPLEMENTATIONS`: "conv", or "dot", a
@@ -147,10 +137,14 @@ class DecoderHead(nn.Module):
   recurrent_steps: int = 2
   recurrent_channels: int = 32
   recurrent_kernel: int = 7
+  hallucination: bool = False
+  hallucination_channels: int = 32
+  hallucination_blocks: int = 4
   compute: Compute = Compute()
 
   @nn.compact
-  def __call__(self, features: Sequence[jax.Array], train: bool) -> dict[str, Any]:
+  def __call__(self, features: Sequence[jax.Array], train: bool,
+               images: jax.Array | None = None) -> dict[str, Any]:
     if self.compute.decoder_fusion not in FUSIONS:
       raise ValueError(f"unknown decoder fusion {self.compute.decoder_fusion!r}; expected one of {FUSIONS}")
     heads_lib.get_head(self.head)
@@ -183,6 +177,13 @@ class DecoderHead(nn.Module):
                   name="conv_block")(y, train)
     y = layers.conv_transpose(self.upsample_channels, 4, 2, 1, "decoder", dtype=self.compute.dtype,
                               name="upsample")(y)
+    outputs = {}
+    if self.hallucination:
+      if images is None:
+        raise ValueError("DecoderHead: hallucination needs the input images")
+      y, outputs["hallucination"] = DualHallucination(
+          self.hallucination_channels, self.hallucination_blocks, compute=self.compute,
+          name="hallucination")(y, images)
     heatmaps = layers.conv(self.num_points, 3, "heatmaps", padding=1, use_bias=False,
                            dtype=self.compute.dtype, name="heatmap")(y)
     if self.head == "hih":
@@ -192,15 +193,15 @@ class DecoderHead(nn.Module):
           batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
           compute=self.compute,
           name="decimal_head")(y, heatmaps, train)
-      return {"heatmaps": heatmaps, "decimal": decimal}
+      return {"heatmaps": heatmaps, "decimal": decimal, **outputs}
     if self.head == "recurrent":
       step = heads_lib.RefinementStep(
           channels=self.recurrent_channels, kernel_size=self.recurrent_kernel,
           num_points=self.num_points, compute=self.compute,
           name="refine")
       maps = heads_lib.refine(step, y, heatmaps, self.recurrent_steps)
-      return {"heatmaps": maps[-1], "step_heatmaps": maps}
-    return {"heatmaps": heatmaps}
+      return {"heatmaps": maps[-1], "step_heatmaps": maps, **outputs}
+    return {"heatmaps": heatmaps, **outputs}
 
   def _composed(self, features, stages, embeds, fuse, h: int, w: int) -> jax.Array:
     """The fusion as sum_i resize(c_i @ (E_i F_i)) + sum_i b_i F_i (see the class doc)."""

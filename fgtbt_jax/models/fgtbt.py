@@ -10,7 +10,9 @@ with `images` float (B, H, W, 3), H and W multiples of 32, already normalised
 by `normalize_images`; `heatmaps` is float32 (B, H / 2, W / 2, num_points).
 `named_outputs` returns the landmark head's named outputs (`heads.HEADS`:
 {"heatmaps"}, plus "decimal" for HIH, "step_heatmaps" for the recurrent head),
-all float32; the plain call returns their "heatmaps".
+all float32, and "hallucination" (B, H, W, 3), the hallucinated face in the
+input's normalised space, with `model.hallucination` (SHT's DHLN,
+`models.hallucination`); the plain call returns their "heatmaps".
 Parameters are boxed in `nn.Partitioned` (logical axis names); unbox with
 `flax.linen.meta.unbox(variables)` where plain arrays are needed.
 """
@@ -49,6 +51,14 @@ def normalize_images(images) -> jax.Array:
   mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
   inv_std = 1.0 / (jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0)
   return (images.astype(jnp.float32) - mean) * inv_std
+
+
+def denormalize_images(images) -> jax.Array:
+  """The inverse of `normalize_images`: normalised (..., H, W, 3) -> float32 0-255 RGB."""
+  images = jnp.asarray(images, jnp.float32)
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
+  std = jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0
+  return images * std + mean
 
 
 class FGTBT(nn.Module):
@@ -91,7 +101,10 @@ class FGTBT(nn.Module):
         structure = high_frequency_image(
             images, self.frequency_extractor, self.frequency_sigma)
     features = self.encoder(images, structure, train)
-    outputs = self.decoder(features, train)
+    if self.decoder.hallucination:  # DHLN's stream reads the input images too.
+      outputs = self.decoder(features, train, images)
+    else:
+      outputs = self.decoder(features, train)
     if not float32_outputs:
       return outputs
     return jax.tree.map(lambda x: x.astype(jnp.float32), outputs)
@@ -128,7 +141,9 @@ def build_model(config: ml_collections.ConfigDict) -> FGTBT:
       head=config.head,
       hih_decimal_size=config.hih_decimal_size, hih_channels=config.hih_channels,
       recurrent_steps=config.recurrent_steps, recurrent_channels=config.recurrent_channels,
-      recurrent_kernel=config.recurrent_kernel, compute=compute, parent=None)
+      recurrent_kernel=config.recurrent_kernel, hallucination=config.hallucination,
+      hallucination_channels=config.hallucination_channels,
+      hallucination_blocks=config.hallucination_blocks, compute=compute, parent=None)
   return FGTBT(encoder=encoder, decoder=decoder,
                frequency_extractor=config.frequency_extractor,
                frequency_sigma=float(config.frequency_sigma))

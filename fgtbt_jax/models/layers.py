@@ -308,3 +308,21 @@ def separable_matmul(x: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Ar
   """
   x = jnp.einsum("oh,bhwc->bowc", jnp.asarray(rows, x.dtype), x)
   return jnp.einsum("pw,bowc->bopc", jnp.asarray(cols, x.dtype), x)
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) linear-interpolation weights with half-pixel centres.
+
+  PyTorch's `interpolate(mode="bilinear", align_corners=False)` along one
+  axis: source coordinate (o + 0.5) in / out - 0.5, clamped at 0, blending
+  its floor and the next pixel (clamped at the last one). No antialiasing.
+  """
+  source = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+  source = np.maximum(source, 0.0)
+  low = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
+  high = np.minimum(low + 1, in_size - 1)
+  frac = source - low
+  weights = np.zeros((out_size, in_size), np.float64)
+  np.add.at(weights, (np.arange(out_size), low), 1.0 - frac)
+  np.add.at(weights, (np.arange(out_size), high), frac)
+  return weights.astype(np.float32)

@@ -1,0 +1,184 @@
+"""DHLN on the FGTBT head: a face-hallucination stream fused with the landmark stream.
+
+SHT's Dual Hallucination Learning Network (SHT paper, section 3.1) runs two
+streams on a low-resolution face: a landmark-heatmap stream (a stacked
+hourglass in the paper; here FGTBT's decoder) and a face-hallucination stream
+of super-resolution blocks, fused twice:
+
+  FUBlock1 (eq. 1)  Q' = Q + Q * sigmoid(RB(P))   the landmark stream's features
+                                                 P as pose attention on the
+                                                 super-resolution features Q
+  FUBlock2 (eq. 2)  P' = P + conv(P || Q')         the attended features back
+                                                 into the landmark stream
+
+and the hallucinated face comes out of Q'. On this network P is the decoder's
+upsampled map at half the input size (`DecoderHead`, after its transposed
+convolution; `upsample_channels` wide), where the head's heatmaps are made:
+the heads (heatmap, HIH, recurrent) then read P' instead of P. The paper's
+hourglass repeats the pair of fusions once per stack; FGTBT's decoder is one
+stage, so there is one pair.
+
+`DualHallucination`:
+  Q0 = conv3x3 stride 2 (the input image)                       (B, S/2, S/2, C)
+  Q  = `blocks` residual super-resolution blocks (EDSR form: x + conv(relu(conv(x))))
+  Q' = Q + Q * sigmoid(RB(P))          RB: a residual block from P's width to C
+  P' = P + conv1x1(P || Q')             zero-initialised: P' = P at the start
+  hallucinated = input + pixel_shuffle_x2(conv3x3(Q'))        (B, S, S, 3)
+the output conv zero-initialised too, so an untrained stream returns its
+input (the upsampled low-resolution face) and a trained FGTBT fine-tunes
+from exactly its own outputs. The hallucinated face is in the input's
+(ImageNet-normalised) space; `losses.hallucination_loss` compares it with the
+high-resolution crop in [0, 1].
+
+Also here: the low-resolution inputs of the training mode (`degrade`,
+`random_degrade`: area downsampling by an integer factor and bilinear
+upsampling back to the input size, as the `lowres` study's evaluation
+degrades test faces).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fgtbt_jax.models import layers
+from fgtbt_jax.models.compute import Compute
+
+Dtype = Any
+
+
+def area_matrix(size: int, factor: int) -> np.ndarray:
+  """(size / factor, size) weights averaging each run of `factor` pixels."""
+  if size % factor:
+    raise ValueError(f"area_matrix: {size} px does not divide by the factor {factor}")
+  return np.kron(np.eye(size // factor), np.full((1, factor), 1.0 / factor)).astype(np.float32)
+
+
+def degrade(images: jax.Array, factor: int) -> jax.Array:
+  """(B, S, S, 3) 0-255 images downsampled by `factor` (area) and upsampled back (bilinear).
+
+  The result is rounded to whole values, as a uint8 image would be. Both
+  resamplings are separable matrix products (`layers.separable_matmul`); the
+  bilinear one has PyTorch's and OpenCV's half-pixel centres.
+  """
+  images = jnp.asarray(images, jnp.float32)
+  if factor == 1:
+    return images
+  _, h, w, _ = images.shape
+  small = layers.separable_matmul(images, area_matrix(h, factor), area_matrix(w, factor))
+  back = layers.separable_matmul(small, layers.bilinear_matrix(h // factor, h),
+                                 layers.bilinear_matrix(w // factor, w))
+  return jnp.clip(jnp.round(back), 0.0, 255.0)
+
+
+def random_degrade(images: jax.Array, key: jax.Array, factors: Sequence[int],
+                   probability: float) -> jax.Array:
+  """Per sample: with `probability`, `degrade` by a factor drawn uniformly from `factors`.
+
+  (B, S, S, 3) 0-255 images -> float32 0-255 images of the same shape; the
+  other samples are returned as they are (float32).
+  """
+  images = jnp.asarray(images, jnp.float32)
+  if not factors:
+    return images
+  pick_key, apply_key = jax.random.split(key)
+  batch = images.shape[0]
+  pick = jax.random.randint(pick_key, (batch,), 0, len(factors))
+  apply = jax.random.uniform(apply_key, (batch,)) < probability
+  out = images
+  for index, factor in enumerate(factors):
+    chosen = (apply & (pick == index))[:, None, None, None]
+    out = jnp.where(chosen, degrade(images, int(factor)), out)
+  return out
+
+
+def pixel_shuffle(x: jax.Array, scale: int) -> jax.Array:
+  """(B, H, W, C * s * s) -> (B, H * s, W * s, C): sub-pixel rearrangement."""
+  b, h, w, c = x.shape
+  out = c // (scale * scale)
+  x = x.reshape(b, h, w, scale, scale, out)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * scale, w * scale, out)
+
+
+class SRBlock(nn.Module):
+  """A super-resolution residual block: x + conv3x3(relu(conv3x3(x)))."""
+
+  features: int
+  compute: Compute = Compute()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = layers.conv(self.features, 3, "decoder", padding=1, dtype=self.compute.dtype,
+                    name="conv1")(x)
+    y = layers.conv(self.features, 3, "decoder", padding=1, dtype=self.compute.dtype,
+                    name="conv2")(nn.relu(y))
+    return x + y
+
+
+class ResidualProjection(nn.Module):
+  """SHT's RB: a residual block from one width to another.
+
+  conv1x1(x) + conv3x3(relu(conv3x3(x))), all to `features` channels.
+  """
+
+  features: int
+  compute: Compute = Compute()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shortcut = layers.conv(self.features, 1, "decoder", dtype=self.compute.dtype,
+                           pointwise=self.compute.pointwise, name="shortcut")(x)
+    y = layers.conv(self.features, 3, "decoder", padding=1, dtype=self.compute.dtype,
+                    name="conv1")(x)
+    y = layers.conv(self.features, 3, "decoder", padding=1, dtype=self.compute.dtype,
+                    name="conv2")(nn.relu(y))
+    return shortcut + y
+
+
+def pose_attention(q: jax.Array, attention_logits: jax.Array) -> jax.Array:
+  """FUBlock1, SHT eq. (1): Q' = Q + Q * sigmoid(RB(P)), given RB(P)."""
+  return q + q * nn.sigmoid(attention_logits)
+
+
+class DualHallucination(nn.Module):
+  """The face-hallucination stream and its two fusions with the landmark stream.
+
+  Attributes:
+    channels: C, the width of the super-resolution features Q.
+    blocks: super-resolution blocks before the fusion (SHT: 4 per module).
+    compute: how to compute (`compute.Compute`).
+
+  Call: (pose features P (B, S/2, S/2, Cp), input images (B, S, S, 3)
+  normalised) -> (P' of P's shape, hallucinated face (B, S, S, 3) in the
+  input's normalised space), both in the compute dtype.
+  """
+
+  channels: int = 32
+  blocks: int = 4
+  compute: Compute = Compute()
+
+  @nn.compact
+  def __call__(self, pose: jax.Array, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    dtype = self.compute.dtype
+    _, h, w, _ = images.shape
+    if pose.shape[1:3] != (h // 2, w // 2):
+      raise ValueError(f"DualHallucination: pose features {pose.shape[1:3]} are not half "
+                       f"the input {h}x{w}")
+    q = layers.conv(self.channels, 3, "decoder", strides=2, padding=1, dtype=dtype,
+                    name="stem")(images.astype(dtype))
+    for i in range(self.blocks):
+      q = SRBlock(self.channels, compute=self.compute, name=f"sr_block_{i}")(q)
+    attention = ResidualProjection(self.channels, compute=self.compute, name="pose_attention")(pose)
+    q = pose_attention(q, attention)
+    fused = layers.conv(pose.shape[-1], 1, "decoder", dtype=dtype, zero_init=True,
+                        pointwise=self.compute.pointwise,
+                        name="pose_fusion")(jnp.concatenate([pose, q.astype(pose.dtype)], -1))
+    pose = pose + fused
+    residual = layers.conv(3 * 4, 3, "decoder", padding=1, dtype=dtype, zero_init=True,
+                           name="image_out")(q)
+    hallucinated = images.astype(dtype) + pixel_shuffle(residual, 2)
+    return pose, hallucinated

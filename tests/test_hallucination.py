@@ -1,0 +1,281 @@
+"""Low-resolution faces (issue 33): the low-resolution training mode and SHT's DHLN."""
+
+import json
+
+import cv2
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import ablations
+from configs import default
+from fgtbt_jax import checkpointing
+from fgtbt_jax import errors
+from fgtbt_jax import evaluate
+from fgtbt_jax import losses
+from fgtbt_jax import metrics
+from fgtbt_jax import models
+from fgtbt_jax import rundir
+from fgtbt_jax import sharding
+from fgtbt_jax import state as state_lib
+from fgtbt_jax import train
+from fgtbt_jax import validation
+from fgtbt_jax.models import hallucination
+from tests import helpers
+from tests.helpers import mixed_batch
+from tests.helpers import synthetic_data_dir  # noqa: F401  (fixture)
+
+
+def _numpy_gradient_map(image: np.ndarray) -> np.ndarray:
+  """SHT eq. (3) pixel by pixel, zero outside the image."""
+  b, h, w, c = image.shape
+  value = lambda n, y, x, ch: image[n, y, x, ch] if 0 <= y < h and 0 <= x < w else 0.0
+  out = np.zeros_like(image)
+  for n in range(b):
+    for y in range(h):
+      for x in range(w):
+        for ch in range(c):
+          ix = value(n, y, x + 1, ch) - value(n, y, x - 1, ch)
+          iy = value(n, y + 1, x, ch) - value(n, y - 1, x, ch)
+          out[n, y, x, ch] = np.sqrt(ix * ix + iy * iy)
+  return out
+
+
+def test_gradient_map_is_the_central_difference_magnitude_per_channel():
+  image = np.random.default_rng(0).random((2, 5, 7, 3)).astype(np.float32)
+  image[0, :, :, 1] = 0.25  # flat inside: only the zero-padded border has a gradient
+  got = np.asarray(losses.gradient_map(image))
+  np.testing.assert_allclose(got, _numpy_gradient_map(image), rtol=1e-6, atol=1e-6)
+  assert np.all(got[0, 1:-1, 1:-1, 1] == 0.0)
+  # Finite gradient where the map is zero (the square root's kink).
+  grad = jax.grad(lambda x: losses.gradient_map(x).sum())(jnp.asarray(image))
+  assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_hallucination_loss_is_the_weighted_l1_and_gradient_l1():
+  rng = np.random.default_rng(1)
+  pred, target = rng.random((3, 6, 6, 3)), rng.random((3, 6, 6, 3))
+  weight = np.array([1.0, 0.0, 1.0])
+  total, aux = losses.hallucination_loss(pred, target, 0.5, 2.0, weight)
+  l1 = np.abs(pred - target).mean(axis=(1, 2, 3))
+  grad = np.abs(_numpy_gradient_map(pred) - _numpy_gradient_map(target)).mean(axis=(1, 2, 3))
+  want_l1, want_grad = (l1[0] + l1[2]) / 2, (grad[0] + grad[2]) / 2
+  np.testing.assert_allclose(aux["hallucination_l1"], want_l1, rtol=1e-5)
+  np.testing.assert_allclose(aux["hallucination_gradient"], want_grad, rtol=1e-5)
+  np.testing.assert_allclose(total, 0.5 * want_l1 + 2.0 * want_grad, rtol=1e-5)
+
+
+def test_degrade_is_area_down_and_bilinear_up_like_opencv():
+  rng = np.random.default_rng(2)
+  images = rng.integers(0, 256, (2, 32, 32, 3), np.uint8)
+  for factor in (2, 4, 8):
+    got = np.asarray(hallucination.degrade(images, factor))
+    for image, out in zip(images, got):
+      small = cv2.resize(image, (32 // factor,) * 2, interpolation=cv2.INTER_AREA)
+      want = cv2.resize(small, (32, 32), interpolation=cv2.INTER_LINEAR)
+      # OpenCV rounds its uint8 small image first: at most one level apart.
+      assert np.abs(out - want.astype(np.float32)).max() <= 1.0
+    assert np.all(got == np.round(got))
+  with pytest.raises(ValueError, match="does not divide"):
+    hallucination.degrade(images, 3)
+
+
+def test_random_degrade_applies_a_listed_factor_with_its_probability():
+  images = np.random.default_rng(3).integers(0, 256, (64, 16, 16, 3), np.uint8)
+  key = jax.random.key(0)
+  np.testing.assert_array_equal(hallucination.random_degrade(images, key, (2,), 0.0), images)
+  np.testing.assert_array_equal(hallucination.random_degrade(images, key, (), 1.0), images)
+  np.testing.assert_array_equal(hallucination.random_degrade(images, key, (4,), 1.0),
+                                hallucination.degrade(images, 4))
+  out = np.asarray(hallucination.random_degrade(images, key, (2, 4), 0.5))
+  candidates = [np.asarray(images, np.float32), np.asarray(hallucination.degrade(images, 2)),
+                np.asarray(hallucination.degrade(images, 4))]
+  kinds = [next(i for i, c in enumerate(candidates) if np.array_equal(o, c[n]))
+           for n, o in enumerate(out)]
+  assert set(kinds) == {0, 1, 2}  # every form among 64 faces
+  assert 16 <= kinds.count(0) <= 48
+
+
+def test_pixel_shuffle_places_each_channel_group_on_the_subpixel_grid():
+  x = np.arange(2 * 3 * 4 * 12, dtype=np.float32).reshape(2, 3, 4, 12)
+  got = np.asarray(hallucination.pixel_shuffle(x, 2))
+  assert got.shape == (2, 6, 8, 3)
+  for dy in range(2):
+    for dx in range(2):
+      np.testing.assert_array_equal(got[:, dy::2, dx::2, :], x[..., (dy * 2 + dx) * 3:(dy * 2 + dx + 1) * 3])
+
+
+def _conv(x, params, padding):
+  return jax.lax.conv_general_dilated(
+      x, params["kernel"], (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  ) + params.get("bias", 0.0)
+
+
+def test_the_two_fusions_follow_sht_equations_1_and_2():
+  module = hallucination.DualHallucination(channels=6, blocks=2)
+  rng = np.random.default_rng(4)
+  pose = jnp.asarray(rng.normal(size=(2, 8, 8, 5)), jnp.float32)
+  images = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
+  variables = module.init(jax.random.key(0), pose, images)
+  # The zero-initialised layers get random weights so that every term shows.
+  params = models.random_variables(variables["params"], seed=5)
+  (new_pose, hallucinated), state = module.apply(
+      {"params": params}, pose, images, capture_intermediates=True)
+  seen = state["intermediates"]
+  q = seen[f"sr_block_{1}"]["__call__"][0]          # Q after the SR blocks
+  attention = seen["pose_attention"]["__call__"][0]  # RB(P)
+  fused_q = q + q * jax.nn.sigmoid(attention)         # eq. (1)
+  np.testing.assert_allclose(hallucination.pose_attention(q, attention), fused_q, rtol=1e-6)
+  fusion = _conv(jnp.concatenate([pose, fused_q], -1), params["pose_fusion"], "VALID")
+  np.testing.assert_allclose(new_pose, pose + fusion, rtol=1e-5, atol=1e-5)  # eq. (2)
+  residual = _conv(fused_q, params["image_out"], ((1, 1), (1, 1)))
+  np.testing.assert_allclose(hallucinated, images + hallucination.pixel_shuffle(residual, 2),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_an_untrained_dhln_is_the_fgtbt_network_and_returns_its_input():
+  config = models.model_config("tiny", hallucination=True, hallucination_channels=8,
+                               hallucination_blocks=1)
+  model, base = models.build_model(config), models.build_model(models.model_config("tiny"))
+  images = jnp.asarray(np.random.default_rng(6).normal(size=(2, 64, 64, 3)), jnp.float32)
+  variables = model.init(jax.random.key(0), images, train=False)
+  outputs = model.apply(variables, images, method=models.FGTBT.named_outputs)
+  assert set(outputs) == {"heatmaps", "hallucination"}
+  assert outputs["hallucination"].shape == (2, 64, 64, 3)
+  np.testing.assert_array_equal(outputs["hallucination"], images)
+  params = dict(variables["params"])
+  params["decoder"] = {k: v for k, v in params["decoder"].items() if k != "hallucination"}
+  np.testing.assert_array_equal(
+      base.apply({**variables, "params": params}, images), outputs["heatmaps"])
+
+
+def test_configs_select_the_variants_and_name_bad_keys():
+  lowres, dhln = ablations.get_config("base=default,lowres=on"), ablations.get_config(
+      "base=default,dhln=on")
+  assert lowres.lowres.factors == (2, 4, 8) and not lowres.model.hallucination
+  assert dhln.lowres.factors == (2, 4, 8) and dhln.model.hallucination
+  for config in (lowres, dhln):
+    validation.validate_config(config, num_devices=1)
+  bad = default.get_config()
+  bad.model.hallucination = True
+  with pytest.raises(errors.ConfigError, match="lowres.factors"):
+    validation.validate_config(bad, num_devices=1)
+  bad.lowres.factors = (2, 3)
+  with pytest.raises(errors.ConfigError, match=r"lowres.factors: 3 must be an integer >= 2 dividing"):
+    validation.validate_config(bad, num_devices=1)
+  bad.lowres.factors, bad.lowres.probability = (2,), 1.5
+  with pytest.raises(errors.ConfigError, match=r"lowres.probability must be in \[0, 1\]"):
+    validation.validate_config(bad, num_devices=1)
+  bad.lowres.probability, bad.loss.hallucination_gradient_weight = 1.0, -1.0
+  with pytest.raises(errors.ConfigError, match="loss.hallucination_gradient_weight must be >= 0"):
+    validation.validate_config(bad, num_devices=1)
+
+
+def test_a_run_saved_before_the_low_resolution_mode_loads_as_fgtbt(tmp_path):
+  saved = json.loads(default.get_config().to_json_best_effort())
+  del saved["lowres"]
+  for field in ("hallucination", "hallucination_channels", "hallucination_blocks"):
+    del saved["model"][field]
+  for field in ("hallucination_l1_weight", "hallucination_gradient_weight"):
+    del saved["loss"][field]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  loaded = rundir.load_run_config(tmp_path)
+  assert tuple(loaded.lowres.factors) == () and not loaded.model.hallucination
+  validation.validate_config(loaded, num_devices=1)
+
+
+def test_psnr_and_ssim_of_known_images():
+  rng = np.random.default_rng(7)
+  image = rng.random((2, 32, 32, 3))
+  assert metrics.psnr(image, image)[0] == np.inf
+  noisy = image + 0.1
+  np.testing.assert_allclose(metrics.psnr(noisy, image), 20.0, rtol=1e-6)  # MSE 0.01
+  np.testing.assert_allclose(metrics.ssim(image, image), 1.0, rtol=1e-6)
+  blurred = np.stack([cv2.GaussianBlur(x, (7, 7), 2.0) for x in image])
+  assert np.all(metrics.ssim(blurred, image) < 0.9)
+  assert np.all(metrics.ssim(0.5 * image + 0.25, image) < metrics.ssim(image, image))
+  # One 11 x 11 window: Wang et al.'s formula with Gaussian-weighted statistics.
+  x, y = rng.random((1, 11, 11, 1)), rng.random((1, 11, 11, 1))
+  taps = np.exp(-0.5 * ((np.arange(11) - 5) / 1.5) ** 2)
+  w = np.outer(taps, taps) / taps.sum() ** 2
+  a, b = x[0, ..., 0], y[0, ..., 0]
+  mx, my = (w * a).sum(), (w * b).sum()
+  vx, vy, cxy = (w * a * a).sum() - mx ** 2, (w * b * b).sum() - my ** 2, (w * a * b).sum() - mx * my
+  c1, c2 = 0.01 ** 2, 0.03 ** 2
+  want = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+  np.testing.assert_allclose(metrics.ssim(x, y), [want], rtol=1e-10)
+
+
+@pytest.mark.slow  # An eval with its lowres study: ~4 min on 2 loaded cores.
+def test_eval_reports_the_hallucinated_faces_quality(synthetic_data_dir, tmp_path):
+  from configs import tiny
+  config = tiny.get_config()
+  config.data.data_dir, config.synthetic_data.generate = str(synthetic_data_dir), False
+  config.model.hallucination, config.lowres.factors = True, (2, 4)
+  config.model.hallucination_channels, config.model.hallucination_blocks = 8, 1
+  config.eval.studies, config.eval.study_max_batches = ("lowres",), 1
+  (tmp_path / "run").mkdir()
+  helpers.write_random_run(tmp_path / "run", config, scale=None)
+  done = evaluate.evaluate_workdir(config, tmp_path / "run", "latest")
+  faces = json.loads((done.report.parent / "report.json").read_text())["studies"]["lowres_faces"]
+  assert "DHLN PSNR" in done.report.read_text()
+  # An untrained DHLN returns its input: its faces are the degraded inputs.
+  for side in ("16", "32"):
+    assert faces[side]["psnr"] == pytest.approx(faces[side]["input_psnr"], abs=0.05)
+    assert faces[side]["ssim"] == pytest.approx(faces[side]["input_ssim"], abs=2e-3)
+  assert faces["16"]["input_psnr"] < faces["32"]["input_psnr"]
+  assert faces["128"]["input_psnr"] is None  # the 51 px face is left as it was
+  assert faces["128"]["psnr"] is None or faces["128"]["psnr"] > 60.0  # float rounding only
+
+
+def _dhln_config(data: int, fsdp: int, rules: str):
+  config = ablations.get_config("base=default,dhln=on")
+  config.model.hallucination_channels, config.model.hallucination_blocks = 8, 1
+  config.model.depthwise_impl = "conv"  # as configs/tiny.py: faster to compile
+  config.optimizer.eps = 1e-3  # see tests/test_train.py
+  config.mesh.data, config.mesh.fsdp = data, fsdp
+  config.mesh.logical_axis_rules = models.logical_axis_rules(rules)
+  return config
+
+
+@pytest.mark.slow  # Two train steps compiled.
+def test_dhln_trains_sharded_like_one_device_and_resumes_exactly(tmp_path):
+  config8, config1 = _dhln_config(4, 2, "fsdp"), _dhln_config(1, 1, "data")
+  setup8 = state_lib.build_setup(config8)
+  setup1 = state_lib.build_setup(config1, mesh=sharding.make_mesh(config1.mesh, jax.devices()[:1]))
+  state8 = state_lib.create_train_state(setup8, seed=0)
+  initial = jax.device_get(state8)
+  state1 = jax.device_put(initial, setup1.state_shardings)
+  step8 = train.make_train_step(setup8, ema_decay=0.9)
+  step1 = train.make_train_step(setup1, ema_decay=0.9)
+
+  def global_batch(seed, setup):
+    return sharding.global_batch(mixed_batch(seed), sharding.batch_sharding(setup.mesh),
+                                 train.TRAIN_BATCH_KEYS)
+
+  checkpoints = checkpointing.Checkpointer.for_run(config8, tmp_path, enable_async=False)
+  for seed in (1, 2, 3):
+    state8, metrics8 = step8(state8, global_batch(seed, setup8))
+    state1, metrics1 = step1(state1, global_batch(seed, setup1))
+    for name in ("loss", "hallucination_l1", "hallucination_gradient"):
+      np.testing.assert_allclose(metrics8[name], metrics1[name], rtol=1e-5, err_msg=name)
+    if seed == 1:
+      checkpoints.save(1, state8, None, force=True)
+  # The low-resolution inputs differ from the crops: the L1 to them is not zero.
+  assert float(metrics8["hallucination_l1"]) > 0.01
+  flat1 = dict(jax.tree_util.tree_leaves_with_path(jax.device_get(state1.params)))
+  for path, value in jax.tree_util.tree_leaves_with_path(jax.device_get(state8.params)):
+    np.testing.assert_allclose(value, flat1[path], rtol=1e-4, atol=6e-5,
+                               err_msg=jax.tree_util.keystr(path))
+  moved = jax.device_get(state1.params)["decoder"]["hallucination"]["image_out"]["kernel"]
+  assert np.abs(moved).max() > 1e-5  # the zero-initialised output trained
+  resumed, step = checkpoints.restore(setup8.abstract_state)
+  checkpoints.close()
+  assert step == 1
+  for seed in (2, 3):
+    resumed, _ = step8(resumed, global_batch(seed, setup8))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(state8)),
+                          jax.tree.leaves(jax.device_get(resumed))):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
