@@ -195,7 +195,7 @@ def hallucination_quality(model: nn.Module, variables: Any, data_config: ml_coll
   Images in [0, 1]; means over every real image of every process; a mean
   that is not finite (the input left as it was: infinite PSNR) is None.
   """
-  with_model = isinstance(model, models.FGTBT) and model.decoder.hallucination
+  with_model = isinstance(model, models.FGTBT) and model.decoder.head.hallucination
   if with_model:
     apply = sharding.CompiledPerShape(jax.jit(
         lambda v, crops: model.apply(v, models.normalize_images(crops), train=False,

@@ -127,3 +127,51 @@ def read_only_view(folder: pathlib.Path, view: pathlib.Path):
     yield view
   finally:
     subprocess.run(["umount", str(view)], check=True)
+
+
+def train_sharded_and_single(config8, config1, tmp_path: pathlib.Path,
+                             compare_metrics, seeds=(1, 2, 3)):
+  """The same batches trained on a 4 x 2 mesh (`config8`) and on one device (`config1`).
+
+  After each step `compare_metrics(metrics8, metrics1)` checks the metrics
+  (its own assertions); at the end every parameter must agree, and a resume
+  from the step-1 checkpoint over the same batches must end bit for bit where
+  the uninterrupted sharded run did. Returns (initial state, sharded state,
+  one-device state, last sharded metrics).
+  """
+  from fgtbt_jax import checkpointing
+  from fgtbt_jax import sharding
+  from fgtbt_jax import state as state_lib
+  from fgtbt_jax import train
+  setup8 = state_lib.build_setup(config8)
+  setup1 = state_lib.build_setup(config1, mesh=sharding.make_mesh(config1.mesh, jax.devices()[:1]))
+  state8 = state_lib.create_train_state(setup8, seed=0)
+  initial = jax.device_get(state8)
+  state1 = jax.device_put(initial, setup1.state_shardings)
+  step8 = train.make_train_step(setup8, ema_decay=0.9)
+  step1 = train.make_train_step(setup1, ema_decay=0.9)
+
+  def global_batch(seed, setup):
+    return sharding.global_batch(mixed_batch(seed), sharding.batch_sharding(setup.mesh),
+                                 train.TRAIN_BATCH_KEYS)
+
+  checkpoints = checkpointing.Checkpointer.for_run(config8, tmp_path, enable_async=False)
+  for seed in seeds:
+    state8, metrics8 = step8(state8, global_batch(seed, setup8))
+    state1, metrics1 = step1(state1, global_batch(seed, setup1))
+    compare_metrics(metrics8, metrics1)
+    if seed == seeds[0]:
+      checkpoints.save(1, state8, None, force=True)
+  flat1 = dict(jax.tree_util.tree_leaves_with_path(jax.device_get(state1.params)))
+  for path, value in jax.tree_util.tree_leaves_with_path(jax.device_get(state8.params)):
+    np.testing.assert_allclose(value, flat1[path], rtol=1e-4, atol=6e-5,
+                               err_msg=jax.tree_util.keystr(path))
+  resumed, step = checkpoints.restore(setup8.abstract_state)
+  checkpoints.close()
+  assert step == 1
+  for seed in seeds[1:]:
+    resumed, _ = step8(resumed, global_batch(seed, setup8))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(state8)),
+                          jax.tree.leaves(jax.device_get(resumed))):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  return initial, state8, state1, metrics8

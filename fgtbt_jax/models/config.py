@@ -16,7 +16,7 @@ import ml_collections
 
 from fgtbt_jax.models.decoder import FUSIONS
 from fgtbt_jax.models.fgsa import FGSA_COMPAT, FREQUENCY_EXTRACTORS
-from fgtbt_jax.models.heads import HEADS
+from fgtbt_jax.models.heads import HEADS, HeadOptions
 from fgtbt_jax.models.layers import POINTWISE_IMPLEMENTATIONS
 from fgtbt_jax.models.compute import COMPUTE_FIELDS  # noqa: F401  (re-exported)
 from fgtbt_jax.models.remat import REMAT_POLICIES
@@ -169,15 +169,7 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
   config.head_channels = 256
   config.upsample_channels = 128
   config.num_points = 124
-  config.head = "heatmap"
-  config.hih_decimal_size = 8
-  config.hih_channels = 64
-  config.recurrent_steps = 2
-  config.recurrent_channels = 32
-  config.recurrent_kernel = 7
-  config.hallucination = False
-  config.hallucination_channels = 32
-  config.hallucination_blocks = 4
+  config.update(dataclasses.asdict(HeadOptions()))  # head ... hallucination_blocks
   config.dtype = "float32"
   config.drop_path_rate = 0.1
   config.head_dropout = 0.1

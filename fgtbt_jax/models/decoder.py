@@ -7,7 +7,6 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fgtbt_jax.models import heads as heads_lib
 from fgtbt_jax.models.hallucination import DualHallucination
@@ -107,18 +106,11 @@ class DecoderHead(nn.Module):
     dropout: dropout rate after the fusion (0.1).
     batch_norm_unbiased_variance: BatchNorms update their running variance
       with the unbiased batch variance (PyTorch).
-    head: the landmark head on the upsampled features, a name of
-      `heads.HEADS` ("heatmap", the FGTBT head, by default). The call
-      returns the head's named outputs ({"heatmaps": ...} for "heatmap").
-    hih_decimal_size, hih_channels: the "hih" head's d and width.
-    recurrent_steps, recurrent_channels, recurrent_kernel: the "recurrent"
-      head's K, width and wide-kernel size.
-    hallucination: SHT's DHLN on this head (`hallucination.DualHallucination`):
-      a face-hallucination stream from the input images fused with the
-      upsampled features before the landmark head; the call then needs the
-      images and its outputs add "hallucination", the face at the input size.
-    hallucination_channels, hallucination_blocks: that stream's width and
-      super-resolution blocks.
+    head: the landmark head and DHLN on the upsampled features
+      (`heads.HeadOptions`; the FGTBT "heatmap" head by default). The call
+      returns the head's named outputs ({"heatmaps": ...} for "heatmap"),
+      and with `head.hallucination` needs the input images and adds
+      "hallucination", the face at the input size.
     compute: how to compute (`compute.Compute`): dtype, the fusion form
       ("composed", the default, or "concat", `FUSIONS`; see above), the 1x1
       convolutions (`layers.POINTWISE_IMPLEMENTATIONS`: "conv", or "dot", a
@@ -131,15 +123,7 @@ class DecoderHead(nn.Module):
   num_points: int = 124
   dropout: float = 0.1
   batch_norm_unbiased_variance: bool = False
-  head: str = "heatmap"
-  hih_decimal_size: int = 8
-  hih_channels: int = 64
-  recurrent_steps: int = 2
-  recurrent_channels: int = 32
-  recurrent_kernel: int = 7
-  hallucination: bool = False
-  hallucination_channels: int = 32
-  hallucination_blocks: int = 4
+  head: heads_lib.HeadOptions = heads_lib.HeadOptions()
   compute: Compute = Compute()
 
   @nn.compact
@@ -147,7 +131,8 @@ class DecoderHead(nn.Module):
                images: jax.Array | None = None) -> dict[str, Any]:
     if self.compute.decoder_fusion not in FUSIONS:
       raise ValueError(f"unknown decoder fusion {self.compute.decoder_fusion!r}; expected one of {FUSIONS}")
-    heads_lib.get_head(self.head)
+    options = self.head
+    heads_lib.get_head(options.head)
     _, h, w, _ = features[0].shape
     stages = list(reversed(range(len(features))))  # Concatenation order: stage 4 first.
     embeds = {i: layers.dense(self.decoder_dim, "embed", "decoder", dtype=self.compute.dtype,
@@ -178,28 +163,28 @@ class DecoderHead(nn.Module):
     y = layers.conv_transpose(self.upsample_channels, 4, 2, 1, "decoder", dtype=self.compute.dtype,
                               name="upsample")(y)
     outputs = {}
-    if self.hallucination:
+    if options.hallucination:
       if images is None:
         raise ValueError("DecoderHead: hallucination needs the input images")
       y, outputs["hallucination"] = DualHallucination(
-          self.hallucination_channels, self.hallucination_blocks, compute=self.compute,
+          options.hallucination_channels, options.hallucination_blocks, compute=self.compute,
           name="hallucination")(y, images)
     heatmaps = layers.conv(self.num_points, 3, "heatmaps", padding=1, use_bias=False,
                            dtype=self.compute.dtype, name="heatmap")(y)
-    if self.head == "hih":
+    if options.head == "hih":
       decimal = heads_lib.DecimalHead(
-          decimal_size=self.hih_decimal_size, channels=self.hih_channels,
+          decimal_size=options.hih_decimal_size, channels=options.hih_channels,
           num_points=self.num_points,
           batch_norm_unbiased_variance=self.batch_norm_unbiased_variance,
           compute=self.compute,
           name="decimal_head")(y, heatmaps, train)
       return {"heatmaps": heatmaps, "decimal": decimal, **outputs}
-    if self.head == "recurrent":
+    if options.head == "recurrent":
       step = heads_lib.RefinementStep(
-          channels=self.recurrent_channels, kernel_size=self.recurrent_kernel,
+          channels=options.recurrent_channels, kernel_size=options.recurrent_kernel,
           num_points=self.num_points, compute=self.compute,
           name="refine")
-      maps = heads_lib.refine(step, y, heatmaps, self.recurrent_steps)
+      maps = heads_lib.refine(step, y, heatmaps, options.recurrent_steps)
       return {"heatmaps": maps[-1], "step_heatmaps": maps, **outputs}
     return {"heatmaps": heatmaps, **outputs}
 

@@ -31,6 +31,7 @@ from fgtbt_jax.models.compute import compute_options
 from fgtbt_jax.models.config import ENCODERS, validate_model_config
 from fgtbt_jax.models.decoder import DecoderHead
 from fgtbt_jax.models.encoder import MixTransformer
+from fgtbt_jax.models import heads
 from fgtbt_jax.models.fgsa import high_frequency_image
 from fgtbt_jax.models.remat import recompute_module
 
@@ -101,7 +102,7 @@ class FGTBT(nn.Module):
         structure = high_frequency_image(
             images, self.frequency_extractor, self.frequency_sigma)
     features = self.encoder(images, structure, train)
-    if self.decoder.hallucination:  # DHLN's stream reads the input images too.
+    if self.decoder.head.hallucination:  # DHLN's stream reads the input images too.
       outputs = self.decoder(features, train, images)
     else:
       outputs = self.decoder(features, train)
@@ -138,12 +139,7 @@ def build_model(config: ml_collections.ConfigDict) -> FGTBT:
       upsample_channels=config.upsample_channels, num_points=config.num_points,
       dropout=config.head_dropout,
       batch_norm_unbiased_variance=config.batch_norm_unbiased_variance,
-      head=config.head,
-      hih_decimal_size=config.hih_decimal_size, hih_channels=config.hih_channels,
-      recurrent_steps=config.recurrent_steps, recurrent_channels=config.recurrent_channels,
-      recurrent_kernel=config.recurrent_kernel, hallucination=config.hallucination,
-      hallucination_channels=config.hallucination_channels,
-      hallucination_blocks=config.hallucination_blocks, compute=compute, parent=None)
+      head=heads.head_options(config), compute=compute, parent=None)
   return FGTBT(encoder=encoder, decoder=decoder,
                frequency_extractor=config.frequency_extractor,
                frequency_sigma=float(config.frequency_sigma))

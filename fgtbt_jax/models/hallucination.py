@@ -43,19 +43,12 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from fgtbt_jax.models import heads
 from fgtbt_jax.models import layers
 from fgtbt_jax.models.compute import Compute
 
 Dtype = Any
-
-
-def area_matrix(size: int, factor: int) -> np.ndarray:
-  """(size / factor, size) weights averaging each run of `factor` pixels."""
-  if size % factor:
-    raise ValueError(f"area_matrix: {size} px does not divide by the factor {factor}")
-  return np.kron(np.eye(size // factor), np.full((1, factor), 1.0 / factor)).astype(np.float32)
 
 
 def degrade(images: jax.Array, factor: int) -> jax.Array:
@@ -69,7 +62,10 @@ def degrade(images: jax.Array, factor: int) -> jax.Array:
   if factor == 1:
     return images
   _, h, w, _ = images.shape
-  small = layers.separable_matmul(images, area_matrix(h, factor), area_matrix(w, factor))
+  if h % factor or w % factor:
+    raise ValueError(f"degrade: {h}x{w} px does not divide by the factor {factor}")
+  small = layers.separable_matmul(images, heads.area_matrix(h, h // factor),
+                                  heads.area_matrix(w, w // factor))
   back = layers.separable_matmul(small, layers.bilinear_matrix(h // factor, h),
                                  layers.bilinear_matrix(w // factor, w))
   return jnp.clip(jnp.round(back), 0.0, 255.0)

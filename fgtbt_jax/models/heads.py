@@ -65,6 +65,43 @@ HEADS: dict[str, HeadSpec] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadOptions:
+  """What the decoder puts on its upsampled features: the landmark head and DHLN.
+
+  The fields are the model config's fields of the same names (`head_options`).
+
+  Attributes:
+    head: the landmark head, a name of `HEADS`.
+    hih_decimal_size, hih_channels: the "hih" head's d and width.
+    recurrent_steps, recurrent_channels, recurrent_kernel: the "recurrent"
+      head's K, width and wide-kernel size.
+    hallucination: SHT's DHLN (`hallucination.DualHallucination`): a
+      face-hallucination stream from the input images fused with the
+      upsampled features before the landmark head.
+    hallucination_channels, hallucination_blocks: that stream's width and
+      super-resolution blocks.
+  """
+
+  head: str = "heatmap"
+  hih_decimal_size: int = 8
+  hih_channels: int = 64
+  recurrent_steps: int = 2
+  recurrent_channels: int = 32
+  recurrent_kernel: int = 7
+  hallucination: bool = False
+  hallucination_channels: int = 32
+  hallucination_blocks: int = 4
+
+
+HEAD_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(HeadOptions))
+
+
+def head_options(config) -> HeadOptions:
+  """The `HeadOptions` of a model config (its `HEAD_FIELDS`)."""
+  return HeadOptions(**{name: config[name] for name in HEAD_FIELDS})
+
+
 def get_head(name: str) -> HeadSpec:
   """The registry entry of head `name`; ValueError naming the known heads."""
   if name not in HEADS:
