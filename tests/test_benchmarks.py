@@ -386,3 +386,20 @@ def test_pointwise_probe_compiles_both_forms_of_each_part():
     assert records[1]["flops"] == pytest.approx(records[0]["flops"], rel=0.1)
   assert pointwise_probe.main(["--parts=stem", "--topology=cpu:1"]) == 2
 
+
+
+def test_lowres_study_tables_its_rows_and_refuses_unknown_ones():
+  from benchmarks import lowres_study
+  faces = {"16": {"input_psnr": 24.8, "input_ssim": 0.737, "psnr": 25.4, "ssim": 0.773},
+           "64": {"input_psnr": None, "input_ssim": 1.0}}
+  records = [{"row": "dhln", "mean_nme": {"16": 4.234, "64": 4.46}, "faces": faces},
+             {"row": "fgtbt", "mean_nme": {"16": 5.43, "64": 3.68},
+              "faces": {"16": {"input_psnr": 24.8, "input_ssim": 0.737},
+                        "64": {"input_psnr": None, "input_ssim": 1.0}}}]
+  table = lowres_study.markdown(records).splitlines()
+  assert table[0].startswith("| row | NME 16 px | NME 64 px | PSNR / SSIM 16 px")
+  # A DHLN row shows its hallucinated faces; others the degraded inputs ("same": unchanged).
+  assert table[2] == "| dhln | 4.23 | 4.46 | 25.40 / 0.7730 | same |"
+  assert table[3] == "| fgtbt | 5.43 | 3.68 | 24.80 / 0.7370 | same |"
+  with pytest.raises(SystemExit):
+    lowres_study.main(["--rows", "fgtbt,sht"])
