@@ -247,3 +247,28 @@ def test_dhln_trains_sharded_like_one_device_and_resumes_exactly(tmp_path):
   assert float(metrics8["hallucination_l1"]) > 0.01
   moved = jax.device_get(state1.params)["decoder"]["hallucination"]["image_out"]["kernel"]
   assert np.abs(moved).max() > 0.0  # the zero-initialised output moved (warm-up steps)
+
+
+def test_paired_view_moves_the_image_and_its_points_alike():
+  size, rng = 32, np.random.default_rng(8)
+  images, points = np.zeros((4, size, size, 2), np.float32), np.zeros((4, 1, 2), np.float32)
+  for b in range(4):
+    x, y = rng.integers(10, 22, 2)
+    images[b, y - 1:y + 2, x - 1:x + 2, :] = 1.0  # a 3 x 3 spot at the point
+    points[b, 0] = (x, y)
+  view, moved = hallucination.paired_view(images, points, jax.random.key(1))
+  view, moved = np.asarray(view), np.asarray(moved)
+  ys, xs = np.mgrid[:size, :size]
+  for b in range(4):
+    weight = view[b, ..., 0] / view[b, ..., 0].sum()
+    centroid = np.array([(weight * xs).sum(), (weight * ys).sum()])
+    np.testing.assert_allclose(centroid, moved[b, 0], atol=0.3)
+    np.testing.assert_array_equal(view[b, ..., 0], view[b, ..., 1])  # channels alike
+  # Rotation and scale within the ranges: distances to the centre scale by 0.8-1.2.
+  centre = (size - 1) / 2
+  ratio = np.linalg.norm(moved[:, 0] - centre, axis=-1) / np.linalg.norm(points[:, 0] - centre, axis=-1)
+  assert np.all((ratio > 0.79) & (ratio < 1.21))
+  same, unmoved = hallucination.paired_view(images, points, jax.random.key(1), max_rotation=0.0,
+                                            scale_range=(1.0, 1.0))
+  np.testing.assert_allclose(same, images, atol=1e-6)
+  np.testing.assert_allclose(unmoved, points, atol=1e-5)

@@ -178,3 +178,41 @@ class DualHallucination(nn.Module):
                            name="image_out")(q)
     hallucinated = images.astype(dtype) + pixel_shuffle(residual, 2)
     return pose, hallucinated
+
+
+def paired_view(images: jax.Array, points: jax.Array, key: jax.Array,
+                max_rotation: float = 30.0, scale_range: tuple[float, float] = (0.8, 1.2)
+                ) -> tuple[jax.Array, jax.Array]:
+  """A second view of each face, as SHT pairs views of one image (section 4, "paired images").
+
+  Per sample an angle uniform in (-max_rotation, max_rotation) degrees and a
+  scale uniform in `scale_range`, about the crop centre c = (S - 1) / 2:
+  p' = s R(angle) (p - c) + c for the points (B, K, 2) x, y in input pixels,
+  and the image (B, S, S, C) resampled to match (bilinear; outside the
+  crop is 0). Returns (images float32, points float32). SHT draws both from
+  a Gaussian clipped to these ranges; uniform draws here.
+  """
+  images = jnp.asarray(images, jnp.float32)
+  points = jnp.asarray(points, jnp.float32)
+  batch, height, width, _ = images.shape
+  angle_key, scale_key = jax.random.split(key)
+  angle = jnp.deg2rad(jax.random.uniform(angle_key, (batch,), minval=-max_rotation,
+                                         maxval=max_rotation))
+  scale = jax.random.uniform(scale_key, (batch,), minval=scale_range[0], maxval=scale_range[1])
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  rotation = jnp.stack([jnp.stack([cos, -sin], -1), jnp.stack([sin, cos], -1)], -2)  # (B, 2, 2)
+  centre = jnp.asarray([(width - 1) / 2.0, (height - 1) / 2.0], jnp.float32)
+  moved = scale[:, None, None] * jnp.einsum("bij,bkj->bki", rotation, points - centre) + centre
+  # Each output pixel q reads the input at R^T (q - c) / s + c.
+  ys, xs = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
+                        jnp.arange(width, dtype=jnp.float32), indexing="ij")
+  grid = jnp.stack([xs.ravel(), ys.ravel()], -1) - centre  # (H W, 2) x, y
+  source = jnp.einsum("bji,nj->bni", rotation, grid) / scale[:, None, None] + centre
+
+  def sample(image, where):  # (H, W, C), (H W, 2) -> (H, W, C)
+    coords = [where[:, 1], where[:, 0]]
+    return jax.vmap(lambda channel: jax.scipy.ndimage.map_coordinates(
+        channel, coords, order=1, mode="constant", cval=0.0), in_axes=-1, out_axes=-1)(
+            image).reshape(height, width, -1)
+
+  return jax.vmap(sample)(images, source), moved
