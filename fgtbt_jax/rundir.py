@@ -212,19 +212,25 @@ _NEXT = {
     "train": (("eval --workdir={w}", "the report: tables per subset, CED curves"),
               ("predict --workdir={w} --image=PATH", "landmarks of your images, folders, videos")),
     "eval": (("predict --workdir={w} --image=PATH", "landmarks of your images, folders, videos"),),
-    "predict": (("predict --workdir={w} --image=PATH --config.predict.protocol=WFLW",
-                 "more inputs; WFLW's 98 points (or 300W, COFW, AFLW) instead of all 124"),),
+    "predict": (("predict --workdir={w} --image=PATH --config.predict.protocol={p}",
+                 "more inputs; {what} instead of all 124"),),
 }
 
 
 def next_commands(workdir: str | os.PathLike, after: str,
-                  first: tuple[tuple[str, str], ...] = ()) -> str:
+                  first: tuple[tuple[str, str], ...] = (), own_scheme: str | None = None) -> str:
   """The "next:" lines a command ends with, for the run in `workdir` after mode
   `after` ("train", "eval" or "predict"): the commands to run next, each with
-  what it gives; `first` (line, what) rows go on top."""
+  what it gives; `first` (line, what) rows go on top. After predict, the
+  protocol suggested is `own_scheme` (a run's own dataset) or WFLW."""
+  scheme = own_scheme or "WFLW"
+  what = (f"the points of {scheme}" if own_scheme
+          else "WFLW's 98 points (or 300W, COFW, AFLW)")
   rows = list(first) + [
-      (f"{command_prefix()} " + command.format(w=shlex.quote(shown_path(workdir))), what)
-      for command, what in _NEXT[after]]
+      (f"{command_prefix()} " + command.format(w=shlex.quote(shown_path(workdir)),
+                                              p=shlex.quote(scheme)),
+       line_what.format(what=what))
+      for command, line_what in _NEXT[after]]
   width = max(len(command) for command, _ in rows)
   return "\n".join(["next:"] + [f"  {command:<{width}}  # {what}" for command, what in rows])
 

@@ -75,6 +75,13 @@ def test_next_commands_follow_the_way_the_command_was_called(tmp_path, monkeypat
   monkeypatch.setattr("sys.argv", ["/site/fgtbt_jax/commands/__main__.py", "train"])
   assert rundir.next_commands("/elsewhere/run", "train").splitlines()[1].startswith(
       "  python -m fgtbt_jax.commands eval --workdir=/elsewhere/run  ")
+  # After predict: a benchmark's points, or the run's own scheme when it has one.
+  assert rundir.next_commands("r", "predict").splitlines()[1].endswith(
+      "--config.predict.protocol=WFLW  # more inputs; WFLW's 98 points (or 300W, COFW, "
+      "AFLW) instead of all 124")
+  assert rundir.next_commands("r", "predict", own_scheme="my faces").splitlines()[1].endswith(
+      "--config.predict.protocol='my faces'  # more inputs; the points of my faces "
+      "instead of all 124")
 
 
 def test_predict_shows_progress_per_file_and_frame_and_ends_with_the_next_command(

@@ -694,5 +694,7 @@ def predict_main(workdir: str | os.PathLike, inputs: Sequence[str], out_dir: str
   if overlays:
     first = ((f"see {rundir.shown_path(overlays[0])}",
               "an overlay; the landmarks are in the .json beside it"),)
-    print(rundir.next_commands(workdir, "predict", first=first), flush=True)
+    own = [str(n) for n in config.data.datasets if not landmarks.is_benchmark(n)]
+    print(rundir.next_commands(workdir, "predict", first=first, own_scheme=(own or [None])[0]),
+          flush=True)
   return 1 if report.failed or not report.files else 0
