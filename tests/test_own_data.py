@@ -103,6 +103,20 @@ def test_a_user_protocol_of_a_benchmarks_points_matches_it():
     assert own.default_normalizer == benchmark.default_normalizer, name
 
 
+def test_exported_metadata_lists_the_runs_own_schemes():
+  import types
+  from fgtbt_jax.deploy import export
+  from fgtbt_jax.inference import PredictSettings
+  landmarks.register_protocol(schemes.own_protocol("mine", "COFW", dataset_id=4))
+  signature = types.SimpleNamespace(
+      in_avals=[types.SimpleNamespace(shape=(1, 64, 64, 3), dtype="uint8")], out_avals=[],
+      platforms=("cpu",))
+  metadata = export.artifact_metadata(signature, settings=PredictSettings(), output="landmarks",
+                                      crop_enlarge=1.25, own_schemes=("mine",))
+  assert set(metadata["unified_index"]) == {*landmarks.PROTOCOL_NAMES, "mine"}
+  assert metadata["unified_index"]["mine"] == landmarks.get_protocol("COFW").unified_index.tolist()
+
+
 def test_a_subset_scheme_keeps_its_points_flips_and_normaliser(tmp_path):
   own = schemes.own_protocol("mine20", subset_scheme(tmp_path / "s.json"), dataset_id=5)
   assert own.num_landmarks == 20 and own.unified_mask.sum() == 20

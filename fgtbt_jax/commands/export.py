@@ -19,6 +19,7 @@ from typing import Sequence
 from fgtbt_jax import checkpointing
 from fgtbt_jax import errors
 from fgtbt_jax import heatmaps
+from fgtbt_jax import landmarks
 from fgtbt_jax import rundir
 from fgtbt_jax.deploy import export
 from fgtbt_jax.deploy import onnx_export
@@ -63,17 +64,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("eval.decoder", args.decoder), ("eval.flip_test", args.flip_test),
         ("predict.dataset", args.dataset), ("predict.batch_size", args.batch_size))
                  if value is not None}
-    predictor = predictor_lib.Predictor.from_checkpoint(
-        workdir, args.which, config=rundir.load_run_config(workdir, overrides))
+    config = rundir.load_run_config(workdir, overrides)
+    predictor = predictor_lib.Predictor.from_checkpoint(workdir, args.which, config=config)
+    # The run's own datasets (their schemes registered by from_checkpoint).
+    own = [str(n) for n in config.data.datasets if not landmarks.is_benchmark(n)]
     if args.format == "onnx":
-      onnx_export.export_onnx(predictor, out, output=args.output)
+      onnx_export.export_onnx(predictor, out, output=args.output, own_schemes=own)
       path = out
     else:
       exported = export.export_inference(predictor, output=args.output,
                                          platforms=[p for p in args.platforms.split(",") if p])
       path = export.save_exported(exported, out, export.artifact_metadata(
           exported, settings=predictor.settings, output=args.output,
-          crop_enlarge=predictor.crop_enlarge))
+          crop_enlarge=predictor.crop_enlarge, own_schemes=own))
   except USER_ERRORS as e:
     print(f"fgtbt export: {e}", file=sys.stderr)
     return 1

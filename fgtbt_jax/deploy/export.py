@@ -69,8 +69,12 @@ def export_inference(predictor: predictor_lib.Predictor, *, batch_size: int | No
 
 
 def artifact_metadata(exported: jax.export.Exported, *, settings: PredictSettings, output: str,
-                      crop_enlarge: float) -> dict:
-  """The sidecar description of an exported artifact (see `save_exported`)."""
+                      crop_enlarge: float, own_schemes: Sequence[str] = ()) -> dict:
+  """The sidecar description of an exported artifact (see `save_exported`).
+
+  "unified_index" maps each benchmark protocol and each of `own_schemes`
+  (the run's own datasets, registered as protocols) to its unified points.
+  """
   (crops,) = exported.in_avals
   return {
       "format": "jax.export serialized Exported (StableHLO); load with "
@@ -91,7 +95,7 @@ def artifact_metadata(exported: jax.export.Exported, *, settings: PredictSetting
                "convention": "centre = box centre, side = max(w, h) * crop_enlarge, "
                              "u = (S / side) (x - centre) + (S - 1) / 2"},
       "unified_index": {name: landmarks.get_protocol(name).unified_index.tolist()
-                        for name in landmarks.PROTOCOL_NAMES},
+                        for name in (*landmarks.PROTOCOL_NAMES, *own_schemes)},
   }
 
 

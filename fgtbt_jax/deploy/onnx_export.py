@@ -51,7 +51,7 @@ import json
 import logging
 import os
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.extend
@@ -243,7 +243,8 @@ def _drop_unused_initializers(graph) -> None:
 
 def export_onnx(predictor: predictor_lib.Predictor, path: str | os.PathLike, *,
                 batch_size: int | None = None, flip_test: bool | None = None,
-                settings: PredictSettings | None = None, output: str = "landmarks") -> dict:
+                settings: PredictSettings | None = None, output: str = "landmarks",
+                own_schemes: Sequence[str] = ()) -> dict:
   """Writes the predictor's predict function to `path` (ONNX) and `<path>.json`.
 
   Args:
@@ -254,6 +255,8 @@ def export_onnx(predictor: predictor_lib.Predictor, path: str | os.PathLike, *,
     flip_test: override the settings' flip test (None: keep it).
     settings: decoder, flip test and smoothing; default the predictor's.
     output: "landmarks" (points, confidence) or "heatmaps" (merged maps).
+    own_schemes: the run's own datasets, whose unified points the metadata
+      lists beside the benchmarks' (`export.artifact_metadata`).
 
   Returns:
     The metadata written to `<path>.json`.
@@ -268,7 +271,7 @@ def export_onnx(predictor: predictor_lib.Predictor, path: str | os.PathLike, *,
   model = onnx_model(predictor, batch_size=batch_size, settings=settings, output=output)
   metadata = onnx_metadata(model, settings=settings, output=output,
                            crop_enlarge=predictor.crop_enlarge,
-                           batch_dependent=predictor.batch_dependent)
+                           batch_dependent=predictor.batch_dependent, own_schemes=own_schemes)
   # Inside the model too, for `OnnxPredictor` (onnxruntime's custom metadata map).
   entry = model.metadata_props.add()
   entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
@@ -279,7 +282,7 @@ def export_onnx(predictor: predictor_lib.Predictor, path: str | os.PathLike, *,
 
 
 def onnx_metadata(model, *, settings: PredictSettings, output: str, crop_enlarge: float,
-                  batch_dependent: bool = False) -> dict:
+                  batch_dependent: bool = False, own_schemes: Sequence[str] = ()) -> dict:
   """The description of an exported ONNX model: `export.artifact_metadata`'s fields
   (the crop convention, settings, each protocol's unified index) for this graph."""
   onnx = _import("onnx")
@@ -291,7 +294,8 @@ def onnx_metadata(model, *, settings: PredictSettings, output: str, crop_enlarge
 
   [crops] = [described(v) for v in model.graph.input]
   metadata = export_lib.artifact_metadata(
-      _Signature(crops["shape"]), settings=settings, output=output, crop_enlarge=crop_enlarge)
+      _Signature(crops["shape"]), settings=settings, output=output, crop_enlarge=crop_enlarge,
+      own_schemes=own_schemes)
   del metadata["platforms"]
   metadata.update(
       format=f"ONNX (opset {OPSET}); onnxruntime: InferenceSession(path).run(None, "
