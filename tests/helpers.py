@@ -175,3 +175,11 @@ def train_sharded_and_single(config8, config1, tmp_path: pathlib.Path,
                           jax.tree.leaves(jax.device_get(resumed))):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
   return initial, state8, state1, metrics8
+
+
+def tiny_predictor(batch_size: int, seed: int = 1):
+  """A `Predictor` of the tiny network with random weights (`model_variables`)."""
+  from fgtbt_jax import models
+  from fgtbt_jax.deploy.predictor import Predictor
+  config = models.model_config("tiny")
+  return Predictor(config, model_variables(config, seed=seed), batch_size=batch_size)

@@ -15,9 +15,7 @@ from fgtbt_jax.commands import export as export_command
 from fgtbt_jax.deploy import export
 from fgtbt_jax import heatmaps
 from fgtbt_jax import landmarks
-from fgtbt_jax import models
 from fgtbt_jax import inference
-from fgtbt_jax.deploy.predictor import Predictor
 from tests import helpers
 
 BATCH = 2
@@ -25,8 +23,7 @@ BATCH = 2
 
 @pytest.fixture(scope="module")
 def predictor():
-  config = models.model_config("tiny")
-  return Predictor(config, helpers.model_variables(config, seed=1), batch_size=BATCH)
+  return helpers.tiny_predictor(BATCH)
 
 
 @pytest.fixture(scope="module")

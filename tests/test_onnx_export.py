@@ -50,8 +50,7 @@ needs_onnx = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def predictor():
-  config = models.model_config("tiny")
-  return Predictor(config, helpers.model_variables(config, seed=1), batch_size=BATCH)
+  return helpers.tiny_predictor(BATCH)
 
 
 @pytest.fixture(scope="module")
