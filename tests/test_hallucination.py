@@ -272,3 +272,27 @@ def test_paired_view_moves_the_image_and_its_points_alike():
                                             scale_range=(1.0, 1.0))
   np.testing.assert_allclose(same, images, atol=1e-6)
   np.testing.assert_allclose(unmoved, points, atol=1e-5)
+
+
+def test_unlabeled_faces_train_only_the_image_terms():
+  """SHT eq. (10): a face without landmarks (mask all False) adds nothing to the
+  FMB-loss, its dataset is absent, and it still counts in the hallucination terms."""
+  from fgtbt_jax import landmarks
+  rng = np.random.default_rng(9)
+  dataset_id = np.repeat(np.arange(4, dtype=np.int32), 2)
+  mask = landmarks.PROTOCOL_MASKS[dataset_id].copy()
+  points = rng.uniform(4, 56, (8, 124, 2)).astype(np.float32)
+  maps = rng.normal(0.0, 0.1, (8, 16, 16, 124)).astype(np.float32)
+  config = losses.LossConfig(sigma=1.5)
+  params, state = losses.init_balancer(config)
+  labeled = [0, 1, 4, 5, 6, 7]
+  mask[2:4] = False  # the two 300W faces have no landmarks
+  total, aux = losses.head_loss(config, {"heatmaps": maps}, points, mask, dataset_id, 4.0,
+                                params, state)
+  only, only_aux = losses.head_loss(config, {"heatmaps": maps[labeled]}, points[labeled],
+                                    mask[labeled], dataset_id[labeled], 4.0, params, state)
+  assert np.asarray(aux["present"], bool).tolist() == [True, False, True, True]
+  np.testing.assert_allclose(total, only, rtol=1e-6)
+  sr, hr = rng.random((8, 8, 8, 3)), rng.random((8, 8, 8, 3))
+  _, image = losses.hallucination_loss(sr, hr, 1.0, 1.0)
+  np.testing.assert_allclose(image["hallucination_l1"], np.abs(sr - hr).mean(), rtol=1e-5)
