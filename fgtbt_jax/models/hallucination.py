@@ -33,7 +33,9 @@ high-resolution crop in [0, 1].
 Also here: the low-resolution inputs of the training mode (`degrade`,
 `random_degrade`: area downsampling by an integer factor and bilinear
 upsampling back to the input size, as the `lowres` study's evaluation
-degrades test faces).
+degrades test faces), and SHT's second view of a face (`paired_view`: rotated
+and scaled on device with its points), for the weak supervision of SHT that
+is still to be wired into training (FPTN: `models.fptn`).
 """
 
 from __future__ import annotations
