@@ -429,8 +429,8 @@ class _AdjustedDetector:
     self.fallback_reason: str | None = None
 
   def _settings(self) -> dict:
-    """The detector's own settings, for `describe()`."""
-    raise NotImplementedError
+    """The detector's own settings, for `describe()` (none here; each detector adds its own)."""
+    return {}
 
   def describe(self) -> dict:
     """A JSON record: name, box adjustment, the detector's settings, fallback reason."""
