@@ -448,9 +448,10 @@ class Evaluator:
     """(results {dataset: summary}, per-image arrays {dataset: metrics.SplitPredictions}).
 
     Summaries as `summarize_dataset`; the baseline NME is computed once per
-    dataset and reused.
+    dataset and reused. `datasets` None: the configured ones but unlabeled
+    folders (`prepare.evaluated_datasets`: they have nothing to evaluate).
     """
-    per_image = self.run(variables, datasets or self.config.data.datasets,
+    per_image = self.run(variables, datasets or prepare.evaluated_datasets(self.config.data),
                          keep_images=keep_images, label=f"eval @ {step}")
     results = {}
     for name, split in per_image.items():
@@ -541,7 +542,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.P
   kinds = prepare.data_kinds(config.data)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh.logical_axis_rules)
-  restored = inference.restore_models(config, workdir, checkpoint, mesh, rules)
+  # Unlabeled folders have no test split and no best checkpoint.
+  restored = inference.restore_models(config, workdir, checkpoint, mesh, rules,
+                                      datasets=prepare.evaluated_datasets(config.data))
   evaluator = Evaluator(config, models.build_model(config.model), mesh, rules)
   study_names = studies_lib.check_studies(config.eval.studies)
   max_batches = int(config.eval.study_max_batches) or None

@@ -13,6 +13,12 @@ their own that trains jointly with the benchmarks:
 (`--list-points` prints them; fgtbt_jax/data/schemes.py). Then train with
 configs/own_data.py (docs/training.md).
 
+Face images without annotations (weak supervision: trained on with no
+landmark loss, never evaluated), each image one face crop:
+
+    python -m data_pipelines.convert --dataset mine_unlabeled --unlabeled \\
+        --src ~/more_faces --out ~/fgtbt_data
+
 Benchmarks:
 
     python -m data_pipelines.convert --dataset wflw --src ~/data/WFLW \\
@@ -69,6 +75,10 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                            "train/ and test/ subfolders are used when present)")
   parser.add_argument("--split-list", default=None,
                       help="--format folder: a file naming the test images, one a line")
+  parser.add_argument("--unlabeled", action="store_true",
+                      help="--src is a folder of face images without annotation files "
+                           "(each image one face, its box the whole image): a train split "
+                           "of faces without landmarks, under a name of your own")
   parser.add_argument("--list-points", action="store_true",
                       help="print the unified point names (and each benchmark's index of "
                            "them) for a --scheme file, and exit")
@@ -76,8 +86,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help="source format (default: detected from the files)")
   parser.add_argument("--image-root", default=None,
                       help="folder the annotation's image paths are relative to")
-  parser.add_argument("--splits", default=",".join(tfds_builders.SPLITS),
-                      help="comma-separated splits to convert")
+  parser.add_argument("--splits", default=None,
+                      help="comma-separated splits to convert (default "
+                           f"{','.join(tfds_builders.SPLITS)}; train with --unlabeled)")
   parser.add_argument("--on-error", default="raise", choices=("raise", "skip"),
                       help="stop at the first bad sample, or skip and count it")
   parser.add_argument("--max-side", type=int, default=tfds_builders.DEFAULT_MAX_SIDE,
@@ -124,12 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     summary = convert_dataset(
         args.dataset, args.src, args.out, fmt=args.format, image_root=args.image_root,
-        splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
+        splits=(None if args.splits is None
+                else tuple(s.strip() for s in args.splits.split(",") if s.strip())),
         on_error=args.on_error, max_side=args.max_side,
         image_format=args.image_format, jpeg_quality=args.jpeg_quality,
         num_threads=args.threads, overwrite=args.overwrite, convention=args.convention,
         authors_crop_size=args.authors_crop_size, scheme=args.scheme,
-        split_ratio=args.split_ratio, split_list=args.split_list)
+        split_ratio=args.split_ratio, split_list=args.split_list, unlabeled=args.unlabeled)
   # DataError and UnknownProtocolError are ValueErrors with one-line messages;
   # an OSError (a read-only or full --out, a file where a folder goes) names
   # its path. What was converted before stays (TFDS writes into a temporary

@@ -39,6 +39,12 @@ def data_config() -> ml_collections.ConfigDict:
   c.reduced_decode = True
   # Shuffle and augmentation seed (per dataset and process seeds derive from it).
   c.seed = 0
+  # The share, in (0, 1], of each dataset's train examples that keep their
+  # landmarks: round(labeled_fraction * n) of them, chosen per example from
+  # `seed` and the dataset's name; the others reach the batch with an
+  # all-zero mask (faces without landmarks: no heatmap loss). Eval splits
+  # keep every annotation. 1.0: every annotation is used.
+  c.labeled_fraction = 1.0
   # Worker processes producing batches (grain mp_prefetch); 0 = in-process.
   c.num_workers = 2
   # Batches each worker process keeps ready.

@@ -13,7 +13,11 @@ A user's own folder of faces (images with a `.pts`/`.json`/`.csv` beside
 each; fgtbt_jax.data.readers.folder) converts under a benchmark's name and
 points, or under its own name with `scheme` (a benchmark's points or a list
 of unified point names; fgtbt_jax.data.schemes), stored with it so that a
-run reads it back.
+run reads it back. A folder of face images without annotations converts
+under its own name with `unlabeled=True` (`--unlabeled`): a train split of
+faces without landmarks (fgtbt_jax.data.readers.folder), under the scheme
+of all unified points (`UNLABELED_SCHEME`), marked unlabeled in the
+metadata (`tfds_builders.is_unlabeled`).
 
 Library use: `convert_dataset(...)` and `convert_records(...)` return a
 `ConversionSummary`; `convert_synthetic(out_root)` writes the synthetic stand-in
@@ -37,6 +41,9 @@ from fgtbt_jax import landmarks as lm
 # `convert_synthetic` renders the raw synthetic files into this subfolder of
 # its output root.
 SYNTHETIC_RAW_DIR = "raw"
+# The point scheme an unlabeled folder is stored under: every unified point
+# (none of them annotated; the scheme only fixes the stored shape).
+UNLABELED_SCHEME = tuple(lm.POINT_NAMES)
 
 
 @dataclasses.dataclass
@@ -82,7 +89,7 @@ class ConversionSummary:
 
 def convert_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike, *,
                     fmt: str | None = None, image_root: str | None = None,
-                    splits: Sequence[str] = tfds_builders.SPLITS,
+                    splits: Sequence[str] | None = None,
                     on_error: str = "raise", max_side: int = tfds_builders.DEFAULT_MAX_SIDE,
                     image_format: str = "jpeg",
                     jpeg_quality: int = tfds_builders.DEFAULT_JPEG_QUALITY,
@@ -90,7 +97,8 @@ def convert_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike
                     synthetic: bool = False, convention: str = "project",
                     authors_crop_size: int = tfds_builders.AUTHORS_CROP_SIZE,
                     scheme=None, split_ratio: float | None = None,
-                    split_list: str | None = None) -> ConversionSummary:
+                    split_list: str | None = None, unlabeled: bool = False
+                    ) -> ConversionSummary:
   """Reads `dataset` from `src` (a folder or annotation file) into crops under `out`.
 
   `fmt` names the source format (None: detected), `image_root` where the
@@ -106,13 +114,26 @@ def convert_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike
   a list of unified point names (fgtbt_jax.data.schemes; None: the scheme
   of an earlier conversion of it under `out`). `split_ratio` / `split_list`
   split a folder (fgtbt_jax.data.readers.folder). Sources that
-  `data_pipelines.synthetic` wrote are marked synthetic.
+  `data_pipelines.synthetic` wrote are marked synthetic. `splits` None:
+  train and test (train alone when `unlabeled`).
+
+  `unlabeled`: `src` is a folder of face images without annotation files,
+  converted under an own name as a train split of faces without landmarks
+  (each image one face, its box the whole image), under
+  `UNLABELED_SCHEME`; it takes no scheme, split ratio or list.
 
   Raises:
     FileNotFoundError: `src` does not exist.
     UnknownProtocolError: unknown dataset name.
+    ValueError: `unlabeled` with a benchmark's name, a scheme, a split
+      ratio or list, a test split or another format than the folder's.
     DataError: a bad file, or a bad sample with `on_error="raise"`.
   """
+  if unlabeled:
+    _check_unlabeled(dataset, scheme, fmt, splits, split_ratio, split_list)
+    scheme = list(UNLABELED_SCHEME)
+  splits = tuple(splits) if splits is not None else (
+      ("train",) if unlabeled else tfds_builders.SPLITS)
   if lm.is_benchmark(dataset):
     protocol = lm.get_protocol(dataset)
     if scheme is not None and not (isinstance(scheme, str) and lm.is_benchmark(scheme)
@@ -131,7 +152,8 @@ def convert_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike
       fmt = readers.detect_format(protocol.name, os.fspath(src), tuple(splits)[0])
     except ValueError:
       fmt = None
-  options = {"split_ratio": split_ratio, "split_list": split_list}
+  options = {"split_ratio": split_ratio, "split_list": split_list,
+             "unlabeled": True if unlabeled else None}
   if any(v is not None for v in options.values()) and fmt not in (datasets.FOLDER, None):
     raise ValueError(f"a split ratio or list is for the {datasets.FOLDER} format; "
                      f"{src} holds {protocol.name} as {fmt}")
@@ -142,6 +164,27 @@ def convert_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike
                 synthetic=synthetic or is_synthetic_source(src), convention=convention,
                 authors_crop_size=authors_crop_size,
                 reader_options={k: v for k, v in options.items() if v is not None})
+
+
+def _check_unlabeled(dataset, scheme, fmt, splits, split_ratio, split_list) -> None:
+  """Raises ValueError for what an unlabeled folder's conversion does not take."""
+  if lm.is_benchmark(dataset):
+    raise ValueError(f"--unlabeled: {lm.get_protocol(dataset).name} is a benchmark, whose "
+                     "faces are annotated; convert faces without annotations under a name "
+                     "of your own (--dataset NAME --unlabeled)")
+  if scheme is not None:
+    raise ValueError(f"--unlabeled: an unlabeled folder has no points; leave out --scheme "
+                     f"({scheme})")
+  if fmt not in (None, datasets.FOLDER):
+    raise ValueError(f"--unlabeled: faces without annotations are read from a folder "
+                     f"(--format {datasets.FOLDER}), not {fmt}")
+  if split_ratio is not None or split_list is not None:
+    raise ValueError("--unlabeled: an unlabeled folder has a train split only; leave out "
+                     "--split-ratio / --split-list")
+  if splits is not None and tuple(splits) != ("train",):
+    raise ValueError(f"--unlabeled: an unlabeled folder has a train split only (nothing to "
+                     f"evaluate), not {','.join(splits)}; leave out --splits or give "
+                     "--splits train")
 
 
 def _own_protocol(dataset, out, scheme, fmt, overwrite) -> lm.Protocol:

@@ -3,7 +3,9 @@
 Training (`make_train_iterator`), per dataset d in `config.datasets`:
 
     stored crops (TFDS ArrayRecord, random access)
-      -> this process's slice  ds[process_index::process_count]
+      -> each example marked labeled or not (`data.labeled_fraction`,
+     `labeled_examples`: by its index in the split, before slicing)
+  -> this process's slice  ds[process_index::process_count]
       -> shuffle (new permutation every epoch) -> repeat forever
       -> random_map(TrainAugment): one cv2.warpAffine per sample combining
          the random scale, rotation and flip; landmarks through the same
@@ -20,7 +22,10 @@ CheckpointRestore in an Orbax checkpoint) resume the exact sequence.
 TRAIN BATCH (numpy; B = k_local * len(datasets), k_local = k / process_count):
   "image"      uint8   (B, S, S, 3) RGB, not normalised
   "landmarks"  float32 (B, 124, 2) input pixels, unified order, 0 where absent
-  "mask"       bool    (B, 124) the sample's protocol has the point and it is finite
+  "mask"       bool    (B, 124) the sample's protocol has the point and it is finite;
+                               all False for a face without landmarks (one left
+                               unlabeled by data.labeled_fraction, or of an
+                               unlabeled folder: landmarks 0 there too)
   "dataset_id" int32   (B,) position in landmarks.PROTOCOL_NAMES
 
 EVAL BATCH for one dataset and split (`make_eval_iterator`; B = eval_batch_size
@@ -48,6 +53,7 @@ import math
 import os
 import threading
 import time
+import zlib
 from typing import Any, Mapping, Sequence
 
 import cv2
@@ -59,6 +65,7 @@ from fgtbt_jax.data import tfds_builders
 from fgtbt_jax import crop
 from fgtbt_jax.data import datasets
 from fgtbt_jax import landmarks as lm
+from fgtbt_jax.errors import ConfigError
 
 _JPEG_START = b"\xff\xd8"
 _REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
@@ -73,6 +80,64 @@ def eval_subsets(dataset: str) -> tuple[str, ...]:
 def _derive_seed(*parts: int) -> int:
   """A 32-bit seed for one (base seed, dataset, process, purpose) combination."""
   return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+# The key `dataset_samples` adds to every stored train example: whether its
+# landmarks are used (`labeled_examples`). `TrainAugment` takes an example
+# without it (a stored example as read) as labeled.
+LABELED_KEY = "labeled"
+# The purpose part of the seed that picks the labeled examples.
+_LABELED_PURPOSE = 2
+
+
+def check_labeled_fraction(value) -> float:
+  """`data.labeled_fraction` as a float in (0, 1].
+
+  Raises:
+    ConfigError: naming the key, for a value that is not a number in (0, 1].
+  """
+  try:
+    fraction = float(value)
+  except (TypeError, ValueError):
+    fraction = None
+  if isinstance(value, bool) or fraction is None or not 0.0 < fraction <= 1.0:
+    raise ConfigError(f"data.labeled_fraction must be a number in (0, 1] (the share of each "
+                      f"dataset's train examples that keep their landmarks), got {value!r}")
+  return fraction
+
+
+def labeled_examples(num_examples: int, fraction, seed: int, dataset: str) -> np.ndarray:
+  """(num_examples,) bool: which examples of a train split keep their landmarks.
+
+  Exactly round(fraction * num_examples) of them (Python's `round`): the
+  first of a permutation of the split's indices seeded by `seed`
+  (`data.seed`) and the dataset's name (not its id, which for an own
+  dataset depends on its place in `data.datasets`). So every process,
+  worker and resumed run marks the same examples, and a larger fraction
+  keeps the examples of a smaller one.
+
+  Raises:
+    ConfigError: `fraction` not in (0, 1] (`check_labeled_fraction`).
+  """
+  fraction = check_labeled_fraction(fraction)
+  n = int(num_examples)
+  name = lm.get_protocol(dataset).name if lm.is_benchmark(dataset) else str(dataset)
+  order = np.random.default_rng(np.random.SeedSequence(
+      [int(seed), zlib.crc32(name.encode("utf-8")), _LABELED_PURPOSE])).permutation(n)
+  labeled = np.zeros(n, bool)
+  labeled[order[:int(round(fraction * n))]] = True
+  return labeled
+
+
+class _MarkLabeled(grain.transforms.MapWithIndex):
+  """Adds `LABELED_KEY` to each stored example, by its index in the split."""
+
+  def __init__(self, labeled: np.ndarray):
+    self.labeled = np.asarray(labeled, bool)
+
+  def map_with_index(self, index: int, element):
+    # Later epochs ask for index + epoch * n; the source wraps them the same way.
+    return {**element, LABELED_KEY: np.bool_(self.labeled[index % len(self.labeled)])}
 
 
 def decode_and_warp(image: bytes, matrix: np.ndarray, size: int,
@@ -121,7 +186,8 @@ class TrainAugment(grain.transforms.RandomMap):
   by U(-rotation_deg, rotation_deg); with probability `flip_prob` it is
   mirrored and the landmarks permuted with the protocol's flip_permutation.
   Every draw is made for every sample, so the random stream per element is
-  fixed whatever the outcomes.
+  fixed whatever the outcomes. An example marked unlabeled (`LABELED_KEY`
+  False) comes out with an all-False mask and zero landmarks.
   """
 
   def __init__(self, dataset: str, image_size: int, crop_enlarge: float,
@@ -169,6 +235,8 @@ class TrainAugment(grain.transforms.RandomMap):
     if flip:
       points = points[self.protocol.flip_permutation]
     unified, mask = lm.to_unified(points, self.protocol)
+    if not element.get(LABELED_KEY, True):
+      mask = np.zeros_like(mask)
     # The batch carries 0, not NaN, where a point is absent: the loss masks
     # it, and NaN would poison any arithmetic done before the mask.
     unified = np.where(mask[:, None], unified, np.float32(0.0))
@@ -207,12 +275,20 @@ def open_source(config: ml_collections.ConfigDict, dataset: str, split: str):
 
 def dataset_samples(config: ml_collections.ConfigDict, dataset: str, *,
                     process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-  """One dataset's stored training examples: process slice, shuffled, repeated."""
+  """One dataset's stored training examples: marked labeled or not
+  (`labeled_examples`), process slice, shuffled, repeated.
+
+  `data.labeled_fraction` absent (a config saved before it existed) is 1.0,
+  what such runs trained with.
+  """
   protocol = lm.get_protocol(dataset)
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
   source = open_source(config, protocol.name, config.train_split)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
+  labeled = labeled_examples(len(source), config.get("labeled_fraction", 1.0), config.seed,
+                             protocol.name)
+  ds = grain.MapDataset.source(source).map_with_index(
+      _MarkLabeled(labeled))[process_index::process_count]
   if len(ds) == 0:
     raise ValueError(f"{protocol.name} {config.train_split}: {len(source)} samples "
                      f"leave none for process {process_index} of {process_count}")

@@ -18,7 +18,10 @@ A folder counts as earlier synthetic output when every entry in it is one of:
 
 `synthetic_datasets(data_config)` says which configured datasets are
 synthetic conversions, `data_kinds(data_config)` what each one is
-(synthetic, benchmark, own folder), so tables can label their rows. A
+(synthetic, benchmark, own folder, unlabeled folder), so tables can label
+their rows. `evaluated_datasets(data_config)` are the configured datasets
+but unlabeled folders (`tfds_builders.is_unlabeled`), which hold a train
+split only: evaluation and the best checkpoints are for those. A
 user's own datasets in `data.datasets` have their point schemes read from
 their conversions and registered first (`schemes.register_own_datasets`).
 
@@ -42,6 +45,7 @@ from fgtbt_jax.data import convert
 from fgtbt_jax.data import schemes
 from fgtbt_jax.data import tfds_builders
 from fgtbt_jax.data import datasets
+from fgtbt_jax import landmarks
 from fgtbt_jax.errors import ConfigError, UnknownProtocolError
 
 # TFDS creates this (empty, with a manual source) beside the builders.
@@ -180,7 +184,9 @@ def prepare_data(data_config: ml_collections.ConfigDict,
     ConfigError: naming the config key: data_dir is empty, not a directory,
       or (with `synthetic_data.generate`) holds data that is not synthetic;
       a configured dataset is unknown or not converted there; several crop
-      configs are converted and `data.crop_config` does not choose one.
+      configs are converted and `data.crop_config` does not choose one;
+      every configured dataset is an unlabeled folder (nothing to learn
+      landmarks from, nothing to evaluate).
     DataError: naming the file, when a converted file is missing, damaged or
       cut short.
   """
@@ -214,8 +220,15 @@ def prepare_data(data_config: ml_collections.ConfigDict,
     reasons = "; ".join(reason for _, reason in problems)
     raise ConfigError(f"data.data_dir {str(data_dir)!r} lacks {', '.join(missing)}: "
                       f"{reasons}, {narrow}")
+  unlabeled = _unlabeled(data_config, names)
+  if unlabeled == names:
+    raise ConfigError(
+        f"data.datasets: every dataset is an unlabeled folder of faces without landmarks "
+        f"({', '.join(names)}); a run needs at least one dataset with landmarks beside "
+        "them to learn and to evaluate on")
   # Every split the run reads must be there before any step (a conversion
-  # made with --splits train holds no test split).
+  # made with --splits train holds no test split). An unlabeled folder is
+  # read for training only.
   needed = tuple(splits) if splits is not None else (data_config.train_split,
                                                      data_config.eval_split)
   for name in names:
@@ -223,6 +236,15 @@ def prepare_data(data_config: ml_collections.ConfigDict,
       held = tfds_builders.converted_splits(data_dir, name, data_config.crop_config)
     except ValueError as e:
       raise ConfigError(f"data.data_dir: {e}") from e
+    if name in unlabeled:
+      absent = [split for split in needed
+                if split == data_config.train_split and split not in held]
+      if absent:
+        raise ConfigError(
+            f"data.train_split: the unlabeled folder {name} holds the splits {held} "
+            f"({tfds_builders.converted_dir(data_dir, name, data_config.crop_config)}), "
+            f"not {data_config.train_split!r}; an unlabeled folder is converted as 'train'")
+      continue
     absent = [split for split in needed if split not in held]
     if absent:
       where = tfds_builders.converted_dir(data_dir, name, data_config.crop_config)
@@ -233,6 +255,40 @@ def prepare_data(data_config: ml_collections.ConfigDict,
           f"--src DIR --out {data_dir}`")
     for split in needed:  # Each file opened: a truncated one fails here, named.
       tfds_builders.open_split(data_dir, name, split, data_config.crop_config)
+
+
+def _unlabeled(data_config: ml_collections.ConfigDict, names: Sequence[str]) -> list[str]:
+  """Those of `names` converted under data.data_dir as unlabeled folders."""
+  found = []
+  for name in names:
+    try:
+      if tfds_builders.is_unlabeled(data_config.data_dir, name, data_config.crop_config):
+        found.append(name)
+    except FileNotFoundError:
+      continue
+    except ValueError as e:  # Several crop configs, or unreadable metadata.
+      raise ConfigError(f"data.data_dir: {e}") from e
+  return found
+
+
+def evaluated_datasets(data_config: ml_collections.ConfigDict) -> list[str]:
+  """The configured datasets that are evaluated (and keep best checkpoints):
+  all but the unlabeled folders (faces without landmarks, no test split),
+  in config order, as the config names them.
+
+  A dataset not converted under data.data_dir (or no data.data_dir) is
+  not known to be unlabeled and is kept; `prepare_data` reports those.
+
+  Raises:
+    ConfigError: naming data.data_dir, when a conversion's metadata is
+      unreadable or several crop configs leave it ambiguous.
+  """
+  names = list(data_config.datasets)
+  if not data_config.data_dir:
+    return names
+  unlabeled = set(_unlabeled(data_config, [
+      n for n in names if not landmarks.is_benchmark(n)]))
+  return [n for n in names if n not in unlabeled]
 
 
 def synthetic_datasets(data_config: ml_collections.ConfigDict) -> set[str]:
@@ -255,7 +311,7 @@ def synthetic_datasets(data_config: ml_collections.ConfigDict) -> set[str]:
 
 def data_kinds(data_config: ml_collections.ConfigDict) -> dict[str, str]:
   """{dataset: what its conversion under data.data_dir is} of the configured
-  datasets: "synthetic", "benchmark" or "own folder"
+  datasets: "synthetic", "benchmark", "own folder" or "unlabeled folder"
   (`tfds_builders.data_kind`); one not converted there is left out."""
   if not data_config.data_dir:
     return {}

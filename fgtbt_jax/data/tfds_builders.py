@@ -24,6 +24,11 @@ scheme in the metadata: `builder_class`). Every example is one annotated face:
   (`datasets.get(name).subsets`).
 * "image_name", "source": where the face came from (for messages).
 
+An unlabeled folder (`fgtbt_jax.data.readers.folder`, reader option
+`unlabeled`) stores its faces the same way with NaN landmarks, a train
+split only, and "unlabeled": true in the metadata (`is_unlabeled`):
+training masks all their points, evaluation leaves the dataset out.
+
 With the readers' `convention="authors"`, test splits (every split but
 "train") store the FGTBT authors' own test crop instead of the loose crop:
 `crop.authors_crop` at `authors_crop_size` (480, the paper's input) as PNG,
@@ -190,6 +195,8 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                source: str | os.PathLike | None = None, convention: str = "project",
                authors_crop_size: int = AUTHORS_CROP_SIZE, reader_options=None, **kwargs):
     self._synthetic = bool(synthetic)  # _info() may run inside the base constructor.
+    # Faces without annotations (the folder reader's option; in the metadata).
+    self._unlabeled = bool((reader_options or {}).get("unlabeled", False))
     self._source_format = source_format  # Also recorded in the metadata.
     self._convention = convention  # The readers' (fgtbt_jax.data.readers.common.CONVENTIONS).
     if int(authors_crop_size) < 32:
@@ -262,6 +269,7 @@ class FaceCropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         convention=getattr(self, "_convention", "project"),
         source=_source_key(getattr(self, "_source", None)),
         format=getattr(self, "_source_format", None) or "",
+        **({UNLABELED_KEY: True} if getattr(self, "_unlabeled", False) else {}),
         **({} if lm.is_benchmark(self.PROTOCOL) else {"scheme": {
             "name": self.PROTOCOL,
             "points": [lm.POINT_NAMES[u] for u in self.protocol.unified_index.tolist()]}}),
@@ -364,21 +372,13 @@ def check_geometry(record: FaceRecord, center: np.ndarray, scale: float,
 
   Kinds: "point_far_outside", "points_outside", "box_outside",
   "scale_too_large", "crop_mostly_padding". The converter counts them under
-  its skip/raise policy like any bad sample.
+  its skip/raise policy like any bad sample. A face without any finite
+  point (an unlabeled folder's) has only its box and crop checked.
   """
   h, w = image_shape
   points = np.asarray(record.landmarks, np.float64)
-  far = ((points[:, 0] < -w) | (points[:, 0] > 2 * w) |
-         (points[:, 1] < -h) | (points[:, 1] > 2 * h))
-  if far.any():
-    i = int(np.flatnonzero(far)[0])
-    raise DataError(where, f"point {i} at {np.round(points[i], 1).tolist()} lies farther "
-                    f"outside the {w}x{h} image than its own size", "point_far_outside")
-  inside = ((points[:, 0] >= -0.5) & (points[:, 0] <= w - 0.5) &
-            (points[:, 1] >= -0.5) & (points[:, 1] <= h - 0.5))
-  if inside.mean() < MIN_INSIDE_FRACTION:
-    raise DataError(where, f"only {int(inside.sum())} of {len(points)} points lie on the "
-                    f"{w}x{h} image", "points_outside")
+  if np.isfinite(points).any():
+    _check_points_on_image(points, w, h, where)
 
   def covered(x1, y1, x2, y2) -> float:
     """The fraction of a rectangle that lies on the image."""
@@ -401,6 +401,21 @@ def check_geometry(record: FaceRecord, center: np.ndarray, scale: float,
     raise DataError(where, f"the image covers only {coverage:.0%} of the face crop "
                     f"(centre {np.round(center, 1).tolist()}, scale {scale:g})",
                     "crop_mostly_padding")
+
+
+def _check_points_on_image(points: np.ndarray, w: int, h: int, where: str) -> None:
+  """`check_geometry`'s checks of the points: none far off, most on the image."""
+  far = ((points[:, 0] < -w) | (points[:, 0] > 2 * w) |
+         (points[:, 1] < -h) | (points[:, 1] > 2 * h))
+  if far.any():
+    i = int(np.flatnonzero(far)[0])
+    raise DataError(where, f"point {i} at {np.round(points[i], 1).tolist()} lies farther "
+                    f"outside the {w}x{h} image than its own size", "point_far_outside")
+  inside = ((points[:, 0] >= -0.5) & (points[:, 0] <= w - 0.5) &
+            (points[:, 1] >= -0.5) & (points[:, 1] <= h - 0.5))
+  if inside.mean() < MIN_INSIDE_FRACTION:
+    raise DataError(where, f"only {int(inside.sum())} of {len(points)} points lie on the "
+                    f"{w}x{h} image", "points_outside")
 
 
 def face_example(record: FaceRecord, cfg: CropConfig, protocol: lm.Protocol,
@@ -590,21 +605,34 @@ def is_synthetic(data_dir: str | os.PathLike, dataset: str, config_name: str = "
   return bool(conversion_metadata(data_dir, dataset, config_name).get("synthetic", False))
 
 
+# The metadata key marking a conversion of faces without annotations.
+UNLABELED_KEY = "unlabeled"
+
+
+def is_unlabeled(data_dir: str | os.PathLike, dataset: str, config_name: str = "") -> bool:
+  """Whether the converted `dataset` under `data_dir` is an unlabeled folder
+  (faces without landmarks: trained on with all masks zero, never evaluated)."""
+  return bool(conversion_metadata(data_dir, dataset, config_name).get(UNLABELED_KEY, False))
+
+
 # What converted data is (`data_kind`): generated stand-in faces, a benchmark
 # read from its published files, or a user's own folder of faces.
 DATA_SYNTHETIC = "synthetic"
 DATA_BENCHMARK = "benchmark"
 DATA_OWN_FOLDER = "own folder"
+DATA_UNLABELED_FOLDER = "unlabeled folder"
 
 
 def data_kind(data_dir: str | os.PathLike, dataset: str, config_name: str = "") -> str:
   """What the converted `dataset` under `data_dir` is: `DATA_SYNTHETIC`,
-  `DATA_OWN_FOLDER` (read with the folder format, under any name) or
-  `DATA_BENCHMARK` (conversions made before the format was recorded are
-  the benchmark's)."""
+  `DATA_UNLABELED_FOLDER` (faces without annotations), `DATA_OWN_FOLDER`
+  (read with the folder format, under any name) or `DATA_BENCHMARK`
+  (conversions made before the format was recorded are the benchmark's)."""
   metadata = conversion_metadata(data_dir, dataset, config_name)
   if metadata.get("synthetic", False):
     return DATA_SYNTHETIC
+  if metadata.get(UNLABELED_KEY, False):
+    return DATA_UNLABELED_FOLDER
   if metadata.get("format") == datasets.FOLDER or not lm.is_benchmark(dataset):
     return DATA_OWN_FOLDER
   return DATA_BENCHMARK
@@ -821,6 +849,14 @@ def _build_locked(cls, src, out_dir, root, *, source_format, image_root, read_sp
                           f"converted with convention {held!r}, not {convention!r}; convert "
                           "into another --out, or pass --overwrite to replace it",
                           "convention")
+        held_unlabeled = is_unlabeled(out_dir, cls.PROTOCOL, config.name)
+        wanted_unlabeled = bool((reader_options or {}).get("unlabeled", False))
+        if held_unlabeled != wanted_unlabeled:
+          raise DataError(os.fspath(converted_dir(out_dir, cls.PROTOCOL, config.name)),
+                          f"converted as {'un' if held_unlabeled else ''}labeled faces, not "
+                          f"{'un' if wanted_unlabeled else ''}labeled; convert into another "
+                          "--out or under another name, or pass --overwrite to replace it",
+                          "unlabeled")
       held_source = (conversion_source(out_dir, cls.PROTOCOL, config.name)
                      if existing is not None else "")
       if held_source and held_source != _source_key(src):

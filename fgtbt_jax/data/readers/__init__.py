@@ -99,7 +99,7 @@ _FORMATS: dict[str, _Format] = {
     folder.FMT: _Format(
         present=lambda d, src, split: folder.has_annotated_images(src),
         read=read_folder, image_root="its images are beside the annotation files",
-        options=("split_ratio", "split_list")),
+        options=("split_ratio", "split_list", "unlabeled")),
 }
 
 # Formats each dataset can be read from, in detection order.

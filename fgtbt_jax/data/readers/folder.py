@@ -28,6 +28,16 @@ Errors name the file (and line or key): an image without an annotation, an
 annotation without an image, two annotations of one image, a point count
 other than the scheme's, a bad coordinate. An image without an annotation
 is reported in the train split's read (once).
+
+An unlabeled folder (`unlabeled=True`; `fgtbt convert --unlabeled`) holds
+face images and no annotation files: every image is one face whose box is
+the whole image ([-0.5, -0.5, w - 0.5, h - 0.5] in the pixel-centre
+convention, so the crop is centred on the image and its side is the
+image's longer side times the run's `data.crop_enlarge`: crop the faces as
+tightly as a face detector's box). Its landmarks are NaN (no point is
+annotated: training masks them all), and it has a train split only.
+Errors name the file: an annotation file in it, an image whose header
+does not read; an unlabeled folder without images names the folder.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import json
 import os
 
 import numpy as np
+from PIL import Image
 
 from fgtbt_jax.data import datasets
 from fgtbt_jax.data.readers import common
@@ -181,18 +192,24 @@ def _is_number(text: str) -> bool:
 
 def read_folder(dataset: str, src: str, split: str, on_error: str = "raise",
                 image_root: str | None = None, *, split_ratio: float | None = None,
-                split_list: str | None = None):
+                split_list: str | None = None, unlabeled: bool = False):
   """Reads one split of a folder of images with annotation files (module doc).
 
   `dataset` names the point scheme the annotations follow (a benchmark's or
   a registered user scheme's); each annotation must hold its number of
   points in its order. `image_root` is not used (images sit beside their
-  annotations).
+  annotations). `unlabeled`: a folder of face images without annotations
+  (`read_unlabeled_folder`).
 
   Returns:
     (list of FaceRecord, ReadReport).
   """
   del image_root
+  if unlabeled:
+    if split_ratio is not None or split_list is not None:
+      raise ValueError("an unlabeled folder has a train split only: give it no split ratio "
+                       "or split list")
+    return read_unlabeled_folder(dataset, src, split, on_error)
   common.check_split(split, SPLITS, FMT)
   protocol = landmarks.get_protocol(dataset)
   src = os.fspath(src)
@@ -246,3 +263,65 @@ def _record(protocol: landmarks.Protocol, image: str, paths: list[str], split: s
   points = common.check_points(points, n, box, path)
   return FaceRecord(dataset=protocol.name, split=split, image=image, landmarks=points,
                     box=box, source=path, image_name=os.path.relpath(image, src))
+
+
+# The only split of an unlabeled folder.
+UNLABELED_SPLITS = ("train",)
+
+
+def read_unlabeled_folder(dataset: str, src: str, split: str, on_error: str = "raise"):
+  """Reads a folder of face images without annotations (module doc).
+
+  Each image is one face: its box is the whole image (its size read from
+  the header), its landmarks are NaN in the number of `dataset`'s scheme.
+
+  Returns:
+    (list of FaceRecord, ReadReport).
+
+  Raises:
+    DataError: naming the folder when it holds no images, or the file: an
+      annotation file in the folder (it is read as labeled data, without
+      `unlabeled`), or (with `on_error="raise"`) an image whose header does
+      not read.
+    ValueError: a split other than "train".
+  """
+  common.check_split(split, UNLABELED_SPLITS, f"{FMT} (unlabeled)")
+  protocol = landmarks.get_protocol(dataset)
+  src = os.fspath(src)
+  if not os.path.isdir(src):
+    raise DataError(src, "not a folder of face images", "missing_file")
+  images, annotations = _walk(src)
+  if annotations:
+    first = sorted(annotations)[0]
+    raise DataError(annotations[first][0], f"an unlabeled folder holds an annotation file "
+                    f"({sum(map(len, annotations.values()))} in all); convert annotated faces "
+                    "as a labeled dataset (without --unlabeled) and use "
+                    "data.labeled_fraction to leave some of them unlabeled, or move the "
+                    "annotation files away", "invalid")
+  if not images:
+    raise DataError(src, f"no face images ({'/'.join(IMAGE_EXTENSIONS)}) found in the "
+                    "unlabeled folder or its subfolders", "missing_file")
+  report = common.ReadReport(protocol.name, split, f"{FMT} (unlabeled)", src)
+  report.notes.append("unlabeled: every image is a face crop, its box the whole image")
+  collect = common.Collector(report, on_error)
+  for stem in sorted(images):
+    with collect.sample():
+      collect.add(_unlabeled_record(protocol, images[stem], split, src))
+  return collect.finish(check_counts=False)
+
+
+def _unlabeled_record(protocol: landmarks.Protocol, image: str, split: str,
+                      src: str) -> FaceRecord:
+  """The face of an unlabeled image: the whole image as its box, NaN points."""
+  try:
+    with Image.open(image) as opened:
+      width, height = opened.size
+  except (OSError, ValueError, SyntaxError) as e:
+    raise DataError(image, f"not a readable image ({type(e).__name__}: {e})",
+                    "corrupt_image") from None
+  if width < 1 or height < 1:
+    raise DataError(image, f"an empty image ({width}x{height})", "corrupt_image")
+  box = np.array([-0.5, -0.5, width - 0.5, height - 0.5], np.float32)
+  points = np.full((protocol.num_landmarks, 2), np.nan, np.float32)
+  return FaceRecord(dataset=protocol.name, split=split, image=image, landmarks=points,
+                    box=box, source=image, image_name=os.path.relpath(image, src))
