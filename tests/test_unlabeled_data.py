@@ -130,7 +130,7 @@ def test_a_labeled_fraction_outside_0_1_is_one_config_error(value):
   with pytest.raises(ConfigError, match=r"^data\.labeled_fraction must be a number in "
                      r"\(0, 1\] \(the share of each dataset's train examples that keep their "
                      r"landmarks\), got "):
-    pipeline.check_labeled_fraction(value)
+    data_config_lib.check_labeled_fraction(value)
 
 
 def test_the_pipeline_refuses_a_bad_labeled_fraction(data_dir):

@@ -10,6 +10,7 @@ import ml_collections
 
 from fgtbt_jax import crop
 from fgtbt_jax import landmarks
+from fgtbt_jax.errors import ConfigError
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -59,3 +60,21 @@ def data_config() -> ml_collections.ConfigDict:
   # for a model whose outputs depend on its batch-mates; one device only).
   c.eval_pad_last_batch = True
   return c
+
+
+def check_labeled_fraction(value) -> float:
+  """`data.labeled_fraction` as a float in (0, 1] (the pipeline's check; light
+  enough for config validation to call).
+
+  Raises:
+    ConfigError: naming the key, for a value that is not a number in (0, 1]
+      (a bool, a string, None, NaN, 0 or less, more than 1).
+  """
+  try:
+    fraction = float(value)
+  except (TypeError, ValueError):
+    fraction = None
+  if isinstance(value, bool) or fraction is None or not 0.0 < fraction <= 1.0:
+    raise ConfigError(f"data.labeled_fraction must be a number in (0, 1] (the share of each "
+                      f"dataset's train examples that keep their landmarks), got {value!r}")
+  return fraction

@@ -63,9 +63,9 @@ import numpy as np
 
 from fgtbt_jax.data import tfds_builders
 from fgtbt_jax import crop
+from fgtbt_jax.data import config as data_config_lib
 from fgtbt_jax.data import datasets
 from fgtbt_jax import landmarks as lm
-from fgtbt_jax.errors import ConfigError
 
 _JPEG_START = b"\xff\xd8"
 _REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
@@ -90,22 +90,6 @@ LABELED_KEY = "labeled"
 _LABELED_PURPOSE = 2
 
 
-def check_labeled_fraction(value) -> float:
-  """`data.labeled_fraction` as a float in (0, 1].
-
-  Raises:
-    ConfigError: naming the key, for a value that is not a number in (0, 1].
-  """
-  try:
-    fraction = float(value)
-  except (TypeError, ValueError):
-    fraction = None
-  if isinstance(value, bool) or fraction is None or not 0.0 < fraction <= 1.0:
-    raise ConfigError(f"data.labeled_fraction must be a number in (0, 1] (the share of each "
-                      f"dataset's train examples that keep their landmarks), got {value!r}")
-  return fraction
-
-
 def labeled_examples(num_examples: int, fraction, seed: int, dataset: str) -> np.ndarray:
   """(num_examples,) bool: which examples of a train split keep their landmarks.
 
@@ -117,9 +101,10 @@ def labeled_examples(num_examples: int, fraction, seed: int, dataset: str) -> np
   keeps the examples of a smaller one.
 
   Raises:
-    ConfigError: `fraction` not in (0, 1] (`check_labeled_fraction`).
+    ConfigError: `fraction` not in (0, 1]
+      (`fgtbt_jax.data.config.check_labeled_fraction`).
   """
-  fraction = check_labeled_fraction(fraction)
+  fraction = data_config_lib.check_labeled_fraction(fraction)
   n = int(num_examples)
   name = lm.get_protocol(dataset).name if lm.is_benchmark(dataset) else str(dataset)
   order = np.random.default_rng(np.random.SeedSequence(
