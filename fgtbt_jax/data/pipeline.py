@@ -3,9 +3,9 @@
 Training (`make_train_iterator`), per dataset d in `config.datasets`:
 
     stored crops (TFDS ArrayRecord, random access)
-      -> each example marked labeled or not (`data.labeled_fraction`,
-     `labeled_examples`: by its index in the split, before slicing)
-  -> this process's slice  ds[process_index::process_count]
+      -> each example marked labeled or not (`data.labeled_fraction`;
+         `labeled_examples`, by its index in the split)
+      -> this process's slice  ds[process_index::process_count]
       -> shuffle (new permutation every epoch) -> repeat forever
       -> random_map(TrainAugment): one cv2.warpAffine per sample combining
          the random scale, rotation and flip; landmarks through the same
