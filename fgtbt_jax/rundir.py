@@ -253,6 +253,7 @@ def _model_fields(config: ml_collections.ConfigDict) -> Mapping[str, Any]:
 UPGRADES: dict[str, Any | Callable[[ml_collections.ConfigDict], Any]] = {
     "model": _model_fields,
     "data.eval_pad_last_batch": True,
+    "data.labeled_fraction": 1.0,
     # It replaced the boolean loss.rounded_targets (`RETIRED`).
     "loss.target_rounding": lambda config: (
         "nearest" if config.loss.get("rounded_targets", False) else "none"),
@@ -261,6 +262,10 @@ UPGRADES: dict[str, Any | Callable[[ml_collections.ConfigDict], Any]] = {
     "loss.hallucination_l1_weight": 1.0,
     "loss.hallucination_gradient_weight": 1.0,
     "lowres": {"factors": (), "probability": 1.0},
+    "sht": {"enabled": False, "transfer_size": 120, "generator_channels": 32,
+            "generator_blocks": 3, "discriminator_channels": 64, "learning_rate": 2e-4,
+            "adversarial_weight": 0.05, "l1_weight": 1.0, "max_rotation": 30.0,
+            "scale_range": (0.8, 1.2)},
     "train.resume_with_changes": False,
     # Before it, the evaluated EMA was the plain average (initial weights included).
     "train.ema_bias_correction": False,

@@ -11,6 +11,7 @@ import re
 import jax
 import ml_collections
 
+from fgtbt_jax.data import config as data_config
 from fgtbt_jax.data import datasets
 from fgtbt_jax.deploy.predict_files import config_errors, validate_predict_config
 from fgtbt_jax import heatmaps
@@ -67,6 +68,7 @@ def _check_data(data: ml_collections.ConfigDict) -> None:
   for key in ("train_split", "eval_split"):
     if not str(data[key]):
       raise ConfigError(f"data.{key} must name a split, got {data[key]!r}")
+  data_config.check_labeled_fraction(data.labeled_fraction)
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
@@ -108,6 +110,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   if not train.ema_half_life_images > 0:
     raise ConfigError(f"train.ema_half_life_images must be positive, got {train.ema_half_life_images}")
   _validate_lowres(config)
+  _validate_sht(config)
   if config.model.input_size != data.image_size:
     raise ConfigError(f"data.image_size ({data.image_size}) must equal model.input_size "
                       f"({config.model.input_size})")
@@ -189,3 +192,26 @@ def _validate_lowres(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("model.hallucination (DHLN) learns low- to high-resolution faces: set "
                       "lowres.factors too, e.g. --config.lowres.factors='(2, 4, 8)'")
 
+
+def _validate_sht(config: ml_collections.ConfigDict) -> None:
+  """SHT's pose transfer: DHLN on, a transfer size that fits the input and FPTN."""
+  sht, size = config.sht, int(config.data.image_size)
+  if not sht.enabled:
+    return
+  if not config.model.hallucination:
+    raise ConfigError("sht.enabled transfers DHLN's hallucinated faces: set "
+                      "model.hallucination=True (and lowres.factors), e.g. with "
+                      "configs/ablations.py:dhln=on")
+  side = sht.transfer_size
+  if isinstance(side, bool) or not isinstance(side, int) or side < 8 or side % 8 or size % side:
+    raise ConfigError(f"sht.transfer_size ({side!r}) must be a multiple of 8 that divides "
+                      f"data.image_size ({size})")
+  for key in ("generator_channels", "generator_blocks", "discriminator_channels"):
+    if not isinstance(sht[key], int) or isinstance(sht[key], bool) or sht[key] < 1:
+      raise ConfigError(f"sht.{key} must be a positive integer, got {sht[key]!r}")
+  for key in ("learning_rate", "adversarial_weight", "l1_weight", "max_rotation"):
+    if not sht[key] >= 0:
+      raise ConfigError(f"sht.{key} must be >= 0, got {sht[key]!r}")
+  scale = tuple(sht.scale_range)
+  if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+    raise ConfigError(f"sht.scale_range must be (low, high) with 0 < low <= high, got {scale}")

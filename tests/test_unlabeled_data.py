@@ -443,3 +443,16 @@ def test_a_tiny_run_trains_with_an_unlabeled_folder_and_evaluates_the_rest(data_
                                        out_dir=tmp_path / checkpoint)
     assert set(result.per_image) == {"mine"}
     assert result.final["mine"]["nme"] == pytest.approx(final["mine"]["nme"], rel=1e-5)
+
+
+def test_config_validation_names_a_bad_labeled_fraction():
+  from configs import tiny
+  from fgtbt_jax import validation
+  for bad in (0.0, 1.5, float("nan")):
+    config = tiny.get_config()
+    config.data.labeled_fraction = bad
+    with pytest.raises(ConfigError, match="data.labeled_fraction"):
+      validation.validate_config(config, 1)
+  config = tiny.get_config()
+  config.data.labeled_fraction = 0.25
+  validation.validate_config(config, 1)
