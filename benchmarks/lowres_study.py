@@ -12,6 +12,9 @@ schedule), trained with `run.py train` into <root>/<row> and evaluated with
   fgtbt    the FGTBT network, trained on the crops as they are
   lowres   + low-resolution training (`lowres.factors` 2 / 4 / 8)
   dhln     + SHT's dual hallucination stream (`model.hallucination`)
+  sht      + SHT's pose transfer between two views of each face (`sht.enabled`);
+           with `-- --config.data.labeled_fraction=0.25` the other faces'
+           landmarks are dropped, so they train through the transfer only
 
 A row whose run already finished (its final_metrics.json) is not trained
 again. Prints one JSON line per row: the NME (%) per face side and dataset,
@@ -29,7 +32,7 @@ import subprocess
 import sys
 
 ROWS = {"fgtbt": "base=default", "lowres": "base=default,lowres=on",
-        "dhln": "base=default,dhln=on"}
+        "dhln": "base=default,dhln=on", "sht": "base=default,sht=on"}
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 

@@ -25,6 +25,10 @@ Low-resolution faces (SHT, docs/model.md "Low-resolution faces"):
                                                            downsampled 2x / 4x / 8x)
   dhln=on                                                  + SHT's dual hallucination
                                                            stream (DHLN; implies lowres=on)
+  sht=on                                                   + SHT's pose transfer between two
+                                                           views of each face (FPTN; implies
+                                                           dhln=on): faces without landmarks
+                                                           train too
 
 head=hih also decodes with the decimal maps: eval.decoder "hih" where the
 base decodes with argmax or quarter, "hih_subpixel" where it uses subpixel.
@@ -48,7 +52,7 @@ STUDIES = (
     "frequency=fft", "frequency=srm", "frequency=wavelet",
     "fgsa=off", "fmb=off", "fgsa=off,fmb=off",
     "head=heatmap", "head=hih", "head=recurrent",
-    "lowres=on", "dhln=on",
+    "lowres=on", "dhln=on", "sht=on",
 )
 # The low-resolution training mode's factors (SHT's 2x / 4x / 8x faces).
 LOWRES_FACTORS = (2, 4, 8)
@@ -91,13 +95,17 @@ def get_config(study: str = "") -> ml_collections.ConfigDict:
       config.model.head = _choice(key, value, heads_lib.HEADS)
       if value == "hih":
         config.eval.decoder = _HIH_DECODER[config.eval.decoder]
-    elif key in ("lowres", "dhln"):
+    elif key in ("lowres", "dhln", "sht"):
       on = _ON_OFF[_choice(key, value, _ON_OFF)]
-      if key == "dhln":
-        config.model.hallucination = on
+      if key == "sht":
+        config.sht.enabled = on
+      if key in ("dhln", "sht") and on:
+        config.model.hallucination = True
+      elif key == "dhln":
+        config.model.hallucination = False
       if on:
         config.lowres.factors = LOWRES_FACTORS
     else:
       raise ValueError(f"ablations: unknown setting {key!r}; expected base, beta, balancer, "
-                       f"frequency, fgsa, fmb, head, lowres or dhln (studies: {STUDIES})")
+                       f"frequency, fgsa, fmb, head, lowres, dhln or sht (studies: {STUDIES})")
   return config

@@ -32,6 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Heatmaps are 32x32 here; the paper's sigma of 3 px is for 240x240.
   config.loss.sigma = 1.5
   config.loss.dwa_window = 100
+  # SHT's pose transfer (off) at the heatmaps' 32 px, narrow for these 2 cores.
+  config.sht.transfer_size = 32
+  config.sht.generator_channels = 16
+  config.sht.discriminator_channels = 16
   config.optimizer.learning_rate = 2e-3
   config.optimizer.warmup_steps = 100
   config.optimizer.lr_decay_steps = (800, 1050)

@@ -127,6 +127,25 @@ def get_config() -> ml_collections.ConfigDict:
   config.lowres.factors = ()
   config.lowres.probability = 1.0
 
+  # SHT's weak supervision by pose transfer (needs model.hallucination, and so
+  # lowres.factors): each face gets a second view (rotated, scaled, on device),
+  # both go through the network, and FPTN (models.fptn) redraws each view's
+  # hallucinated face in the other view's pose (the network's own heatmaps),
+  # trained against the other high-resolution view with L1 and two
+  # discriminators. The transfer reaches the network without annotations, so
+  # faces without them (mask all zero) train it too. Off by default.
+  config.sht = ml_collections.ConfigDict()
+  config.sht.enabled = False
+  config.sht.transfer_size = 120        # side of FPTN's faces and heatmaps: input / an integer
+  config.sht.generator_channels = 32
+  config.sht.generator_blocks = 3
+  config.sht.discriminator_channels = 64
+  config.sht.learning_rate = 2e-4       # Adam (b1 0.5, b2 0.999, optimizer.eps) of FPTN's G and Ds
+  config.sht.adversarial_weight = 0.05  # SHT's lambda1
+  config.sht.l1_weight = 1.0            # lambda2 (SHT: 0.01 next to a summed heatmap L2)
+  config.sht.max_rotation = 30.0        # the second view: rotation in (-30, 30) degrees,
+  config.sht.scale_range = (0.8, 1.2)   # scale in (0.8, 1.2)
+
   config.eval = ml_collections.ConfigDict()
   config.eval.decoder = "argmax"     # argmax (paper) | quarter | subpixel
   config.eval.smoothing_sigma = 0.0  # subpixel only: blur before the fit

@@ -42,4 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.eval_every = 4
   config.train.ema_half_life_images = 64.0
   config.eval.decoder = "subpixel"
+  config.sht.transfer_size = 32
+  config.sht.generator_channels = 8
+  config.sht.generator_blocks = 2
+  config.sht.discriminator_channels = 8
   return config

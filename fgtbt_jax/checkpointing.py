@@ -39,13 +39,14 @@ use) is `fgtbt_jax.rundir`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
 import shutil
 import tempfile
 import zlib
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from absl import logging
 import grain
@@ -225,6 +226,22 @@ def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
   collide across processes without a prefix.
   """
   return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
+def _restore_target(abstract: Any, saved_tree: Any) -> tuple[Any, Callable[[Any], Any]]:
+  """The tree to restore into for `abstract`, and how to turn the result back into its form.
+
+  A dataclass (a TrainState) is restored as the dict of its fields, less the
+  fields that hold no arrays and that the checkpoint does not have: a field
+  added later for an optional part (the TrainState's `sht`, {} without SHT's
+  pose transfer) then restores checkpoints written before it existed.
+  """
+  if not dataclasses.is_dataclass(abstract) or not isinstance(saved_tree, Mapping):
+    return abstract, lambda restored: restored
+  fields = {f.name: getattr(abstract, f.name) for f in dataclasses.fields(abstract)}
+  target = {name: value for name, value in fields.items()
+            if name in saved_tree or jax.tree_util.tree_leaves(value)}
+  return target, lambda restored: abstract.replace(**restored)
 
 
 def _check_compatible(metadata: Any, target: Any, where: pathlib.Path) -> None:
@@ -442,13 +459,14 @@ class Checkpointer:
     """
     metadata, where = self._checked_metadata(manager, step, item)
     _check_compatible(metadata, abstract, where)
+    target, rebuild = _restore_target(abstract, getattr(metadata, "tree", metadata))
     try:
       restored = manager.restore(
-          step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))
+          step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
     except Exception as e:  # pylint: disable=broad-except
       raise CorruptCheckpointError(
           f"checkpoint {where} is broken: {what} does not read back ({_one_line(e)})") from e
-    return restored, where
+    return {item: rebuild(restored[item])}, where
 
   def _existing_step(self, step: int | None) -> int:
     """`step` (default: the latest) if it is a committed train-state step."""

@@ -27,6 +27,7 @@ from fgtbt_jax import landmarks
 from fgtbt_jax import losses
 from fgtbt_jax import models
 from fgtbt_jax import sharding
+from fgtbt_jax.models import fptn
 from fgtbt_jax.models import partitioning
 
 
@@ -41,6 +42,8 @@ class TrainState:
   and `ema_batch_stats` are the exponential moving averages evaluated and
   deployed; a checkpoint can be read for them alone
   (`checkpointing.Checkpointer.restore_ema`).
+  `sht` holds what only training with SHT's pose transfer needs (its own
+  optimizer: FPTN is not part of the deployed network).
   """
 
   step: jax.Array
@@ -52,6 +55,10 @@ class TrainState:
   balancer_params: Any
   balancer_state: Any
   rng: jax.Array
+  # SHT's pose transfer (`config.sht`): {"params": FPTN's generator and two
+  # discriminators, "batch_stats": the generator's, "opt_state": their Adam};
+  # {} when off (no entries: checkpoints of runs without it are unchanged).
+  sht: Any = flax.struct.field(default_factory=dict)
 
   def ema_variables(self) -> dict:
     return {"params": self.ema_params, "batch_stats": self.ema_batch_stats}
@@ -105,12 +112,23 @@ class Setup:
   state_shardings: Any
   abstract_state: Any      # ShapeDtypeStructs with shardings, unboxed
   boxed_params: Any        # abstract params with their logical-name boxes
+  # SHT's pose transfer and the optimizer of its networks (None when off).
+  sht: fptn.PoseTransfer | None = None
+  sht_tx: optax.GradientTransformation | None = None
 
 
-def _init_state_fn(model: nn.Module, tx, loss_config: losses.LossConfig, image_size: int):
+# Folded into the init key for SHT's networks (the model's keys stay as they were).
+SHT_INIT_STREAM = 0x5
+
+def _init_state_fn(model: nn.Module, tx, loss_config: losses.LossConfig, image_size: int,
+                   sht: fptn.PoseTransfer | None = None, sht_tx=None):
   """A function rng -> TrainState with logical boxes on model variables."""
 
   def init(rng):
+    sht_state = {}
+    if sht is not None:
+      sht_state = sht.init(jax.random.fold_in(rng, SHT_INIT_STREAM), landmarks.NUM_UNIFIED)
+      sht_state["opt_state"] = sht_tx.init(sht_state["params"])
     params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = model.init({"params": params_rng, "dropout": dropout_rng}, images, train=False)
@@ -121,7 +139,8 @@ def _init_state_fn(model: nn.Module, tx, loss_config: losses.LossConfig, image_s
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
         opt_state=opt_state, ema_params=params, ema_batch_stats=batch_stats,
-        balancer_params=balancer_params, balancer_state=balancer_state, rng=state_rng)
+        balancer_params=balancer_params, balancer_state=balancer_state, rng=state_rng,
+        sht=sht_state)
 
   return init
 
@@ -135,7 +154,12 @@ def build_setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> 
   # One dataset id per benchmark and per own dataset of the run (the loss's D).
   loss_config = losses.LossConfig.from_config(
       config.loss, landmarks.num_dataset_ids(config.data.datasets))
-  init = _init_state_fn(model, tx, loss_config, config.data.image_size)
+  sht, sht_tx = None, None
+  if config.sht.enabled:
+    sht = fptn.PoseTransfer.from_config(config.sht, models.compute_options(config.model))
+    sht_tx = optax.adam(float(config.sht.learning_rate), b1=0.5, b2=0.999,
+                        eps=float(config.optimizer.eps))
+  init = _init_state_fn(model, tx, loss_config, config.data.image_size, sht, sht_tx)
   # An abstract key: no array is made, so the mesh's devices may be compile-only
   # (`fgtbt_jax.aot` builds the step for a TPU topology on a CPU host).
   abstract_key = jax.eval_shape(jax.random.PRNGKey, 0)
@@ -147,12 +171,14 @@ def build_setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> 
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, state_shardings)
   return Setup(config=config, model=model, mesh=mesh, rules=rules, tx=tx, schedule=schedule,
                loss_config=loss_config, state_shardings=state_shardings,
-               abstract_state=abstract_state, boxed_params=boxed_state.params)
+               abstract_state=abstract_state, boxed_params=boxed_state.params, sht=sht,
+               sht_tx=sht_tx)
 
 
 def create_train_state(setup: Setup, seed: int) -> TrainState:
   """A freshly initialised train state, created directly in its shardings."""
-  init = _init_state_fn(setup.model, setup.tx, setup.loss_config, setup.config.data.image_size)
+  init = _init_state_fn(setup.model, setup.tx, setup.loss_config, setup.config.data.image_size,
+                        setup.sht, setup.sht_tx)
   create = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=setup.state_shardings)
   return sharding.CompiledPerShape(create, "init", setup.mesh, setup.rules)(
       jax.random.PRNGKey(seed))

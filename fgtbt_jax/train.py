@@ -69,8 +69,10 @@ from fgtbt_jax.validation import validate_config
 
 # The keys of a training batch that the step reads.
 TRAIN_BATCH_KEYS = ("image", "landmarks", "mask", "dataset_id")
-# Folded into a step's dropout key for the low-resolution mode's draws.
+# Folded into a step's dropout key for the low-resolution mode's draws and
+# for SHT's second views.
 LOWRES_STREAM = 0x10
+PAIR_STREAM = 0x11
 
 
 def abstract_batch(config: ml_collections.ConfigDict, batch_sharding: NamedSharding) -> dict:
@@ -169,21 +171,43 @@ def model_forward(model: nn.Module, batch_stats: Any, dropout_rng: jax.Array,
 def train_loss(setup: Setup, frozen_batch_norm: bool = False) -> Callable:
   """The train step's loss, the one function its gradient is taken of.
 
-  `loss(trainable, batch_stats, balancer_state, dropout_rng, batch)` ->
-  `(total, (aux, new_batch_stats))`, with `trainable` the dict
-  {"model": params, "balancer": balancer parameters} that the optimizer
-  updates. The forward pass is `model_forward` (train mode under the remat
-  policy, or eval mode with `frozen_batch_norm`); targets are rendered on
-  device inside `losses.head_loss` (the FMB-loss and its per-dataset terms in
-  `aux`). The benchmarks measure this same function.
+  `loss(trainable, batch_stats, balancer_state, dropout_rng, batch, sht=None)`
+  -> `(total, (aux, new_batch_stats, sht_outputs))`, with `trainable` the
+  dict {"model": params, "balancer": balancer parameters} that the optimizer
+  updates (and "generator": FPTN's generator parameters with SHT). The
+  forward pass is `model_forward` (train mode under the remat policy, or
+  eval mode with `frozen_batch_norm`); targets are rendered on device inside
+  `losses.head_loss` (the FMB-loss and its per-dataset terms in `aux`). The
+  benchmarks measure this same function.
+
+  With SHT (`config.sht.enabled`; `sht` is the state's `sht` entry), every
+  face of the batch is paired with a second view of itself
+  (`models.hallucination.paired_view`), both go through the network side by
+  side (the FMB-loss and DHLN's losses on both), and FPTN's transfer
+  between them adds its losses (`models.fptn.PoseTransfer`); `sht_outputs`
+  then holds the generator's new BatchNorm statistics and the faces the
+  discriminators learn from ({} without SHT).
   """
   model, loss_config = setup.model, setup.loss_config
   remat_policy = setup.config.model.remat_policy
   factors = tuple(int(f) for f in setup.config.lowres.factors)
   probability = float(setup.config.lowres.probability)
+  transfer = setup.sht
+  if transfer is not None:
+    max_rotation = float(setup.config.sht.max_rotation)
+    scale_range = tuple(float(x) for x in setup.config.sht.scale_range)
 
-  def loss(trainable, batch_stats, balancer_state, dropout_rng, batch):
-    inputs = batch["image"]
+  def loss(trainable, batch_stats, balancer_state, dropout_rng, batch, sht=None):
+    high_resolution, points = batch["image"], batch["landmarks"]
+    mask, dataset_id = batch["mask"], batch["dataset_id"]
+    if transfer is not None:  # SHT: each face and a second view of it, side by side.
+      view, moved = models.hallucination.paired_view(
+          high_resolution, points, jax.random.fold_in(dropout_rng, PAIR_STREAM),
+          max_rotation, scale_range)
+      pair = models.fptn.interleave_views
+      high_resolution = pair(jnp.asarray(high_resolution, jnp.float32), view)
+      points, mask, dataset_id = pair(points, moved), pair(mask, mask), pair(dataset_id, dataset_id)
+    inputs = high_resolution
     if factors:  # The low-resolution training mode: a degraded copy goes in.
       inputs = models.hallucination.random_degrade(
           inputs, jax.random.fold_in(dropout_rng, LOWRES_STREAM), factors, probability)
@@ -192,19 +216,46 @@ def train_loss(setup: Setup, frozen_batch_norm: bool = False) -> Callable:
     outputs, updates = forward(trainable["model"], images)
     hallucinated = outputs.pop("hallucination", None)
     stride = images.shape[1] / outputs["heatmaps"].shape[1]
-    total, aux = losses.head_loss(loss_config, outputs, batch["landmarks"], batch["mask"],
-                                  batch["dataset_id"], stride, trainable["balancer"],
-                                  balancer_state)
+    total, aux = losses.head_loss(loss_config, outputs, points, mask, dataset_id, stride,
+                                  trainable["balancer"], balancer_state)
+    sht_outputs = {}
     if hallucinated is not None:  # DHLN: the high-resolution crop is the target.
+      hallucinated = models.denormalize_images(hallucinated) / 255.0
+      target = jnp.asarray(high_resolution, jnp.float32) / 255.0
       image_loss, image_aux = losses.hallucination_loss(
-          models.denormalize_images(hallucinated) / 255.0,
-          jnp.asarray(batch["image"], jnp.float32) / 255.0,
-          loss_config.hallucination_l1_weight, loss_config.hallucination_gradient_weight)
+          hallucinated, target, loss_config.hallucination_l1_weight,
+          loss_config.hallucination_gradient_weight)
       total = total + image_loss
       aux = {**aux, **image_aux}
-    return total, (aux, updates.get("batch_stats", batch_stats))
+      if transfer is not None:  # SHT: each view's face drawn in the other's pose.
+        transfer_loss, transfer_aux, generator_stats, discriminated = transfer.generator_loss(
+            {**sht["params"], "generator": trainable["generator"]}, sht["batch_stats"],
+            transfer.resize_images(hallucinated), transfer.resize_heatmaps(outputs["heatmaps"]),
+            transfer.resize_images(target))
+        total = total + transfer_loss
+        aux = {**aux, **transfer_aux}
+        sht_outputs = {"batch_stats": generator_stats, "faces": discriminated}
+    return total, (aux, updates.get("batch_stats", batch_stats), sht_outputs)
 
   return loss
+
+
+def sht_update(setup: Setup, sht: dict, generator_grads: Any, sht_outputs: dict,
+               aux: dict) -> tuple[dict, dict]:
+  """One Adam step of FPTN's generator (its gradient from the train loss) and
+  discriminators (from `PoseTransfer.discriminator_loss` on the step's faces).
+
+  Returns the new `sht` state and `aux` with "discriminator_loss" added.
+  """
+  params = sht["params"]
+  discriminators = {"appearance": params["appearance"], "shape": params["shape"]}
+  d_loss, d_grads = jax.value_and_grad(setup.sht.discriminator_loss)(
+      discriminators, sht_outputs["faces"])
+  updates, opt_state = setup.sht_tx.update({"generator": generator_grads, **d_grads},
+                                           sht["opt_state"], params)
+  new = {"params": optax.apply_updates(params, updates),
+         "batch_stats": sht_outputs["batch_stats"], "opt_state": opt_state}
+  return new, {**aux, "discriminator_loss": d_loss}
 
 
 def make_train_step(setup: Setup, ema_decay: float, frozen_batch_norm: bool = False) -> Callable:
@@ -228,8 +279,14 @@ def make_train_step(setup: Setup, ema_decay: float, frozen_batch_norm: bool = Fa
   def step_fn(state: TrainState, batch: Mapping[str, jax.Array]):
     dropout_rng = jax.random.fold_in(state.rng, state.step)
     trainable = {"model": state.params, "balancer": state.balancer_params}
-    (total, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        trainable, state.batch_stats, state.balancer_state, dropout_rng, batch)
+    if state.sht:
+      trainable["generator"] = state.sht["params"]["generator"]
+    (total, (aux, batch_stats, sht_outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        trainable, state.batch_stats, state.balancer_state, dropout_rng, batch, state.sht)
+    new_sht = state.sht
+    if state.sht:  # FPTN: the generator by the loss above, the discriminators by theirs.
+      new_sht, aux = sht_update(setup, state.sht, grads.pop("generator"), sht_outputs, aux)
+      trainable.pop("generator")
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     decay = ema_step_decay(ema_decay, state.step + 1, bias_correction)
@@ -239,7 +296,8 @@ def make_train_step(setup: Setup, ema_decay: float, frozen_batch_norm: bool = Fa
         ema_params=_ema(state.ema_params, trainable["model"], decay),
         ema_batch_stats=_ema(state.ema_batch_stats, batch_stats, decay),
         balancer_state=losses.update_balancer_state(
-            loss_config, state.balancer_state, aux["dataset_loss"], aux["present"], state.step))
+            loss_config, state.balancer_state, aux["dataset_loss"], aux["present"], state.step),
+        sht=new_sht)
     metrics = {"loss": total, "grad_norm": optax.tree.norm(grads["model"]),
                "learning_rate": schedule(state.step), **aux}
     return new_state, metrics

@@ -8,8 +8,8 @@ to make it look like the real target view I_tar. Since the heatmaps can be
 the landmark network's own outputs, the transfer losses reach the landmark
 network without annotations. FPTN is only used in training.
 
-This module holds the standalone pieces; wiring them into the train step is
-left to the caller:
+The pieces, and `PoseTransfer`, which the train step uses with `config.sht`
+(both views of each face side by side in the batch, `interleave_views`):
 
   PoseTransferGenerator  G(I_con, H_con, H_tar) -> I_ger. The pose-attentional
                          transfer network (Zhu et al. 2019, "PATB", SHT's
@@ -60,12 +60,13 @@ in SHT, the landmark network's) parameters, the discriminators held fixed.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fgtbt_jax.models import heads
 from fgtbt_jax.models import layers
 from fgtbt_jax.models.compute import Compute
 
@@ -396,3 +397,132 @@ def pose_transfer_loss(generated: jax.Array, target: jax.Array, fake_logits_a: j
     terms["perceptual"] = perceptual_l1(generated, target, perceptual_fn)
     total = total + weights.perceptual * terms["perceptual"]
   return total, terms
+
+
+# -----------------------------------------------------------------------------
+# SHT in the train step: pairs of views, the transfer between them.
+
+
+def interleave_views(first: jax.Array, second: jax.Array) -> jax.Array:
+  """Two (B, ...) views -> (2B, ...) with each face's views side by side (j, k, j, k, ...).
+
+  Side by side, a face's two views stay on one device when the batch is
+  split over devices (the split is into contiguous blocks of even length).
+  """
+  return jnp.stack([first, second], axis=1).reshape(-1, *first.shape[1:])
+
+
+def swap_views(x: jax.Array) -> jax.Array:
+  """Exchanges the two views of every face of an `interleave_views` batch."""
+  return x.reshape(x.shape[0] // 2, 2, *x.shape[1:])[:, ::-1].reshape(x.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoseTransfer:
+  """SHT's weak supervision: FPTN between the two views of every face (`config.sht`).
+
+  The train step runs both views of each face through the landmark network
+  (`interleave_views`); from its outputs, resized to `size`, each view's
+  hallucinated face I_SR,j with its heatmaps H_j and the other view's H_k go
+  through the generator, and the generated face is trained against the other
+  view's high-resolution face I_HR,k (eq. 9's L_PT(I_j, H_j, H_k) and
+  L_PT(I_k, H_k, H_j)). The landmark network gets the transfer's gradient
+  through both heatmaps and the hallucinated face: that is how faces without
+  annotations train it. The discriminators learn in the same step, from the
+  same faces with the generated ones' gradient stopped
+  (`discriminator_loss`).
+
+  Attributes:
+    generator: G.
+    discriminator: the definition of D_A and D_S (two parameter sets).
+    weights: (lambda1, lambda2) of eq. (5); no perceptual term.
+    size: side of the transfer's images and heatmaps (the input size divided
+      by an integer).
+  """
+
+  generator: PoseTransferGenerator
+  discriminator: PatchDiscriminator
+  weights: PoseTransferWeights
+  size: int
+
+  @classmethod
+  def from_config(cls, sht_config, compute: Compute) -> "PoseTransfer":
+    """From the config's `sht` section and the network's compute options."""
+    return cls(
+        generator=PoseTransferGenerator(channels=int(sht_config.generator_channels),
+                                        blocks=int(sht_config.generator_blocks),
+                                        compute=compute),
+        discriminator=PatchDiscriminator(channels=int(sht_config.discriminator_channels),
+                                         compute=compute),
+        weights=PoseTransferWeights(adversarial=float(sht_config.adversarial_weight),
+                                    l1=float(sht_config.l1_weight), perceptual=0.0),
+        size=int(sht_config.transfer_size))
+
+  def init(self, rng: jax.Array, num_heatmaps: int) -> dict:
+    """{"params": {"generator", "appearance", "shape"}, "batch_stats": the generator's}."""
+    image = jnp.zeros((1, self.size, self.size, 3), jnp.float32)
+    maps = jnp.zeros((1, self.size, self.size, num_heatmaps), jnp.float32)
+    g_key, a_key, s_key = jax.random.split(rng, 3)
+    generator = self.generator.init(g_key, image, maps, maps, train=False)
+    appearance, shape = discriminator_inputs(image, maps, image)
+    return {"params": {"generator": generator["params"],
+                       "appearance": self.discriminator.init(a_key, appearance)["params"],
+                       "shape": self.discriminator.init(s_key, shape)["params"]},
+            "batch_stats": generator["batch_stats"]}
+
+  def resize_images(self, images: jax.Array) -> jax.Array:
+    """(B, S, S, C) images -> `size` x `size` (area average; S a multiple of `size`)."""
+    _, height, width, _ = images.shape
+    return layers.separable_matmul(images, heads.area_matrix(height, self.size),
+                                   heads.area_matrix(width, self.size))
+
+  def resize_heatmaps(self, heatmaps: jax.Array) -> jax.Array:
+    """(B, h, w, K) heatmaps -> float32 `size` x `size` (bilinear, half-pixel centres)."""
+    _, height, width, _ = heatmaps.shape
+    return layers.separable_matmul(heatmaps.astype(jnp.float32),
+                                   layers.bilinear_matrix(height, self.size),
+                                   layers.bilinear_matrix(width, self.size))
+
+  def generator_loss(self, params: dict, batch_stats: Any, hallucinated: jax.Array,
+                     heatmaps: jax.Array, high_resolution: jax.Array
+                     ) -> tuple[jax.Array, dict, Any, dict]:
+    """The transfer losses of both directions of every pair, for G and the network.
+
+    Args:
+      params: {"generator", "appearance", "shape"}; only the generator's get
+        a gradient through this loss (the caller differentiates those).
+      batch_stats: the generator's BatchNorm statistics.
+      hallucinated: (2B, T, T, 3) the network's faces in [0, 1], T = `size`.
+      heatmaps: (2B, T, T, K) its heatmaps.
+      high_resolution: (2B, T, T, 3) the high-resolution views in [0, 1].
+
+    Returns:
+      (loss, {"transfer_l1", "transfer_adversarial"}, the generator's new
+      BatchNorm statistics, the discriminators' inputs for
+      `discriminator_loss`).
+    """
+    target_heatmaps, target = swap_views(heatmaps), swap_views(high_resolution)
+    generated, updates = self.generator.apply(
+        {"params": params["generator"], "batch_stats": batch_stats}, hallucinated, heatmaps,
+        target_heatmaps, train=True, mutable=["batch_stats"])
+    fake_a, fake_s = discriminator_inputs(hallucinated, target_heatmaps, generated)
+    total, terms = pose_transfer_loss(
+        generated, target, self.discriminator.apply({"params": params["appearance"]}, fake_a),
+        self.discriminator.apply({"params": params["shape"]}, fake_s), weights=self.weights)
+    faces = {"condition": hallucinated, "target_heatmaps": target_heatmaps, "target": target,
+             "generated": generated}
+    return (total, {"transfer_l1": terms["l1"], "transfer_adversarial": terms["adversarial"]},
+            updates["batch_stats"], faces)
+
+  def discriminator_loss(self, params: dict, faces: dict) -> jax.Array:
+    """D_A's and D_S's loss (eq. 6) on the faces of `generator_loss`, none differentiated."""
+    faces = jax.lax.stop_gradient(faces)
+    real_a, real_s = discriminator_inputs(faces["condition"], faces["target_heatmaps"],
+                                          faces["target"])
+    fake_a, fake_s = discriminator_inputs(faces["condition"], faces["target_heatmaps"],
+                                          faces["generated"])
+    apply = self.discriminator.apply
+    return discriminator_loss(
+        apply({"params": params["appearance"]}, real_a),
+        apply({"params": params["appearance"]}, fake_a),
+        apply({"params": params["shape"]}, real_s), apply({"params": params["shape"]}, fake_s))
