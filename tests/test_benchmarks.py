@@ -402,4 +402,4 @@ def test_lowres_study_tables_its_rows_and_refuses_unknown_ones():
   assert table[2] == "| dhln | 4.23 | 4.46 | 25.40 / 0.7730 | same |"
   assert table[3] == "| fgtbt | 5.43 | 3.68 | 24.80 / 0.7370 | same |"
   with pytest.raises(SystemExit):
-    lowres_study.main(["--rows", "fgtbt,sht"])
+    lowres_study.main(["--rows", "fgtbt,hourglass"])
