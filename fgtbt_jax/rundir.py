@@ -32,6 +32,7 @@ from absl import logging
 import ml_collections
 
 from fgtbt_jax import models
+from fgtbt_jax.data import prepare
 from fgtbt_jax.errors import ConfigError
 
 CONFIG_FILE = "config.json"
@@ -181,8 +182,12 @@ def default_eval_checkpoint(workdir: str | os.PathLike) -> str:
 
 
 def best_model_dataset(config: ml_collections.ConfigDict) -> str:
-  """Whose best EMA model predict and export use: `predict.dataset`, else the run's first."""
-  return str(config.predict.dataset or config.data.datasets[0])
+  """Whose best EMA model predict and export use: `predict.dataset`, else the run's
+  first evaluated dataset (an unlabeled folder keeps no best model)."""
+  if config.predict.dataset:
+    return str(config.predict.dataset)
+  evaluated = prepare.evaluated_datasets(config.data)
+  return str(evaluated[0] if evaluated else config.data.datasets[0])
 
 
 def shown_path(path: str | os.PathLike) -> str:

@@ -456,3 +456,12 @@ def test_config_validation_names_a_bad_labeled_fraction():
   config = tiny.get_config()
   config.data.labeled_fraction = 0.25
   validation.validate_config(config, 1)
+
+
+def test_predict_and_export_default_to_the_first_evaluated_dataset(data_dir):
+  from fgtbt_jax import rundir
+  config = ml_collections.ConfigDict({"data": _data_config(data_dir, ("extra", "mine")),
+                                      "predict": {"dataset": ""}})
+  assert rundir.best_model_dataset(config) == "mine"  # "extra" keeps no best model
+  config.predict.dataset = "extra"
+  assert rundir.best_model_dataset(config) == "extra"  # as named (its restore says why not)
