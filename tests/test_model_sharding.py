@@ -77,6 +77,12 @@ def test_fsdp_rules_shard_every_large_matrix(paper_abstract):
   assert flat["encoder", "stage_2", "block_5", "mlp", "fc1", "kernel"].spec == P("fsdp", None)
   assert flat["encoder", "stage_2", "block_5", "mlp", "fc2", "kernel"].spec == P(None, "fsdp")
   assert flat["decoder", "fuse", "kernel"].spec == P(None, None, None, "fsdp")
+  # ... but not the depthwise kernels: split by channel, they made the TPU compiler
+  # split the convolution by channel and gather the batch's maps (464 GB per chip
+  # and step on a v5e 4 x 4 mesh, benchmarks/README.md).
+  depthwise = [path for path in flat if "dwconv" in path]
+  assert len(depthwise) > 50 and all(  # kernels and biases of every block
+      all(a is None for a in flat[path].spec) for path in depthwise)
   # Sharded parameters take 1/8 of the memory per device.
   per_device = sum(
       np.prod(flat[p].shard_shape(x.shape)) for p, x in shapes.items())

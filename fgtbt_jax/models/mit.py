@@ -246,7 +246,12 @@ class MixFFN(nn.Module):
     dtype = self.compute.dtype
     x = layers.dense(hidden, "embed", "mlp", dtype=dtype, name="fc1")(x)
     m = x.reshape(b, *self.grid, hidden)
-    dwconv = layers.conv(hidden, 3, "mlp", padding=1, groups=hidden, dtype=dtype, name="dwconv")
+    # Its kernel's channels are "depthwise", never split: split over "fsdp" like
+    # the "mlp" widths, the TPU compiler split the convolution by channel and
+    # all-gathered the whole global batch's map into every chip (464 GB per chip
+    # and step on a 4 x 4 mesh; benchmarks/README.md).
+    dwconv = layers.conv(hidden, 3, "depthwise", padding=1, groups=hidden, dtype=dtype,
+                         name="dwconv")
     if resolve_depthwise_impl(self.compute.depthwise) == "shifts":
       params = layers.bound_params(dwconv, (0, 1, 1, hidden), dtype)
       m = depthwise_conv3x3_shifts(m.astype(dtype), params["kernel"].astype(dtype),

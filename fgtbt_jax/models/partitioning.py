@@ -25,6 +25,9 @@ Names:
   conv_in: input-channel dimension of convolution kernels (also of 1x1
     convolutions applied to tokens).
   norm: scales and offsets of layer and batch norms.
+  depthwise: channels of the Mix-FFN's depthwise 3x3 kernels (replicated:
+    they are small, and a kernel split by channel makes the compiler split
+    the convolution by channel, gathering the batch's feature maps).
 
 Divisibility: JAX only shards a dimension that divides evenly by the mesh
 axes it is mapped to. `variable_shardings` keeps a dimension replicated when
@@ -43,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 LOGICAL_AXIS_NAMES: tuple[str, ...] = (
     "batch", "tokens", "height", "width",
     "embed", "qkv", "mlp", "prompt", "fused", "decoder", "heatmaps",
-    "conv_height", "conv_width", "conv_in", "norm",
+    "conv_height", "conv_width", "conv_in", "norm", "depthwise",
 )
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp")
