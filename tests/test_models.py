@@ -5,6 +5,8 @@ on single modules. Full-model forward tests are in test_model_forward.py,
 cost counts in test_model_cost.py, sharding in test_model_sharding.py.
 """
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -348,6 +350,89 @@ def test_conv_stem_patch_embed_output_grid_and_layers():
   assert "bias" not in variables["params"]["conv_in"]
   with pytest.raises(ValueError, match="unknown patch_embed"):
     mit.OverlapPatchEmbed(16, 7, 4, kind="linear").init(jax.random.key(0), x, False)
+
+
+def test_gelu_is_the_exact_gelu_with_its_derivative_written_out():
+  x = jnp.linspace(-6.0, 6.0, 241)
+  weights = jnp.cos(jnp.arange(241.0))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    xd = x.astype(dtype)
+    out = layers.gelu(xd)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                  np.asarray(nn.gelu(xd, approximate=False), np.float32))
+    grad = jax.grad(lambda v: jnp.sum(layers.gelu(v).astype(jnp.float32) * weights))(xd)
+    assert grad.dtype == dtype
+    # Phi(x) + x phi(x), from float64.
+    x64 = np.asarray(xd, np.float64)
+    phi = np.exp(-0.5 * x64 ** 2) / np.sqrt(2 * np.pi)
+    cdf = 0.5 * (1.0 + np.vectorize(math.erf)(x64 / np.sqrt(2)))
+    expected = (cdf + x64 * phi) * np.asarray(weights, np.float64)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), expected,
+                               atol=1e-6 if dtype == jnp.float32 else 1e-2)
+  # The same gradient as differentiating the erfc formula (float32).
+  reference = jax.grad(lambda v: jnp.sum(nn.gelu(v, approximate=False) * weights))(x)
+  np.testing.assert_allclose(jax.grad(lambda v: jnp.sum(layers.gelu(v) * weights))(x), reference,
+                             rtol=1e-6, atol=1e-6)
+
+
+class _ConvThenNorm(nn.Module):
+  """norm_mid(conv_in(x)) as two layers, or folded (`layers.pointwise_conv_batch_norm`)."""
+
+  folded: bool
+  unbiased: bool
+  dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train):
+    conv = layers.conv(8, 1, "embed", use_bias=False, dtype=self.dtype, name="conv_in")
+    norm = layers.batch_norm(dtype=self.dtype, unbiased_variance=self.unbiased, name="norm_mid")
+    if self.folded:
+      return layers.pointwise_conv_batch_norm(conv, norm, x, train)
+    return norm(conv(x), use_running_average=not train)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_folded_stem_batch_norm_is_the_batch_norm_of_the_convolution(unbiased):
+  # An image-like input (3 channels, non-zero means, correlated channels).
+  x = jax.random.normal(jax.random.key(0), (2, 9, 11, 3)) @ jnp.array(
+      [[1.0, 0.3, 0.0], [0.0, 2.0, -0.5], [0.2, 0.0, 0.7]]) + jnp.array([0.5, -1.0, 2.0])
+  two, folded = _ConvThenNorm(False, unbiased), _ConvThenNorm(True, unbiased)
+  variables = two.init(jax.random.key(1), x, False)
+  # The same variables under the same names.
+  assert jax.tree.structure(folded.init(jax.random.key(1), x, False)) == jax.tree.structure(
+      variables)
+  variables = jax.tree.map(  # Non-trivial BatchNorm parameters and running statistics.
+      lambda v: v + 0.3 * jax.random.normal(jax.random.key(v.size), v.shape) if v.ndim == 1
+      else v, nn.meta.unbox(variables))
+  for train in (True, False):
+    def loss(params, module):
+      out, updates = module.apply({**variables, "params": params}, x, train,
+                                  mutable=["batch_stats"])
+      return jnp.sum(jnp.sin(out) * jnp.arange(out.size).reshape(out.shape) / out.size), (
+          out, updates)
+    (l_two, (out_two, upd_two)), g_two = jax.value_and_grad(loss, has_aux=True)(
+        variables["params"], two)
+    (l_fold, (out_fold, upd_fold)), g_fold = jax.value_and_grad(loss, has_aux=True)(
+        variables["params"], folded)
+    np.testing.assert_allclose(out_fold, out_two, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(l_fold, l_two, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_fold), jax.tree.leaves(g_two)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+    for a, b in zip(jax.tree.leaves(upd_fold), jax.tree.leaves(upd_two)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    if train:  # The running statistics moved, by the batch's (unbiased) variance if asked.
+      assert not np.allclose(upd_fold["batch_stats"]["norm_mid"]["var"],
+                             variables["batch_stats"]["norm_mid"]["var"])
+  # bfloat16: within bfloat16's rounding of the two-layer form.
+  out = {f: _ConvThenNorm(f, unbiased, jnp.bfloat16).apply(variables, x, True,
+                                                           mutable=["batch_stats"])[0]
+         for f in (False, True)}
+  assert out[True].dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out[True], np.float32), np.asarray(out[False], np.float32),
+                             rtol=2e-2, atol=3e-2)
+  with pytest.raises(ValueError, match="5 input channels"):
+    _ConvThenNorm(True, unbiased).init(jax.random.key(1), jnp.ones((1, 4, 4, 5)), False)
 
 
 # --- PyTorch semantics of the upsampling ops ----------------------------------

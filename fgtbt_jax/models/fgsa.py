@@ -306,7 +306,7 @@ class FGSAStage(nn.Module):
       f = f + raw_tokens(self._refine_fused(raw_channels_first(f), train))
     else:
       f = f + self._refine_fused(f, train)
-    f = self.expand(nn.gelu(self.reduce[block](f), approximate=False))
+    f = self.expand(layers.gelu(self.reduce[block](f)))
     return x + f
 
   def _refine_fused(self, f: jax.Array, train: bool) -> jax.Array:

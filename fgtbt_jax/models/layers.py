@@ -30,6 +30,9 @@ Dtype = Any
 # PyTorch BatchNorm momentum 0.1 means new = 0.9 old + 0.1 batch in Flax terms.
 BATCH_NORM_MOMENTUM = 0.9
 BATCH_NORM_EPSILON = 1e-5
+# The most input channels `pointwise_conv_batch_norm` takes (it computes the
+# 1x1 convolution as multiply-adds): an image's.
+POINTWISE_FMA_CHANNELS = 4
 
 # Standard-normal quantiles of the truncation points (-2, 2) and the std of
 # the truncated distribution, as in `nn.initializers.truncated_normal`.
@@ -279,6 +282,93 @@ def batch_norm(*, dtype: Dtype, unbiased_variance: bool = False,
       scale_init=_named(nn.initializers.ones_init(), ("norm",)),
       bias_init=_named(nn.initializers.zeros_init(), ("norm",)),
       name=name)
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+  """The exact GELU, x Phi(x) = x erfc(-x / sqrt 2) / 2, with its derivative written out.
+
+  The same values as `nn.gelu(x, approximate=False)`. The gradient is
+  Phi(x) + x phi(x), evaluated in float32 from the saved input in one
+  elementwise pass; differentiating the erfc formula instead made the TPU
+  compiler write a float32 copy of the hidden map in the forward pass and
+  again in the backward pass of every Mix-FFN (`benchmarks/README.md`).
+  """
+  # The barrier keeps the producer (the Mix-FFN's depthwise convolution) from
+  # absorbing -x / sqrt 2 and handing it to erfc's fusion in float32.
+  return nn.gelu(jax.lax.optimization_barrier(x), approximate=False)
+
+
+def _gelu_forward(x):
+  return gelu(x), x
+
+
+def _gelu_backward(x, grad):
+  x32 = jax.lax.optimization_barrier(x).astype(jnp.float32)
+  derivative = (0.5 * jax.lax.erfc(-x32 * np.sqrt(0.5))
+                + x32 * jnp.exp(-0.5 * jnp.square(x32)) / np.sqrt(2 * np.pi))
+  return ((grad.astype(jnp.float32) * derivative).astype(grad.dtype),)
+
+
+gelu.defvjp(_gelu_forward, _gelu_backward)
+
+
+def pointwise_conv_batch_norm(conv: nn.Module, norm: nn.BatchNorm, x: jax.Array,
+                              train: bool) -> jax.Array:
+  """norm(conv(x)) for a bias-free 1x1 `conv` and a `batch_norm`, without forming conv(x).
+
+  y = x W is linear in x, so the BatchNorm's batch statistics of y follow
+  from x's first and second moments: mean(y) = mean(x) W and
+  E[y_c^2] = W_c^T E[x x^T] W_c (C_in x C_in, float32). The normalised map
+  is then one 1x1 convolution with a bias, x (W s) + (beta - mean(y) s),
+  s = scale / sqrt(var(y) + eps): C_in multiply-adds in float32, cast once,
+  for inputs of up to `POINTWISE_FMA_CHANNELS` channels (an image). The same
+  function as `norm(conv(x))` (the same statistics, normalisation and running
+  statistics, with the same variables under the modules' names), but the
+  statistics and their gradients never pass over the wide map y: the conv
+  stems widen 3 input channels to 64 at the full 480 x 480, and every pass
+  over that map is HBM traffic on a TPU (benchmarks/README.md, issue 29).
+
+  Args:
+    conv: `conv(features, 1, ..., use_bias=False)` ("conv" or "dot" form).
+    norm: `batch_norm(...)` over conv's output channels.
+    x: (..., C_in) input, C_in <= POINTWISE_FMA_CHANNELS.
+    train: normalise with the batch statistics and update the running ones
+      (not while initialising), else use the running ones.
+  """
+  if x.shape[-1] > POINTWISE_FMA_CHANNELS:
+    raise ValueError(f"pointwise_conv_batch_norm: {x.shape[-1]} input channels; it computes "
+                     f"up to {POINTWISE_FMA_CHANNELS} as multiply-adds")
+  kernel = bound_params(conv, (0, 1, 1, x.shape[-1]), x.dtype)["kernel"][0, 0]
+  norm(jnp.zeros((0, kernel.shape[-1]), x.dtype), use_running_average=True)
+  params = nn.meta.unbox(norm.variables["params"])
+  running = norm.variables["batch_stats"]
+  if train:
+    count = math.prod(x.shape[:-1])
+    axes = tuple(range(x.ndim - 1))
+    mean_x = jnp.mean(x, axis=axes, dtype=jnp.float32)
+    second = jnp.einsum("...i,...j->ij", x, x, preferred_element_type=jnp.float32) / count
+    mean = mean_x @ kernel
+    var = jnp.maximum(0.0, jnp.einsum("ic,ij,jc->c", kernel, second, kernel) - jnp.square(mean))
+    if not norm.is_initializing():
+      if isinstance(norm, UnbiasedVarianceBatchNorm):
+        if count < 2:
+          raise ValueError(f"BatchNorm: the unbiased variance needs more than one value per "
+                           f"channel in training, got an input of shape {x.shape}")
+        running_var = var * (count / (count - 1))
+      else:
+        running_var = var
+      m = norm.momentum
+      norm.put_variable("batch_stats", "mean", m * running["mean"] + (1 - m) * mean)
+      norm.put_variable("batch_stats", "var", m * running["var"] + (1 - m) * running_var)
+  else:
+    mean, var = running["mean"], running["var"]
+  s = params["scale"] * jax.lax.rsqrt(var + norm.epsilon)
+  kernel, bias = kernel * s, params["bias"] - mean * s
+  # Multiply-adds in float32, which no remat policy keeps for the backward pass
+  # (a matmul's output would be kept, at full resolution).
+  y = sum(x[..., i:i + 1].astype(jnp.float32) * kernel[i] for i in range(x.shape[-1]))
+  return (y + bias).astype(norm.dtype or x.dtype)
 
 
 class DropPath(nn.Module):

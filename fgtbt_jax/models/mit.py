@@ -98,9 +98,20 @@ class OverlapPatchEmbed(nn.Module):
                               name=name)(y, use_running_average=not train)
         return nn.relu(y)
       x = bn_relu(x, "norm_in")
-      x = layers.conv(c, 1, self.axis, use_bias=False, dtype=dtype, pointwise=pointwise,
-                      name="conv_in")(x)
-      x = bn_relu(x, "norm_mid")
+      conv_in = layers.conv(c, 1, self.axis, use_bias=False, dtype=dtype, pointwise=pointwise,
+                            name="conv_in")
+      if x.shape[-1] <= layers.POINTWISE_FMA_CHANNELS:
+        # An image (stage 1's and FGSA Refine's stems): norm_mid(conv_in(x)) with
+        # its statistics from the 3 channels' moments, so the 64-channel map at
+        # full resolution is made once, normalised, and never kept for the
+        # backward pass (stage 1's stem alone moved 2.7 GB of HBM per 8 images
+        # on v5e, 1.6 GB so; benchmarks/README.md).
+        x = nn.relu(layers.pointwise_conv_batch_norm(
+            conv_in, layers.batch_norm(dtype=dtype,
+                                       unbiased_variance=self.batch_norm_unbiased_variance,
+                                       name="norm_mid"), x, train))
+      else:
+        x = bn_relu(conv_in(x), "norm_mid")
       x = layers.conv(c, k, self.axis, strides=s, padding=k // 2, dtype=dtype, name="proj")(x)
       x = bn_relu(x, "norm_out")
       x = layers.conv(c, 1, self.axis, use_bias=False, dtype=dtype, pointwise=pointwise,
@@ -258,7 +269,7 @@ class MixFFN(nn.Module):
                                    params["bias"].astype(dtype))
     else:
       m = dwconv(m)
-    x = nn.gelu(m.reshape(b, n, hidden), approximate=False)
+    x = layers.gelu(m.reshape(b, n, hidden))
     return layers.dense(self.dim, "mlp", "embed", dtype=dtype, name="fc2")(x)
 
 
