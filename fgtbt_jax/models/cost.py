@@ -15,6 +15,8 @@ operation counters that the paper's numbers come from:
 * the two activation-by-activation products inside attention (q k^T and
   weights x v) are reported apart: PyTorch counters do not see them (they
   count nn.Linear / nn.Conv layers), so the paper's figures leave them out;
+* a 1x1 convolution of an image computed as multiply-adds
+  (`layers.pointwise_conv_batch_norm`) costs what the convolution does;
 * interpolation (bilinear resize and the HIH head's area pooling, which
   JAX implements with small matrix products) is not a learned layer and is
   not counted; neither are normalisation, activations, softmax or the FFT.
@@ -36,6 +38,7 @@ from jax.extend import core as jex_core
 from fgtbt_jax.models.decoder import RESIZE_SCOPE, WEIGHT_SCOPE
 from fgtbt_jax.models.fgtbt import FGTBT, abstract_variables, build_model
 from fgtbt_jax.models.heads import AREA_SCOPE
+from fgtbt_jax.models.layers import POINTWISE_FMA_SCOPE
 from fgtbt_jax.models.mit import ATTENTION_SCOPE
 
 PARTS = ("encoder", "fgsa", "decoder", "attention")
@@ -168,6 +171,8 @@ def count_macs(config: ml_collections.ConfigDict, input_size: int | None = None,
   totals = dict.fromkeys(PARTS, 0)
   for path, eqn in walk_equations(forward_jaxpr(config, input_size, batch).jaxpr):
     macs = equation_macs(eqn)
+    if eqn.primitive.name == "mul" and POINTWISE_FMA_SCOPE in path:
+      macs = math.prod(eqn.outvars[0].aval.shape)  # A 1x1 convolution, one input channel.
     if not macs or RESIZE_SCOPE in path or WEIGHT_SCOPE in path or AREA_SCOPE in path:
       continue
     part = model_part(path)

@@ -33,6 +33,9 @@ BATCH_NORM_EPSILON = 1e-5
 # The most input channels `pointwise_conv_batch_norm` takes (it computes the
 # 1x1 convolution as multiply-adds): an image's.
 POINTWISE_FMA_CHANNELS = 4
+# Name scope of those multiply-adds: the MAC counter (`cost.py`) counts its
+# products as the 1x1 convolution's.
+POINTWISE_FMA_SCOPE = "pointwise_fma"
 
 # Standard-normal quantiles of the truncation points (-2, 2) and the std of
 # the truncated distribution, as in `nn.initializers.truncated_normal`.
@@ -367,7 +370,8 @@ def pointwise_conv_batch_norm(conv: nn.Module, norm: nn.BatchNorm, x: jax.Array,
   kernel, bias = kernel * s, params["bias"] - mean * s
   # Multiply-adds in float32, which no remat policy keeps for the backward pass
   # (a matmul's output would be kept, at full resolution).
-  y = sum(x[..., i:i + 1].astype(jnp.float32) * kernel[i] for i in range(x.shape[-1]))
+  with jax.named_scope(POINTWISE_FMA_SCOPE):
+    y = sum(x[..., i:i + 1].astype(jnp.float32) * kernel[i] for i in range(x.shape[-1]))
   return (y + bias).astype(norm.dtype or x.dtype)
 
 
