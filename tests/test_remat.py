@@ -11,10 +11,12 @@ from fgtbt_jax import losses
 from fgtbt_jax import models
 from fgtbt_jax import sharding
 from fgtbt_jax import train
+from fgtbt_jax.models import decoder as decoder_lib
 from fgtbt_jax.models import encoder as encoder_lib
 from fgtbt_jax.models.compute import Compute
 from fgtbt_jax.models import mit
 from fgtbt_jax.models import partitioning
+from fgtbt_jax.models import remat
 
 SIZE = 64
 
@@ -278,3 +280,43 @@ def test_recompute_in_backward_passes_python_outputs_and_static_arguments():
   want = jax.grad(lambda x, w: fun(x, 3.0, w)["y"].sum(), argnums=(0, 1))(x, w)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
   np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["dots", "dots_no_attention", "dots_no_batch"])
+def test_decoder_keeps_its_fused_map_not_the_four_resized_terms(policy):
+  """The decoder's fused map is a sum of four resized matmul outputs (the composed
+  fusion); the matmul-keeping policies keep the sum by name, so none of its terms."""
+  from fgtbt_jax.models import decoder as decoder_lib
+  head = decoder_lib.DecoderHead(decoder_dim=24, head_channels=8, upsample_channels=8,
+                                 num_points=5, compute=Compute(dtype=jnp.float32))
+  rng = np.random.default_rng(0)
+  features = [jnp.asarray(rng.standard_normal((2, 16 >> i, 16 >> i, c)), jnp.float32)
+              for i, c in enumerate((4, 8, 12, 16))]
+  variables = head.init(jax.random.key(0), features, train=False)
+
+  def forward(p):
+    out, _ = head.apply({**variables, "params": p}, features, train=True,
+                        rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
+    return out["heatmaps"]
+
+  def loss(params, kept_policy):
+    rematerialized = (remat.rematerialize(forward, policy) if kept_policy is None
+                      else jax.checkpoint(forward, policy=kept_policy))
+    return jnp.sum(jnp.square(rematerialized(params)))
+
+  fused_size = 2 * 16 * 16 * 24
+  kept = lambda p: [x for x in jax.tree.leaves(jax.eval_shape(
+      lambda q: jax.vjp(lambda r: loss(r, p), q)[1], variables["params"]))
+      if x.size == fused_size]
+  assert len(kept(None)) == 1
+  # Without the name, the four terms (stage 1's matmul and three resizes) were kept.
+  unnamed = {"dots": jax.checkpoint_policies.dots_saveable,
+             "dots_no_attention": remat._dots_no_attention,
+             "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
+  assert len(kept(unnamed)) == 4
+  # The same gradients either way.
+  np.testing.assert_allclose(
+      np.concatenate([np.ravel(g) for g in jax.tree.leaves(jax.grad(loss)(
+          variables["params"], None))]),
+      np.concatenate([np.ravel(g) for g in jax.tree.leaves(jax.grad(loss)(
+          variables["params"], unnamed))]), rtol=1e-5, atol=1e-6)

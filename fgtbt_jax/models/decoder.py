@@ -7,10 +7,12 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from fgtbt_jax.models import heads as heads_lib
 from fgtbt_jax.models.hallucination import DualHallucination
 from fgtbt_jax.models import layers
+from fgtbt_jax.models import remat
 from fgtbt_jax.models.layers import bilinear_matrix
 from fgtbt_jax.models.compute import Compute
 
@@ -149,6 +151,7 @@ class DecoderHead(nn.Module):
       y = fuse(jnp.concatenate(embedded, axis=-1))
     else:
       y = self._composed(features, stages, embeds, fuse, h, w)
+    y = checkpoint_name(y, remat.DECODER_FUSION)
     y = layers.batch_norm(dtype=self.compute.dtype, unbiased_variance=self.batch_norm_unbiased_variance,
                           name="fuse_norm")(y, use_running_average=not train)
     y = nn.relu(y)

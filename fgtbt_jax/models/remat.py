@@ -49,6 +49,10 @@ jax.checkpoint rules: 2.89 GiB and 5.2 GB per image against 3.28 GiB and
 "dots_no_batch". GPU figures are not measured yet
 (benchmarks/device_run.sh); "auto" takes the TPU's choice there.
 
+"dots", "dots_no_attention" and "dots_no_batch" also keep the decoder's
+fused map (`DECODER_FUSION`, kept by name): a sum of four resized matmul
+outputs, which they would otherwise keep term by term.
+
 `model.remat` (each Transformer block only, `recompute_in_backward`)
 composes with the jax.checkpoint policies. The measured bytes and step
 times are in benchmarks/README.md ("Memory budget").
@@ -83,10 +87,21 @@ def _dots_no_attention(prim, *args, **params) -> bool:
   return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
 
 
+# Values the matmul-keeping policies also keep, by `jax.ad_checkpoint.checkpoint_name`:
+# the decoder's fused 768-channel map, a sum of four resized matmul outputs.
+# Kept itself, it spares keeping its four terms and recomputing the sum (paper
+# step on v5e, 8 images per chip: the decoder's HBM traffic 7.8 -> 6.9 GB per
+# chip and step; benchmarks/README.md).
+DECODER_FUSION = "decoder_fusion"
+_NAMED = jax.checkpoint_policies.save_only_these_names(DECODER_FUSION)
+
 _POLICIES = {
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_attention": _dots_no_attention,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable, _NAMED),
+    "dots_no_attention": jax.checkpoint_policies.save_from_both_policies(
+        _dots_no_attention, _NAMED),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _NAMED),
     "nothing": jax.checkpoint_policies.nothing_saveable,
 }
 
