@@ -225,6 +225,26 @@ def layer_norm(epsilon: float, *, dtype: Dtype, name: str | None = None,
       name=name)
 
 
+def running_statistics(norm: nn.BatchNorm, running_mean: jax.Array, running_var: jax.Array,
+                       mean: jax.Array, var: jax.Array,
+                       shape: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+  """`norm`'s running mean and variance after a training batch of `shape` with these statistics.
+
+  The momentum update, with the unbiased batch variance (var * n / (n - 1)
+  over the n values of a channel) for an `UnbiasedVarianceBatchNorm`, the
+  biased one otherwise (`nn.BatchNorm`).
+  """
+  m = norm.momentum
+  if isinstance(norm, UnbiasedVarianceBatchNorm):
+    count = math.prod(shape[:-1])
+    if count < 2:
+      raise ValueError(f"BatchNorm: the unbiased variance needs more than one value per "
+                       f"channel in training, got an input of shape {tuple(shape)}")
+    return (m * running_mean + (1 - m) * mean,
+            m * running_var + (1 - m) * var * (count / (count - 1)))
+  return m * running_mean + (1 - m) * mean, m * running_var + (1 - m) * var
+
+
 class UnbiasedVarianceBatchNorm(nn.BatchNorm):
   """`nn.BatchNorm` whose running variance takes the unbiased batch variance.
 
@@ -253,13 +273,8 @@ class UnbiasedVarianceBatchNorm(nn.BatchNorm):
       mean = values.mean(reduction_axes)
       var = jnp.maximum(0.0, jax.lax.square(values).mean(reduction_axes) - jax.lax.square(mean))
       if not self.is_initializing():
-        count = math.prod(x.shape[:-1])
-        if count < 2:
-          raise ValueError(f"BatchNorm: the unbiased variance needs more than one value per "
-                           f"channel in training, got an input of shape {x.shape}")
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = (self.momentum * ra_var.value
-                        + (1 - self.momentum) * var * (count / (count - 1)))
+        ra_mean.value, ra_var.value = running_statistics(
+            self, ra_mean.value, ra_var.value, mean, var, x.shape)
     scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
     bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
     y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
@@ -354,16 +369,10 @@ def pointwise_conv_batch_norm(conv: nn.Module, norm: nn.BatchNorm, x: jax.Array,
     mean = mean_x @ kernel
     var = jnp.maximum(0.0, jnp.einsum("ic,ij,jc->c", kernel, second, kernel) - jnp.square(mean))
     if not norm.is_initializing():
-      if isinstance(norm, UnbiasedVarianceBatchNorm):
-        if count < 2:
-          raise ValueError(f"BatchNorm: the unbiased variance needs more than one value per "
-                           f"channel in training, got an input of shape {x.shape}")
-        running_var = var * (count / (count - 1))
-      else:
-        running_var = var
-      m = norm.momentum
-      norm.put_variable("batch_stats", "mean", m * running["mean"] + (1 - m) * mean)
-      norm.put_variable("batch_stats", "var", m * running["var"] + (1 - m) * running_var)
+      new_mean, new_var = running_statistics(norm, running["mean"], running["var"], mean, var,
+                                             x.shape)
+      norm.put_variable("batch_stats", "mean", new_mean)
+      norm.put_variable("batch_stats", "var", new_var)
   else:
     mean, var = running["mean"], running["var"]
   s = params["scale"] * jax.lax.rsqrt(var + norm.epsilon)
