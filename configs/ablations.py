@@ -29,6 +29,12 @@ Low-resolution faces (SHT, docs/model.md "Low-resolution faces"):
                                                            views of each face (FPTN; implies
                                                            dhln=on): faces without landmarks
                                                            train too
+  input_downsample=F                                       the network on the crop reduced
+                                                           F times (SHT-M's small input, e.g.
+                                                           base=default,dhln=on,input_downsample=2:
+                                                           a 32 px network, 64 px faces
+                                                           hallucinated); the input size must
+                                                           divide by 32 F
 
 head=hih also decodes with the decimal maps: eval.decoder "hih" where the
 base decodes with argmax or quarter, "hih_subpixel" where it uses subpixel.
@@ -52,7 +58,7 @@ STUDIES = (
     "frequency=fft", "frequency=srm", "frequency=wavelet",
     "fgsa=off", "fmb=off", "fgsa=off,fmb=off",
     "head=heatmap", "head=hih", "head=recurrent",
-    "lowres=on", "dhln=on", "sht=on",
+    "lowres=on", "dhln=on", "sht=on", "input_downsample=3",
 )
 # The low-resolution training mode's factors (SHT's 2x / 4x / 8x faces).
 LOWRES_FACTORS = (2, 4, 8)
@@ -105,7 +111,12 @@ def get_config(study: str = "") -> ml_collections.ConfigDict:
         config.model.hallucination = False
       if on:
         config.lowres.factors = LOWRES_FACTORS
+    elif key == "input_downsample":
+      if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"ablations: input_downsample={value!r} is not a positive integer")
+      config.model.input_downsample = int(value)
     else:
       raise ValueError(f"ablations: unknown setting {key!r}; expected base, beta, balancer, "
-                       f"frequency, fgsa, fmb, head, lowres, dhln or sht (studies: {STUDIES})")
+                       f"frequency, fgsa, fmb, head, lowres, dhln, sht or input_downsample "
+                       f"(studies: {STUDIES})")
   return config

@@ -60,12 +60,6 @@ _PER_IMAGE = ("predictions", "confidence", "ground_truth", "box_size", "baseline
               "signed_error", "valid")
 
 
-def heatmap_stride(model: nn.Module) -> float:
-  """Input pixels per heatmap cell: the decoder upsamples the first stage's features
-  (stride `encoder.strides[0]`, 4) twice."""
-  return float(model.encoder.strides[0]) / 2.0
-
-
 def authors_ground_truth(ground_truth_input: np.ndarray, stride: float) -> np.ndarray:
   """Ground truth (input pixels) quantised as the FGTBT authors' evaluation does it.
 
@@ -115,7 +109,7 @@ def predict_split(predict_fn: Callable, variables: Any, data_config: ml_collecti
     transform: applied to every batch of uint8 crops before the model.
     max_batches: stop after this many batches (every process stops at the same one).
     desc: a progress bar's label (process 0 only); None = no bar.
-    stride: input pixels per heatmap cell (`heatmap_stride`).
+    stride: input pixels per heatmap cell (`FGTBT.heatmap_stride`).
     coordinates: the predict function's (`PredictSettings.coordinates`);
       "authors" quantises the ground truth as the authors' evaluation did.
 
@@ -439,7 +433,7 @@ class Evaluator:
     return {landmarks.get_protocol(d).name: collect_split(
         predict_split(predict_fn, variables, self.config.data, d, self.mesh,
                       transform=transform, max_batches=max_batches, desc=f"{label} {d}",
-                      stride=heatmap_stride(self.model), coordinates=coordinates),
+                      stride=self.model.heatmap_stride, coordinates=coordinates),
         d, keep_images=keep_images)
         for d in datasets}
 

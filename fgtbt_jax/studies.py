@@ -122,13 +122,13 @@ def study_table(name: str, config: ml_collections.ConfigDict, settings: PredictS
   inter-ocular NME of decoding perfect targets (the HIH decoders' with the
   model's decimal size d)}, "ideal_by_decimal_size": {d: {HIH decoder: NME}},
   "measured": {decoder the head supports: {dataset: NME}}}; the heatmap is
-  half the input (the model's stride 2).
+  the input over the model's stride, 2 `model.input_downsample`.
   """
   check_studies([name])
   if name == "lowres":
     return {int(side): dict(measured[int(side)]) for side in config.eval.lowres_sides}
   input_size = int(config.data.image_size)
-  heatmap_size = input_size // 2
+  heatmap_size = input_size // (2 * int(config.model.input_downsample))
   sigma = float(config.loss.sigma)
   faces = decoding_error.random_meanface_landmarks(QUANTIZATION_FACES, input_size, seed=0)
   decimal_size = int(config.model.hih_decimal_size)

@@ -188,9 +188,10 @@ def _validate_lowres(config: ml_collections.ConfigDict) -> None:
                         f"data.image_size ({size}); got {tuple(lowres.factors)}")
   if not 0.0 <= lowres.probability <= 1.0:
     raise ConfigError(f"lowres.probability must be in [0, 1], got {lowres.probability}")
-  if config.model.hallucination and not lowres.factors:
+  if config.model.hallucination and not lowres.factors and config.model.input_downsample == 1:
     raise ConfigError("model.hallucination (DHLN) learns low- to high-resolution faces: set "
-                      "lowres.factors too, e.g. --config.lowres.factors='(2, 4, 8)'")
+                      "lowres.factors too, e.g. --config.lowres.factors='(2, 4, 8)', or run "
+                      "the network on a reduced crop (model.input_downsample, SHT-M)")
 
 
 def _validate_sht(config: ml_collections.ConfigDict) -> None:

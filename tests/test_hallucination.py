@@ -107,8 +107,9 @@ def _conv(x, params, padding):
   ) + params.get("bias", 0.0)
 
 
-def test_the_two_fusions_follow_sht_equations_1_and_2():
-  module = hallucination.DualHallucination(channels=6, blocks=2)
+@pytest.mark.parametrize("upscale", [1, 2])
+def test_the_two_fusions_follow_sht_equations_1_and_2(upscale):
+  module = hallucination.DualHallucination(channels=6, blocks=2, upscale=upscale)
   rng = np.random.default_rng(4)
   pose = jnp.asarray(rng.normal(size=(2, 8, 8, 5)), jnp.float32)
   images = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
@@ -125,8 +126,14 @@ def test_the_two_fusions_follow_sht_equations_1_and_2():
   fusion = _conv(jnp.concatenate([pose, fused_q], -1), params["pose_fusion"], "VALID")
   np.testing.assert_allclose(new_pose, pose + fusion, rtol=1e-5, atol=1e-5)  # eq. (2)
   residual = _conv(fused_q, params["image_out"], ((1, 1), (1, 1)))
-  np.testing.assert_allclose(hallucinated, images + hallucination.pixel_shuffle(residual, 2),
-                             rtol=1e-5, atol=1e-5)
+  # SHT-M: the face `upscale` times the input's size, the upsampled input plus the residual.
+  assert hallucinated.shape == (2, 16 * upscale, 16 * upscale, 3)
+  upsampled = images if upscale == 1 else jnp.asarray(
+      [cv2.resize(np.asarray(x), (16 * upscale,) * 2, interpolation=cv2.INTER_LINEAR)
+       for x in images])
+  np.testing.assert_allclose(
+      hallucinated, upsampled + hallucination.pixel_shuffle(residual, 2 * upscale),
+      rtol=1e-5, atol=1e-5)
 
 
 def test_an_untrained_dhln_is_the_fgtbt_network_and_returns_its_input():
@@ -145,6 +152,41 @@ def test_an_untrained_dhln_is_the_fgtbt_network_and_returns_its_input():
       base.apply({**variables, "params": params}, images), outputs["heatmaps"])
 
 
+def test_a_small_input_network_is_fgtbt_on_the_reduced_crop():
+  """SHT-M's small input: input_downsample f runs the network on the area-averaged crop;
+  heatmaps f times coarser and decoded to crop pixels; DHLN's face at the crop's size."""
+  from fgtbt_jax import inference
+  config = models.model_config("tiny", input_size=64, input_downsample=2, hallucination=True,
+                               hallucination_channels=8, hallucination_blocks=1)
+  model, base = models.build_model(config), models.build_model(models.model_config("tiny"))
+  crops = np.random.default_rng(9).integers(0, 256, (2, 64, 64, 3)).astype(np.uint8)
+  images = models.normalize_images(crops)
+  variables = model.init(jax.random.key(0), images, train=False)
+  outputs = model.apply(variables, images, method=models.FGTBT.named_outputs)
+  assert outputs["heatmaps"].shape == (2, 16, 16, 124) and model.heatmap_stride == 4.0
+  reduced = np.asarray(images).reshape(2, 32, 2, 32, 2, 3).mean((2, 4))  # 2 x 2 cell means
+  params = dict(variables["params"])
+  params["decoder"] = {k: v for k, v in params["decoder"].items() if k != "hallucination"}
+  np.testing.assert_allclose(base.apply({**variables, "params": params}, jnp.asarray(reduced)),
+                             outputs["heatmaps"], rtol=1e-5, atol=1e-5)
+  # Untrained, DHLN returns the reduced crop upsampled back (bilinear, half-pixel centres).
+  back = np.stack([cv2.resize(x, (64, 64), interpolation=cv2.INTER_LINEAR) for x in reduced])
+  np.testing.assert_allclose(outputs["hallucination"], back, rtol=1e-5, atol=1e-5)
+  # Predict maps the coarser heatmaps' peaks to crop pixels with the stride 4.
+  predict = inference.make_predict_fn(inference.model_apply(model), inference.PredictSettings(
+      decoder="argmax", flip_test=False))
+  points, _ = predict(variables, crops)
+  flat = np.asarray(outputs["heatmaps"]).reshape(2, 256, 124).argmax(1)
+  want = np.stack([flat % 16, flat // 16], -1) * 4.0 + 1.5  # (k + 0.5) 4 - 0.5
+  np.testing.assert_allclose(points, want)
+  with pytest.raises(ValueError, match="not a multiple of 64"):
+    model.apply(variables, images[:, :32, :32], method=models.FGTBT.named_outputs)
+  for bad, message in ((0, "must be an integer >= 1"), (3, "must be a multiple of 32 x "
+                                                          "input_downsample \\(96\\)")):
+    with pytest.raises(ValueError, match=message):
+      models.model_config("tiny", input_size=64, input_downsample=bad)
+
+
 def test_configs_select_the_variants_and_name_bad_keys():
   lowres, dhln = ablations.get_config("base=default,lowres=on"), ablations.get_config(
       "base=default,dhln=on")
@@ -152,6 +194,12 @@ def test_configs_select_the_variants_and_name_bad_keys():
   assert dhln.lowres.factors == (2, 4, 8) and dhln.model.hallucination
   for config in (lowres, dhln):
     validation.validate_config(config, num_devices=1)
+  small = ablations.get_config("base=default,dhln=on,input_downsample=2")
+  assert small.model.input_downsample == 2 and small.model.hallucination
+  small.lowres.factors = ()  # SHT-M: the reduced crop alone is the low-resolution input
+  validation.validate_config(small, num_devices=1)
+  with pytest.raises(ValueError, match="input_downsample='x' is not a positive integer"):
+    ablations.get_config("base=default,input_downsample=x")
   bad = default.get_config()
   bad.model.hallucination = True
   with pytest.raises(errors.ConfigError, match="lowres.factors"):
@@ -224,8 +272,8 @@ def test_eval_reports_the_hallucinated_faces_quality(synthetic_data_dir, tmp_pat
   assert faces["128"]["psnr"] is None or faces["128"]["psnr"] > 60.0  # float rounding only
 
 
-def _dhln_config(data: int, fsdp: int, rules: str):
-  config = ablations.get_config("base=default,dhln=on")
+def _dhln_config(data: int, fsdp: int, rules: str, study: str = "base=default,dhln=on"):
+  config = ablations.get_config(study)
   config.model.hallucination_channels, config.model.hallucination_blocks = 8, 1
   config.model.depthwise_impl = "conv"  # as configs/tiny.py: faster to compile
   config.optimizer.eps = 1e-3  # see tests/test_train.py
@@ -247,6 +295,27 @@ def test_dhln_trains_sharded_like_one_device_and_resumes_exactly(tmp_path):
   assert float(metrics8["hallucination_l1"]) > 0.01
   moved = jax.device_get(state1.params)["decoder"]["hallucination"]["image_out"]["kernel"]
   assert np.abs(moved).max() > 0.0  # the zero-initialised output moved (warm-up steps)
+
+
+@pytest.mark.slow  # Two train steps compiled.
+def test_small_input_dhln_trains_sharded_like_one_device_and_resumes_exactly(tmp_path):
+  """SHT-M: the network on the crop halved, its face hallucinated at the crop's size."""
+  study = "base=default,dhln=on,input_downsample=2"
+
+  def small(data, fsdp, rules):
+    config = _dhln_config(data, fsdp, rules, study)
+    config.lowres.factors = ()  # the reduced crop is the only low-resolution input
+    return config
+
+  def compare(metrics8, metrics1):
+    for name in ("loss", "hallucination_l1", "hallucination_gradient"):
+      np.testing.assert_allclose(metrics8[name], metrics1[name], rtol=1e-5, err_msg=name)
+
+  _, _, state1, metrics8 = helpers.train_sharded_and_single(
+      small(4, 2, "fsdp"), small(1, 1, "data"), tmp_path, compare)
+  assert float(metrics8["hallucination_l1"]) > 0.01  # the halved crop upsampled is not the crop
+  out = jax.device_get(state1.params)["decoder"]["hallucination"]["image_out"]["kernel"]
+  assert out.shape[-1] == 3 * 4 * 4 and np.abs(out).max() > 0.0  # pixel shuffle by 4
 
 
 def test_paired_view_moves_the_image_and_its_points_alike():

@@ -87,6 +87,11 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
       input_size: square input side in pixels (multiple of 32); used for
         cost counts and by the data pipeline (the model accepts any multiple
         of 32).
+      input_downsample: f, the network runs on the crop area-averaged by f
+        (1, the FGTBT network; SHT-M's small input: a 64 px network for a
+        256 px crop is 4): heatmaps f times coarser; with `hallucination`
+        DHLN hallucinates the face at the crop's size from the reduced
+        input. input_size must divide by 32 f.
       patch_embed: "conv_stem" (paper) or "plain" (MiT; loads ImageNet weights).
       fgsa: FGSA branch on/off (off = the paper's "w/o FGSA" ablation).
       frequency_extractor: "fft" (paper), "srm" or "wavelet".
@@ -157,6 +162,7 @@ def model_config(variant: str = "paper", **overrides) -> ml_collections.ConfigDi
   config.variant = variant
   config.encoder = "paper"
   config.input_size = 480
+  config.input_downsample = 1
   config.patch_embed = "conv_stem"
   config.fgsa = True
   config.frequency_extractor = "fft"
@@ -231,6 +237,13 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
         "encoder too")
   if config.input_size <= 0 or config.input_size % 32:
     raise ValueError(f"model config: input_size={config.input_size} must be a positive multiple of 32")
+  factor = config.input_downsample
+  if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+    raise ValueError(f"model config: input_downsample={factor!r} must be an integer >= 1")
+  if config.input_size % (32 * factor):
+    raise ValueError(f"model config: input_size={config.input_size} must be a multiple of 32 x "
+                     f"input_downsample ({32 * factor}): the network runs at input_size / "
+                     f"{factor}")
   spec = ENCODERS[config.encoder]
   for dim in spec.dims:
     if dim % config.fgsa_reduction:

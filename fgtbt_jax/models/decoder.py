@@ -112,7 +112,10 @@ class DecoderHead(nn.Module):
       (`heads.HeadOptions`; the FGTBT "heatmap" head by default). The call
       returns the head's named outputs ({"heatmaps": ...} for "heatmap"),
       and with `head.hallucination` needs the input images and adds
-      "hallucination", the face at the input size.
+      "hallucination", the face at `image_upscale` times the input size.
+    image_upscale: how much larger than the images it reads DHLN's face is
+      (the model's `input_downsample`: the network's input is the crop
+      reduced by it; 1 by default).
     compute: how to compute (`compute.Compute`): dtype, the fusion form
       ("composed", the default, or "concat", `FUSIONS`; see above), the 1x1
       convolutions (`layers.POINTWISE_IMPLEMENTATIONS`: "conv", or "dot", a
@@ -126,6 +129,7 @@ class DecoderHead(nn.Module):
   dropout: float = 0.1
   batch_norm_unbiased_variance: bool = False
   head: heads_lib.HeadOptions = heads_lib.HeadOptions()
+  image_upscale: int = 1
   compute: Compute = Compute()
 
   @nn.compact
@@ -170,8 +174,8 @@ class DecoderHead(nn.Module):
       if images is None:
         raise ValueError("DecoderHead: hallucination needs the input images")
       y, outputs["hallucination"] = DualHallucination(
-          options.hallucination_channels, options.hallucination_blocks, compute=self.compute,
-          name="hallucination")(y, images)
+          options.hallucination_channels, options.hallucination_blocks,
+          upscale=self.image_upscale, compute=self.compute, name="hallucination")(y, images)
     heatmaps = layers.conv(self.num_points, 3, "heatmaps", padding=1, use_bias=False,
                            dtype=self.compute.dtype, name="heatmap")(y)
     if options.head == "hih":

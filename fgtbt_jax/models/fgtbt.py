@@ -6,11 +6,13 @@ Calling convention:
   heatmaps, updates = model.apply(variables, images, train=True,
                                   rngs={"dropout": key}, mutable=["batch_stats"])
   outputs = model.apply(variables, images, train=False, method=FGTBT.named_outputs)
-with `images` float (B, H, W, 3), H and W multiples of 32, already normalised
-by `normalize_images`; `heatmaps` is float32 (B, H / 2, W / 2, num_points).
+with `images` float (B, H, W, 3), H and W multiples of 32 (of 32 f with
+`input_downsample` f), already normalised by `normalize_images`; `heatmaps`
+is float32 (B, H / 2f, W / 2f, num_points) (`FGTBT.heatmap_stride`: 2f).
 `named_outputs` returns the landmark head's named outputs (`heads.HEADS`:
 {"heatmaps"}, plus "decimal" for HIH, "step_heatmaps" for the recurrent head),
-all float32, and "hallucination" (B, H, W, 3), the hallucinated face in the
+all float32, and "hallucination" (B, H, W, 3) (at the crop's size for any f),
+the hallucinated face in the
 input's normalised space, with `model.hallucination` (SHT's DHLN,
 `models.hallucination`); the plain call returns their "heatmaps".
 Parameters are boxed in `nn.Partitioned` (logical axis names); unbox with
@@ -33,6 +35,7 @@ from fgtbt_jax.models.decoder import DecoderHead
 from fgtbt_jax.models.encoder import MixTransformer
 from fgtbt_jax.models import heads
 from fgtbt_jax.models.fgsa import high_frequency_image
+from fgtbt_jax.models.hallucination import area_downsample
 from fgtbt_jax.models.remat import recompute_module
 
 Dtype = Any
@@ -71,12 +74,25 @@ class FGTBT(nn.Module):
     decoder: the `DecoderHead`; parameters under 'decoder'.
     frequency_extractor: "fft", "srm" or "wavelet".
     frequency_sigma: FFT high-pass sigma at a 480 input.
+    input_downsample: f, the network runs on the crop area-averaged by f
+      (SHT-M's small input: f = 4 runs a 256 px crop at 64 px); its heatmaps
+      are f times coarser, and DHLN's face comes out at the crop's size.
+      The call still takes the crop (so the data, evaluation, predict and
+      export are those of any model); 1 (the default) is the FGTBT network.
   """
 
   encoder: MixTransformer
   decoder: DecoderHead
   frequency_extractor: str = "fft"
   frequency_sigma: float = 20.0
+  input_downsample: int = 1
+
+  @property
+  def heatmap_stride(self) -> float:
+    """Crop pixels per heatmap cell: the decoder upsamples the first stage's
+    features (stride `encoder.strides[0]`, 4) twice, on the crop reduced by
+    `input_downsample`."""
+    return float(self.encoder.strides[0]) / 2.0 * self.input_downsample
 
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     """(B, H, W, 3) normalised images -> (B, H / 2, W / 2, num_points) float32 heatmaps."""
@@ -93,9 +109,14 @@ class FGTBT(nn.Module):
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"FGTBT: expected (B, H, W, 3) images, got shape {images.shape}")
     _, h, w, _ = images.shape
-    if h % ENCODER_STRIDE or w % ENCODER_STRIDE:
-      raise ValueError(f"FGTBT: input {h}x{w} is not a multiple of {ENCODER_STRIDE}")
+    multiple = ENCODER_STRIDE * self.input_downsample
+    if h % multiple or w % multiple:
+      raise ValueError(f"FGTBT: input {h}x{w} is not a multiple of {multiple} (the encoder's "
+                       f"stride {ENCODER_STRIDE} x input_downsample {self.input_downsample})")
     images = nn.with_logical_constraint(images, ("batch", "height", "width", None))
+    if self.input_downsample > 1:  # SHT-M's small input: the network runs on the reduced crop.
+      images = area_downsample(images.astype(jnp.float32), self.input_downsample)
+      images = nn.with_logical_constraint(images, ("batch", "height", "width", None))
     structure = None
     if self.encoder.fgsa:
       with jax.named_scope("fgsa_high_frequency"):
@@ -139,10 +160,12 @@ def build_model(config: ml_collections.ConfigDict) -> FGTBT:
       upsample_channels=config.upsample_channels, num_points=config.num_points,
       dropout=config.head_dropout,
       batch_norm_unbiased_variance=config.batch_norm_unbiased_variance,
-      head=heads.head_options(config), compute=compute, parent=None)
+      head=heads.head_options(config), image_upscale=config.input_downsample, compute=compute,
+      parent=None)
   return FGTBT(encoder=encoder, decoder=decoder,
                frequency_extractor=config.frequency_extractor,
-               frequency_sigma=float(config.frequency_sigma))
+               frequency_sigma=float(config.frequency_sigma),
+               input_downsample=config.input_downsample)
 
 
 def parameter_count(tree: Any) -> int:

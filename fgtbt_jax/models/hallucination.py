@@ -23,19 +23,22 @@ stage, so there is one pair.
   Q  = `blocks` residual super-resolution blocks (EDSR form: x + conv(relu(conv(x))))
   Q' = Q + Q * sigmoid(RB(P))          RB: a residual block from P's width to C
   P' = P + conv1x1(P || Q')             zero-initialised: P' = P at the start
-  hallucinated = input + pixel_shuffle_x2(conv3x3(Q'))        (B, S, S, 3)
-the output conv zero-initialised too, so an untrained stream returns its
-input (the upsampled low-resolution face) and a trained FGTBT fine-tunes
-from exactly its own outputs. The hallucinated face is in the input's
+  hallucinated = up_u(input) + pixel_shuffle_x2u(conv3x3(Q'))  (B, uS, uS, 3)
+with u = `upscale` (1; SHT-M's small input, the model's `input_downsample`:
+the face at the crop's size from the reduced input, up_u bilinear), the
+output conv zero-initialised too, so an untrained stream returns its
+(upsampled) input and a trained FGTBT fine-tunes from exactly its own
+outputs. The hallucinated face is in the input's
 (ImageNet-normalised) space; `losses.hallucination_loss` compares it with the
 high-resolution crop in [0, 1].
 
 Also here: the low-resolution inputs of the training mode (`degrade`,
 `random_degrade`: area downsampling by an integer factor and bilinear
 upsampling back to the input size, as the `lowres` study's evaluation
-degrades test faces), and SHT's second view of a face (`paired_view`: rotated
-and scaled on device with its points), for the weak supervision of SHT that
-is still to be wired into training (FPTN: `models.fptn`).
+degrades test faces; `area_downsample` also reduces the crop of a
+small-input network), and SHT's second view of a face (`paired_view`:
+rotated and scaled on device with its points) for SHT's weak supervision
+(`train.train_loss` with FPTN, `models.fptn`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,31 @@ from fgtbt_jax.models.compute import Compute
 Dtype = Any
 
 
+def area_downsample(images: jax.Array, factor: int) -> jax.Array:
+  """(B, H, W, C) -> (B, H / factor, W / factor, C): the mean of each factor x factor cell.
+
+  A separable matrix product (`layers.separable_matmul`), float32 for
+  float32 input; H and W must divide by `factor` (ValueError otherwise).
+  """
+  _, h, w, _ = images.shape
+  if h % factor or w % factor:
+    raise ValueError(f"area_downsample: {h}x{w} px does not divide by the factor {factor}")
+  if factor == 1:
+    return images
+  return layers.separable_matmul(images, heads.area_matrix(h, h // factor),
+                                 heads.area_matrix(w, w // factor))
+
+
+def bilinear_upsample(images: jax.Array, factor: int) -> jax.Array:
+  """(B, H, W, C) -> (B, H * factor, W * factor, C), bilinear with half-pixel centres
+  (PyTorch's align_corners=False, OpenCV's INTER_LINEAR)."""
+  if factor == 1:
+    return images
+  _, h, w, _ = images.shape
+  return layers.separable_matmul(images, layers.bilinear_matrix(h, h * factor),
+                                 layers.bilinear_matrix(w, w * factor))
+
+
 def degrade(images: jax.Array, factor: int) -> jax.Array:
   """(B, S, S, 3) 0-255 images downsampled by `factor` (area) and upsampled back (bilinear).
 
@@ -66,10 +94,7 @@ def degrade(images: jax.Array, factor: int) -> jax.Array:
   _, h, w, _ = images.shape
   if h % factor or w % factor:
     raise ValueError(f"degrade: {h}x{w} px does not divide by the factor {factor}")
-  small = layers.separable_matmul(images, heads.area_matrix(h, h // factor),
-                                  heads.area_matrix(w, w // factor))
-  back = layers.separable_matmul(small, layers.bilinear_matrix(h // factor, h),
-                                 layers.bilinear_matrix(w // factor, w))
+  back = bilinear_upsample(area_downsample(images, factor), factor)
   return jnp.clip(jnp.round(back), 0.0, 255.0)
 
 
@@ -148,15 +173,20 @@ class DualHallucination(nn.Module):
   Attributes:
     channels: C, the width of the super-resolution features Q.
     blocks: super-resolution blocks before the fusion (SHT: 4 per module).
+    upscale: u, how much larger than its input the hallucinated face is (1;
+      SHT-M's 64 px input for a 256 px face: 4; the model's
+      `input_downsample`): the face is the bilinearly upsampled input plus
+      a pixel-shuffled residual of 3 (2u)^2 channels.
     compute: how to compute (`compute.Compute`).
 
   Call: (pose features P (B, S/2, S/2, Cp), input images (B, S, S, 3)
-  normalised) -> (P' of P's shape, hallucinated face (B, S, S, 3) in the
+  normalised) -> (P' of P's shape, hallucinated face (B, uS, uS, 3) in the
   input's normalised space), both in the compute dtype.
   """
 
   channels: int = 32
   blocks: int = 4
+  upscale: int = 1
   compute: Compute = Compute()
 
   @nn.compact
@@ -176,9 +206,11 @@ class DualHallucination(nn.Module):
                         pointwise=self.compute.pointwise,
                         name="pose_fusion")(jnp.concatenate([pose, q.astype(pose.dtype)], -1))
     pose = pose + fused
-    residual = layers.conv(3 * 4, 3, "decoder", padding=1, dtype=dtype, zero_init=True,
-                           name="image_out")(q)
-    hallucinated = images.astype(dtype) + pixel_shuffle(residual, 2)
+    shuffle = 2 * self.upscale
+    residual = layers.conv(3 * shuffle * shuffle, 3, "decoder", padding=1, dtype=dtype,
+                           zero_init=True, name="image_out")(q)
+    hallucinated = bilinear_upsample(images.astype(dtype), self.upscale) + pixel_shuffle(
+        residual, shuffle)
     return pose, hallucinated
 
 
