@@ -248,12 +248,15 @@ def make_target(topology: str, num_slices: int = 1, hbm_gib: float | None = None
   return Target(topology, chip_name, devices, per_chip, chip, hbm)
 
 
-def target_config(config: ml_collections.ConfigDict, target: Target) -> ml_collections.ConfigDict:
+def target_config(config: ml_collections.ConfigDict, target: Target,
+                  predict: bool = True) -> ml_collections.ConfigDict:
   """A copy of `config` checked for the target's devices and hosts.
 
   `validation.validate_config` with the target's device and process counts
   (the batch divides by the devices, the mesh covers them, ...); the data
-  directory is not read, so an empty one is allowed.
+  directory is not read, so an empty one is allowed. Without `predict` the
+  eval batch is not compiled: the copy's is set to one crop per device, so
+  a config's eval batch need not divide by a pod's devices.
 
   Raises:
     ConfigError: naming the config field.
@@ -261,6 +264,8 @@ def target_config(config: ml_collections.ConfigDict, target: Target) -> ml_colle
   config = ml_collections.ConfigDict(config.to_dict())
   if not config.data.data_dir:
     config.data.data_dir = "(none: not read by fgtbt_jax.aot)"
+  if not predict:
+    config.data.eval_batch_size = len(target.devices)
   validation.validate_config(config, num_devices=len(target.devices),
                              process_count=target.process_count)
   return config
@@ -665,7 +670,7 @@ def compile_report(config: ml_collections.ConfigDict, target: Target,
   Returns every figure (the --json record). Raises DoesNotFit as
   `compile_program` does, ConfigError for a config the target cannot run.
   """
-  config = target_config(config, target)
+  config = target_config(config, target, predict)
   mesh = sharding.make_mesh(config.mesh, target.devices)
   setup = state_lib.build_setup(config, mesh)
   devices = len(target.devices)

@@ -128,6 +128,15 @@ def test_a_batch_the_devices_cannot_split_is_refused_naming_the_field():
   assert status == 2 and "data.samples_per_dataset" in err and "(8)" in err
 
 
+def test_the_eval_batch_is_checked_only_when_predict_is_compiled():
+  config = tiny.get_config()
+  config.data.eval_batch_size = 12  # 8 devices cannot split it
+  with pytest.raises(ConfigError, match=r"data.eval_batch_size \(12\)"):
+    aot.target_config(config, aot.make_target("cpu:8"))
+  checked = aot.target_config(config, aot.make_target("cpu:8"), predict=False)
+  assert checked.data.eval_batch_size == 8 and config.data.eval_batch_size == 12
+
+
 def test_parse_topology():
   assert aot.parse_topology("v5e:16x16") == ("v5e", "16x16")
   assert aot.parse_topology("v5p:2x2x1") == ("v5p", "2x2x1")
