@@ -371,6 +371,21 @@ def test_memory_probe_measures_the_decoder_projection_alone():
         assert record["float32_copies_of_input"] == 0
 
 
+def test_frequency_probe_compiles_both_forms_and_the_matrix_form_moves_no_batch():
+  from benchmarks import frequency_probe
+  from fgtbt_jax import aot
+  target = aot.make_target("cpu:8")
+  records = [frequency_probe.probe(target, form, batch=1, size=32, fsdp=4)
+             for form in frequency_probe.FORMS]
+  assert [r["form"] for r in records] == ["fft", "matrix"]
+  for record in records:
+    json.dumps(record)
+    assert record["mesh"] == {"data": 2, "fsdp": 4} and record["hbm_bytes"] > 0
+    assert record["flops"] > 0
+  assert records[1]["collectives"] == {}  # the matrix form stays split by batch
+  assert frequency_probe.main(["--topology=cpu:1", "--size=31"]) == 2
+
+
 def test_pointwise_probe_compiles_both_forms_of_each_part():
   from benchmarks import pointwise_probe
   from fgtbt_jax import aot
