@@ -15,6 +15,11 @@ schedule), trained with `run.py train` into <root>/<row> and evaluated with
   sht      + SHT's pose transfer between two views of each face (`sht.enabled`);
            with `-- --config.data.labeled_fraction=0.25` the other faces'
            landmarks are dropped, so they train through the transfer only
+  small    the FGTBT network on the crop halved (`model.input_downsample` 2:
+           SHT-M's small input, a 32 px network)
+  small_dhln  + DHLN hallucinating the 64 px crop from the halved one (SHT-M);
+           with `-- --config.lowres.factors=()` the halving is the only
+           low-resolution input
 
 A row whose run already finished (its final_metrics.json) is not trained
 again. Prints one JSON line per row: the NME (%) per face side and dataset,
@@ -32,7 +37,9 @@ import subprocess
 import sys
 
 ROWS = {"fgtbt": "base=default", "lowres": "base=default,lowres=on",
-        "dhln": "base=default,dhln=on", "sht": "base=default,sht=on"}
+        "dhln": "base=default,dhln=on", "sht": "base=default,sht=on",
+        "small": "base=default,input_downsample=2",
+        "small_dhln": "base=default,dhln=on,input_downsample=2"}
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 

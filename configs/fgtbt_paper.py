@@ -103,6 +103,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 3
   config.train.eval_every = 10_000
   config.train.resume = True
+  # A run's workdir whose latest EMA model starts this run (a fresh start
+  # only): variables of the same name and shape are copied, the rest keep
+  # their initialisation, the optimizer starts fresh (train.initialize_from).
+  # "" = none.
+  config.train.init_from = ""
   # Resume even though the batch, datasets, input geometry, model or loss
   # differ from the saved config (train.resume_changes).
   config.train.resume_with_changes = False

@@ -272,6 +272,7 @@ UPGRADES: dict[str, Any | Callable[[ml_collections.ConfigDict], Any]] = {
             "adversarial_weight": 0.05, "l1_weight": 1.0, "max_rotation": 30.0,
             "scale_range": (0.8, 1.2)},
     "train.resume_with_changes": False,
+    "train.init_from": "",
     # Before it, the evaluated EMA was the plain average (initial weights included).
     "train.ema_bias_correction": False,
     "train.freeze_batch_norm_after_step": 0,

@@ -458,6 +458,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   checkpoints = checkpointing.Checkpointer.for_run(config, workdir)
   try:
     _check_resume(config, workdir, checkpoints.latest_step())
+    if config.train.init_from and checkpoints.latest_step() is None:
+      init_source(config)  # A bad train.init_from fails before the data is read.
   except ConfigError:
     checkpoints.close()
     raise
@@ -590,7 +592,93 @@ def _restore_or_init(config, setup: Setup, checkpoints: checkpointing.Checkpoint
     state, step = checkpoints.restore(setup.abstract_state, train_iterator, quarantine=True)
     logging.info("resumed from step %d (%s)", step, checkpoints.directory / "latest")
     return state
-  return create_train_state(setup, config.seed)
+  state = create_train_state(setup, config.seed)
+  if config.train.init_from:
+    state, summary = initialize_from(state, setup, config.train.init_from)
+    logging.info("%s", summary)
+  return state
+
+
+def init_source(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, pathlib.Path]:
+  """The run `train.init_from` names: (its config, its workdir).
+
+  Raises ConfigError naming train.init_from when it is no run's workdir or
+  holds no train-state checkpoint.
+  """
+  where = pathlib.Path(config.train.init_from).expanduser()
+  try:
+    other = rundir.load_run_config(where)
+  except (rundir.WorkdirError, OSError, ValueError) as e:
+    raise ConfigError(f"train.init_from={str(where)!r} is not a run's workdir: {e}") from None
+  checkpoints = checkpointing.Checkpointer.for_run(other, where, enable_async=False)
+  try:
+    if checkpoints.latest_step() is None:
+      raise ConfigError(f"train.init_from={str(where)!r} holds no train-state checkpoint "
+                        f"(under {checkpoints.directory / 'latest'})")
+  finally:
+    checkpoints.close()
+  return other, where
+
+
+def initialize_from(state: TrainState, setup: Setup, workdir: str | os.PathLike
+                    ) -> tuple[TrainState, str]:
+  """`state` with the deployed (EMA) model of another run's latest step copied in.
+
+  Every parameter and BatchNorm statistic whose name and shape this model
+  shares is copied (into the trained and the EMA copies); the others keep
+  their initialisation: a part the other run lacks (DHLN's stream on a
+  trained FGTBT, zero-initialised so the network starts as that FGTBT), and
+  FPTN and the optimizer, which start fresh. SHT's recipe: DHLN trained
+  first, then SHT fine-tuned from it (docs/model.md). Returns the state and
+  a one-line summary of what was copied, kept and left out.
+
+  Raises ConfigError naming train.init_from: a variable of the same name
+  with another shape (another network), or none shared.
+  """
+  from fgtbt_jax import inference  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({"train": {"init_from": os.fspath(workdir)}})
+  other, where = init_source(config)
+  [restored] = inference.restore_models(other, where, "latest", setup.mesh, setup.rules)
+  copied, fresh, left_out = [], [], []
+
+  def merge(ours, theirs):
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(theirs)}
+    used = set()
+
+    def take(path, leaf):
+      name = jax.tree_util.keystr(path)
+      if name not in flat:
+        fresh.append(name)
+        return leaf
+      value = flat[name]
+      used.add(name)
+      if value.shape != leaf.shape:
+        raise ConfigError(f"train.init_from={str(where)!r}: {name} is {tuple(value.shape)} "
+                          f"there and {tuple(leaf.shape)} here (another network)")
+      copied.append(name)
+      return jax.device_put(value.astype(leaf.dtype), leaf.sharding)
+
+    merged = jax.tree_util.tree_map_with_path(take, ours)
+    left_out.extend(sorted(set(flat) - used))
+    return merged
+
+  params = merge(state.params, restored.variables["params"])
+  batch_stats = merge(state.batch_stats, restored.variables["batch_stats"])
+  if not copied:
+    raise ConfigError(f"train.init_from={str(where)!r}: its model shares no variable with "
+                      "this one")
+  state = state.replace(params=params, batch_stats=batch_stats, ema_params=params,
+                        ema_batch_stats=batch_stats)
+
+  def names(paths):
+    shown = sorted({p.rsplit("']", 2)[0] + "']" for p in paths})
+    return ", ".join(shown[:4]) + (f", ... ({len(shown)} modules)" if len(shown) > 4 else "")
+
+  summary = (f"initialised from {where} (step {restored.step}'s EMA model): {len(copied)} "
+             f"arrays copied, {len(fresh)} kept as initialised"
+             + (f" ({names(fresh)})" if fresh else "")
+             + f", {len(left_out)} not in this model" + (f" ({names(left_out)})" if left_out else ""))
+  return state, summary
 
 
 def _evaluate(evaluator: "evaluate.Evaluator", writer: MetricWriter, state: TrainState,

@@ -187,6 +187,49 @@ def test_a_small_input_network_is_fgtbt_on_the_reduced_crop():
       models.model_config("tiny", input_size=64, input_downsample=bad)
 
 
+def test_a_trained_fgtbt_starts_a_dhln_run_with_its_own_outputs(tmp_path):
+  """train.init_from: the shared variables copied, DHLN's stream kept as initialised
+  (zero outputs), so the new network's heatmaps are the trained FGTBT's."""
+  from fgtbt_jax import sharding
+  from fgtbt_jax import state as state_lib
+  from fgtbt_jax import train
+  from configs import tiny
+  saved_config = tiny.get_config()
+  for run in ("fgtbt", "narrow"):
+    (tmp_path / run).mkdir()
+  saved = helpers.write_random_run(tmp_path / "fgtbt", saved_config, scale=None)
+  config = tiny.get_config()
+  config.model.hallucination, config.lowres.factors = True, (2,)
+  config.model.hallucination_channels, config.model.hallucination_blocks = 8, 1
+  config.train.init_from = str(tmp_path / "fgtbt")
+  setup = state_lib.build_setup(config, mesh=sharding.single_device_mesh())
+  fresh = state_lib.create_train_state(setup, seed=1)
+  state, summary = train.initialize_from(fresh, setup, config.train.init_from)
+  assert "kept as initialised (['decoder']['hallucination']" in summary
+  assert "0 not in this model" in summary
+  ours = jax.device_get(state.ema_params)
+  theirs = jax.device_get(saved.ema_params)
+  np.testing.assert_array_equal(ours["decoder"]["heatmap"]["kernel"],
+                                theirs["decoder"]["heatmap"]["kernel"])
+  assert not np.array_equal(ours["decoder"]["heatmap"]["kernel"],
+                            jax.device_get(fresh.params)["decoder"]["heatmap"]["kernel"])
+  np.testing.assert_array_equal(ours["decoder"]["hallucination"]["stem"]["kernel"],
+                                jax.device_get(fresh.params)["decoder"]["hallucination"]["stem"]["kernel"])
+  images = jnp.asarray(np.random.default_rng(3).normal(size=(2, 64, 64, 3)), jnp.float32)
+  base = models.build_model(saved_config.model)
+  np.testing.assert_allclose(
+      setup.model.apply(state.ema_variables(), images),
+      base.apply(jax.device_get(saved.ema_variables()), images), rtol=1e-5, atol=1e-6)
+  # A run of another network, or no run, is refused naming the field.
+  other = tiny.get_config()
+  other.model.head_channels = 16
+  helpers.write_random_run(tmp_path / "narrow", other, scale=None)
+  with pytest.raises(errors.ConfigError, match=r"train.init_from=.*narrow.*\['decoder'\].* is "):
+    train.initialize_from(fresh, setup, str(tmp_path / "narrow"))
+  with pytest.raises(errors.ConfigError, match=r"train.init_from=.*nowhere.* is not a run's workdir"):
+    train.initialize_from(fresh, setup, str(tmp_path / "nowhere"))
+
+
 def test_configs_select_the_variants_and_name_bad_keys():
   lowres, dhln = ablations.get_config("base=default,lowres=on"), ablations.get_config(
       "base=default,dhln=on")

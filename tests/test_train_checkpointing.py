@@ -164,6 +164,21 @@ def test_a_refused_resume_leaves_the_run_config_as_it_was(checkpointed_run):
   assert sorted(p.name for p in workdir.glob("config*")) == ["config.json"]
 
 
+def test_a_bad_init_from_stops_a_new_run_before_it_writes_anything(checkpointed_run, tmp_path):
+  from fgtbt_jax import errors
+  from fgtbt_jax import train
+  source, config = checkpointed_run
+  new = tmp_path / "new_run"
+  new.mkdir()
+  for where, message in ((new / "nowhere", "is not a run's workdir"),
+                         (new, "is not a run's workdir")):
+    with pytest.raises(errors.ConfigError, match=f"train.init_from=.*{message}"):
+      train.train_and_evaluate(_changed(config, **{"train.init_from": str(where)}), new)
+  assert not (new / "config.json").exists()
+  # A run's workdir passes the check (the copy itself: tests/test_hallucination.py).
+  assert train.init_source(_changed(config, **{"train.init_from": str(source)}))[1] == source
+
+
 def test_a_resumed_run_drops_the_metric_rows_of_lost_steps(tmp_path):
   from fgtbt_jax.metric_writer import MetricWriter
   writer = MetricWriter(tmp_path)
