@@ -10,10 +10,11 @@ The command over `fgtbt_jax.aot` (what it compiles and prints is in its
 docstring). Exit status: 0 done; 1 a program does not fit ("does not fit:
 needs X GiB of Y GiB per chip"); 2 a bad flag or config.
 
-Large programs can overflow the compiler's thread stack: the paper step at 8
-images per v6e chip crashed libtpu 0.0.42.1 (SIGSEGV, stack overflow) after
-55 min under the usual 8 MiB `ulimit -s`; run such compiles under
-`ulimit -s 524288` (benchmarks/README.md, "Other chips").
+Large programs can overflow the compiler's stack: run big compiles under
+`ulimit -s 524288` (the v5p and v6e compiles of benchmarks/README.md, "Other
+chips", needed it). The paper step at 8 images per v6e chip crashes libtpu
+0.0.42.1 even so (SIGSEGV, a stack overflow in one of its compiler threads,
+after 55 min): a libtpu bug; 2 per chip compiles.
 """
 
 from __future__ import annotations
