@@ -11,9 +11,8 @@ with `images` float (B, H, W, 3), H and W multiples of 32 (of 32 f with
 is float32 (B, H / 2f, W / 2f, num_points) (`FGTBT.heatmap_stride`: 2f).
 `named_outputs` returns the landmark head's named outputs (`heads.HEADS`:
 {"heatmaps"}, plus "decimal" for HIH, "step_heatmaps" for the recurrent head),
-all float32, and "hallucination" (B, H, W, 3) (at the crop's size for any f),
-the hallucinated face in the
-input's normalised space, with `model.hallucination` (SHT's DHLN,
+all float32, and "hallucination" (B, H, W, 3) (the crop's size for any f),
+the hallucinated face in the input's normalised space, with `model.hallucination` (SHT's DHLN,
 `models.hallucination`); the plain call returns their "heatmaps".
 Parameters are boxed in `nn.Partitioned` (logical axis names); unbox with
 `flax.linen.meta.unbox(variables)` where plain arrays are needed.
@@ -95,7 +94,8 @@ class FGTBT(nn.Module):
     return float(self.encoder.strides[0]) / 2.0 * self.input_downsample
 
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-    """(B, H, W, 3) normalised images -> (B, H / 2, W / 2, num_points) float32 heatmaps."""
+    """(B, H, W, 3) normalised images -> (B, H / s, W / s, num_points) float32 heatmaps,
+    s = `heatmap_stride` (2; 2f with `input_downsample` f)."""
     return self.named_outputs(images, train)["heatmaps"]
 
   def named_outputs(self, images: jax.Array, train: bool = False,
