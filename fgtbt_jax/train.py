@@ -57,6 +57,7 @@ from fgtbt_jax.data import schemes
 from fgtbt_jax import checkpointing
 from fgtbt_jax import errors
 from fgtbt_jax import evaluate
+from fgtbt_jax import inference
 from fgtbt_jax import landmarks
 from fgtbt_jax import losses
 from fgtbt_jax import models
@@ -459,7 +460,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   try:
     _check_resume(config, workdir, checkpoints.latest_step())
     if config.train.init_from and checkpoints.latest_step() is None:
-      init_source(config)  # A bad train.init_from fails before the data is read.
+      init_source(config.train.init_from)  # A bad source fails before the data is read.
   except ConfigError:
     checkpoints.close()
     raise
@@ -599,13 +600,13 @@ def _restore_or_init(config, setup: Setup, checkpoints: checkpointing.Checkpoint
   return state
 
 
-def init_source(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, pathlib.Path]:
-  """The run `train.init_from` names: (its config, its workdir).
+def init_source(workdir: str | os.PathLike) -> tuple[ml_collections.ConfigDict, pathlib.Path]:
+  """The run `train.init_from` names, `workdir`: (its config, its path).
 
   Raises ConfigError naming train.init_from when it is no run's workdir or
   holds no train-state checkpoint.
   """
-  where = pathlib.Path(config.train.init_from).expanduser()
+  where = pathlib.Path(workdir).expanduser()
   try:
     other = rundir.load_run_config(where)
   except (rundir.WorkdirError, OSError, ValueError) as e:
@@ -635,9 +636,7 @@ def initialize_from(state: TrainState, setup: Setup, workdir: str | os.PathLike
   Raises ConfigError naming train.init_from: a variable of the same name
   with another shape (another network), or none shared.
   """
-  from fgtbt_jax import inference  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict({"train": {"init_from": os.fspath(workdir)}})
-  other, where = init_source(config)
+  other, where = init_source(workdir)
   [restored] = inference.restore_models(other, where, "latest", setup.mesh, setup.rules)
   copied, fresh, left_out = [], [], []
 
