@@ -65,8 +65,10 @@ def test_sharded_step_matches_single_device_and_shards_parameters():
   flat1 = dict(jax.tree_util.tree_leaves_with_path(jax.device_get(state1.params)))
   for path, value in flat8:
     # Adam divides by the root of tiny second moments in the first steps, so
-    # the reduction order of a near-zero gradient shows at about 4e-5.
-    np.testing.assert_allclose(value, flat1[path], rtol=1e-4, atol=6e-5,
+    # the reduction order of a near-zero gradient shows at about 4e-5, and at
+    # 9.3e-5 in one of 784 elements of FGSA's refine kernel on a 2-core AMD
+    # EPYC (2026-12-07, the tree before and after that day's change alike).
+    np.testing.assert_allclose(value, flat1[path], rtol=1e-4, atol=1.5e-4,
                                err_msg=jax.tree_util.keystr(path))
   for a, b in zip(jax.tree.leaves(jax.device_get(state8.ema_batch_stats)),
                   jax.tree.leaves(jax.device_get(state1.ema_batch_stats))):
