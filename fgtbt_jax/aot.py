@@ -43,7 +43,8 @@ description has one device per TensorCore, two per chip):
   one device, async pairs counted once; a collective inside a loop body is
   counted once);
 * roofline: step time = max(FLOPs / peak, bytes / HBM bandwidth), with the
-  FLOPs utilisation (MFU, on the compiler's FLOP count) and images/s per chip
+  FLOPs utilisation (MFU, on the compiler's FLOP count: recomputed FLOPs
+  count too, so compare remat policies by images/s) and images/s per chip
   that it implies. A bound, not a measurement: it takes compute and memory
   traffic to overlap fully and leaves the collectives' time out;
 * traffic: the compiled program's memory traffic instruction by instruction

@@ -46,8 +46,15 @@ for v5e by libtpu, 2 images per chip, benchmarks/README.md "HBM against on-chip
 traffic") "dots_no_attention" needs the least memory and HBM traffic of the
 jax.checkpoint rules: 2.89 GiB and 5.2 GB per image against 3.28 GiB and
 5.7 GB for "dots", 5.2-5.3 GiB and 10-11 GB for "nothing" and
-"dots_no_batch". GPU figures are not measured yet
-(benchmarks/device_run.sh); "auto" takes the TPU's choice there.
+"dots_no_batch". After the exact rewrites of issue 29, at 8 images per
+v5e chip, "segments" is the best policy (2.75 GiB, 3.18 GB of HBM traffic
+per image, 257 images/s per chip on the HBM roofline, against 6.50 GiB,
+3.84 GB and 213), but at 2 per v5e chip (85 images/s against 192) and at 8
+per v5p chip (330 against 354) it is behind: "auto" keeps
+"dots_no_attention", and "segments" is the choice for large per-chip
+batches on v5e (benchmarks/README.md, "remat_policy=auto after the
+rewrites"). GPU figures are not measured yet (benchmarks/device_run.sh);
+"auto" takes the TPU's choice there.
 
 "dots", "dots_no_attention" and "dots_no_batch" also keep the decoder's
 fused map (`DECODER_FUSION`, kept by name): a sum of four resized matmul
