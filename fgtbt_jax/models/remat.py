@@ -47,14 +47,16 @@ traffic") "dots_no_attention" needs the least memory and HBM traffic of the
 jax.checkpoint rules: 2.89 GiB and 5.2 GB per image against 3.28 GiB and
 5.7 GB for "dots", 5.2-5.3 GiB and 10-11 GB for "nothing" and
 "dots_no_batch". After the exact rewrites of issue 29, at 8 images per
-v5e chip, "segments" is the best policy (2.75 GiB, 3.18 GB of HBM traffic
-per image, 257 images/s per chip on the HBM roofline, against 6.50 GiB,
-3.84 GB and 213), but at 2 per v5e chip (85 images/s against 192) and at 8
-per v5p chip (330 against 354) it is behind: "auto" keeps
-"dots_no_attention", and "segments" is the choice for large per-chip
-batches on v5e (benchmarks/README.md, "remat_policy=auto after the
-rewrites"). GPU figures are not measured yet (benchmarks/device_run.sh);
-"auto" takes the TPU's choice there.
+chip, "segments" (v5e: 2.75 GiB, 257 images/s per chip on the HBM
+roofline) and "none" (v5e: 8.49 GiB, 250; v5p: 431 against 354) are
+faster than "dots_no_attention" (v5e: 6.50 GiB, 213), but at 2 per v5e
+chip both collapse (85 and 83 images/s against 192: the compiler expands
+the stage-1 stem's stride-4 convolution into windows). "auto" keeps
+"dots_no_attention", the only policy within 18 % of the best everywhere it
+was compiled; "none" or "segments" are the choice for 8 or more images per
+chip (benchmarks/README.md, "remat_policy=auto after the rewrites"). GPU
+figures are not measured yet (benchmarks/device_run.sh); "auto" takes the
+TPU's choice there.
 
 "dots", "dots_no_attention" and "dots_no_batch" also keep the decoder's
 fused map (`DECODER_FUSION`, kept by name): a sum of four resized matmul
