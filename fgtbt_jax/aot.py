@@ -43,9 +43,11 @@ description has one device per TensorCore, two per chip):
   one device, async pairs counted once; a collective inside a loop body is
   counted once);
 * roofline: step time = max(FLOPs / peak, bytes / HBM bandwidth), with the
-  FLOPs utilisation (MFU, on the compiler's FLOP count: recomputed FLOPs
-  count too, so compare remat policies by images/s) and images/s per chip
-  that it implies. A bound, not a measurement: it takes compute and memory
+  FLOPs utilisation and images/s per chip that it implies. Two MFUs: on the
+  compiler's FLOP count (recomputed FLOPs count too: the hardware's
+  utilisation) and on the model's own FLOPs (6 per multiply-add of
+  `models.count_macs` for the train step, 2 for predict, twice with the
+  flip test), which compares remat policies as images/s does. A bound, not a measurement: it takes compute and memory
   traffic to overlap fully and leaves the collectives' time out;
 * traffic: the compiled program's memory traffic instruction by instruction
   (`instruction_traffic`), split by memory space: on TPU the compiler's
@@ -572,13 +574,16 @@ def _operands_end(rest: str) -> int:
 
 
 def roofline(flops: float, bytes_accessed: float, chip: Chip, devices_per_chip: int,
-             images_per_device: float) -> dict:
+             images_per_device: float, model_flops_per_image: float | None = None) -> dict:
   """Step time bound max(FLOPs / peak, bytes / bandwidth) of one device's program.
 
   A device gets 1 / devices_per_chip of its chip's peak and bandwidth. MFU
   is the compute time's share of the bound (the utilisation if the step ran
-  at the bound); images/s per chip = images per device x devices per chip /
-  the bound.
+  at the bound), on the compiler's FLOPs: recomputation counts.
+  `model_mfu` (with `model_flops_per_image`) is the same on the model's own
+  FLOPs, which no remat policy changes: the work the chip would do at the
+  bound, as a share of its peak. images/s per chip = images per device x
+  devices per chip / the bound.
   """
   peak = chip.peak_bf16_tflops * 1e12 / devices_per_chip
   bandwidth = chip.hbm_gb_per_s * 1e9 / devices_per_chip
@@ -594,7 +599,25 @@ def roofline(flops: float, bytes_accessed: float, chip: Chip, devices_per_chip: 
       "mfu": compute_s / step_s if step_s else 0.0,
       "images_per_s_per_chip": (images_per_device * devices_per_chip / step_s
                                 if step_s else math.inf),
+      **({"model_mfu": (model_flops_per_image * images_per_device / peak / step_s
+                        if step_s else 0.0)} if model_flops_per_image is not None else {}),
   }
+
+
+def model_flops_per_image(config: ml_collections.ConfigDict, program: str) -> float:
+  """The model's FLOPs per image of a program: 2 per multiply-add (`models.count_macs`).
+
+  The train step runs the forward pass and a backward pass of twice its
+  multiply-adds (gradients of the activations and of the weights): 6 FLOPs
+  per multiply-add. Predict runs the forward pass, twice with the flip test.
+  Attention's activation products are counted; interpolation, normalisation
+  and the FFT are not (`models.cost`), nor anything a remat policy recomputes.
+  """
+  macs = models.count_macs(config.model)["total"]
+  if program == "train_step":
+    return 6.0 * macs
+  flips = 2 if inference.PredictSettings.from_config(config.eval).flip_test else 1
+  return 2.0 * macs * flips
 
 
 def out_of_memory_needs(message: str) -> tuple[float, float] | None:
@@ -604,8 +627,11 @@ def out_of_memory_needs(message: str) -> tuple[float, float] | None:
 
 
 def compile_program(name: str, lower: Callable[[], jax.stages.Lowered], target: Target,
-                    images_per_device: float, hlo_dir: str | None = None) -> dict:
+                    images_per_device: float, hlo_dir: str | None = None,
+                    model_flops: float | None = None) -> dict:
   """Lowers and compiles one program; its figures (see the module docstring).
+
+  `model_flops` (per image) adds the model-FLOPs MFU to the rooflines.
 
   Raises:
     DoesNotFit: the compiler ran out of the device's memory, or the program
@@ -641,9 +667,11 @@ def compile_program(name: str, lower: Callable[[], jax.stages.Lowered], target: 
   record["traffic"] = traffic_summary(text)
   if target.chip is not None:
     record["roofline"] = roofline(record["cost"]["flops"], record["cost"]["bytes_accessed"],
-                                  target.chip, target.devices_per_chip, images_per_device)
+                                  target.chip, target.devices_per_chip, images_per_device,
+                                  model_flops)
     record["roofline_hbm"] = roofline(record["cost"]["flops"], record["traffic"]["hbm_bytes"],
-                                      target.chip, target.devices_per_chip, images_per_device)
+                                      target.chip, target.devices_per_chip, images_per_device,
+                                      model_flops)
   total = record["memory_bytes"]["total"]
   record["fits"] = target.hbm_bytes is None or total <= target.hbm_bytes
   if not record["fits"]:
@@ -699,8 +727,10 @@ def compile_report(config: ml_collections.ConfigDict, target: Target,
     programs["predict"] = (lambda: lower_predict(setup), int(config.data.eval_batch_size))
   with _persistent_cache(enabled=platform != "tpu"):
     for name, (lower, images) in programs.items():
-      record = compile_program(name, lower, target, images / devices, hlo_dir)
+      flops = model_flops_per_image(config, name)
+      record = compile_program(name, lower, target, images / devices, hlo_dir, flops)
       record["global_batch"] = images
+      record["model_flops_per_image"] = flops
       report["programs"][name] = record
   return report
 
@@ -737,6 +767,10 @@ def _gib(value: float) -> str:
   return f"{value / GIB:.3f} GiB"
 
 
+def _model_mfu(bound: dict) -> str:
+  return f" ({bound['model_mfu']:.1%} on the model's FLOPs)" if "model_mfu" in bound else ""
+
+
 def format_report(report: dict) -> str:
   """The human-readable summary of `compile_report`'s figures."""
   unit = "chip" if report["devices_per_chip"] == 1 else "device"
@@ -756,8 +790,10 @@ def format_report(report: dict) -> str:
     lines.append(f"  memory per {unit}: arguments {_gib(memory['argument'])}, temporaries "
                  f"{_gib(memory['temp'])}, outputs {_gib(memory['output'])} (aliased "
                  f"{_gib(memory['alias'])}), total {_gib(memory['total'])}{limit}")
-    lines.append(f"  cost per {unit}: {cost['flops']:.3g} FLOP, {cost['bytes_accessed']:.3g} "
-                 f"bytes accessed, {cost['transcendentals']:.3g} transcendentals")
+    lines.append(f"  cost per {unit}: {cost['flops']:.3g} FLOP ({cost['flops'] / per_device:.3g} "
+                 f"per image; the model's own {record['model_flops_per_image']:.3g}), "
+                 f"{cost['bytes_accessed']:.3g} bytes accessed, "
+                 f"{cost['transcendentals']:.3g} transcendentals")
     found = record["collectives"]
     lines.append("  collectives: " + (", ".join(
         f"{kind} x{c['count']} ({c['payload_bytes'] / 2 ** 20:.2f} MiB)"
@@ -768,8 +804,8 @@ def format_report(report: dict) -> str:
           f"  roofline: compute {bound['compute_s'] * 1e3:.2f} ms, memory "
           f"{bound['memory_s'] * 1e3:.2f} ms -> {bound['step_s'] * 1e3:.2f} ms "
           f"({bound['bound']}-bound; {bound['arithmetic_intensity']:.1f} FLOP/byte, ridge "
-          f"{bound['ridge_flops_per_byte']:.0f}): MFU {bound['mfu']:.1%}, "
-          f"{bound['images_per_s_per_chip']:.1f} images/s per chip")
+          f"{bound['ridge_flops_per_byte']:.0f}): MFU {bound['mfu']:.1%}"
+          f"{_model_mfu(bound)}, {bound['images_per_s_per_chip']:.1f} images/s per chip")
     traffic = record["traffic"]
     lines.append(f"  traffic by memory space: {traffic['hbm_bytes']:.3g} bytes in HBM, "
                  f"{traffic['on_chip_bytes']:.3g} on chip")
@@ -777,8 +813,8 @@ def format_report(report: dict) -> str:
     if bound:
       lines.append(
           f"  roofline on HBM bytes: memory {bound['memory_s'] * 1e3:.2f} ms -> "
-          f"{bound['step_s'] * 1e3:.2f} ms ({bound['bound']}-bound): MFU {bound['mfu']:.1%}, "
-          f"{bound['images_per_s_per_chip']:.1f} images/s per chip")
+          f"{bound['step_s'] * 1e3:.2f} ms ({bound['bound']}-bound): MFU {bound['mfu']:.1%}"
+          f"{_model_mfu(bound)}, {bound['images_per_s_per_chip']:.1f} images/s per chip")
     lines.append("  HBM bytes by part: " + ", ".join(
         f"{m['module']} {m['hbm_bytes'] / traffic['hbm_bytes']:.0%}"
         for m in traffic["by_module"][:6] if traffic["hbm_bytes"]))

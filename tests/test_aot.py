@@ -24,6 +24,7 @@ import pytest
 
 from configs import tiny
 from fgtbt_jax import aot
+from fgtbt_jax import models
 from fgtbt_jax.commands import aot as aot_command
 from fgtbt_jax import sharding
 from fgtbt_jax import state as state_lib
@@ -84,12 +85,18 @@ def test_cpu_topology_reports_memory_cost_and_collectives(cpu_run):
     text = (path.parent / "hlo" / f"{name}.hlo.txt").read_text()
     assert text.startswith("HloModule")
     assert aot.traffic_summary(text)["hbm_bytes"] == report["programs"][name]["traffic"]["hbm_bytes"]
+  # The model's FLOPs per image: 6 per multiply-add for a train step, 2 per
+  # forward pass for predict (two passes with the flip test).
+  macs = models.count_macs(tiny.get_config().model)["total"]
+  flips = 2 if tiny.get_config().eval.flip_test else 1
+  assert step["model_flops_per_image"] == 6 * macs > 0
+  assert report["programs"]["predict"]["model_flops_per_image"] == 2 * macs * flips
   modules = {m["module"] for m in step["traffic"]["by_module"]}
   assert any(m.startswith("backward encoder/") for m in modules), modules
   assert any(m.startswith("forward ") for m in
              {m["module"] for m in report["programs"]["predict"]["traffic"]["by_module"]})
   for line in ("train_step: global batch 8 (1 per device)", "memory per chip: arguments",
-               "cost per chip:", "collectives: ", "all-reduce x", "predict: global batch 8",
+               "cost per chip:", "per image; the model's own ", "collectives: ", "all-reduce x", "predict: global batch 8",
                "traffic by memory space: ", "HBM bytes by part: "):
     assert line in out
 
@@ -155,6 +162,12 @@ def test_roofline_known_answer():
   assert bound["mfu"] == pytest.approx(0.5)
   assert bound["images_per_s_per_chip"] == pytest.approx(100.0)
   assert bound["ridge_flops_per_byte"] == pytest.approx(197e12 / 819e9)
+  assert "model_mfu" not in bound
+  # On the model's FLOPs: a quarter of the compiler's (say, recomputation)
+  # is a quarter of its MFU.
+  model = aot.roofline(0.01 * 197e12, 0.02 * 819e9, chip, 1, images_per_device=2,
+                       model_flops_per_image=0.0025 * 197e12 / 2)
+  assert model["model_mfu"] == pytest.approx(0.125) and model["mfu"] == pytest.approx(0.5)
   # v4: two devices per chip, each with half of its peak and bandwidth.
   v4 = aot.CHIPS["v4"]
   half = aot.roofline(275e12 / 2 * 0.01, 1.0, v4, 2, images_per_device=1)
@@ -264,6 +277,7 @@ def test_tiny_config_compiles_for_v5e(tmp_path, monkeypatch):
   bound = step["roofline"]
   assert bound["step_s"] == max(bound["compute_s"], bound["memory_s"]) > 0
   assert 0 < bound["mfu"] <= 1 and bound["images_per_s_per_chip"] > 0
+  assert 0 < bound["model_mfu"] and 0 < step["roofline_hbm"]["model_mfu"]
   # The memory-space assignment stages values in on-chip memory: part of the
   # compiler's bytes never touch HBM, and the HBM roofline is the faster one.
   traffic = step["traffic"]
