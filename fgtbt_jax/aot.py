@@ -47,8 +47,9 @@ description has one device per TensorCore, two per chip):
   compiler's FLOP count (recomputed FLOPs count too: the hardware's
   utilisation) and on the model's own FLOPs (6 per multiply-add of
   `models.count_macs` for the train step, 2 for predict, twice with the
-  flip test), which compares remat policies as images/s does. A bound, not a measurement: it takes compute and memory
-  traffic to overlap fully and leaves the collectives' time out;
+  flip test), which compares remat policies as images/s does. A bound, not
+  a measurement: it takes compute and memory traffic to overlap fully and
+  leaves the collectives' time out;
 * traffic: the compiled program's memory traffic instruction by instruction
   (`instruction_traffic`), split by memory space: on TPU the compiler's
   "bytes accessed" also counts the on-chip vector memory that the
