@@ -53,8 +53,11 @@ faster than "dots_no_attention" (v5e: 6.50 GiB, 213), but at 2 per v5e
 chip both collapse (85 and 83 images/s against 192: the compiler expands
 the stage-1 stem's stride-4 convolution into windows). "auto" keeps
 "dots_no_attention", the only policy within 18 % of the best everywhere it
-was compiled; "none" or "segments" are the choice for 8 or more images per
-chip (benchmarks/README.md, "remat_policy=auto after the rewrites"). GPU
+was compiled (2, 8, 16 and 24 images per v5e chip, 2 and 8 per v5p chip);
+"none" is the choice from 8 images per chip (v5e: 250, 181 and 161
+images/s against 213, 161 and 138 at 8, 16 and 24; it fits 24) and
+"segments" keeps the least (benchmarks/README.md, "remat_policy=auto after
+the rewrites"). An "auto" that picks "none" from 8 per chip is not built. GPU
 figures are not measured yet (benchmarks/device_run.sh); "auto" takes the
 TPU's choice there.
 
