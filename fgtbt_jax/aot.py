@@ -605,8 +605,10 @@ def roofline(flops: float, bytes_accessed: float, chip: Chip, devices_per_chip: 
   }
 
 
-def model_flops_per_image(config: ml_collections.ConfigDict, program: str) -> float:
-  """The model's FLOPs per image of a program: 2 per multiply-add (`models.count_macs`).
+def model_flops_per_image(config: ml_collections.ConfigDict, program: str, macs: int) -> float:
+  """The model's FLOPs per image of a program, from its multiply-adds per image.
+
+  `macs`: `models.count_macs(config.model)["total"]` (traced once per run).
 
   The train step runs the forward pass and a backward pass of twice its
   multiply-adds (gradients of the activations and of the weights): 6 FLOPs
@@ -614,7 +616,6 @@ def model_flops_per_image(config: ml_collections.ConfigDict, program: str) -> fl
   Attention's activation products are counted; interpolation, normalisation
   and the FFT are not (`models.cost`), nor anything a remat policy recomputes.
   """
-  macs = models.count_macs(config.model)["total"]
   if program == "train_step":
     return 6.0 * macs
   flips = 2 if inference.PredictSettings.from_config(config.eval).flip_test else 1
@@ -629,10 +630,10 @@ def out_of_memory_needs(message: str) -> tuple[float, float] | None:
 
 def compile_program(name: str, lower: Callable[[], jax.stages.Lowered], target: Target,
                     images_per_device: float, hlo_dir: str | None = None,
-                    model_flops: float | None = None) -> dict:
+                    model_flops_per_image: float | None = None) -> dict:
   """Lowers and compiles one program; its figures (see the module docstring).
 
-  `model_flops` (per image) adds the model-FLOPs MFU to the rooflines.
+  `model_flops_per_image` adds the model-FLOPs MFU to the rooflines.
 
   Raises:
     DoesNotFit: the compiler ran out of the device's memory, or the program
@@ -669,10 +670,10 @@ def compile_program(name: str, lower: Callable[[], jax.stages.Lowered], target: 
   if target.chip is not None:
     record["roofline"] = roofline(record["cost"]["flops"], record["cost"]["bytes_accessed"],
                                   target.chip, target.devices_per_chip, images_per_device,
-                                  model_flops)
+                                  model_flops_per_image)
     record["roofline_hbm"] = roofline(record["cost"]["flops"], record["traffic"]["hbm_bytes"],
                                       target.chip, target.devices_per_chip, images_per_device,
-                                      model_flops)
+                                      model_flops_per_image)
   total = record["memory_bytes"]["total"]
   record["fits"] = target.hbm_bytes is None or total <= target.hbm_bytes
   if not record["fits"]:
@@ -726,9 +727,10 @@ def compile_report(config: ml_collections.ConfigDict, target: Target,
   programs = {"train_step": (lambda: lower_train_step(setup), batch)}
   if predict:
     programs["predict"] = (lambda: lower_predict(setup), int(config.data.eval_batch_size))
+  macs = models.count_macs(config.model)["total"]
   with _persistent_cache(enabled=platform != "tpu"):
     for name, (lower, images) in programs.items():
-      flops = model_flops_per_image(config, name)
+      flops = model_flops_per_image(config, name, macs)
       record = compile_program(name, lower, target, images / devices, hlo_dir, flops)
       record["global_batch"] = images
       record["model_flops_per_image"] = flops

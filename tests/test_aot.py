@@ -96,7 +96,8 @@ def test_cpu_topology_reports_memory_cost_and_collectives(cpu_run):
   assert any(m.startswith("forward ") for m in
              {m["module"] for m in report["programs"]["predict"]["traffic"]["by_module"]})
   for line in ("train_step: global batch 8 (1 per device)", "memory per chip: arguments",
-               "cost per chip:", "per image; the model's own ", "collectives: ", "all-reduce x", "predict: global batch 8",
+               "cost per chip:", "per image; the model's own ", "collectives: ",
+               "all-reduce x", "predict: global batch 8",
                "traffic by memory space: ", "HBM bytes by part: "):
     assert line in out
 

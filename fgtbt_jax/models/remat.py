@@ -55,7 +55,7 @@ the stage-1 stem's stride-4 convolution into windows). "auto" keeps
 "dots_no_attention", the only policy within 18 % of the best everywhere it
 was compiled (2, 8, 16 and 24 images per v5e chip, 2 and 8 per v5p chip);
 "none" is the choice from 8 images per chip (v5e: 250, 181 and 161
-images/s against 213, 161 and 138 at 8, 16 and 24; it fits 24) and
+images/s against 213, 161 and 138 at 8, 16 and 24; it fits 32) and
 "segments" keeps the least (benchmarks/README.md, "remat_policy=auto after
 the rewrites"). An "auto" that picks "none" from 8 per chip is not built. GPU
 figures are not measured yet (benchmarks/device_run.sh); "auto" takes the
